@@ -1,0 +1,150 @@
+"""Atomic file writing and MATLAB ``.mat`` I/O (v7 through scipy, v7.3 through h5py).
+
+Every file mrflight writes goes through :func:`atomic_path`: the data is written to a temporary
+file in the destination folder, flushed to disk, and renamed over the destination, so a killed
+process leaves either the old file or the new one, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["atomic_path", "load_mat", "save_mat", "is_mat_v73"]
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on success it is fsynced and renamed to ``dest``.
+
+    On an exception the temporary file is removed and ``dest`` is left untouched.
+
+    Args:
+        dest: the final file.
+        suffix: suffix of the temporary file (default: that of ``dest``, so libraries that infer
+            the format from the name keep working).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=(suffix or dest.suffix) + ".tmp",
+                               dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def is_mat_v73(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a MATLAB v7.3 (HDF5-based) file."""
+    import h5py
+
+    return bool(h5py.is_hdf5(path))
+
+
+def _h5_read(obj):
+    import h5py
+
+    if isinstance(obj, h5py.Dataset):
+        data = obj[()]
+        if data.dtype.names and {"real", "imag"} <= set(data.dtype.names):
+            data = data["real"] + 1j * data["imag"]
+        if obj.attrs.get("MATLAB_class", b"") in (b"char",) and data.dtype.kind in "ui":
+            return "".join(chr(c) for c in np.asarray(data).ravel())
+        # MATLAB stores column-major: h5py sees the transpose
+        return np.asarray(data).T if np.ndim(data) >= 2 else data
+    return {k: _h5_read(v) for k, v in obj.items() if not k.startswith("#")}
+
+
+def load_mat(path: str | os.PathLike) -> dict:
+    """Read a ``.mat`` file (v7 or v7.3) into a dict of numpy arrays / nested dicts (structs).
+
+    Raises:
+        ValueError: if the file does not exist or is not a MATLAB file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"MATLAB file {path} does not exist")
+    import h5py
+
+    if h5py.is_hdf5(path):
+        with h5py.File(path, "r") as f:
+            return {k: _h5_read(v) for k, v in f.items() if not k.startswith("#")}
+    import scipy.io
+
+    try:
+        raw = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    except Exception as e:  # scipy raises several types for damaged files
+        raise ValueError(f"{path} is not a readable MATLAB file: {e}") from None
+    return {k: _from_scipy(v) for k, v in raw.items() if not k.startswith("__")}
+
+
+def _from_scipy(v):
+    import scipy.io.matlab as sm
+
+    if isinstance(v, sm.mat_struct):
+        return {f: _from_scipy(getattr(v, f)) for f in v._fieldnames}
+    return v
+
+
+def save_mat(path: str | os.PathLike, data: dict, v73: bool = False) -> None:
+    """Write ``data`` (name -> array, str, or dict for a struct) as a ``.mat`` file, atomically.
+
+    Args:
+        path: destination.
+        data: variables; nested dicts become MATLAB structs.
+        v73: write the HDF5-based v7.3 format (needed above 2 GB), else v7 via scipy.
+    """
+    with atomic_path(path) as tmp:
+        if not v73:
+            import scipy.io
+
+            scipy.io.savemat(tmp, data, do_compression=False, oned_as="column")
+            return
+        import h5py
+
+        with h5py.File(tmp, "w", userblock_size=512) as f:
+            _h5_write(f, data)
+        # MATLAB recognises v7.3 files by a text header in the 512-byte user block
+        header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created by: mrflight HDF5 schema 1.00 ."
+        with open(tmp, "r+b") as fh:
+            fh.write(header.ljust(116, b" ") + b"\x00" * 8 + b"\x00\x02IM".ljust(12, b"\x00"))
+
+
+def _h5_write(group, data: dict) -> None:
+    for k, v in data.items():
+        if isinstance(v, dict):
+            sub = group.create_group(k)
+            sub.attrs["MATLAB_class"] = np.bytes_("struct")
+            _h5_write(sub, v)
+        elif isinstance(v, str):
+            arr = np.array([ord(c) for c in v], dtype=np.uint16)[:, None]
+            ds = group.create_dataset(k, data=arr)
+            ds.attrs["MATLAB_class"] = np.bytes_("char")
+            ds.attrs["MATLAB_int_decode"] = np.int32(2)
+        else:
+            arr = np.asarray(v)
+            if arr.ndim == 1:
+                arr = arr[:, None]  # column vector, as MATLAB would hold it
+            if np.iscomplexobj(arr):
+                cplx = np.empty(arr.T.shape, dtype=[("real", arr.real.dtype),
+                                                    ("imag", arr.real.dtype)])
+                cplx["real"], cplx["imag"] = arr.real.T, arr.imag.T
+                ds = group.create_dataset(k, data=cplx)
+            else:
+                ds = group.create_dataset(k, data=arr.T)
+            cls = {"f": "double" if arr.dtype == np.float64 else "single", "c": "double",
+                   "i": "int64", "u": "uint64", "b": "logical"}.get(arr.dtype.kind, "double")
+            if arr.dtype.kind == "c" and arr.real.dtype == np.float32:
+                cls = "single"
+            ds.attrs["MATLAB_class"] = np.bytes_(cls)

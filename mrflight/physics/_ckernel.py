@@ -1,0 +1,114 @@
+"""Build and call the fused C kernel of the real-arithmetic EPG (``epg_kernel.c``).
+
+The kernel is compiled once per machine with the system C compiler (``cc``/``gcc``, OpenMP when
+available) into ``$MRFLIGHT_CACHE_DIR/kernels`` (default ``~/.cache/mrflight/kernels``), written
+atomically, and loaded with ctypes. Where no compiler is found, or ``MRFLIGHT_NO_KERNEL=1`` is set,
+:func:`kernel` returns ``None`` and the simulator falls back to its pure-torch path (same results).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+_SRC = Path(str(resources.files("mrflight.physics") / "epg_kernel.c"))
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MRFLIGHT_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "mrflight"
+    return base / "kernels"
+
+
+def _compile(dest: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (cc/gcc)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        objs = []
+        variants = [("float", 16, "epg_fisp_f32"), ("double", 8, "epg_fisp_f64")]
+        base = [cc, "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-std=c11"]
+        for omp in (["-fopenmp"], []):  # OpenMP when the compiler has it
+            try:
+                objs = []
+                for real, lanes, fn in variants:
+                    obj = os.path.join(tmp, f"{fn}.o")
+                    subprocess.run(
+                        base + omp + [f"-DREAL={real}", f"-DLANES={lanes}", f"-DFN={fn}",
+                                      "-c", str(_SRC), "-o", obj],
+                        check=True, capture_output=True, text=True,
+                    )
+                    objs.append(obj)
+                so_tmp = os.path.join(tmp, "k.so")
+                subprocess.run([cc, "-shared"] + omp + objs + ["-o", so_tmp, "-lm"],
+                               check=True, capture_output=True, text=True)
+                os.replace(so_tmp, dest)  # atomic: a reader sees no half-written library
+                return
+            except subprocess.CalledProcessError as e:
+                last = e.stderr
+        raise RuntimeError(f"compiling {_SRC.name} failed:\n{last}")
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The loaded kernel library, compiling it on first use; ``None`` when unavailable."""
+    global _lib
+    if _lib is not False:
+        return _lib  # type: ignore[return-value]
+    with _lock:
+        if _lib is not False:
+            return _lib  # type: ignore[return-value]
+        if os.environ.get("MRFLIGHT_NO_KERNEL", "") not in ("", "0"):
+            _lib = None
+            return None
+        tag = hashlib.sha256(_SRC.read_bytes() + os.uname().machine.encode()).hexdigest()[:16]
+        path = cache_dir() / f"epg_{tag}.so"
+        try:
+            if not path.exists():
+                _compile(path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, RuntimeError) as e:
+            warnings.warn(f"mrflight: the fused EPG kernel is unavailable ({e}); using the "
+                          "slower pure-torch path", RuntimeWarning, stacklevel=3)
+            _lib = None
+            return None
+        d, i64 = ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_longlong)
+        for fn, real in (("epg_fisp_f32", ctypes.c_float), ("epg_fisp_f64", ctypes.c_double)):
+            f = getattr(lib, fn)
+            f.restype = ctypes.c_int
+            f.argtypes = [ctypes.c_int, ctypes.c_int, d, d, d, d, d, d, d, i64,
+                          ctypes.POINTER(real), ctypes.c_int]
+        _lib = lib
+        return lib
+
+
+def run(alpha, sgn, tr, r1, r2, b1, z0, kst, out: np.ndarray, nthreads: int) -> None:
+    """Call the kernel on contiguous numpy arrays; ``out`` (n, T) float32/float64 is filled."""
+    lib = kernel()
+    assert lib is not None
+    n, T = out.shape
+    f = lib.epg_fisp_f32 if out.dtype == np.float32 else lib.epg_fisp_f64
+    real = ctypes.c_float if out.dtype == np.float32 else ctypes.c_double
+
+    def dp(x):
+        return np.ascontiguousarray(x, dtype=np.float64).ctypes.data_as(
+            ctypes.POINTER(ctypes.c_double))
+
+    keep = [np.ascontiguousarray(x, dtype=np.float64) for x in (alpha, sgn, tr, r1, r2, b1, z0)]
+    kk = np.ascontiguousarray(kst, dtype=np.int64)
+    rc = f(n, T, *[dp(x) for x in keep], kk.ctypes.data_as(ctypes.POINTER(ctypes.c_longlong)),
+           out.ctypes.data_as(ctypes.POINTER(real)), int(nthreads))
+    if rc != 0:
+        raise MemoryError("the EPG kernel could not allocate its state buffers")
