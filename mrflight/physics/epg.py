@@ -126,26 +126,31 @@ def truncation_rate(seq: Sequence, tol: float, t2_max: float, t1_max: float,
 # --------------------------------------------------------------------------------------------
 
 def _param(name: str, value, device, dtype) -> torch.Tensor:
+    """Validate one parameter (in float64, before any cast) and return it as a 1-D tensor."""
     if isinstance(value, torch.Tensor):
-        t = value
-        if t.is_complex():
+        if value.is_complex():
             raise ValueError(f"{name} must be real, got a complex tensor")
-        t = t.to(device=device if device is not None else t.device, dtype=dtype)
+        check = value.detach().to("cpu", torch.float64)
     else:
         try:
-            t = torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=dtype, device=device)
+            check = torch.as_tensor(np.asarray(value, dtype=np.float64))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{name} must be numeric: {e}") from None
-    if t.ndim > 1:
-        raise ValueError(f"{name} must be a scalar or 1-D, got shape {tuple(t.shape)}")
-    t = t.reshape(-1)
-    if t.numel() == 0:
+    if check.ndim > 1:
+        raise ValueError(f"{name} must be a scalar or 1-D, got shape {tuple(check.shape)}")
+    if check.numel() == 0:
         raise ValueError(f"{name} is empty: pass at least one value")
-    with torch.no_grad():
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name} contains NaN or Inf values")
-        if (t < 0).any():
-            raise ValueError(f"{name} must be non-negative (ms for T1/T2, a factor for B1)")
+    if not torch.isfinite(check).all():
+        raise ValueError(f"{name} contains NaN or Inf values")
+    if (check < 0).any():
+        raise ValueError(f"{name} must be non-negative (ms for T1/T2, a factor for B1)")
+    if isinstance(value, torch.Tensor):
+        t = value.to(device=device if device is not None else value.device, dtype=dtype)
+    else:
+        t = check.to(device=device, dtype=dtype)
+    t = t.reshape(-1)
+    if not torch.isfinite(t.detach()).all():
+        raise ValueError(f"{name} has values too large for {dtype}; use dtype=torch.float64")
     return t
 
 
