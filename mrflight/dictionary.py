@@ -411,7 +411,7 @@ def _check_b1(b1, m: int):
         raise ValueError("b1 must be finite and non-negative (a flip-angle scale factor)")
     if b.ndim == 1 and b.shape[0] == 1:
         b = b.reshape(())
-    return np.ascontiguousarray(b, dtype="<f8")
+    return np.array(b, dtype="<f8")  # (ascontiguousarray would turn a 0-d array into 1-d)
 
 
 def cache_key(seq: Sequence, params, b1=None, dtype=torch.float32, tol=DEFAULT_TOL) -> str:
