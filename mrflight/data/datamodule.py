@@ -1,0 +1,290 @@
+"""``FingerprintDataModule``: simulated (or loaded) fingerprints, seeded splits, the noise model.
+
+Sources (chosen by config, ``configs/data/``):
+
+* ``params``: an ``(M, 2)`` array of T1/T2 in ms (e.g. :func:`mrflight.dictionary.paper_grid`,
+  the default, or :func:`mrflight.dictionary.random_params`), simulated for the run's sequence
+  with :func:`mrflight.dictionary.generate` (cached on disk in ``cache_dir``);
+* ``path``: a dictionary file (``.h5``, ``.npz``, ``.mat``) made elsewhere
+  (:func:`mrflight.dictionary.load`); its length must match the sequence.
+
+Splits (reproducible, seeded by ``split_seed``): the atoms with a non-zero fingerprint are
+shuffled with ``numpy.random.default_rng(split_seed)``; the first ``n_test`` form the **test**
+split, the next ``n_train`` the **training part** (all the rest when ``n_train`` is null), and the
+first ``round(val_fraction * n_train)`` of the training part form the **validation** split, the
+remainder the **train** split. The paper's protocol is ``n_train=100000, n_test=5000``.
+
+Noise (DESIGN.md section 3, :func:`mrflight.physics.add_noise`): the complex fingerprint is
+L2-normalised and complex Gaussian noise of std ``noise_std`` is added to its real and imaginary
+parts. Training batches carry the clean normalised complex fingerprints and get **fresh noise in
+every batch** in :meth:`FingerprintDataModule.on_after_batch_transfer` (so on the training device,
+on every DDP rank); validation and test inputs are drawn **once** with a ``torch.Generator``
+seeded by ``(noise_seed, split)`` so the noise of every index is fixed for a given seed.
+
+Inputs (:func:`preprocess`): ``input_mode="magnitude"`` (the paper's): the magnitude of the noisy
+fingerprint, L2-normalised, ``(B, T)``; ``input_mode="complex"``: the noisy fingerprint
+L2-normalised, as two channels (real, imaginary), ``(B, 2, T)``.
+
+Targets: ``params_ms / target_scale_ms`` (default scales T1 4000 ms, T2 500 ms, so the grid lies
+in [0, 1]); batches also carry the parameters in ms for the metrics.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mrflight.physics import Sequence, add_noise, normalize
+
+__all__ = ["Batch", "FingerprintDataset", "FingerprintDataModule", "preprocess",
+           "DEFAULT_TARGET_SCALE_MS"]
+
+DEFAULT_TARGET_SCALE_MS = (4000.0, 500.0)
+INPUT_MODES = ("magnitude", "complex")
+
+
+class Batch(NamedTuple):
+    """One batch.
+
+    Attributes:
+        signal: model input: ``(B, T)`` float (magnitude mode) or ``(B, 2, T)`` (complex mode);
+            in training batches before :meth:`FingerprintDataModule.on_after_batch_transfer`, the
+            clean L2-normalised complex fingerprints ``(B, T)`` (complex dtype) that still need
+            noise.
+        target: scaled targets ``(B, 2)`` float32 (T1/scale, T2/scale).
+        params_ms: T1 and T2 in ms ``(B, 2)`` float32.
+    """
+
+    signal: torch.Tensor
+    target: torch.Tensor
+    params_ms: torch.Tensor
+
+
+def preprocess(noisy: torch.Tensor, input_mode: str = "magnitude") -> torch.Tensor:
+    """Turn (noisy) complex fingerprints ``(N, T)`` into model inputs.
+
+    ``magnitude``: ``|x| / ||x||_2`` -> ``(N, T)`` float32. ``complex``: ``x / ||x||_2`` as
+    ``(N, 2, T)`` float32 (real, imaginary). A real input is taken as the magnitude (magnitude
+    mode) or as a complex signal with zero imaginary part (complex mode).
+    """
+    if input_mode == "magnitude":
+        mag = noisy.abs() if noisy.is_complex() else noisy.abs()
+        return normalize(mag.to(torch.float32))
+    if input_mode == "complex":
+        z = noisy if noisy.is_complex() else noisy.to(torch.complex64)
+        z = normalize(z.to(torch.complex64))
+        return torch.stack([z.real, z.imag], dim=-2)
+    raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
+
+
+class FingerprintDataset(Dataset):
+    """Signals ``(N, T)`` (complex clean fingerprints or ready inputs) and their parameters."""
+
+    def __init__(self, signals: torch.Tensor, params_ms: torch.Tensor,
+                 target_scale_ms: torch.Tensor) -> None:
+        self.signals = signals
+        self.params_ms = params_ms.to(torch.float32)
+        self.targets = (self.params_ms / target_scale_ms).to(torch.float32)
+
+    def __len__(self) -> int:
+        return self.signals.shape[0]
+
+    def __getitem__(self, i: int) -> Batch:
+        return Batch(self.signals[i], self.targets[i], self.params_ms[i])
+
+
+def _collate(items: list[Batch]) -> Batch:
+    return Batch(*(torch.stack(x) for x in zip(*items)))
+
+
+class FingerprintDataModule(L.LightningDataModule):
+    """Fingerprints for training, validation and test with the project's noise model.
+
+    Args:
+        sequence: the pulse train (a :class:`~mrflight.physics.Sequence` or its ``to_dict()``);
+            the pipeline passes the run's ``sequence`` config.
+        params: ``(M, 2)`` T1, T2 in ms to simulate (``None`` when ``path`` is given).
+        path: a dictionary file (``.h5``, ``.npz``, ``.mat``) instead of simulating.
+        n_train: size of the training part (train + validation); ``None`` = all atoms not in test.
+        n_test: size of the test split.
+        val_fraction: fraction of the training part held out for validation.
+        batch_size: training batch size (validation/test use ``eval_batch_size``).
+        eval_batch_size: batch size for validation and test (``None``: ``4 * batch_size``).
+        noise_std: noise std relative to the unit-norm fingerprint (>= 0; paper-like 0.01).
+        input_mode: ``"magnitude"`` (paper) or ``"complex"`` (two channels, real and imaginary).
+        target_scale_ms: ``(T1, T2)`` scales dividing the targets for the loss.
+        split_seed: seed of the shuffling that defines the splits.
+        noise_seed: seed of the fixed validation/test noise.
+        cache_dir: dictionary cache folder passed to :func:`mrflight.dictionary.generate`
+            (``None``: no cache).
+        num_workers: DataLoader workers (0 is fastest for in-memory tensors).
+        progress: show the simulation progress bar.
+    """
+
+    def __init__(self, sequence: Sequence | dict | None = None, params=None,
+                 path: str | None = None, n_train: int | None = None, n_test: int = 5000,
+                 val_fraction: float = 0.05, batch_size: int = 50,
+                 eval_batch_size: int | None = None, noise_std: float = 0.01,
+                 input_mode: str = "magnitude",
+                 target_scale_ms: tuple[float, float] | list[float] = DEFAULT_TARGET_SCALE_MS,
+                 split_seed: int = 0, noise_seed: int = 1, cache_dir: str | None = None,
+                 num_workers: int = 0, progress: bool = True) -> None:
+        super().__init__()
+        if isinstance(sequence, dict):
+            sequence = Sequence.from_dict(sequence)
+        if sequence is not None and not isinstance(sequence, Sequence):
+            raise ValueError(f"sequence must be a mrflight.physics.Sequence or its to_dict(), "
+                             f"got {type(sequence).__name__}")
+        if (params is None) == (path is None):
+            raise ValueError("give exactly one data source: params (T1/T2 in ms to simulate) "
+                             "or path (a dictionary file)")
+        if params is None and path is not None and not Path(path).expanduser().exists():
+            raise ValueError(f"data.path={path!r} does not exist: point it to a .h5/.npz/.mat "
+                             "dictionary")
+        if params is not None:
+            params = np.asarray(params, dtype=np.float64)
+            if params.ndim != 2 or params.shape[1] < 2 or len(params) == 0:
+                raise ValueError(f"params must be an (M, 2) array of T1, T2 in ms, got shape "
+                                 f"{params.shape}")
+            if sequence is None:
+                raise ValueError("simulating params needs a sequence")
+        if not (isinstance(batch_size, (int, np.integer)) and batch_size > 0):
+            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
+        if eval_batch_size is not None and not eval_batch_size > 0:
+            raise ValueError(f"data.eval_batch_size must be positive, got {eval_batch_size}")
+        if not (noise_std is not None and float(noise_std) >= 0):
+            raise ValueError(f"data.noise_std must be >= 0 (0.01 is the paper-like default), "
+                             f"got {noise_std}")
+        if input_mode not in INPUT_MODES:
+            raise ValueError(f"data.input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
+        if not 0.0 < float(val_fraction) < 1.0:
+            raise ValueError(f"data.val_fraction must lie in (0, 1), got {val_fraction}")
+        if int(n_test) < 1 or (n_train is not None and int(n_train) < 2):
+            raise ValueError(f"data.n_test must be >= 1 and data.n_train >= 2 (or null), got "
+                             f"n_test={n_test}, n_train={n_train}")
+        scale = tuple(float(s) for s in target_scale_ms)
+        if len(scale) != 2 or min(scale) <= 0:
+            raise ValueError(f"data.target_scale_ms must be two positive numbers, got "
+                             f"{target_scale_ms}")
+        self.sequence = sequence
+        self.params = params
+        self.path = None if path is None else str(Path(path).expanduser())
+        self.n_train = None if n_train is None else int(n_train)
+        self.n_test = int(n_test)
+        self.val_fraction = float(val_fraction)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or 4 * batch_size)
+        self.noise_std = float(noise_std)
+        self.input_mode = input_mode
+        self.target_scale_ms = scale
+        self.split_seed = int(split_seed)
+        self.noise_seed = int(noise_seed)
+        self.cache_dir = cache_dir
+        self.num_workers = int(num_workers)
+        self.progress = bool(progress)
+        if params is not None:  # fail fast on a split that cannot fit
+            self._split_sizes(len(params))
+        self.train_set = self.val_set = self.test_set = None
+
+    # -- properties used by the pipeline ------------------------------------------------------
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the model: 1 (magnitude) or 2 (real, imaginary)."""
+        return 1 if self.input_mode == "magnitude" else 2
+
+    @property
+    def input_length(self) -> int:
+        """``T``: the number of time points of the fingerprints."""
+        return len(self.sequence)
+
+    def _split_sizes(self, m: int) -> tuple[int, int, int]:
+        n_train = m - self.n_test if self.n_train is None else self.n_train
+        if self.n_test + n_train > m or n_train < 2:
+            raise ValueError(
+                f"the splits need n_test + n_train = {self.n_test} + {n_train} fingerprints but "
+                f"the data has only {m}: lower data.n_test / data.n_train"
+            )
+        n_val = max(1, round(self.val_fraction * n_train))
+        if n_val >= n_train:
+            raise ValueError(f"data.val_fraction={self.val_fraction} leaves no training data")
+        return n_train - n_val, n_val, self.n_test
+
+    # -- data ---------------------------------------------------------------------------------
+    def _dictionary(self):
+        from mrflight import dictionary
+
+        if self.path is not None:
+            d = dictionary.load(self.path)
+            if self.sequence is not None and d.atoms.shape[1] != len(self.sequence):
+                raise ValueError(
+                    f"the dictionary {self.path} has {d.atoms.shape[1]} time points but the "
+                    f"sequence {self.sequence.name!r} has {len(self.sequence)}: choose the "
+                    "matching sequence config"
+                )
+            if self.sequence is None and d.sequence is not None:
+                self.sequence = Sequence.from_dict(d.sequence)
+            return d
+        return dictionary.generate(self.sequence, self.params, cache_dir=self.cache_dir,
+                                   progress=self.progress)
+
+    def prepare_data(self) -> None:
+        """Simulate (and cache) the dictionary once, on rank 0."""
+        if self.path is None and self.cache_dir is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self._dictionary()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # zero atoms are dropped below
+            d = self._dictionary()
+        atoms = torch.from_numpy(np.ascontiguousarray(d.atoms)).to(torch.complex64)
+        params = torch.from_numpy(np.asarray(d.params[:, :2], dtype=np.float64))
+        del d
+        keep = torch.linalg.vector_norm(atoms, dim=-1) > 0
+        idx_ok = torch.nonzero(keep).squeeze(1).numpy()
+        n_tr, n_val, n_te = self._split_sizes(len(idx_ok))
+        perm = idx_ok[np.random.default_rng(self.split_seed).permutation(len(idx_ok))]
+        test_idx = torch.from_numpy(np.sort(perm[:n_te]))
+        val_idx = torch.from_numpy(np.sort(perm[n_te:n_te + n_val]))
+        train_idx = torch.from_numpy(perm[n_te + n_val:n_te + n_val + n_tr])
+        scale = torch.tensor(self.target_scale_ms, dtype=torch.float32)
+
+        def fixed(clean: torch.Tensor, split: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(self.noise_seed * 1_000_003 + split)
+            return preprocess(add_noise(clean, self.noise_std, generator=g), self.input_mode)
+
+        self.train_set = FingerprintDataset(normalize(atoms[train_idx]), params[train_idx], scale)
+        self.val_set = FingerprintDataset(fixed(atoms[val_idx], 1), params[val_idx], scale)
+        self.test_set = FingerprintDataset(fixed(atoms[test_idx], 2), params[test_idx], scale)
+        self.split_indices = {"train": train_idx, "val": val_idx, "test": test_idx}
+        del atoms  # the full dictionary is freed; only the splits stay in memory
+
+    def _loader(self, ds, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=_collate,
+                          num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False, self.eval_batch_size)
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Add fresh noise to training batches (complex clean fingerprints) on their device."""
+        if isinstance(batch, Batch) and batch.signal.is_complex():
+            noisy = add_noise(batch.signal, self.noise_std)
+            batch = batch._replace(signal=preprocess(noisy, self.input_mode))
+        return batch

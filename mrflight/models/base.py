@@ -1,0 +1,80 @@
+"""The shared base class of the regressors and helpers to rebuild a net from its config."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["Regressor", "build_net", "net_config"]
+
+
+class Regressor(nn.Module):
+    """Base class: validates and reshapes the input, and records the constructor arguments.
+
+    Args:
+        input_length: number of time points ``T`` of the fingerprints (``len(sequence)``).
+        in_channels: 1 for magnitude input ``(B, T)``, 2 for real/imaginary input ``(B, 2, T)``.
+
+    Subclasses call ``super().__init__(input_length, in_channels)`` and implement
+    :meth:`_forward` on ``(B, C, T)`` inputs already scaled by ``sqrt(T)``.
+    """
+
+    def __init__(self, input_length: int, in_channels: int = 1) -> None:
+        super().__init__()
+        if int(input_length) < 1:
+            raise ValueError(f"input_length must be a positive number of time points, got "
+                             f"{input_length}")
+        if int(in_channels) < 1:
+            raise ValueError(f"in_channels must be >= 1 (1 magnitude, 2 real/imag), got "
+                             f"{in_channels}")
+        self.input_length = int(input_length)
+        self.in_channels = int(in_channels)
+        self.input_scale = math.sqrt(self.input_length)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map normalised fingerprints ``(B, T)`` or ``(B, C, T)`` to scaled ``(B, 2)``."""
+        if x.ndim == 2:
+            if self.in_channels == 1:
+                x = x.unsqueeze(1)
+            elif x.shape[1] == self.in_channels * self.input_length:
+                x = x.reshape(x.shape[0], self.in_channels, self.input_length)
+        if x.ndim != 3 or x.shape[1:] != (self.in_channels, self.input_length):
+            raise ValueError(
+                f"{type(self).__name__} expects input (B, {self.input_length}) or "
+                f"(B, {self.in_channels}, {self.input_length}), got {tuple(x.shape)}"
+            )
+        return self._forward(x * self.input_scale)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def net_config(net: nn.Module) -> dict:
+    """The config ``{"_target_": class path, **init kwargs}`` that rebuilds ``net``.
+
+    Reads the constructor arguments back from the attributes of the same names, so every
+    regressor stores each ``__init__`` argument as an attribute.
+    """
+    cls = type(net)
+    cfg = {"_target_": f"{cls.__module__}.{cls.__qualname__}"}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = getattr(net, name)
+        cfg[name] = list(value) if isinstance(value, tuple) else value
+    return cfg
+
+
+def build_net(cfg: dict) -> nn.Module:
+    """Instantiate a regressor from ``{"_target_": "pkg.mod.Class", **kwargs}``."""
+    cfg = dict(cfg)
+    target = cfg.pop("_target_", None)
+    if not target or "." not in target:
+        raise ValueError(f"net config needs a '_target_' class path, got {target!r}")
+    module, _, name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**cfg)

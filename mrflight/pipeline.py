@@ -1,0 +1,204 @@
+"""``train(cfg)`` and ``evaluate(cfg)``: what ``train.py`` and ``eval.py`` delegate to.
+
+``train`` builds everything from the composed Hydra config (sequence, data module, network,
+LightningModule, callbacks, loggers, trainer), fits, tests with the best checkpoint and returns
+the optimised metric (``cfg.optimized_metric``) for sweepers. Everything it writes lies under
+``cfg.paths.output_dir``: ``checkpoints/`` (best, last and the resolved ``config.yaml``),
+``csv/metrics.csv``, ``wandb/``, ``figures/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+__all__ = ["train", "evaluate", "check_config"]
+
+log = logging.getLogger("mrflight")
+
+
+def _hydra_cfg():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get() if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001 - no Hydra context
+        return None
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail fast, with one clear line, on config values that cannot work."""
+    from mrflight.models import REGISTRY
+
+    known = {f"{c.__module__}.{c.__qualname__}" for c in REGISTRY.values()}
+    known |= {f"mrflight.models.{c.__name__}" for c in REGISTRY.values()}
+    target = cfg.model.get("_target_") if cfg.get("model") else None
+    if target not in known:
+        raise ValueError(f"unknown model {target!r}: choose model= one of "
+                         f"{', '.join(sorted(REGISTRY))}")
+    data = cfg.data
+    noise = data.get("noise_std")
+    if noise is None or not float(noise) >= 0:
+        raise ValueError(f"data.noise_std must be >= 0 (default 0.01), got {noise}")
+    bs = data.get("batch_size")
+    if not isinstance(bs, int) or bs <= 0:
+        raise ValueError(f"data.batch_size must be a positive integer, got {bs}")
+    if not float(cfg.module.get("lr", 1.0)) > 0:
+        raise ValueError(f"module.lr must be positive, got {cfg.module.lr}")
+
+
+def _resolve_ckpt(ckpt_path, output_dir: Path) -> str | None:
+    if ckpt_path in (None, ""):
+        return None
+    p = output_dir if str(ckpt_path) == "last" else Path(str(ckpt_path)).expanduser()
+    if p.is_dir():
+        for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
+            if cand.is_file():
+                return str(cand)
+        raise ValueError(f"ckpt_path={ckpt_path}: no last.ckpt in {p} or {p}/checkpoints "
+                         "(to resume, set hydra.run.dir to the interrupted run's directory)")
+    if not p.is_file():
+        raise ValueError(f"ckpt_path={ckpt_path}: {p} does not exist")
+    return str(p)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train and test one model from a composed config; returns ``cfg.optimized_metric``."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    check_config(cfg)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    hc = _hydra_cfg()
+
+    sequence = instantiate(cfg.sequence)
+    datamodule = instantiate(cfg.data, sequence=sequence)
+    net_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    net_cfg.update(input_length=len(sequence), in_channels=datamodule.in_channels)
+    module = instantiate(
+        cfg.module, net=net_cfg, sequence=sequence.to_dict(), input_mode=datamodule.input_mode,
+        target_scale_ms=list(datamodule.target_scale_ms), noise_std=datamodule.noise_std,
+        _recursive_=False, _convert_="all",
+    )
+
+    # loggers: W&B name from the overrides, group from the sweep dir
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if not (isinstance(node, DictConfig) and "_target_" in node):
+            continue
+        extra = {}
+        if "WandbLogger" in node._target_:
+            run_name = node.get("name") or (hc.job.override_dirname if hc else "") or "default"
+            group = node.get("group")
+            if group is None and hc is not None and str(hc.mode) == "RunMode.MULTIRUN":
+                group = Path(hc.sweep.dir).name
+            extra = {"name": run_name, "group": group}
+        loggers.append(instantiate(node, **extra))
+        log.info("logger %s -> %s", name, node._target_)
+    callbacks = []
+    for node in (cfg.get("callbacks") or {}).values():
+        if not (isinstance(node, DictConfig) and "_target_" in node):
+            continue
+        if not loggers and "LearningRateMonitor" in node._target_:
+            continue  # needs a logger
+        callbacks.append(instantiate(node))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        lg.log_hyperparams({"config": resolved})
+    if trainer.is_global_zero:
+        from mrflight.matio import atomic_path
+
+        ckpt_dir = output_dir / "checkpoints"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(ckpt_dir / "config.yaml") as tmp:
+            OmegaConf.save(OmegaConf.create(resolved), tmp)
+
+    metric = None
+    try:
+        if cfg.get("train", True):
+            ckpt = _resolve_ckpt(cfg.get("ckpt_path"), output_dir)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if cfg.get("test", True):
+            best = None
+            if trainer.checkpoint_callback is not None and not trainer.fast_dev_run:
+                best = trainer.checkpoint_callback.best_model_path or None
+            trainer.test(module, datamodule=datamodule, ckpt_path=best,
+                         weights_only=False) if best else trainer.test(module,
+                                                                       datamodule=datamodule)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+            _log_best_checkpoint(trainer, loggers, best)
+        name = cfg.get("optimized_metric")
+        if name:
+            if name not in metrics:
+                raise ValueError(f"optimized_metric={name!r} was not logged; available: "
+                                 f"{', '.join(sorted(metrics))}")
+            metric = metrics[name]
+        log.info("metrics: %s", {k: round(v, 3) for k, v in sorted(metrics.items())})
+        if trainer.is_global_zero:
+            _write_metrics(output_dir, metrics)
+    finally:
+        _finish_wandb(loggers)
+    return metric
+
+
+def _write_metrics(output_dir: Path, metrics: dict) -> None:
+    import json
+
+    from mrflight.matio import atomic_path
+
+    with atomic_path(output_dir / "metrics.json") as tmp:
+        Path(tmp).write_text(json.dumps({"units": "ms for *_ms, loss on scaled targets",
+                                         **metrics}, indent=2))
+
+
+def _log_best_checkpoint(trainer, loggers, best) -> None:
+    if not best or not trainer.is_global_zero:
+        return
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            art = wandb.Artifact(f"model-{lg.experiment.id}", type="model",
+                                 metadata={"best_model_score": float(
+                                     trainer.checkpoint_callback.best_model_score or float("nan"))})
+            art.add_file(best, name="best.ckpt")
+            cfg_file = Path(best).parent / "config.yaml"
+            if cfg_file.is_file():
+                art.add_file(str(cfg_file), name="config.yaml")
+            lg.experiment.log_artifact(art, aliases=["best"])
+
+
+def _finish_wandb(loggers) -> None:
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def evaluate(cfg: DictConfig):
+    """Evaluate trained models and dictionary matching (see :mod:`mrflight.evaluation`)."""
+    from mrflight.evaluation import run
+
+    return run(cfg)
+
+
+def _set_output_dir(cfg: DictConfig, output_dir) -> DictConfig:
+    """Helper for tests and notebooks composing without a Hydra run: fix paths.output_dir."""
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
