@@ -132,6 +132,8 @@ def _param(name: str, value, device, dtype) -> torch.Tensor:
             raise ValueError(f"{name} must be real, got a complex tensor")
         check = value.detach().to("cpu", torch.float64)
     else:
+        if isinstance(value, complex) or np.iscomplexobj(value):
+            raise ValueError(f"{name} must be real, got complex values")
         try:
             check = torch.as_tensor(np.asarray(value, dtype=np.float64))
         except (TypeError, ValueError) as e:
@@ -169,12 +171,15 @@ def _prepare(seq, t1_ms, t2_ms, b1, device, dtype):
     t2 = _param("t2_ms", t2_ms, device, dtype)
     b = _param("b1", 1.0 if b1 is None else b1, device, dtype)
     n = max(t1.numel(), t2.numel(), b.numel())
-    for name, t in (("t1_ms", t1), ("t2_ms", t2), ("b1", b)):
-        if t.numel() not in (1, n):
-            raise ValueError(
-                f"{name} has {t.numel()} values but other parameters have {n}: "
-                "pass equal lengths or scalars"
-            )
+    bad = [name for name, t in (("t1_ms", t1), ("t2_ms", t2), ("b1", b))
+           if t.numel() not in (1, n)]
+    if bad:
+        sizes = ", ".join(f"{nm}: {t.numel()}" for nm, t in
+                          (("t1_ms", t1), ("t2_ms", t2), ("b1", b)))
+        raise ValueError(
+            f"{' and '.join(bad)} do(es) not match the other parameters' length {n} "
+            f"({sizes} values): pass equal lengths or scalars"
+        )
     return t1.expand(n), t2.expand(n), b.expand(n), device
 
 

@@ -1,0 +1,366 @@
+"""Physics tests of the EPG simulator: analytic limits, a slow textbook reference, gradients.
+
+Every test compares numbers with an independent route (a recursion written here, a closed-form
+steady state, a straightforward per-atom numpy EPG, finite differences); none only checks shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mrflight.physics import Sequence, epg, jiang2015, oksuz2019, simulate
+
+F64 = torch.float64
+
+
+def _exact(seq, t1, t2, b1=None, dtype=F64):
+    """Untruncated EPG (K = T states): ``tol`` so small that every atom keeps all T states."""
+    return simulate(seq, t1, t2, b1, dtype=dtype, tol=1e-300)
+
+
+def _nmag(x: torch.Tensor) -> torch.Tensor:
+    m = x.abs()
+    return m / m.norm(dim=-1, keepdim=True)
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Relative L2 error of the normalised magnitude fingerprints, one value per atom."""
+    return (_nmag(a) - _nmag(b)).norm(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# a slow, straightforward reference: textbook EPG (Weigel 2015), one atom at a time, numpy
+# --------------------------------------------------------------------------------------------
+
+def _rf_matrix(alpha: float, phi: float) -> np.ndarray:
+    """Weigel 2015, eq. 15: the RF rotation acting on (F+_k, F-_k, Z_k)."""
+    c2, s2 = np.cos(alpha / 2) ** 2, np.sin(alpha / 2) ** 2
+    sa, ca = np.sin(alpha), np.cos(alpha)
+    e = np.exp(1j * phi)
+    return np.array([
+        [c2, e ** 2 * s2, -1j * e * sa],
+        [np.conj(e) ** 2 * s2, c2, 1j * np.conj(e) * sa],
+        [-0.5j * np.conj(e) * sa, 0.5j * e * sa, ca],
+    ])
+
+
+def reference_epg(seq: Sequence, t1: float, t2: float, b1: float = 1.0) -> np.ndarray:
+    """Per-atom complex128 EPG with explicit F+, F-, Z arrays of T+1 states (no truncation).
+
+    Order per TR: RF pulse, readout ``i F+_0 exp(-TE/T2)``, relaxation over TR, gradient shift.
+    """
+    T = len(seq)
+    fp = np.zeros(T + 1, complex)
+    fm = np.zeros(T + 1, complex)
+    z = np.zeros(T + 1, complex)
+    e_ti = np.exp(-seq.ti_ms / t1) if t1 > 0 else 0.0
+    z[0] = 1 - (1 + seq.inversion_efficiency) * e_ti if seq.inversion else 1.0
+    e2te = np.exp(-seq.te_ms / t2) if t2 > 0 else float(seq.te_ms == 0)
+    sig = np.zeros(T, complex)
+    for n in range(T):
+        rf = _rf_matrix(np.deg2rad(seq.flip_angle_deg[n]) * b1, np.deg2rad(seq.phase_deg[n]))
+        fp, fm, z = rf @ np.stack([fp, fm, z])
+        sig[n] = 1j * fp[0] * e2te
+        e1 = np.exp(-seq.tr_ms[n] / t1) if t1 > 0 else 0.0
+        e2 = np.exp(-seq.tr_ms[n] / t2) if t2 > 0 else 0.0
+        fp, fm, z = fp * e2, fm * e2, z * e1
+        z[0] += 1 - e1
+        # gradient: F+_k -> F+_{k+1}, F-_k -> F-_{k-1}, F+_0 = conj(F-_0) after the shift
+        fp = np.concatenate([[np.conj(fm[1])], fp[:-1]])
+        fm = np.concatenate([fm[1:], [0.0]])
+        fm[0] = np.conj(fp[0])
+    return sig
+
+
+def _short_train(n=200, phase="zero", seed=0) -> Sequence:
+    rng = np.random.default_rng(seed)
+    fa = 10 + 50 * np.abs(np.sin(np.linspace(0, 3 * np.pi, n))) + rng.uniform(0, 5, n)
+    tr = rng.uniform(8.0, 12.0, n)
+    if phase == "zero":
+        ph = 0.0
+    elif phase == "alternating":
+        ph = np.where(np.arange(n) % 2 == 0, 0.0, 180.0)
+    else:
+        ph = rng.uniform(0, 360, n)
+    return Sequence(fa, ph, tr, te_ms=2.5, inversion=True, ti_ms=20.0, inversion_efficiency=0.9)
+
+
+ATOMS = [(800.0, 60.0, 1.0), (1500.0, 200.0, 0.75), (300.0, 30.0, 1.2), (2500.0, 400.0, 1.0)]
+
+
+@pytest.mark.parametrize("phase", ["zero", "alternating", "random"])
+def test_matches_textbook_reference(phase):
+    seq = _short_train(phase=phase)
+    t1, t2, b1 = (torch.tensor(c, dtype=F64) for c in zip(*ATOMS))
+    got = _exact(seq, t1, t2, b1).numpy()
+    for i, (a1, a2, ab) in enumerate(ATOMS):
+        ref = reference_epg(seq, a1, a2, ab)
+        assert np.abs(got[i] - ref).max() < 1e-10 * np.abs(ref).max()
+    if phase == "random":  # the general path is the only route; the signal is truly complex
+        assert np.abs(got.imag).max() > 1e-2
+
+
+def test_fast_kernel_torch_and_general_paths_agree():
+    seq = _short_train(phase="alternating")
+    t1, t2, b1 = (torch.tensor(c, dtype=F64) for c in zip(*ATOMS))
+    for k in (len(seq), 12):  # untruncated and a hard truncation: all paths truncate alike
+        general = epg._epg_general(seq, t1, t2, b1, k)
+        fast = epg._epg_real_fast(seq, t1, t2, b1, k)
+        assert torch.allclose(general.real, fast, atol=1e-12, rtol=0)
+        assert general.imag.abs().max() < 1e-12
+        if epg._ckernel.kernel() is not None:
+            kern = epg._epg_real_kernel(seq, t1, t2, b1, np.full(len(ATOMS), k))
+            assert torch.allclose(kern, fast, atol=1e-12, rtol=0)
+    # through the public entry point: autograd forces the general path
+    with_grad = simulate(seq, t1.clone().requires_grad_(), t2, b1, dtype=F64, tol=1e-300)
+    assert torch.allclose(with_grad.detach(), _exact(seq, t1, t2, b1), atol=1e-12, rtol=0)
+
+
+def test_pure_torch_path_without_kernel(monkeypatch):
+    seq = _short_train(phase="zero")
+    t1, t2, b1 = (torch.tensor(c, dtype=F64) for c in zip(*ATOMS))
+    with_kernel = _exact(seq, t1, t2, b1)
+    monkeypatch.setattr(epg._ckernel, "kernel", lambda: None)
+    without = _exact(seq, t1, t2, b1)
+    assert torch.allclose(with_kernel, without, atol=1e-12, rtol=0)
+    ref = reference_epg(seq, *ATOMS[1])
+    assert np.abs(without[1].numpy() - ref).max() < 1e-10
+
+
+# --------------------------------------------------------------------------------------------
+# analytic limits
+# --------------------------------------------------------------------------------------------
+
+def _spoiled_gre(seq: Sequence, t1: float, b1: float = 1.0) -> np.ndarray:
+    """T2 -> 0: ideal spoiled gradient echo, Mz before each pulse, signal Mz sin(a)."""
+    eta = seq.inversion_efficiency if seq.inversion else None
+    e_ti = np.exp(-seq.ti_ms / t1) if t1 > 0 else 0.0
+    mz = 1 - (1 + eta) * e_ti if seq.inversion else 1.0
+    out = np.zeros(len(seq))
+    for n in range(len(seq)):
+        a = np.deg2rad(seq.flip_angle_deg[n]) * b1 * np.cos(np.deg2rad(seq.phase_deg[n]))
+        out[n] = mz * np.sin(a)
+        e1 = np.exp(-seq.tr_ms[n] / t1) if t1 > 0 else 0.0
+        mz = 1 - (1 - mz * np.cos(a)) * e1
+    return out
+
+
+@pytest.mark.parametrize("t1", [0.0, 5.0, 300.0, 1000.0, 4000.0])
+def test_t2_zero_is_spoiled_gradient_echo(t1):
+    base = oksuz2019()
+    seq = Sequence(base.flip_angle_deg, 0.0, base.tr_ms, te_ms=0.0, inversion=True,
+                   ti_ms=base.ti_ms, inversion_efficiency=0.95)
+    got = simulate(seq, [t1, t1], [0.0, 0.0], [1.0, 0.8], dtype=F64)
+    for i, b1 in enumerate((1.0, 0.8)):
+        ref = _spoiled_gre(seq, t1, b1)
+        assert np.abs(got[i].real.numpy() - ref).max() < 1e-12
+        assert np.abs(got[i].imag.numpy()).max() == 0
+
+
+@pytest.mark.parametrize("t1", [0.0, 700.0, 3000.0])
+def test_t2_zero_varying_tr_jiang(t1):
+    j = jiang2015()
+    seq = Sequence(j.flip_angle_deg, j.phase_deg, j.tr_ms, te_ms=0.0, inversion=True,
+                   ti_ms=j.ti_ms, inversion_efficiency=j.inversion_efficiency)
+    assert np.ptp(seq.tr_ms) > 2.0  # really a varying-TR train
+    got = simulate(seq, t1, 0.0, dtype=F64)[0].real.numpy()
+    assert np.abs(got - _spoiled_gre(seq, t1)).max() < 1e-12
+
+
+def test_t1_zero_t2_zero_finite():
+    base = oksuz2019()  # TE = 2 ms
+    got = simulate(base, [0.0, 0.0, 100.0], [0.0, 50.0, 0.0])
+    assert torch.isfinite(got.real).all() and torch.isfinite(got.imag).all()
+    # T2 = 0 with TE > 0: the echo has fully decayed
+    assert got[0].abs().max() == 0 and got[2].abs().max() == 0 and got[1].abs().max() > 0.01
+    # T1 = 0 and T2 = 0 at TE = 0: full recovery before every pulse, the signal is sin(a)
+    te0 = Sequence(base.flip_angle_deg, 0.0, base.tr_ms, te_ms=0.0, ti_ms=base.ti_ms)
+    x = simulate(te0, 0.0, 0.0, dtype=F64)[0].real
+    assert torch.allclose(x, torch.sin(torch.deg2rad(torch.tensor(base.flip_angle_deg))),
+                          atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("t1,t2,alpha", [(1000.0, 100.0, 30.0), (800.0, 60.0, 50.0),
+                                         (300.0, 200.0, 20.0)])
+def test_constant_train_reaches_fisp_steady_state(t1, t2, alpha):
+    tr, n = 5.0, 3000
+    seq = Sequence(np.full(n, alpha), 0.0, tr, te_ms=0.0, inversion=False)
+    x = _exact(seq, t1, t2)[0].real.numpy()
+    assert np.ptp(x[-100:]) < 1e-8
+    # closed-form FISP (gradient-spoiled, unbalanced SSFP) FID steady state, i.e. the bSSFP
+    # signal averaged over a full dephasing cycle (Scheffler, Concepts MR 2003, eq. for FISP)
+    e1, e2, a = np.exp(-tr / t1), np.exp(-tr / t2), np.deg2rad(alpha)
+    p = 1 - e1 * np.cos(a) - e2 ** 2 * (e1 - np.cos(a))
+    q = e2 * (1 - e1) * (1 + np.cos(a))
+    ss = np.tan(a / 2) * (1 - (e1 - np.cos(a)) * (1 - e2 ** 2) / np.sqrt(p * p - q * q))
+    assert abs(x[-1] - ss) < 1e-8
+
+
+def test_constant_train_t2_zero_spoiled_steady_state():
+    tr, n, alpha, t1 = 4.3, 3000, 30.0, 900.0
+    seq = Sequence(np.full(n, alpha), 0.0, tr, te_ms=0.0, inversion=True)
+    x = simulate(seq, t1, 0.0, dtype=F64)[0].real.numpy()
+    e1, a = np.exp(-tr / t1), np.deg2rad(alpha)
+    assert np.ptp(x[-100:]) < 1e-8
+    assert abs(x[-1] - np.sin(a) * (1 - e1) / (1 - e1 * np.cos(a))) < 1e-8
+
+
+def test_inversion_sign_and_efficiency():
+    base = oksuz2019(n_pulses=300)
+    t1, t2 = [800.0, 1500.0], [60.0, 100.0]
+    inv = simulate(base, t1, t2, dtype=F64)
+    plain = Sequence(base.flip_angle_deg, 0.0, base.tr_ms, base.te_ms, inversion=False)
+    noinv = simulate(plain, t1, t2, dtype=F64)
+    assert (inv[:, 0].real < 0).all() and (noinv[:, 0].real > 0).all()
+    # efficiency 0 is a saturation (Mz = -0 right after it, see Sequence): Z_0 = 1 - exp(-TI/T1)
+    sat = Sequence(base.flip_angle_deg, 0.0, base.tr_ms, base.te_ms, inversion=True,
+                   ti_ms=base.ti_ms, inversion_efficiency=0.0)
+    first = simulate(sat, t1, t2, dtype=F64)[:, 0].real.numpy()
+    a0 = np.deg2rad(base.flip_angle_deg[0])
+    expect = np.sin(a0) * (1 - np.exp(-base.ti_ms / np.array(t1))) * np.exp(
+        -base.te_ms / np.array(t2))
+    assert np.allclose(first, expect, atol=1e-14, rtol=0) and (first > 0).all()
+    # an inversion long before the train (TI >> T1) has fully recovered: no inversion at all
+    late = Sequence(base.flip_angle_deg, 0.0, base.tr_ms, base.te_ms, inversion=True,
+                    ti_ms=1e6, inversion_efficiency=1.0)
+    assert torch.allclose(simulate(late, t1, t2, dtype=F64), noinv, atol=1e-14, rtol=0)
+
+
+def test_te_decay_and_b1_zero():
+    base = oksuz2019(n_pulses=200)
+    te0 = Sequence(base.flip_angle_deg, 0.0, base.tr_ms, te_ms=0.0, ti_ms=base.ti_ms)
+    te2 = Sequence(base.flip_angle_deg, 0.0, base.tr_ms, te_ms=2.0, ti_ms=base.ti_ms)
+    a, b = simulate(te0, 900.0, 80.0, dtype=F64), simulate(te2, 900.0, 80.0, dtype=F64)
+    assert torch.allclose(b, a * np.exp(-2.0 / 80.0), atol=1e-15, rtol=0)
+    # B1 = 0: no pulse tips anything, the signal is exactly zero
+    assert simulate(base, 900.0, 80.0, 0.0).abs().max() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# precision, gradients, truncation
+# --------------------------------------------------------------------------------------------
+
+def test_float32_matches_float64():
+    seq = oksuz2019()
+    t1 = torch.tensor([20.0, 300.0, 800.0, 1500.0, 4000.0, 4000.0])
+    t2 = torch.tensor([5.0, 30.0, 60.0, 150.0, 500.0, 2.0])
+    b1 = torch.tensor([1.0, 0.7, 1.0, 1.3, 1.0, 0.9])
+    lo = simulate(seq, t1, t2, b1, dtype=torch.float32)
+    hi = simulate(seq, t1, t2, b1, dtype=F64)
+    assert lo.dtype == torch.complex64 and hi.dtype == torch.complex128
+    lo_n = lo.to(torch.complex128) / lo.to(torch.complex128).norm(dim=1, keepdim=True)
+    hi_n = hi / hi.norm(dim=1, keepdim=True)
+    assert float((lo_n - hi_n).norm(dim=1).max()) < 1e-5
+
+
+def test_gradcheck_t1_t2_b1():
+    seq = _short_train(n=40, phase="alternating")
+    t1 = torch.tensor([800.0, 1500.0, 300.0], dtype=F64, requires_grad=True)
+    t2 = torch.tensor([60.0, 200.0, 30.0], dtype=F64, requires_grad=True)
+    b1 = torch.tensor([1.0, 0.8, 1.2], dtype=F64, requires_grad=True)
+
+    def f(a, b, c):
+        return torch.view_as_real(simulate(seq, a, b, c, dtype=F64, tol=1e-300))
+
+    assert torch.autograd.gradcheck(f, (t1, t2, b1), eps=1e-6, atol=1e-7, rtol=1e-4)
+
+
+def test_forward_mode_matches_reverse_mode():
+    import torch.autograd.forward_ad as fwad
+
+    seq = _short_train(n=60, phase="zero")
+    t1 = torch.tensor([800.0, 1500.0], dtype=F64)
+    t2 = torch.tensor([60.0, 200.0], dtype=F64)
+    with fwad.dual_level():
+        out = simulate(seq, fwad.make_dual(t1, torch.ones_like(t1)), t2, dtype=F64, tol=1e-300)
+        tangent = fwad.unpack_dual(out).tangent
+    t1r = t1.clone().requires_grad_()
+    x = simulate(seq, t1r, t2, dtype=F64, tol=1e-300)
+    # d Re x[0, n] / d T1 by reverse mode, for a few n
+    for n in (0, 17, 59):
+        (g,) = torch.autograd.grad(x[0, n].real, t1r, retain_graph=True)
+        assert abs(float(g[0]) - float(tangent[0, n].real)) < 1e-12 + 1e-8 * abs(float(g[0]))
+
+
+PAPER_CORNERS = [(t1, t2, b1) for t1 in (20.0, 500.0, 4000.0) for t2 in (2.0, 100.0, 500.0)
+                 for b1 in (0.7, 1.0, 1.3) if t2 <= t1]
+
+
+@pytest.mark.parametrize("builder", [oksuz2019, jiang2015])
+def test_default_truncation_meets_its_bound(builder):
+    seq = builder()
+    t1, t2, b1 = (torch.tensor(c, dtype=F64) for c in zip(*PAPER_CORNERS))
+    trunc = simulate(seq, t1, t2, b1, dtype=F64)  # default tol = 1e-3
+    full = simulate(seq, t1, t2, b1, dtype=F64, tol=1e-300, _rate=1.0)
+    err = _rel_l2(trunc, full)
+    assert float(err.max()) < 1e-3
+    # and it really truncates: far fewer than T states for the largest T2
+    k = epg.states_needed(500.0, float(seq.tr_ms.min()), len(seq), 1e-3,
+                          epg.truncation_rate(seq, 1e-3, 500.0, 4000.0, (0.7, 1.3)))
+    assert k < len(seq) / 2
+
+
+# --------------------------------------------------------------------------------------------
+# input validation
+# --------------------------------------------------------------------------------------------
+
+SEQ20 = oksuz2019(n_pulses=20)
+
+
+@pytest.mark.parametrize("arg", ["t1_ms", "t2_ms", "b1"])
+@pytest.mark.parametrize("bad", [[-1.0], [float("nan")], [float("inf")], [], [[1.0, 2.0]],
+                                 [1.0 + 2.0j], "abc"])
+def test_bad_inputs_raise_naming_argument(arg, bad):
+    kwargs = {"t1_ms": [800.0], "t2_ms": [60.0], "b1": [1.0]}
+    if isinstance(bad, list) and bad and isinstance(bad[0], complex):
+        cases = [bad, np.asarray(bad), torch.tensor(bad)]
+    elif bad == "abc":
+        cases = [bad]
+    else:
+        cases = [bad, np.asarray(bad, dtype=np.float64), torch.tensor(bad, dtype=torch.float32)]
+    for value in cases:
+        kwargs[arg] = value
+        with pytest.raises(ValueError, match=arg):
+            simulate(SEQ20, kwargs["t1_ms"], kwargs["t2_ms"], kwargs["b1"])
+
+
+def test_mismatched_lengths_raise():
+    with pytest.raises(ValueError, match="t2_ms"):
+        simulate(SEQ20, [800.0, 900.0, 1000.0], [60.0, 70.0])
+    with pytest.raises(ValueError, match="b1"):
+        simulate(SEQ20, [800.0, 900.0], [60.0, 70.0], [1.0, 1.0, 1.0])
+    # scalars broadcast
+    out = simulate(SEQ20, [800.0, 900.0], 60.0, 1.0, dtype=F64)
+    assert out.shape == (2, 20) and not torch.allclose(out[0], out[1])
+
+
+def test_bad_seq_dtype_tol_raise():
+    with pytest.raises(ValueError, match="seq"):
+        simulate(np.ones(10), 800.0, 60.0)
+    with pytest.raises(ValueError, match="dtype"):
+        simulate(SEQ20, 800.0, 60.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="tol"):
+        simulate(SEQ20, 800.0, 60.0, tol=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    seq = oksuz2019()
+    t1, t2, b1 = (torch.tensor(c, dtype=F64) for c in zip(*PAPER_CORNERS))
+    cpu = simulate(seq, t1, t2, b1, dtype=F64)
+    gpu = simulate(seq, t1.cuda(), t2.cuda(), b1.cuda(), dtype=F64)
+    assert gpu.device.type == "cuda"
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-10, rtol=0)
+    g32 = simulate(seq, t1, t2, b1, device="cuda")
+    assert float(_rel_l2(g32.cpu().to(torch.complex128), cpu).max()) < 1e-5
+    # the differentiable path on CUDA too
+    t1g = t1[:3].cuda().requires_grad_()
+    x = simulate(seq, t1g, t2[:3].cuda(), dtype=F64)
+    x.abs().sum().backward()
+    assert torch.isfinite(t1g.grad).all() and (t1g.grad != 0).any()
