@@ -1,0 +1,186 @@
+"""Dictionary matching: exactness, noise, SVD compression, M0, chunking, input validation."""
+
+import numpy as np
+import pytest
+import torch
+
+from mrflight.matching import DictionaryMatcher, svd_basis
+from mrflight.physics import add_noise, oksuz2019, simulate
+
+
+@pytest.fixture(scope="module")
+def small_dict():
+    seq = oksuz2019(n_pulses=150)
+    t1 = np.geomspace(50, 4000, 40)
+    t2 = np.geomspace(5, 500, 30)
+    g1, g2 = np.meshgrid(t1, t2, indexing="ij")
+    keep = g2.ravel() <= g1.ravel()
+    params = np.stack([g1.ravel()[keep], g2.ravel()[keep]], 1)
+    atoms = simulate(seq, torch.from_numpy(params[:, 0]), torch.from_numpy(params[:, 1]))
+    return seq, atoms, torch.from_numpy(params)
+
+
+def test_noise_free_atoms_recovered_exactly_at_any_scale(small_dict):
+    _, atoms, params = small_dict
+    dm = DictionaryMatcher(atoms, params)
+    # magnitude and complex inputs, arbitrary (even complex) scale
+    out = dm.match(atoms * (2.5 * np.exp(1j * 0.7)))
+    assert torch.equal(out.to(params.dtype), params)
+    out_mag = dm.match(atoms.abs().numpy() * 0.1)
+    assert torch.equal(out_mag.to(params.dtype), params)
+
+
+def test_complex_matching_recovers_atoms_and_is_phase_invariant(small_dict):
+    _, atoms, params = small_dict
+    dm = DictionaryMatcher(atoms, params, complex_matching=True, dtype=torch.float64)
+    out, m0 = dm.match(atoms * (3 * np.exp(1j * 1.1)), return_m0=True)
+    assert torch.equal(out, params)
+    assert torch.allclose(m0, torch.full_like(m0, 3 * np.exp(1j * 1.1)), atol=1e-9)
+
+
+def test_degrades_gracefully_with_noise(small_dict):
+    _, atoms, params = small_dict
+    dm = DictionaryMatcher(atoms, params)
+    gen = torch.Generator().manual_seed(0)
+    exact, mae = [], []
+    for std in (0.001, 0.003, 0.01):
+        out = dm.match(add_noise(atoms, std, generator=gen)).double()
+        exact.append((out == params).all(1).double().mean().item())
+        mae.append((out - params).abs().mean(0))
+        rel = (out - params).abs() / params
+        # most signals land on their own atom or a neighbour (no jumps across the grid)
+        assert rel.median(0).values.max() < 0.05
+    assert exact[0] == 1.0  # SNR 1000/point: every atom still found
+    assert exact[0] > exact[1] > exact[2] > 0.3
+    assert (mae[0] < mae[1]).all() and (mae[1] < mae[2]).all()
+
+
+def test_m0_recovered_magnitude_and_svd(small_dict):
+    _, atoms, params = small_dict
+    scale = torch.linspace(0.5, 4.0, len(atoms))
+    sig = atoms * scale[:, None]
+    for rank in (None, 20):
+        dm = DictionaryMatcher(atoms, params, rank=rank)
+        out, m0 = dm.match(sig, return_m0=True)
+        assert torch.equal(out.to(params.dtype), params)
+        assert torch.allclose(m0, scale, rtol=2e-3)
+
+
+def test_svd_full_rank_equals_exhaustive(small_dict):
+    _, atoms, params = small_dict
+    gen = torch.Generator().manual_seed(1)
+    sig = add_noise(atoms[::3], 0.02, generator=gen)
+    kw = dict(dtype=torch.float64)
+    exh = DictionaryMatcher(atoms, params, **kw)
+    full = DictionaryMatcher(atoms, params, rank=atoms.shape[1], **kw)
+    assert torch.equal(exh.match(sig), full.match(sig))
+    i_e, s_e, _ = exh.match_indices(sig)
+    i_f, s_f, _ = full.match_indices(sig)
+    assert torch.allclose(s_e, s_f, rtol=1e-9)
+
+
+def test_svd_low_rank_recovers_noise_free_atoms(small_dict):
+    _, atoms, params = small_dict
+    dm = DictionaryMatcher(atoms, params, rank=25)
+    frac = (dm.match(atoms).to(params.dtype) == params).all(1).double().mean()
+    assert frac >= 0.99
+    # and it really is compressed
+    assert dm.atoms.shape == (len(atoms), 25)
+
+
+def test_energy_chosen_rank(small_dict):
+    _, atoms, params = small_dict
+    dm = DictionaryMatcher(atoms, params, energy=0.999)
+    sv2 = dm.singular_values2
+    frac = torch.cumsum(sv2, 0) / sv2.sum()
+    k = dm.rank
+    assert frac[k - 1] >= 0.999 and (k == 1 or frac[k - 2] < 0.999)
+    assert 1 < k < atoms.shape[1] // 2  # MRF dictionaries are highly compressible
+    lower = DictionaryMatcher(atoms, params, energy=0.99)
+    assert lower.rank < k
+
+
+def test_svd_basis_matches_numpy_svd():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 20)) @ np.diag(np.geomspace(10, 0.01, 20))
+    basis, sv2 = svd_basis(torch.from_numpy(a), rank=5)
+    _, s, vh = np.linalg.svd(a, full_matrices=False)
+    np.testing.assert_allclose(sv2.numpy(), s**2, rtol=1e-8)
+    # same subspace: projector equality
+    p1 = basis.numpy() @ basis.numpy().T
+    p2 = vh[:5].T @ vh[:5]
+    np.testing.assert_allclose(p1, p2, atol=1e-8)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunking_invariance(small_dict, chunk):
+    _, atoms, params = small_dict
+    gen = torch.Generator().manual_seed(2)
+    sig = add_noise(atoms[::5], 0.03, generator=gen)
+    ref_i, ref_s, _ = DictionaryMatcher(atoms, params).match_indices(sig)
+    i, s, _ = DictionaryMatcher(atoms, params, chunk_size=chunk).match_indices(sig)
+    assert torch.equal(i, ref_i)
+    assert torch.allclose(s, ref_s, rtol=1e-5)
+
+
+def test_extra_parameter_columns_carried(small_dict):
+    _, atoms, params = small_dict
+    p3 = torch.cat([params, torch.arange(len(params), dtype=params.dtype)[:, None]], 1)
+    out = DictionaryMatcher(atoms, p3).match(atoms[10:20])
+    assert torch.equal(out[:, 2].long(), torch.arange(10, 20))
+
+
+def test_bad_input(small_dict):
+    _, atoms, params = small_dict
+    with pytest.raises(ValueError, match="atoms"):
+        DictionaryMatcher(torch.zeros(0, 150), torch.zeros(0, 2))
+    with pytest.raises(ValueError, match="params"):
+        DictionaryMatcher(atoms, params[:-1])
+    with pytest.raises(ValueError, match="rank"):
+        DictionaryMatcher(atoms, params, rank=0)
+    with pytest.raises(ValueError, match="rank"):
+        DictionaryMatcher(atoms, params, rank=1000)
+    with pytest.raises(ValueError, match="energy"):
+        DictionaryMatcher(atoms, params, energy=1.5)
+    with pytest.raises(ValueError, match="complex"):
+        DictionaryMatcher(atoms.abs(), params, complex_matching=True)
+    bad = atoms.clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        DictionaryMatcher(bad, params)
+    dm = DictionaryMatcher(atoms, params)
+    with pytest.raises(ValueError, match="time points"):
+        dm.match(atoms[:, :100])
+    sig = atoms[:4].clone()
+    sig[1, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        dm.match(sig)
+
+
+def test_all_zero_signals_give_nan_rows_and_warning(small_dict):
+    _, atoms, params = small_dict
+    dm = DictionaryMatcher(atoms, params)
+    sig = atoms[:3].clone()
+    sig[1] = 0
+    with pytest.warns(RuntimeWarning, match="all-zero"):
+        out, m0 = dm.match(sig, return_m0=True)
+    assert torch.isnan(out[1]).all() and torch.isnan(m0[1])
+    assert torch.equal(out[[0, 2]].to(params.dtype), params[[0, 2]])
+
+
+def test_zero_atoms_are_never_matched(small_dict):
+    _, atoms, params = small_dict
+    a = torch.cat([torch.zeros(1, atoms.shape[1], dtype=atoms.dtype), atoms])
+    p = torch.cat([torch.tensor([[0.0, 0.0]], dtype=params.dtype), params])
+    out = DictionaryMatcher(a, p).match(atoms)
+    assert torch.equal(out.to(params.dtype), params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(small_dict):
+    _, atoms, params = small_dict
+    sig = add_noise(atoms[::4], 0.01, generator=torch.Generator().manual_seed(3))
+    cpu = DictionaryMatcher(atoms, params).match(sig)
+    gpu = DictionaryMatcher(atoms, params, device="cuda").match(sig.cuda())
+    assert gpu.device.type == "cuda"
+    assert (gpu.cpu() == cpu).all(1).double().mean() > 0.99
