@@ -11,10 +11,13 @@ The pipeline, for a series of shape ``space + (T,)`` in any axis order (2-D or 3
    the shape found.
 3. **Mask**: a file (non-zero voxels), or automatic from the fingerprint L2 norm ``||s||``
    (one norm per voxel, computed in a first pass): ``"otsu"`` (default) puts the threshold at
-   Otsu's between-class-variance optimum of the histogram of norms (clipped at the 99.9th
-   percentile); ``"fraction"`` keeps voxels with ``||s|| > mask_fraction * p99`` where ``p99``
-   is the 99th percentile of the norms (a robust maximum); ``"none"`` keeps every voxel. All-zero
-   and non-finite fingerprints are always excluded. Voxels outside the mask are NaN in every map.
+   Otsu's between-class-variance optimum of the histogram of ``log ||s||`` (tissue contrast is
+   multiplicative, so in log space the noise and the tissue form two compact classes even when
+   tissues differ several-fold in M0 and fingerprint norm); ``"fraction"`` keeps voxels with
+   ``||s|| > mask_fraction * p99`` where ``p99`` is the 99th percentile of the norms (a robust
+   maximum); ``"none"`` keeps every voxel. All-zero and non-finite fingerprints are always
+   excluded (so a series whose background the scanner already zeroed is best reconstructed with
+   ``"none"``: Otsu would split the tissue). Voxels outside the mask are NaN in every map.
 4. **Reconstruct** the masked voxels in chunks of ``chunk_voxels`` fingerprints with a
    :class:`MatchingReconstructor` (dictionary matching; M0 is the matcher's least-squares scale
    of the best atom) or a :class:`NetworkReconstructor` (a trained regressor's
@@ -347,20 +350,25 @@ def detect_time_axis(shape: tuple[int, ...], length: int, time_axis: int | None 
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of positive values (maximum between-class variance).
+    """Otsu's threshold of finite values (maximum between-class variance).
 
-    The histogram spans ``[0, p99.9 * 1.05]`` so that a few very bright voxels do not squeeze the
-    rest into one bin.
+    The histogram (``bins`` bins) spans ``[min, p99.9]`` so that a few very large values do not
+    squeeze the rest into one bin; when the criterion is flat across an empty gap between the two
+    classes, the middle of the gap is returned.
 
     References:
         Otsu N, A threshold selection method from gray-level histograms, IEEE TSMC 1979;9:62.
     """
     v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[np.isfinite(v) & (v > 0)]
+    v = v[np.isfinite(v)]
     if v.size == 0:
-        raise ValueError("no voxel has a non-zero finite fingerprint: nothing to mask")
-    hi = float(np.percentile(v, 99.9)) * 1.05
-    hist, edges = np.histogram(np.minimum(v, hi), bins=bins, range=(0.0, hi))
+        raise ValueError("no finite value to threshold: nothing to mask")
+    lo, hi = float(v.min()), float(np.percentile(v, 99.9))
+    if not hi > lo:
+        hi = float(v.max())
+        if not hi > lo:
+            return lo
+    hist, edges = np.histogram(np.clip(v, lo, hi), bins=bins, range=(lo, hi))
     centers = 0.5 * (edges[:-1] + edges[1:])
     w0 = np.cumsum(hist)
     w1 = w0[-1] - w0
@@ -370,7 +378,9 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
         mu1 = (m[-1] - m) / w1
         between = w0 * w1 * (mu0 - mu1) ** 2
     between = np.nan_to_num(between[:-1], nan=-1.0)
-    k = int(np.argmax(between))
+    # across an empty gap between the classes the criterion is flat: take the gap's middle
+    best = np.flatnonzero(between >= between.max())
+    k = (int(best[0]) + int(best[-1])) // 2
     return float(edges[k + 1])
 
 
@@ -392,8 +402,8 @@ def auto_mask(norm: np.ndarray, method: str = "otsu", fraction: float = 0.1
     if not valid.any():
         raise ValueError("every fingerprint of the series is zero or non-finite")
     if method == "otsu":
-        thr = otsu_threshold(norm[valid])
-        desc = "Otsu threshold on the fingerprint L2 norm"
+        thr = float(np.exp(otsu_threshold(np.log(norm[valid]))))
+        desc = "Otsu threshold on the logarithm of the fingerprint L2 norm"
     elif method == "fraction":
         p99 = float(np.percentile(norm[valid], 99))
         thr = fraction * p99
@@ -682,8 +692,7 @@ def _save_preview(dest: Path, vol: np.ndarray, kind: str, unit: str, title: str,
         cmap = _colormap(kind)
     else:
         cmap = plt.get_cmap("gray")
-    cmap = cmap.copy() if hasattr(cmap, "copy") else cmap
-    cmap.set_bad("black")
+    cmap = cmap.with_extremes(bad="black")
     fin = v[np.isfinite(v)]
     vmax = float(np.percentile(fin, 99)) if fin.size else 1.0
     vmax = vmax if vmax > 0 else 1.0

@@ -1,0 +1,449 @@
+"""Maps from image series: every input format, time axis first/last, 2-D/3-D, masks, units.
+
+Series are simulated: a phantom's T1/T2/M0 maps go through the EPG simulator (a short 200-pulse
+train), each tissue fingerprint is L2-normalised and scaled by M0, and complex Gaussian noise is
+added everywhere (the background is pure noise). Matching uses a dictionary whose grid contains
+every phantom value, so an exact match is the expected answer at this noise level.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from mrflight import maps
+from mrflight.dictionary import generate
+from mrflight.matio import save_mat
+from mrflight.physics import oksuz2019, simulate
+from mrflight.series_io import open_series, series_stem
+
+N_PULSES = 200
+# per real/imaginary component, relative to a unit-norm fingerprint (M0 = 1): a voxel SNR
+# (fingerprint norm / noise norm) of 100. The 200-pulse train lasts 0.86 s and barely encodes a
+# 4 s T1 (CSF): at 4x this noise a third of the CSF voxels already match a +-10 % neighbour.
+NOISE = 0.0005
+
+
+# ------------------------------------------------------------------------------- phantoms
+def _phantom(kind: str, shape=(24, 24)):
+    """(T1 ms, T2 ms, M0, mask) of a brain-like or sphere phantom.
+
+    Uses :mod:`mrflight.phantoms` when available, else a local piecewise-constant phantom.
+    """
+    try:
+        from mrflight import phantoms  # noqa: F401
+
+        got = _from_project_phantoms(kind, shape)
+        if got is not None:
+            return got
+    except ImportError:
+        pass
+    ny, nx = shape
+    yy, xx = np.mgrid[:ny, :nx]
+    cy, cx = (ny - 1) / 2, (nx - 1) / 2
+    t1 = np.zeros(shape)
+    t2 = np.zeros(shape)
+    m0 = np.zeros(shape)
+    if kind == "brain":
+        r = np.hypot((yy - cy) / (0.45 * ny), (xx - cx) / (0.38 * nx))
+        for rmax, (a, b, c) in ((1.0, (4000.0, 2000.0, 1.0)),   # CSF
+                                (0.8, (1300.0, 80.0, 0.85)),    # grey matter
+                                (0.45, (830.0, 110.0, 0.7))):   # white matter
+            sel = r <= rmax
+            t1[sel], t2[sel], m0[sel] = a, b, c
+    else:  # sphere phantom: vials with NIST-like values on a water background disc
+        r = np.hypot(yy - cy, xx - cx)
+        disc = r <= 0.45 * min(shape)
+        t1[disc], t2[disc], m0[disc] = 2480.0, 580.0, 1.0
+        vials = [(1838.0, 1012.0), (1398.0, 397.0), (998.0, 198.0), (730.0, 106.0),
+                 (492.0, 60.0), (345.0, 42.0)]
+        for k, (a, b) in enumerate(vials):
+            ang = 2 * np.pi * k / len(vials)
+            vy, vx = cy + 0.25 * ny * np.sin(ang), cx + 0.25 * nx * np.cos(ang)
+            sel = np.hypot(yy - vy, xx - vx) <= 0.09 * min(shape)
+            t1[sel], t2[sel], m0[sel] = a, b, 0.8
+    mask = m0 > 0
+    return t1, t2, m0, mask
+
+
+def _from_project_phantoms(kind, shape):  # pragma: no cover - depends on the phantom API
+    return None
+
+
+def _series(t1, t2, m0, mask, seq, noise=NOISE, seed=0, magnitude=False):
+    """Space + (T,) complex64 series: M0 * fingerprint + complex Gaussian noise.
+
+    The fingerprints are the simulator's, in units of M0 (not normalised), so the M0 a
+    reconstruction estimates is the phantom's M0. The noise std is ``noise`` times the mean
+    fingerprint norm (``noise`` relative to a unit-norm fingerprint, as in the noise model).
+    """
+    out = np.zeros(t1.shape + (len(seq),), np.complex64)
+    fp = simulate(seq, torch.tensor(t1[mask]), torch.tensor(t2[mask]))
+    scale = float(torch.linalg.vector_norm(fp, dim=1).mean())
+    out[mask] = (fp * torch.tensor(m0[mask], dtype=torch.float32)[:, None]).numpy()
+    rng = np.random.default_rng(seed)
+    out += noise * scale * (rng.standard_normal(out.shape)
+                            + 1j * rng.standard_normal(out.shape)).astype(np.complex64)
+    # a global receive phase: complex matching must not care
+    out *= np.complex64(np.exp(0.7j))
+    return np.abs(out) if magnitude else out
+
+
+@pytest.fixture(scope="module")
+def seq():
+    return oksuz2019(n_pulses=N_PULSES)
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    brain = _phantom("brain")
+    sphere = _phantom("sphere")
+    # 3-D: three slices of the sphere phantom with M0 varying along z
+    t1, t2, m0, mask = sphere
+    stack = lambda a: np.stack([a, a, a], axis=-1)
+    sphere3 = (stack(t1), stack(t2), stack(m0) * np.array([1.0, 0.7, 1.3]), stack(mask))
+    return {"brain": brain, "sphere": sphere, "sphere3d": sphere3}
+
+
+@pytest.fixture(scope="module")
+def dictionary(seq, phantoms):
+    """A grid containing every phantom value, plus neighbours at +-10 % and +-20 %."""
+    pairs = set()
+    for t1, t2, _, mask in phantoms.values():
+        pairs |= set(zip(t1[mask].tolist(), t2[mask].tolist()))
+    grid = set()
+    for a, b in pairs:
+        for fa in (0.8, 0.9, 1.0, 1.1, 1.2):
+            for fb in (0.8, 0.9, 1.0, 1.1, 1.2):
+                grid.add((round(a * fa, 3), round(b * fb, 3)))
+    grid = np.array(sorted(grid))
+    return generate(seq, grid, progress=False)
+
+
+@pytest.fixture(scope="module")
+def matcher_complex(dictionary):
+    return maps.MatchingReconstructor.from_dictionary(dictionary, complex_matching=True,
+                                                      source="test-dictionary")
+
+
+@pytest.fixture(scope="module")
+def matcher_magnitude(dictionary):
+    return maps.MatchingReconstructor.from_dictionary(dictionary, complex_matching=False)
+
+
+OPTS = maps.MapOptions(previews=False, progress=False)
+
+
+def _check_maps(res_t1, res_t2, res_m0, t1, t2, m0, mask, m0_tol=0.03):
+    """Exact T1/T2 matches in (almost) every tissue voxel, M0 within noise, NaN background."""
+    assert np.all(np.isnan(res_t1[~mask])) and np.all(np.isnan(res_t2[~mask]))
+    assert np.all(np.isnan(res_m0[~mask]))
+    assert np.all(np.isfinite(res_t1[mask])) and np.all(np.isfinite(res_m0[mask]))
+    exact = (res_t1[mask] == t1[mask]) & (res_t2[mask] == t2[mask])
+    assert exact.mean() >= 0.95, f"only {exact.mean():.1%} exact matches"
+    # the rest lands on a neighbouring grid value (+-10 % or +-20 %), never far off
+    assert np.all(np.abs(res_t1[mask] / t1[mask] - 1) <= 0.2 + 1e-6)
+    assert np.all(np.abs(res_t2[mask] / t2[mask] - 1) <= 0.2 + 1e-6)
+    rel = np.abs(res_m0[mask] / m0[mask] - 1)
+    assert np.median(rel) < m0_tol
+
+
+# ------------------------------------------------------------------------------- unit pieces
+def test_detect_time_axis_and_clear_errors():
+    assert maps.detect_time_axis((24, 24, 200), 200) == 2
+    assert maps.detect_time_axis((200, 24, 24, 3), 200) == 0
+    assert maps.detect_time_axis((24, 200, 24), 200, time_axis=-2) == 1
+    with pytest.raises(ValueError, match=r"sequence length 200.*|200.*\(24, 24, 150\)"):
+        maps.detect_time_axis((24, 24, 150), 200)
+    with pytest.raises(ValueError, match="maps.time_axis"):
+        maps.detect_time_axis((200, 200, 200), 200)
+    with pytest.raises(ValueError, match="150 points but the sequence has 200"):
+        maps.detect_time_axis((24, 24, 150), 200, time_axis=2)
+    with pytest.raises(ValueError, match="2-D or 3-D space"):
+        maps.detect_time_axis((200,), 200)
+
+
+def test_otsu_separates_two_populations():
+    rng = np.random.default_rng(1)
+    bg = np.abs(rng.normal(0.1, 0.02, 5000))
+    fg = rng.normal(1.0, 0.1, 2000)
+    thr = maps.otsu_threshold(np.concatenate([bg, fg]))
+    assert bg.max() < thr < fg.min()
+    assert 0.3 < thr < 0.7  # the middle of the gap, not its edge
+    mask, info = maps.auto_mask(np.concatenate([bg, fg, [0.0, np.nan]]), "fraction", 0.3)
+    assert mask[:5000].sum() == 0 and mask[5000:7000].all() and not mask[-2:].any()
+    assert info["Threshold"] == pytest.approx(0.3 * np.percentile(np.concatenate(
+        [bg, fg, [0.0]])[np.concatenate([bg, fg, [0.0]]) > 0], 99))
+
+
+def test_least_squares_m0_recovers_scale_and_ignores_phase(seq):
+    sim = simulate(seq, torch.tensor([800.0, 1500.0]), torch.tensor([60.0, 100.0]))
+    meas = sim * torch.tensor([2.5, 0.3])[:, None].to(sim.dtype) * np.exp(1.1j)
+    m0 = maps.least_squares_m0(meas, sim)
+    assert torch.allclose(m0, torch.tensor([2.5, 0.3]), rtol=1e-5)
+    m0_mag = maps.least_squares_m0(meas.abs(), sim)
+    assert torch.allclose(m0_mag, torch.tensor([2.5, 0.3]), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- formats
+def _write(path, arr, fmt, affine=None):
+    if fmt in ("nii", "nii.gz"):
+        nib.save(nib.Nifti1Image(arr, affine), str(path))
+    elif fmt == "npy":
+        np.save(path, arr)
+    elif fmt == "npz":
+        np.savez(path, series=arr, notes=np.arange(3))
+    elif fmt == "mat":
+        save_mat(path, {"images": arr, "TR": 4.3})
+    elif fmt == "mat73":
+        save_mat(path, {"recon": {"images": arr}, "TR": 4.3}, v73=True)
+    elif fmt == "h5":
+        import h5py
+
+        with h5py.File(path, "w") as f:
+            f.create_dataset("mrf/series", data=arr)
+            f.create_dataset("mrf/mask_guess", data=np.ones(arr.shape[:2]))
+
+
+AFFINE = np.array([[0.0, -1.5, 0.0, 30.0],
+                   [1.5, 0.0, 0.0, -20.0],
+                   [0.0, 0.0, 3.0, 5.0],
+                   [0.0, 0.0, 0.0, 1.0]])
+
+CASES = [  # (format, suffix, phantom, time first?)
+    ("nii", ".nii", "sphere3d", False),
+    ("nii.gz", ".nii.gz", "brain", False),
+    ("npy", ".npy", "brain", True),
+    ("npy", ".npy", "sphere3d", False),
+    ("npz", ".npz", "sphere", True),
+    ("mat", ".mat", "brain", False),
+    ("mat73", ".mat", "sphere3d", True),
+    ("h5", ".h5", "sphere", False),
+]
+
+
+@pytest.mark.parametrize("fmt,suffix,kind,time_first", CASES,
+                         ids=[f"{c[0]}-{c[2]}-{'tfirst' if c[3] else 'tlast'}" for c in CASES])
+def test_formats_reconstruct_known_values(tmp_path, seq, phantoms, matcher_complex,
+                                          fmt, suffix, kind, time_first):
+    t1, t2, m0, mask = phantoms[kind]
+    ser = _series(t1, t2, m0, mask, seq, seed=hash(fmt) % 1000)
+    if time_first:
+        ser = np.moveaxis(ser, -1, 0)
+    path = tmp_path / f"sub-01_mrf{suffix}"
+    affine = AFFINE if fmt.startswith("nii") else None
+    _write(path, ser, fmt, affine)
+    files = maps.make_maps(path, matcher_complex, tmp_path / "out", options=OPTS)
+    stem = "sub-01_mrf"
+    assert series_stem(path) == stem
+
+    t1_ms = np.load(tmp_path / "out" / f"{stem}_T1map_ms.npy")
+    t2_ms = np.load(tmp_path / "out" / f"{stem}_T2map_ms.npy")
+    m0_map = np.load(tmp_path / "out" / f"{stem}_M0map.npy")
+    assert t1_ms.shape == t1.shape  # the input's spatial shape and order
+    _check_maps(t1_ms, t2_ms, m0_map, t1, t2, m0, mask)
+    assert np.array_equal(np.load(files["mask.npy"]), mask)
+
+    # NIfTI in seconds, affine kept for NIfTI inputs (identity otherwise)
+    img = nib.load(str(files["T1map.nii.gz"]))
+    vol = np.asarray(img.dataobj).reshape(t1.shape)
+    assert img.get_data_dtype() == np.float32
+    np.testing.assert_allclose(vol[mask], t1[mask] / 1000.0, rtol=1e-6)
+    assert np.all(np.isnan(vol[~mask]))
+    np.testing.assert_allclose(img.affine, AFFINE if affine is not None else np.eye(4))
+    t2_img = nib.load(str(files["T2map.nii.gz"]))
+    np.testing.assert_allclose(np.asarray(t2_img.dataobj).reshape(t1.shape)[mask],
+                               t2[mask] / 1000.0, rtol=1e-6)
+    side = json.loads(files["T1map.json"].read_text())
+    assert side["Units"] == "s" and side["NumpyUnits"] == "ms"
+    assert side["EstimationMethod"] == "dictionary matching"
+    assert side["Dictionary"] == "test-dictionary"
+    assert side["SequenceLength"] == N_PULSES and side["SequenceName"] == "oksuz2019"
+    assert side["SoftwareVersion"]
+    assert json.loads(files["M0map.json"].read_text())["Units"] == "arbitrary"
+
+
+def test_magnitude_series(tmp_path, seq, phantoms, matcher_magnitude):
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq, magnitude=True, noise=0.001)
+    assert ser.dtype == np.float32
+    res = maps.reconstruct_series(ser, matcher_magnitude)
+    _check_maps(res.t1_ms, res.t2_ms, res.m0, t1, t2, m0, mask)
+
+
+def test_nifti_header_zooms_and_previews(tmp_path, seq, phantoms, matcher_complex):
+    t1, t2, m0, mask = phantoms["sphere3d"]
+    img = nib.Nifti1Image(_series(t1, t2, m0, mask, seq), AFFINE)
+    img.header.set_zooms((1.5, 1.5, 3.0, 4.3))
+    img.header.set_xyzt_units("mm", "msec")
+    img.header["descrip"] = b"mrf test series"
+    path = tmp_path / "scan.nii.gz"
+    nib.save(img, str(path))
+    files = maps.make_maps(path, matcher_complex, tmp_path / "out",
+                           options=maps.MapOptions(progress=True, previews=True))
+    out = nib.load(str(files["T2map.nii.gz"]))
+    assert out.shape == t1.shape
+    assert out.header.get_zooms() == (1.5, 1.5, 3.0)
+    assert out.header.get_xyzt_units()[0] == "mm"
+    assert out.header["descrip"].tobytes().startswith(b"mrf test series")
+    np.testing.assert_allclose(out.affine, AFFINE)
+    for name in ("T1map.png", "T2map.png", "M0map.png"):
+        assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "out").glob("*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_wrong_series_length_is_a_clear_error(tmp_path, seq, phantoms, matcher_complex):
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq)[..., :150]
+    np.save(tmp_path / "short.npy", ser)
+    with pytest.raises(ValueError, match=r"sequence length 200.*|\(24, 24, 150\)"):
+        maps.make_maps(tmp_path / "short.npy", matcher_complex, tmp_path / "out", options=OPTS)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_mask_file_and_explicit_time_axis(tmp_path, seq, phantoms, matcher_complex):
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq)
+    user_mask = mask.copy()
+    user_mask[:, :12] = False  # keep only the right half
+    np.save(tmp_path / "m.npy", user_mask.astype(np.uint8))
+    res = maps.reconstruct_series(ser, matcher_complex, mask=tmp_path / "m.npy", time_axis=-1)
+    assert np.array_equal(res.mask, user_mask)
+    assert np.all(np.isnan(res.t1_ms[~user_mask]))
+    _check_maps(res.t1_ms, res.t2_ms, res.m0, t1, t2, m0, user_mask)
+    with pytest.raises(ValueError, match="mask has shape"):
+        maps.reconstruct_series(ser, matcher_complex, mask=np.ones((5, 5)))
+
+
+def test_blocks_bound_memory_and_match_whole_read(tmp_path, seq, phantoms, matcher_complex,
+                                                  monkeypatch):
+    """Tiny blocks: every read stays within the budget and the maps do not change."""
+    t1, t2, m0, mask = phantoms["sphere3d"]
+    ser = _series(t1, t2, m0, mask, seq).astype(np.complex128)  # float64 on disk
+    np.save(tmp_path / "s.npy", ser)
+    whole = maps.reconstruct_series(tmp_path / "s.npy", matcher_complex)
+    sizes = []
+    orig = maps.SeriesSource.read
+
+    def spy(self, index):
+        blk = orig(self, index)
+        sizes.append(blk.nbytes)
+        assert blk.dtype == np.complex64  # converted block by block, never float64 whole
+        return blk
+
+    monkeypatch.setattr(maps.SeriesSource, "read", spy)
+    budget_mb = 4 * 3 * N_PULSES * 8 / 2**20  # four rows (of 3 voxels x T complex64) of a slice
+    res = maps.reconstruct_series(tmp_path / "s.npy", matcher_complex, block_mb=budget_mb,
+                                  chunk_voxels=17)
+    assert max(sizes) <= budget_mb * 2**20
+    assert len(sizes) >= 24 * 6  # the norm pass alone reads 24 slices x 6 blocks
+    np.testing.assert_array_equal(whole.t1_ms, res.t1_ms)
+    np.testing.assert_array_equal(whole.t2_ms, res.t2_ms)
+    np.testing.assert_allclose(whole.m0, res.m0, rtol=1e-5)  # GEMM blocking: last-bit changes
+
+
+def test_multi_array_files_need_a_choice(tmp_path, seq, phantoms):
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq)
+    np.savez(tmp_path / "two.npz", a=ser, b=ser)
+    with pytest.raises(ValueError, match="dataset=NAME"):
+        open_series(tmp_path / "two.npz", length=N_PULSES)
+    with open_series(tmp_path / "two.npz", dataset="b") as src:
+        assert src.shape == ser.shape and src.is_complex
+    # the v7.3 reader sees MATLAB's axis order, lazily
+    save_mat(tmp_path / "x.mat", {"s": {"img": ser}}, v73=True)
+    with open_series(tmp_path / "x.mat", dataset="s.img") as src:
+        assert src.shape == ser.shape
+        np.testing.assert_array_equal(src.read((3, slice(None), slice(0, 5))), ser[3, :, :5])
+    (tmp_path / "x.txt").write_text("1")
+    with pytest.raises(ValueError, match="unknown suffix"):
+        open_series(tmp_path / "x.txt")
+
+
+# ------------------------------------------------------------------------------- networks
+class _OracleNet:
+    """predict_parameters = exact dictionary matching (tests the network path's M0)."""
+
+    def __init__(self, matcher, seq):
+        self.matcher = matcher.matcher
+        self.hparams = {"sequence": seq.to_dict()}
+
+    def predict_parameters(self, signals):
+        return self.matcher.match(signals)[:, :2]
+
+
+def test_network_reconstructor_least_squares_m0(seq, phantoms, matcher_complex):
+    t1, t2, m0, mask = phantoms["sphere"]
+    ser = _series(t1, t2, m0, mask, seq)
+    rec = maps.NetworkReconstructor(_OracleNet(matcher_complex, seq))
+    assert rec.sequence == seq and rec.length == N_PULSES
+    res = maps.reconstruct_series(ser, rec)
+    _check_maps(res.t1_ms, res.t2_ms, res.m0, t1, t2, m0, mask, m0_tol=0.01)
+
+
+def _tiny_checkpoint(path, seq):
+    import lightning as L
+
+    from mrflight.lit import MRFRegressor
+
+    torch.manual_seed(0)
+    module = MRFRegressor({"_target_": "mrflight.models.GRURegressor",
+                           "input_length": len(seq), "hidden_size": 8},
+                          sequence=seq.to_dict())
+    # an untrained net predicts about 0 (or negative) ms; steer its output layer to about
+    # (1000, 100) ms so that the simulated fingerprint, hence M0, is defined
+    last = [m for m in module.net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(0.01)
+        last.bias.copy_(torch.tensor([1000.0, 100.0]) / module.target_scale)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    return path
+
+
+def test_run_maps_with_checkpoint_and_dictionary(tmp_path, seq, phantoms, dictionary):
+    pytest.importorskip("mrflight.lit")
+    from omegaconf import OmegaConf
+
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq)
+    nib.save(nib.Nifti1Image(ser, AFFINE), str(tmp_path / "brain.nii.gz"))
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.ckpt", seq)
+    cfg = OmegaConf.create({"input": str(tmp_path / "brain.nii.gz"), "ckpt_path": str(ckpt),
+                            "dictionary": None, "mask": None,
+                            "paths": {"output_dir": str(tmp_path / "net")},
+                            "maps": {"_target_": "mrflight.maps.MapOptions", "previews": False,
+                                     "progress": False}})
+    files = maps.run_maps(cfg)
+    t1_net = np.load(files["T1map.npy"])
+    assert np.all(np.isnan(t1_net[~mask])) and np.all(np.isfinite(t1_net[mask]))
+    assert np.all(t1_net[mask] >= 0)
+    t2_net = np.load(files["T2map.npy"])
+    assert np.all(np.abs(t1_net[mask] - 1000) < 100) and np.all(np.abs(t2_net[mask] - 100) < 20)
+    m0_net = np.load(files["M0map.npy"])
+    assert np.all(np.isfinite(m0_net[mask]) & (m0_net[mask] > 0))
+    # M0 is the least-squares scale against the fingerprint simulated at the prediction
+    vox = np.argwhere(mask)[:3]
+    d = simulate(seq, torch.tensor(t1_net[tuple(vox.T)]), torch.tensor(t2_net[tuple(vox.T)]))
+    s = torch.tensor(ser[tuple(vox.T)])
+    expect = (d.conj() * s).sum(1).abs() / (d.abs() ** 2).sum(1)
+    np.testing.assert_allclose(m0_net[tuple(vox.T)], expect.numpy(), rtol=1e-3)
+    side = json.loads(files["T2map.json"].read_text())
+    assert side["Checkpoint"] == str(ckpt) and side["Units"] == "s"
+    assert side["EstimationMethod"] == "neural network regression"
+    assert side["SequenceLength"] == N_PULSES
+
+    dictionary.save(tmp_path / "dict.h5")
+    cfg.ckpt_path, cfg.dictionary = None, str(tmp_path / "dict.h5")
+    cfg.paths.output_dir = str(tmp_path / "match")
+    files = maps.run_maps(cfg)
+    _check_maps(np.load(files["T1map.npy"]), np.load(files["T2map.npy"]),
+                np.load(files["M0map.npy"]), t1, t2, m0, mask)
+    assert json.loads(files["T1map.json"].read_text())["ComplexMatching"] is True
+    cfg.ckpt_path = str(ckpt)
+    with pytest.raises(ValueError, match="exactly one of"):
+        maps.run_maps(cfg)
