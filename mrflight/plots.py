@@ -1,0 +1,337 @@
+"""Figures for evaluation: predicted-vs-true scatter, error and RMSE/bound curves, parameter maps.
+
+All functions return a :class:`matplotlib.figure.Figure` (Agg backend, no display needed) so the
+pipeline can log it through its logger objects; :func:`save_figure` writes a PNG atomically.
+
+T1 and T2 maps use Crameri's *lipari* (T1) and *navia* (T2) colour maps (``cmcrameri``) with the
+processing step recommended by Fuderer et al. 2024 (:func:`relaxation_colormap`): the colour
+table is re-sampled along a "log-like" curve over the display range, its first entry is black
+("invalid", for unfitted/zero voxels), and values below the lower display level are clipped to the
+lowest valid colour.
+
+References:
+    Fuderer M, et al. Color-map recommendation for MR relaxometry maps. MRM 2025;93:490-506
+    (doi:10.1002/mrm.30290). Crameri F, Scientific colour maps, Zenodo
+    (doi:10.5281/zenodo.1243862).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import matplotlib
+
+if os.environ.get("MPLBACKEND") is None:
+    matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap, Normalize  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from mrflight.matio import atomic_path  # noqa: E402
+
+__all__ = ["RelaxationColormap", "relaxation_colormap", "log_remap_indices", "save_figure",
+           "scatter_true_vs_pred", "error_vs_parameter", "parameter_maps", "figure_to_array",
+           "METHOD_LABELS"]
+
+METHOD_LABELS = {"lstm": "LSTM", "gru": "GRU", "ann": "ANN (DRONE)", "cnn": "1D CNN",
+                 "matching": "dictionary matching", "matching_svd": "SVD matching",
+                 "crb": "Cramér–Rao bound", "truth": "truth"}
+
+_BASE = {"T1": "lipari", "T2": "navia", "R1": "lipari", "R2": "navia", "T2*": "navia",
+         "R2*": "navia", "T1rho": "navia", "R1rho": "navia"}
+
+
+def log_remap_indices(n: int, vmin: float, vmax: float) -> np.ndarray:
+    """Indices into an ``n``-entry colour table for Fuderer's "log-like" re-sampling.
+
+    Entry ``g`` of the processed table (display value ``x_g = vmin + (g + 1) (vmax - vmin) / n``)
+    takes the original entry returned here. Below ``a = vmax / e`` the curve is linear, above it
+    logarithmic, so colour resolution follows relative (not absolute) differences in T1/T2 over
+    most of the range. Entry 0 is reserved (index 0: "invalid").
+
+    Args:
+        n: length of the colour table (>= 2).
+        vmin, vmax: display range, ``vmax > 0`` and ``vmax > vmin``.
+
+    Returns:
+        ``(n,)`` int array, non-decreasing, ``[0, 1, ..., <= n - 1]``.
+
+    References:
+        Fuderer et al., MRM 2025;93:490 (doi:10.1002/mrm.30290), ``colorLogRemap``.
+    """
+    if not vmax > 0:
+        raise ValueError(f"vmax must be positive, got {vmax}")
+    if not vmax > vmin:
+        raise ValueError(f"vmax must be larger than vmin, got vmin={vmin}, vmax={vmax}")
+    if n < 2:
+        raise ValueError(f"n must be >= 2, got {n}")
+    a = vmax / np.e
+    m = max(a, vmin)
+    # fraction of the table spent on the linear part (plus one entry), as in the reference code
+    b = 1.0 / n + ((a - vmin) / (2 * a - vmin) if a >= vmin else 0.0) + 1e-7
+    g = np.arange(1, n)
+    x = (g + 1) * (vmax - vmin) / n + vmin
+    f = np.ones_like(x)
+    log_part = x > m
+    f[log_part] = n * ((np.log(m) - np.log(x[log_part])) / (np.log(m) - np.log(vmax))
+                       * (1 - b) + b)
+    if vmin < a:
+        lin = (~log_part) & (x > vmin)
+        f[lin] = n * ((x[lin] - vmin) / (a - vmin) * (b - 1.0 / n)) + 1.0
+    idx = np.minimum(n, 1 + np.floor(f).astype(np.int64)) - 1
+    return np.concatenate([[0], idx])
+
+
+class RelaxationColormap(ListedColormap):
+    """A processed lipari/navia colour map bound to a display range.
+
+    Use ``ax.imshow(cmap.prepare(x), cmap=cmap, norm=cmap.norm)``. NaN and "invalid" values
+    (below one colour step above zero, e.g. unfitted voxels) are drawn black; values between that
+    and the lower level are clipped to the lowest valid colour (``below="clip"``, Fuderer's
+    recommendation) or drawn black (``below="black"``).
+
+    Attributes:
+        vmin, vmax: display range (map units, e.g. ms).
+        norm: the matching :class:`matplotlib.colors.Normalize`.
+        below: ``"clip"`` or ``"black"``.
+    """
+
+    def __init__(self, colors, name, vmin, vmax, below="clip"):
+        black = (0.0, 0.0, 0.0, 1.0)
+        try:  # matplotlib >= 3.10 takes the extremes in the constructor
+            super().__init__(colors, name=name, bad=black, under=black)
+        except TypeError:
+            super().__init__(colors, name=name)
+            self.set_bad(black)
+            self.set_under(black)
+        self.vmin, self.vmax, self.below = float(vmin), float(vmax), below
+        self.norm = Normalize(vmin=self.vmin, vmax=self.vmax)
+
+    @property
+    def step(self) -> float:
+        """Width of one colour entry, in map units."""
+        return (self.vmax - self.vmin) / self.N
+
+    def prepare(self, x) -> np.ndarray:
+        """Clip a map for display with this colour map (float array; NaN stays NaN = black)."""
+        x = np.asarray(x, dtype=np.float64)
+        eps = self.step
+        invalid = x < eps if self.vmin >= 0 else np.zeros(x.shape, bool)
+        low = x < self.vmin + eps
+        out = np.where(low, self.vmin + 1.5 * eps, x)
+        if self.below == "black":
+            out = np.where(x < self.vmin, self.vmin - eps, out)
+        return np.where(invalid, self.vmin - eps, out)
+
+    def colors_of(self, x) -> np.ndarray:
+        """RGBA colours ``(..., 4)`` that ``imshow`` would draw for map values ``x``."""
+        return self(self.norm(self.prepare(x)))
+
+
+def relaxation_colormap(name: str = "T1", vmin: float = 0.0, vmax: float | None = None,
+                        n: int = 256, below: str = "clip") -> RelaxationColormap:
+    """Fuderer et al.'s processed colour map for relaxation maps (lipari for T1, navia for T2).
+
+    Args:
+        name: ``"T1"`` (lipari) or ``"T2"`` (navia); ``"R1"``/``"R2"`` use the reversed tables.
+        vmin: lower display level (map units, e.g. ms), ``>= 0`` for relaxation times.
+        vmax: upper display level; ``None`` builds the table for ``vmin = 0`` and a unit range,
+            which is valid for any ``vmax`` when ``vmin = 0`` (the remap is then scale-free);
+            set ``cmap.norm`` / ``vmax`` when drawing.
+        n: colour-table length.
+        below: ``"clip"`` (default, Fuderer: below the lower level -> lowest valid colour; only
+            "invalid" values near zero and NaN are black) or ``"black"`` (everything below the
+            lower level black).
+
+    Returns:
+        :class:`RelaxationColormap` (a ``ListedColormap``) with ``.norm`` and ``.prepare(x)``.
+
+    References:
+        Fuderer M, et al. Color-map recommendation for MR relaxometry maps. MRM 2025;93:490-506
+        (doi:10.1002/mrm.30290).
+    """
+    from cmcrameri import cm
+
+    key = name if name in _BASE else name.upper()
+    if key not in _BASE:
+        raise ValueError(f"name must be one of {sorted(_BASE)}, got {name!r}")
+    if below not in ("clip", "black"):
+        raise ValueError(f"below must be 'clip' or 'black', got {below!r}")
+    if vmax is None:
+        if vmin != 0:
+            raise ValueError("give vmax when vmin != 0: the remap depends on the range")
+        vmax = 1.0
+    table = getattr(cm, _BASE[key])(np.linspace(0, 1, n))
+    if key.startswith("R"):
+        table = table[::-1]
+    table = table.copy()
+    table[0, :3] = 0.0  # "invalid" colour
+    table = table[log_remap_indices(n, vmin, vmax)]
+    return RelaxationColormap(table, f"{_BASE[key]}_{name}_fuderer", vmin, vmax, below)
+
+
+def save_figure(fig: Figure, path, dpi: int = 110) -> None:
+    """Write ``fig`` as a PNG atomically (``matio.atomic_path``)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+
+
+def figure_to_array(fig: Figure, dpi: int = 80) -> np.ndarray:
+    """RGB(A) pixel array of a figure (for loggers that take images)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    buf.seek(0)
+    return plt.imread(buf)
+
+
+def _label(m: str) -> str:
+    return METHOD_LABELS.get(m, m)
+
+
+def scatter_true_vs_pred(truth, predictions: dict, title: str = "",
+                         max_points: int = 5000) -> Figure:
+    """Predicted versus true T1 and T2, one column per method.
+
+    Args:
+        truth: ``(N, 2)`` true T1, T2 (ms).
+        predictions: ``{method: (N, 2) predicted T1, T2 (ms)}``.
+        title: figure title.
+        max_points: at most this many points are drawn per panel (evenly strided).
+
+    Returns:
+        Figure with 2 rows (T1, T2) x one column per method.
+    """
+    truth = np.asarray(truth, dtype=np.float64)
+    methods = list(predictions)
+    ncol = max(1, len(methods))
+    fig, axes = plt.subplots(2, ncol, figsize=(3.2 * ncol, 6.2), squeeze=False)
+    stride = max(1, len(truth) // max_points)
+    for j, m in enumerate(methods):
+        pred = np.asarray(predictions[m], dtype=np.float64)
+        for i, unit in enumerate(("T1", "T2")):
+            ax = axes[i, j]
+            t, p = truth[::stride, i], pred[::stride, i]
+            lo, hi = float(np.nanmin(t)), float(np.nanmax(t))
+            ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--")
+            ax.scatter(t, p, s=3, alpha=0.4, color="C0" if i == 0 else "C3", linewidths=0)
+            ax.set_xlabel(f"true {unit} (ms)")
+            if j == 0:
+                ax.set_ylabel(f"predicted {unit} (ms)")
+            ax.set_title(f"{_label(m)}: {unit}", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _binned(x, y, edges, fn):
+    out = np.full(len(edges) - 1, np.nan)
+    which = np.digitize(x, edges) - 1
+    for b in range(len(edges) - 1):
+        sel = which == b
+        if sel.sum() >= 3:
+            out[b] = fn(y[sel])
+    return out
+
+
+def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
+                       title: str = "") -> Figure:
+    """Binned RMSE against true T1 and T2 (top row) and RMSE / Cramér–Rao bound (bottom row).
+
+    Args:
+        truth: ``(N, 2)`` true T1, T2 (ms).
+        predictions: ``{method: (N, 2)}`` predicted T1, T2 (ms).
+        bound: optional ``(N, 2)`` Cramér–Rao standard-deviation bound per signal (ms); the
+            bottom row shows ``RMSE / RMS(bound)`` per bin (1 = efficient).
+        n_bins: bins along each true parameter.
+        title: figure title.
+    """
+    truth = np.asarray(truth, dtype=np.float64)
+    rows = 2 if bound is not None else 1
+    fig, axes = plt.subplots(rows, 2, figsize=(10, 3.6 * rows), squeeze=False)
+    rms = lambda v: float(np.sqrt(np.nanmean(v**2)))
+    for i, unit in enumerate(("T1", "T2")):
+        x = truth[:, i]
+        edges = np.linspace(np.nanmin(x), np.nanmax(x) + 1e-9, n_bins + 1)
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        ax = axes[0, i]
+        for k, (m, pred) in enumerate(predictions.items()):
+            err = np.asarray(pred, dtype=np.float64)[:, i] - x
+            ax.plot(centres, _binned(x, err, edges, rms), marker="o", ms=3, label=_label(m),
+                    color=f"C{k}")
+        if bound is not None:
+            b = np.asarray(bound, dtype=np.float64)[:, i]
+            ax.plot(centres, _binned(x, b, edges, rms), color="k", ls="--",
+                    label=_label("crb"))
+            for k, (m, pred) in enumerate(predictions.items()):
+                err = np.asarray(pred, dtype=np.float64)[:, i] - x
+                ratio = _binned(x, err, edges, rms) / _binned(x, b, edges, rms)
+                axes[1, i].plot(centres, ratio, marker="o", ms=3, color=f"C{k}", label=_label(m))
+            axes[1, i].axhline(1.0, color="k", ls="--", lw=0.8)
+            axes[1, i].set_yscale("log")
+            axes[1, i].set_xlabel(f"true {unit} (ms)")
+            axes[1, i].set_ylabel("RMSE / bound")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"true {unit} (ms)")
+        ax.set_ylabel(f"{unit} RMSE (ms)")
+    axes[0, 0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def parameter_maps(truth: dict, maps: dict, mask=None, t1_range=(0.0, 3000.0),
+                   t2_range=(0.0, 300.0), error_range: tuple[float, float] | None = None,
+                   title: str = "") -> Figure:
+    """T1 and T2 maps of every method beside the truth, with error maps.
+
+    Args:
+        truth: ``{"t1_ms": (H, W), "t2_ms": (H, W)}``.
+        maps: ``{method: {"t1_ms": (H, W), "t2_ms": (H, W)}}`` (NaN outside the object).
+        mask: ``(H, W)`` bool; voxels outside are drawn black.
+        t1_range, t2_range: display levels (ms) of the processed lipari / navia maps.
+        error_range: symmetric limits of the error maps as fractions of the true value
+            (default +-50 %): errors are shown relative, ``(pred - true) / true``.
+        title: figure title.
+
+    Returns:
+        Figure with one row per method (first the truth) and columns T1, T1 error, T2, T2 error.
+    """
+    from cmcrameri import cm
+
+    rows = [("truth", truth)] + list(maps.items())
+    c1 = relaxation_colormap("T1", *t1_range)
+    c2 = relaxation_colormap("T2", *t2_range)
+    elim = error_range or (-0.5, 0.5)
+    fig, axes = plt.subplots(len(rows), 4, figsize=(13, 2.9 * len(rows)), squeeze=False,
+                             layout="constrained")
+    for r, (name, mp) in enumerate(rows):
+        for c, (key, cmap) in enumerate((("t1_ms", c1), ("t2_ms", c2))):
+            v = np.asarray(mp[key], dtype=np.float64)
+            if mask is not None:
+                v = np.where(mask, v, np.nan)
+            ax = axes[r, 2 * c]
+            im = ax.imshow(cmap.prepare(v), cmap=cmap, norm=cmap.norm, interpolation="nearest")
+            fig.colorbar(im, ax=ax, shrink=0.85, label="ms")
+            ax.set_title(f"{_label(name)}: {key[:2].upper()} (ms)", fontsize=9)
+            ax = axes[r, 2 * c + 1]
+            if name == "truth":
+                ax.axis("off")
+                continue
+            t = np.asarray(truth[key], dtype=np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rel = (v - t) / t
+            im = ax.imshow(rel, cmap=cm.vik, vmin=elim[0], vmax=elim[1],
+                           interpolation="nearest")
+            fig.colorbar(im, ax=ax, shrink=0.85, label="(pred - true) / true")
+            ax.set_title(f"{_label(name)}: {key[:2].upper()} rel. error", fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -1,0 +1,107 @@
+"""Plots: Fuderer colour-map processing (invalid -> black, clip below the lower level, log remap)
+and the figures (finite content, atomic PNGs)."""
+
+import numpy as np
+import pytest
+from cmcrameri import cm
+
+from mrflight.plots import (
+    error_vs_parameter,
+    log_remap_indices,
+    parameter_maps,
+    relaxation_colormap,
+    save_figure,
+    scatter_true_vs_pred,
+)
+
+BLACK = np.array([0.0, 0.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 3000.0), (0.0, 1.0), (500.0, 2000.0), (50.0, 100.0)])
+def test_log_remap_monotone_and_covers_table(lo, hi):
+    idx = log_remap_indices(256, lo, hi)
+    assert idx[0] == 0 and idx[1:].min() >= 1  # entry 0 reserved for "invalid"
+    assert np.all(np.diff(idx) >= 0)
+    assert idx[-1] == 255  # the upper level reaches the end of the original table
+
+
+def test_log_remap_is_log_like_above_vmax_over_e():
+    n, hi = 256, 3000.0
+    idx = log_remap_indices(n, 0.0, hi)
+    x = (np.arange(n) + 1) * hi / n
+    # in the logarithmic part, equal ratios of x get (about) equal numbers of colour entries
+    sel = x > hi / np.e
+    slope = np.polyfit(np.log(x[sel]), idx[sel], 1)[0]
+    resid = idx[sel] - np.polyval(np.polyfit(np.log(x[sel]), idx[sel], 1), np.log(x[sel]))
+    assert slope > 0 and np.abs(resid).max() <= 2
+    # and the remap differs from the plain linear lookup
+    assert np.abs(idx - np.arange(n)).max() > 10
+
+
+def test_remap_is_scale_free_for_zero_lower_level():
+    assert np.array_equal(log_remap_indices(256, 0, 1.0), log_remap_indices(256, 0, 4000.0))
+
+
+def test_invalid_and_nan_are_black_valid_values_are_lipari():
+    c = relaxation_colormap("T1", 0.0, 3000.0)
+    cols = c.colors_of([np.nan, 0.0, 3.0, 1500.0, 3000.0, 9000.0])
+    assert np.allclose(cols[:3], BLACK)
+    assert not np.allclose(cols[3], BLACK)
+    top = np.asarray(cm.lipari(1.0))
+    assert np.allclose(cols[4], top, atol=1e-6) and np.allclose(cols[5], top, atol=1e-6)
+    # every colour used comes from lipari (processing re-samples, never invents colours)
+    lip = cm.lipari(np.linspace(0, 1, 256))
+    for col in c.colors[1:]:
+        assert np.abs(lip - col).sum(1).min() < 1e-9
+
+
+def test_clip_below_lower_level():
+    c = relaxation_colormap("T2", 40.0, 200.0)  # navia
+    lowest_valid = c(c.norm(40.0 + 1.5 * c.step))
+    cols = c.colors_of([0.0, 10.0, 39.0])
+    assert np.allclose(cols[0], BLACK)  # invalid (0)
+    assert np.allclose(cols[1], lowest_valid) and np.allclose(cols[2], lowest_valid)
+    assert not np.allclose(lowest_valid, BLACK)
+    black = relaxation_colormap("T2", 40.0, 200.0, below="black")
+    assert np.allclose(black.colors_of([10.0, 39.0]), BLACK)
+    assert not np.allclose(black.colors_of([41.0]), BLACK)
+
+
+def test_colour_order_monotone_in_value():
+    # lipari and navia run from dark to light: the processed map keeps luminance increasing
+    for name in ("T1", "T2"):
+        c = relaxation_colormap(name, 0.0, 1000.0)
+        lum = c.colors_of(np.linspace(10, 1000, 200))[:, :3] @ [0.2126, 0.7152, 0.0722]
+        assert np.all(np.diff(lum) >= -0.02)
+        assert lum[-1] - lum[0] > 0.5
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="name"):
+        relaxation_colormap("PD")
+    with pytest.raises(ValueError, match="vmax"):
+        relaxation_colormap("T1", 100.0, 50.0)
+    with pytest.raises(ValueError, match="vmax"):
+        relaxation_colormap("T1", 100.0)
+
+
+def test_figures_written(tmp_path):
+    rng = np.random.default_rng(0)
+    truth = rng.uniform([100, 10], [3000, 300], (300, 2))
+    preds = {"lstm": truth * 1.05, "matching": truth + rng.normal(0, 20, truth.shape)}
+    bound = np.full_like(truth, 10.0)
+    img = np.full((16, 16), 1000.0)
+    figs = [scatter_true_vs_pred(truth, preds), error_vs_parameter(truth, preds, bound),
+            parameter_maps({"t1_ms": img, "t2_ms": img / 10},
+                           {"gru": {"t1_ms": img * 1.2, "t2_ms": img / 12}})]
+    for k, fig in enumerate(figs):
+        p = tmp_path / f"f{k}.png"
+        save_figure(fig, p)
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [f.name for f in tmp_path.iterdir()] and not list(tmp_path.glob(".*tmp"))
+    # the error curve of the biased method is 5 % of T1 in each bin
+    ax = figs[1].axes[0]
+    lstm = ax.lines[0].get_ydata()
+    centres = ax.lines[0].get_xdata()
+    ok = np.isfinite(lstm)
+    assert np.allclose(lstm[ok], 0.05 * centres[ok], rtol=0.15)
