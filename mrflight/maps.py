@@ -30,7 +30,9 @@ The pipeline, for a series of shape ``space + (T,)`` in any axis order (2-D or 3
    units), ``<stem>_mask.nii.gz``, a JSON sidecar beside every map (method, checkpoint or
    dictionary, sequence, units, mask, mrflight version), the same maps as ``.npy`` in **ms**
    (``<stem>_T1map_ms.npy``, ``<stem>_T2map_ms.npy``, ``<stem>_M0map.npy``, ``<stem>_mask.npy``,
-   with the input's spatial shape and axis order) and PNG previews (lipari for T1, navia for T2).
+   with the input's spatial shape and axis order) and PNG previews (Fuderer-processed lipari for
+   T1 over 0-3000 ms, navia for T2 over 0-300 ms, via :func:`mrflight.plots.relaxation_colormap`;
+   up to 9 slices of a 3-D map).
    A NIfTI input's affine and header are kept (the data type becomes float32); other inputs get
    an identity affine. Every file is written atomically.
 
@@ -663,15 +665,32 @@ def _save_json(dest: Path, obj: dict) -> None:
     _write_bytes(dest, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def _colormap(kind: str):
-    try:
-        from mrflight.plots import relaxation_colormap  # type: ignore[attr-defined]
+#: display levels of the previews, ms (those of :func:`mrflight.plots.parameter_maps`)
+PREVIEW_LEVELS_MS = {"T1": (0.0, 3000.0), "T2": (0.0, 300.0)}
 
-        return relaxation_colormap(kind)
-    except Exception:
-        from cmcrameri import cm
 
-        return {"T1": cm.lipari, "T2": cm.navia}[kind]
+def _cmap_and_values(kind: str, v: np.ndarray):
+    """Colour map, norm and display values for a preview (Fuderer-processed lipari/navia)."""
+    from matplotlib.colors import Normalize
+
+    if kind in PREVIEW_LEVELS_MS:
+        lo, hi = PREVIEW_LEVELS_MS[kind]
+        try:
+            from mrflight.plots import relaxation_colormap
+
+            cmap = relaxation_colormap(kind, lo, hi)
+            return cmap, cmap.norm, cmap.prepare
+        except ImportError:  # plots not available: plain lipari/navia
+            from cmcrameri import cm
+
+            cmap = {"T1": cm.lipari, "T2": cm.navia}[kind].with_extremes(bad="black")
+            return cmap, Normalize(lo, hi), lambda x: x
+    import matplotlib.pyplot as plt
+
+    fin = v[np.isfinite(v)]
+    hi = float(np.percentile(fin, 99)) if fin.size else 1.0
+    return (plt.get_cmap("gray").with_extremes(bad="black"), Normalize(0.0, hi if hi > 0 else 1.0),
+            lambda x: x)
 
 
 def _save_preview(dest: Path, vol: np.ndarray, kind: str, unit: str, title: str,
@@ -688,22 +707,15 @@ def _save_preview(dest: Path, vol: np.ndarray, kind: str, unit: str, title: str,
     picks = np.unique(np.linspace(0, n - 1, min(n, 9)).round().astype(int))
     cols = int(np.ceil(np.sqrt(len(picks))))
     rows = int(np.ceil(len(picks) / cols))
-    if kind in ("T1", "T2"):
-        cmap = _colormap(kind)
-    else:
-        cmap = plt.get_cmap("gray")
-    cmap = cmap.with_extremes(bad="black")
-    fin = v[np.isfinite(v)]
-    vmax = float(np.percentile(fin, 99)) if fin.size else 1.0
-    vmax = vmax if vmax > 0 else 1.0
+    cmap, norm, prepare = _cmap_and_values(kind, v)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols + 0.8, 3 * rows), squeeze=False)
     im = None
     for ax in axes.ravel():
         ax.axis("off")
     for ax, z in zip(axes.ravel(), picks):
-        sl = v[:, :, z]
+        sl = prepare(v[:, :, z])
         im = ax.imshow(sl.T if nifti_like else sl, origin="lower" if nifti_like else "upper",
-                       cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+                       cmap=cmap, norm=norm, interpolation="nearest")
         if len(picks) > 1:
             ax.set_title(f"slice {z}", fontsize=8)
     fig.suptitle(title, fontsize=10)
