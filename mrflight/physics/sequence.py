@@ -83,7 +83,9 @@ class Sequence:
         if not math.isfinite(self.te_ms) or self.te_ms < 0:
             raise ValueError(f"te_ms must be a finite non-negative number, got {te_ms}")
         if np.any(self.te_ms > self.tr_ms):
-            raise ValueError(f"te_ms={self.te_ms} is longer than the shortest TR {self.tr_ms.min()}")
+            raise ValueError(
+                f"te_ms={self.te_ms} is longer than the shortest TR {self.tr_ms.min()}"
+            )
         self.inversion = bool(inversion)
         self.ti_ms = float(ti_ms)
         if not math.isfinite(self.ti_ms) or self.ti_ms < 0:
@@ -224,7 +226,9 @@ def _load_table(path: Path) -> dict[str, np.ndarray]:
             try:
                 rows.append([float(c) if c else np.nan for c in cells])
             except ValueError as e:
-                raise ValueError(f"flip-angle file {path}, data row {i + 1}: non-numeric ({e})")
+                raise ValueError(
+                    f"flip-angle file {path}, data row {i + 1}: non-numeric ({e})"
+                ) from None
         if not rows:
             raise ValueError(f"flip-angle file {path} has a header but no data rows")
         width = {len(r) for r in rows}
