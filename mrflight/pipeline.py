@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["train", "evaluate", "check_config"]
+__all__ = ["train", "evaluate", "check_config", "compose_config"]
 
 log = logging.getLogger("mrflight")
 
@@ -197,8 +197,27 @@ def evaluate(cfg: DictConfig):
     return run(cfg)
 
 
-def _set_output_dir(cfg: DictConfig, output_dir) -> DictConfig:
-    """Helper for tests and notebooks composing without a Hydra run: fix paths.output_dir."""
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose_config(overrides=(), output_dir=None, config_name: str = "train",
+                   return_hydra_config: bool = False) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` outside a Hydra run (tests, notebooks).
+
+    Args:
+        overrides: Hydra overrides, e.g. ``["model=lstm", "debug=tiny"]``.
+        output_dir: sets ``paths.output_dir`` (which otherwise needs a Hydra run).
+        config_name: ``"train"`` or ``"eval"``.
+        return_hydra_config: keep the ``hydra`` node (launchers, sweepers).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides),
+                      return_hydra_config=return_hydra_config)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
     return cfg

@@ -1,0 +1,105 @@
+"""Every config group composes, and what it describes instantiates."""
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from mrflight.pipeline import CONFIG_DIR, compose_config
+
+GROUPS = ["sequence", "data", "model", "trainer", "callbacks", "logger", "paths", "experiment",
+          "hparams_search", "debug"]
+
+
+def options(group):
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def test_default_config_and_sequence(tmp_path):
+    cfg = compose_config(output_dir=tmp_path)
+    seq = instantiate(cfg.sequence)
+    assert len(seq) == 1750 and seq.name == "oksuz2019"
+    assert cfg.model._target_.endswith("GRURegressor") and cfg.seed == 12345
+    assert cfg.data.noise_std == 0.01 and cfg.paths.cache_dir.startswith(str(tmp_path / "cache"))
+    assert cfg.callbacks.early_stopping.min_delta_rel == 0.005
+    assert set(cfg.logger) == {"csv", "wandb"}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes(tmp_path, group):
+    opts = options(group)
+    assert opts, group
+    for opt in opts:
+        extra = ["data.path=x.h5"] if (group, opt) == ("data", "file") else []
+        extra += ["sequence.path=x.csv"] if (group, opt) == ("sequence", "from_file") else []
+        cfg = compose_config([f"{group}={opt}", *extra], output_dir=tmp_path,
+                             return_hydra_config=group == "hparams_search")
+        OmegaConf.to_container(cfg, resolve=group != "hparams_search")
+
+
+@pytest.mark.parametrize("model", ["lstm", "gru", "ann", "cnn"])
+def test_model_and_module_instantiate(tmp_path, model):
+    from mrflight.models import Regressor
+
+    cfg = compose_config([f"model={model}"], output_dir=tmp_path)
+    net = instantiate(cfg.model, input_length=1750)
+    assert isinstance(net, Regressor)
+    module = instantiate(cfg.module, net={**OmegaConf.to_container(cfg.model),
+                                          "input_length": 1750}, _recursive_=False)
+    assert module.hparams.net["input_length"] == 1750 and module.hparams.lr == cfg.module.lr
+
+
+@pytest.mark.parametrize("data", ["paper", "random"])
+def test_data_instantiates(tmp_path, data):
+    cfg = compose_config([f"data={data}", "sequence.n_pulses=50"], output_dir=tmp_path)
+    dm = instantiate(cfg.data, sequence=instantiate(cfg.sequence))
+    n = 114_000 if data == "paper" else 30_000
+    assert len(dm.params) >= n and dm.noise_std == 0.01 and dm.input_length == 50
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
+def test_trainers_instantiate_on_cpu(tmp_path, trainer):
+    cfg = compose_config([f"trainer={trainer}", "trainer.accelerator=cpu",
+                          "trainer.devices=1"], output_dir=tmp_path)
+    t = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    assert t.max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("logger", ["default", "csv", "none"])
+def test_callbacks_and_loggers_instantiate(tmp_path, logger):
+    cfg = compose_config([f"logger={logger}"], output_dir=tmp_path)
+    loggers = [instantiate(v) for v in (cfg.logger or {}).values()]
+    assert len(loggers) == {"default": 2, "csv": 1, "none": 0}[logger]
+    cbs = [instantiate(v) for v in cfg.callbacks.values()]
+    assert {type(c).__name__ for c in cbs} >= {"ModelCheckpoint", "RelativeEarlyStopping",
+                                               "LearningRateMonitor", "ScatterPlot",
+                                               "RichProgressBar"}
+
+
+def test_experiment_oksuz2019_is_the_paper_protocol(tmp_path):
+    cfg = compose_config(["experiment=oksuz2019"], output_dir=tmp_path)
+    assert (cfg.data.n_train, cfg.data.n_test, cfg.data.batch_size) == (100000, 5000, 50)
+    assert cfg.module.lr == 1e-4 and cfg.callbacks.early_stopping.patience == 100
+    assert cfg.callbacks.early_stopping.min_delta_rel == 0.005
+
+
+@pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"),
+                                             ("parallel", "JoblibLauncher")])
+def test_launchers_compose(tmp_path, launcher, target):
+    pytest.importorskip(f"hydra_plugins.hydra_{'submitit' if launcher == 'slurm' else 'joblib'}"
+                        "_launcher")
+    cfg = compose_config([f"hydra/launcher={launcher}"], output_dir=tmp_path,
+                         return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+
+
+def test_output_dirs_are_unique_per_job():
+    raw = (Path(CONFIG_DIR) / "hydra" / "default.yaml").read_text()
+    assert "%H-%M-%S-%f" in raw and "${hydra.job.num}" in raw

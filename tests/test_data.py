@@ -1,0 +1,106 @@
+"""FingerprintDataModule: seeded splits, the noise model, inputs and targets."""
+
+import numpy as np
+import pytest
+import torch
+
+from mrflight import dictionary
+from mrflight.data import Batch, FingerprintDataModule, preprocess
+from mrflight.physics import normalize, oksuz2019, simulate
+
+SEQ = oksuz2019(n_pulses=100, lobe_length=20)
+PARAMS = dictionary.random_params(400, seed=3)
+
+
+def make(**kw):
+    args = dict(sequence=SEQ, params=PARAMS, n_test=50, batch_size=16, progress=False)
+    args.update(kw)
+    dm = FingerprintDataModule(**args)
+    dm.setup()
+    return dm
+
+
+def test_splits_are_seeded_disjoint_and_sized():
+    dm = make(n_train=300, val_fraction=0.1)
+    idx = dm.split_indices
+    assert (len(idx["train"]), len(idx["val"]), len(idx["test"])) == (270, 30, 50)
+    all_idx = torch.cat(list(idx.values())).numpy()
+    assert len(np.unique(all_idx)) == len(all_idx)
+    again = make(n_train=300, val_fraction=0.1).split_indices
+    assert all(torch.equal(idx[k], again[k]) for k in idx)
+    other = make(n_train=300, val_fraction=0.1, split_seed=7).split_indices
+    assert not torch.equal(idx["test"], other["test"])
+    # targets are the parameters of those atoms, scaled by (4000, 500) ms
+    b = dm.test_set[0]
+    assert isinstance(b, Batch)
+    true = torch.as_tensor(PARAMS[idx["test"][0]], dtype=torch.float32)
+    assert torch.allclose(b.params_ms, true)
+    assert torch.allclose(b.target, true / torch.tensor([4000.0, 500.0]))
+
+
+def test_val_and_test_noise_fixed_per_seed_and_at_the_right_level():
+    dm = make(noise_std=0.01)
+    again = make(noise_std=0.01)
+    assert torch.equal(dm.test_set.signals, again.test_set.signals)
+    assert not torch.equal(dm.test_set.signals, make(noise_std=0.01, noise_seed=5).test_set.signals)
+    clean = make(noise_std=0.0)
+    x, x0 = dm.test_set.signals, clean.test_set.signals
+    assert torch.allclose(x.norm(dim=1), torch.ones(len(x)), atol=1e-5)
+    # the clean input is the normalised magnitude of the simulated fingerprint
+    p = PARAMS[dm.split_indices["test"].numpy()]
+    ref = normalize(simulate(SEQ, p[:, 0], p[:, 1]).abs())
+    assert torch.allclose(x0, ref.float(), atol=5e-4)  # EPG truncation tolerance
+    # magnitude noise of std 0.01 per point (relative to the unit-norm fingerprint)
+    rms = (x - x0).pow(2).mean().sqrt().item()
+    assert 0.006 < rms < 0.013
+
+
+def test_training_batches_get_fresh_noise():
+    dm = make(noise_std=0.02)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.signal.is_complex()
+    a = dm.on_after_batch_transfer(batch, 0)
+    b = dm.on_after_batch_transfer(batch, 0)
+    assert a.signal.dtype == torch.float32 and a.signal.shape == (16, 100)
+    assert not torch.equal(a.signal, b.signal)
+    assert torch.allclose(a.signal.norm(dim=1), torch.ones(16), atol=1e-5)
+    clean = preprocess(batch.signal)
+    assert 0.01 < (a.signal - clean).pow(2).mean().sqrt().item() < 0.03
+    # validation batches are already inputs and pass unchanged
+    v = next(iter(dm.val_dataloader()))
+    assert torch.equal(dm.on_after_batch_transfer(v, 0).signal, v.signal)
+
+
+def test_complex_input_mode_has_two_channels():
+    dm = make(input_mode="complex", noise_std=0.0)
+    x = dm.test_set.signals
+    assert dm.in_channels == 2 and x.shape == (50, 2, 100)
+    assert torch.allclose(x.pow(2).sum(dim=(1, 2)), torch.ones(50), atol=1e-5)
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert batch.signal.shape == (16, 2, 100)
+
+
+def test_file_source(tmp_path):
+    d = dictionary.generate(SEQ, PARAMS[:120], progress=False)
+    path = tmp_path / "dict.npz"
+    dictionary.save(d, path)
+    dm = FingerprintDataModule(sequence=SEQ, path=str(path), n_test=20, batch_size=8)
+    dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 120
+    bad = FingerprintDataModule(sequence=oksuz2019(n_pulses=50), path=str(path), n_test=20)
+    with pytest.raises(ValueError, match="time points"):
+        bad.setup()
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"noise_std": -0.1}, "noise_std"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"n_test": 500}, "only 400"),
+    ({"input_mode": "phase"}, "input_mode"),
+    ({"params": None}, "exactly one data source"),
+])
+def test_bad_values_fail_clearly(kw, match):
+    args = dict(sequence=SEQ, params=PARAMS, n_test=50)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        FingerprintDataModule(**args)

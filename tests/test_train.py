@@ -1,0 +1,238 @@
+"""Training end to end on tiny data: pipeline, checkpoints, early stopping, W&B, multirun."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+import mrflight
+from mrflight.callbacks import RelativeEarlyStopping
+from mrflight.pipeline import compose_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["debug=tiny", "~callbacks.rich_progress_bar", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def run(tmp_path, *overrides, logger="none"):
+    out = tmp_path / "run"
+    cfg = compose_config([*TINY, f"logger={logger}", *overrides], output_dir=out)
+    return train(cfg), out, cfg
+
+
+@pytest.mark.parametrize("model", ["lstm", "gru", "ann", "cnn"])
+def test_every_model_fast_dev_run(tmp_path, model):
+    metric, out, _ = run(tmp_path, f"model={model}", "debug=fast_dev_run")
+    assert metric is not None and np.isfinite(metric)
+    assert (out / "checkpoints" / "config.yaml").is_file()
+
+
+def test_tiny_model_overfits_a_small_set(tmp_path):
+    torch.manual_seed(0)
+    from mrflight.data import FingerprintDataModule
+    from mrflight.dictionary import random_params
+    from mrflight.lit import MRFRegressor
+    from mrflight.physics import oksuz2019
+
+    seq = oksuz2019(n_pulses=100, lobe_length=20)
+    dm = FingerprintDataModule(seq, params=random_params(120, seed=1), n_test=20, batch_size=20,
+                               noise_std=0.0, progress=False)
+    dm.setup()
+    module = MRFRegressor({"_target_": "mrflight.models.ANNRegressor", "input_length": 100,
+                           "hidden_sizes": [64, 64]}, lr=3e-3)
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    opt = torch.optim.Adam(module.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(300):
+        loss = module.loss_fn(module.net(batch.signal), batch.target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.02 * losses[0]
+
+
+def test_checkpoint_round_trip_and_predict_parameters(tmp_path):
+    _, out, _ = run(tmp_path, "model=gru", "logger=csv")
+    ckpts = sorted((out / "checkpoints").glob("epoch_*.ckpt"))
+    assert ckpts and (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "csv" / "metrics.csv").is_file() and (out / "metrics.json").is_file()
+    assert (out / "figures" / "scatter_test.png").is_file()
+    a = mrflight.load_checkpoint(ckpts[0])
+    b = mrflight.load_checkpoint(ckpts[0])
+    assert not a.training and a.hparams.sequence["name"] == "oksuz2019"
+    assert a.hparams.net["_target_"].endswith("GRURegressor")
+    from mrflight.physics import Sequence, simulate
+
+    seq = Sequence.from_dict(a.hparams.sequence)
+    sig = simulate(seq, torch.tensor([800.0, 1500.0]), torch.tensor([60.0, 120.0]))
+    p = a.predict_parameters(sig)
+    assert p.shape == (2, 2) and p.dtype == torch.float32
+    assert torch.equal(p, b.predict_parameters(sig))
+    # complex, magnitude, numpy, any scale: the same preprocessing
+    assert torch.allclose(p, a.predict_parameters(sig.abs().numpy() * 37.0), atol=1e-4)
+    assert torch.allclose(p[0], a.predict_parameters(sig[0])[0], atol=1e-4)
+    # the module's forward on the preprocessed input gives the same
+    from mrflight.data import preprocess
+
+    assert torch.allclose(p, a(preprocess(sig)), atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(N, 100\).*oksuz2019"):
+        a.predict_parameters(torch.ones(2, 99))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        a.predict_parameters(torch.full((1, 100), float("nan")))
+    with pytest.warns(RuntimeWarning, match="all-zero"):
+        z = a.predict_parameters(torch.cat([sig, torch.zeros(1, 100, dtype=sig.dtype)]))
+    assert torch.isnan(z[2]).all() and torch.allclose(z[:2], p, atol=1e-5)
+
+
+def test_resume_from_last(tmp_path):
+    _, out, _ = run(tmp_path, "trainer.max_epochs=1", "test=false", "optimized_metric=val/loss")
+    first = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    _, out2, _ = run(tmp_path, "trainer.max_epochs=2", "ckpt_path=last", "test=false")
+    assert out2 == out
+    second = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["epoch"] == 0 and second["epoch"] == 1
+    assert second["global_step"] == 2 * first["global_step"]
+    with pytest.raises(ValueError, match="does not exist"):
+        run(tmp_path, "ckpt_path=/nonexistent/x.ckpt")
+
+
+def test_wandb_offline_writes_a_run_directory(tmp_path):
+    _, out, _ = run(tmp_path, "logger=default", "model=ann")
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    import wandb
+
+    assert wandb.run is None  # finished at the end of the job
+    assert (out / "csv" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("override,match", [
+    ("data.noise_std=-0.1", "noise_std"),
+    ("data.batch_size=0", "batch_size"),
+    ("data.n_test=5000", "only"),
+    ("module.lr=0", "lr"),
+])
+def test_bad_config_values_fail_clearly(tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        run(tmp_path, override)
+
+
+def test_unknown_model_lists_the_available_ones(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="(?s)Available options.*gru.*lstm"):
+        compose_config(["model=transformer"])
+
+
+class _Scripted(L.LightningModule):
+    """Logs a prescribed val/loss per epoch."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, i):
+        return (self.w * batch[0]).sum()
+
+    def validation_step(self, batch, i):
+        self.log("val/loss", float(self.values[self.current_epoch]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(1, 1)))
+
+    val_dataloader = train_dataloader
+
+
+def _stopped_after(values, rel, patience):
+    cb = RelativeEarlyStopping(monitor="val/loss", min_delta_rel=rel, patience=patience)
+    t = L.Trainer(max_epochs=len(values), callbacks=[cb], logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0)
+    t.fit(_Scripted(values))
+    return t.current_epoch, float(cb.best_score)
+
+
+def test_relative_early_stopping_counts_only_relative_improvements():
+    # 0.4 % steps never count at 0.5 %: stop after `patience` epochs past the first
+    shrinking = [1.0 * 0.996 ** k for k in range(20)]
+    assert _stopped_after(shrinking, 0.005, 3) == (4, 1.0)
+    # with a 0.3 % threshold the same 0.4 % steps are improvements: no stop
+    epochs, best = _stopped_after(shrinking, 0.003, 3)
+    assert epochs == 20 and best == pytest.approx(shrinking[-1], rel=1e-6)
+    # an absolute min_delta would treat large and small losses alike; relative scales:
+    # 1000 -> 994 (0.6 %) counts, 994 -> 990 (0.4 %) does not
+    values = [1000.0, 994.0, 990.0, 989.0, 988.0, 980.0, 970.0]
+    assert _stopped_after(values, 0.005, 3) == (5, 994.0)
+
+
+def _sub(args, cwd, timeout=600):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _check_jobs(sweep: Path, n: int):
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(jobs) == n
+    for j in jobs:
+        assert (j / "checkpoints" / "last.ckpt").is_file() and (j / "metrics.json").is_file()
+    return jobs
+
+
+def test_multirun_two_models_subprocess(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = _sub(["-m", "model=ann,cnn", *TINY, "trainer.max_epochs=1", "logger=csv",
+              f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _check_jobs(sweep, 2)
+    assert not list(tmp_path.glob("outputs"))
+
+
+@pytest.mark.slow
+def test_multirun_four_models_and_sweeps(tmp_path):
+    sweep = tmp_path / "models"
+    r = _sub(["-m", "model=lstm,gru,ann,cnn", *TINY, "logger=default",
+              f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for j in _check_jobs(sweep, 4):
+        assert len(list((j / "wandb").glob("offline-run-*"))) == 1
+    basic = tmp_path / "basic"
+    r = _sub(["hparams_search=basic", *TINY, "logger=csv", "model.hidden_size=8",
+              "module.lr=1e-3", "data.noise_std=0.005,0.02", "trainer.max_epochs=1",
+              f"hydra.sweep.dir={basic}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _check_jobs(basic, 2)
+    optuna = tmp_path / "optuna"
+    r = _sub(["hparams_search=optuna", *TINY, "logger=csv", "hydra.sweeper.n_trials=2",
+              "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=1",
+              f"hydra.sweep.dir={optuna}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _check_jobs(optuna, 2)
+    assert (optuna / "optimization_results.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    r = _sub(["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+              "trainer.sync_batchnorm=false", *TINY, "logger=csv", f"hydra.run.dir={out}"],
+             tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "metrics.json").is_file()
+    ck = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ck["epoch"] == 1
