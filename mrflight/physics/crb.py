@@ -6,7 +6,12 @@ an unknown real scale (proton density M0, true value 1, a nuisance parameter) an
 Gaussian noise of standard deviation ``noise_std`` on the real and on the imaginary part of every
 sample. For this model the Fisher information of ``theta = (rho, T1, T2)`` is
 
-    F = (2 / sigma^2) Re(J^H J),   J = d s / d theta   (T x 3),
+    F = (1 / sigma^2) Re(J^H J),   J = d s / d theta   (T x 3),
+
+(the real and imaginary parts are 2T independent real Gaussians of variance sigma^2; the often
+quoted ``2 / sigma^2`` belongs to a total complex variance ``E|n|^2 = sigma^2``, i.e. sigma^2 / 2
+per part, which is not the convention of :func:`mrflight.physics.add_noise`; the Monte-Carlo test
+in ``tests/test_crb.py`` confirms the factor)
 
 and the bound on the standard deviation of any unbiased estimator of T1 and T2 is
 ``sqrt(diag(F^-1))`` at the T1 and T2 entries. Because the model is normalised,
@@ -82,7 +87,7 @@ def fisher_information(seq: Sequence, t1_ms, t2_ms, b1=None, magnitude: bool = F
         if not magnitude:
             jac = torch.cat([jac.real, jac.imag], dim=1)  # Re(J^H J) = [Re; Im]^T [Re; Im]
         fim = jac.transpose(1, 2) @ jac
-        out.append(fim if magnitude else 2.0 * fim)
+        out.append(fim)
     return torch.cat(out, 0)
 
 
