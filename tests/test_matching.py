@@ -38,6 +38,14 @@ def test_complex_matching_recovers_atoms_and_is_phase_invariant(small_dict):
     assert torch.allclose(m0, torch.full_like(m0, 3 * np.exp(1j * 1.1)), atol=1e-9)
 
 
+def test_float32_complex_matching_resolves_close_neighbours(small_dict):
+    # neighbouring long-T1/T2 atoms differ by < 1e-6 in normalised inner product: the float64
+    # re-scoring of the GEMM's candidates must still find every atom exactly
+    _, atoms, params = small_dict
+    out = DictionaryMatcher(atoms, params, complex_matching=True).match(atoms)
+    assert torch.equal(out.to(params.dtype), params)
+
+
 def test_degrades_gracefully_with_noise(small_dict):
     _, atoms, params = small_dict
     dm = DictionaryMatcher(atoms, params)
