@@ -65,6 +65,20 @@ def _resolve_ckpt(ckpt_path, output_dir: Path) -> str | None:
     return str(p)
 
 
+def _build(node, **kwargs):
+    """``hydra.utils.instantiate`` that re-raises a constructor's ValueError as itself."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ValueError):
+            raise cause from None
+        raise
+
+
 def train(cfg: DictConfig) -> float | None:
     """Train and test one model from a composed config; returns ``cfg.optimized_metric``."""
     import lightning as L
@@ -82,8 +96,8 @@ def train(cfg: DictConfig) -> float | None:
     output_dir.mkdir(parents=True, exist_ok=True)
     hc = _hydra_cfg()
 
-    sequence = instantiate(cfg.sequence)
-    datamodule = instantiate(cfg.data, sequence=sequence)
+    sequence = _build(cfg.sequence)
+    datamodule = _build(cfg.data, sequence=sequence)
     net_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     net_cfg.update(input_length=len(sequence), in_channels=datamodule.in_channels)
     module = instantiate(

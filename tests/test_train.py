@@ -15,7 +15,7 @@ from mrflight.callbacks import RelativeEarlyStopping
 from mrflight.pipeline import compose_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["debug=tiny", "~callbacks.rich_progress_bar", "trainer.enable_progress_bar=false"]
+TINY = ["debug=tiny", "~callbacks.rich_progress_bar", "++trainer.enable_progress_bar=false"]
 
 
 @pytest.fixture(autouse=True)
@@ -168,16 +168,17 @@ def _stopped_after(values, rel, patience):
 
 
 def test_relative_early_stopping_counts_only_relative_improvements():
-    # 0.4 % steps never count at 0.5 %: stop after `patience` epochs past the first
-    shrinking = [1.0 * 0.996 ** k for k in range(20)]
-    assert _stopped_after(shrinking, 0.005, 3) == (4, 1.0)
-    # with a 0.3 % threshold the same 0.4 % steps are improvements: no stop
-    epochs, best = _stopped_after(shrinking, 0.003, 3)
-    assert epochs == 20 and best == pytest.approx(shrinking[-1], rel=1e-6)
-    # an absolute min_delta would treat large and small losses alike; relative scales:
-    # 1000 -> 994 (0.6 %) counts, 994 -> 990 (0.4 %) does not
-    values = [1000.0, 994.0, 990.0, 989.0, 988.0, 980.0, 970.0]
-    assert _stopped_after(values, 0.005, 3) == (5, 994.0)
+    flat = [1.0] + [0.996] * 10  # one 0.4 % step, then a plateau
+    # at 0.5 % the step does not count: 3 epochs without improvement after epoch 0 -> 4 run
+    assert _stopped_after(flat, 0.005, 3) == (4, 1.0)
+    # at 0.3 % it counts: the plateau starts one epoch later
+    assert _stopped_after(flat, 0.003, 3) == (5, pytest.approx(0.996))
+    # a steady 0.4 %/epoch drift improves by > 0.5 % on the best every two epochs: no stop
+    drift = [0.996 ** k for k in range(12)]
+    epochs, best = _stopped_after(drift, 0.005, 3)
+    assert epochs == 12 and best == pytest.approx(drift[10], rel=1e-6)
+    # relative, not absolute: 1000 -> 994 (0.6 %) counts; 991, 990 (< 0.5 % of 994), 992 do not
+    assert _stopped_after([1000.0, 994.0, 991.0, 990.0, 992.0, 985.0], 0.005, 3) == (5, 994.0)
 
 
 def _sub(args, cwd, timeout=600):

@@ -40,7 +40,7 @@ class RecurrentRegressor(Regressor):
 
     def __init__(self, input_length: int, in_channels: int = 1, hidden_size: int = 100,
                  num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
-                 values_per_step: int = 25) -> None:
+                 values_per_step: int = 50) -> None:
         super().__init__(input_length, in_channels)
         if values_per_step < 1:
             raise ValueError(f"values_per_step must be >= 1, got {values_per_step}")
