@@ -5,19 +5,31 @@ The pipeline, for a series of shape ``space + (T,)`` in any axis order (2-D or 3
 1. **Read lazily** (:mod:`mrflight.series_io`): NIfTI, ``.npy``/``.npz``, MATLAB v7/v7.3, HDF5.
    The whole series is never held in memory: it is read slice by slice (along the spatial axis
    that is slowest on disk) and, within a slice, in blocks of rows of at most ``block_mb`` MB,
-   each converted to complex64 (complex data) or float32 (magnitude data).
+   each converted to complex64 (complex data) or float32 (magnitude data). The automatic mask
+   needs a first pass over the file (the norms), so a large file is read twice; a series that
+   fits in one block is read once. Large ``.nii.gz`` series are slow to read block by block
+   (gzip has no random access: every block decompresses from the start of the file unless the
+   ``indexed_gzip`` package is installed, which nibabel then uses); prefer ``.nii`` there.
 2. **Time axis**: the axis whose length equals the sequence length ``T`` (or ``time_axis`` when
    given). No axis of that length, or several, stops the run with a message naming ``T`` and
    the shape found.
-3. **Mask**: a file (non-zero voxels), or automatic from the fingerprint L2 norm ``||s||``
-   (one norm per voxel, computed in a first pass): ``"otsu"`` (default) puts the threshold at
-   Otsu's between-class-variance optimum of the histogram of ``log ||s||`` (tissue contrast is
-   multiplicative, so in log space the noise and the tissue form two compact classes even when
-   tissues differ several-fold in M0 and fingerprint norm); ``"fraction"`` keeps voxels with
-   ``||s|| > mask_fraction * p99`` where ``p99`` is the 99th percentile of the norms (a robust
-   maximum); ``"none"`` keeps every voxel. All-zero and non-finite fingerprints are always
-   excluded (so a series whose background the scanner already zeroed is best reconstructed with
-   ``"none"``: Otsu would split the tissue). Voxels outside the mask are NaN in every map.
+3. **Mask**: a file (non-zero voxels), or automatic, from a first pass that computes for every
+   voxel the fingerprint norm ``||s||`` and the norm of its temporal differences ``||Δs||``:
+   ``"snr"`` (default) keeps voxels whose temporal SNR ratio ``r = 2 ||s||^2 / ||Δs||^2``
+   exceeds ``1 + 5 sqrt(3 / T)``. For white noise ``r`` is 1 (the differences of white noise
+   have twice its power) with a relative spread of about ``sqrt(3 / T)``; for a fingerprint
+   ``r`` is about ``1 + SNR^2`` because MRF signals change slowly from one TR to the next. The
+   threshold is scale-free and does not depend on how much of the image is tissue or on the
+   tissue mix (for a magnitude series, whose Rician background noise has a smooth mean, the
+   noise ratio is ``2 / (2 - pi / 2) = 4.66`` and the threshold is scaled by it; the magnitude
+   SNR must then be correspondingly higher). It assumes smooth fingerprints: a train with
+   pulse-to-pulse phase cycling (e.g. alternating bSSFP phases) needs ``"otsu"`` or a mask
+   file. ``"otsu"`` puts the threshold at Otsu's between-class-variance optimum of the
+   histogram of ``log ||s||`` (fine at high SNR; at per-frame SNR near 1 it can split tissues
+   instead of tissue from background);
+   ``"fraction"`` keeps ``||s|| > mask_fraction * p99`` (``p99``: the 99th percentile of the
+   norms, a robust maximum); ``"none"`` keeps every voxel. All-zero and non-finite fingerprints
+   are always excluded. Voxels outside the mask are NaN in every map.
 4. **Reconstruct** the masked voxels in chunks of ``chunk_voxels`` fingerprints with a
    :class:`MatchingReconstructor` (dictionary matching; M0 is the matcher's least-squares scale
    of the best atom) or a :class:`NetworkReconstructor` (a trained regressor's
@@ -42,7 +54,7 @@ ms: a negative relaxation time is not a physical value.
 References:
     Ma et al., Magnetic resonance fingerprinting, Nature 2013 (matching and the M0 scale);
     Oksuz et al., Magnetic resonance fingerprinting using recurrent neural networks, ISBI 2019;
-    Otsu, A threshold selection method from gray-level histograms, IEEE TSMC 1979 (the mask);
+    Otsu, A threshold selection method from gray-level histograms, IEEE TSMC 1979 (``"otsu"``);
     Gorgolewski et al., The brain imaging data structure (BIDS), Sci Data 2016 (file names, units).
 """
 
@@ -79,7 +91,7 @@ __all__ = [
     "run_maps",
 ]
 
-MASK_METHODS = ("otsu", "fraction", "none")
+MASK_METHODS = ("snr", "otsu", "fraction", "none")
 
 
 # ============================================================================ options
@@ -92,7 +104,8 @@ class MapOptions:
             it as the one axis whose length equals the sequence length.
         dataset: variable/dataset holding the series in ``.npz``/``.mat``/``.h5`` files with
             several arrays (HDF5 path or MATLAB ``struct.field``); ``None``: the only candidate.
-        mask_method: ``"otsu"``, ``"fraction"`` or ``"none"`` (used when no mask file is given).
+        mask_method: ``"snr"``, ``"otsu"``, ``"fraction"`` or ``"none"`` (used when no mask file
+            is given; see the module docstring).
         mask_fraction: threshold of ``"fraction"`` relative to the 99th-percentile norm.
         chunk_voxels: fingerprints reconstructed per call (bounds the matcher/network memory).
         block_mb: bound on the size of one block read from the file (complex64/float32), MB.
@@ -109,7 +122,7 @@ class MapOptions:
 
     time_axis: int | None = None
     dataset: str | None = None
-    mask_method: str = "otsu"
+    mask_method: str = "snr"
     mask_fraction: float = 0.1
     chunk_voxels: int = 8192
     block_mb: float = 256.0
@@ -386,14 +399,21 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[k + 1])
 
 
-def auto_mask(norm: np.ndarray, method: str = "otsu", fraction: float = 0.1
-              ) -> tuple[np.ndarray, dict]:
+def auto_mask(norm: np.ndarray, method: str = "snr", fraction: float = 0.1,
+              diff_norm: np.ndarray | None = None, length: int | None = None,
+              magnitude: bool = False) -> tuple[np.ndarray, dict]:
     """Mask from the fingerprint norms (see the module docstring).
 
     Args:
-        norm: map of L2 norms of the fingerprints (NaN/0 for unusable voxels).
-        method: ``"otsu"``, ``"fraction"`` or ``"none"``.
+        norm: map of L2 norms ``||s||`` of the fingerprints (NaN/0 for unusable voxels).
+        method: ``"snr"``, ``"otsu"``, ``"fraction"`` or ``"none"``.
         fraction: for ``"fraction"``: keep ``norm > fraction * percentile(norm, 99)``.
+        diff_norm: for ``"snr"``: map of ``||s[1:] - s[:-1]||`` (the temporal differences).
+        length: for ``"snr"``: the number of time points ``T``.
+        magnitude: for ``"snr"``: the series is a magnitude (non-negative) series, whose
+            background noise is Rician: its mean ``sigma sqrt(pi / 2)`` is smooth in time, so
+            ``r`` of pure noise is ``2 / (2 - pi / 2) = 4.66`` instead of 1 and the threshold is
+            scaled by that factor.
 
     Returns:
         ``(mask, info)`` with ``info`` the method and threshold (written into the sidecars).
@@ -403,6 +423,19 @@ def auto_mask(norm: np.ndarray, method: str = "otsu", fraction: float = 0.1
         return valid, {"Method": "none (all non-zero finite fingerprints)"}
     if not valid.any():
         raise ValueError("every fingerprint of the series is zero or non-finite")
+    if method == "snr":
+        if diff_norm is None or length is None:
+            raise ValueError("mask_method='snr' needs diff_norm and length")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = 2.0 * norm.astype(np.float64) ** 2 / diff_norm.astype(np.float64) ** 2
+        thr = 1.0 + 5.0 * np.sqrt(3.0 / max(int(length), 2))
+        if magnitude:
+            thr *= 2.0 / (2.0 - np.pi / 2.0)
+        ratio = np.where(np.isfinite(ratio), ratio, np.inf)  # diff 0: a noise-free fingerprint
+        return valid & (ratio > thr), {
+            "Method": "temporal SNR: 2 ||s||^2 / ||diff(s)||^2 > 1 + 5 sqrt(3 / T) (about 1 for "
+                      "white noise, 1 + SNR^2 for a smooth fingerprint)",
+            "Threshold": float(thr)}
     if method == "otsu":
         thr = float(np.exp(otsu_threshold(np.log(norm[valid]))))
         desc = "Otsu threshold on the logarithm of the fingerprint L2 norm"
@@ -493,7 +526,7 @@ def _progress(enabled: bool):
 
 # ============================================================================ reconstruction
 def reconstruct_series(series, reconstructor, *, time_axis: int | None = None, mask=None,
-                       mask_method: str = "otsu", mask_fraction: float = 0.1,
+                       mask_method: str = "snr", mask_fraction: float = 0.1,
                        chunk_voxels: int = 8192, block_mb: float = 256.0,
                        dataset: str | None = None, progress: bool = False) -> MapResult:
     """Reconstruct T1, T2 and M0 maps of an image series, voxel chunk by voxel chunk.
@@ -548,6 +581,8 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
     sshape = tuple(shape[a] for a in spatial)
     n_slices = shape[slice_axis] if slice_axis is not None else 1
     norm = np.full(sshape, np.nan, np.float32)
+    dnorm = np.full(sshape, np.nan, np.float32)
+    non_negative = not src.is_complex  # a magnitude series: Rician background noise
     t1 = np.full(sshape, np.nan, np.float32)
     t2 = np.full(sshape, np.nan, np.float32)
     m0 = np.full(sshape, np.nan, np.float32)
@@ -568,11 +603,16 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
                     cache[i] = sig
                 with np.errstate(invalid="ignore", over="ignore"):
                     nb = np.linalg.norm(sig, axis=1).astype(np.float32)
+                    db = np.linalg.norm(np.diff(sig, axis=1), axis=1).astype(np.float32)
                 norm[sp] = nb.reshape(norm[sp].shape)
+                dnorm[sp] = db.reshape(norm[sp].shape)
+                if not src.is_complex and sig.size:
+                    non_negative &= bool(np.nanmin(sig) >= 0)
                 if bar is not None and k != last:
                     bar.update(task, completed=k + 1)
                     last = k
-            mask_arr, info = auto_mask(norm, mask_method, mask_fraction)
+            mask_arr, info = auto_mask(norm, mask_method, mask_fraction, diff_norm=dnorm,
+                                       length=length, magnitude=non_negative)
         else:
             mask_arr = _load_mask(mask, sshape)
             info = {"Method": "file" if isinstance(mask, (str, os.PathLike)) else "array",
@@ -886,21 +926,23 @@ def run_maps(cfg) -> dict[str, Path]:
     if bool(ckpt) == bool(dic):
         raise ValueError("give exactly one of ckpt_path=CKPT (a trained network) or "
                          "dictionary=PATH (dictionary matching) with input=...")
-    cfg_seq = None
-    if _cfg_get(cfg, "sequence") is not None:
-        cfg_seq = _call_target(_cfg_get(cfg, "sequence"))
+    def cfg_sequence() -> Sequence | None:  # only built when needed (it may be incomplete)
+        node = _cfg_get(cfg, "sequence")
+        return None if node is None else _call_target(node)
+
     device = options.device or "cpu"
     if ckpt:
         module = mrflight.load_checkpoint(str(ckpt), map_location=device)
-        seq = _sequence_from_hparams(module) or cfg_seq
+        seq = _sequence_from_hparams(module) or cfg_sequence()
         rec = NetworkReconstructor(module, seq, compute_m0=options.compute_m0, source=ckpt)
     else:
         from mrflight import dictionary as dmod
 
         if str(dic) == "paper":
-            if cfg_seq is None:
+            seq = cfg_sequence()
+            if seq is None:
                 raise ValueError("dictionary=paper needs a sequence config to simulate with")
-            d = dmod.generate(cfg_seq, dmod.paper_grid(), cache_dir=True,
+            d = dmod.generate(seq, dmod.paper_grid(), cache_dir=True,
                               progress=options.progress)
         else:
             d = dmod.load(str(dic))
@@ -910,8 +952,12 @@ def run_maps(cfg) -> dict[str, Path]:
         rec = MatchingReconstructor.from_dictionary(d, complex_matching=cm and is_complex,
                                                     rank=options.rank, device=device,
                                                     source=dic)
-        if rec.sequence is None:
-            rec.sequence = cfg_seq
+        if rec.sequence is None:  # only for the sidecar: the dictionary fixes the length
+            try:
+                seq = cfg_sequence()
+            except Exception:  # an incomplete sequence config must not stop matching
+                seq = None
+            rec.sequence = seq if seq is not None and len(seq) == rec.length else None
     out_dir = _output_dir(cfg)
     files = make_maps(inp, rec, out_dir, options=options, mask=_cfg_get(cfg, "mask"))
     print(f"maps written to {out_dir}:")

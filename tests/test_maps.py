@@ -144,6 +144,21 @@ def test_otsu_separates_two_populations():
         [bg, fg, [0.0]])[np.concatenate([bg, fg, [0.0]]) > 0], 99))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_snr_mask_at_low_snr(seq, phantoms, seed):
+    """Per-frame SNR about 3.5: the temporal-SNR mask is exactly the object; white-noise
+    background sits at r = 1 and tissue well above the threshold 1 + 5 sqrt(3 / T)."""
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq, noise=0.02, seed=seed).reshape(-1, N_PULSES)
+    norm = np.linalg.norm(ser, axis=1).reshape(mask.shape)
+    dnorm = np.linalg.norm(np.diff(ser, axis=1), axis=1).reshape(mask.shape)
+    got, info = maps.auto_mask(norm, "snr", diff_norm=dnorm, length=N_PULSES)
+    assert np.array_equal(got, mask)
+    assert info["Threshold"] == pytest.approx(1 + 5 * np.sqrt(3 / N_PULSES))
+    r = 2 * norm**2 / dnorm**2
+    assert abs(np.median(r[~mask]) - 1) < 0.05  # white noise: r = 1
+
+
 def test_least_squares_m0_recovers_scale_and_ignores_phase(seq):
     sim = simulate(seq, torch.tensor([800.0, 1500.0]), torch.tensor([60.0, 100.0]))
     meas = sim * torch.tensor([2.5, 0.3])[:, None].to(sim.dtype) * np.exp(1.1j)
