@@ -932,6 +932,15 @@ def run_maps(cfg) -> dict[str, Path]:
 
     device = options.device or "cpu"
     if ckpt:
+        if Path(str(ckpt)).expanduser().is_dir():  # a training run dir: its best checkpoint
+            from mrflight.evaluation import find_checkpoints
+
+            found = find_checkpoints(ckpt)
+            if len(found) > 1:
+                listed = ", ".join(map(str, found))
+                raise ValueError(f"ckpt_path={ckpt} holds several runs ({listed}); give one "
+                                 "checkpoint or run directory for maps")
+            ckpt = str(found[0])
         module = mrflight.load_checkpoint(str(ckpt), map_location=device)
         seq = _sequence_from_hparams(module) or cfg_sequence()
         rec = NetworkReconstructor(module, seq, compute_m0=options.compute_m0, source=ckpt)

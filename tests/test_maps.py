@@ -426,3 +426,20 @@ def test_run_maps_with_checkpoint_and_dictionary(tmp_path, seq, phantoms, dictio
     cfg.ckpt_path = str(ckpt)
     with pytest.raises(ValueError, match="exactly one of"):
         maps.run_maps(cfg)
+
+
+def test_eval_entry_point_makes_maps(tmp_path, seq, phantoms, dictionary):
+    """``python eval.py input=... dictionary=...`` composes to run_maps (no subprocess)."""
+    pipeline = pytest.importorskip("mrflight.pipeline")
+    pytest.importorskip("mrflight.evaluation")
+    t1, t2, m0, mask = phantoms["brain"]
+    np.save(tmp_path / "brain.npy", _series(t1, t2, m0, mask, seq))
+    dictionary.save(tmp_path / "dict.h5")
+    cfg = pipeline.compose_config(
+        [f"input={tmp_path / 'brain.npy'}", f"dictionary={tmp_path / 'dict.h5'}",
+         "maps.progress=false", "maps.previews=false"],
+        output_dir=str(tmp_path / "run"), config_name="eval")
+    files = pipeline.evaluate(cfg)
+    assert files["T1map.nii.gz"].parent == tmp_path / "run"
+    _check_maps(np.load(files["T1map.npy"]), np.load(files["T2map.npy"]),
+                np.load(files["M0map.npy"]), t1, t2, m0, mask)
