@@ -454,17 +454,7 @@ def evaluate_group(group: _Group, settings: EvalSettings, out_dir: Path, figures
 def _error_figure(params, preds, bound, title):
     from mrflight import plots
 
-    if bound is None:
-        return plots.error_vs_parameter(params, preds, None, title=title)
-    # RMSE/bound per bin uses the signals with a bound; RMSE curves use all signals
-    fig = plots.error_vs_parameter(params, preds, None, title=title)
-    sel = np.isfinite(bound).all(1)
-    fig2 = plots.error_vs_parameter(params[sel], {k: v[sel] for k, v in preds.items()},
-                                    bound[sel], n_bins=6, title=title + " (bound subset)")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return fig2
+    return plots.error_vs_parameter(params, preds, bound, title=title)
 
 
 def _phantoms(group, predictors, settings, out_dir: Path, figures: dict, arrays: dict, tag):

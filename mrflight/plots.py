@@ -227,12 +227,12 @@ def scatter_true_vs_pred(truth, predictions: dict, title: str = "",
     return fig
 
 
-def _binned(x, y, edges, fn):
+def _binned(x, y, edges, fn, min_count: int = 3):
     out = np.full(len(edges) - 1, np.nan)
     which = np.digitize(x, edges) - 1
     for b in range(len(edges) - 1):
-        sel = which == b
-        if sel.sum() >= 3:
+        sel = (which == b) & np.isfinite(y)
+        if sel.sum() >= min_count:
             out[b] = fn(y[sel])
     return out
 
@@ -244,8 +244,10 @@ def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
     Args:
         truth: ``(N, 2)`` true T1, T2 (ms).
         predictions: ``{method: (N, 2)}`` predicted T1, T2 (ms).
-        bound: optional ``(N, 2)`` Cramér–Rao standard-deviation bound per signal (ms); the
-            bottom row shows ``RMSE / RMS(bound)`` per bin (1 = efficient).
+        bound: optional ``(N, 2)`` Cramér–Rao standard-deviation bound per signal (ms); rows may
+            be NaN where the bound was not computed (a subset). The top row then shows the RMS
+            bound per bin, the bottom row ``RMSE / RMS(bound)`` per bin on the signals with a
+            bound (1 = efficient), in coarser bins when the subset is small.
         n_bins: bins along each true parameter.
         title: figure title.
     """
@@ -253,6 +255,10 @@ def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
     rows = 2 if bound is not None else 1
     fig, axes = plt.subplots(rows, 2, figsize=(10, 3.6 * rows), squeeze=False)
     rms = lambda v: float(np.sqrt(np.nanmean(v**2)))
+    if bound is not None:
+        bound = np.asarray(bound, dtype=np.float64)
+        has = np.isfinite(bound).all(1)
+        nb_bound = int(max(2, min(n_bins, has.sum() // 6)))
     for i, unit in enumerate(("T1", "T2")):
         x = truth[:, i]
         edges = np.linspace(np.nanmin(x), np.nanmax(x) + 1e-9, n_bins + 1)
@@ -263,17 +269,19 @@ def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
             ax.plot(centres, _binned(x, err, edges, rms), marker="o", ms=3, label=_label(m),
                     color=f"C{k}")
         if bound is not None:
-            b = np.asarray(bound, dtype=np.float64)[:, i]
-            ax.plot(centres, _binned(x, b, edges, rms), color="k", ls="--",
-                    label=_label("crb"))
+            eb = np.linspace(np.nanmin(x), np.nanmax(x) + 1e-9, nb_bound + 1)
+            cb = 0.5 * (eb[1:] + eb[:-1])
+            rb = _binned(x[has], bound[has, i], eb, rms, min_count=2)
+            ax.plot(cb, rb, color="k", ls="--", marker="x", ms=4, label=_label("crb"))
             for k, (m, pred) in enumerate(predictions.items()):
-                err = np.asarray(pred, dtype=np.float64)[:, i] - x
-                ratio = _binned(x, err, edges, rms) / _binned(x, b, edges, rms)
-                axes[1, i].plot(centres, ratio, marker="o", ms=3, color=f"C{k}", label=_label(m))
+                err = np.asarray(pred, dtype=np.float64)[has, i] - x[has]
+                ratio = _binned(x[has], err, eb, rms, min_count=2) / rb
+                axes[1, i].plot(cb, ratio, marker="o", ms=3, color=f"C{k}", label=_label(m))
             axes[1, i].axhline(1.0, color="k", ls="--", lw=0.8)
             axes[1, i].set_yscale("log")
             axes[1, i].set_xlabel(f"true {unit} (ms)")
-            axes[1, i].set_ylabel("RMSE / bound")
+            axes[1, i].set_ylabel(f"{unit} RMSE / bound" + (
+                f" ({int(has.sum())} signals)" if not has.all() else ""))
         ax.set_yscale("log")
         ax.set_xlabel(f"true {unit} (ms)")
         ax.set_ylabel(f"{unit} RMSE (ms)")

@@ -1,0 +1,172 @@
+"""eval.py body (mrflight.evaluation.run) on tiny checkpoints: every output file with finite values,
+rows computed (not copied), checkpoint discovery, held-out atoms never in the dictionary."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import open_dict
+
+from mrflight.evaluation import EvalSettings, find_checkpoints
+from mrflight.pipeline import compose_config, evaluate, train
+
+FAST = ["evaluation.n_test=40", "evaluation.bound_signals=6", "evaluation.latency_repeats=3",
+        "evaluation.noise_levels=[0.01,0.02]", "evaluation.svd_rank=10"]
+
+
+def _cfg(overrides, out, name):
+    cfg = compose_config(overrides, output_dir=out, config_name=name)
+    with open_dict(cfg):
+        cfg.paths.cache_dir = None
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A multirun-like folder with one tiny trained ANN run (100 pulses, 600 atoms, 1 epoch)."""
+    root = tmp_path_factory.mktemp("multirun")
+    cfg = _cfg(["debug=tiny", "model=ann", "logger=none", "trainer.max_epochs=1"],
+               root / "0", "train")
+    train(cfg)
+    return root
+
+
+def _rows(out):
+    return json.loads((out / "metrics.json").read_text())["rows"]
+
+
+def test_eval_writes_every_output_with_finite_values(tiny_run, tmp_path):
+    out = tmp_path / "eval"
+    rows = evaluate(_cfg([f"ckpt_path={tiny_run}", "evaluation.phantom_size=32", *FAST],
+                         out, "eval"))
+    assert rows == _rows(out)
+    methods = {r["method"] for r in rows}
+    assert methods == {"ann", "matching", "matching_svd", "crb"}
+    keys = {(r["test_set"], r["noise_std"]) for r in rows}
+    assert keys == {(s, n) for s in ("paper", "offgrid") for n in (0.01, 0.02)}
+    for r in rows:
+        for q in ("t1_mae_ms", "t1_rmse_ms", "t2_mae_ms", "t2_rmse_ms", "t1_rmse_over_crb",
+                  "t2_rmse_over_crb"):
+            assert np.isfinite(r[q]) and r[q] > 0, (r["method"], q)
+        assert r["t1_rmse_ms"] >= r["t1_mae_ms"] * 0.999
+        if r["method"] != "crb":
+            assert r["ms_per_signal"] > 0 and r["latency_ms_mean"] > 0
+            assert r["latency_ms_std"] >= 0 and r["latency_repeats"] == 3
+    # the bound scales with the noise
+    crb = {(r["test_set"], r["noise_std"]): r["t1_rmse_ms"] for r in rows if r["method"] == "crb"}
+    assert crb[("paper", 0.02)] == pytest.approx(2 * crb[("paper", 0.01)], rel=1e-6)
+    # every file
+    for name in ("table.md", "table.csv"):
+        assert (out / name).stat().st_size > 0
+    figs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert figs == sorted(["scatter_paper_noise0.01.png", "scatter_offgrid_noise0.01.png",
+                           "error_vs_t1_t2_paper_noise0.01.png",
+                           "error_vs_t1_t2_offgrid_noise0.01.png",
+                           "phantom_brain.png", "phantom_nist.png"])
+    for name in ("brain", "nist"):
+        z = np.load(out / "phantoms" / f"{name}.npz")
+        mask = z["mask"]
+        assert "ms" in str(z["units"])
+        for key in ("ann_0_t1_ms", "matching_t2_ms", "matching_svd_t1_ms"):
+            assert np.isfinite(z[key][mask]).all() and np.isnan(z[key][~mask]).all()
+    assert not list(out.rglob("*.tmp"))
+    # the table: our rows computed from metrics.json, the paper's rows marked as reference
+    md = (out / "table.md").read_text()
+    ann = next(r for r in rows if r["method"] == "ann" and r["test_set"] == "paper")
+    assert f"{ann['t1_mae_ms']:.2f}" in md
+    assert "GRU (reference) | 101.81 | 103.25 | 58.91 | 73.66 | 14" in md
+    with open(out / "table.csv") as f:
+        table = list(csv.DictReader(f))
+    assert sum(r["source"].endswith("(reference)") for r in table) == 5
+    assert sum(r["source"] == "mrflight" for r in table) == len(rows)
+
+
+def test_rows_are_computed_not_copied(tiny_run, tmp_path):
+    ckpt = find_checkpoints(tiny_run)[0]
+    run2 = tmp_path / "perturbed"
+    shutil.copytree(ckpt.parent.parent, run2)
+    ck2 = run2 / "checkpoints" / ckpt.name
+    state = torch.load(ck2, map_location="cpu", weights_only=False)
+    gen = torch.Generator().manual_seed(0)
+    for k, v in state["state_dict"].items():
+        if v.is_floating_point() and k.startswith("net."):
+            state["state_dict"][k] = v + 0.2 * torch.randn(v.shape, generator=gen)
+    torch.save(state, ck2)
+    small = [*FAST, "evaluation.phantoms=[]", "evaluation.plots=false",
+             "evaluation.test_sets=[paper]", "evaluation.bound=false"]
+    a = _rows_of(evaluate(_cfg([f"ckpt_path={ckpt}", *small], tmp_path / "a", "eval")))
+    b = _rows_of(evaluate(_cfg([f"ckpt_path={ck2}", *small], tmp_path / "b", "eval")))
+    # same test signals and noise for every method: matching is identical, the network is not
+    for key in a:
+        if key[0] == "ann":
+            assert a[key]["t1_mae_ms"] != pytest.approx(b[key]["t1_mae_ms"], rel=1e-3)
+        else:
+            assert a[key]["t1_mae_ms"] == b[key]["t1_mae_ms"]
+            assert a[key]["t2_rmse_ms"] == b[key]["t2_rmse_ms"]
+
+
+def _rows_of(rows):
+    return {(r["method"], r["test_set"], r["noise_std"]): r for r in rows}
+
+
+def test_no_checkpoint_evaluates_matching_and_bound(tmp_path):
+    out = tmp_path / "nockpt"
+    rows = evaluate(_cfg(["sequence.n_pulses=100", "sequence.lobe_length=20", *FAST,
+                          "evaluation.phantoms=[nist]", "evaluation.phantom_size=32",
+                          "evaluation.grid={_target_:mrflight.dictionary.regular_grid,"
+                          "n_t1:40,n_t2:30}"],
+                         out, "eval"))
+    assert {r["method"] for r in rows} == {"matching", "matching_svd", "crb"}
+    by = _rows_of(rows)
+    # more noise, larger error (same test atoms)
+    for m in ("matching", "matching_svd"):
+        assert by[(m, "paper", 0.02)]["t1_rmse_ms"] > by[(m, "paper", 0.01)]["t1_rmse_ms"]
+    assert (out / "phantoms" / "nist.npz").is_file()
+    assert (out / "figures" / "phantom_nist.png").is_file()
+
+
+def test_held_out_atoms_are_not_in_the_matching_dictionary():
+    from mrflight.evaluation import _build_group_data, _Group
+    from mrflight.physics import oksuz2019
+
+    s = EvalSettings(n_test=30, grid={"_target_": "mrflight.dictionary.regular_grid",
+                                      "n_t1": 20, "n_t2": 20})
+    g = _Group(oksuz2019(n_pulses=50, lobe_length=10), "k", [])
+    _build_group_data(g, None, s, None)
+    test = {tuple(p) for p in g.test["paper"][0]}
+    dic = {tuple(p) for p in g.dictionary_params.numpy()}
+    assert len(test) == 30 and not (test & dic)
+    off = g.test["offgrid"][0]
+    assert len(off) == 30 and not ({tuple(p) for p in off} & dic)
+    assert (off[:, 1] <= off[:, 0]).all()
+
+
+def test_find_checkpoints(tmp_path):
+    a = tmp_path / "0" / "checkpoints"
+    b = tmp_path / "1" / "checkpoints"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    for p in (a / "epoch_003.ckpt", a / "last.ckpt", b / "last.ckpt"):
+        p.write_bytes(b"x")
+    assert find_checkpoints(tmp_path) == [a / "epoch_003.ckpt", b / "last.ckpt"]
+    assert find_checkpoints(a / "last.ckpt") == [a / "last.ckpt"]
+    with pytest.raises(ValueError, match="no such"):
+        find_checkpoints(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .ckpt"):
+        find_checkpoints(tmp_path / "empty")
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="noise_levels"):
+        EvalSettings(noise_levels=[])
+    with pytest.raises(ValueError, match="noise_levels"):
+        EvalSettings(noise_levels=[-0.1])
+    with pytest.raises(ValueError, match="test_sets"):
+        EvalSettings(test_sets=["train"])
+    with pytest.raises(ValueError, match="latency_repeats"):
+        EvalSettings(latency_repeats=1)
+    assert EvalSettings(noise_levels=[0.005, 0.01, 0.02]).plot_noise_std == 0.01
