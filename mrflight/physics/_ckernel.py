@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 _SRC = Path(str(resources.files("mrflight.physics") / "epg_kernel.c"))
+_SRC_JAC = Path(str(resources.files("mrflight.physics") / "epg_jac_kernel.c"))
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 
@@ -52,6 +53,10 @@ def _compile(dest: Path) -> None:
                         check=True, capture_output=True, text=True,
                     )
                     objs.append(obj)
+                obj = os.path.join(tmp, "jac.o")
+                subprocess.run(base + omp + ["-c", str(_SRC_JAC), "-o", obj],
+                               check=True, capture_output=True, text=True)
+                objs.append(obj)
                 so_tmp = os.path.join(tmp, "k.so")
                 subprocess.run([cc, "-shared"] + omp + objs + ["-o", so_tmp, "-lm"],
                                check=True, capture_output=True, text=True)
@@ -73,7 +78,8 @@ def kernel() -> ctypes.CDLL | None:
         if os.environ.get("MRFLIGHT_NO_KERNEL", "") not in ("", "0"):
             _lib = None
             return None
-        tag = hashlib.sha256(_SRC.read_bytes() + os.uname().machine.encode()).hexdigest()[:16]
+        tag = hashlib.sha256(_SRC.read_bytes() + _SRC_JAC.read_bytes()
+                             + os.uname().machine.encode()).hexdigest()[:16]
         path = cache_dir() / f"epg_{tag}.so"
         try:
             if not path.exists():
@@ -90,6 +96,9 @@ def kernel() -> ctypes.CDLL | None:
             f.restype = ctypes.c_int
             f.argtypes = [ctypes.c_int, ctypes.c_int, d, d, d, d, d, d, d, i64,
                           ctypes.POINTER(real), ctypes.c_int]
+        lib.epg_fisp_jac_f64.restype = ctypes.c_int
+        lib.epg_fisp_jac_f64.argtypes = [ctypes.c_int, ctypes.c_int] + [d] * 8 + [i64] + [d] * 3 \
+            + [ctypes.c_int]
         _lib = lib
         return lib
 
@@ -110,5 +119,23 @@ def run(alpha, sgn, tr, r1, r2, b1, z0, kst, out: np.ndarray, nthreads: int) -> 
     kk = np.ascontiguousarray(kst, dtype=np.int64)
     rc = f(n, T, *[dp(x) for x in keep], kk.ctypes.data_as(ctypes.POINTER(ctypes.c_longlong)),
            out.ctypes.data_as(ctypes.POINTER(real)), int(nthreads))
+    if rc != 0:
+        raise MemoryError("the EPG kernel could not allocate its state buffers")
+
+
+def run_jac(alpha, sgn, tr, r1, r2, b1, z0, dz0, kst, out, d1, d2, nthreads: int) -> None:
+    """Call the value-and-derivative kernel; ``out``, ``d1``, ``d2`` (n, T) float64 are filled."""
+    lib = kernel()
+    assert lib is not None
+    n, T = out.shape
+    ptr = ctypes.POINTER(ctypes.c_double)
+    keep = [np.ascontiguousarray(x, dtype=np.float64) for x in (alpha, sgn, tr, r1, r2, b1, z0, dz0)]
+    kk = np.ascontiguousarray(kst, dtype=np.int64)
+    for a in (out, d1, d2):
+        assert a.dtype == np.float64 and a.flags.c_contiguous and a.shape == (n, T)
+    rc = lib.epg_fisp_jac_f64(n, T, *[x.ctypes.data_as(ptr) for x in keep],
+                              kk.ctypes.data_as(ctypes.POINTER(ctypes.c_longlong)),
+                              out.ctypes.data_as(ptr), d1.ctypes.data_as(ptr),
+                              d2.ctypes.data_as(ptr), int(nthreads))
     if rc != 0:
         raise MemoryError("the EPG kernel could not allocate its state buffers")

@@ -1,0 +1,131 @@
+/*
+ * Fused CPU kernel: the real-arithmetic FISP EPG of epg_kernel.c together with its forward-mode
+ * derivatives with respect to T1 and T2 (tangent states propagated through the same recursion,
+ * float64). Used by the Cramér–Rao bound; checked against torch forward-mode autograd through the
+ * general path in tests/test_crb.py.
+ *
+ * With t = p + q: p' = E2 p - S2 t + SA z, q' = E2 q - S2 t + SA z, z' = ZC z - ZS t (+ REC at
+ * k = 0), where E2 = e2, S2 = e2 s2, SA = e2 sa, ZC = e1 ca, ZS = e1 sa / 2, REC = 1 - e1.
+ * d/dT1 acts through e1 (de1/dT1 = e1 TR / T1^2) and z0; d/dT2 through e2 (de2/dT2 = e2 TR / T2^2).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define L 8
+
+int epg_fisp_jac_f64(int n, int T, const double *alpha, const double *sgn, const double *tr,
+                     const double *r1, const double *r2, const double *b1, const double *z0,
+                     const double *dz0, const long long *kst, double *out, double *d1,
+                     double *d2, int nthreads)
+{
+    int ngroups = (n + L - 1) / L;
+    long long kmax_all = 1;
+    for (int a = 0; a < n; a++) if (kst[a] > kmax_all) kmax_all = kst[a];
+    int failed = 0;
+#ifdef _OPENMP
+    if (nthreads > 0) omp_set_num_threads(nthreads);
+#pragma omp parallel
+#endif
+    {
+        size_t blen = (size_t)(T + kmax_all + 1) * L, zlen = (size_t)kmax_all * L;
+        /* value, d/dT1, d/dT2 for p and q (moving windows) and z */
+        double *P[3], *Q[3], *Z[3];
+        int ok = 1;
+        for (int j = 0; j < 3; j++) {
+            P[j] = (double *)malloc(blen * sizeof(double));
+            Q[j] = (double *)malloc(blen * sizeof(double));
+            Z[j] = (double *)malloc(zlen * sizeof(double));
+            if (!P[j] || !Q[j] || !Z[j]) ok = 0;
+        }
+        if (!ok) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int g = 0; g < ngroups; g++) {
+            if (failed) continue;
+            int a0 = g * L;
+            int na = (n - a0 < L) ? n - a0 : L;
+            int K = 1;
+            for (int l = 0; l < na; l++) if (kst[a0 + l] > K) K = (int)kst[a0 + l];
+            size_t len = (size_t)(T + K + 1) * L;
+            for (int j = 0; j < 3; j++) {
+                memset(P[j], 0, len * sizeof(double));
+                memset(Q[j], 0, len * sizeof(double));
+                memset(Z[j], 0, (size_t)K * L * sizeof(double));
+            }
+            double lr1[L], lr2[L], lb1[L];
+            for (int l = 0; l < L; l++) {
+                int a = a0 + (l < na ? l : 0);
+                lr1[l] = r1[a]; lr2[l] = r2[a]; lb1[l] = b1[a];
+                Z[0][l] = (l < na) ? z0[a] : 0.0;
+                Z[1][l] = (l < na) ? dz0[a] : 0.0;
+            }
+            long long ps = T, qs = 0;
+            double E2[L], S2[L], SA[L], ZC[L], ZS[L], REC[L];
+            double dZC[L], dZS[L], dREC[L];          /* d/dT1 of the z coefficients */
+            double hE2[L], hS2[L], hSA[L];           /* d/dT2 of the p/q coefficients */
+            for (int i = 0; i < T; i++) {
+                int w = (i + 1 < K) ? i + 1 : K;
+                double *p = P[0] + ps * L, *q = Q[0] + qs * L, *z = Z[0];
+                double *dp = P[1] + ps * L, *dq = Q[1] + qs * L, *dz = Z[1];
+                double *hp = P[2] + ps * L, *hq = Q[2] + qs * L, *hz = Z[2];
+                for (int l = 0; l < L; l++) {
+                    double ang = alpha[i] * lb1[l];
+                    double ch = cos(0.5 * ang);
+                    double c2 = ch * ch, s2 = 1.0 - c2;
+                    double sa = sin(ang) * sgn[i], ca = cos(ang);
+                    double e1 = exp(-tr[i] * lr1[l]), e2 = exp(-tr[i] * lr2[l]);
+                    /* de/dT = e * TR / T^2 = e * TR * r^2 (0 in the T = 0 limit) */
+                    double de1 = isfinite(lr1[l]) ? e1 * tr[i] * lr1[l] * lr1[l] : 0.0;
+                    double de2 = isfinite(lr2[l]) ? e2 * tr[i] * lr2[l] * lr2[l] : 0.0;
+                    if (l < na) {
+                        size_t o = (size_t)(a0 + l) * T + i;
+                        out[o] = c2 * p[l] - s2 * q[l] + sa * z[l];
+                        d1[o] = c2 * dp[l] - s2 * dq[l] + sa * dz[l];
+                        d2[o] = c2 * hp[l] - s2 * hq[l] + sa * hz[l];
+                    }
+                    E2[l] = e2; S2[l] = e2 * s2; SA[l] = e2 * sa;
+                    ZC[l] = e1 * ca; ZS[l] = 0.5 * e1 * sa; REC[l] = 1.0 - e1;
+                    dZC[l] = de1 * ca; dZS[l] = 0.5 * de1 * sa; dREC[l] = -de1;
+                    hE2[l] = de2; hS2[l] = de2 * s2; hSA[l] = de2 * sa;
+                }
+                for (int k = 0; k < w; k++) {
+                    size_t o = (size_t)k * L;
+#pragma omp simd
+                    for (int l = 0; l < L; l++) {
+                        double pv = p[o + l], qv = q[o + l], zv = z[o + l], t = pv + qv;
+                        double dpv = dp[o + l], dqv = dq[o + l], dzv = dz[o + l], dt = dpv + dqv;
+                        double hpv = hp[o + l], hqv = hq[o + l], hzv = hz[o + l], ht = hpv + hqv;
+                        p[o + l] = E2[l] * pv - S2[l] * t + SA[l] * zv;
+                        q[o + l] = E2[l] * qv - S2[l] * t + SA[l] * zv;
+                        z[o + l] = ZC[l] * zv - ZS[l] * t;
+                        dp[o + l] = E2[l] * dpv - S2[l] * dt + SA[l] * dzv;
+                        dq[o + l] = E2[l] * dqv - S2[l] * dt + SA[l] * dzv;
+                        dz[o + l] = ZC[l] * dzv - ZS[l] * dt + dZC[l] * zv - dZS[l] * t;
+                        hp[o + l] = E2[l] * hpv - S2[l] * ht + SA[l] * hzv
+                                    + hE2[l] * pv - hS2[l] * t + hSA[l] * zv;
+                        hq[o + l] = E2[l] * hqv - S2[l] * ht + SA[l] * hzv
+                                    + hE2[l] * qv - hS2[l] * t + hSA[l] * zv;
+                        hz[o + l] = ZC[l] * hzv - ZS[l] * ht;
+                    }
+                }
+                for (int l = 0; l < L; l++) { z[l] += REC[l]; dz[l] += dREC[l]; }
+                ps -= 1;
+                qs += 1;
+                for (int j = 0; j < 3; j++)
+                    for (int l = 0; l < L; l++) P[j][ps * L + l] = Q[j][qs * L + l];
+            }
+        }
+        for (int j = 0; j < 3; j++) { free(P[j]); free(Q[j]); free(Z[j]); }
+    }
+    return failed ? -1 : 0;
+}
