@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis): random shapes, dtypes and values thrown at the public
-entry points give either a correct result or a clear ValueError -- never a wrong answer or a hang."""
+entry points give either a correct result or a clear ValueError -- never a wrong answer or a
+hang."""
 
 import numpy as np
 import pytest

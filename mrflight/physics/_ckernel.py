@@ -129,7 +129,8 @@ def run_jac(alpha, sgn, tr, r1, r2, b1, z0, dz0, kst, out, d1, d2, nthreads: int
     assert lib is not None
     n, T = out.shape
     ptr = ctypes.POINTER(ctypes.c_double)
-    keep = [np.ascontiguousarray(x, dtype=np.float64) for x in (alpha, sgn, tr, r1, r2, b1, z0, dz0)]
+    keep = [np.ascontiguousarray(x, dtype=np.float64)
+            for x in (alpha, sgn, tr, r1, r2, b1, z0, dz0)]
     kk = np.ascontiguousarray(kst, dtype=np.int64)
     for a in (out, d1, d2):
         assert a.dtype == np.float64 and a.flags.c_contiguous and a.shape == (n, T)
