@@ -3,7 +3,7 @@
 A 256 x 256 brain-phantom slice (mrflight.phantoms.brain_phantom) is simulated with the default
 1750-pulse sequence (complex, M0-scaled, complex Gaussian noise of std 0.01 relative to the mean
 fingerprint norm), saved as a complex64 ``.npy`` series (917 MB) and reconstructed from that file
-with :func:`mrflight.maps.reconstruct_series` (reading, the Otsu mask, reconstruction and M0 --
+with :func:`mrflight.maps.reconstruct_series` (reading, the automatic mask, reconstruction and M0 --
 everything but writing the output files), by:
 
 * exhaustive complex dictionary matching against the paper's grid (about 115 000 atoms) -- on a
@@ -183,8 +183,8 @@ def main(argv=None) -> str:
         "",
         f"- machine: {_machine(dev)}; device: {dev}",
         f"- slice: {size} x {size} brain phantom, sequence {seq.name} ({len(seq)} pulses), "
-        f"complex series read from a .npy file; automatic (Otsu) mask keeps {auto_mask_voxels} "
-        "voxels",
+        "complex series read from a .npy file; automatic (temporal-SNR) mask keeps "
+        f"{auto_mask_voxels} voxels",
         *[f"- {s}" for s in setup],
         "- time = reconstruct_series (read, mask, reconstruct, M0), output files not written",
         "",
