@@ -20,29 +20,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS_DIR, gemm_gflops, machine_line, timeit, write_result  # benchmarks/
 
-from mrflight.matio import atomic_path
 from mrflight.physics import epg, oksuz2019, simulate
 
-RESULTS = Path(__file__).resolve().parent / "results" / "epg_speed.md"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+RESULTS = RESULTS_DIR / "epg_speed.md"
 
 
 def grid(quick: bool) -> np.ndarray:
@@ -63,15 +49,6 @@ def grid(quick: bool) -> np.ndarray:
         keep[np.argmax(g[:, 1])] = keep[np.argmax(g[:, 0])] = True  # keep the range's corners
         g = g[keep]
     return g
-
-
-def timed(fn, repeats: int = 3) -> float:
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def numpy_epg(seq, t1: float, t2: float) -> np.ndarray:
@@ -125,24 +102,23 @@ def epyg_epg(seq, t1: float, t2: float) -> np.ndarray:
     return sig
 
 
-def gemm_gflops(n: int = 4096) -> float:
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    torch.mm(a, b)
-    t = timed(lambda: torch.mm(a, b), 3)
-    return 2 * n ** 3 / t / 1e9
+def measure(quick: bool = False, n_ref: int | None = None, pulses: int | None = None,
+            repeats: int = 3) -> dict:
+    """Time mrflight (CPU float32/float64, CUDA when available), the references and the floor.
 
+    Args:
+        quick: every 20th atom of the paper grid.
+        n_ref: atoms simulated by the epyg and NumPy references (default 5, quick 2).
+        pulses: shorten the train to this many pulses (tests); None: the full 1750.
+        repeats: timed repeats of mrflight (median) after a warm-up.
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="every 20th grid atom (smoke run)")
-    ap.add_argument("--ref-atoms", type=int, default=None,
-                    help="atoms for the epyg/NumPy references (default 5, quick 2)")
-    args = ap.parse_args()
-    n_ref = args.ref_atoms or (2 if args.quick else 5)
-
-    seq = oksuz2019()
-    g = grid(args.quick)
+    Returns:
+        ``{"rows": [(name, atoms timed, s for the grid, atoms/s)], "errs": [...], "n_atoms",
+        "floor_s", "flops", "gflops", "rate", "k", "seq"}``.
+    """
+    n_ref = n_ref or (2 if quick else 5)
+    seq = oksuz2019(n_pulses=pulses) if pulses else oksuz2019()
+    g = grid(quick)
     t1 = torch.from_numpy(g[:, 0].copy())
     t2 = torch.from_numpy(g[:, 1].copy())
     n = len(g)
@@ -151,20 +127,12 @@ def main() -> None:
     # mrflight, CPU: warm-up compiles the kernel and verifies the truncation rate for this range
     simulate(seq, t1, t2)
     for dt, label in ((torch.float32, "float32"), (torch.float64, "float64")):
-        s = timed(lambda dt=dt: simulate(seq, t1, t2, dtype=dt))
+        s = timeit(lambda dt=dt: simulate(seq, t1, t2, dtype=dt), repeats=repeats, warmup=0)
         rows.append((f"mrflight CPU {label}" + (" (C kernel)" if epg._ckernel.kernel() else ""),
                      n, s, n / s))
-    base = rows[0][3]
     if torch.cuda.is_available():
         c1, c2 = t1.cuda(), t2.cuda()
-        simulate(seq, c1, c2)
-        torch.cuda.synchronize()
-
-        def run_cuda():
-            simulate(seq, c1, c2)
-            torch.cuda.synchronize()
-
-        s = timed(run_cuda)
+        s = timeit(lambda: simulate(seq, c1, c2), repeats=repeats, warmup=1, device="cuda")
         rows.append(("mrflight CUDA float32", n, s, n / s))
         del c1, c2
 
@@ -190,17 +158,22 @@ def main() -> None:
     steps = np.minimum(np.arange(1, len(seq) + 1)[None, :], k[:, None]).sum()
     flops = 20.0 * steps
     gf = gemm_gflops()
-    floor_s = flops / (gf * 1e9)
+    return {"rows": rows, "errs": errs, "n_atoms": n, "floor_s": flops / (gf * 1e9),
+            "flops": flops, "gflops": gf, "rate": rate, "k": k, "seq": seq, "n_ref": n_ref}
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+
+def report(r: dict, quick: bool = False) -> str:
+    """The markdown report of :func:`measure`'s result."""
+    rows, errs, n, seq, k = r["rows"], r["errs"], r["n_atoms"], r["seq"], r["k"]
+    base = rows[0][3]
+    flops, gf, floor_s = r["flops"], r["gflops"], r["floor_s"]
     lines = [
         "# EPG simulation speed",
         "",
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads; GPU: {gpu}.",
+        f"Machine: {machine_line()}.",
         f"Train: {seq.name}, {len(seq)} pulses; grid: {n} atoms (paper grid"
-        f"{', every 20th atom' if args.quick else ''}); tol {epg.DEFAULT_TOL}, "
-        f"truncation rate {rate:.3g}, mean states kept {k.mean():.1f} (max {k.max()}).",
+        f"{', every 20th atom' if quick else ''}); tol {epg.DEFAULT_TOL}, "
+        f"truncation rate {r['rate']:.3g}, mean states kept {k.mean():.1f} (max {k.max()}).",
         "",
         "| method | atoms timed | time for the grid (s) | atoms/s | mrflight float32 speed-up "
         "| max abs error (M0) |",
@@ -212,14 +185,24 @@ def main() -> None:
                  f"{floor_s:.3g} | {n / floor_s:,.0f} | {base / (n / floor_s):.2f}x | - |")
     lines += ["", "Speed-up = mrflight float32 atoms/s divided by the row's atoms/s; "
               "epyg and NumPy rows are extrapolated from the atoms timed. Error: max |magnitude| "
-              f"difference from the untruncated float64 EPG on the {n_ref} reference atoms "
-              "(mrflight rows: the default tol=1e-3 float32 result)."]
-    text = "\n".join(lines) + "\n"
+              f"difference from the untruncated float64 EPG on the {r['n_ref']} reference atoms "
+              "(mrflight rows: the default tol=1e-3 float32 result). Times: median of "
+              "3 after a warm-up."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="every 20th grid atom (smoke run)")
+    ap.add_argument("--ref-atoms", type=int, default=None,
+                    help="atoms for the epyg/NumPy references (default 5, quick 2)")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    text = report(measure(args.quick, args.ref_atoms), args.quick)
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(RESULTS) as tmp:
-        tmp.write_text(text)
-    print(f"written to {RESULTS}")
+    write_result(args.out, text)
+    print(f"written to {args.out}")
+    return text
 
 
 if __name__ == "__main__":

@@ -25,37 +25,18 @@ Prints a markdown table and writes ``benchmarks/results/maps_throughput.md`` (no
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine_line, write_result  # benchmarks/
 
 from mrflight import maps
 from mrflight.dictionary import generate, paper_grid
-from mrflight.matio import atomic_path
 from mrflight.phantoms import brain_phantom
 from mrflight.physics import oksuz2019, simulate
-
-
-def _machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    s = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-         f"({torch.get_num_threads()} threads)")
-    if device.startswith("cuda"):
-        s += f", GPU {torch.cuda.get_device_name(0)}"
-    return s
 
 
 def _series(size: int, seq, noise: float, path: Path) -> tuple[np.ndarray, int]:
@@ -181,7 +162,7 @@ def main(argv=None) -> str:
     lines = [
         "# Map reconstruction throughput",
         "",
-        f"- machine: {_machine(dev)}; device: {dev}",
+        f"- machine: {machine_line(dev)}; device: {dev}",
         f"- slice: {size} x {size} brain phantom, sequence {seq.name} ({len(seq)} pulses), "
         "complex series read from a .npy file; automatic (temporal-SNR) mask keeps "
         f"{auto_mask_voxels} voxels",
@@ -202,9 +183,7 @@ def main(argv=None) -> str:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
-        out = Path(args.out)
-        with atomic_path(out) as t:
-            t.write_text(text)
+        write_result(Path(args.out), text)
     return text
 
 

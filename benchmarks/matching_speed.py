@@ -17,66 +17,46 @@ Prints a markdown table and writes ``benchmarks/results/matching_speed.md``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS_DIR, machine_line, sync, timeit, write_result  # benchmarks/
 
 from mrflight.dictionary import generate, paper_grid
 from mrflight.matching import DictionaryMatcher
-from mrflight.matio import atomic_path
 from mrflight.physics import add_noise, oksuz2019
 
 
-def _best(f, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t)
-    return best
+def measure(quick: bool = False, n_signals: int = 5000, noise_std: float = 0.01, rank: int = 25,
+            repeats: int = 3, loop_signals: int = 5, device: str | None = None,
+            pulses: int | None = None, grid_step: int | None = None) -> dict:
+    """Time exhaustive and SVD matching, the GEMM floor and the per-signal loop.
 
+    Args:
+        quick: 300 pulses, every 20th atom of the paper grid, at most 500 signals.
+        n_signals: noisy signals matched.
+        noise_std: complex noise std (relative to the unit-norm fingerprint).
+        rank: SVD rank.
+        repeats: timed repeats (median) after one warm-up, interleaved between the methods.
+        loop_signals: signals for the per-signal loop (extrapolated).
+        device: ``"cpu"``/``"cuda"`` (default: CUDA when available).
+        pulses, grid_step: override the train length and grid subsampling (tests).
 
-def _machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    s = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-         f"({torch.get_num_threads()} threads)")
-    if device.type == "cuda":
-        s += f", GPU {torch.cuda.get_device_name(device)}"
-    return s
-
-
-def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small grid and short sequence")
-    ap.add_argument("--n-signals", type=int, default=5000)
-    ap.add_argument("--noise-std", type=float, default=0.01)
-    ap.add_argument("--rank", type=int, default=25)
-    ap.add_argument("--repeats", type=int, default=2, help="best of this many timings")
-    ap.add_argument("--loop-signals", type=int, default=5,
-                    help="signals for the per-signal (paper) loop, extrapolated")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "matching_speed.md"))
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-
-    if args.quick:
-        seq = oksuz2019(n_pulses=300)
-        grid = paper_grid()[::20]
-        n_signals = min(args.n_signals, 500)
+    Returns:
+        dict with ``rows`` ``[(name, seconds, exact fraction or None)]``, ``n`` signals, the
+        dictionary size ``m`` x ``t_len`` and set-up times.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if quick:
+        seq = oksuz2019(n_pulses=pulses or 300)
+        grid = paper_grid()[::grid_step or 20]
+        n_signals = min(n_signals, 500)
     else:
-        seq, grid, n_signals = oksuz2019(), paper_grid(), args.n_signals
+        seq = oksuz2019(n_pulses=pulses) if pulses else oksuz2019()
+        grid = paper_grid()[::grid_step] if grid_step else paper_grid()
     t0 = time.perf_counter()
     dic = generate(seq, grid, progress=False)
     t_sim = time.perf_counter() - t0
@@ -85,86 +65,101 @@ def main(argv=None) -> str:
     pick = rng.choice(m, size=min(n_signals, m), replace=False)
     clean = torch.from_numpy(dic.atoms[pick])
     gen = torch.Generator().manual_seed(0)
-    noisy = add_noise(clean, args.noise_std, generator=gen)
+    noisy = add_noise(clean, noise_std, generator=gen)
     truth = torch.from_numpy(dic.params[pick])
 
-    rows = []
     t0 = time.perf_counter()
     exh = DictionaryMatcher(dic.atoms, dic.params, device=device)
     t_build = time.perf_counter() - t0
     t0 = time.perf_counter()
-    svd = DictionaryMatcher(dic.atoms, dic.params, rank=args.rank, device=device)
+    svd = DictionaryMatcher(dic.atoms, dic.params, rank=rank, device=device)
     t_build_svd = time.perf_counter() - t0
     noisy_d = noisy.to(device)
     sig_mag = noisy_d.abs().float()
     atoms_t = exh.atoms  # normalised float32 magnitudes (M, T)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def run_exh():
-        exh.match(noisy_d)
-        sync()
-
-    def run_svd():
-        svd.match(noisy_d)
-        sync()
-
     def run_gemm():
         c = sig_mag @ atoms_t.T
-        sync()
         del c
 
-    # interleave the timings so load from other processes hits all of them alike
-    t_exh = t_svd = t_gemm = float("inf")
-    for _ in range(args.repeats):
-        t_gemm = min(t_gemm, _best(run_gemm, 1))
-        t_exh = min(t_exh, _best(run_exh, 1))
-        t_svd = min(t_svd, _best(run_svd, 1))
+    # interleave the timings (one warm-up each, then one timed call per method per round) so
+    # load from other processes hits all of them alike; report medians
+    fns = {"gemm": run_gemm, "exh": lambda: exh.match(noisy_d), "svd": lambda: svd.match(noisy_d)}
+    for f in fns.values():
+        f()
+        sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            times[k].append(timeit(f, repeats=1, warmup=0, device=device))
+    t_gemm, t_exh, t_svd = (statistics.median(times[k]) for k in ("gemm", "exh", "svd"))
 
     # the paper's approach: one inner product (matrix-vector) per signal in a Python loop
-    k = min(args.loop_signals, len(noisy))
+    k = min(loop_signals, len(noisy))
 
     def run_loop():
         for i in range(k):
             s = sig_mag[i] / torch.linalg.vector_norm(sig_mag[i])
             int(torch.argmax(atoms_t @ s))
-        sync()
 
-    t_loop = _best(run_loop, 1) / k * len(noisy)
+    t_loop = timeit(run_loop, repeats=1, warmup=0, device=device) / k * len(noisy)
 
     exact_exh = (exh.match(clean.to(device)).cpu() == truth).all(1).double().mean().item()
     exact_svd = (svd.match(clean.to(device)).cpu() == truth).all(1).double().mean().item()
-    n = len(noisy)
     rows = [
         ("plain float32 GEMM (floor)", t_gemm, None),
         ("exhaustive matching", t_exh, exact_exh),
-        (f"SVD rank {args.rank} matching", t_svd, exact_svd),
+        (f"SVD rank {rank} matching", t_svd, exact_svd),
         ("per-signal loop (paper's approach, extrapolated)", t_loop, None),
     ]
+    return {"rows": rows, "n": len(noisy), "m": m, "t_len": t_len, "seq": seq, "t_sim": t_sim,
+            "t_build": t_build, "t_build_svd": t_build_svd, "device": device, "rank": rank,
+            "noise_std": noise_std, "repeats": repeats, "loop_signals": k,
+            "t_exh": t_exh, "t_svd": t_svd, "t_gemm": t_gemm}
+
+
+def report(r: dict, quick: bool = False) -> str:
+    """The markdown report of :func:`measure`'s result."""
+    n, t_gemm = r["n"], r["t_gemm"]
     lines = [
-        f"# Dictionary matching speed{' (quick)' if args.quick else ''}",
+        f"# Dictionary matching speed{' (quick)' if quick else ''}",
         "",
-        f"- machine: {_machine(device)}; device: {device}",
-        f"- dictionary: {m} atoms x {t_len} time points ({seq.name}), simulated in {t_sim:.1f} s;"
-        f" matcher set-up {t_build:.1f} s (exhaustive), {t_build_svd:.1f} s (SVD basis)",
-        f"- {n} signals, noise std {args.noise_std}; times are the best of {args.repeats}; the "
-        f"per-signal loop ran on {k} signals and is extrapolated to {n}",
+        f"- machine: {machine_line(r['device'])}; device: {r['device']}",
+        f"- dictionary: {r['m']} atoms x {r['t_len']} time points ({r['seq'].name}), simulated "
+        f"in {r['t_sim']:.1f} s; matcher set-up {r['t_build']:.1f} s (exhaustive), "
+        f"{r['t_build_svd']:.1f} s (SVD basis)",
+        f"- {n} signals, noise std {r['noise_std']}; times are the median of {r['repeats']} "
+        f"after a warm-up; the per-signal loop ran on {r['loop_signals']} signals and is "
+        f"extrapolated to {n}",
         "",
         "| method | time (s) | ratio to GEMM floor | ms/signal | noise-free atoms exact (%) |",
         "|---|---|---|---|---|",
     ]
-    for name, t, ex in rows:
+    for name, t, ex in r["rows"]:
         exs = "" if ex is None else f"{100 * ex:.2f}"
         lines.append(f"| {name} | {t:.3f} | {t / t_gemm:.2f} | {1e3 * t / n:.3f} | {exs} |")
-    lines += ["", f"Exhaustive / SVD rank {args.rank} speed-up: {t_exh / t_svd:.1f}x. "
-              f"Command: `python benchmarks/matching_speed.py{' --quick' if args.quick else ''}`"]
-    text = "\n".join(lines) + "\n"
+    lines += ["", f"Exhaustive / SVD rank {r['rank']} speed-up: {r['t_exh'] / r['t_svd']:.1f}x. "
+              f"Command: `python benchmarks/matching_speed.py{' --quick' if quick else ''}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small grid and short sequence")
+    ap.add_argument("--n-signals", type=int, default=5000)
+    ap.add_argument("--noise-std", type=float, default=0.01)
+    ap.add_argument("--rank", type=int, default=25)
+    ap.add_argument("--repeats", type=int, default=3, help="median of this many timings")
+    ap.add_argument("--loop-signals", type=int, default=5,
+                    help="signals for the per-signal (paper) loop, extrapolated")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "matching_speed.md"))
+    args = ap.parse_args(argv)
+    r = measure(args.quick, args.n_signals, args.noise_std, args.rank, args.repeats,
+                args.loop_signals, args.device)
+    text = report(r, args.quick)
     print(text)
-    out = Path(args.out)
-    with atomic_path(out) as tmp:
-        tmp.write_text(text)
+    write_result(Path(args.out), text)
     return text
 
 
