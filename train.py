@@ -1,10 +1,18 @@
-"""Train an MRF regressor: ``python train.py model=gru`` (see configs/train.yaml)."""
+"""Train an MRF regressor: ``python train.py model=gru`` (see configs/train.yaml).
+
+Bad input (config values, unknown options, missing files) exits with status 2 and one line
+``error: ...`` on stderr (``MRFLIGHT_DEBUG=1`` shows the traceback); a multirun in which some
+jobs failed exits with status 3 after all jobs ran (``failures.json`` in the sweep dir).
+"""
 
 import hydra
 from omegaconf import DictConfig
 
+from mrflight.errors import guard, run_cli
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@guard
 def main(cfg: DictConfig) -> float | None:
     from mrflight.pipeline import train
 
@@ -12,4 +20,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

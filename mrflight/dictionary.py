@@ -14,6 +14,9 @@ Parameter grids (all return ``np.ndarray`` float64 of shape ``(M, 2)``: T1 ms, T
 caches it on disk (keyed by the sequence, the parameters, B1, precision, truncation tolerance and
 ``EPG_VERSION``; written atomically and verified by a SHA-256 checksum on every load).
 
+:func:`generate_to_file` streams a dictionary larger than memory to an ``.h5`` file chunk by
+chunk (same file as ``save(generate(...))``), and :func:`open_h5` reads such a file lazily.
+
 :func:`save` / :func:`load` read and write ``.h5`` (HDF5), ``.npz`` and MATLAB ``.mat`` (v7 and
 v7.3) files; see :func:`save` for the layouts.
 
@@ -37,7 +40,7 @@ import torch
 
 from mrflight.matio import atomic_path, load_mat, save_mat
 from mrflight.physics import EPG_VERSION, Sequence, simulate
-from mrflight.physics.epg import DEFAULT_TOL
+from mrflight.physics.epg import DEFAULT_TOL, truncation_rate
 
 __all__ = [
     "Dictionary",
@@ -45,6 +48,8 @@ __all__ = [
     "regular_grid",
     "random_params",
     "generate",
+    "generate_to_file",
+    "open_h5",
     "save",
     "load",
     "default_cache_dir",
@@ -540,6 +545,176 @@ def generate(
             warnings.warn(f"could not write the dictionary cache {path}: {e}", RuntimeWarning,
                           stacklevel=2)
     return d
+
+
+def generate_to_file(
+    seq: Sequence,
+    params,
+    path,
+    *,
+    b1=None,
+    chunk_atoms: int = 8192,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+    tol: float = DEFAULT_TOL,
+) -> Path:
+    """Simulate a dictionary chunk by chunk straight into an ``.h5`` file (bounded memory).
+
+    The file has the layout of ``save(generate(seq, params, b1=b1, dtype=dtype, tol=tol),
+    path)`` (same datasets, attributes and SHA-256 checksum, computed as the chunks stream by),
+    so :func:`load` and :func:`open_h5` read it, but only ``chunk_atoms`` fingerprints are ever
+    in memory: use it for dictionaries larger than RAM. With ``chunk_atoms >= M`` the atoms are
+    bit-identical to :func:`generate`'s; with smaller chunks they agree within the truncation
+    tolerance ``tol`` (the truncation rate is fixed from the whole grid, but the SIMD kernel
+    shares one state count among 16 neighbouring atoms of a chunk, so an atom may keep a few
+    more states than in one big call). The HDF5 dataset ``atoms`` is
+    pre-allocated and filled chunk by chunk in a temporary file beside ``path`` that is renamed
+    to ``path`` at the end (:func:`mrflight.matio.atomic_path`): a killed run leaves any older
+    file at ``path`` untouched and never a partial one.
+
+    Args:
+        seq: the pulse train.
+        params: ``(M, 2)`` T1 and T2 in ms.
+        path: destination ``.h5`` file.
+        b1: as in :func:`generate`.
+        chunk_atoms: fingerprints simulated and written per chunk (memory: about
+            ``chunk_atoms * T * 12`` bytes in float32).
+        progress: show a progress bar.
+        dtype: ``torch.float32`` (complex64 atoms) or ``torch.float64``.
+        tol: EPG truncation tolerance.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: bad sequence, parameters, B1, chunk size, dtype or a non-``.h5`` path.
+    """
+    import h5py
+
+    if not isinstance(seq, Sequence):
+        raise ValueError(f"seq must be a mrflight.physics.Sequence, got {type(seq).__name__}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if isinstance(chunk_atoms, bool) or not isinstance(chunk_atoms, (int, np.integer)) \
+            or chunk_atoms < 1:
+        raise ValueError(f"chunk_atoms must be a positive integer, got {chunk_atoms!r}")
+    path = Path(path)
+    if _format(path, None) != "h5":
+        raise ValueError(f"generate_to_file writes HDF5: give a .h5 path, got {path}")
+    p = _check_params(params)
+    b = _check_b1(b1, len(p))
+    m, t = len(p), len(seq)
+    cdtype = np.dtype(np.complex64 if dtype == torch.float32 else np.complex128)
+    names, units, out_params = ("t1_ms", "t2_ms"), ("ms", "ms"), p
+    meta = {"epg_version": EPG_VERSION, "tol": float(tol), "dtype": str(dtype).split(".")[-1],
+            "b1": None if b is None or b.ndim == 1 else float(b), "generator": "mrflight"}
+    if b is not None and b.ndim == 1:
+        names, units = names + ("b1",), units + ("1",)
+        out_params = np.concatenate([p, b[:, None]], axis=1)
+    out_params = np.ascontiguousarray(out_params, dtype="<f8")
+    header = {k: _json(v, k) for k, v in {"param_names": list(names), "units": list(units),
+                                          "sequence": seq.to_dict(), "meta": meta}.items()}
+    # the truncation rate depends on the parameter range: fix it from the whole grid so every
+    # chunk keeps the states ``generate`` would keep (identical atoms, not just within tol)
+    rate = truncation_rate(seq, tol, float(p[:, 1].max()), float(p[:, 0].max()),
+                           (1.0, 1.0) if b is None else (float(b.min()), float(b.max())))
+    h = hashlib.sha256()  # the same stream as _checksum, fed chunk by chunk
+    h.update(f"{cdtype.str}{(m, t)}{out_params.shape}".encode())
+    zero = 0
+    with atomic_path(path) as tmp, _progress_bar(m, progress) as cb:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("atoms", shape=(m, t), dtype=cdtype)
+            for start in range(0, m, int(chunk_atoms)):
+                sl = slice(start, min(start + int(chunk_atoms), m))
+                bt = None if b is None else torch.from_numpy(
+                    np.array(b if b.ndim == 0 else b[sl], dtype=np.float64))
+                chunk = simulate(seq, torch.from_numpy(p[sl, 0].copy()),
+                                 torch.from_numpy(p[sl, 1].copy()), bt, dtype=dtype,
+                                 tol=tol, _rate=rate).detach().cpu().numpy()
+                chunk = np.ascontiguousarray(chunk, dtype=cdtype)
+                if not np.all(np.isfinite(chunk.view(chunk.real.dtype))):
+                    raise ValueError("simulation produced NaN or Inf atoms")
+                ds[sl] = chunk
+                h.update(chunk.view(np.uint8))
+                zero += int(np.sum(~np.any(chunk != 0, axis=1)))
+                del chunk
+                if cb is not None:
+                    cb(sl.stop)
+            f.create_dataset("params", data=out_params)
+            h.update(out_params.view(np.uint8))
+            h.update(_json(header, "header").encode())
+            for k, v in header.items():
+                f.attrs[k] = v
+            f.attrs["format"] = "mrflight-dictionary"
+            f.attrs["layout_version"] = _LAYOUT_VERSION
+            f.attrs["sha256"] = h.hexdigest()
+    if zero:
+        warnings.warn(f"{zero} of {m} atoms are identically zero (T2 ~ 0 at TE > 0) and "
+                      "cannot be normalised; drop them from params", RuntimeWarning,
+                      stacklevel=2)
+    return path
+
+
+def open_h5(path, *, verify: bool = False):
+    """Open an ``.h5`` dictionary lazily: a context manager yielding ``(atoms, params, header)``.
+
+    ``atoms`` is the ``h5py.Dataset`` ``(M, T)`` (slice it to read rows: nothing is read until
+    then), ``params`` the ``(M, P)`` float64 array and ``header`` a dict with ``param_names``,
+    ``units``, ``sequence`` and ``meta``. For dictionaries larger than memory (see
+    :func:`generate_to_file`); :class:`mrflight.matching.DictionaryMatcher` needs the atoms in
+    memory, so match against row blocks or an SVD-compressed copy.
+
+    Args:
+        path: an ``.h5`` file written by :func:`save` or :func:`generate_to_file`.
+        verify: check the SHA-256 checksum first, reading the atoms block by block.
+
+    Raises:
+        ValueError: missing or unreadable file, missing datasets, or a checksum mismatch.
+    """
+    import contextlib
+
+    import h5py
+
+    path = Path(path)
+    if _format(path, None) != "h5":
+        raise ValueError(f"open_h5 reads .h5 dictionaries, got {path}")
+    if not path.is_file():
+        raise ValueError(f"dictionary file {path} does not exist")
+
+    @contextlib.contextmanager
+    def opened():
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise ValueError(f"{path} is not a readable h5 dictionary: {e}") from None
+        with f:
+            if "atoms" not in f or "params" not in f:
+                raise ValueError(f"{path} has no 'atoms'/'params' datasets")
+            attrs = {k: (f.attrs[k].decode() if isinstance(f.attrs[k], bytes)
+                         else str(f.attrs[k]))
+                     for k in ("param_names", "units", "sequence", "meta", "sha256")
+                     if k in f.attrs}
+            atoms, params = f["atoms"], f["params"][()]
+            header = {k: attrs.get(k, "null") for k in ("param_names", "units", "sequence",
+                                                        "meta")}
+            if verify:
+                digest = attrs.get("sha256")
+                if digest is None:
+                    raise ValueError(f"{path} has no checksum")
+                if "basis" in f:
+                    raise ValueError(f"{path}: verify=True does not support a stored basis; "
+                                     "use load()")
+                hh = hashlib.sha256()
+                hh.update(f"{atoms.dtype.str}{atoms.shape}{params.shape}".encode())
+                for sl in _blocks(atoms.shape[0]):
+                    hh.update(np.ascontiguousarray(atoms[sl]).view(np.uint8))
+                hh.update(np.ascontiguousarray(params, dtype="<f8").view(np.uint8))
+                hh.update(_json(header, "header").encode())
+                if hh.hexdigest() != digest:
+                    raise ValueError(f"{path} is corrupt: its SHA-256 checksum does not match")
+            yield atoms, params, {k: json.loads(v) for k, v in header.items()}
+
+    return opened()
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,16 @@ def _hydra_cfg():
         return None
 
 
+def _number(v) -> float:
+    """``float(v)``, or NaN (which fails every comparison) for non-numbers."""
+    if isinstance(v, bool):
+        return float("nan")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Fail fast, with one clear line, on config values that cannot work."""
     from mrflight.models import REGISTRY
@@ -41,13 +51,18 @@ def check_config(cfg: DictConfig) -> None:
                          f"{', '.join(sorted(REGISTRY))}")
     data = cfg.data
     noise = data.get("noise_std")
-    if noise is None or not float(noise) >= 0:
-        raise ValueError(f"data.noise_std must be >= 0 (default 0.01), got {noise}")
+    if not _number(noise) >= 0:
+        raise ValueError(f"data.noise_std must be a number >= 0 (default 0.01), got {noise!r}")
     bs = data.get("batch_size")
     if not isinstance(bs, int) or bs <= 0:
         raise ValueError(f"data.batch_size must be a positive integer, got {bs}")
-    if not float(cfg.module.get("lr", 1.0)) > 0:
-        raise ValueError(f"module.lr must be positive, got {cfg.module.lr}")
+    trainer = cfg.get("trainer") or {}
+    for key in ("max_epochs", "min_epochs"):
+        v = trainer.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < -1):
+            raise ValueError(f"trainer.{key} must be an integer (-1: no limit), got {v!r}")
+    if not _number(cfg.module.get("lr", 1.0)) > 0:
+        raise ValueError(f"module.lr must be a positive number, got {cfg.module.get('lr')!r}")
 
 
 def _resolve_ckpt(ckpt_path, output_dir: Path) -> str | None:
@@ -79,8 +94,109 @@ def _build(node, **kwargs):
         raise
 
 
+def _in_multirun(hc) -> bool:
+    return hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
+
+
 def train(cfg: DictConfig) -> float | None:
-    """Train and test one model from a composed config; returns ``cfg.optimized_metric``."""
+    """Train and test one model from a composed config; returns ``cfg.optimized_metric``.
+
+    Inside a Hydra multirun a failing job does not end the sweep: the error and its traceback
+    are written to ``<output_dir>/FAILED.txt`` (atomically) and ``nan`` is returned, so the
+    other jobs run; :class:`mrflight.hydra_callbacks.FailureReport` lists the failed jobs in
+    ``<sweep dir>/failures.json`` and ``train.py`` exits non-zero. Outside a multirun errors
+    propagate.
+
+    Determinism: the same config and seed give the same weights and metrics on the same machine
+    and library versions (weights from ``seed``; training shuffle and noise from ``(seed, epoch,
+    batch)``; fixed validation/test noise from ``data.noise_seed``; the random states are also
+    stored in ``last.ckpt`` so ``ckpt_path=last`` resumes bit for bit). Set
+    ``trainer.deterministic=true`` to force deterministic kernels on GPUs.
+    """
+    hc = _hydra_cfg()
+    if not _in_multirun(hc):
+        return _train(cfg)
+    try:
+        return _train(cfg)
+    except Exception as e:  # noqa: BLE001 - recorded, reported at the end of the sweep
+        _record_failure(cfg, hc, e)
+        return float("nan")
+
+
+def _record_failure(cfg: DictConfig, hc, e: BaseException) -> None:
+    import json
+    import traceback
+
+    from mrflight.errors import one_line
+    from mrflight.hydra_callbacks import FAILED_FILE
+    from mrflight.matio import atomic_path
+
+    try:
+        out = Path(cfg.paths.output_dir)
+    except Exception:  # noqa: BLE001 - the config itself may be what is broken
+        out = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task) if hc is not None else []
+    msg = one_line(e)
+    log.error("job %s failed: %s", hc.job.num if hc is not None else "?", msg)
+    with atomic_path(out / FAILED_FILE) as tmp:
+        tmp.write_text(json.dumps({
+            "error": msg, "type": type(e).__name__, "overrides": overrides,
+            "traceback": "".join(traceback.format_exception(e)),
+        }, indent=2))
+
+
+def _random_state_callback():
+    """A Lightning callback storing the global random states in checkpoints (dropout etc.).
+
+    Training noise and shuffling do not depend on them (see :mod:`mrflight.data.datamodule`);
+    this makes a resumed run continue every other global random stream where it stopped. The
+    states are restored at ``on_train_start`` (after Lightning's sanity check).
+    """
+    import random
+
+    import lightning as L
+    import numpy as np
+    import torch
+
+    class RandomState(L.Callback):
+        def __init__(self) -> None:
+            self._pending = None
+
+        @property
+        def state_key(self) -> str:
+            return "mrflight_random_state"
+
+        def state_dict(self) -> dict:
+            # tensors and plain numbers only, so checkpoints load with weights_only=True
+            name, key, pos, has_gauss, gauss = np.random.get_state()
+            st = {"torch": torch.get_rng_state(),
+                  "numpy": {"name": str(name), "key": torch.from_numpy(key.astype(np.int64)),
+                            "pos": int(pos), "has_gauss": int(has_gauss),
+                            "gauss": float(gauss)},
+                  "python": random.getstate()}
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                st["cuda"] = torch.cuda.get_rng_state_all()
+            return st
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            self._pending = state_dict
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            if not self._pending:
+                return
+            st, self._pending = self._pending, None
+            torch.set_rng_state(st["torch"])
+            n = st["numpy"]
+            np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"],
+                                 n["has_gauss"], n["gauss"]))
+            random.setstate(st["python"])
+            if "cuda" in st and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(st["cuda"])
+
+    return RandomState()
+
+
+def _train(cfg: DictConfig) -> float | None:
     import lightning as L
     import torch
     from hydra.utils import instantiate
@@ -127,6 +243,7 @@ def train(cfg: DictConfig) -> float | None:
         if not loggers and "LearningRateMonitor" in node._target_:
             continue  # needs a logger
         callbacks.append(instantiate(node))
+    callbacks.append(_random_state_callback())
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)

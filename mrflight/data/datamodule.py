@@ -18,7 +18,10 @@ Noise (DESIGN.md section 3, :func:`mrflight.physics.add_noise`): the complex fin
 L2-normalised and complex Gaussian noise of std ``noise_std`` is added to its real and imaginary
 parts. Training batches carry the clean normalised complex fingerprints and get **fresh noise in
 every batch** in :meth:`FingerprintDataModule.on_after_batch_transfer` (so on the training device,
-on every DDP rank); validation and test inputs are drawn **once** with a ``torch.Generator``
+on every DDP rank). That noise and the training shuffle are functions of ``(seed, epoch, batch
+index, rank)`` alone (:func:`stream_seed`), not of a global random state, so a run resumed from a
+checkpoint draws exactly the batches and the noise the uninterrupted run would have drawn.
+Validation and test inputs are drawn **once** with a ``torch.Generator``
 seeded by ``(noise_seed, split)`` so the noise of every index is fixed for a given seed.
 
 Inputs (:func:`preprocess`): ``input_mode="magnitude"`` (the paper's): the magnitude of the noisy
@@ -43,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from mrflight.physics import Sequence, add_noise, normalize
 
 __all__ = ["Batch", "FingerprintDataset", "FingerprintDataModule", "preprocess",
-           "DEFAULT_TARGET_SCALE_MS"]
+           "DEFAULT_TARGET_SCALE_MS", "EpochShuffleSampler", "stream_seed"]
 
 DEFAULT_TARGET_SCALE_MS = (4000.0, 500.0)
 INPUT_MODES = ("magnitude", "complex")
@@ -99,6 +102,39 @@ class FingerprintDataset(Dataset):
         return Batch(self.signals[i], self.targets[i], self.params_ms[i])
 
 
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed that is a deterministic function of the integer ``keys`` only.
+
+    Used for the training shuffle ``(seed, 0, epoch)`` and the training noise
+    ``(seed, 1, epoch, batch, rank)``: independent, reproducible streams (``numpy.random.
+    SeedSequence`` mixing), whatever the global random state is when they are drawn.
+    """
+    words = [int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class EpochShuffleSampler(torch.utils.data.RandomSampler):
+    """Shuffles ``data_source`` with a permutation that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch (also after a resume), so a
+    resumed run visits the training samples in the same order as an uninterrupted one. Under DDP
+    Lightning replaces it (it is a ``RandomSampler``) by a ``DistributedSampler``, which is
+    epoch-seeded too.
+    """
+
+    def __init__(self, data_source, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(stream_seed(self.seed, 0, self.epoch))
+        yield from torch.randperm(len(self.data_source), generator=g).tolist()
+
+
 def _collate(items: list[Batch]) -> Batch:
     return Batch(*(torch.stack(x) for x in zip(*items)))
 
@@ -121,6 +157,10 @@ class FingerprintDataModule(L.LightningDataModule):
         target_scale_ms: ``(T1, T2)`` scales dividing the targets for the loss.
         split_seed: seed of the shuffling that defines the splits.
         noise_seed: seed of the fixed validation/test noise.
+        seed: seed of the training shuffle and the training noise (both functions of ``(seed,
+            epoch, batch index)``, so resumed runs reproduce uninterrupted ones); ``None``: the
+            global torch seed when :meth:`setup` runs (``torch.initial_seed()``, i.e. the run's
+            ``seed`` after ``seed_everything``).
         cache_dir: dictionary cache folder passed to :func:`mrflight.dictionary.generate`
             (``None``: no cache).
         num_workers: DataLoader workers (0 is fastest for in-memory tensors).
@@ -134,7 +174,7 @@ class FingerprintDataModule(L.LightningDataModule):
                  input_mode: str = "magnitude",
                  target_scale_ms: tuple[float, float] | list[float] = DEFAULT_TARGET_SCALE_MS,
                  split_seed: int = 0, noise_seed: int = 1, cache_dir: str | None = None,
-                 num_workers: int = 0, progress: bool = True) -> None:
+                 num_workers: int = 0, progress: bool = True, seed: int | None = None) -> None:
         super().__init__()
         if isinstance(sequence, dict):
             sequence = Sequence.from_dict(sequence)
@@ -188,6 +228,8 @@ class FingerprintDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.num_workers = int(num_workers)
         self.progress = bool(progress)
+        self.seed = None if seed is None else int(seed)
+        self._noise_epoch, self._noise_batch = -1, 0
         if params is not None:  # fail fast on a split that cannot fit
             self._split_sizes(len(params))
         self.train_set = self.val_set = self.test_set = None
@@ -204,6 +246,11 @@ class FingerprintDataModule(L.LightningDataModule):
         return len(self.sequence)
 
     def _split_sizes(self, m: int) -> tuple[int, int, int]:
+        if self.n_test >= m - 1:
+            raise ValueError(
+                f"data.n_test={self.n_test} leaves no training data: the data has only {m} "
+                f"usable fingerprints; lower data.n_test (e.g. {max(1, m // 10)})"
+            )
         n_train = m - self.n_test if self.n_train is None else self.n_train
         if self.n_test + n_train > m or n_train < 2:
             raise ValueError(
@@ -243,6 +290,8 @@ class FingerprintDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        if self.seed is None:
+            self.seed = int(torch.initial_seed())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # zero atoms are dropped below
             d = self._dictionary()
@@ -274,7 +323,10 @@ class FingerprintDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, self.batch_size)
+        return DataLoader(self.train_set, batch_size=self.batch_size,
+                          sampler=EpochShuffleSampler(self.train_set, self.seed),
+                          collate_fn=_collate, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, False, self.eval_batch_size)
@@ -285,6 +337,15 @@ class FingerprintDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Add fresh noise to training batches (complex clean fingerprints) on their device."""
         if isinstance(batch, Batch) and batch.signal.is_complex():
-            noisy = add_noise(batch.signal, self.noise_std)
+            trainer = getattr(self, "trainer", None)
+            epoch = int(trainer.current_epoch) if trainer is not None else 0
+            rank = int(trainer.global_rank) if trainer is not None else 0
+            if epoch != self._noise_epoch:
+                self._noise_epoch, self._noise_batch = epoch, 0
+            seed = self.seed if self.seed is not None else int(torch.initial_seed())
+            g = torch.Generator(device=batch.signal.device)
+            g.manual_seed(stream_seed(seed, 1, epoch, self._noise_batch, rank))
+            self._noise_batch += 1
+            noisy = add_noise(batch.signal, self.noise_std, generator=g)
             batch = batch._replace(signal=preprocess(noisy, self.input_mode))
         return batch

@@ -45,7 +45,8 @@ class RecurrentRegressor(Regressor):
         if values_per_step < 1:
             raise ValueError(f"values_per_step must be >= 1, got {values_per_step}")
         if hidden_size < 1 or num_layers < 1:
-            raise ValueError("hidden_size and num_layers must be positive")
+            raise ValueError(f"model.hidden_size and model.num_layers must be positive integers, "
+                             f"got hidden_size={hidden_size}, num_layers={num_layers}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.hidden_size = int(hidden_size)

@@ -1,0 +1,73 @@
+"""Hydra callbacks: a multirun in which some jobs fail still runs the others and says which failed.
+
+Inside a multirun, :func:`mrflight.pipeline.train` does not let one job's exception end the sweep:
+it writes ``FAILED.txt`` (the error and its traceback) into that job's directory, atomically, and
+returns ``nan`` to the sweeper (Optuna records the trial as failed). At the end of the sweep,
+:class:`FailureReport` collects those files into ``<sweep dir>/failures.json`` and prints a
+summary; ``train.py`` then exits with status 3 (:data:`mrflight.errors.EXIT_FAILED_JOBS`).
+
+Configured in ``configs/hydra/default.yaml``::
+
+    hydra:
+      callbacks:
+        failure_report:
+          _target_: mrflight.hydra_callbacks.FailureReport
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+__all__ = ["FailureReport", "FAILED_FILE", "FAILURES_FILE", "LAST_FAILURES", "collect_failures"]
+
+#: written into a job's output dir when the job failed
+FAILED_FILE = "FAILED.txt"
+#: written into the sweep dir at the end of a multirun
+FAILURES_FILE = "failures.json"
+#: the failed jobs of the last multirun in this process (read by :func:`mrflight.errors.run_cli`)
+LAST_FAILURES: list[dict] = []
+
+
+def collect_failures(sweep_dir) -> list[dict]:
+    """``[{"job": subdir, "dir": path, "overrides": [...], "error": first line}]`` of a sweep."""
+    out = []
+    root = Path(sweep_dir)
+    for f in sorted(root.glob(f"**/{FAILED_FILE}"), key=lambda p: str(p)):
+        try:
+            info = json.loads(f.read_text())
+        except (OSError, ValueError):
+            info = {"error": "unreadable FAILED.txt"}
+        job = f.parent.relative_to(root).as_posix()
+        out.append({"job": job, "dir": str(f.parent), "overrides": info.get("overrides", []),
+                    "error": info.get("error", "")})
+    return sorted(out, key=lambda r: (len(r["job"]), r["job"]))
+
+
+class FailureReport(Callback):
+    """Write ``failures.json`` in the sweep dir and print which jobs failed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        LAST_FAILURES.clear()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from mrflight.matio import atomic_path
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        failures = collect_failures(sweep_dir) if sweep_dir.is_dir() else []
+        LAST_FAILURES[:] = failures
+        if sweep_dir.is_dir():
+            with atomic_path(sweep_dir / FAILURES_FILE) as tmp:
+                tmp.write_text(json.dumps({"n_failed": len(failures), "failed": failures},
+                                          indent=2))
+        if failures:
+            lines = [f"{len(failures)} job(s) of the multirun failed (details in "
+                     f"{sweep_dir / FAILURES_FILE}):"]
+            for r in failures:
+                lines.append(f"  job {r['job']} [{' '.join(r['overrides'])}]: {r['error']}")
+            print("\n".join(lines), file=sys.stderr)

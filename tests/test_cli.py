@@ -1,0 +1,97 @@
+"""The command lines: bad input ends with one readable line; a failed multirun job is reported.
+
+Every case here fails before training starts (config composition or config checks), so each
+subprocess takes a few seconds (mostly imports).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["debug=tiny", "logger=none", "~callbacks.rich_progress_bar",
+        "++trainer.enable_progress_bar=false"]
+
+
+def _run(script, args, tmp_path, **env_extra):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true",
+               MRFLIGHT_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("MRFLIGHT_DEBUG", None)
+    env.update(env_extra)
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(r) -> str:
+    """The run failed with exactly one ``error: ...`` line and no traceback."""
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert "Error executing job" not in out, out[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert r.stderr.rstrip().splitlines()[-1] == errors[0]  # the last thing the user sees
+    return errors[0]
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("model=transformer", ["unknown model 'transformer'", "model=", "ann, cnn, gru, lstm"]),
+    ("sequence=fisp9000", ["unknown sequence 'fisp9000'", "jiang2015", "oksuz2019"]),
+    ("data.noise_std=-0.5", ["data.noise_std", ">= 0", "-0.5"]),
+    ("data.batch_size=0", ["data.batch_size", "positive integer", "got 0"]),
+    ("data.n_test=5000", ["data.n_test=5000", "only 600", "lower data.n_test"]),
+    ("trainer.max_epochs=many", ["trainer.max_epochs", "integer"]),
+    ("data.nosie_std=0.1", ["data.nosie_std"]),
+])
+def test_train_bad_input_exits_with_one_clear_line(tmp_path, override, expect):
+    r = _run("train.py", [*TINY, override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    line = _one_error_line(r)
+    for piece in expect:
+        assert piece in line, line
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # nothing trained
+
+
+def test_debug_env_shows_the_traceback(tmp_path):
+    r = _run("train.py", [*TINY, "data.batch_size=0", f"hydra.run.dir={tmp_path / 'run'}"],
+             tmp_path, MRFLIGHT_DEBUG="1")
+    assert r.returncode != 0
+    assert "Traceback" in r.stderr and "ValueError: data.batch_size" in r.stderr
+
+
+def test_eval_bad_input_exits_with_one_clear_line(tmp_path):
+    r = _run("eval.py", ["sequence=fisp9000", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert "unknown sequence 'fisp9000'" in _one_error_line(r)
+    r = _run("eval.py", ["ckpt_path=" + str(tmp_path / "missing.ckpt"),
+                         f"hydra.run.dir={tmp_path / 'run2'}"], tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_multirun_with_a_failing_job_finishes_the_others_and_reports(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = _run("train.py", ["-m", *TINY, "trainer.max_epochs=1", "model=ann",
+                          "data.noise_std=0.01,-1,0.02", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]
+    # the good jobs ran to the end
+    for job in ("0", "2"):
+        assert (sweep / job / "metrics.json").is_file()
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert not (sweep / job / "FAILED.txt").exists()
+    failed = json.loads((sweep / "1" / "FAILED.txt").read_text())
+    assert "data.noise_std" in failed["error"] and "Traceback" in failed["traceback"]
+    report = json.loads((sweep / "failures.json").read_text())
+    assert report["n_failed"] == 1 and [f["job"] for f in report["failed"]] == ["1"]
+    assert "data.noise_std=-1" in report["failed"][0]["overrides"]
+    assert "1 job(s) of the multirun failed" in r.stderr and "data.noise_std=-1" in r.stderr
+
+
+def test_multirun_without_failures_exits_zero_and_writes_an_empty_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = _run("train.py", ["-m", *TINY, "debug=fast_dev_run", "model=ann,cnn",
+                          f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((sweep / "failures.json").read_text()) == {"n_failed": 0, "failed": []}
