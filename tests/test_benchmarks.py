@@ -1,0 +1,140 @@
+"""The benchmark suite's shared helpers and smoke runs of its scripts on tiny sizes."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import inference_speed  # noqa: E402
+import training_speed  # noqa: E402
+
+
+def test_timeit_is_the_median_after_warmup():
+    calls = []
+    delays = iter([0.0, 0.05, 0.001, 0.001, 0.05, 0.001])  # first is the warm-up
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(delays))
+
+    t = common.timeit(fn, repeats=5, warmup=1)
+    assert len(calls) == 6
+    assert 0.0009 < t < 0.02  # the median ignores the two slow outliers
+    with pytest.raises(ValueError, match="repeats"):
+        common.timeit(fn, repeats=0)
+
+
+def test_timeit_budget_stops_early():
+    calls = []
+    common.timeit(lambda: (calls.append(1), time.sleep(0.02)), repeats=100, warmup=0,
+                  budget_s=0.05)
+    assert 1 <= len(calls) <= 5
+
+
+def test_markdown_table_and_rates():
+    text = common.markdown_table(["a", "b"], [[1, "x|y"], [2.5, None]])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | x/y |", "| 2.5 | None |"]
+    with pytest.raises(ValueError, match="row 0 has 1 cells"):
+        common.markdown_table(["a", "b"], [[1]])
+    assert common.fmt_rate(1234567.8) == "1,234,568"
+    assert common.fmt_rate(12.345) == "12.3"
+    assert common.fmt_rate(None) == "n/a"
+    assert common.fmt_rate(float("nan")) == "n/a"
+
+
+def test_machine_line_and_gemm_rate():
+    line = common.machine_line()
+    assert f"{torch.get_num_threads()} threads" in line and "cores" in line
+    assert common.cpu_model()
+    rate = common.gemm_gflops(256, repeats=2)
+    assert 0.1 < rate < 1e6  # GFLOP/s of any CPU made this century
+
+
+def test_write_result_is_atomic_and_creates_folder(tmp_path):
+    p = common.write_result(tmp_path / "sub" / "r.md", "hello\n")
+    assert p.read_text() == "hello\n"
+    assert [q.name for q in p.parent.iterdir()] == ["r.md"]
+
+
+def test_flops_per_signal_counts_what_the_nets_compute():
+    # GRU, hidden 100, 35 steps of 50 values: 3 gates x (50 + 100) x 100 x 2 per step + fc
+    gru = inference_speed.default_net("gru")
+    assert inference_speed.flops_per_signal(gru) == 35 * 2 * 3 * 100 * 150 + 2 * 100 * 2
+    lstm = inference_speed.default_net("lstm")
+    assert inference_speed.flops_per_signal(lstm) == 35 * 2 * 4 * 100 * 150 + 2 * 100 * 2
+    ann = inference_speed.default_net("ann")
+    assert inference_speed.flops_per_signal(ann) == 2 * (1750 * 300 + 300 * 300 + 300 * 2)
+
+
+def test_time_to_accuracy_from_a_run_dir(tmp_path):
+    run = tmp_path / "run"
+    (run / "csv").mkdir(parents=True)
+    rows = ["epoch,step,val/t1_mae_ms,test/t1_mae_ms,test/t2_mae_ms"]
+    for e, v in enumerate([300.0, 120.0, 60.0, 54.0, 51.0, 50.0]):
+        rows.append(f"{e},{e * 10},{v},,")
+        rows.append(f"{e},{e * 10 + 5},,,")
+    rows.append("5,60,,50.5,15.1")
+    (run / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (run / "train.log").write_text(
+        "[2026-11-25 19:15:46,889][lightning][INFO] - GPU available: False, used: False\n"
+        "[2026-11-25 19:21:46,889][lightning][INFO] - `Trainer.fit` stopped: max_epochs\n")
+    t = training_speed.time_to_accuracy(run)
+    assert t["epoch"] == 3 and t["epochs"] == 6  # 54 <= 1.1 x 50 = 55, 60 is not
+    assert t["fit_s"] == pytest.approx(360.0)
+    assert t["wall_s"] == pytest.approx(360.0 * 4 / 6)
+    assert t["test/t1_mae_ms"] == 50.5
+    assert training_speed.time_to_accuracy(run / "csv" / "metrics.csv")["epoch"] == 3
+    with pytest.raises(ValueError, match="run-dir"):
+        training_speed.time_to_accuracy(tmp_path / "nowhere")
+    line = training_speed.tta_line({"tta": None, "run_dir": None})
+    assert "n/a (pass --run-dir)" in line
+
+
+def test_inference_and_training_scripts_run_on_tiny_sizes(tmp_path):
+    inf = inference_speed.measure(models=("gru", "ann"), batch_sizes=(8,), threads=(1,),
+                                  latency_calls=3, repeats=1, input_length=100, predict_n=16)
+    assert [r["model"] for r in inf["rows"]] == ["gru", "ann"]
+    for r in inf["rows"]:
+        assert r["best_rate"] > 0 and r["latency_ms"] > 0 and 0 < r["fraction"]
+    text = inference_speed.report(inf)
+    assert "| GRU |" in text and "1 thr, batch 8" in text
+    tr = training_speed.measure(models=("ann",), steps=2, batch_size=8, input_length=100)
+    assert tr["rows"][0]["samples_per_s"] > 0 and tr["threads"] == 1
+    assert "n/a (pass --run-dir)" in training_speed.report(tr)
+
+
+def test_summary_rows_apply_the_targets():
+    import run_all
+
+    match = {"n": 100, "m": 1000, "t_len": 300, "rank": 25,
+             "rows": [("gemm", 1.0, None), ("exhaustive", 1.4, 1.0), ("svd", 0.1, 0.99),
+                      ("loop", 50.0, None)]}
+    rows = run_all.summary_rows(None, match, None, None, None)
+    status = {r[1].split(",")[0]: r[-1] for r in rows}
+    assert status["exhaustive"] == "met"  # 1.4x floor <= 1.5x
+    assert status["SVD rank 25"] == "met"  # 14x faster
+    match["rows"][1] = ("exhaustive", 1.6, 1.0)
+    rows = run_all.summary_rows(None, match, None, None, None)
+    assert {r[1].split(",")[0]: r[-1] for r in rows}["exhaustive"] == "NOT met"
+
+
+@pytest.mark.slow
+def test_run_all_quick_writes_one_summary(tmp_path):
+    import run_all
+
+    out = tmp_path / "summary.md"
+    text = run_all.main(["--quick", "--out", str(out)])
+    written = out.read_text()
+    assert written.startswith(text)
+    for area in ("| EPG |", "| matching |", "| inference |", "| training |", "| memory |"):
+        assert area in text
+    assert "n/a (pass --run-dir)" in text
+    assert "## Inference speed" in written  # each section's own table follows the summary
