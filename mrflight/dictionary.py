@@ -564,10 +564,10 @@ def generate_to_file(
     path)`` (same datasets, attributes and SHA-256 checksum, computed as the chunks stream by),
     so :func:`load` and :func:`open_h5` read it, but only ``chunk_atoms`` fingerprints are ever
     in memory: use it for dictionaries larger than RAM. With ``chunk_atoms >= M`` the atoms are
-    bit-identical to :func:`generate`'s; with smaller chunks they agree within the truncation
-    tolerance ``tol`` (the truncation rate is fixed from the whole grid, but the SIMD kernel
-    shares one state count among 16 neighbouring atoms of a chunk, so an atom may keep a few
-    more states than in one big call). The HDF5 dataset ``atoms`` is
+    bit-identical to :func:`generate`'s; with smaller chunks they differ from them only by EPG
+    truncation, at the level of ``tol`` (the truncation rate is fixed from the whole grid, but
+    the SIMD kernel shares one state count among 16 neighbouring atoms of a chunk, so an atom
+    may keep a few more states than in one big call, never fewer). The HDF5 dataset ``atoms`` is
     pre-allocated and filled chunk by chunk in a temporary file beside ``path`` that is renamed
     to ``path`` at the end (:func:`mrflight.matio.atomic_path`): a killed run leaves any older
     file at ``path`` untouched and never a partial one.

@@ -106,14 +106,16 @@ class MRFRegressor(L.LightningModule):
         return self.net(x) * self.target_scale
 
     @torch.no_grad()
-    def predict_parameters(self, signals, batch_size: int = 4096) -> torch.Tensor:
+    def predict_parameters(self, signals, batch_size: int = 256) -> torch.Tensor:
         """Estimate T1 and T2 (ms) of fingerprints.
 
         Args:
             signals: ``(N, T)`` or ``(T,)``, complex or magnitude, numpy or torch, at any scale;
                 preprocessed exactly as in training (magnitude, L2-normalised; or the two
                 channels of the normalised complex signal for ``input_mode="complex"``).
-            batch_size: inference chunk size.
+            batch_size: inference chunk size (256 is the fastest or close to it for every
+                default model on a CPU: larger chunks fall out of cache, see
+                ``benchmarks/inference_speed.py``).
 
         Returns:
             float32 tensor ``(N, 2)`` on the CPU: T1 and T2 in ms. All-zero fingerprints give NaN
@@ -121,7 +123,7 @@ class MRFRegressor(L.LightningModule):
 
         Raises:
             ValueError: wrong number of time points (names the expected length and sequence),
-                or NaN/Inf values.
+                NaN/Inf values, or ``batch_size < 1``.
         """
         x = torch.as_tensor(np.asarray(signals) if not torch.is_tensor(signals) else signals)
         if x.ndim == 1:
@@ -133,26 +135,32 @@ class MRFRegressor(L.LightningModule):
                 f"the sequence {seq.get('name', 'unknown')!r} with {self.input_length} time "
                 f"points, got shape {tuple(x.shape)}"
             )
-        if x.is_complex():
-            finite = torch.isfinite(x.real) & torch.isfinite(x.imag)
-        else:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = int(batch_size)
+        if not x.is_complex():
             x = x.to(torch.float32)
-            finite = torch.isfinite(x)
-        if not bool(finite.all()):
+        # validate everything first (one pass each, complex-aware) so that a bad voxel fails
+        # before any work is done
+        if not bool(torch.isfinite(x).all()):
             raise ValueError("signals contain NaN or Inf values: remove or mask those voxels")
-        zero = (x == 0).all(dim=1)
-        if bool(zero.any()):
-            warnings.warn(f"{int(zero.sum())} all-zero fingerprints cannot be normalised; "
+        zero = ~(x != 0).any(dim=1)
+        n_zero = int(zero.sum())
+        if n_zero:
+            warnings.warn(f"{n_zero} all-zero fingerprints cannot be normalised; "
                           "their T1/T2 are NaN", RuntimeWarning, stacklevel=2)
         was_training = self.training
         self.eval()
-        out = torch.full((x.shape[0], 2), float("nan"), dtype=torch.float32)
-        ok = torch.nonzero(~zero).squeeze(1)
-        for start in range(0, len(ok), batch_size):
-            rows = ok[start:start + batch_size]
-            inp = preprocess(x[rows], self.hparams.input_mode).to(self.device)
-            out[rows] = self(inp).float().cpu()
-        self.train(was_training)
+        out = torch.empty((x.shape[0], 2), dtype=torch.float32)
+        try:
+            with torch.inference_mode():  # contiguous chunks: no gather copy of the input
+                for start in range(0, x.shape[0], batch_size):
+                    inp = preprocess(x[start:start + batch_size], self.hparams.input_mode)
+                    out[start:start + batch_size] = self(inp.to(self.device)).float().cpu()
+        finally:
+            self.train(was_training)
+        if n_zero:
+            out[zero] = float("nan")
         return out
 
     # -- training -----------------------------------------------------------------------------
@@ -211,6 +219,14 @@ def load_checkpoint(path, map_location="cpu") -> MRFRegressor:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    module = MRFRegressor.load_from_checkpoint(p, map_location=map_location, weights_only=False)
+    try:
+        module = MRFRegressor.load_from_checkpoint(p, map_location=map_location,
+                                                   weights_only=False)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pickle/zip/key errors of a damaged or foreign file
+        raise ValueError(f"checkpoint {str(path)!r} is not a readable mrflight checkpoint "
+                         f"({type(e).__name__}: {e}); is it truncated, or from another "
+                         "program?") from None
     module.eval()
     return module

@@ -149,8 +149,7 @@ def _random_state_callback():
     """A Lightning callback storing the global random states in checkpoints (dropout etc.).
 
     Training noise and shuffling do not depend on them (see :mod:`mrflight.data.datamodule`);
-    this makes a resumed run continue every other global random stream where it stopped. The
-    states are restored at ``on_train_start`` (after Lightning's sanity check).
+    this makes a resumed run continue every other global random stream where it stopped.
     """
     import random
 
@@ -159,9 +158,6 @@ def _random_state_callback():
     import torch
 
     class RandomState(L.Callback):
-        def __init__(self) -> None:
-            self._pending = None
-
         @property
         def state_key(self) -> str:
             return "mrflight_random_state"
@@ -179,12 +175,10 @@ def _random_state_callback():
             return st
 
         def load_state_dict(self, state_dict: dict) -> None:
-            self._pending = state_dict
-
-        def on_train_start(self, trainer, pl_module) -> None:
-            if not self._pending:
-                return
-            st, self._pending = self._pending, None
+            # restored at once: Lightning loads callback states before it builds the training
+            # iterator of the resumed epoch (whose creation draws from the global generator);
+            # its sanity check in between runs under isolate_rng
+            st = state_dict
             torch.set_rng_state(st["torch"])
             n = st["numpy"]
             np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"],
