@@ -11,8 +11,8 @@ run; medians of several repeats after a warm-up):
   the fraction of the GEMM floor, against the paper's time per signal;
 * training (``training_speed``): samples/s per model, and time to reach the default model's
   accuracy from a finished run (``--run-dir``);
-* memory: peak resident memory of dictionary generation and of matching at the paper's size,
-  each in a fresh subprocess.
+* memory (``memory``): peak resident memory of dictionary generation and of matching at the
+  paper's size, each in a fresh subprocess.
 
 Usage::
 
@@ -27,10 +27,7 @@ is appended below the summary.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,73 +35,15 @@ import torch
 from common import RESULTS_DIR, fmt_rate, machine_line, markdown_table, write_result  # benchmarks/
 
 HERE = Path(__file__).resolve().parent
-GIB = 2.0 ** 30
-
-_MEMORY_CODE = r"""
-import json, resource, sys, time
-import numpy as np, torch
-from mrflight.dictionary import generate, paper_grid
-from mrflight.physics import add_noise, oksuz2019
-what, quick, cache = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
-seq = oksuz2019(n_pulses=300) if quick else oksuz2019()
-grid = paper_grid()[::20] if quick else paper_grid()
-t = time.perf_counter()
-if what == "generate":
-    d = generate(seq, grid, progress=False)
-    info = {"atoms": d.atoms.shape[0], "T": d.atoms.shape[1]}
-else:
-    from mrflight.matching import DictionaryMatcher
-    d = generate(seq, grid, cache_dir=cache, progress=False)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rank = None if what == "match" else 25
-    m = DictionaryMatcher(d.atoms, d.params, rank=rank)
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(d.atoms), size=min(5000, len(d.atoms)), replace=False)
-    x = add_noise(torch.from_numpy(d.atoms[pick]), 0.01, generator=torch.Generator().manual_seed(0))
-    m.match(x)
-    info = {"atoms": d.atoms.shape[0], "T": d.atoms.shape[1], "signals": len(pick),
-            "after_load_kib": base}
-info["seconds"] = time.perf_counter() - t
-info["peak_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("RESULT " + json.dumps(info))
-"""
-
-
 def memory_rows(quick: bool = False) -> list[dict]:
-    """Peak resident memory (ru_maxrss of a fresh subprocess) of generation and matching.
+    """Peak resident memory of generation and matching: ``benchmarks/memory.py``'s rows.
 
-    Uses ``benchmarks/memory.py`` (``measure(quick=...)``) when it exists; else runs each
-    workload in a subprocess that reports its own peak.
+    Each workload runs in a fresh subprocess that reports its own peak (VmHWM), so the size of
+    this process (which ran everything else) does not leak into the figures.
     """
-    try:  # benchmarks/memory.py, when present and returning rows of this shape
-        import memory
+    import memory  # benchmarks/memory.py
 
-        rows = memory.measure(quick=quick)
-        if all({"label", "atoms", "T", "peak_gib", "seconds"} <= set(r) for r in rows):
-            return rows
-    except Exception:  # noqa: BLE001 - absent or another interface: measure here
-        pass
-    rows = []
-    with tempfile.TemporaryDirectory() as cache:
-        for what, label in (("generate", "dictionary generation"),
-                            ("match", "exhaustive matching (5000 signals, dictionary loaded)"),
-                            ("svd", "SVD rank-25 matching (5000 signals, dictionary loaded)")):
-            if what == "match":  # fill the cache first (not measured)
-                subprocess.run([sys.executable, "-c",
-                                "import sys; from mrflight.dictionary import generate, "
-                                "paper_grid; from mrflight.physics import oksuz2019; "
-                                "q=sys.argv[1]=='1'; generate(oksuz2019(n_pulses=300) if q "
-                                "else oksuz2019(), paper_grid()[::20] if q else paper_grid(), "
-                                "cache_dir=sys.argv[2], progress=False)",
-                                "1" if quick else "0", cache], check=True)
-            out = subprocess.run([sys.executable, "-c", _MEMORY_CODE, what,
-                                  "1" if quick else "0", cache],
-                                 check=True, capture_output=True, text=True).stdout
-            info = json.loads(out.split("RESULT ", 1)[1])
-            info["label"] = label
-            info["peak_gib"] = info["peak_kib"] * 1024 / GIB
-            rows.append(info)
-    return rows
+    return memory.measure(quick=quick)
 
 
 def _status(ok: bool | None) -> str:
