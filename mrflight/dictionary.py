@@ -446,21 +446,24 @@ def _progress_bar(total: int, enabled: bool):
 
     @contextlib.contextmanager
     def bar():
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from mrflight.progress import progress_bar
 
-        with Progress(TextColumn("simulating dictionary"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as prog:
+        with progress_bar("simulating dictionary", transient=True) as prog:
             task = prog.add_task("atoms", total=total)
             yield lambda n: prog.update(task, completed=int(n))
 
     return bar()
+
+
+def _layout(p: np.ndarray, b, dtype, tol):
+    """Parameter names, units, parameter table (B1 as a third column when per atom) and meta."""
+    names, units, out_params = ("t1_ms", "t2_ms"), ("ms", "ms"), p
+    meta = {"epg_version": EPG_VERSION, "tol": float(tol), "dtype": str(dtype).split(".")[-1],
+            "b1": None if b is None or b.ndim == 1 else float(b), "generator": "mrflight"}
+    if b is not None and b.ndim == 1:
+        names, units = names + ("b1",), units + ("1",)
+        out_params = np.concatenate([p, b[:, None]], axis=1)
+    return names, units, out_params, meta
 
 
 def generate(
@@ -525,12 +528,7 @@ def generate(
         atoms = simulate(seq, t1, t2, bt, dtype=dtype, tol=tol, progress=cb)
     atoms = atoms.detach().cpu().numpy()  # shares memory with the tensor: no copy
 
-    names, units, out_params = ("t1_ms", "t2_ms"), ("ms", "ms"), p
-    meta = {"epg_version": EPG_VERSION, "tol": float(tol), "dtype": str(dtype).split(".")[-1],
-            "b1": None if b is None or b.ndim == 1 else float(b), "generator": "mrflight"}
-    if b is not None and b.ndim == 1:
-        names, units = names + ("b1",), units + ("1",)
-        out_params = np.concatenate([p, b[:, None]], axis=1)
+    names, units, out_params, meta = _layout(p, b, dtype, tol)
     d = Dictionary(atoms, out_params.astype(np.float64), names, units, seq.to_dict(), meta)
     zero = int(np.sum(d.norms() == 0))
     if zero:
@@ -605,12 +603,7 @@ def generate_to_file(
     b = _check_b1(b1, len(p))
     m, t = len(p), len(seq)
     cdtype = np.dtype(np.complex64 if dtype == torch.float32 else np.complex128)
-    names, units, out_params = ("t1_ms", "t2_ms"), ("ms", "ms"), p
-    meta = {"epg_version": EPG_VERSION, "tol": float(tol), "dtype": str(dtype).split(".")[-1],
-            "b1": None if b is None or b.ndim == 1 else float(b), "generator": "mrflight"}
-    if b is not None and b.ndim == 1:
-        names, units = names + ("b1",), units + ("1",)
-        out_params = np.concatenate([p, b[:, None]], axis=1)
+    names, units, out_params, meta = _layout(p, b, dtype, tol)
     out_params = np.ascontiguousarray(out_params, dtype="<f8")
     header = {k: _json(v, k) for k, v in {"param_names": list(names), "units": list(units),
                                           "sequence": seq.to_dict(), "meta": meta}.items()}

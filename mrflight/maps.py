@@ -509,19 +509,9 @@ def _block_signals(src: SeriesSource, idx, time_axis: int) -> np.ndarray:
 
 
 def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from mrflight.progress import progress_bar
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn())
+    return progress_bar() if enabled else None
 
 
 # ============================================================================ reconstruction
