@@ -263,12 +263,9 @@ def _build_group_data(group: _Group, data_cfg: dict | None, settings: EvalSettin
     if data_cfg is not None:
         # the run's own split, reproduced by its datamodule
         dm = _instantiate(data_cfg, sequence=seq, progress=False)
-        dm.setup("test")
-        test_idx = dm.split_indices["test"].numpy()
-        d = dm._dictionary()
-        atoms = torch.from_numpy(np.ascontiguousarray(d.atoms)).to(torch.complex64)
-        params = np.asarray(d.params[:, :2], dtype=np.float64)
-        keep = (torch.linalg.vector_norm(atoms, dim=1) > 0).numpy()
+        atoms, params, keep, splits = dm.load_splits()  # one load, no training datasets
+        params, keep = params.numpy(), keep.numpy()
+        test_idx = splits["test"].numpy()
         source = (f"run data config ({data_cfg.get('_target_', '?')}, split_seed "
                   f"{data_cfg.get('split_seed')}, n_test {data_cfg.get('n_test')})")
     else:
@@ -276,6 +273,7 @@ def _build_group_data(group: _Group, data_cfg: dict | None, settings: EvalSettin
         d = generate(seq, grid, cache_dir=cache_dir, progress=False)
         atoms = torch.from_numpy(np.ascontiguousarray(d.atoms)).to(torch.complex64)
         params = np.asarray(d.params[:, :2], dtype=np.float64)
+        del d
         keep = (torch.linalg.vector_norm(atoms, dim=1) > 0).numpy()
         ok = np.nonzero(keep)[0]
         perm = ok[np.random.default_rng(settings.split_seed).permutation(len(ok))]
@@ -303,7 +301,6 @@ def _build_group_data(group: _Group, data_cfg: dict | None, settings: EvalSettin
         "dictionary_atoms": int(train_mask.sum()), "held_out_atoms": int(len(test_idx)),
         "t1_range_ms": [float(lo1), float(hi1)], "t2_range_ms": [float(lo2), float(hi2)],
     }
-    del d
 
 
 # ============================================================================ evaluation

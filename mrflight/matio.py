@@ -118,7 +118,8 @@ def save_mat(path: str | os.PathLike, data: dict, v73: bool = False) -> None:
         # MATLAB recognises v7.3 files by a text header in the 512-byte user block
         header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created by: mrflight HDF5 schema 1.00 ."
         with open(tmp, "r+b") as fh:
-            fh.write(header.ljust(116, b" ") + b"\x00" * 8 + b"\x00\x02IM".ljust(12, b"\x00"))
+            # 116 bytes of text, 8 of subsystem offset, version 0x0200 and the endian mark 'IM'
+            fh.write(header.ljust(116, b" ") + b"\x00" * 8 + b"\x00\x02" + b"IM")
 
 
 def _h5_write(group, data: dict) -> None:

@@ -281,20 +281,30 @@ class FingerprintDataModule(L.LightningDataModule):
                                    progress=self.progress)
 
     def prepare_data(self) -> None:
-        """Simulate (and cache) the dictionary once, on rank 0."""
-        if self.path is None and self.cache_dir is not None:
+        """Simulate (and cache) the dictionary once, on rank 0.
+
+        The result is kept for :meth:`setup` in the same process, so a single-process run
+        simulates once and never reads back the cache it has just written.
+        """
+        if self.path is None and self.cache_dir is not None and self.train_set is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                self._dictionary()
+                self._prepared = self._dictionary()
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        if self.seed is None:
-            self.seed = int(torch.initial_seed())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # zero atoms are dropped below
-            d = self._dictionary()
+    def load_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """The dictionary and its seeded splits, without building the datasets.
+
+        Returns:
+            ``(atoms, params, keep, splits)``: complex64 atoms ``(M, T)``, float64 parameters
+            ``(M, 2)`` in ms, the bool mask ``(M,)`` of atoms that can be normalised (all-zero
+            atoms are never used), and ``{"train", "val", "test"}`` index tensors into ``atoms``.
+        """
+        d = getattr(self, "_prepared", None)
+        self._prepared = None
+        if d is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # zero atoms are dropped below
+                d = self._dictionary()
         atoms = torch.from_numpy(np.ascontiguousarray(d.atoms)).to(torch.complex64)
         params = torch.from_numpy(np.asarray(d.params[:, :2], dtype=np.float64))
         del d
@@ -302,9 +312,20 @@ class FingerprintDataModule(L.LightningDataModule):
         idx_ok = torch.nonzero(keep).squeeze(1).numpy()
         n_tr, n_val, n_te = self._split_sizes(len(idx_ok))
         perm = idx_ok[np.random.default_rng(self.split_seed).permutation(len(idx_ok))]
-        test_idx = torch.from_numpy(np.sort(perm[:n_te]))
-        val_idx = torch.from_numpy(np.sort(perm[n_te:n_te + n_val]))
-        train_idx = torch.from_numpy(perm[n_te + n_val:n_te + n_val + n_tr])
+        splits = {
+            "train": torch.from_numpy(perm[n_te + n_val:n_te + n_val + n_tr]),
+            "val": torch.from_numpy(np.sort(perm[n_te:n_te + n_val])),
+            "test": torch.from_numpy(np.sort(perm[:n_te])),
+        }
+        return atoms, params, keep, splits
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.seed is None:
+            self.seed = int(torch.initial_seed())
+        atoms, params, _, splits = self.load_splits()
+        train_idx, val_idx, test_idx = splits["train"], splits["val"], splits["test"]
         scale = torch.tensor(self.target_scale_ms, dtype=torch.float32)
 
         def fixed(clean: torch.Tensor, split: int) -> torch.Tensor:
@@ -314,7 +335,7 @@ class FingerprintDataModule(L.LightningDataModule):
         self.train_set = FingerprintDataset(normalize(atoms[train_idx]), params[train_idx], scale)
         self.val_set = FingerprintDataset(fixed(atoms[val_idx], 1), params[val_idx], scale)
         self.test_set = FingerprintDataset(fixed(atoms[test_idx], 2), params[test_idx], scale)
-        self.split_indices = {"train": train_idx, "val": val_idx, "test": test_idx}
+        self.split_indices = splits
         del atoms  # the full dictionary is freed; only the splits stay in memory
 
     def _loader(self, ds, shuffle: bool, batch_size: int) -> DataLoader:
