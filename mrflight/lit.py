@@ -2,10 +2,11 @@
 
 :class:`MRFRegressor` wraps any regressor of :mod:`mrflight.models` (given as its config
 ``{"_target_": class path, **kwargs}`` so that checkpoints reload with no injected object). It owns
-the loss (MSE on scaled targets ``params_ms / target_scale_ms``), Adam, an optional learning-rate
-scheduler and the metrics (torchmetrics MAE and RMSE of T1 and T2 in ms), logged as
-``train/loss``, ``val/loss``, ``val/t1_mae_ms``, ``val/t1_rmse_ms``, ``val/t2_mae_ms``,
-``val/t2_rmse_ms`` and the same under ``test/``.
+the loss (see :data:`LOSSES`), Adam, an optional learning-rate scheduler and the metrics
+(torchmetrics MAE and RMSE of T1 and T2 in ms, of B1 in % of nominal), logged as ``train/loss``,
+``val/loss``, ``val/t1_mae_ms``, ``val/t1_rmse_ms``, ``val/t2_mae_ms``, ``val/t2_rmse_ms``,
+``val/b1_mae_pct``, ``val/b1_rmse_pct``, the same under ``test/``, and under ``val@0.01/...``
+for each fixed evaluation noise level of the data module.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError
 from mrflight.data.datamodule import DEFAULT_TARGET_SCALE_MS, INPUT_MODES, Batch, preprocess
 from mrflight.models import build_net, net_config
 
-__all__ = ["MRFRegressor", "load_checkpoint"]
+__all__ = ["MRFRegressor", "load_checkpoint", "LOSSES", "PARAMETER_UNITS"]
 
-_PARAMS = ("t1", "t2")
+#: per-sample error normalisations of the loss (see :meth:`MRFRegressor.loss`)
+LOSSES = ("mse", "relative", "crb")
+#: name and unit of every parameter a model can estimate, in output order
+PARAMETER_UNITS = {"t1": ("t1_ms", "ms"), "t2": ("t2_ms", "ms"), "b1": ("b1", "ratio to nominal")}
 
 
 def _plain(obj):
@@ -41,8 +45,14 @@ def _plain(obj):
     return obj
 
 
+def _key(name: str) -> str:
+    """ModuleDict key of a metric set (``val@0.01`` -> ``val@0_01_``: no dots, no clash with
+    ``nn.Module.train``)."""
+    return name.replace(".", "_") + "_"
+
+
 class MRFRegressor(L.LightningModule):
-    """Regress T1 and T2 (ms) from fingerprints with any :mod:`mrflight.models` network.
+    """Regress T1 and T2 (ms), and B1, from fingerprints with any :mod:`mrflight.models` network.
 
     Args:
         net: the network's config ``{"_target_": "mrflight.models.GRURegressor",
@@ -57,13 +67,29 @@ class MRFRegressor(L.LightningModule):
         sequence: the pulse train the model is trained for (``Sequence.to_dict()``), stored in
             the checkpoint.
         input_mode: ``"magnitude"`` or ``"complex"`` (see :func:`mrflight.data.preprocess`).
-        noise_std: the training noise level (recorded for reference).
+        noise_std: the training noise level, a number or ``[low, high]`` (recorded).
+        targets: the estimated parameters in output order, ``["t1", "t2"]`` or
+            ``["t1", "t2", "b1"]`` (the net has one output per target).
+        loss: ``"mse"`` (squared error of the scaled targets), ``"relative"`` (squared relative
+            error), ``"crb"`` (squared error divided by the per-sample Cramér–Rao bound: each
+            parameter of each sample weighs as its precision allows; Zhang et al. 2022).
+        bias_weight: extra weight of the squared *bias*: with ``K > 1`` noise realisations of
+            each fingerprint in a batch (``data.realizations``), the loss adds
+            ``bias_weight * (mean_k e_k)^2`` to the mean of ``e_k^2`` (variance + bias^2), which
+            pushes the estimator towards unbiasedness across noise levels (after Mao et al.
+            2023). Ignored with one realisation.
+
+    References:
+        Zhang et al., Cramér-Rao bound-informed training of neural networks for quantitative
+        MRI, MRM 2022;88:436. Mao, Flassbeck, Assländer, Bias-reduced neural networks for
+        parameter estimation in quantitative MRI, arXiv:2312.11468 (2023).
     """
 
     def __init__(self, net, lr: float = 1e-3, weight_decay: float = 0.0,
                  scheduler: dict | None = None,
                  target_scale_ms=DEFAULT_TARGET_SCALE_MS, sequence: dict | None = None,
-                 input_mode: str = "magnitude", noise_std: float | None = None) -> None:
+                 input_mode: str = "magnitude", noise_std=None, targets=("t1", "t2"),
+                 loss: str = "mse", bias_weight: float = 0.0) -> None:
         super().__init__()
         if isinstance(net, nn.Module):
             net_module, net = net, net_config(net)
@@ -78,23 +104,67 @@ class MRFRegressor(L.LightningModule):
             raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
         scheduler = _plain(scheduler)
         sequence = _plain(sequence)
+        targets = [str(t).lower() for t in (_plain(targets) or ())]
+        if targets not in (["t1", "t2"], ["t1", "t2", "b1"]):
+            raise ValueError(f"targets must be [t1, t2] or [t1, t2, b1], got {targets}")
         target_scale_ms = [float(s) for s in target_scale_ms]
+        if len(target_scale_ms) != len(targets):
+            raise ValueError(f"target_scale_ms needs one scale per target {targets}, got "
+                             f"{target_scale_ms}")
+        if int(getattr(net_module, "n_outputs", 2)) != len(targets):
+            raise ValueError(f"the net has {getattr(net_module, 'n_outputs', 2)} outputs but "
+                             f"{len(targets)} targets {targets}: set the net's n_outputs")
+        if loss not in LOSSES:
+            raise ValueError(f"module.loss must be one of {LOSSES}, got {loss!r}")
+        if not (float(bias_weight) >= 0 and np.isfinite(float(bias_weight))):
+            raise ValueError(f"module.bias_weight must be a finite number >= 0, got "
+                             f"{bias_weight!r}")
+        noise_std = _plain(noise_std)
         self.save_hyperparameters({
             "net": net, "lr": float(lr), "weight_decay": float(weight_decay),
             "scheduler": scheduler, "target_scale_ms": target_scale_ms, "sequence": sequence,
-            "input_mode": input_mode, "noise_std": noise_std,
+            "input_mode": input_mode, "noise_std": noise_std, "targets": targets,
+            "loss": loss, "bias_weight": float(bias_weight),
         })
         self.net = net_module
+        self.targets = tuple(targets)
         self.register_buffer("target_scale", torch.tensor(target_scale_ms), persistent=False)
         self.loss_fn = nn.MSELoss()
-        self.metrics = nn.ModuleDict({
-            f"{split}_": nn.ModuleDict({
-                f"{p}_{m}": (MeanAbsoluteError() if m == "mae_ms"
-                             else MeanSquaredError(squared=False))
-                for p in _PARAMS for m in ("mae_ms", "rmse_ms")
-            })
-            for split in ("train", "val", "test")
+        self.metrics = nn.ModuleDict({_key(split): self._metric_set()
+                                      for split in ("train", "val", "test")})
+
+    def _metric_set(self) -> nn.ModuleDict:
+        return nn.ModuleDict({
+            f"{p}_{m}_{u}": MeanAbsoluteError() if m == "mae" else MeanSquaredError(squared=False)
+            for p, u in zip(self.targets, self._units) for m in ("mae", "rmse")
         })
+
+    @property
+    def _units(self) -> list[str]:
+        return ["pct" if p == "b1" else "ms" for p in self.targets]
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Names of the columns of :meth:`predict_parameters` (``t1_ms``, ``t2_ms``[, ``b1``])."""
+        return [PARAMETER_UNITS[p][0] for p in self.targets]
+
+    @property
+    def parameter_units(self) -> list[str]:
+        """Units of the columns of :meth:`predict_parameters`."""
+        return [PARAMETER_UNITS[p][1] for p in self.targets]
+
+    @property
+    def needs_bound(self) -> bool:
+        """Whether the loss needs the per-sample Cramér–Rao bound in every batch."""
+        return self.hparams.get("loss", "mse") == "crb"
+
+    def setup(self, stage: str | None = None) -> None:
+        """Create the metrics of the data module's extra evaluation sets (fixed noise levels)."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        for name in getattr(dm, "eval_set_names", [""])[1:]:
+            for split in ("val", "test"):
+                if _key(split + name) not in self.metrics:
+                    self.metrics[_key(split + name)] = self._metric_set().to(self.device)
 
     # -- inference ----------------------------------------------------------------------------
     @property
@@ -102,7 +172,7 @@ class MRFRegressor(L.LightningModule):
         return int(self.net.input_length)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed inputs ``(B, T)`` / ``(B, 2, T)`` -> T1, T2 in ms ``(B, 2)``."""
+        """Preprocessed inputs ``(B, T)`` / ``(B, 2, T)`` -> parameters ``(B, P)`` (ms, ratio)."""
         return self.net(x) * self.target_scale
 
     @torch.no_grad()
@@ -118,8 +188,9 @@ class MRFRegressor(L.LightningModule):
                 ``benchmarks/inference_speed.py``).
 
         Returns:
-            float32 tensor ``(N, 2)`` on the CPU: T1 and T2 in ms. All-zero fingerprints give NaN
-            rows (with a warning).
+            float32 tensor ``(N, P)`` on the CPU: T1 and T2 in ms, then B1 (ratio to nominal)
+            for models that estimate it (column names in :attr:`parameter_names`). All-zero
+            fingerprints give NaN rows (with a warning).
 
         Raises:
             ValueError: wrong number of time points (names the expected length and sequence),
@@ -153,7 +224,7 @@ class MRFRegressor(L.LightningModule):
                           "their T1/T2 are NaN", RuntimeWarning, stacklevel=2)
         was_training = self.training
         self.eval()
-        out = torch.empty((x.shape[0], 2), dtype=torch.float32)
+        out = torch.empty((x.shape[0], len(self.targets)), dtype=torch.float32)
         try:
             with torch.inference_mode():  # contiguous chunks: no gather copy of the input
                 for start in range(0, x.shape[0], batch_size):
@@ -166,31 +237,76 @@ class MRFRegressor(L.LightningModule):
         return out
 
     # -- training -----------------------------------------------------------------------------
-    def _step(self, batch: Batch, split: str) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The training loss of scaled predictions ``(R, P)`` for ``batch``.
+
+        ``R = K * B`` rows for ``K`` noise realisations of each of the ``B`` fingerprints
+        (grouped). The per-sample error ``e`` is the scaled error (``mse``), the relative error
+        (``relative``) or the error in units of the sample's Cramér–Rao bound (``crb``); the loss
+        is the mean of ``e^2`` plus ``bias_weight`` times the mean squared bias over the
+        realisations.
+        """
+        kind = self.hparams.get("loss", "mse")
+        target = batch.target
+        k = pred.shape[0] // target.shape[0]
+        if kind == "mse" and k == 1:
+            return self.loss_fn(pred, target)
+        if k > 1:
+            target = target.repeat_interleave(k, dim=0)
+        err = pred - target
+        if kind == "relative":
+            err = err / target.clamp_min(1e-6)
+        elif kind == "crb":
+            if batch.bound is None:
+                raise ValueError("module.loss=crb needs the per-sample bound in every batch: the "
+                                 "data module did not provide it (set its with_bound)")
+            bound = batch.bound / self.target_scale
+            err = err / bound.clamp_min(1e-6).repeat_interleave(k, dim=0)
+        loss = (err ** 2).mean()
+        w = float(self.hparams.get("bias_weight", 0.0))
+        if k > 1 and w > 0:
+            bias = err.view(-1, k, err.shape[-1]).mean(dim=1)
+            loss = loss + w * (bias ** 2).mean()
+        return loss
+
+    def _step(self, batch: Batch, split: str, dataloader_idx: int = 0) -> torch.Tensor:
         pred = self.net(batch.signal)
-        loss = self.loss_fn(pred, batch.target)
+        k = pred.shape[0] // batch.target.shape[0]
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        name = split + getattr(dm, "eval_set_names", [""])[dataloader_idx]
         bs = batch.target.shape[0]
-        self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True,
-                 prog_bar=True, batch_size=bs, sync_dist=split != "train")
+        if name == split:
+            loss = self.loss(pred, batch)
+            self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True,
+                     prog_bar=True, batch_size=bs, sync_dist=split != "train",
+                     add_dataloader_idx=False)
+        else:
+            loss = None
         pred_ms = pred.detach() * self.target_scale
-        for i, p in enumerate(_PARAMS):
-            for m in ("mae_ms", "rmse_ms"):
-                metric = self.metrics[f"{split}_"][f"{p}_{m}"]
-                metric(pred_ms[:, i], batch.params_ms[:, i])
-                self.log(f"{split}/{p}_{m}", metric, on_step=False, on_epoch=True,
-                         prog_bar=split == "val" and m == "mae_ms", batch_size=bs)
+        if k > 1:  # metrics of the first realisation of each fingerprint
+            pred_ms = pred_ms[::k]
+        for i, (p, u) in enumerate(zip(self.targets, self._units)):
+            f = 100.0 if u == "pct" else 1.0
+            for m in ("mae", "rmse"):
+                metric = self.metrics[_key(name)][f"{p}_{m}_{u}"]
+                metric(pred_ms[:, i] * f, batch.params_ms[:, i] * f)
+                self.log(f"{name}/{p}_{m}_{u}", metric, on_step=False, on_epoch=True,
+                         prog_bar=name == "val" and m == "mae" and p != "b1", batch_size=bs,
+                         add_dataloader_idx=False)
         self._last_pred_ms = pred_ms
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, "val", dataloader_idx)
 
-    def test_step(self, batch: Batch, batch_idx: int) -> dict:
-        self._step(batch, "test")
-        return {"pred_ms": self._last_pred_ms, "true_ms": batch.params_ms}
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        self._step(batch, "test", dataloader_idx)
+        if dataloader_idx == 0:
+            return {"pred_ms": self._last_pred_ms, "true_ms": batch.params_ms}
+        return {}
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr,

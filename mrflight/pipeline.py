@@ -51,8 +51,10 @@ def check_config(cfg: DictConfig) -> None:
                          f"{', '.join(sorted(REGISTRY))}")
     data = cfg.data
     noise = data.get("noise_std")
-    if not _number(noise) >= 0:
-        raise ValueError(f"data.noise_std must be a number >= 0 (default 0.01), got {noise!r}")
+    values = list(noise) if OmegaConf.is_list(noise) else [noise]
+    if not values or len(values) > 2 or not all(0 <= _number(v) < float("inf") for v in values):
+        raise ValueError(f"data.noise_std must be a finite number >= 0 or a range [low, high] "
+                         f"(e.g. 0.01 or [0.005, 0.03]), got {noise!r}")
     bs = data.get("batch_size")
     if not isinstance(bs, int) or bs <= 0:
         raise ValueError(f"data.batch_size must be a positive integer, got {bs}")
@@ -208,13 +210,16 @@ def _train(cfg: DictConfig) -> float | None:
 
     sequence = _build(cfg.sequence)
     datamodule = _build(cfg.data, sequence=sequence)
+    targets = list(datamodule.targets)
     net_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    net_cfg.update(input_length=len(sequence), in_channels=datamodule.in_channels)
+    net_cfg.update(input_length=len(sequence), in_channels=datamodule.in_channels,
+                   n_outputs=len(targets))
     module = instantiate(
         cfg.module, net=net_cfg, sequence=sequence.to_dict(), input_mode=datamodule.input_mode,
         target_scale_ms=list(datamodule.target_scale_ms), noise_std=datamodule.noise_std,
-        _recursive_=False, _convert_="all",
+        targets=targets, _recursive_=False, _convert_="all",
     )
+    datamodule.with_bound = module.needs_bound
 
     # loggers: W&B name from the overrides, group from the sweep dir
     loggers = []

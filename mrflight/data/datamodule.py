@@ -59,14 +59,24 @@ class Batch(NamedTuple):
         signal: model input: ``(B, T)`` float (magnitude mode) or ``(B, 2, T)`` (complex mode);
             in training batches before :meth:`FingerprintDataModule.on_after_batch_transfer`, the
             clean L2-normalised complex fingerprints ``(B, T)`` (complex dtype) that still need
-            noise.
-        target: scaled targets ``(B, 2)`` float32 (T1/scale, T2/scale).
-        params_ms: T1 and T2 in ms ``(B, 2)`` float32.
+            noise. With ``K`` noise realisations per fingerprint (the bias-reducing loss) it has
+            ``K * B`` rows, grouped per fingerprint.
+        target: scaled targets ``(B, P)`` float32 (T1/scale, T2/scale[, B1/scale]).
+        params_ms: the targets in their units ``(B, P)`` float32 (T1, T2 in ms; B1 a ratio).
+        noise_std: ``(B,)`` noise std of each fingerprint, where known.
+        bound: ``(B, P)`` Cramér–Rao bound of each target at that noise, when a loss needs it.
+        sim_params: ``(B, 3)`` float64 T1, T2, B1 still to be simulated (fresh simulated
+            batches only).
+        key: seed of the batch's noise stream (fresh simulated batches only).
     """
 
     signal: torch.Tensor
     target: torch.Tensor
     params_ms: torch.Tensor
+    noise_std: torch.Tensor | None = None
+    bound: torch.Tensor | None = None
+    sim_params: torch.Tensor | None = None
+    key: torch.Tensor | None = None
 
 
 def preprocess(noisy: torch.Tensor, input_mode: str = "magnitude") -> torch.Tensor:
@@ -90,8 +100,10 @@ class FingerprintDataset(Dataset):
     """Signals ``(N, T)`` (complex clean fingerprints or ready inputs) and their parameters."""
 
     def __init__(self, signals: torch.Tensor, params_ms: torch.Tensor,
-                 target_scale_ms: torch.Tensor) -> None:
+                 target_scale_ms: torch.Tensor, noise_std: float | None = None) -> None:
         self.signals = signals
+        self.noise_std = None if noise_std is None else torch.tensor(noise_std)
+        self.bound = None  # (N, 2) per-sample Cramér–Rao bound, when a loss needs it
         self.params_ms = params_ms.to(torch.float32)
         self.targets = (self.params_ms / target_scale_ms).to(torch.float32)
 
@@ -99,7 +111,8 @@ class FingerprintDataset(Dataset):
         return self.signals.shape[0]
 
     def __getitem__(self, i: int) -> Batch:
-        return Batch(self.signals[i], self.targets[i], self.params_ms[i])
+        return Batch(self.signals[i], self.targets[i], self.params_ms[i], self.noise_std,
+                     None if self.bound is None else self.bound[i])
 
 
 def stream_seed(*keys: int) -> int:
@@ -136,7 +149,7 @@ class EpochShuffleSampler(torch.utils.data.RandomSampler):
 
 
 def _collate(items: list[Batch]) -> Batch:
-    return Batch(*(torch.stack(x) for x in zip(*items)))
+    return Batch(*(None if x[0] is None else torch.stack(x) for x in zip(*items)))
 
 
 class FingerprintDataModule(L.LightningDataModule):
@@ -230,11 +243,15 @@ class FingerprintDataModule(L.LightningDataModule):
         self.progress = bool(progress)
         self.seed = None if seed is None else int(seed)
         self._noise_epoch, self._noise_batch = -1, 0
+        self.with_bound = False  # set by the pipeline when the module's loss needs the bound
         if params is not None:  # fail fast on a split that cannot fit
             self._split_sizes(len(params))
         self.train_set = self.val_set = self.test_set = None
 
     # -- properties used by the pipeline ------------------------------------------------------
+    targets = ("t1", "t2")
+    eval_set_names = [""]
+
     @property
     def in_channels(self) -> int:
         """Input channels of the model: 1 (magnitude) or 2 (real, imaginary)."""
@@ -332,11 +349,24 @@ class FingerprintDataModule(L.LightningDataModule):
             g = torch.Generator().manual_seed(self.noise_seed * 1_000_003 + split)
             return preprocess(add_noise(clean, self.noise_std, generator=g), self.input_mode)
 
-        self.train_set = FingerprintDataset(normalize(atoms[train_idx]), params[train_idx], scale)
-        self.val_set = FingerprintDataset(fixed(atoms[val_idx], 1), params[val_idx], scale)
-        self.test_set = FingerprintDataset(fixed(atoms[test_idx], 2), params[test_idx], scale)
+        std = self.noise_std
+        self.train_set = FingerprintDataset(normalize(atoms[train_idx]), params[train_idx], scale,
+                                            std)
+        self.val_set = FingerprintDataset(fixed(atoms[val_idx], 1), params[val_idx], scale, std)
+        self.test_set = FingerprintDataset(fixed(atoms[test_idx], 2), params[test_idx], scale,
+                                           std)
+        if self.with_bound:
+            for ds in (self.train_set, self.val_set, self.test_set):
+                ds.bound = self._bounds(ds.params_ms)
         self.split_indices = splits
         del atoms  # the full dictionary is freed; only the splits stay in memory
+
+    def _bounds(self, params_ms: torch.Tensor) -> torch.Tensor:
+        """Cramér–Rao bound ``(N, 2)`` (ms) of every sample at ``noise_std`` (B1 = 1 known)."""
+        from mrflight.physics import crb
+
+        return crb(self.sequence, params_ms[:, 0].double(), params_ms[:, 1].double(),
+                   self.noise_std).to(torch.float32)
 
     def _loader(self, ds, shuffle: bool, batch_size: int) -> DataLoader:
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=_collate,

@@ -18,12 +18,13 @@ class Regressor(nn.Module):
     Args:
         input_length: number of time points ``T`` of the fingerprints (``len(sequence)``).
         in_channels: 1 for magnitude input ``(B, T)``, 2 for real/imaginary input ``(B, 2, T)``.
+        n_outputs: number of estimated parameters ``P`` (2: T1, T2; 3: T1, T2, B1).
 
-    Subclasses call ``super().__init__(input_length, in_channels)`` and implement
+    Subclasses call ``super().__init__(input_length, in_channels, n_outputs)`` and implement
     :meth:`_forward` on ``(B, C, T)`` inputs already scaled by ``sqrt(T)``.
     """
 
-    def __init__(self, input_length: int, in_channels: int = 1) -> None:
+    def __init__(self, input_length: int, in_channels: int = 1, n_outputs: int = 2) -> None:
         super().__init__()
         if int(input_length) < 1:
             raise ValueError(f"input_length must be a positive number of time points, got "
@@ -31,12 +32,16 @@ class Regressor(nn.Module):
         if int(in_channels) < 1:
             raise ValueError(f"in_channels must be >= 1 (1 magnitude, 2 real/imag), got "
                              f"{in_channels}")
+        if isinstance(n_outputs, bool) or int(n_outputs) != n_outputs or n_outputs < 1:
+            raise ValueError(f"n_outputs must be a positive integer (2: T1, T2; 3: with B1), got "
+                             f"{n_outputs}")
+        self.n_outputs = int(n_outputs)
         self.input_length = int(input_length)
         self.in_channels = int(in_channels)
         self.input_scale = math.sqrt(self.input_length)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map normalised fingerprints ``(B, T)`` or ``(B, C, T)`` to scaled ``(B, 2)``."""
+        """Map normalised fingerprints ``(B, T)`` or ``(B, C, T)`` to scaled ``(B, P)``."""
         if x.ndim == 2:
             if self.in_channels == 1:
                 x = x.unsqueeze(1)

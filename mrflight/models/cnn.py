@@ -26,6 +26,7 @@ class CNNRegressor(Regressor):
     Args:
         input_length: ``T``.
         in_channels: 1 (magnitude) or 2 (real, imaginary).
+        n_outputs: estimated parameters (2: T1, T2; 3: T1, T2, B1).
         channels: filters of each convolution block.
         kernel_size: odd width of every convolution.
         pooled_length: positions kept by the final adaptive pooling.
@@ -39,11 +40,11 @@ class CNNRegressor(Regressor):
         2017;243:202.
     """
 
-    def __init__(self, input_length: int, in_channels: int = 1,
+    def __init__(self, input_length: int, in_channels: int = 1, n_outputs: int = 2,
                  channels: tuple[int, ...] | list[int] = (16, 32, 64, 128),
                  kernel_size: int = 7, pooled_length: int = 8, fc_size: int = 256,
                  dropout: float = 0.0, stem_stride: int = 1) -> None:
-        super().__init__(input_length, in_channels)
+        super().__init__(input_length, in_channels, n_outputs)
         self.channels = tuple(int(c) for c in channels)
         if not self.channels or min(self.channels) < 1:
             raise ValueError(f"channels must be a non-empty list of positive counts, got "
@@ -68,7 +69,7 @@ class CNNRegressor(Regressor):
         self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool1d(self.pooled_length))
         self.head = nn.Sequential(
             nn.Flatten(), nn.Linear(c_in * self.pooled_length, self.fc_size), nn.ReLU(),
-            nn.Dropout(self.dropout), nn.Linear(self.fc_size, 2),
+            nn.Dropout(self.dropout), nn.Linear(self.fc_size, self.n_outputs),
         )
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ class ANNRegressor(Regressor):
     Args:
         input_length: ``T``.
         in_channels: 1 (magnitude) or 2 (real, imaginary); the input is flattened to ``C*T``.
+        n_outputs: estimated parameters (2: T1, T2; 3: T1, T2, B1).
         hidden_sizes: widths of the hidden layers (DRONE: two layers of 300).
         dropout: dropout after every hidden layer.
 
@@ -24,10 +25,10 @@ class ANNRegressor(Regressor):
         80:885 (doi:10.1002/mrm.27198).
     """
 
-    def __init__(self, input_length: int, in_channels: int = 1,
+    def __init__(self, input_length: int, in_channels: int = 1, n_outputs: int = 2,
                  hidden_sizes: tuple[int, ...] | list[int] = (300, 300),
                  dropout: float = 0.0) -> None:
-        super().__init__(input_length, in_channels)
+        super().__init__(input_length, in_channels, n_outputs)
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ValueError(f"hidden_sizes must be a non-empty list of positive widths, got "
@@ -40,7 +41,7 @@ class ANNRegressor(Regressor):
             if self.dropout > 0:
                 layers.append(nn.Dropout(self.dropout))
             width = h
-        layers.append(nn.Linear(width, 2))
+        layers.append(nn.Linear(width, self.n_outputs))
         self.net = nn.Sequential(*layers)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,12 @@ class RecurrentRegressor(Regressor):
     zero-padded at the end of the last chunk) is one step of the recurrence. ``values_per_step=1``
     is the literal per-time-point model of the paper (1750 steps: very slow on a CPU); the default
     is chosen by measurement (see the README). The last hidden state of the top layer (both
-    directions when bidirectional) feeds a linear layer to 2 outputs.
+    directions when bidirectional) feeds a linear layer to ``n_outputs`` outputs.
 
     Args:
         input_length: ``T``.
         in_channels: 1 (magnitude) or 2 (real, imaginary).
+        n_outputs: estimated parameters (2: T1, T2; 3: T1, T2, B1).
         hidden_size: recurrent units (100 in the paper).
         num_layers: stacked recurrent layers.
         bidirectional: run the recurrence both ways.
@@ -38,10 +39,10 @@ class RecurrentRegressor(Regressor):
 
     rnn_class: type[nn.RNNBase] = nn.GRU
 
-    def __init__(self, input_length: int, in_channels: int = 1, hidden_size: int = 100,
-                 num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
-                 values_per_step: int = 50) -> None:
-        super().__init__(input_length, in_channels)
+    def __init__(self, input_length: int, in_channels: int = 1, n_outputs: int = 2,
+                 hidden_size: int = 100, num_layers: int = 1, bidirectional: bool = False,
+                 dropout: float = 0.0, values_per_step: int = 50) -> None:
+        super().__init__(input_length, in_channels, n_outputs)
         if values_per_step < 1:
             raise ValueError(f"values_per_step must be >= 1, got {values_per_step}")
         if hidden_size < 1 or num_layers < 1:
@@ -61,7 +62,7 @@ class RecurrentRegressor(Regressor):
             num_layers=self.num_layers, batch_first=True, bidirectional=self.bidirectional,
             dropout=self.dropout if self.num_layers > 1 else 0.0,
         )
-        self.fc = nn.Linear(self.hidden_size * (2 if self.bidirectional else 1), 2)
+        self.fc = nn.Linear(self.hidden_size * (2 if self.bidirectional else 1), self.n_outputs)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]

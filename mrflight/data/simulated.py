@@ -1,0 +1,498 @@
+"""``SimulatedDataModule``: fresh simulated fingerprints for every training batch.
+
+No dictionary is stored for training. Every training batch draws new tissue parameters from a
+configured prior (:class:`ParameterPrior`: T1 and T2, uniform or log-uniform, T2 <= T1; B1, the
+flip-angle scale; the noise level, fixed or drawn per sample) and simulates them with
+:func:`mrflight.physics.simulate`. An "epoch" is ``batches_per_epoch`` batches.
+
+Where the work is done: on a CPU the batch is simulated, noised and preprocessed in the
+DataLoader (``num_workers=1``, the default, overlaps that with the training step on the other
+core); on a GPU (``simulate_on="device"``, chosen automatically for a CUDA trainer) the loader
+only draws the parameters and the simulation and noise run on the GPU in
+:meth:`SimulatedDataModule.on_after_batch_transfer`, with no host round trip of the signals.
+
+Determinism: training batch ``i`` of epoch ``e`` on rank ``r`` is a function of ``(seed, e, i,
+r)`` only: the parameters come from ``numpy.random.default_rng(stream_seed(seed, 2, e, i, r))``
+and the noise from a torch generator seeded with ``stream_seed(seed, 1, e, i, r)``, so a resumed
+run sees exactly the batches of an uninterrupted one, whatever the worker count.
+
+Validation and test sets are fixed: ``n_val`` / ``n_test`` parameter sets drawn from the prior
+with ``split_seed``, simulated once (cached on disk through
+:func:`mrflight.dictionary.generate`), with noise fixed per index (``noise_seed``). Each is
+evaluated with per-sample noise levels drawn from the prior (metrics ``val/...``, ``test/...``;
+``val/loss`` drives early stopping) and at each of ``eval_noise_levels`` (metrics
+``val@0.01/...``).
+
+Noise model (as everywhere in mrflight): the complex fingerprint is L2-normalised, multiplied by
+a random global phase ``exp(i phi)`` (``random_phase``; real scanners give every voxel its own
+phase), and complex Gaussian noise with standard deviation ``noise_std`` on the real and on the
+imaginary part is added. A voxel of proton density ``rho`` under noise ``sigma`` is the same
+as a unit-norm fingerprint under noise ``sigma / rho``: the noise range covers both.
+
+References:
+    Barbieri et al., A deep learning approach for MRF parameter estimation with continuous
+    random training data, NMR Biomed 2022 (fresh continuous training data, varied noise).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mrflight.physics import Sequence, normalize
+
+from .datamodule import INPUT_MODES, Batch, _collate, preprocess, stream_seed
+
+__all__ = ["ParameterPrior", "SimulatedDataModule", "TARGETS", "DEFAULT_SCALES"]
+
+#: the parameters a network can estimate, in output order
+TARGETS = ("t1", "t2", "b1")
+#: divisor of each target for the loss (T1, T2 in ms; B1 a ratio)
+DEFAULT_SCALES = {"t1": 4000.0, "t2": 500.0, "b1": 1.0}
+_DISTRIBUTIONS = ("uniform", "log-uniform")
+
+
+def _pair(name: str, value, positive: bool = True) -> tuple[float, float]:
+    """``value`` as a ``(low, high)`` pair of finite floats (a scalar gives ``(v, v)``)."""
+    try:
+        vals = [float(value)] * 2 if np.ndim(value) == 0 else [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or a pair [low, high], got {value!r}") from None
+    if len(vals) != 2:
+        raise ValueError(f"{name} must be a number or a pair [low, high], got {value!r}")
+    lo, hi = vals
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo or (positive and lo <= 0) \
+            or lo < 0:
+        raise ValueError(f"{name} must be finite with {'0 <' if positive else '0 <='} low <= "
+                         f"high, got {value!r}")
+    return lo, hi
+
+
+class ParameterPrior:
+    """The distribution of the training parameters: T1, T2, B1 and the noise level.
+
+    T1 is drawn from ``t1_range``; T2 from ``t2_range`` capped at the sample's T1 when
+    ``t2_le_t1`` (T2 > T1 is unphysical), both uniform or uniform in the logarithm
+    (``distribution="log-uniform"``: equal weight per octave, the natural prior for relaxation
+    times that span two decades). B1 is uniform in ``b1_range``; the noise standard deviation is
+    log-uniform in ``noise_std`` (a pair) or fixed (a number).
+
+    Args:
+        t1_range: ``(low, high)`` T1 in ms.
+        t2_range: ``(low, high)`` T2 in ms; ``low`` must not exceed ``t1_range``'s low when
+            ``t2_le_t1``.
+        distribution: ``"log-uniform"`` or ``"uniform"`` for T1 and T2.
+        b1_range: ``(low, high)`` flip-angle scale (ratio to nominal), or ``None`` for B1 = 1.
+        noise_std: noise std relative to the unit-norm fingerprint: a number, or ``(low,
+            high)`` drawn log-uniformly per sample.
+        t2_le_t1: cap T2 at T1.
+    """
+
+    def __init__(self, t1_range=(50.0, 5000.0), t2_range=(5.0, 600.0),
+                 distribution: str = "log-uniform", b1_range=(0.7, 1.3),
+                 noise_std=(0.005, 0.03), t2_le_t1: bool = True) -> None:
+        if distribution not in _DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {_DISTRIBUTIONS}, got "
+                             f"{distribution!r}")
+        self.t1_range = _pair("data.t1_range", t1_range)
+        self.t2_range = _pair("data.t2_range", t2_range)
+        self.b1_range = None if b1_range is None else _pair("data.b1_range", b1_range)
+        self.noise_std = _pair("data.noise_std", noise_std, positive=False)
+        if self.noise_std[0] == 0 and self.noise_std[1] > 0:
+            raise ValueError(f"data.noise_std={noise_std!r}: a log-uniform noise range needs a "
+                             "positive lower end (e.g. [0.005, 0.03]); use 0 for noise-free")
+        self.distribution = distribution
+        self.t2_le_t1 = bool(t2_le_t1)
+        if self.t2_le_t1 and self.t2_range[0] > self.t1_range[0]:
+            raise ValueError(f"data.t2_range low ({self.t2_range[0]} ms) exceeds data.t1_range "
+                             f"low ({self.t1_range[0]} ms): with T2 <= T1 the shortest T1 has no "
+                             "T2; lower t2_range or raise t1_range")
+
+    @property
+    def estimates_b1(self) -> bool:
+        return self.b1_range is not None
+
+    def _draw(self, rng: np.random.Generator, lo, hi, n: int, log: bool) -> np.ndarray:
+        u = rng.random(n)
+        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        if log:
+            return np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))
+        return lo + u * (hi - lo)
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Draw ``n`` samples.
+
+        Returns:
+            ``(params, noise_std)``: float64 ``(n, 3)`` T1 ms, T2 ms, B1; float64 ``(n,)``.
+        """
+        log = self.distribution == "log-uniform"
+        t1 = self._draw(rng, *self.t1_range, n, log)
+        t2_hi = np.minimum(self.t2_range[1], t1) if self.t2_le_t1 else self.t2_range[1]
+        t2 = self._draw(rng, self.t2_range[0], t2_hi, n, log)
+        b1 = (np.ones(n) if self.b1_range is None
+              else self._draw(rng, *self.b1_range, n, False))
+        lo, hi = self.noise_std
+        noise = np.full(n, lo) if lo == hi else self._draw(rng, lo, hi, n, True)
+        return np.stack([t1, t2, b1], axis=1), noise
+
+    def bounds(self) -> dict:
+        """The prior's extremes, for a simulation truncation verified once for all draws."""
+        b1 = self.b1_range or (1.0, 1.0)
+        return {"t1_max": self.t1_range[1], "t2_max": min(self.t2_range[1], self.t1_range[1]),
+                "b1_range": b1}
+
+
+def realise(clean: torch.Tensor, noise_std: torch.Tensor, generator: torch.Generator,
+            random_phase: bool, input_mode: str, realizations: int = 1) -> torch.Tensor:
+    """Noisy model inputs from clean fingerprints: normalise, global phase, noise, preprocess.
+
+    Args:
+        clean: ``(B, T)`` complex fingerprints (any scale).
+        noise_std: ``(B,)`` noise std per fingerprint (relative to its unit-norm version).
+        generator: the torch generator of this batch's noise (on the signals' device).
+        random_phase: multiply each fingerprint by ``exp(i phi)``, ``phi`` uniform.
+        input_mode: see :func:`mrflight.data.preprocess`.
+        realizations: ``K`` noise draws per fingerprint, grouped: rows ``b*K .. b*K+K-1`` are
+            fingerprint ``b``.
+
+    Returns:
+        Model inputs of ``K*B`` rows.
+    """
+    x = normalize(clean.to(torch.complex64))
+    dev = x.device
+    if random_phase:
+        phi = torch.rand(x.shape[0], generator=generator, device=dev) * (2 * math.pi)
+        x = x * torch.polar(torch.ones_like(phi), phi)[:, None]
+    if realizations > 1:
+        x = x.repeat_interleave(realizations, dim=0)
+        noise_std = noise_std.repeat_interleave(realizations)
+    shape = (x.shape[0], x.shape[1])
+    nr = torch.randn(shape, generator=generator, device=dev)
+    ni = torch.randn(shape, generator=generator, device=dev)
+    noisy = x + noise_std.to(dev, torch.float32)[:, None] * torch.complex(nr, ni)
+    return preprocess(noisy, input_mode)
+
+
+class _EpochKeys(Sampler):
+    """Yields ``(epoch, batch index)`` keys; Lightning calls :meth:`set_epoch` every epoch."""
+
+    def __init__(self, n_batches: int) -> None:
+        self.n_batches = int(n_batches)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in range(self.n_batches)])
+
+
+class BatchSimulator:
+    """Draws and simulates the training batches (picklable: loader workers hold a copy).
+
+    Args:
+        sequence: the pulse train.
+        prior: the parameter prior.
+        targets: estimated parameter names (see :data:`TARGETS`).
+        scale: ``(P,)`` target divisors.
+        batch_size: fingerprints per batch.
+        input_mode: see :func:`mrflight.data.preprocess`.
+        random_phase: random global phase per fingerprint.
+        realizations: noise draws per fingerprint.
+    """
+
+    def __init__(self, sequence: Sequence, prior: ParameterPrior, targets, scale: torch.Tensor,
+                 batch_size: int, input_mode: str, random_phase: bool,
+                 realizations: int) -> None:
+        from mrflight.physics.epg import truncation_rate
+
+        self.sequence, self.prior, self.targets = sequence, prior, tuple(targets)
+        self.columns = [TARGETS.index(t) for t in self.targets]
+        self.scale, self.batch_size = scale, int(batch_size)
+        self.input_mode, self.random_phase = input_mode, bool(random_phase)
+        self.realizations = int(realizations)
+        self.with_bound = False
+        b = prior.bounds()
+        # the truncation verified once for the whole prior: no probing per batch
+        self.rate = truncation_rate(sequence, 1e-3, b["t2_max"], b["t1_max"],
+                                    tuple(b["b1_range"]))
+
+    def draw(self, seed: int, epoch: int, index: int, rank: int) -> Batch:
+        """Parameters and noise levels of one batch: a function of its arguments only."""
+        rng = np.random.default_rng(stream_seed(seed, 2, epoch, index, rank))
+        params, noise = self.prior.sample(self.batch_size, rng)
+        p = torch.from_numpy(params[:, self.columns]).to(torch.float32)
+        return Batch(signal=torch.empty(0), target=p / self.scale, params_ms=p,
+                     noise_std=torch.from_numpy(noise).to(torch.float32),
+                     sim_params=torch.from_numpy(params),
+                     key=torch.tensor(stream_seed(seed, 1, epoch, index, rank)))
+
+    def simulate(self, params: torch.Tensor) -> torch.Tensor:
+        """Clean complex fingerprints ``(B, T)`` of ``(B, 3)`` T1, T2, B1 on their device."""
+        from mrflight.physics import simulate
+
+        return simulate(self.sequence, params[:, 0], params[:, 1], params[:, 2],
+                        device=params.device, _rate=self.rate)
+
+    def bounds(self, params: torch.Tensor, noise_std: torch.Tensor) -> torch.Tensor:
+        """Per-sample Cramér–Rao bound of the targets ``(B, P)`` (ms, ms, ratio)."""
+        from mrflight.physics import crb
+
+        b = crb(self.sequence, params[:, 0], params[:, 1], 1.0, b1=params[:, 2],
+                estimate_b1="b1" in self.targets, phase_nuisance=self.random_phase)
+        return (b.to(torch.float32).cpu()
+                * noise_std.cpu().to(torch.float32)[:, None]).to(noise_std.device)
+
+    def realise(self, batch: Batch) -> Batch:
+        """Simulate, noise and preprocess a drawn batch on the device of its tensors."""
+        dev = batch.target.device
+        params = batch.sim_params.to(dev)
+        with torch.no_grad():
+            clean = self.simulate(params)
+            g = torch.Generator(device=dev)
+            g.manual_seed(int(batch.key))
+            signal = realise(clean, batch.noise_std, g, self.random_phase, self.input_mode,
+                             self.realizations)
+            bound = self.bounds(params, batch.noise_std) if self.with_bound else None
+        return batch._replace(signal=signal, bound=bound)
+
+
+class _TrainBatches(Dataset):
+    """Training batches keyed by ``(epoch, index)``; simulated here or on the device later."""
+
+    def __init__(self, sim: BatchSimulator, n_batches: int, seed: int, rank: int) -> None:
+        self.sim, self.n_batches, self.seed, self.rank = sim, int(n_batches), int(seed), int(rank)
+        self.simulate_here = True
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __getitem__(self, key) -> Batch:
+        epoch, i = key
+        batch = self.sim.draw(self.seed, epoch, i, self.rank)
+        return self.sim.realise(batch) if self.simulate_here else batch
+
+
+class SimulatedDataModule(L.LightningDataModule):
+    """Fresh simulated training fingerprints every batch; fixed, seeded validation and test sets.
+
+    Args:
+        sequence: the pulse train (a :class:`~mrflight.physics.Sequence` or its ``to_dict()``).
+        targets: estimated parameters, a subset of ``("t1", "t2", "b1")`` starting with T1 and
+            T2. Without ``"b1"`` B1 is fixed at 1 (``b1_range`` is ignored).
+        t1_range, t2_range, distribution, b1_range, noise_std: the prior, see
+            :class:`ParameterPrior`.
+        batch_size: training fingerprints per batch.
+        batches_per_epoch: training batches per epoch.
+        realizations: noise draws per training fingerprint (``K``; the batch has
+            ``K * batch_size`` inputs, grouped per fingerprint), for the bias-reducing loss.
+        n_val, n_test: sizes of the fixed validation and test sets.
+        eval_noise_levels: fixed noise levels at which validation and test are also reported.
+        eval_batch_size: batch size of validation and test.
+        input_mode: ``"magnitude"`` or ``"complex"`` (see :func:`mrflight.data.preprocess`).
+        random_phase: give every fingerprint a random global phase.
+        target_scale_ms: divisor of each target for the loss (``None``: T1 4000 ms, T2 500 ms,
+            B1 1).
+        split_seed: seed of the validation/test parameters.
+        noise_seed: seed of the fixed validation/test noise.
+        seed: seed of the training draws (``None``: ``torch.initial_seed()`` at setup).
+        cache_dir: cache folder of the simulated validation/test sets (``None``: no cache).
+        num_workers: DataLoader worker processes for the training batches (1 overlaps the
+            simulation with the training step on a CPU).
+        simulate_on: ``"auto"`` (the device of the trainer), ``"loader"`` or ``"device"``.
+        progress: show progress while simulating the fixed sets.
+    """
+
+    def __init__(self, sequence: Sequence | dict | None = None,
+                 targets=("t1", "t2", "b1"), t1_range=(50.0, 5000.0), t2_range=(5.0, 600.0),
+                 distribution: str = "log-uniform", b1_range=(0.7, 1.3),
+                 noise_std=(0.005, 0.03), batch_size: int = 256,
+                 batches_per_epoch: int = 200, realizations: int = 1, n_val: int = 2000,
+                 n_test: int = 5000, eval_noise_levels=(0.005, 0.01, 0.02),
+                 eval_batch_size: int | None = None, input_mode: str = "magnitude",
+                 random_phase: bool = True, target_scale_ms=None, split_seed: int = 0,
+                 noise_seed: int = 1, seed: int | None = None, cache_dir: str | None = None,
+                 num_workers: int = 1, simulate_on: str = "auto",
+                 progress: bool = True) -> None:
+        super().__init__()
+        if isinstance(sequence, dict):
+            sequence = Sequence.from_dict(sequence)
+        if not isinstance(sequence, Sequence):
+            raise ValueError("data=simulated needs a sequence (the pipeline passes the run's "
+                             f"sequence config), got {type(sequence).__name__}")
+        targets = tuple(str(t).lower() for t in targets)
+        if targets[:2] != ("t1", "t2") or not set(targets) <= set(TARGETS) \
+                or len(set(targets)) != len(targets):
+            raise ValueError(f"data.targets must be [t1, t2] or [t1, t2, b1], got "
+                             f"{list(targets)}")
+        self.targets = targets
+        self.prior = ParameterPrior(t1_range, t2_range, distribution,
+                                    b1_range if "b1" in targets else None, noise_std)
+        for name, v in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
+                        ("realizations", realizations), ("n_val", n_val), ("n_test", n_test),
+                        ("num_workers", num_workers + 1)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"data.{name} must be a positive integer, got {v!r}")
+        levels = [float(s) for s in (eval_noise_levels or ())]
+        if any(not (math.isfinite(s) and s >= 0) for s in levels):
+            raise ValueError(f"data.eval_noise_levels must be finite numbers >= 0, got "
+                             f"{eval_noise_levels}")
+        if input_mode not in INPUT_MODES:
+            raise ValueError(f"data.input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
+        if simulate_on not in ("auto", "loader", "device"):
+            raise ValueError(f"data.simulate_on must be auto, loader or device, got "
+                             f"{simulate_on!r}")
+        if target_scale_ms is None:
+            target_scale_ms = [DEFAULT_SCALES[t] for t in targets]
+        scale = tuple(float(s) for s in target_scale_ms)
+        if len(scale) != len(targets) or min(scale) <= 0:
+            raise ValueError(f"data.target_scale_ms must be {len(targets)} positive numbers (one "
+                             f"per target {list(targets)}), got {target_scale_ms}")
+        self.sequence = sequence
+        self.batch_size = int(batch_size)
+        self.batches_per_epoch = int(batches_per_epoch)
+        self.realizations = int(realizations)
+        self.n_val, self.n_test = int(n_val), int(n_test)
+        self.eval_noise_levels = tuple(levels)
+        self.eval_batch_size = int(eval_batch_size or 4 * batch_size)
+        self.input_mode = input_mode
+        self.random_phase = bool(random_phase)
+        self.target_scale_ms = scale
+        self.scale = torch.tensor(scale, dtype=torch.float32)
+        self.target_columns = [TARGETS.index(t) for t in targets]
+        self.split_seed, self.noise_seed = int(split_seed), int(noise_seed)
+        self.seed = None if seed is None else int(seed)
+        self.cache_dir = cache_dir
+        self.num_workers = int(num_workers)
+        self.simulate_on = simulate_on
+        self.progress = bool(progress)
+        self.with_bound = False  # set by a module whose loss needs the per-sample bound
+        self._sim: BatchSimulator | None = None
+        self.train_set = None
+        self._eval: dict = {}
+
+    # -- what the pipeline and the module read ------------------------------------------------
+    @property
+    def in_channels(self) -> int:
+        return 1 if self.input_mode == "magnitude" else 2
+
+    @property
+    def input_length(self) -> int:
+        return len(self.sequence)
+
+    @property
+    def noise_std(self):
+        """The training noise: a number, or ``[low, high]`` drawn per sample."""
+        lo, hi = self.prior.noise_std
+        return lo if lo == hi else [lo, hi]
+
+    @property
+    def eval_set_names(self) -> list[str]:
+        """Names of the validation/test sets, in dataloader order (``""``: the prior's noise)."""
+        return [""] + [f"@{s:g}" for s in self.eval_noise_levels]
+
+    @property
+    def simulator(self) -> BatchSimulator:
+        if self._sim is None:
+            self._sim = BatchSimulator(self.sequence, self.prior, self.targets, self.scale,
+                                       self.batch_size, self.input_mode, self.random_phase,
+                                       self.realizations)
+        self._sim.with_bound = self.with_bound
+        return self._sim
+
+    # -- fixed sets ---------------------------------------------------------------------------
+    def _fixed_set(self, n: int, split: int) -> dict:
+        from mrflight import dictionary
+
+        rng = np.random.default_rng([self.split_seed, split])
+        params, noise = self.prior.sample(n, rng)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            d = dictionary.generate(self.sequence, params[:, :2], b1=params[:, 2],
+                                    cache_dir=self.cache_dir, progress=self.progress)
+        clean = torch.from_numpy(np.ascontiguousarray(d.atoms)).to(torch.complex64)
+        p = torch.from_numpy(params)
+        ptar = p[:, self.target_columns].to(torch.float32)
+        sets = []
+        levels = [torch.from_numpy(noise).to(torch.float32)] + [
+            torch.full((n,), s, dtype=torch.float32) for s in self.eval_noise_levels]
+        for j, std in enumerate(levels):
+            g = torch.Generator().manual_seed(self.noise_seed * 1_000_003 + 10 * split + j)
+            x = realise(clean, std, g, self.random_phase, self.input_mode)
+            bound = self.simulator.bounds(p, std) if self.with_bound else None
+            sets.append(_FixedSet(x, ptar / self.scale, ptar, std, bound))
+        return {"params": p, "noise_std": torch.from_numpy(noise), "sets": sets}
+
+    def fixed_sets(self, split: str) -> dict:
+        """The fixed ``"val"`` or ``"test"`` set: parameters ``(n, 3)``, noise, datasets."""
+        if split not in self._eval:
+            n, code = (self.n_val, 1) if split == "val" else (self.n_test, 2)
+            self._eval[split] = self._fixed_set(n, code)
+        return self._eval[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.seed is None:
+            self.seed = int(torch.initial_seed())
+        trainer = getattr(self, "trainer", None)
+        rank = int(trainer.global_rank) if trainer is not None else 0
+        if self.train_set is None:
+            self.train_set = _TrainBatches(self.simulator, self.batches_per_epoch, self.seed,
+                                           rank)
+
+    def _on_cuda(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        try:
+            return trainer is not None and trainer.strategy.root_device.type == "cuda"
+        except Exception:  # noqa: BLE001 - no strategy yet
+            return False
+
+    def train_dataloader(self) -> DataLoader:
+        on_device = self.simulate_on == "device" or (self.simulate_on == "auto"
+                                                     and self._on_cuda())
+        self.train_set.simulate_here = not on_device
+        workers = 0 if on_device else self.num_workers
+        return DataLoader(self.train_set, batch_size=None, sampler=_EpochKeys(
+            self.batches_per_epoch), num_workers=workers, persistent_workers=workers > 0,
+            collate_fn=_identity)
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        return [DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False,
+                           collate_fn=_collate) for ds in self.fixed_sets(split)["sets"]]
+
+    def val_dataloader(self):
+        return self._eval_loaders("val")
+
+    def test_dataloader(self):
+        return self._eval_loaders("test")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, Batch) and batch.signal.numel() == 0:
+            batch = self.simulator.realise(batch)
+        return batch
+
+
+def _identity(x):
+    return x
+
+
+class _FixedSet(Dataset):
+    """A fixed evaluation set: ready model inputs and targets (and bounds when requested)."""
+
+    def __init__(self, signals, target, params_ms, noise_std, bound) -> None:
+        self.signals, self.target, self.params_ms = signals, target, params_ms
+        self.noise_std, self.bound = noise_std, bound
+
+    def __len__(self) -> int:
+        return self.signals.shape[0]
+
+    def __getitem__(self, i: int) -> Batch:
+        return Batch(self.signals[i], self.target[i], self.params_ms[i], self.noise_std[i],
+                     bound=None if self.bound is None else self.bound[i])
