@@ -105,6 +105,14 @@ class EvalSettings:
         grid: the dictionary grid used when no run config gives one: a config node
             ``{"_target_": ..., **kwargs}`` returning ``(M, 2)`` T1, T2 in ms (``None``:
             :func:`mrflight.dictionary.paper_grid`).
+        efficiency: the efficiency report (:func:`mrflight.efficiency.efficiency_report`): bias,
+            std, RMSE and their ratios to the bound on an 8 x 8 T1-T2 grid (x B1 0.8, 1.0, 1.2
+            when a model estimates B1) with ``efficiency_realizations`` noise draws per point at
+            ``efficiency_noise_std``.
+        offgrid_b1: the continuous test set with B1 in [0.8, 1.2], proton density 0.5-1.0
+            and a global phase per signal (``offgrid_b1_signals`` signals at noise 0.01),
+            against the bound with T1, T2, B1 and the complex scale unknown.
+        robustness: the robustness table (:func:`mrflight.efficiency.robustness_report`).
     """
 
     n_test: int = 1000
@@ -126,6 +134,12 @@ class EvalSettings:
     batch_size: int = 4096
     device: str = "cpu"
     grid: dict | None = None
+    efficiency: bool = True
+    efficiency_realizations: int = 200
+    efficiency_noise_std: float = 0.01
+    offgrid_b1: bool = True
+    offgrid_b1_signals: int = 2000
+    robustness: bool = True
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -158,6 +172,15 @@ class EvalSettings:
         if int(self.latency_repeats) < 2:
             raise ValueError("evaluation.latency_repeats must be >= 2 (a std needs two calls)")
         self.n_test = int(self.n_test)
+        if int(self.efficiency_realizations) < 2:
+            raise ValueError(f"evaluation.efficiency_realizations must be >= 2, got "
+                             f"{self.efficiency_realizations}")
+        if not (self.efficiency_noise_std > 0 and math.isfinite(self.efficiency_noise_std)):
+            raise ValueError(f"evaluation.efficiency_noise_std must be > 0, got "
+                             f"{self.efficiency_noise_std}")
+        if int(self.offgrid_b1_signals) < 2:
+            raise ValueError(f"evaluation.offgrid_b1_signals must be >= 2, got "
+                             f"{self.offgrid_b1_signals}")
 
     @property
     def plot_noise_std(self) -> float:
@@ -260,6 +283,8 @@ def _build_group_data(group: _Group, data_cfg: dict | None, settings: EvalSettin
     from mrflight.physics import simulate
 
     seq = group.seq
+    if data_cfg is not None and "SimulatedDataModule" in str(data_cfg.get("_target_", "")):
+        data_cfg = None  # trained on fresh simulated data: no stored grid to hold out from
     if data_cfg is not None:
         # the run's own split, reproduced by its datamodule
         dm = _instantiate(data_cfg, sequence=seq, progress=False)
@@ -602,9 +627,103 @@ def _clean_json(obj):
     return obj
 
 
+def _estimators(group: _Group, settings: EvalSettings) -> tuple[dict, dict]:
+    """Networks of a group as estimators ``(N, T) -> (N, P)``, and their training noise."""
+    est, noise = {}, {}
+    for r in group.runs:
+        name = r.method if not r.label else f"{r.method} [{r.label}]"
+
+        def fn(s, module=r.module):
+            return module.predict_parameters(s, batch_size=settings.batch_size).numpy()
+
+        est[name] = fn
+        ns = r.module.hparams.get("noise_std")
+        lo, hi = (ns, ns) if not isinstance(ns, (list, tuple)) else ns
+        noise[name] = (float(lo or 0.01), float(hi or 0.01))
+    return est, noise
+
+
+def _bound_reports(group: _Group, settings: EvalSettings, figures: dict) -> dict:
+    """The efficiency, off-grid B1 and robustness reports of a group's networks."""
+    from mrflight import efficiency as eff
+    from mrflight.phantoms import tissue_values
+
+    est, noise = _estimators(group, settings)
+    if not est:
+        return {}
+    out: dict = {}
+    with_b1 = any("b1" in getattr(r.module, "targets", ()) for r in group.runs)
+    if settings.efficiency:
+        t0 = time.perf_counter()
+        pts = eff.efficiency_grid(b1=(0.8, 1.0, 1.2) if with_b1 else (1.0,))
+        rows = eff.efficiency_report(group.seq, est, pts, settings.efficiency_noise_std,
+                                     settings.efficiency_realizations, settings.noise_seed)
+        out["efficiency"] = rows
+        out["efficiency_summary"] = eff.summarise(rows)
+        if settings.plots:
+            from mrflight import plots
+
+            figures[f"efficiency_{group.seq.name}"] = plots.efficiency_map(rows)
+        log.info("efficiency report (%d points): %.1f s", len(pts), time.perf_counter() - t0)
+    if settings.offgrid_b1:
+        out["offgrid_b1"] = eff.offgrid_report(group.seq, est, settings.offgrid_b1_signals,
+                                               0.01, settings.offgrid_seed)
+    if settings.robustness:
+        tis = {k: v for k, v in tissue_values().items()
+               if v["t2_ms"] <= 500 and v["t1_ms"] <= 4000}
+        out["robustness"] = eff.robustness_report(group.seq, est, noise, tis,
+                                                  seed=settings.noise_seed)
+    return out
+
+
+def _reports_md(extra: dict) -> str:
+    """Markdown sections of the efficiency, off-grid B1 and robustness reports."""
+    parts = []
+    if extra.get("efficiency_summary"):
+        parts.append("\n## Efficiency: median over the T1-T2(-B1) grid of std/CRB and RMSE/CRB"
+                     "\n\n| method | points | T1 std/CRB | T1 RMSE/CRB | T2 std/CRB | T2 RMSE/CRB"
+                     " | B1 std/CRB | B1 RMSE/CRB |\n|---|---|---|---|---|---|---|---|")
+        for r in extra["efficiency_summary"]:
+            cells = [_fmt(r.get(f"{q}_{m}_median")) for q in ("t1", "t2", "b1")
+                     for m in ("std_over_crb", "rmse_over_crb")]
+            parts.append(f"| {r['method']} | {r['points']} | " + " | ".join(cells) + " |")
+    if extra.get("offgrid_b1"):
+        parts.append("\n## Continuous tissues with B1 0.8-1.2, proton density 0.5-1.0, random "
+                     "phase (noise 0.01)\n\n| method | T1 RMSE ms | T1 RMSE/CRB | T2 RMSE ms | "
+                     "T2 RMSE/CRB | B1 RMSE % | B1 RMSE/CRB |\n|---|---|---|---|---|---|---|")
+        for r in extra["offgrid_b1"]:
+            parts.append(f"| {r['method']} | {_fmt(r.get('t1_rmse_ms'))} | "
+                         f"{_fmt(r.get('t1_rmse_over_crb'))} | {_fmt(r.get('t2_rmse_ms'))} | "
+                         f"{_fmt(r.get('t2_rmse_over_crb'))} | {_fmt(r.get('b1_rmse_pct'))} | "
+                         f"{_fmt(r.get('b1_rmse_over_crb'))} |")
+    rob = extra.get("robustness") or []
+    if rob:
+        parts.append("\n## Robustness: conditions outside training\n\n| method | condition | "
+                     "noise | B1 | T1 RMSE ms | T1 median bias % | T2 RMSE ms | T2 median bias % "
+                     "|\n|---|---|---|---|---|---|---|---|")
+        for r in rob:
+            if r["condition"] != "tissue_pd":
+                parts.append(f"| {r['method']} | {r['condition']} | {r['noise_std']:.4g} | "
+                             f"{r['b1']:g} | {_fmt(r['t1_rmse_ms'])} | {_fmt(r['t1_bias_pct'])} "
+                             f"| {_fmt(r['t2_rmse_ms'])} | {_fmt(r['t2_bias_pct'])} |")
+        parts.append("\n| method | tissue | proton density | T1 median error % | "
+                     "T2 median error % |\n|---|---|---|---|---|")
+        for r in rob:
+            if r["condition"] == "tissue_pd":
+                parts.append(f"| {r['method']} | {r['tissue']} | {r['pd']:g} | "
+                             f"{_fmt(r['t1_median_error_pct'])} | "
+                             f"{_fmt(r['t2_median_error_pct'])} |")
+    return "\n".join(parts) + ("\n" if parts else "")
+
+
 def write_outputs(out_dir: Path, rows: list[dict], info: dict, figures: dict,
-                  arrays: dict) -> dict[str, Path]:
-    """Write metrics.json, table.md, table.csv, figures/*.png and arrays atomically."""
+                  arrays: dict, extra: dict | None = None) -> dict[str, Path]:
+    """Write metrics.json, table.md, table.csv, figures/*.png and arrays atomically.
+
+    ``extra``: the efficiency, off-grid B1 and robustness reports (lists of rows), written as
+    keys of ``metrics.json`` beside ``rows`` and as sections of ``table.md``.
+    """
+    extra = {k: v for k, v in (extra or {}).items() if v}
     from mrflight import plots
 
     out_dir = Path(out_dir)
@@ -618,8 +737,8 @@ def write_outputs(out_dir: Path, rows: list[dict], info: dict, figures: dict,
     write_text("metrics.json", json.dumps(_clean_json(
         {"units": {"*_ms": "ms", "noise_std": "relative to the unit-norm fingerprint",
                    "latency": "single-signal call, mean and std over latency_repeats calls"},
-         "info": info, "rows": rows}), indent=2) + "\n")
-    write_text("table.md", _table_md(rows, info))
+         "info": info, "rows": rows, **extra}), indent=2) + "\n")
+    write_text("table.md", _table_md(rows, info) + _reports_md(extra))
     write_text("table.csv", _table_csv(rows))
     for name, fig in figures.items():
         if name.startswith("_"):
@@ -755,7 +874,7 @@ def run(cfg):
         groups[key].description["data_cfg"] = None
 
     rows, figures, arrays = [], {}, {}
-    infos = []
+    infos, reports = [], []
     for g in groups.values():
         data_cfg = g.description.pop("data_cfg", None)
         t0 = time.perf_counter()
@@ -763,13 +882,16 @@ def run(cfg):
         log.info("test data for %s: %.1f s", g.seq.name, time.perf_counter() - t0)
         rows += evaluate_group(g, settings, out_dir, figures, arrays)
         infos.append(g.description)
+        reports.append(_bound_reports(g, settings, figures))
     info = {"groups": infos, "settings": asdict(settings),
             "latency_repeats": settings.latency_repeats, "device": settings.device,
             "threads": torch.get_num_threads(), "bound_signals": settings.bound_signals,
             "bound_kind": "magnitude" if settings.bound_magnitude else "complex",
             "complex_matching": settings.complex_matching,
             "mrflight_version": mrflight.__version__}
-    files = write_outputs(out_dir, rows, info, figures, arrays)
+    extra = {k: [r for rep in reports for r in rep.get(k, [])]
+             for k in ("efficiency", "efficiency_summary", "offgrid_b1", "robustness")}
+    files = write_outputs(out_dir, rows, info, figures, arrays, extra)
     loggers = _make_loggers(cfg)
     try:
         _log_to_loggers(loggers, rows, figures, (out_dir / "table.md").read_text())

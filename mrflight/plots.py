@@ -343,3 +343,43 @@ def parameter_maps(truth: dict, maps: dict, mask=None, t1_range=(0.0, 3000.0),
     if title:
         fig.suptitle(title)
     return fig
+
+
+def efficiency_map(rows: list[dict], b1: float = 1.0) -> Figure:
+    """RMSE/CRB of T1 and T2 over the T1-T2 plane, one row of panels per method.
+
+    Args:
+        rows: rows of :func:`mrflight.efficiency.efficiency_report`; those at ``b1`` are drawn.
+        b1: the B1 value of the points drawn.
+
+    Returns:
+        The figure: each cell is a test point, coloured and labelled by RMSE/CRB (1 = the bound;
+        the colour scale is logarithmic from 0.5 to 4).
+    """
+    from matplotlib.colors import LogNorm
+
+    rows = [r for r in rows if abs(r["b1"] - b1) < 1e-9]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    t1 = sorted({r["t1_ms"] for r in rows})
+    t2 = sorted({r["t2_ms"] for r in rows})
+    fig = Figure(figsize=(8.5, 3.6 * max(1, len(methods))), layout="constrained")
+    axes = fig.subplots(max(1, len(methods)), 2, squeeze=False)
+    norm = LogNorm(0.5, 4.0)
+    for i, m in enumerate(methods):
+        for j, q in enumerate(("t1", "t2")):
+            grid = np.full((len(t2), len(t1)), np.nan)
+            for r in rows:
+                if r["method"] == m and r.get(f"{q}_rmse_over_crb") is not None:
+                    grid[t2.index(r["t2_ms"]), t1.index(r["t1_ms"])] = r[f"{q}_rmse_over_crb"]
+            ax = axes[i, j]
+            im = ax.imshow(grid, origin="lower", cmap="RdYlGn_r", norm=norm, aspect="auto")
+            for (yy, xx), v in np.ndenumerate(grid):
+                if np.isfinite(v):
+                    ax.text(xx, yy, f"{v:.2g}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(t1)), [f"{v:.0f}" for v in t1], rotation=45, fontsize=7)
+            ax.set_yticks(range(len(t2)), [f"{v:.0f}" for v in t2], fontsize=7)
+            ax.set_xlabel("T1 (ms)")
+            ax.set_ylabel("T2 (ms)")
+            ax.set_title(f"{_label(m)}: {q.upper()} RMSE / CRB (B1 = {b1:g})", fontsize=9)
+            fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig

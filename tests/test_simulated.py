@@ -1,0 +1,177 @@
+"""Fresh simulated training data (data=simulated), B1 as a target, and the losses."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mrflight.data import Batch, ParameterPrior, SimulatedDataModule, preprocess
+from mrflight.lit import MRFRegressor
+from mrflight.physics import Sequence, oksuz2019, simulate
+
+SMALL = dict(targets=["t1", "t2", "b1"], batch_size=16, batches_per_epoch=3, n_val=32,
+             n_test=32, eval_noise_levels=[0.01], num_workers=0, progress=False, seed=5)
+
+
+@pytest.fixture(scope="module")
+def seq() -> Sequence:
+    return oksuz2019(n_pulses=100, lobe_length=20)
+
+
+def test_prior_ranges_and_distribution():
+    prior = ParameterPrior(t1_range=(50, 5000), t2_range=(5, 600), b1_range=(0.7, 1.3),
+                           noise_std=(0.005, 0.03))
+    p, noise = prior.sample(20000, np.random.default_rng(0))
+    t1, t2, b1 = p.T
+    assert (t1 >= 50).all() and (t1 <= 5000).all()
+    assert (t2 >= 5).all() and (t2 <= np.minimum(t1, 600)).all()
+    assert (b1 >= 0.7).all() and (b1 <= 1.3).all()
+    assert (noise >= 0.005).all() and (noise <= 0.03).all()
+    # log-uniform: the median of T1 is the geometric mean of the range, not the midpoint
+    assert abs(np.median(t1) / math.sqrt(50 * 5000) - 1) < 0.05
+    assert abs(np.median(noise) / math.sqrt(0.005 * 0.03) - 1) < 0.05
+    # uniform B1: mean at the centre
+    assert abs(b1.mean() - 1.0) < 0.01
+    fixed = ParameterPrior(noise_std=0.01, b1_range=None)
+    p, noise = fixed.sample(100, np.random.default_rng(1))
+    assert (noise == 0.01).all() and (p[:, 2] == 1).all()
+
+
+@pytest.mark.parametrize("bad", [dict(t1_range=(0, 10)), dict(noise_std=(0.0, 0.1)),
+                                 dict(distribution="normal"), dict(t2_range=(100, 200),
+                                                                   t1_range=(50, 300)),
+                                 dict(noise_std=float("inf"))])
+def test_prior_rejects_bad_ranges(bad):
+    with pytest.raises(ValueError, match="data.|distribution"):
+        ParameterPrior(**bad)
+
+
+def test_batch_is_a_function_of_seed_epoch_index(seq):
+    dm = SimulatedDataModule(seq, **SMALL)
+    dm.setup("fit")
+    ds = dm.train_set
+    a, b = ds[(0, 1)], ds[(0, 1)]
+    assert torch.equal(a.signal, b.signal) and torch.equal(a.params_ms, b.params_ms)
+    c = ds[(1, 1)]
+    assert not torch.equal(a.params_ms, c.params_ms)
+    # another data module with the same seed (a resumed run, a loader worker) draws the same
+    dm2 = SimulatedDataModule(seq, **SMALL)
+    dm2.setup("fit")
+    assert torch.equal(dm2.train_set[(0, 1)].signal, a.signal)
+    # drawn on the loader, realised on the device later: the same batch
+    ds.simulate_here = False
+    late = dm.on_after_batch_transfer(ds[(0, 1)], 0)
+    assert torch.allclose(late.signal, a.signal)
+
+
+def test_noise_free_batch_is_the_normalised_simulation(seq):
+    dm = SimulatedDataModule(seq, **{**SMALL, "noise_std": 0.0})
+    dm.setup("fit")
+    batch = dm.train_set[(0, 0)]
+    p = batch.sim_params
+    ref = simulate(seq, p[:, 0], p[:, 1], p[:, 2], dtype=torch.float64)
+    ref = ref.abs() / ref.abs().norm(dim=1, keepdim=True)
+    assert torch.allclose(batch.signal.double(), ref, atol=2e-4)
+    # targets: T1, T2 in ms, B1 as a ratio, scaled by 4000 / 500 / 1
+    assert torch.allclose(batch.params_ms, p.float())
+    assert torch.allclose(batch.target, p.float() / torch.tensor([4000.0, 500.0, 1.0]))
+
+
+def test_random_phase_and_realisations(seq):
+    dm = SimulatedDataModule(seq, **{**SMALL, "input_mode": "complex", "realizations": 4,
+                                     "noise_std": 0.0})
+    dm.setup("fit")
+    batch = dm.train_set[(0, 0)]
+    assert batch.signal.shape == (4 * 16, 2, len(seq))
+    z = torch.complex(batch.signal[:, 0], batch.signal[:, 1])
+    # noise-free realisations of one fingerprint are identical; phases differ between atoms
+    assert torch.allclose(z[0], z[3])
+    p = batch.sim_params
+    ref = simulate(seq, p[:, 0], p[:, 1], p[:, 2], dtype=torch.float64)
+    ref = ref / ref.norm(dim=1, keepdim=True)
+    inner = (z[::4].conj().to(torch.complex128) * ref).sum(1)
+    assert torch.allclose(inner.abs(), torch.ones(16, dtype=torch.float64), atol=1e-4)
+    assert inner.angle().std() > 0.5  # random global phases
+
+
+def test_fixed_sets_are_seeded_and_reported_at_levels(seq):
+    dm = SimulatedDataModule(seq, **SMALL)
+    v1 = dm.fixed_sets("val")
+    v2 = SimulatedDataModule(seq, **SMALL).fixed_sets("val")
+    assert torch.equal(v1["params"], v2["params"])
+    assert torch.equal(v1["sets"][1].signals, v2["sets"][1].signals)
+    assert dm.eval_set_names == ["", "@0.01"]
+    assert len(v1["sets"]) == 2
+    t = dm.fixed_sets("test")
+    assert not torch.equal(t["params"][:32], v1["params"])
+
+
+def _module(loss="mse", bias_weight=0.0, targets=("t1", "t2", "b1")):
+    net = {"_target_": "mrflight.models.ANNRegressor", "input_length": 10,
+           "n_outputs": len(targets), "hidden_sizes": [8]}
+    return MRFRegressor(net, target_scale_ms=[4000.0, 500.0, 1.0][:len(targets)],
+                        targets=list(targets), loss=loss, bias_weight=bias_weight)
+
+
+def test_losses_by_hand():
+    torch.manual_seed(0)
+    target = torch.rand(5, 3) + 0.1
+    pred = target + 0.1 * torch.randn(5, 3)
+    bound_units = torch.rand(5, 3) + 0.5
+    batch = Batch(torch.empty(0), target, target * torch.tensor([4000.0, 500.0, 1.0]),
+                  bound=bound_units * torch.tensor([4000.0, 500.0, 1.0]))
+    assert torch.allclose(_module("mse").loss(pred, batch), ((pred - target) ** 2).mean())
+    assert torch.allclose(_module("relative").loss(pred, batch),
+                          (((pred - target) / target) ** 2).mean())
+    assert torch.allclose(_module("crb").loss(pred, batch),
+                          (((pred - target) / bound_units) ** 2).mean())
+    # K = 3 realisations per fingerprint: mean e^2 + w * mean(bias^2)
+    k = 3
+    pk = target.repeat_interleave(k, 0) + 0.1 * torch.randn(15, 3)
+    e = pk - target.repeat_interleave(k, 0)
+    bias = e.view(5, k, 3).mean(1)
+    got = _module("mse", bias_weight=2.0).loss(pk, batch)
+    assert torch.allclose(got, (e ** 2).mean() + 2.0 * (bias ** 2).mean())
+    with pytest.raises(ValueError, match="bound"):
+        _module("crb").loss(pred, batch._replace(bound=None))
+
+
+def test_module_validates_targets():
+    with pytest.raises(ValueError, match="targets"):
+        _module(targets=("t2", "t1"))
+    with pytest.raises(ValueError, match="loss"):
+        _module(loss="l1")
+    net = {"_target_": "mrflight.models.ANNRegressor", "input_length": 10, "n_outputs": 2}
+    with pytest.raises(ValueError, match="outputs"):
+        MRFRegressor(net, target_scale_ms=[1, 1, 1], targets=["t1", "t2", "b1"])
+
+
+def test_train_simulated_end_to_end(tmp_path):
+    from mrflight.pipeline import compose_config, train
+
+    cfg = compose_config(["data=simulated", "sequence.n_pulses=100", "sequence.lobe_length=20",
+                          "data.batches_per_epoch=4", "data.n_val=64", "data.n_test=64",
+                          "data.batch_size=32", "data.num_workers=0", "trainer.max_epochs=2",
+                          "logger=csv", "~callbacks.rich_progress_bar",
+                          "++trainer.enable_progress_bar=false"], output_dir=tmp_path)
+    train(cfg)
+    import json
+
+    import mrflight
+
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    for k in ("test/t1_rmse_ms", "test/b1_rmse_pct", "val@0.01/t2_mae_ms", "val/loss"):
+        assert math.isfinite(m[k]), k
+    module = mrflight.load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert module.parameter_names == ["t1_ms", "t2_ms", "b1"]
+    x = simulate(oksuz2019(n_pulses=100, lobe_length=20), [1000.0, 500.0], [80.0, 40.0],
+                 [1.0, 0.9])
+    out = module.predict_parameters(x)
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+def test_preprocess_unchanged_for_magnitude():
+    x = torch.randn(3, 10, dtype=torch.complex64)
+    y = preprocess(x, "magnitude")
+    assert torch.allclose(y, x.abs() / x.abs().norm(dim=1, keepdim=True))
