@@ -175,3 +175,19 @@ def test_preprocess_unchanged_for_magnitude():
     x = torch.randn(3, 10, dtype=torch.complex64)
     y = preprocess(x, "magnitude")
     assert torch.allclose(y, x.abs() / x.abs().norm(dim=1, keepdim=True))
+
+
+def test_align_phase_removes_any_global_phase():
+    from mrflight.data.datamodule import align_phase
+
+    seq = oksuz2019()
+    x = simulate(seq, [1000.0, 300.0, 3000.0, 60.0], [80.0, 30.0, 400.0, 50.0],
+                 [1.0, 0.8, 1.2, 1.0], dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    ref = align_phase(x)
+    assert ref.imag.abs().max() < 1e-10  # a 0/180-degree FISP train is real up to its phase
+    for phi in (0.3, 2.0, -2.5, math.pi):
+        y = x * complex(math.cos(phi), math.sin(phi))
+        assert torch.allclose(align_phase(y), ref, atol=1e-10)
+    inp = preprocess(x * 1j, "complex")
+    assert inp.shape == (4, 2, len(seq)) and inp[:, 1].abs().max() < 1e-6

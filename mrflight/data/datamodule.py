@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mrflight.physics import Sequence, add_noise, normalize
 
-__all__ = ["Batch", "FingerprintDataset", "FingerprintDataModule", "preprocess",
+__all__ = ["Batch", "FingerprintDataset", "FingerprintDataModule", "preprocess", "align_phase",
            "DEFAULT_TARGET_SCALE_MS", "EpochShuffleSampler", "stream_seed"]
 
 DEFAULT_TARGET_SCALE_MS = (4000.0, 500.0)
@@ -79,19 +79,37 @@ class Batch(NamedTuple):
     key: torch.Tensor | None = None
 
 
+def align_phase(z: torch.Tensor) -> torch.Tensor:
+    """Remove the global phase of complex fingerprints ``(N, T)``.
+
+    A FISP train with RF phases of 0 or 180 degrees gives ``x_t = exp(i phi) r_t`` with real
+    ``r_t``, and a scanner adds a voxel-dependent ``phi``. ``sum_t x_t^2 = exp(2 i phi) sum_t
+    r_t^2`` gives ``phi`` up to ``pi``; the sign is fixed so that ``sum_t Re(x_t) |Re(x_t)|
+    >= 0``. The result is the real fingerprint (up to noise) in the real channel and noise only
+    in the imaginary channel, whatever the scanner's phase, so complex-input models see the
+    sign changes of the signal that the magnitude loses.
+    """
+    s = (z * z).sum(dim=-1, keepdim=True)
+    rot = torch.polar(torch.ones_like(s.real), -0.5 * torch.angle(s))
+    y = z * rot
+    sign = torch.where((y.real * y.real.abs()).sum(dim=-1, keepdim=True) < 0, -1.0, 1.0)
+    return y * sign
+
+
 def preprocess(noisy: torch.Tensor, input_mode: str = "magnitude") -> torch.Tensor:
     """Turn (noisy) complex fingerprints ``(N, T)`` into model inputs.
 
-    ``magnitude``: ``|x| / ||x||_2`` -> ``(N, T)`` float32. ``complex``: ``x / ||x||_2`` as
-    ``(N, 2, T)`` float32 (real, imaginary). A real input is taken as the magnitude (magnitude
-    mode) or as a complex signal with zero imaginary part (complex mode).
+    ``magnitude``: ``|x| / ||x||_2`` -> ``(N, T)`` float32. ``complex``: ``x / ||x||_2`` with
+    its global phase removed (:func:`align_phase`) as ``(N, 2, T)`` float32 (real, imaginary).
+    A real input is taken as the magnitude (magnitude mode) or as a complex signal with zero
+    imaginary part (complex mode).
     """
     if input_mode == "magnitude":
         mag = noisy.abs() if noisy.is_complex() else noisy.abs()
         return normalize(mag.to(torch.float32))
     if input_mode == "complex":
         z = noisy if noisy.is_complex() else noisy.to(torch.complex64)
-        z = normalize(z.to(torch.complex64))
+        z = align_phase(normalize(z.to(torch.complex64)))
         return torch.stack([z.real, z.imag], dim=-2)
     raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
 
