@@ -115,7 +115,8 @@ def verified_range(t2_max: float, t1_max: float, b1_range: tuple[float, float] =
 
 
 def truncation_rate(seq: Sequence, tol: float, t2_max: float, t1_max: float,
-                    b1_range: tuple[float, float] = (1.0, 1.0)) -> float:
+                    b1_range: tuple[float, float] = (1.0, 1.0), *,
+                    _arrays: _SeqArrays | None = None) -> float:
     """The verified truncation rate for this train, tolerance and parameter range.
 
     The range is first widened to :func:`verified_range` (so that it is the same for all batches
@@ -126,7 +127,7 @@ def truncation_rate(seq: Sequence, tol: float, t2_max: float, t1_max: float,
     are cached per train, tolerance and widened range: the rate is a function of these alone.
     """
     t2_max, t1_max, b1_range = verified_range(t2_max, t1_max, b1_range)
-    key = (_seq_arrays(seq).fingerprint, tol, t2_max, t1_max, b1_range)
+    key = ((_arrays or _seq_arrays(seq)).fingerprint, tol, t2_max, t1_max, b1_range)
     if key in _RATE_CACHE:
         return _RATE_CACHE[key]
     rate = TRUNCATION_RATE
@@ -162,7 +163,7 @@ _BOUND_KEYS = ("t1_max", "t2_max", "b1_range")
 
 
 def _rate_for(seq: Sequence, tol: float, t1: torch.Tensor, t2: torch.Tensor, b: torch.Tensor,
-              bounds: dict | None) -> float:
+              bounds: dict | None, arrays: _SeqArrays | None = None) -> float:
     """The truncation rate for a batch: verified for the batch's range joined with ``bounds``."""
     with torch.no_grad():
         ext = torch.stack([t2.max(), t1.max(), -b.min(), b.max()]).cpu().double().tolist()
@@ -184,7 +185,7 @@ def _rate_for(seq: Sequence, tol: float, t1: torch.Tensor, t2: torch.Tensor, b: 
                              f"high), got {bounds!r}")
         t1_max, t2_max = max(t1_max, bt1), max(t2_max, bt2)
         b_lo, b_hi = min(b_lo, lo), max(b_hi, hi)
-    return truncation_rate(seq, tol, t2_max, t1_max, (b_lo, b_hi))
+    return truncation_rate(seq, tol, t2_max, t1_max, (b_lo, b_hi), _arrays=arrays)
 
 
 class _SeqArrays(NamedTuple):
@@ -244,18 +245,18 @@ def _param(name: str, value, device, dtype) -> torch.Tensor:
         raise ValueError(f"{name} must be a scalar or 1-D, got shape {tuple(check.shape)}")
     if check.numel() == 0:
         raise ValueError(f"{name} is empty: pass at least one value")
-    if not torch.isfinite(check).all():
+    lo, hi = (float(v) for v in torch.aminmax(check))  # one pass; NaN propagates
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or Inf values")
-    if (check < 0).any():
+    if lo < 0:
         raise ValueError(f"{name} must be non-negative (ms for T1/T2, a factor for B1)")
+    if hi > torch.finfo(dtype).max:
+        raise ValueError(f"{name} has values too large for {dtype}; use dtype=torch.float64")
     if isinstance(value, torch.Tensor):
         t = value.to(device=device if device is not None else value.device, dtype=dtype)
     else:
         t = check.to(device=device, dtype=dtype)
-    t = t.reshape(-1)
-    if not torch.isfinite(t.detach()).all():
-        raise ValueError(f"{name} has values too large for {dtype}; use dtype=torch.float64")
-    return t
+    return t.reshape(-1)
 
 
 def _prepare(seq, t1_ms, t2_ms, b1, device, dtype):
@@ -352,7 +353,7 @@ def simulate(
     n_atoms, n_pulses = t1.numel(), len(seq)
     arrays = _seq_arrays(seq)
     if _rate is None:
-        _rate = _rate_for(seq, tol, t1.detach(), t2.detach(), b.detach(), bounds)
+        _rate = _rate_for(seq, tol, t1.detach(), t2.detach(), b.detach(), bounds, arrays)
     t2n = t2.detach().cpu().numpy()
     k_atom = states_needed(t2n, arrays.tr_min, n_pulses, tol, _rate)
     if max_states is not None:
@@ -379,7 +380,7 @@ def simulate(
     if use_kernel and n_atoms <= (chunk_size or _KERNEL_CHUNK):
         # a batch that fits one chunk: one kernel call, no scatter into a second buffer
         with torch.no_grad():
-            signal = _epg_real_kernel(seq, t1, t2, b, k_atom)
+            signal = _epg_real_kernel(seq, t1, t2, b, k_atom, arrays)
         if progress is not None:
             progress(n_atoms)
         return signal.to(cdtype)
@@ -420,13 +421,14 @@ def _decay_np(rate: np.ndarray, t_ms: float) -> np.ndarray:
     return np.where(fin, np.exp(-t_ms * np.where(fin, rate, 0.0)), 1.0 if t_ms == 0 else 0.0)
 
 
-def _epg_real_kernel(seq: Sequence, t1, t2, b1, k_atom: np.ndarray) -> torch.Tensor:
+def _epg_real_kernel(seq: Sequence, t1, t2, b1, k_atom: np.ndarray,
+                     arrays: _SeqArrays | None = None) -> torch.Tensor:
     """The fast real path through the fused C kernel (CPU). Same result as _epg_real_fast.
 
     The atoms are sorted by state count for the kernel's SIMD groups and returned in the input
     order, shape ``(n, T)``, real, of the dtype of ``t1``.
     """
-    arrays = _seq_arrays(seq)
+    arrays = arrays or _seq_arrays(seq)
     r1 = _inv_ms(t1.detach().cpu().double().numpy())
     r2 = _inv_ms(t2.detach().cpu().double().numpy())
     b1n = b1.detach().cpu().double().numpy()
@@ -442,10 +444,13 @@ def _epg_real_kernel(seq: Sequence, t1, t2, b1, k_atom: np.ndarray) -> torch.Ten
     _ckernel.run(arrays.alpha, arrays.sign, arrays.tr, r1, r2, b1n, z0, k_atom, out,
                  torch.get_num_threads())
     out *= _decay_np(r2, seq.te_ms).astype(out.dtype)[:, None]
-    res = torch.from_numpy(out)
     if order is not None:
-        res = res[torch.from_numpy(np.argsort(order))]
-    return res
+        # numpy, not torch indexing: a multi-threaded torch gather of a small batch costs more
+        # than the whole simulation on a busy machine (its idle threads spin)
+        inv = np.empty_like(order)
+        inv[order] = np.arange(n)
+        out = out[inv]
+    return torch.from_numpy(out)
 
 
 def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, wrt=("t1", "t2"),
@@ -483,9 +488,9 @@ def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, wrt=("t1", "t2"),
     _check_chunk_size(chunk_size)
     t1, t2, b, device = _prepare(seq, t1_ms, t2_ms, b1, device, torch.float64)
     t1, t2, b = (x.detach() for x in (t1, t2, b))
-    rate = _rate_for(seq, tol, t1, t2, b, bounds)
-    t2n = t2.cpu().numpy()
     arrays = _seq_arrays(seq)
+    rate = _rate_for(seq, tol, t1, t2, b, bounds, arrays)
+    t2n = t2.cpu().numpy()
     k_atom = states_needed(t2n, arrays.tr_min, len(seq), tol, rate)
     n = t1.numel()
     if device.type == "cpu" and seq.real_phases and _ckernel.kernel() is not None:
