@@ -95,10 +95,12 @@ def _compile(dest: Path) -> None:
                         check=True, capture_output=True, text=True,
                     )
                     objs.append(obj)
-                obj = os.path.join(tmp, "jac.o")
-                subprocess.run(base + omp + ["-c", str(_SRC_JAC), "-o", obj],
-                               check=True, capture_output=True, text=True)
-                objs.append(obj)
+                for b1, fn in ((0, "epg_fisp_jac_f64"), (1, "epg_fisp_jac_b1_f64")):
+                    obj = os.path.join(tmp, f"{fn}.o")
+                    subprocess.run(base + omp + [f"-DWITH_B1={b1}", f"-DJFN={fn}", "-c",
+                                                 str(_SRC_JAC), "-o", obj],
+                                   check=True, capture_output=True, text=True)
+                    objs.append(obj)
                 so_tmp = os.path.join(tmp, "k.so")
                 subprocess.run([cc, "-shared"] + omp + objs + ["-o", so_tmp, "-lm"],
                                check=True, capture_output=True, text=True)
@@ -136,9 +138,10 @@ def kernel() -> ctypes.CDLL | None:
             f.restype = ctypes.c_int
             f.argtypes = [ctypes.c_int, ctypes.c_int, d, d, d, d, d, d, d, i64,
                           ctypes.POINTER(real), ctypes.c_int]
-        lib.epg_fisp_jac_f64.restype = ctypes.c_int
-        lib.epg_fisp_jac_f64.argtypes = [ctypes.c_int, ctypes.c_int] + [d] * 8 + [i64] + [d] * 4 \
-            + [ctypes.c_int]
+        for fn in ("epg_fisp_jac_f64", "epg_fisp_jac_b1_f64"):
+            f = getattr(lib, fn)
+            f.restype = ctypes.c_int
+            f.argtypes = [ctypes.c_int, ctypes.c_int] + [d] * 8 + [i64] + [d] * 4 + [ctypes.c_int]
         _lib = lib
         return lib
 
@@ -176,7 +179,8 @@ def run_jac(alpha, sgn, tr, r1, r2, b1, z0, dz0, kst, out, d1, d2, nthreads: int
     kk = np.ascontiguousarray(kst, dtype=np.int64)
     for a in (out, d1, d2) + (() if db is None else (db,)):
         assert a.dtype == np.float64 and a.flags.c_contiguous and a.shape == (n, T)
-    rc = lib.epg_fisp_jac_f64(n, T, *[x.ctypes.data_as(ptr) for x in keep],
+    f = lib.epg_fisp_jac_f64 if db is None else lib.epg_fisp_jac_b1_f64
+    rc = f(n, T, *[x.ctypes.data_as(ptr) for x in keep],
                               kk.ctypes.data_as(ctypes.POINTER(ctypes.c_longlong)),
                               out.ctypes.data_as(ptr), d1.ctypes.data_as(ptr),
                               d2.ctypes.data_as(ptr),

@@ -55,9 +55,36 @@ def _names(magnitude: bool, estimate_b1: bool, phase_nuisance: bool) -> tuple[tu
     return nuisance, ("t1", "t2") + (("b1",) if estimate_b1 else ())
 
 
+def _fisher_from_gram(g: torch.Tensor, n_nuisance: int) -> torch.Tensor:
+    """Fisher information of the normalised model from the Gram matrix of ``[x, dx]``.
+
+    With ``G = [x, dx]^H [x, dx]`` (``(m, 1+P, 1+P)``), ``u = x / ||x||`` and ``du = dx / ||x|| -
+    u Re(u^H dx) / ||x||``: ``Re(du_i^H du_j) = (Re G_ij - Re G_0i Re G_0j / G_00) / G_00``,
+    ``Re(u^H du_j) = 0``, ``u^H u = 1`` and, for the imaginary part of the scale (column
+    ``i u``), ``Re((i u)^H du_j) = Im G_0j / G_00``. No ``(m, T, P)`` temporaries are formed.
+    """
+    gr = g.real
+    g00 = gr[:, 0, 0]
+    p = g.shape[-1] - 1
+    block = (gr[:, 1:, 1:] - gr[:, 0, 1:, None] * gr[:, 0, None, 1:] / g00[:, None, None]) \
+        / g00[:, None, None]
+    fim = torch.zeros(g.shape[0], n_nuisance + p, n_nuisance + p, dtype=gr.dtype,
+                      device=gr.device)
+    fim[:, n_nuisance:, n_nuisance:] = block
+    for k in range(n_nuisance):
+        fim[:, k, k] = g00 / g00  # 1 (NaN for an all-zero fingerprint, like the block)
+    if n_nuisance == 2:  # the column i u of the complex scale
+        cross = g.imag[:, 0, 1:] / g00[:, None] if g.is_complex() else torch.zeros_like(
+            gr[:, 0, 1:])
+        fim[:, 1, 2:] = cross
+        fim[:, 2:, 1] = cross
+    return fim
+
+
 def fisher_information(seq: Sequence, t1_ms, t2_ms, b1=None, magnitude: bool = False, *,
                        estimate_b1: bool = False, phase_nuisance: bool = False,
-                       tol: float = 1e-4, chunk_size: int = 512, device=None) -> torch.Tensor:
+                       tol: float = 1e-4, chunk_size: int = 512, device=None,
+                       bounds: dict | None = None) -> torch.Tensor:
     """Fisher information per atom at unit noise (sigma = 1).
 
     The parameters are, in this order: the real scale ``rho`` (nuisance), its imaginary part
@@ -77,6 +104,8 @@ def fisher_information(seq: Sequence, t1_ms, t2_ms, b1=None, magnitude: bool = F
             derivatives are taken); see :func:`mrflight.physics.simulate`.
         chunk_size: atoms per pass (a positive integer; memory ~ ``chunk_size * T * 80`` bytes).
         device: where to compute; default that of a tensor argument, else CPU.
+        bounds: the parameter range the atoms come from (fixes the state truncation for a
+            prior, see :func:`mrflight.physics.simulate`).
 
     Returns:
         float64 tensor ``(N, P, P)``, ``P = 3 + phase_nuisance + estimate_b1`` (``phase_nuisance``
@@ -91,28 +120,26 @@ def fisher_information(seq: Sequence, t1_ms, t2_ms, b1=None, magnitude: bool = F
     out = []
     n = t1.numel()
     for s in range(0, n, chunk_size):
+        # real float64 from the fused kernel, complex128 from the autograd route
         x, dx = simulate_jacobian(seq, t1[s: s + chunk_size], t2[s: s + chunk_size],
-                                  b[s: s + chunk_size], wrt=params, tol=tol, device=device)
+                                  b[s: s + chunk_size], wrt=params, tol=tol, device=device,
+                                  bounds=bounds, _real_ok=True)
         if magnitude:  # d|x| = Re(conj(x) dx) / |x|
-            ax = x.abs()
-            dx = (x.conj()[..., None] * dx).real / ax.clamp_min(1e-300)[..., None]
-            x = ax
-        # u = x / ||x||, du = dx / ||x|| - u Re(u^H dx) / ||x||
-        nrm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        u = x / nrm
-        proj = (u.conj()[..., None] * dx).sum(1, keepdim=True).real
-        du = (dx - u[..., None] * proj) / nrm[..., None]
-        cols = [u[..., None]] + ([1j * u[..., None]] if len(nuisance) == 2 else [])
-        jac = torch.cat(cols + [du], dim=-1)  # (m, T, P): d/d(rho, [rho_im], T1, T2, [B1])
-        if not magnitude:
-            jac = torch.cat([jac.real, jac.imag], dim=1)  # Re(J^H J) = [Re; Im]^T [Re; Im]
-        out.append(jac.transpose(1, 2) @ jac)
+            if x.is_complex():
+                ax = x.abs()
+                dx = (x.conj()[..., None] * dx).real / ax.clamp_min(1e-300)[..., None]
+                x = ax
+            else:
+                dx = dx * torch.sign(x)[..., None]
+                x = x.abs()
+        z = torch.cat([x[..., None], dx], dim=-1)  # (m, T, 1 + P)
+        out.append(_fisher_from_gram(z.transpose(1, 2).conj() @ z, len(nuisance)))
     return torch.cat(out, 0)
 
 
 def crb(seq: Sequence, t1_ms, t2_ms, noise_std: float, b1=None, magnitude: bool = False, *,
         estimate_b1: bool = False, phase_nuisance: bool = False, tol: float = 1e-4,
-        chunk_size: int = 512, device=None) -> torch.Tensor:
+        chunk_size: int = 512, device=None, bounds: dict | None = None) -> torch.Tensor:
     """Cramér–Rao lower bound on the standard deviation of T1 and T2 (ms), and of B1.
 
     The fingerprint is L2-normalised and corrupted by complex Gaussian noise of standard
@@ -137,6 +164,9 @@ def crb(seq: Sequence, t1_ms, t2_ms, noise_std: float, b1=None, magnitude: bool 
         tol: EPG truncation tolerance for the simulation behind the Jacobian.
         chunk_size: atoms per pass (a positive integer).
         device: where to compute.
+        bounds: the parameter range the atoms come from, e.g. ``dict(t1_max=4000.0,
+            t2_max=500.0, b1_range=(0.7, 1.3))``: the state truncation is verified once for it
+            (see :func:`mrflight.physics.simulate`), as for per-batch bounds in training.
 
     Returns:
         float64 tensor ``(N, 2)``: the bounds on std(T1) and std(T2), ms; with
@@ -160,7 +190,7 @@ def crb(seq: Sequence, t1_ms, t2_ms, noise_std: float, b1=None, magnitude: bool 
         raise ValueError(f"noise_std must be a finite non-negative number, got {noise_std}")
     fim = fisher_information(seq, t1_ms, t2_ms, b1, magnitude, estimate_b1=estimate_b1,
                              phase_nuisance=phase_nuisance, tol=tol, chunk_size=chunk_size,
-                             device=device)
+                             device=device, bounds=bounds)
     n_nuisance = len(_names(magnitude, estimate_b1, phase_nuisance)[0])
     p = fim.shape[-1]
     finite = torch.isfinite(fim).all(dim=-1).all(dim=-1)  # all-zero fingerprint (T2 = 0, TE > 0)

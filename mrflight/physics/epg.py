@@ -455,7 +455,8 @@ def _epg_real_kernel(seq: Sequence, t1, t2, b1, k_atom: np.ndarray,
 
 def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, wrt=("t1", "t2"),
                       tol: float = 1e-4, device=None, chunk_size: int = 4096,
-                      bounds: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      bounds: dict | None = None, _real_ok: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fingerprints and their derivatives with respect to T1, T2 and/or B1, in float64.
 
     On the CPU, for trains whose RF phases are multiples of 180 degrees, a fused kernel propagates
@@ -519,9 +520,11 @@ def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, wrt=("t1", "t2"),
         cols = {"t1": d1 * e2te[:, None], "t2": d2}
         if dbs is not None:
             cols["b1"] = dbs[inv] * e2te[:, None]
-        x = x * e2te[:, None]
-        jac = torch.from_numpy(np.stack([cols[w] for w in wrt], -1)).to(torch.complex128)
-        return torch.from_numpy(x).to(torch.complex128), jac
+        x = torch.from_numpy(x * e2te[:, None])
+        jac = torch.from_numpy(np.stack([cols[w] for w in wrt], -1))
+        if _real_ok:  # the caller takes real float64 (the signal of this path is real)
+            return x, jac
+        return x.to(torch.complex128), jac.to(torch.complex128)
     import torch.autograd.forward_ad as fwad
 
     xs, js = [], []

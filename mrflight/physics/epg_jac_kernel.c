@@ -17,13 +17,20 @@
 #include <string.h>
 
 #define L 8
+/* compiled twice: without (epg_fisp_jac_f64) and with (epg_fisp_jac_b1_f64) the B1 tangent */
+#ifndef WITH_B1
+#define WITH_B1 0
+#endif
+#ifndef JFN
+#define JFN epg_fisp_jac_f64
+#endif
 
-int epg_fisp_jac_f64(int n, int T, const double *alpha, const double *sgn, const double *tr,
+int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
                      const double *r1, const double *r2, const double *b1, const double *z0,
                      const double *dz0, const long long *kst, double *out, double *d1,
                      double *d2, double *db, int nthreads)
 {
-    /* db (d/dB1, n x T) may be NULL: the B1 tangent is then not propagated */
+    /* db (d/dB1, n x T) is filled by the WITH_B1 build and ignored (may be NULL) otherwise */
     int ngroups = (n + L - 1) / L;
     long long kmax_all = 1;
     for (int a = 0; a < n; a++) if (kst[a] > kmax_all) kmax_all = kst[a];
@@ -41,7 +48,7 @@ int epg_fisp_jac_f64(int n, int T, const double *alpha, const double *sgn, const
         /* value, d/dT1, d/dT2, d/dB1 for p and q (moving windows) and z */
         double *P[4], *Q[4], *Z[4];
         int ok = 1;
-        int nset = db ? 4 : 3;
+        int nset = WITH_B1 ? 4 : 3;
         for (int j = 0; j < 4; j++) P[j] = Q[j] = Z[j] = NULL;
         for (int j = 0; j < nset; j++) {
             P[j] = (double *)malloc(blen * sizeof(double));
@@ -87,7 +94,7 @@ int epg_fisp_jac_f64(int n, int T, const double *alpha, const double *sgn, const
                 double *p = P[0] + ps * L, *q = Q[0] + qs * L, *z = Z[0];
                 double *dp = P[1] + ps * L, *dq = Q[1] + qs * L, *dz = Z[1];
                 double *hp = P[2] + ps * L, *hq = Q[2] + qs * L, *hz = Z[2];
-                double *bp = db ? P[3] + ps * L : NULL, *bq = db ? Q[3] + qs * L : NULL;
+                double *bp = WITH_B1 ? P[3] + ps * L : NULL, *bq = WITH_B1 ? Q[3] + qs * L : NULL;
                 double *bz = Z[3];
                 for (int l = 0; l < L; l++) {
                     double ang = alpha[i] * lb1[l];
@@ -105,7 +112,7 @@ int epg_fisp_jac_f64(int n, int T, const double *alpha, const double *sgn, const
                         out[o] = c2 * p[l] - s2 * q[l] + sa * z[l];
                         d1[o] = c2 * dp[l] - s2 * dq[l] + sa * dz[l];
                         d2[o] = c2 * hp[l] - s2 * hq[l] + sa * hz[l];
-                        if (db)
+                        if (WITH_B1)
                             db[o] = c2 * bp[l] - s2 * bq[l] + sa * bz[l]
                                     + dc2 * p[l] - ds2 * q[l] + dsa * z[l];
                     }
@@ -115,23 +122,6 @@ int epg_fisp_jac_f64(int n, int T, const double *alpha, const double *sgn, const
                     hE2[l] = de2; hS2[l] = de2 * s2; hSA[l] = de2 * sa;
                     bS2[l] = e2 * ds2; bSA[l] = e2 * dsa;
                     bZC[l] = e1 * dca; bZS[l] = 0.5 * e1 * dsa;
-                }
-                /* B1 tangent first: it reads the values before their update below */
-                if (db) {
-                    for (int k = 0; k < w; k++) {
-                        size_t o = (size_t)k * L;
-#pragma omp simd
-                        for (int l = 0; l < L; l++) {
-                            double pv = p[o + l], qv = q[o + l], zv = z[o + l], t = pv + qv;
-                            double bpv = bp[o + l], bqv = bq[o + l], bzv = bz[o + l];
-                            double bt = bpv + bqv;
-                            bp[o + l] = E2[l] * bpv - S2[l] * bt + SA[l] * bzv
-                                        - bS2[l] * t + bSA[l] * zv;
-                            bq[o + l] = E2[l] * bqv - S2[l] * bt + SA[l] * bzv
-                                        - bS2[l] * t + bSA[l] * zv;
-                            bz[o + l] = ZC[l] * bzv - ZS[l] * bt + bZC[l] * zv - bZS[l] * t;
-                        }
-                    }
                 }
                 for (int k = 0; k < w; k++) {
                     size_t o = (size_t)k * L;
@@ -151,6 +141,15 @@ int epg_fisp_jac_f64(int n, int T, const double *alpha, const double *sgn, const
                         hq[o + l] = E2[l] * hqv - S2[l] * ht + SA[l] * hzv
                                     + hE2[l] * qv - hS2[l] * t + hSA[l] * zv;
                         hz[o + l] = ZC[l] * hzv - ZS[l] * ht;
+#if WITH_B1
+                        double bpv = bp[o + l], bqv = bq[o + l], bzv = bz[o + l];
+                        double bt = bpv + bqv;
+                        bp[o + l] = E2[l] * bpv - S2[l] * bt + SA[l] * bzv
+                                    - bS2[l] * t + bSA[l] * zv;
+                        bq[o + l] = E2[l] * bqv - S2[l] * bt + SA[l] * bzv
+                                    - bS2[l] * t + bSA[l] * zv;
+                        bz[o + l] = ZC[l] * bzv - ZS[l] * bt + bZC[l] * zv - bZS[l] * t;
+#endif
                     }
                 }
                 for (int l = 0; l < L; l++) { z[l] += REC[l]; dz[l] += dREC[l]; }
