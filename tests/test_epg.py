@@ -377,3 +377,116 @@ def test_truncation_bound_holds_for_short_t2_on_a_short_train():
     ref = ref / ref.norm(dim=1, keepdim=True)
     out = out / out.norm(dim=1, keepdim=True)
     assert float((ref - out).norm(dim=1).max()) < 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# small batches: truncation fixed per prior, cached train arrays, threads, bad arguments
+# --------------------------------------------------------------------------------------------
+
+def _prior_batch(n, seed):
+    rng = np.random.default_rng(seed)
+    t1 = rng.uniform(100, 4000, n)
+    t2 = rng.uniform(10, np.minimum(t1, 500))
+    return [torch.tensor(x) for x in (t1, t2, rng.uniform(0.7, 1.3, n))]
+
+
+def test_verified_range_grid():
+    t2, t1, b1 = epg.verified_range(500.0, 4000.0, (0.7, 1.3))
+    assert (t2, t1, b1) == (pytest.approx(10 ** 2.75), pytest.approx(10 ** 3.625), (0.7, 1.3))
+    # every batch of one prior maps to the same range, float32 rounding included
+    for t2, t1, lo, hi in ((480.0, 3900.0, 0.72, 1.29), (423.0, 3200.0, 0.6999999, 1.26)):
+        assert epg.verified_range(t2, t1, (lo, hi)) == epg.verified_range(500.0, 4000.0,
+                                                                           (0.7, 1.3))
+    assert epg.verified_range(0.0, 0.0) == (0.0, 0.0, (1.0, 1.0))
+
+
+def test_bounds_fix_the_truncation_for_a_prior(monkeypatch):
+    seq = oksuz2019(n_pulses=300)
+    bounds = dict(t1_max=4000.0, t2_max=500.0, b1_range=(0.7, 1.3))
+    monkeypatch.setattr(epg, "_RATE_CACHE", {})
+    first = simulate(seq, *_prior_batch(16, 0), bounds=bounds)
+    assert len(epg._RATE_CACHE) == 1  # verified once, for the prior's range
+    probes = []
+    real = epg.simulate
+
+    def spy(*a, **k):
+        probes.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(epg, "simulate", spy)  # truncation_rate's probe simulations
+    for seed in range(1, 20):
+        simulate(seq, *_prior_batch(16, seed), bounds=bounds)
+    assert not probes and len(epg._RATE_CACHE) == 1
+    # the result does not depend on what was simulated before: same batch, same fingerprints
+    monkeypatch.setattr(epg, "_RATE_CACHE", {})
+    assert torch.equal(real(seq, *_prior_batch(16, 0), bounds=bounds), first)
+    # and stays within tol of the untruncated simulation
+    full = real(seq, *_prior_batch(16, 0), dtype=F64, tol=1e-300)
+    assert float(_rel_l2(first.to(torch.complex128), full).max()) < 1e-3
+    # atoms outside the bounds widen the verified range instead of being under-resolved
+    monkeypatch.setattr(epg, "_RATE_CACHE", {})
+    real(seq, 800.0, 60.0, bounds=bounds)
+    real(seq, 800.0, 900.0, bounds=bounds)
+    assert [k[2] for k in epg._RATE_CACHE] == [pytest.approx(10 ** 2.75), 1000.0]
+    for bad in ({"t1max": 1.0}, {"t2_max": -1.0}, {"b1_range": (1.3, 0.7)}, {"t1_max": "x"},
+                [1, 2]):
+        with pytest.raises(ValueError, match="bounds"):
+            real(seq, 800.0, 60.0, bounds=bad)
+
+
+def test_train_changed_in_place_is_not_simulated_stale():
+    seq = oksuz2019(n_pulses=100)
+    before = simulate(seq, 800.0, 60.0, dtype=F64)
+    seq.flip_angle_deg[:] = seq.flip_angle_deg * 0.5
+    seq.tr_ms[:] = 5.0
+    fresh = Sequence(seq.flip_angle_deg.copy(), 0.0, 5.0, seq.te_ms, ti_ms=seq.ti_ms)
+    after = simulate(seq, 800.0, 60.0, dtype=F64)
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, simulate(fresh, 800.0, 60.0, dtype=F64))
+
+
+def test_threads_and_chunks_do_not_change_the_result():
+    """One kernel call per batch, several chunks, 1 or 2 threads: the same fingerprints, in the
+    order of the input (untruncated, so that grouping atoms cannot change their state count)."""
+    seq = oksuz2019(n_pulses=200)
+    t1, t2, b1 = _prior_batch(70, 3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = simulate(seq, t1, t2, b1, dtype=F64, tol=1e-300)
+        torch.set_num_threads(2)
+        two = simulate(seq, t1, t2, b1, dtype=F64, tol=1e-300)
+    finally:
+        torch.set_num_threads(threads)
+    chunked = simulate(seq, t1, t2, b1, dtype=F64, tol=1e-300, chunk_size=9)
+    assert torch.equal(one, two) and torch.allclose(one, chunked, atol=1e-14, rtol=0)
+    ref = reference_epg(seq, float(t1[5]), float(t2[5]), float(b1[5]))
+    assert np.abs(one[5].numpy() - ref).max() < 1e-10
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_chunk_size_raises(bad):
+    with pytest.raises(ValueError, match="chunk_size"):
+        simulate(SEQ20, [800.0, 900.0], 60.0, chunk_size=bad)
+
+
+def test_missing_parameter_message():
+    with pytest.raises(ValueError, match="t1_ms is None: pass T1 in ms"):
+        simulate(SEQ20, None, 100.0)
+    with pytest.raises(ValueError, match="t2_ms is None: pass T2 in ms"):
+        simulate(SEQ20, 800.0, None)
+
+
+def test_kernel_cache_is_keyed_on_cpu_features(monkeypatch):
+    """A cache directory shared by machines with different CPUs never gives one CPU the binary
+    compiled (-march=native) for another."""
+    from mrflight.physics import _ckernel
+
+    here = _ckernel.kernel_path()
+    features = _ckernel.cpu_features()
+    assert features and features == _ckernel.cpu_features()
+    monkeypatch.setattr(_ckernel, "cpu_features", lambda: features + " avx512_other_cpu")
+    other = _ckernel.kernel_path()
+    assert other != here and other.parent == here.parent
+    monkeypatch.setattr(_ckernel, "cpu_features", lambda: features)
+    assert _ckernel.kernel_path() == here

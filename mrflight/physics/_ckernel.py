@@ -1,8 +1,11 @@
 """Build and call the fused C kernel of the real-arithmetic EPG (``epg_kernel.c``).
 
 The kernel is compiled once per machine with the system C compiler (``cc``/``gcc``, OpenMP when
-available) into ``$MRFLIGHT_CACHE_DIR/kernels`` (default ``~/.cache/mrflight/kernels``), written
-atomically, and loaded with ctypes. Where no compiler is found, or ``MRFLIGHT_NO_KERNEL=1`` is set,
+available, ``-march=native``) into ``$MRFLIGHT_CACHE_DIR/kernels`` (default
+``~/.cache/mrflight/kernels``), written atomically, and loaded with ctypes. The file name is a hash
+of the sources, the architecture and the CPU's instruction-set features (:func:`cpu_features`), so
+a cache directory shared by machines with different CPUs (a cluster's home directory) never hands
+one CPU a binary built for instructions it lacks. Where no compiler is found, or ``MRFLIGHT_NO_KERNEL=1`` is set,
 :func:`kernel` returns ``None`` and the simulator falls back to its pure-torch path (same results).
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -33,8 +37,46 @@ def cache_dir() -> Path:
     return base / "kernels"
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def cpu_features() -> str:
+    """The instruction-set features ``-march=native`` compiles for, as one string.
+
+    Linux: the ``flags`` (x86) or ``Features`` (ARM) line of ``/proc/cpuinfo``. Elsewhere, the
+    compiler's own expansion of ``-march=native`` (``cc -march=native -Q --help=target``), else
+    the processor name.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip().lower()
+                if key in ("flags", "features"):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    cc = _compiler()
+    if cc is not None:
+        try:
+            r = subprocess.run([cc, "-march=native", "-Q", "--help=target"], capture_output=True,
+                               text=True, timeout=60)
+            if r.returncode == 0 and r.stdout:
+                return r.stdout
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+def kernel_path() -> Path:
+    """Where the kernel library for these sources and this CPU is (or will be) cached."""
+    tag = hashlib.sha256(_SRC.read_bytes() + _SRC_JAC.read_bytes() + os.uname().machine.encode()
+                         + b"\0" + cpu_features().encode()).hexdigest()[:16]
+    return cache_dir() / f"epg_{tag}.so"
+
+
 def _compile(dest: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (cc/gcc)")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -53,10 +95,12 @@ def _compile(dest: Path) -> None:
                         check=True, capture_output=True, text=True,
                     )
                     objs.append(obj)
-                obj = os.path.join(tmp, "jac.o")
-                subprocess.run(base + omp + ["-c", str(_SRC_JAC), "-o", obj],
-                               check=True, capture_output=True, text=True)
-                objs.append(obj)
+                for b1, fn in ((0, "epg_fisp_jac_f64"), (1, "epg_fisp_jac_b1_f64")):
+                    obj = os.path.join(tmp, f"{fn}.o")
+                    subprocess.run(base + omp + [f"-DWITH_B1={b1}", f"-DJFN={fn}", "-c",
+                                                 str(_SRC_JAC), "-o", obj],
+                                   check=True, capture_output=True, text=True)
+                    objs.append(obj)
                 so_tmp = os.path.join(tmp, "k.so")
                 subprocess.run([cc, "-shared"] + omp + objs + ["-o", so_tmp, "-lm"],
                                check=True, capture_output=True, text=True)
@@ -78,9 +122,7 @@ def kernel() -> ctypes.CDLL | None:
         if os.environ.get("MRFLIGHT_NO_KERNEL", "") not in ("", "0"):
             _lib = None
             return None
-        tag = hashlib.sha256(_SRC.read_bytes() + _SRC_JAC.read_bytes()
-                             + os.uname().machine.encode()).hexdigest()[:16]
-        path = cache_dir() / f"epg_{tag}.so"
+        path = kernel_path()
         try:
             if not path.exists():
                 _compile(path)
@@ -96,9 +138,10 @@ def kernel() -> ctypes.CDLL | None:
             f.restype = ctypes.c_int
             f.argtypes = [ctypes.c_int, ctypes.c_int, d, d, d, d, d, d, d, i64,
                           ctypes.POINTER(real), ctypes.c_int]
-        lib.epg_fisp_jac_f64.restype = ctypes.c_int
-        lib.epg_fisp_jac_f64.argtypes = [ctypes.c_int, ctypes.c_int] + [d] * 8 + [i64] + [d] * 3 \
-            + [ctypes.c_int]
+        for fn in ("epg_fisp_jac_f64", "epg_fisp_jac_b1_f64"):
+            f = getattr(lib, fn)
+            f.restype = ctypes.c_int
+            f.argtypes = [ctypes.c_int, ctypes.c_int] + [d] * 8 + [i64] + [d] * 4 + [ctypes.c_int]
         _lib = lib
         return lib
 
@@ -123,8 +166,10 @@ def run(alpha, sgn, tr, r1, r2, b1, z0, kst, out: np.ndarray, nthreads: int) -> 
         raise MemoryError("the EPG kernel could not allocate its state buffers")
 
 
-def run_jac(alpha, sgn, tr, r1, r2, b1, z0, dz0, kst, out, d1, d2, nthreads: int) -> None:
-    """Call the value-and-derivative kernel; ``out``, ``d1``, ``d2`` (n, T) float64 are filled."""
+def run_jac(alpha, sgn, tr, r1, r2, b1, z0, dz0, kst, out, d1, d2, nthreads: int,
+            db: np.ndarray | None = None) -> None:
+    """Call the value-and-derivative kernel; ``out``, ``d1``, ``d2`` (n, T) float64 are filled
+    with the signal and its derivatives by T1 and T2, and ``db`` (when given) with d/dB1."""
     lib = kernel()
     assert lib is not None
     n, T = out.shape
@@ -132,11 +177,13 @@ def run_jac(alpha, sgn, tr, r1, r2, b1, z0, dz0, kst, out, d1, d2, nthreads: int
     keep = [np.ascontiguousarray(x, dtype=np.float64)
             for x in (alpha, sgn, tr, r1, r2, b1, z0, dz0)]
     kk = np.ascontiguousarray(kst, dtype=np.int64)
-    for a in (out, d1, d2):
+    for a in (out, d1, d2) + (() if db is None else (db,)):
         assert a.dtype == np.float64 and a.flags.c_contiguous and a.shape == (n, T)
-    rc = lib.epg_fisp_jac_f64(n, T, *[x.ctypes.data_as(ptr) for x in keep],
+    f = lib.epg_fisp_jac_f64 if db is None else lib.epg_fisp_jac_b1_f64
+    rc = f(n, T, *[x.ctypes.data_as(ptr) for x in keep],
                               kk.ctypes.data_as(ctypes.POINTER(ctypes.c_longlong)),
                               out.ctypes.data_as(ptr), d1.ctypes.data_as(ptr),
-                              d2.ctypes.data_as(ptr), int(nthreads))
+                              d2.ctypes.data_as(ptr),
+                              None if db is None else db.ctypes.data_as(ptr), int(nthreads))
     if rc != 0:
         raise MemoryError("the EPG kernel could not allocate its state buffers")

@@ -38,6 +38,7 @@ References:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,8 +47,8 @@ from . import _ckernel
 from .sequence import Sequence
 
 __all__ = [
-    "simulate", "simulate_jacobian", "states_needed", "truncation_rate", "EPG_VERSION",
-    "DEFAULT_TOL",
+    "simulate", "simulate_jacobian", "states_needed", "truncation_rate", "verified_range",
+    "EPG_VERSION", "DEFAULT_TOL", "JACOBIAN_PARAMS",
 ]
 
 #: bumped whenever the simulated signal changes (part of every dictionary cache key)
@@ -60,6 +61,8 @@ TRUNCATION_RATE = 0.2
 _K_MIN = 8
 #: target working-set size of one fast-path chunk (three state arrays), bytes
 _CHUNK_BYTES = 768 * 1024
+#: atoms per call of the fused C kernel (progress is reported between calls)
+_KERNEL_CHUNK = 8192
 
 
 def states_needed(t2_ms, tr_min_ms: float, n_pulses: int, tol: float = DEFAULT_TOL,
@@ -86,19 +89,45 @@ def states_needed(t2_ms, tr_min_ms: float, n_pulses: int, tol: float = DEFAULT_T
 
 
 _RATE_CACHE: dict = {}
+#: T1/T2 maxima of a verified range are rounded up on a grid of this many steps per decade
+_GRID_PER_DECADE = 8
+#: B1 ends of a verified range are rounded outwards to multiples of this
+_B1_GRID = 0.05
+
+
+def _round_up_log(x: float) -> float:
+    if x <= 0:
+        return 0.0
+    return float(10.0 ** (math.ceil(_GRID_PER_DECADE * math.log10(x) - 1e-9) / _GRID_PER_DECADE))
+
+
+def verified_range(t2_max: float, t1_max: float, b1_range: tuple[float, float] = (1.0, 1.0)
+                   ) -> tuple[float, float, tuple[float, float]]:
+    """The parameter range :func:`truncation_rate` verifies for a requested one: T1 and T2 maxima
+    rounded up on a grid of 8 steps per decade (500 -> 562 ms, 4000 -> 4217 ms), the B1 ends
+    rounded outwards to multiples of 0.05. Batches drawn from one prior therefore share one
+    verified range (and one cached rate) although each batch has its own maxima."""
+    lo, hi = float(min(b1_range)), float(max(b1_range))
+    lo = math.floor(lo / _B1_GRID + 1e-4) * _B1_GRID
+    hi = math.ceil(hi / _B1_GRID - 1e-4) * _B1_GRID
+    return (_round_up_log(float(t2_max)), _round_up_log(float(t1_max)),
+            (round(max(lo, 0.0), 4), round(hi, 4)))
 
 
 def truncation_rate(seq: Sequence, tol: float, t2_max: float, t1_max: float,
-                    b1_range: tuple[float, float] = (1.0, 1.0)) -> float:
+                    b1_range: tuple[float, float] = (1.0, 1.0), *,
+                    _arrays: _SeqArrays | None = None) -> float:
     """The verified truncation rate for this train, tolerance and parameter range.
 
-    Probe atoms (T2 in ``{t2_max, t2_max/3, t2_max/10}``, T1 from T2 up to ``t1_max``, B1 at both
-    ends of ``b1_range``) are simulated in float64 with ``K`` and ``2K`` states; the rate starts at
-    :data:`TRUNCATION_RATE` and grows by 1.5x until the normalised magnitude fingerprints differ
-    by less than ``tol / 2`` (relative L2) for every probe. Results are cached per train and range.
+    The range is first widened to :func:`verified_range` (so that it is the same for all batches
+    of one prior). Probe atoms (T2 in ``{t2_max, t2_max/3, t2_max/10}``, T1 from T2 up to
+    ``t1_max``, B1 at both ends of ``b1_range``) are simulated in float64 with ``K`` and ``2K``
+    states; the rate starts at :data:`TRUNCATION_RATE` and grows by 1.5x until the normalised
+    magnitude fingerprints differ by less than ``tol / 2`` (relative L2) for every probe. Results
+    are cached per train, tolerance and widened range: the rate is a function of these alone.
     """
-    key = (seq.fingerprint(), tol, round(float(t2_max), 3), round(float(t1_max), 3),
-           tuple(round(float(x), 4) for x in b1_range))
+    t2_max, t1_max, b1_range = verified_range(t2_max, t1_max, b1_range)
+    key = ((_arrays or _seq_arrays(seq)).fingerprint, tol, t2_max, t1_max, b1_range)
     if key in _RATE_CACHE:
         return _RATE_CACHE[key]
     rate = TRUNCATION_RATE
@@ -130,12 +159,77 @@ def truncation_rate(seq: Sequence, tol: float, t2_max: float, t1_max: float,
     return rate
 
 
+_BOUND_KEYS = ("t1_max", "t2_max", "b1_range")
+
+
+def _rate_for(seq: Sequence, tol: float, t1: torch.Tensor, t2: torch.Tensor, b: torch.Tensor,
+              bounds: dict | None, arrays: _SeqArrays | None = None) -> float:
+    """The truncation rate for a batch: verified for the batch's range joined with ``bounds``."""
+    with torch.no_grad():
+        ext = torch.stack([t2.max(), t1.max(), -b.min(), b.max()]).cpu().double().tolist()
+    t2_max, t1_max, b_lo, b_hi = ext[0], ext[1], -ext[2], ext[3]
+    if bounds is not None:
+        if not isinstance(bounds, dict) or set(bounds) - set(_BOUND_KEYS):
+            raise ValueError(f"bounds must be a dict with keys among {_BOUND_KEYS}, "
+                             f"e.g. dict(t1_max=4000, t2_max=500, b1_range=(0.7, 1.3)); "
+                             f"got {bounds!r}")
+        try:
+            bt1 = float(bounds.get("t1_max", 0.0))
+            bt2 = float(bounds.get("t2_max", 0.0))
+            lo, hi = (float(v) for v in bounds.get("b1_range", (b_lo, b_hi)))
+        except (TypeError, ValueError):
+            raise ValueError(f"bounds values must be numbers (t1_max, t2_max in ms) and a pair "
+                             f"(b1_range), got {bounds!r}") from None
+        if not all(math.isfinite(v) and v >= 0 for v in (bt1, bt2, lo, hi)) or lo > hi:
+            raise ValueError(f"bounds must be finite and non-negative with b1_range = (low, "
+                             f"high), got {bounds!r}")
+        t1_max, t2_max = max(t1_max, bt1), max(t2_max, bt2)
+        b_lo, b_hi = min(b_lo, lo), max(b_hi, hi)
+    return truncation_rate(seq, tol, t2_max, t1_max, (b_lo, b_hi), _arrays=arrays)
+
+
+class _SeqArrays(NamedTuple):
+    raw: tuple  # copies of (flip_angle_deg, phase_deg, tr_ms) this entry was made from
+    scalars: tuple  # (te_ms, inversion, ti_ms, inversion_efficiency)
+    fingerprint: str  # Sequence.fingerprint()
+    alpha: np.ndarray  # nominal flip angles, rad, float64 (T,)
+    sign: np.ndarray  # cos(phase) rounded to +-1 (meaningful for real-phase trains), (T,)
+    tr: np.ndarray  # TR, ms, float64 contiguous (T,)
+    tr_min: float
+    real_phases: bool
+
+
+def _seq_arrays(seq: Sequence) -> _SeqArrays:
+    """What the simulator needs from the train, computed once per train and kept on the object.
+
+    The entry is checked against the train's current arrays on every call (a comparison, cheaper
+    than hashing them), so a train changed in place is never simulated with stale values.
+    """
+    raw = (seq.flip_angle_deg, seq.phase_deg, seq.tr_ms)
+    scalars = (seq.te_ms, seq.inversion, seq.ti_ms, seq.inversion_efficiency)
+    hit = seq.__dict__.get("_epg_arrays")
+    if hit is not None and hit.scalars == scalars and all(
+            np.array_equal(a, b) for a, b in zip(hit.raw, raw)):
+        return hit
+    hit = _SeqArrays(
+        tuple(np.array(a, copy=True) for a in raw), scalars, seq.fingerprint(),
+        np.ascontiguousarray(np.deg2rad(seq.flip_angle_deg)),
+        np.ascontiguousarray(np.cos(np.deg2rad(seq.phase_deg)).round()),
+        np.ascontiguousarray(seq.tr_ms, dtype=np.float64), float(seq.tr_ms.min()),
+        seq.real_phases)
+    seq.__dict__["_epg_arrays"] = hit
+    return hit
+
+
 # --------------------------------------------------------------------------------------------
 # input handling
 # --------------------------------------------------------------------------------------------
 
 def _param(name: str, value, device, dtype) -> torch.Tensor:
     """Validate one parameter (in float64, before any cast) and return it as a 1-D tensor."""
+    if value is None:
+        what = {"t1_ms": "T1 in ms", "t2_ms": "T2 in ms"}.get(name, "a value")
+        raise ValueError(f"{name} is None: pass {what}")
     if isinstance(value, torch.Tensor):
         if value.is_complex():
             raise ValueError(f"{name} must be real, got a complex tensor")
@@ -151,18 +245,18 @@ def _param(name: str, value, device, dtype) -> torch.Tensor:
         raise ValueError(f"{name} must be a scalar or 1-D, got shape {tuple(check.shape)}")
     if check.numel() == 0:
         raise ValueError(f"{name} is empty: pass at least one value")
-    if not torch.isfinite(check).all():
+    lo, hi = (float(v) for v in torch.aminmax(check))  # one pass; NaN propagates
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or Inf values")
-    if (check < 0).any():
+    if lo < 0:
         raise ValueError(f"{name} must be non-negative (ms for T1/T2, a factor for B1)")
+    if hi > torch.finfo(dtype).max:
+        raise ValueError(f"{name} has values too large for {dtype}; use dtype=torch.float64")
     if isinstance(value, torch.Tensor):
         t = value.to(device=device if device is not None else value.device, dtype=dtype)
     else:
         t = check.to(device=device, dtype=dtype)
-    t = t.reshape(-1)
-    if not torch.isfinite(t.detach()).all():
-        raise ValueError(f"{name} has values too large for {dtype}; use dtype=torch.float64")
-    return t
+    return t.reshape(-1)
 
 
 def _prepare(seq, t1_ms, t2_ms, b1, device, dtype):
@@ -218,6 +312,7 @@ def simulate(
     max_states: int | None = None,
     chunk_size: int | None = None,
     progress=None,
+    bounds: dict | None = None,
     _rate: float | None = None,
 ) -> torch.Tensor:
     """Simulate FISP-MRF fingerprints with the EPG formalism.
@@ -232,33 +327,41 @@ def simulate(
         tol: allowed relative L2 error of the normalised magnitude fingerprint from truncating
             the state count (see the module docstring); default 1e-3.
         max_states: hard cap on the state count (``None``: set by ``tol`` alone).
-        chunk_size: atoms per chunk (``None``: chosen from the state count to fit the cache on
-            CPU, 65536 atoms on CUDA). Memory is bounded by the chunk, not by N.
+        chunk_size: atoms per chunk, a positive integer (``None``: chosen from the state count
+            to fit the cache on CPU, 65536 atoms on CUDA). Memory is bounded by the chunk, not
+            by N.
         progress: optional callable ``progress(n_done_atoms)`` called after every chunk.
+        bounds: the parameter range the atoms are drawn from, e.g. ``dict(t1_max=4000.0,
+            t2_max=500.0, b1_range=(0.7, 1.3))`` (ms, ms, ratio; any key may be left out). The
+            state truncation is verified once for this range (:func:`truncation_rate`, cached),
+            so that every batch drawn from the prior uses the same truncation and none probes
+            again; atoms outside the bounds widen the verified range. Without ``bounds`` the
+            range is that of the atoms (widened to :func:`verified_range`).
 
     Returns:
         Complex fingerprints, shape ``(N, T)``, dtype complex64 (complex128 for float64), in units
         of M0, on ``device``. Differentiable with respect to tensor inputs that require grad.
 
     Raises:
-        ValueError: negative, non-finite, empty or mismatched parameters (naming the argument).
+        ValueError: negative, non-finite, empty, missing or mismatched parameters (naming the
+            argument); a bad ``tol``, ``chunk_size``, ``max_states`` or ``bounds``.
     """
     t1, t2, b, device = _prepare(seq, t1_ms, t2_ms, b1, device, dtype)
     if not (0 < tol < 1):
         raise ValueError(f"tol must lie in (0, 1), got {tol}")
+    _check_chunk_size(chunk_size)
     n_atoms, n_pulses = t1.numel(), len(seq)
-    t2n = t2.detach().cpu().numpy()
+    arrays = _seq_arrays(seq)
     if _rate is None:
-        with torch.no_grad():
-            _rate = truncation_rate(seq, tol, float(t2n.max()), float(t1.detach().max()),
-                                    (float(b.detach().min()), float(b.detach().max())))
-    k_atom = states_needed(t2n, float(seq.tr_ms.min()), n_pulses, tol, _rate)
+        _rate = _rate_for(seq, tol, t1.detach(), t2.detach(), b.detach(), bounds, arrays)
+    t2n = t2.detach().cpu().numpy()
+    k_atom = states_needed(t2n, arrays.tr_min, n_pulses, tol, _rate)
     if max_states is not None:
         if max_states < 1:
             raise ValueError(f"max_states must be >= 1, got {max_states}")
         k_atom = np.minimum(k_atom, max_states)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (t1, t2, b))
-    fast = seq.real_phases and not needs_grad and not _has_forward_grad(t1, t2, b)
+    fast = arrays.real_phases and not needs_grad and not _has_forward_grad(t1, t2, b)
     cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
     if not fast:
         out = []
@@ -273,16 +376,23 @@ def simulate(
                 progress(min(s + step, n_atoms))
         return torch.cat(out, 0)
 
+    use_kernel = device.type == "cpu" and _ckernel.kernel() is not None
+    if use_kernel and n_atoms <= (chunk_size or _KERNEL_CHUNK):
+        # a batch that fits one chunk: one kernel call, no scatter into a second buffer
+        with torch.no_grad():
+            signal = _epg_real_kernel(seq, t1, t2, b, k_atom, arrays)
+        if progress is not None:
+            progress(n_atoms)
+        return signal.to(cdtype)
     order = np.argsort(k_atom, kind="stable")
     signal = torch.empty(n_atoms, n_pulses, dtype=dtype, device=device)
-    use_kernel = device.type == "cpu" and _ckernel.kernel() is not None
     s = 0
     while s < n_atoms:
         k_here = int(k_atom[order[min(n_atoms - 1, s)]])
         if chunk_size is not None:
             step = chunk_size
         elif device.type == "cuda" or use_kernel:
-            step = 65536 if device.type == "cuda" else 8192
+            step = 65536 if device.type == "cuda" else _KERNEL_CHUNK
         else:
             step = max(16, _CHUNK_BYTES // (3 * 4 * max(k_here, 8)))
         idx = order[s: s + step]
@@ -299,105 +409,168 @@ def simulate(
     return signal.to(cdtype)
 
 
-def _epg_real_kernel(seq: Sequence, t1, t2, b1, k_atom: np.ndarray) -> torch.Tensor:
-    """The fast real path through the fused C kernel (CPU). Same result as _epg_real_fast."""
-    dt = t1.dtype
-    t1n = t1.detach().cpu().double().numpy()
-    t2n = t2.detach().cpu().double().numpy()
-    with np.errstate(divide="ignore"):
-        r1 = np.where(t1n > 0, 1.0 / np.where(t1n > 0, t1n, 1.0), np.inf)
-        r2 = np.where(t2n > 0, 1.0 / np.where(t2n > 0, t2n, 1.0), np.inf)
-    z0 = (1.0 - (1.0 + seq.inversion_efficiency) * _decay(t1.double(), seq.ti_ms)) \
-        if seq.inversion else torch.ones_like(t1, dtype=torch.float64)
-    out = np.empty((t1.numel(), len(seq)), dtype=np.float32 if dt == torch.float32 else np.float64)
-    _ckernel.run(np.deg2rad(seq.flip_angle_deg), np.cos(np.deg2rad(seq.phase_deg)).round(),
-                 seq.tr_ms, r1, r2, b1.detach().cpu().double().numpy(),
-                 z0.detach().cpu().numpy(), k_atom, out, torch.get_num_threads())
-    return torch.from_numpy(out) * _decay(t2, seq.te_ms)[:, None]
+def _inv_ms(t_ms: np.ndarray) -> np.ndarray:
+    """1 / t for t > 0, +inf for t = 0 (a relaxation rate, 1/ms)."""
+    pos = t_ms > 0
+    return np.where(pos, 1.0 / np.where(pos, t_ms, 1.0), np.inf)
 
 
-def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, tol: float = 1e-4,
-                      device=None, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fingerprints and their derivatives with respect to T1 and T2, in float64.
+def _decay_np(rate: np.ndarray, t_ms: float) -> np.ndarray:
+    """exp(-t * rate) with the limits of :func:`_decay` (rate = inf: 0 for t > 0, 1 for t = 0)."""
+    fin = np.isfinite(rate)
+    return np.where(fin, np.exp(-t_ms * np.where(fin, rate, 0.0)), 1.0 if t_ms == 0 else 0.0)
+
+
+def _epg_real_kernel(seq: Sequence, t1, t2, b1, k_atom: np.ndarray,
+                     arrays: _SeqArrays | None = None) -> torch.Tensor:
+    """The fast real path through the fused C kernel (CPU). Same result as _epg_real_fast.
+
+    The atoms are sorted by state count for the kernel's SIMD groups and returned in the input
+    order, shape ``(n, T)``, real, of the dtype of ``t1``.
+    """
+    arrays = arrays or _seq_arrays(seq)
+    r1 = _inv_ms(t1.detach().cpu().double().numpy())
+    r2 = _inv_ms(t2.detach().cpu().double().numpy())
+    b1n = b1.detach().cpu().double().numpy()
+    z0 = (1.0 - (1.0 + seq.inversion_efficiency) * _decay_np(r1, seq.ti_ms)) if seq.inversion \
+        else np.ones_like(r1)
+    n = r1.size
+    order = np.argsort(k_atom, kind="stable")
+    if not np.array_equal(order, np.arange(n)):
+        r1, r2, b1n, z0, k_atom = r1[order], r2[order], b1n[order], z0[order], k_atom[order]
+    else:
+        order = None
+    out = np.empty((n, len(seq)), dtype=np.float32 if t1.dtype == torch.float32 else np.float64)
+    _ckernel.run(arrays.alpha, arrays.sign, arrays.tr, r1, r2, b1n, z0, k_atom, out,
+                 torch.get_num_threads())
+    out *= _decay_np(r2, seq.te_ms).astype(out.dtype)[:, None]
+    if order is not None:
+        # numpy, not torch indexing: a multi-threaded torch gather of a small batch costs more
+        # than the whole simulation on a busy machine (its idle threads spin)
+        inv = np.empty_like(order)
+        inv[order] = np.arange(n)
+        out = out[inv]
+    return torch.from_numpy(out)
+
+
+def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, wrt=("t1", "t2"),
+                      tol: float = 1e-4, device=None, chunk_size: int = 4096,
+                      bounds: dict | None = None, _real_ok: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fingerprints and their derivatives with respect to T1, T2 and/or B1, in float64.
 
     On the CPU, for trains whose RF phases are multiples of 180 degrees, a fused kernel propagates
-    the tangent states ``d/dT1`` and ``d/dT2`` through the same real recursion as the signal
-    (forward-mode differentiation by hand, ~3x the cost of a simulation). Otherwise the
-    derivatives come from torch forward-mode autograd through the general path. Both agree to
-    float64 precision (tested).
+    the tangent states ``d/dT1``, ``d/dT2`` (and ``d/dB1`` when asked for) through the same real
+    recursion as the signal (forward-mode differentiation by hand, ~3-4x the cost of a
+    simulation). Otherwise the derivatives come from torch forward-mode autograd through the
+    general path. Both agree to float64 precision (tested).
 
     Args:
         seq: the pulse train.
         t1_ms, t2_ms: ms, scalars or ``(N,)``.
-        b1: flip-angle scale (known), scalar or ``(N,)``; default 1.
+        b1: flip-angle scale, scalar or ``(N,)``; default 1.
+        wrt: the parameters to differentiate by, any ordering or subset of ``("t1", "t2",
+            "b1")``; the last axis of the Jacobian follows this order.
         tol: truncation tolerance (tighter than the simulation default, since derivatives are
             taken).
         device: where to compute (the kernel runs on the CPU only).
-        chunk_size: atoms per pass.
+        chunk_size: atoms per pass of the autograd route (a positive integer).
+        bounds: the parameter range the atoms come from, as for :func:`simulate`.
 
     Returns:
-        ``(x, jac)``: complex128 ``(N, T)`` fingerprints and complex128 ``(N, T, 2)`` derivatives
-        (per ms) with respect to T1 and T2.
+        ``(x, jac)``: complex128 ``(N, T)`` fingerprints and complex128 ``(N, T, len(wrt))``
+        derivatives: per ms for T1 and T2, per unit of B1 (ratio to nominal) for B1.
+
+    Raises:
+        ValueError: bad parameters (see :func:`simulate`), an unknown or repeated name in
+            ``wrt``, or a bad ``chunk_size``.
     """
+    wrt = _check_wrt(wrt)
+    _check_chunk_size(chunk_size)
     t1, t2, b, device = _prepare(seq, t1_ms, t2_ms, b1, device, torch.float64)
     t1, t2, b = (x.detach() for x in (t1, t2, b))
+    arrays = _seq_arrays(seq)
+    rate = _rate_for(seq, tol, t1, t2, b, bounds, arrays)
     t2n = t2.cpu().numpy()
-    rate = truncation_rate(seq, tol, float(t2n.max()), float(t1.max()),
-                           (float(b.min()), float(b.max())))
-    k_atom = states_needed(t2n, float(seq.tr_ms.min()), len(seq), tol, rate)
+    k_atom = states_needed(t2n, arrays.tr_min, len(seq), tol, rate)
     n = t1.numel()
     if device.type == "cpu" and seq.real_phases and _ckernel.kernel() is not None:
         t1n = t1.numpy()
-        with np.errstate(divide="ignore"):
-            r1 = np.where(t1n > 0, 1.0 / np.where(t1n > 0, t1n, 1.0), np.inf)
-            r2 = np.where(t2n > 0, 1.0 / np.where(t2n > 0, t2n, 1.0), np.inf)
+        r1, r2 = _inv_ms(t1n), _inv_ms(t2n)
         if seq.inversion:
-            ei = np.where(t1n > 0, np.exp(-seq.ti_ms * np.where(t1n > 0, r1, 0.0)),
-                          1.0 if seq.ti_ms == 0 else 0.0)
+            ei = _decay_np(r1, seq.ti_ms)
             z0 = 1.0 - (1.0 + seq.inversion_efficiency) * ei
             dz0 = np.where(t1n > 0, -(1.0 + seq.inversion_efficiency) * ei * seq.ti_ms
                            * np.where(t1n > 0, r1, 0.0) ** 2, 0.0)
         else:
             z0, dz0 = np.ones(n), np.zeros(n)
-        x = np.empty((n, len(seq)))
-        d1 = np.empty_like(x)
-        d2 = np.empty_like(x)
         order = np.argsort(k_atom, kind="stable")
         inv = np.empty_like(order)
         inv[order] = np.arange(n)
-        xs, d1s, d2s = np.empty_like(x), np.empty_like(x), np.empty_like(x)
-        _ckernel.run_jac(np.deg2rad(seq.flip_angle_deg), np.cos(np.deg2rad(seq.phase_deg)).round(),
-                         seq.tr_ms, r1[order], r2[order], b.numpy()[order], z0[order],
-                         dz0[order], k_atom[order], xs, d1s, d2s, torch.get_num_threads())
+        xs, d1s, d2s = (np.empty((n, len(seq))) for _ in range(3))
+        dbs = np.empty((n, len(seq))) if "b1" in wrt else None
+        _ckernel.run_jac(arrays.alpha, arrays.sign, arrays.tr, r1[order], r2[order],
+                         b.numpy()[order], z0[order], dz0[order], k_atom[order], xs, d1s, d2s,
+                         torch.get_num_threads(), db=dbs)
         x, d1, d2 = xs[inv], d1s[inv], d2s[inv]
         # readout at TE: x = p0 * exp(-TE/T2), so d/dT2 gains p0 * d exp(-TE/T2)/dT2
-        e2te = np.where(t2n > 0, np.exp(-seq.te_ms * np.where(t2n > 0, r2, 0.0)),
-                        1.0 if seq.te_ms == 0 else 0.0)
+        e2te = _decay_np(r2, seq.te_ms)
         de2te = np.where(t2n > 0, e2te * seq.te_ms * np.where(t2n > 0, r2, 0.0) ** 2, 0.0)
         d2 = d2 * e2te[:, None] + x * de2te[:, None]
-        x = x * e2te[:, None]
-        d1 = d1 * e2te[:, None]
-        jac = torch.from_numpy(np.stack([d1, d2], -1)).to(torch.complex128)
-        return torch.from_numpy(x).to(torch.complex128), jac
+        cols = {"t1": d1 * e2te[:, None], "t2": d2}
+        if dbs is not None:
+            cols["b1"] = dbs[inv] * e2te[:, None]
+        x = torch.from_numpy(x * e2te[:, None])
+        jac = torch.from_numpy(np.stack([cols[w] for w in wrt], -1))
+        if _real_ok:  # the caller takes real float64 (the signal of this path is real)
+            return x, jac
+        return x.to(torch.complex128), jac.to(torch.complex128)
     import torch.autograd.forward_ad as fwad
 
     xs, js = [], []
+    p = len(wrt)
     for s in range(0, n, chunk_size):
-        c1, c2, cb = t1[s: s + chunk_size], t2[s: s + chunk_size], b[s: s + chunk_size]
-        m = c1.numel()
-        ones, zeros = torch.ones_like(c1), torch.zeros_like(c1)
+        chunk = {"t1": t1[s: s + chunk_size], "t2": t2[s: s + chunk_size],
+                 "b1": b[s: s + chunk_size]}
+        m = chunk["t1"].numel()
         with fwad.dual_level():
-            # atoms stacked twice: the first copy carries the T1 tangent, the second the T2 one
-            dd1 = fwad.make_dual(torch.cat([c1, c1]), torch.cat([ones, zeros]))
-            dd2 = fwad.make_dual(torch.cat([c2, c2]), torch.cat([zeros, ones]))
-            out = simulate(seq, dd1, dd2, torch.cat([cb, cb]), dtype=torch.float64, tol=tol,
-                           device=device, _rate=rate)
+            # atoms stacked once per derivative: copy j carries the tangent of wrt[j]
+            args = []
+            for name in ("t1", "t2", "b1"):
+                v = chunk[name].repeat(p)
+                if name in wrt:
+                    tangent = torch.zeros_like(v)
+                    j = wrt.index(name)
+                    tangent[j * m: (j + 1) * m] = 1.0
+                    v = fwad.make_dual(v, tangent)
+                args.append(v)
+            out = simulate(seq, *args, dtype=torch.float64, tol=tol, device=device, _rate=rate)
             primal, tangent = fwad.unpack_dual(out)
         if tangent is None:  # constant signal (all flip angles 0)
             tangent = torch.zeros_like(primal)
         xs.append(primal[:m])
-        js.append(torch.stack([tangent[:m], tangent[m:]], -1))
+        js.append(torch.stack([tangent[j * m: (j + 1) * m] for j in range(p)], -1))
     return torch.cat(xs), torch.cat(js)
+
+
+#: the parameters :func:`simulate_jacobian` can differentiate by
+JACOBIAN_PARAMS = ("t1", "t2", "b1")
+
+
+def _check_wrt(wrt) -> tuple[str, ...]:
+    names = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+    bad = [w for w in names if w not in JACOBIAN_PARAMS]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(f"wrt must name distinct parameters among {JACOBIAN_PARAMS}, "
+                         f"got {wrt!r}")
+    return names
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
+            chunk_size, (int, np.integer)) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer (atoms per chunk) or None, "
+                         f"got {chunk_size!r}")
 
 
 def _has_forward_grad(*ts) -> bool:

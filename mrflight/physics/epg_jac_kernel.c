@@ -1,41 +1,56 @@
 /*
  * Fused CPU kernel: the real-arithmetic FISP EPG of epg_kernel.c together with its forward-mode
- * derivatives with respect to T1 and T2 (tangent states propagated through the same recursion,
- * float64). Used by the Cramér–Rao bound; checked against torch forward-mode autograd through the
- * general path in tests/test_crb.py.
+ * derivatives with respect to T1, T2 and (optionally) B1 (tangent states propagated through the
+ * same recursion, float64). Used by the Cramér–Rao bound; checked against torch forward-mode
+ * autograd through the general path in tests/test_crb.py.
  *
  * With t = p + q: p' = E2 p - S2 t + SA z, q' = E2 q - S2 t + SA z, z' = ZC z - ZS t (+ REC at
  * k = 0), where E2 = e2, S2 = e2 s2, SA = e2 sa, ZC = e1 ca, ZS = e1 sa / 2, REC = 1 - e1.
  * d/dT1 acts through e1 (de1/dT1 = e1 TR / T1^2) and z0; d/dT2 through e2 (de2/dT2 = e2 TR / T2^2).
+ * d/dB1 acts through the RF coefficients of the flip a = b1 alpha: with c2 = cos^2(a/2),
+ * s2 = sin^2(a/2), sa = sgn sin a, ca = cos a, d/dB1 = alpha d/da gives
+ * dc2 = -alpha sin(a) / 2, ds2 = alpha sin(a) / 2, dsa = alpha sgn cos a, dca = -alpha sin a
+ * (z0, set by the inversion, does not depend on B1).
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define L 8
+/* compiled twice: without (epg_fisp_jac_f64) and with (epg_fisp_jac_b1_f64) the B1 tangent */
+#ifndef WITH_B1
+#define WITH_B1 0
+#endif
+#ifndef JFN
+#define JFN epg_fisp_jac_f64
+#endif
 
-int epg_fisp_jac_f64(int n, int T, const double *alpha, const double *sgn, const double *tr,
+int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
                      const double *r1, const double *r2, const double *b1, const double *z0,
                      const double *dz0, const long long *kst, double *out, double *d1,
-                     double *d2, int nthreads)
+                     double *d2, double *db, int nthreads)
 {
+    /* db (d/dB1, n x T) is filled by the WITH_B1 build and ignored (may be NULL) otherwise */
     int ngroups = (n + L - 1) / L;
     long long kmax_all = 1;
     for (int a = 0; a < n; a++) if (kst[a] > kmax_all) kmax_all = kst[a];
     int failed = 0;
+    /* never more threads than groups of atoms, and no thread team at all for one thread: idle
+       team members spin at the barrier, which on a busy machine costs more than the work */
+    int nth = nthreads < 1 ? 1 : nthreads;
+    if (nth > ngroups) nth = ngroups;
+    (void)nth;  /* unused without OpenMP */
 #ifdef _OPENMP
-    if (nthreads > 0) omp_set_num_threads(nthreads);
-#pragma omp parallel
+#pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
     {
         size_t blen = (size_t)(T + kmax_all + 1) * L, zlen = (size_t)kmax_all * L;
-        /* value, d/dT1, d/dT2 for p and q (moving windows) and z */
-        double *P[3], *Q[3], *Z[3];
+        /* value, d/dT1, d/dT2, d/dB1 for p and q (moving windows) and z */
+        double *P[4], *Q[4], *Z[4];
         int ok = 1;
-        for (int j = 0; j < 3; j++) {
+        int nset = WITH_B1 ? 4 : 3;
+        for (int j = 0; j < 4; j++) P[j] = Q[j] = Z[j] = NULL;
+        for (int j = 0; j < nset; j++) {
             P[j] = (double *)malloc(blen * sizeof(double));
             Q[j] = (double *)malloc(blen * sizeof(double));
             Z[j] = (double *)malloc(zlen * sizeof(double));
@@ -57,7 +72,7 @@ int epg_fisp_jac_f64(int n, int T, const double *alpha, const double *sgn, const
             int K = 1;
             for (int l = 0; l < na; l++) if (kst[a0 + l] > K) K = (int)kst[a0 + l];
             size_t len = (size_t)(T + K + 1) * L;
-            for (int j = 0; j < 3; j++) {
+            for (int j = 0; j < nset; j++) {
                 memset(P[j], 0, len * sizeof(double));
                 memset(Q[j], 0, len * sizeof(double));
                 memset(Z[j], 0, (size_t)K * L * sizeof(double));
@@ -73,16 +88,21 @@ int epg_fisp_jac_f64(int n, int T, const double *alpha, const double *sgn, const
             double E2[L], S2[L], SA[L], ZC[L], ZS[L], REC[L];
             double dZC[L], dZS[L], dREC[L];          /* d/dT1 of the z coefficients */
             double hE2[L], hS2[L], hSA[L];           /* d/dT2 of the p/q coefficients */
+            double bS2[L], bSA[L], bZC[L], bZS[L];   /* d/dB1 of the coefficients */
             for (int i = 0; i < T; i++) {
                 int w = (i + 1 < K) ? i + 1 : K;
                 double *p = P[0] + ps * L, *q = Q[0] + qs * L, *z = Z[0];
                 double *dp = P[1] + ps * L, *dq = Q[1] + qs * L, *dz = Z[1];
                 double *hp = P[2] + ps * L, *hq = Q[2] + qs * L, *hz = Z[2];
+                double *bp = WITH_B1 ? P[3] + ps * L : NULL, *bq = WITH_B1 ? Q[3] + qs * L : NULL;
+                double *bz = Z[3];
                 for (int l = 0; l < L; l++) {
                     double ang = alpha[i] * lb1[l];
                     double ch = cos(0.5 * ang);
                     double c2 = ch * ch, s2 = 1.0 - c2;
-                    double sa = sin(ang) * sgn[i], ca = cos(ang);
+                    double sn = sin(ang), sa = sn * sgn[i], ca = cos(ang);
+                    double dc2 = -0.5 * alpha[i] * sn, ds2 = -dc2;
+                    double dsa = alpha[i] * ca * sgn[i], dca = -alpha[i] * sn;
                     double e1 = exp(-tr[i] * lr1[l]), e2 = exp(-tr[i] * lr2[l]);
                     /* de/dT = e * TR / T^2 = e * TR * r^2 (0 in the T = 0 limit) */
                     double de1 = isfinite(lr1[l]) ? e1 * tr[i] * lr1[l] * lr1[l] : 0.0;
@@ -92,11 +112,16 @@ int epg_fisp_jac_f64(int n, int T, const double *alpha, const double *sgn, const
                         out[o] = c2 * p[l] - s2 * q[l] + sa * z[l];
                         d1[o] = c2 * dp[l] - s2 * dq[l] + sa * dz[l];
                         d2[o] = c2 * hp[l] - s2 * hq[l] + sa * hz[l];
+                        if (WITH_B1)
+                            db[o] = c2 * bp[l] - s2 * bq[l] + sa * bz[l]
+                                    + dc2 * p[l] - ds2 * q[l] + dsa * z[l];
                     }
                     E2[l] = e2; S2[l] = e2 * s2; SA[l] = e2 * sa;
                     ZC[l] = e1 * ca; ZS[l] = 0.5 * e1 * sa; REC[l] = 1.0 - e1;
                     dZC[l] = de1 * ca; dZS[l] = 0.5 * de1 * sa; dREC[l] = -de1;
                     hE2[l] = de2; hS2[l] = de2 * s2; hSA[l] = de2 * sa;
+                    bS2[l] = e2 * ds2; bSA[l] = e2 * dsa;
+                    bZC[l] = e1 * dca; bZS[l] = 0.5 * e1 * dsa;
                 }
                 for (int k = 0; k < w; k++) {
                     size_t o = (size_t)k * L;
@@ -116,16 +141,25 @@ int epg_fisp_jac_f64(int n, int T, const double *alpha, const double *sgn, const
                         hq[o + l] = E2[l] * hqv - S2[l] * ht + SA[l] * hzv
                                     + hE2[l] * qv - hS2[l] * t + hSA[l] * zv;
                         hz[o + l] = ZC[l] * hzv - ZS[l] * ht;
+#if WITH_B1
+                        double bpv = bp[o + l], bqv = bq[o + l], bzv = bz[o + l];
+                        double bt = bpv + bqv;
+                        bp[o + l] = E2[l] * bpv - S2[l] * bt + SA[l] * bzv
+                                    - bS2[l] * t + bSA[l] * zv;
+                        bq[o + l] = E2[l] * bqv - S2[l] * bt + SA[l] * bzv
+                                    - bS2[l] * t + bSA[l] * zv;
+                        bz[o + l] = ZC[l] * bzv - ZS[l] * bt + bZC[l] * zv - bZS[l] * t;
+#endif
                     }
                 }
                 for (int l = 0; l < L; l++) { z[l] += REC[l]; dz[l] += dREC[l]; }
                 ps -= 1;
                 qs += 1;
-                for (int j = 0; j < 3; j++)
+                for (int j = 0; j < nset; j++)
                     for (int l = 0; l < L; l++) P[j][ps * L + l] = Q[j][qs * L + l];
             }
         }
-        for (int j = 0; j < 3; j++) { free(P[j]); free(Q[j]); free(Z[j]); }
+        for (int j = 0; j < 4; j++) { free(P[j]); free(Q[j]); free(Z[j]); }
     }
     return failed ? -1 : 0;
 }

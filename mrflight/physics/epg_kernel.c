@@ -11,9 +11,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #ifndef REAL
 #define REAL float
@@ -36,9 +33,13 @@ int FN(int n, int T, const double *alpha, const double *sgn, const double *tr,
     long long kmax_all = 1;
     for (int a = 0; a < n; a++) if (kst[a] > kmax_all) kmax_all = kst[a];
     int failed = 0;
+    /* never more threads than groups of atoms, and no thread team at all for one thread: idle
+       team members spin at the barrier, which on a busy machine costs more than the work */
+    int nth = nthreads < 1 ? 1 : nthreads;
+    if (nth > ngroups) nth = ngroups;
+    (void)nth;  /* unused without OpenMP */
 #ifdef _OPENMP
-    if (nthreads > 0) omp_set_num_threads(nthreads);
-#pragma omp parallel
+#pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
     {
         size_t buf_len = (size_t)(T + kmax_all + 1) * LANES;

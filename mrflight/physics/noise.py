@@ -1,7 +1,9 @@
 """The noise model used everywhere in mrflight (training, evaluation, Cramér–Rao bound).
 
 The complex fingerprint is L2-normalised, then complex Gaussian noise with standard deviation
-``noise_std`` on each of the real and imaginary parts is added (DESIGN.md section 3).
+``noise_std`` on each of the real and imaginary parts is added. The Fisher information of this
+model is ``Re(J^H J) / noise_std^2`` with ``J`` the Jacobian of the normalised fingerprint (see
+:mod:`mrflight.physics.crb`).
 """
 
 from __future__ import annotations
