@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -95,6 +96,16 @@ class MRFRegressor(L.LightningModule):
             })
             for split in ("train", "val", "test")
         })
+
+    def metric_names(self) -> list[str]:
+        """Every metric name this module logs (``split/quantity``): the losses (``train/loss``
+        also as ``train/loss_step`` and ``train/loss_epoch``) and each metric of
+        ``self.metrics`` under its split, e.g. ``val/t1_mae_ms``. ``optimized_metric`` must be
+        one of them."""
+        names = ["train/loss", "train/loss_step", "train/loss_epoch", "val/loss", "test/loss"]
+        for split, metrics in self.metrics.items():
+            names += [f"{split.rstrip('_')}/{name}" for name in metrics]
+        return names
 
     # -- inference ----------------------------------------------------------------------------
     @property
@@ -201,11 +212,9 @@ class MRFRegressor(L.LightningModule):
         sched_cfg = dict(sched_cfg)
         interval = sched_cfg.pop("interval", "epoch")
         monitor = sched_cfg.pop("monitor", "val/loss")
-        target = sched_cfg.pop("_target_")
-        import importlib
+        from mrflight.checkpoints import scheduler_class
 
-        module, _, name = target.rpartition(".")
-        sched = getattr(importlib.import_module(module), name)(opt, **sched_cfg)
+        sched = scheduler_class(sched_cfg.pop("_target_"))(opt, **sched_cfg)
         return {"optimizer": opt,
                 "lr_scheduler": {"scheduler": sched, "interval": interval, "monitor": monitor}}
 
@@ -213,22 +222,38 @@ class MRFRegressor(L.LightningModule):
 def load_checkpoint(path, map_location="cpu") -> MRFRegressor:
     """Load a trained :class:`MRFRegressor` from a checkpoint with no other argument.
 
+    Safe for checkpoints from untrusted sources: the file is read with
+    ``torch.load(weights_only=True)`` (tensors and plain values only; pickled objects are
+    refused) and the network is built only from the registered mrflight regressors
+    (:func:`mrflight.models.base.build_net`).
+
+    Args:
+        path: a ``.ckpt`` file (for a run directory, see
+            :func:`mrflight.checkpoints.best_checkpoint`).
+        map_location: device of the weights (``"cpu"``, ``"cuda"``...).
+
     Returns:
         The module in eval mode; use ``.predict_parameters(signals)``.
-    """
-    from pathlib import Path
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    Raises:
+        ValueError: a missing file or a directory, a truncated or foreign file, pickled objects,
+            a network that is not an mrflight regressor, or an unusable device.
+    """
+    from mrflight.checkpoints import read_checkpoint
+    from mrflight.physics._device import check_device
+
+    if isinstance(map_location, (str, torch.device)):
+        check_device(map_location)
+    read_checkpoint(path)  # the clear errors (missing, directory, truncated, pickled objects)
     try:
-        module = MRFRegressor.load_from_checkpoint(p, map_location=map_location,
-                                                   weights_only=False)
+        module = MRFRegressor.load_from_checkpoint(Path(str(path)).expanduser(),
+                                                   map_location=map_location, weights_only=True)
     except ValueError:
         raise
-    except Exception as e:  # noqa: BLE001 - pickle/zip/key errors of a damaged or foreign file
+    except Exception as e:  # noqa: BLE001 - missing keys or shapes of a foreign checkpoint
+        first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"checkpoint {str(path)!r} is not a readable mrflight checkpoint "
-                         f"({type(e).__name__}: {e}); is it truncated, or from another "
-                         "program?") from None
+                         f"({type(e).__name__}: {first}); is it from another program or "
+                         "version?") from None
     module.eval()
     return module
