@@ -99,6 +99,9 @@ def build_net(cfg: dict) -> nn.Module:
     cls = allowed.get(target) if isinstance(target, str) else None
     if cls is None:
         names = sorted(t for t in allowed if t.count(".") == 2)
+        if not target:
+            raise ValueError(f"net config needs a '_target_' class path, one of "
+                             f"{', '.join(names)}")
         raise ValueError(f"network {target!r} is not an mrflight regressor: allowed are "
                          f"{', '.join(names)}")
     if not all(isinstance(k, str) and k.isidentifier() for k in cfg):
