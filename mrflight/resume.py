@@ -143,7 +143,10 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
     changed = []
     for node in FIXED_NODES:
         a, b = _flat(_plain(saved, node) or {}), _flat(_plain(merged, node) or {})
-        for k in sorted(set(a) | set(b)):
+        keys = sorted(set(a) | set(b))
+        if a.get("_target_") != b.get("_target_"):
+            keys = ["_target_"]  # another class: its arguments differ as a consequence
+        for k in keys:
             if node == "data" and k.split(".")[0] in RUNTIME_DATA_KEYS:
                 continue
             if a.get(k, "<unset>") != b.get(k, "<unset>"):
