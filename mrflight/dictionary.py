@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrflight.matio import atomic_path, load_mat, save_mat
+from mrflight.matio import atomic_path, load_mat, remove_stale_temp_files, save_mat
 from mrflight.physics import EPG_VERSION, Sequence, simulate
 from mrflight.physics.epg import DEFAULT_TOL, truncation_rate
 
@@ -488,6 +488,8 @@ def generate(
             A path: that folder. The file is ``<cache_dir>/<cache_key>.h5``; it is written
             atomically with a SHA-256 checksum of the payload and verified on load; a corrupt or
             truncated file is reported with a ``RuntimeWarning`` and rebuilt, never used.
+            Temporary files that killed writers left in the folder are removed
+            (:func:`mrflight.matio.remove_stale_temp_files`).
         progress: show a progress bar (rich) while simulating.
         dtype: simulation precision, ``torch.float32`` (complex64 atoms) or ``torch.float64``.
         tol: EPG truncation tolerance passed to ``simulate``.
@@ -509,6 +511,7 @@ def generate(
         path = None
     else:
         folder = default_cache_dir() if cache_dir is True else Path(cache_dir).expanduser()
+        remove_stale_temp_files(folder)  # what killed writers left (up to GBs per file)
         key = cache_key(seq, p, b, dtype, tol)
         path = folder / f"{key}.h5"
         if path.exists():

@@ -6,13 +6,16 @@ process with exit status 2 and a single line on stderr::
 
     error: unknown model 'transformer': choose model= one of ann, cnn, gru, lstm
 
-naming the argument and the fix. Any other exception (a real bug) keeps its traceback. Set
+naming the argument and the fix; so does a full disk (``error: no space left on device writing
+PATH: free space or set paths.output_dir``). Any other exception (a real bug) keeps its
+traceback. Set
 ``MRFLIGHT_DEBUG=1`` (or Hydra's own ``HYDRA_FULL_ERROR=1``) to see the full traceback of a bad
 input too.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -32,6 +35,15 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
 
 
+def _is_usage(e: BaseException) -> bool:
+    """Bad input, or a full disk: reported in one line."""
+    return isinstance(e, _usage_errors()) or _disk_full(e)
+
+
+def _disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno == errno.ENOSPC
+
+
 def _root(e: BaseException) -> BaseException:
     """Hydra wraps constructor errors (InstantiationException): report the constructor's own."""
     from hydra.errors import InstantiationException
@@ -48,6 +60,9 @@ def one_line(e: BaseException) -> str:
     from hydra.errors import MissingConfigException
 
     e = _root(e)
+    if _disk_full(e):
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"no space left on device{where}: free space or set paths.output_dir"
     if isinstance(e, MissingConfigException) and e.options and e.missing_cfg_file:
         group, _, name = str(e.missing_cfg_file).rpartition("/")
         if group:
@@ -92,8 +107,8 @@ def guard(task: Callable) -> Callable:
     def wrapped(cfg):
         try:
             return task(cfg)
-        except _usage_errors() as e:
-            if _debug():
+        except Exception as e:
+            if _debug() or not _is_usage(_root(e)):
                 raise
             _report(e)
             raise SystemExit(EXIT_USAGE) from None
@@ -113,8 +128,8 @@ def run_cli(main: Callable[[], object]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
-    except _usage_errors() as e:
-        if debug:
+    except Exception as e:
+        if debug or not _is_usage(_root(e)):
             raise
         _report(e)
         sys.exit(EXIT_USAGE)

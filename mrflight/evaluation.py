@@ -2,8 +2,9 @@
 
 ``python eval.py [ckpt_path=PATH] [evaluation.n_test=...] [evaluation.noise_levels=[...]]``
 calls :func:`run`. ``PATH`` may be a checkpoint file, a training run directory or a multirun
-directory: every run found is evaluated (its best checkpoint, else ``last.ckpt``) with the run's
-own saved ``config.yaml`` (sequence, data grid and split). Without a checkpoint, dictionary
+directory: every run found is evaluated (its best checkpoint by the recorded validation score,
+see :mod:`mrflight.checkpoints`) with the run's own saved ``config.yaml`` (sequence, data grid
+and split). Without a checkpoint, dictionary
 matching and the bound are evaluated for ``cfg.sequence`` and the paper's grid.
 
 Protocol (per group of runs that share sequence, data and split):
@@ -50,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrflight.checkpoints import find_checkpoints
 from mrflight.matio import atomic_path
 
 __all__ = ["EvalSettings", "run", "find_checkpoints", "evaluate_group", "PAPER_TABLE1",
@@ -198,46 +200,35 @@ class _Run:
     label: str = ""
 
 
-def find_checkpoints(path) -> list[Path]:
-    """Checkpoints to evaluate under ``path`` (a ``.ckpt`` file, a run dir or a multirun dir).
-
-    One per directory holding checkpoints: the best one (any ``*.ckpt`` that is not
-    ``last*.ckpt``; the newest if several), else ``last.ckpt``.
-
-    Raises:
-        ValueError: ``path`` does not exist or holds no checkpoint.
-    """
-    p = Path(str(path)).expanduser()
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise ValueError(f"ckpt_path={path}: no such file or directory")
-    by_dir: dict[Path, list[Path]] = {}
-    for c in sorted(p.rglob("*.ckpt")):
-        if any(part.startswith(".") or part == "wandb" for part in c.relative_to(p).parts):
-            continue
-        by_dir.setdefault(c.parent, []).append(c)
-    out = []
-    for _, cks in sorted(by_dir.items()):
-        best = [c for c in cks if not c.stem.startswith("last")]
-        out.append(max(best, key=lambda c: c.stat().st_mtime) if best else cks[0])
-    if not out:
-        raise ValueError(f"ckpt_path={path}: no .ckpt file found under {p}")
-    return out
-
-
 def _run_config(ckpt: Path) -> tuple[Path, dict | None]:
     """The run directory and its resolved config (``checkpoints/config.yaml`` or
-    ``.hydra/config.yaml``), or ``None``."""
+    ``.hydra/config.yaml``), or ``None``. The ``_target_``s of its ``sequence`` and ``data``
+    (what evaluation builds from it) must be mrflight's."""
     from omegaconf import OmegaConf
 
-    cands = [ckpt.parent / "config.yaml", ckpt.parent.parent / "checkpoints" / "config.yaml",
-             ckpt.parent.parent / ".hydra" / "config.yaml", ckpt.parent / ".hydra" / "config.yaml"]
-    for c in cands:
-        if c.is_file():
-            run_dir = c.parent.parent if c.parent.name in ("checkpoints", ".hydra") else c.parent
-            return run_dir, OmegaConf.to_container(OmegaConf.load(c), resolve=False)
-    return (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent), None
+    from mrflight.checkpoints import run_config_path, run_dir_of
+
+    run_dir = run_dir_of(ckpt)
+    c = run_config_path(run_dir)
+    if c is None:
+        return run_dir, None
+    rcfg = OmegaConf.to_container(OmegaConf.load(c), resolve=False)
+    for node in ("sequence", "data"):
+        _check_targets(rcfg.get(node), f"{c}: {node}")
+    return run_dir, rcfg
+
+
+def _check_targets(node, where: str) -> None:
+    if isinstance(node, dict):
+        t = node.get("_target_")
+        if t is not None and not str(t).startswith("mrflight."):
+            raise ValueError(f"{where} names {t!r}: only mrflight classes and functions are "
+                             "built from a run's saved config")
+        for v in node.values():
+            _check_targets(v, where)
+    elif isinstance(node, list):
+        for v in node:
+            _check_targets(v, where)
 
 
 def _method_of(module) -> str:

@@ -6,12 +6,19 @@ returns ``nan`` to the sweeper (Optuna records the trial as failed). At the end 
 :class:`FailureReport` collects those files into ``<sweep dir>/failures.json`` and prints a
 summary; ``train.py`` then exits with status 3 (:data:`mrflight.errors.EXIT_FAILED_JOBS`).
 
+:class:`KeepRunConfig` keeps Hydra from writing over the ``.hydra/*.yaml`` of a run that is
+resumed (``ckpt_path=...``): they describe how the run was started, and the resumed run's merged
+config goes to ``checkpoints/config.yaml`` once its checkpoint has loaded
+(:mod:`mrflight.resume`).
+
 Configured in ``configs/hydra/default.yaml``::
 
     hydra:
       callbacks:
         failure_report:
           _target_: mrflight.hydra_callbacks.FailureReport
+        keep_run_config:
+          _target_: mrflight.hydra_callbacks.KeepRunConfig
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-__all__ = ["FailureReport", "FAILED_FILE", "FAILURES_FILE", "LAST_FAILURES", "collect_failures"]
+__all__ = ["FailureReport", "KeepRunConfig", "FAILED_FILE", "FAILURES_FILE", "LAST_FAILURES",
+           "collect_failures"]
 
 #: written into a job's output dir when the job failed
 FAILED_FILE = "FAILED.txt"
@@ -71,3 +79,15 @@ class FailureReport(Callback):
             for r in failures:
                 lines.append(f"  job {r['job']} [{' '.join(r['overrides'])}]: {r['error']}")
             print("\n".join(lines), file=sys.stderr)
+
+
+class KeepRunConfig(Callback):
+    """A single run with ``ckpt_path`` set (a resume) does not save ``.hydra/*.yaml``."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from omegaconf import open_dict, read_write
+
+        if config.get("ckpt_path") in (None, "") or not config.get("train", True):
+            return
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.output_subdir = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -166,6 +167,19 @@ class MRFRegressor(L.LightningModule):
                 if _key(split + name) not in self.metrics:
                     self.metrics[_key(split + name)] = self._metric_set().to(self.device)
 
+    def metric_names(self, eval_set_names=("",)) -> list[str]:
+        """Every metric name this module logs (``split/quantity``): the losses (``train/loss``
+        also as ``train/loss_step`` and ``train/loss_epoch``) and each metric under its split
+        and evaluation set, e.g. ``val/t1_mae_ms``, ``val@0.01/b1_rmse_pct``
+        (``eval_set_names``: the data module's, ``""`` first). ``optimized_metric`` must be one
+        of them."""
+        names = ["train/loss", "train/loss_step", "train/loss_epoch", "val/loss", "test/loss"]
+        keys = list(self._metric_set().keys())
+        for split in ("train", "val", "test"):
+            for s in ([""] if split == "train" else list(eval_set_names)):
+                names += [f"{split}{s}/{k}" for k in keys]
+        return names
+
     # -- inference ----------------------------------------------------------------------------
     @property
     def input_length(self) -> int:
@@ -317,11 +331,9 @@ class MRFRegressor(L.LightningModule):
         sched_cfg = dict(sched_cfg)
         interval = sched_cfg.pop("interval", "epoch")
         monitor = sched_cfg.pop("monitor", "val/loss")
-        target = sched_cfg.pop("_target_")
-        import importlib
+        from mrflight.checkpoints import scheduler_class
 
-        module, _, name = target.rpartition(".")
-        sched = getattr(importlib.import_module(module), name)(opt, **sched_cfg)
+        sched = scheduler_class(sched_cfg.pop("_target_"))(opt, **sched_cfg)
         return {"optimizer": opt,
                 "lr_scheduler": {"scheduler": sched, "interval": interval, "monitor": monitor}}
 
@@ -329,22 +341,38 @@ class MRFRegressor(L.LightningModule):
 def load_checkpoint(path, map_location="cpu") -> MRFRegressor:
     """Load a trained :class:`MRFRegressor` from a checkpoint with no other argument.
 
+    Safe for checkpoints from untrusted sources: the file is read with
+    ``torch.load(weights_only=True)`` (tensors and plain values only; pickled objects are
+    refused) and the network is built only from the registered mrflight regressors
+    (:func:`mrflight.models.base.build_net`).
+
+    Args:
+        path: a ``.ckpt`` file (for a run directory, see
+            :func:`mrflight.checkpoints.best_checkpoint`).
+        map_location: device of the weights (``"cpu"``, ``"cuda"``...).
+
     Returns:
         The module in eval mode; use ``.predict_parameters(signals)``.
-    """
-    from pathlib import Path
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    Raises:
+        ValueError: a missing file or a directory, a truncated or foreign file, pickled objects,
+            a network that is not an mrflight regressor, or an unusable device.
+    """
+    from mrflight.checkpoints import read_checkpoint
+    from mrflight.physics._device import check_device
+
+    if isinstance(map_location, (str, torch.device)):
+        check_device(map_location)
+    read_checkpoint(path)  # the clear errors (missing, directory, truncated, pickled objects)
     try:
-        module = MRFRegressor.load_from_checkpoint(p, map_location=map_location,
-                                                   weights_only=False)
+        module = MRFRegressor.load_from_checkpoint(Path(str(path)).expanduser(),
+                                                   map_location=map_location, weights_only=True)
     except ValueError:
         raise
-    except Exception as e:  # noqa: BLE001 - pickle/zip/key errors of a damaged or foreign file
+    except Exception as e:  # noqa: BLE001 - missing keys or shapes of a foreign checkpoint
+        first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"checkpoint {str(path)!r} is not a readable mrflight checkpoint "
-                         f"({type(e).__name__}: {e}); is it truncated, or from another "
-                         "program?") from None
+                         f"({type(e).__name__}: {first}); is it from another program or "
+                         "version?") from None
     module.eval()
     return module

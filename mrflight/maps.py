@@ -923,7 +923,7 @@ def run_maps(cfg) -> dict[str, Path]:
     device = options.device or "cpu"
     if ckpt:
         if Path(str(ckpt)).expanduser().is_dir():  # a training run dir: its best checkpoint
-            from mrflight.evaluation import find_checkpoints
+            from mrflight.checkpoints import find_checkpoints
 
             found = find_checkpoints(ckpt)
             if len(found) > 1:

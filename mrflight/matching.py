@@ -25,6 +25,8 @@ import warnings
 import numpy as np
 import torch
 
+from mrflight.physics._device import check_device
+
 __all__ = ["DictionaryMatcher", "svd_basis"]
 
 #: default bound on the bytes of one temporary score block (signals x atoms)
@@ -159,7 +161,7 @@ class DictionaryMatcher:
             raise ValueError(f"chunk_size must be a positive number of atoms, got {chunk_size}")
         if device is None:
             device = a.device if isinstance(atoms, torch.Tensor) else torch.device("cpu")
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.dtype = dtype
         self.complex_matching = bool(complex_matching)
         self._cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128

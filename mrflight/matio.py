@@ -2,27 +2,34 @@
 
 Every file mrflight writes goes through :func:`atomic_path`: the data is written to a temporary
 file in the destination folder, flushed to disk, and renamed over the destination, so a killed
-process leaves either the old file or the new one, never a half-written file.
+process leaves either the old file or the new one, never a half-written file. The temporary file
+is hidden and names its writer (``.NAME.<pid>@<host>.XXXXXXXX<suffix>.tmp``), so that
+:func:`remove_stale_temp_files` can delete those a killed writer left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "load_mat", "save_mat", "is_mat_v73"]
+__all__ = ["atomic_path", "remove_stale_temp_files", "load_mat", "save_mat", "is_mat_v73"]
 
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it is fsynced and renamed to ``dest``.
 
-    On an exception the temporary file is removed and ``dest`` is left untouched.
+    On an exception the temporary file is removed and ``dest`` is left untouched; a full disk
+    raises ``OSError(ENOSPC)`` naming ``dest``.
 
     Args:
         dest: the final file.
@@ -31,8 +38,8 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=(suffix or dest.suffix) + ".tmp",
-                               dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}@{_host()}.",
+                               suffix=(suffix or dest.suffix) + ".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -40,9 +47,72 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, dest)
+    except OSError as e:
+        if e.errno == errno.ENOSPC and e.filename != str(dest):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest)) from e
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _host() -> str:
+    """This machine's short host name (no dots: it is part of temporary file names)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+
+
+#: the temporary files of :func:`atomic_path` (old ones have no ``<pid>@<host>.`` part)
+_TEMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)\.)?"
+                   r"[a-z0-9_]{8}(?:\.[^.]+)?\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, max_age_s: float = 3600.0) -> list[Path]:
+    """Delete the temporary files that killed :func:`atomic_path` writers left in ``folder``.
+
+    A temporary file is stale when its writer process (named in the file name) is gone on this
+    host, or when nothing wrote to it for ``max_age_s`` seconds (writers on other hosts of a
+    shared folder, and files of older versions whose names carry no writer). Other files are
+    never touched. Errors (a file removed meanwhile, no permission) are ignored.
+
+    Args:
+        folder: a cache or output folder (not searched recursively).
+        max_age_s: age of the last write beyond which a temporary file is stale.
+
+    Returns:
+        The files removed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now, host = time.time(), _host()
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            old = now - entry.stat(follow_symlinks=False).st_mtime > max_age_s
+            dead = m["pid"] is not None and m["host"] == host and not _alive(int(m["pid"]))
+            if old or dead:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
 
 
 def is_mat_v73(path: str | os.PathLike) -> bool:

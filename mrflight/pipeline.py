@@ -42,14 +42,19 @@ def _number(v) -> float:
 def check_config(cfg: DictConfig) -> None:
     """Fail fast, with one clear line, on config values that cannot work."""
     from mrflight.models import REGISTRY
+    from mrflight.models.base import allowed_targets
 
-    known = {f"{c.__module__}.{c.__qualname__}" for c in REGISTRY.values()}
-    known |= {f"mrflight.models.{c.__name__}" for c in REGISTRY.values()}
+    check_runtime(cfg)
     target = cfg.model.get("_target_") if cfg.get("model") else None
-    if target not in known:
+    if target not in allowed_targets():
         raise ValueError(f"unknown model {target!r}: choose model= one of "
                          f"{', '.join(sorted(REGISTRY))}")
     data = cfg.data
+    if "path" in data.keys() and data.get("params", None) is not None:
+        raise ValueError("data.path (a dictionary file, data=file) and data.params (T1/T2 to "
+                         "simulate) are both set: debug=tiny sets data.params and works with "
+                         "data=paper or data=random; for a short run on a file use "
+                         "trainer.max_epochs=2 data.n_train=1000 data.n_test=100")
     noise = data.get("noise_std")
     values = list(noise) if OmegaConf.is_list(noise) else [noise]
     if not values or len(values) > 2 or not all(0 <= _number(v) < float("inf") for v in values):
@@ -67,19 +72,33 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"module.lr must be a positive number, got {cfg.module.get('lr')!r}")
 
 
-def _resolve_ckpt(ckpt_path, output_dir: Path) -> str | None:
-    if ckpt_path in (None, ""):
-        return None
-    p = output_dir if str(ckpt_path) == "last" else Path(str(ckpt_path)).expanduser()
-    if p.is_dir():
-        for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
-            if cand.is_file():
-                return str(cand)
-        raise ValueError(f"ckpt_path={ckpt_path}: no last.ckpt in {p} or {p}/checkpoints "
-                         "(to resume, set hydra.run.dir to the interrupted run's directory)")
-    if not p.is_file():
-        raise ValueError(f"ckpt_path={ckpt_path}: {p} does not exist")
-    return str(p)
+def check_runtime(cfg: DictConfig) -> None:
+    """Settings of ``train.py`` and ``eval.py`` alike: ``seed`` and ``threads``."""
+    seed = cfg.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed must be an integer (or null: not seeded), got {seed!r}")
+    threads = cfg.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or threads < 1):
+        raise ValueError(f"threads must be a positive integer (torch CPU threads) or null "
+                         f"(torch's default), got {threads!r}")
+
+
+def check_metric(cfg: DictConfig, module, eval_set_names=("",)) -> None:
+    """``optimized_metric`` must be a metric the module logs (checked before training)."""
+    name = cfg.get("optimized_metric")
+    names = module.metric_names(eval_set_names) if hasattr(module, "metric_names") else None
+    if name and names is not None and name not in names:
+        raise ValueError(f"optimized_metric={name!r} is not a metric this module logs: choose "
+                         f"one of {', '.join(names)}")
+
+
+def _resume(cfg: DictConfig, hc) -> tuple[DictConfig, tuple | None]:
+    """The config of a resumed run (its saved one plus the new overrides) and the checkpoint."""
+    from mrflight.resume import resume_config
+
+    overrides = list(hc.overrides.task) if hc is not None else None
+    return resume_config(cfg, overrides)
 
 
 def _build(node, **kwargs):
@@ -197,6 +216,12 @@ def _train(cfg: DictConfig) -> float | None:
     import torch
     from hydra.utils import instantiate
 
+    from mrflight.checkpoints import AtomicCheckpointIO
+    from mrflight.matio import remove_stale_temp_files
+    from mrflight.resume import check_fits, continue_csv_logs
+
+    hc = _hydra_cfg()
+    cfg, resume_from = _resume(cfg, hc)  # checks the checkpoint loads: nothing written yet
     check_config(cfg)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -206,7 +231,8 @@ def _train(cfg: DictConfig) -> float | None:
         torch.set_num_threads(int(cfg.threads))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    hc = _hydra_cfg()
+    for folder in (output_dir, output_dir / "checkpoints"):
+        remove_stale_temp_files(folder)
 
     sequence = _build(cfg.sequence)
     datamodule = _build(cfg.data, sequence=sequence)
@@ -220,6 +246,9 @@ def _train(cfg: DictConfig) -> float | None:
         targets=targets, _recursive_=False, _convert_="all",
     )
     datamodule.with_bound = module.needs_bound
+    check_metric(cfg, module, getattr(datamodule, "eval_set_names", [""]))
+    if resume_from is not None:
+        check_fits(module, resume_from)
 
     # loggers: W&B name from the overrides, group from the sweep dir
     loggers = []
@@ -243,7 +272,11 @@ def _train(cfg: DictConfig) -> float | None:
             continue  # needs a logger
         callbacks.append(instantiate(node))
     callbacks.append(_random_state_callback())
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # checkpoints written atomically (a full disk or a crash never leaves a truncated .ckpt)
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **plugins)
+    if trainer.is_global_zero:
+        continue_csv_logs(loggers, resume_from)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
@@ -259,16 +292,16 @@ def _train(cfg: DictConfig) -> float | None:
     metric = None
     try:
         if cfg.get("train", True):
-            ckpt = _resolve_ckpt(cfg.get("ckpt_path"), output_dir)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+            ckpt = str(resume_from[0]) if resume_from is not None else None
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test", True):
             best = None
             if trainer.checkpoint_callback is not None and not trainer.fast_dev_run:
                 best = trainer.checkpoint_callback.best_model_path or None
             trainer.test(module, datamodule=datamodule, ckpt_path=best,
-                         weights_only=False) if best else trainer.test(module,
-                                                                       datamodule=datamodule)
+                         weights_only=True) if best else trainer.test(module,
+                                                                      datamodule=datamodule)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
             _log_best_checkpoint(trainer, loggers, best)
         name = cfg.get("optimized_metric")
@@ -324,6 +357,7 @@ def evaluate(cfg: DictConfig):
     """Evaluate trained models and dictionary matching (see :mod:`mrflight.evaluation`)."""
     from mrflight.evaluation import run
 
+    check_runtime(cfg)
     return run(cfg)
 
 

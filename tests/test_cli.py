@@ -95,3 +95,36 @@ def test_multirun_without_failures_exits_zero_and_writes_an_empty_report(tmp_pat
                           f"hydra.sweep.dir={sweep}"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((sweep / "failures.json").read_text()) == {"n_failed": 0, "failed": []}
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["optimized_metric=val/nope"], ["optimized_metric='val/nope'", "val/loss", "val/t1_mae_ms"]),
+    (["ckpt_path=trunc.ckpt"], ["trunc.ckpt", "truncated"]),
+])
+def test_late_or_raw_errors_are_one_line_before_any_work(tmp_path, args, expect):
+    import torch
+
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, tmp_path / "whole.ckpt")
+    (tmp_path / "trunc.ckpt").write_bytes((tmp_path / "whole.ckpt").read_bytes()[:500])
+    r = _run("train.py", [*TINY, *args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    line = _one_error_line(r)
+    for piece in expect:
+        assert piece in line, line
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training
+
+
+@pytest.mark.parametrize("name,overrides,expect", [
+    ("train", ["threads=-1"], "threads must be a positive integer .* got -1"),
+    ("train", ["threads=0"], "threads must be a positive integer"),
+    ("eval", ["threads=-1"], "threads must be a positive integer"),
+    ("train", ["seed=abc"], "seed must be an integer .*got 'abc'"),
+    ("train", ["data=file"], "debug=tiny sets data.params .*data=paper or data=random"),
+    ("train", ["data=file", "data.path=d.h5"], "debug=tiny sets data.params"),
+])
+def test_config_checks_name_the_setting(tmp_path, name, overrides, expect):
+    from mrflight.pipeline import check_config, check_runtime, compose_config
+
+    extra = ["debug=tiny"] if name == "train" else []
+    cfg = compose_config([*extra, *overrides], output_dir=tmp_path, config_name=name)
+    with pytest.raises(ValueError, match=expect):
+        (check_config if name == "train" else check_runtime)(cfg)

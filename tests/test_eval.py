@@ -144,20 +144,21 @@ def test_held_out_atoms_are_not_in_the_matching_dictionary():
     assert (off[:, 1] <= off[:, 0]).all()
 
 
-def test_find_checkpoints(tmp_path):
-    a = tmp_path / "0" / "checkpoints"
-    b = tmp_path / "1" / "checkpoints"
-    a.mkdir(parents=True)
-    b.mkdir(parents=True)
-    for p in (a / "epoch_003.ckpt", a / "last.ckpt", b / "last.ckpt"):
-        p.write_bytes(b"x")
-    assert find_checkpoints(tmp_path) == [a / "epoch_003.ckpt", b / "last.ckpt"]
-    assert find_checkpoints(a / "last.ckpt") == [a / "last.ckpt"]
+def test_find_checkpoints(tiny_run, tmp_path):
+    """eval.py and maps share mrflight.checkpoints (tested in tests/test_checkpoints.py)."""
+    import mrflight.checkpoints
+    import mrflight.evaluation
+
+    assert mrflight.evaluation.find_checkpoints is mrflight.checkpoints.find_checkpoints
+    found = find_checkpoints(tiny_run)
+    assert found == [tiny_run / "0" / "checkpoints" / "epoch_000.ckpt"]
+    assert find_checkpoints(found[0]) == found
     with pytest.raises(ValueError, match="no such"):
         find_checkpoints(tmp_path / "missing")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no .ckpt"):
-        find_checkpoints(tmp_path / "empty")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.ckpt").write_bytes(b"x")  # not a run: never loaded
+    with pytest.raises(ValueError, match="no checkpoint in .* loads"):
+        find_checkpoints(tmp_path / "junk")
 
 
 def test_settings_validation():

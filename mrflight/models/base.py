@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 
 import torch
 from torch import nn
 
-__all__ = ["Regressor", "build_net", "net_config"]
+__all__ = ["Regressor", "build_net", "net_config", "allowed_targets"]
 
 
 class Regressor(nn.Module):
@@ -74,12 +73,45 @@ def net_config(net: nn.Module) -> dict:
     return cfg
 
 
+def allowed_targets() -> dict[str, type]:
+    """``{class path: class}`` of the networks :func:`build_net` may build.
+
+    Only the regressors registered in :data:`mrflight.models.REGISTRY`, under their module path
+    (``mrflight.models.recurrent.GRURegressor``) and their package path
+    (``mrflight.models.GRURegressor``).
+    """
+    from mrflight.models import REGISTRY
+
+    out = {}
+    for cls in REGISTRY.values():
+        out[f"{cls.__module__}.{cls.__qualname__}"] = cls
+        out[f"mrflight.models.{cls.__name__}"] = cls
+    return out
+
+
 def build_net(cfg: dict) -> nn.Module:
-    """Instantiate a regressor from ``{"_target_": "pkg.mod.Class", **kwargs}``."""
+    """Instantiate a regressor from ``{"_target_": "mrflight.models.Class", **kwargs}``.
+
+    The target must be one of :func:`allowed_targets` (a checkpoint names its network as text:
+    importing and calling any other name could run arbitrary code).
+
+    Raises:
+        ValueError: the target is not a registered mrflight regressor, or a bad argument.
+    """
     cfg = dict(cfg)
     target = cfg.pop("_target_", None)
-    if not target or "." not in target:
-        raise ValueError(f"net config needs a '_target_' class path, got {target!r}")
-    module, _, name = target.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    return cls(**cfg)
+    allowed = allowed_targets()
+    cls = allowed.get(target) if isinstance(target, str) else None
+    if cls is None:
+        names = sorted(t for t in allowed if t.count(".") == 2)
+        if not target:
+            raise ValueError(f"net config needs a '_target_' class path, one of "
+                             f"{', '.join(names)}")
+        raise ValueError(f"network {target!r} is not an mrflight regressor: allowed are "
+                         f"{', '.join(names)}")
+    if not all(isinstance(k, str) and k.isidentifier() for k in cfg):
+        raise ValueError(f"network config of {target} has invalid argument names: {list(cfg)}")
+    try:
+        return cls(**cfg)
+    except TypeError as e:
+        raise ValueError(f"network {target}: {e}") from None

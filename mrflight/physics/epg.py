@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from . import _ckernel
+from ._device import check_device
 from .sequence import Sequence
 
 __all__ = [
@@ -269,7 +270,7 @@ def _prepare(seq, t1_ms, t2_ms, b1, device, dtype):
             if isinstance(v, torch.Tensor):
                 device = v.device
                 break
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = check_device(device) if device is not None else torch.device("cpu")
     t1 = _param("t1_ms", t1_ms, device, dtype)
     t2 = _param("t2_ms", t2_ms, device, dtype)
     b = _param("b1", 1.0 if b1 is None else b1, device, dtype)

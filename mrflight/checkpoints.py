@@ -1,0 +1,353 @@
+"""Checkpoints of training runs: finding them, choosing the best, loading them safely, saving them.
+
+A training run directory (``paths.output_dir``) holds ``checkpoints/`` with the best epochs
+(``epoch_NNN.ckpt``, written by the monitoring ``ModelCheckpoint``), ``last.ckpt`` (rewritten
+after every epoch: what ``ckpt_path=last`` resumes from) and ``config.yaml`` (the resolved config
+of the run); Hydra's ``.hydra/config.yaml`` sits beside it.
+
+* :func:`read_checkpoint` loads a checkpoint with ``torch.load(weights_only=True)``: tensors and
+  plain Python values only, so a crafted file cannot run code while it is read; a truncated,
+  foreign or crafted file raises one ``ValueError`` naming it.
+* :func:`best_checkpoint` picks the best checkpoint of one run by the score its
+  ``ModelCheckpoint`` recorded in it (``current_score`` of the monitored metric, in that
+  callback's mode), else a ``NAME=VALUE`` metric in the file name, else the latest epoch; files
+  that do not load are skipped with a warning, ``last.ckpt`` is used only when nothing else loads.
+* :func:`find_checkpoints` gives the best checkpoint of every run under a directory (a run dir,
+  a multirun dir, a folder of multiruns): only ``checkpoints/`` folders of runs (beside a
+  ``config.yaml``) are considered, hidden and logger folders are skipped and the search is
+  bounded in depth and size.
+* :func:`resume_checkpoint` resolves ``ckpt_path`` of ``train.py`` (``last``, a run dir, a file)
+  and checks that the file loads before anything is written.
+* :class:`AtomicCheckpointIO` makes Lightning write every checkpoint through
+  :func:`mrflight.matio.atomic_path`: a crash or a full disk never leaves a truncated ``.ckpt``.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+__all__ = ["read_checkpoint", "best_checkpoint", "find_checkpoints", "find_runs",
+           "resume_checkpoint", "run_dir_of", "run_config_path", "checkpoint_score",
+           "AtomicCheckpointIO", "scheduler_class", "CHECKPOINT_DIR", "MAX_SEARCH_DEPTH"]
+
+log = logging.getLogger("mrflight")
+
+#: the folder of a run that holds its checkpoints
+CHECKPOINT_DIR = "checkpoints"
+#: a run's saved config, in the order they are read
+RUN_CONFIGS = (f"{CHECKPOINT_DIR}/config.yaml", ".hydra/config.yaml")
+#: how deep :func:`find_runs` looks below the directory it is given (multirun/DATE/TIME/JOB: 3)
+MAX_SEARCH_DEPTH = 4
+#: how many folders :func:`find_runs` visits before it gives up
+MAX_SEARCH_DIRS = 20000
+#: folders of a run that never hold other runs
+_SKIP = {"wandb", "csv", "figures", "tensorboard", "__pycache__"}
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """Load a Lightning checkpoint safely: tensors and plain Python values only.
+
+    Args:
+        path: a ``.ckpt`` file.
+        map_location: where tensors go (``torch.load``'s argument).
+
+    Returns:
+        The checkpoint dict (``state_dict``, ``hyper_parameters``, ``callbacks``, ``epoch``...).
+
+    Raises:
+        ValueError: ``path`` is missing or a directory, or the file is truncated, not a
+            checkpoint, or holds pickled objects other than tensors and plain values (refused:
+            unpickling them could run code).
+
+    References:
+        PyTorch, ``torch.load(weights_only=True)`` (the restricted unpickler).
+    """
+    import pickle
+
+    import torch
+
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        raise ValueError(_directory_message(p))
+    if not p.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ck = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {str(path)!r} holds objects other than tensors and plain "
+                         f"values and was refused (unpickling them could run code): {first}. "
+                         "Load only checkpoints you trust and that mrflight wrote") from None
+    except Exception as e:  # noqa: BLE001 - zip/EOF/key errors of a damaged or foreign file
+        raise ValueError(f"checkpoint {str(path)!r} is not a readable mrflight checkpoint "
+                         f"({type(e).__name__}: {_first_line(e)}); is it truncated (a full disk "
+                         "or a killed copy), or from another program?") from None
+    if not isinstance(ck, dict) or not isinstance(ck.get("state_dict"), dict):
+        raise ValueError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (no "
+                         "state_dict): give a .ckpt written by train.py")
+    return ck
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _directory_message(p: Path) -> str:
+    found = [c for d in (p, p / CHECKPOINT_DIR) for c in _checkpoint_files(d)]
+    if not found:
+        return (f"checkpoint {str(p)!r} is a directory with no .ckpt file: give a checkpoint "
+                "file (a training run keeps them in RUN/checkpoints/)")
+    try:
+        hint = f"e.g. {best_checkpoint(p)} (the best of this run)"
+    except ValueError:
+        hint = "one of " + ", ".join(c.name for c in found)
+    return f"checkpoint {str(p)!r} is a directory, not a checkpoint file: give a .ckpt file, {hint}"
+
+
+# -------------------------------------------------------------------------------- run layout
+def run_dir_of(ckpt: Path) -> Path:
+    """The run directory of a checkpoint (the parent of its ``checkpoints/`` folder)."""
+    ckpt = Path(ckpt)
+    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
+
+
+def run_config_path(run_dir) -> Path | None:
+    """The saved config of a run (``checkpoints/config.yaml``, else ``.hydra/config.yaml``)."""
+    for rel in RUN_CONFIGS:
+        c = Path(run_dir) / rel
+        if c.is_file():
+            return c
+    return None
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    try:
+        return sorted(c for c in folder.glob("*.ckpt") if c.is_file()
+                      and not c.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _ckpt_folder(path: Path) -> Path:
+    """``path`` itself when it holds checkpoints, else its ``checkpoints/`` folder."""
+    return path if _checkpoint_files(path) else path / CHECKPOINT_DIR
+
+
+def find_runs(root, max_depth: int = MAX_SEARCH_DEPTH) -> list[Path]:
+    """Training runs under ``root``: folders with ``checkpoints/*.ckpt`` and a saved config.
+
+    The search does not enter runs, hidden folders or logger folders (``wandb``, ``csv``...),
+    goes at most ``max_depth`` levels below ``root`` and stops with a ValueError after
+    :data:`MAX_SEARCH_DIRS` folders (a home directory given by mistake).
+    """
+    root = Path(str(root)).expanduser()
+    runs, visited = [], 0
+    for here, dirs, _ in os.walk(root):
+        visited += 1
+        if visited > MAX_SEARCH_DIRS:
+            raise ValueError(f"ckpt_path={root}: searched {MAX_SEARCH_DIRS} folders without "
+                             "finishing; give a run or multirun directory")
+        d = Path(here)
+        depth = len(d.relative_to(root).parts)
+        if _checkpoint_files(d / CHECKPOINT_DIR) and run_config_path(d) is not None:
+            runs.append(d)
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x not in _SKIP
+                         and x != CHECKPOINT_DIR) if depth < max_depth else []
+    return sorted(runs)
+
+
+# -------------------------------------------------------------------------------- choosing
+_NAME_METRIC = re.compile(r"(?:^|[-_])([A-Za-z][\w/]*?)="
+                          r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+
+
+def checkpoint_score(ck: dict, name: str = "") -> tuple[str, str, float] | None:
+    """``(monitor, mode, value)`` recorded in a loaded checkpoint, or ``None``.
+
+    The score is the ``current_score`` that the monitoring ``ModelCheckpoint`` stored in its
+    callback state when it wrote this file (its own score: Lightning sets it before saving), with
+    the mode read from the callback's state key; failing that, a ``NAME=VALUE`` metric in the file
+    ``name`` (mode ``min``).
+    """
+    import math
+
+    for key, state in (ck.get("callbacks") or {}).items():
+        if not (isinstance(key, str) and key.startswith("ModelCheckpoint")
+                and isinstance(state, dict)):
+            continue
+        monitor, value = state.get("monitor"), state.get("current_score")
+        if not monitor or value is None:
+            continue
+        try:
+            mode = ast.literal_eval(key[len("ModelCheckpoint"):]).get("mode", "min")
+        except (ValueError, SyntaxError, AttributeError):
+            mode = "min"
+        value = float(value)
+        if math.isfinite(value):
+            return str(monitor), str(mode), value
+    found = _NAME_METRIC.findall(Path(name).stem) if name else []
+    found = [(k, v) for k, v in found if k not in ("epoch", "step")]
+    if found:
+        return found[-1][0], "min", float(found[-1][1])
+    return None
+
+
+def best_checkpoint(path, warn: bool = True) -> Path:
+    """The best loadable checkpoint of one run (a run dir or its ``checkpoints/`` folder).
+
+    Chooses by the recorded score (:func:`checkpoint_score`) in the callback's mode; checkpoints
+    without a score rank below those with one, by epoch and step. ``last*.ckpt`` is chosen only
+    when no other checkpoint loads (its recorded score is not its own). Files that do not load
+    are skipped, with a warning.
+
+    Raises:
+        ValueError: no checkpoint of the run loads.
+    """
+    folder = _ckpt_folder(Path(str(path)).expanduser())
+    files = _checkpoint_files(folder)
+    if not files:
+        raise ValueError(f"ckpt_path={path}: no .ckpt file in {folder}")
+    ranked, last, bad = [], [], []
+    for f in files:
+        try:
+            ck = read_checkpoint(f)
+        except ValueError as e:
+            bad.append(f"{f.name} ({e})")
+            continue
+        order = (int(ck.get("epoch", -1) or -1), int(ck.get("global_step", -1) or -1))
+        if f.stem.startswith("last"):
+            last.append((order, f))
+            continue
+        ranked.append((checkpoint_score(ck, f.name), order, f))
+        del ck
+    if bad and warn:
+        warnings.warn(f"skipped checkpoints of {folder} that do not load: {'; '.join(bad)}",
+                      RuntimeWarning, stacklevel=2)
+    scored = [r for r in ranked if r[0] is not None]
+    if scored:
+        monitor, mode = max(scored, key=lambda r: r[1])[0][:2]  # as the newest one records
+        same = [r for r in scored if r[0][0] == monitor]
+        sign = -1.0 if mode == "max" else 1.0
+        return min(same, key=lambda r: (sign * r[0][2], tuple(-x for x in r[1])))[2]
+    if ranked:
+        return max(ranked, key=lambda r: r[1])[2]
+    if last:
+        return max(last)[1]
+    raise ValueError(f"ckpt_path={path}: no checkpoint in {folder} loads ({'; '.join(bad)})")
+
+
+def find_checkpoints(path) -> list[Path]:
+    """The checkpoints to evaluate under ``path``: one per run, its best.
+
+    Args:
+        path: a ``.ckpt`` file (returned as is), a run directory or its ``checkpoints/`` folder
+            (its best checkpoint, even without a saved config), or a directory of runs (a
+            multirun): the best checkpoint of every run found by :func:`find_runs`.
+
+    Raises:
+        ValueError: ``path`` does not exist or holds no run with a loadable checkpoint.
+    """
+    p = Path(str(path)).expanduser()
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise ValueError(f"ckpt_path={path}: no such file or directory")
+    if _checkpoint_files(_ckpt_folder(p)):
+        return [best_checkpoint(p)]
+    runs = find_runs(p)
+    if not runs:
+        raise ValueError(f"ckpt_path={path}: no training run under {p} (a run is a folder with "
+                         f"{CHECKPOINT_DIR}/*.ckpt beside a config.yaml, searched "
+                         f"{MAX_SEARCH_DEPTH} levels deep)")
+    out = []
+    for r in runs:
+        try:
+            out.append(best_checkpoint(r))
+        except ValueError as e:
+            warnings.warn(f"run {r} skipped: {e}", RuntimeWarning, stacklevel=2)
+    if not out:
+        raise ValueError(f"ckpt_path={path}: no run under {p} has a checkpoint that loads")
+    return out
+
+
+# -------------------------------------------------------------------------------- resuming
+def resume_checkpoint(ckpt_path, output_dir) -> tuple[Path, dict] | None:
+    """Resolve and read the checkpoint ``train.py`` resumes from.
+
+    Args:
+        ckpt_path: ``None``/``""`` (no resume), ``"last"`` (``last.ckpt`` of ``output_dir``), a
+            run directory or checkpoints folder (its ``last.ckpt``), or a ``.ckpt`` file.
+        output_dir: this run's output directory.
+
+    Returns:
+        ``(path, checkpoint dict)`` or ``None``.
+
+    Raises:
+        ValueError: nothing to resume from, or the file does not load (truncated, crafted...).
+    """
+    if ckpt_path in (None, ""):
+        return None
+    p = Path(str(output_dir)) if str(ckpt_path) == "last" else Path(str(ckpt_path)).expanduser()
+    if p.is_dir():
+        for cand in (p / CHECKPOINT_DIR / "last.ckpt", p / "last.ckpt"):
+            if cand.is_file():
+                p = cand
+                break
+        else:
+            raise ValueError(f"ckpt_path={ckpt_path}: no last.ckpt in {p} or {p}/{CHECKPOINT_DIR} "
+                             "(to resume, set hydra.run.dir to the interrupted run's directory)")
+    if not p.is_file():
+        raise ValueError(f"ckpt_path={ckpt_path}: {p} does not exist")
+    return p, read_checkpoint(p)
+
+
+def scheduler_class(target: str):
+    """The learning-rate scheduler class named by ``target`` (a checkpoint's hyperparameters).
+
+    Only classes of ``torch.optim.lr_scheduler`` are accepted: a checkpoint names its scheduler
+    as text, and importing an arbitrary name from a file could run anything.
+
+    Raises:
+        ValueError: ``target`` is not a scheduler of ``torch.optim.lr_scheduler``.
+    """
+    import torch.optim.lr_scheduler as sched
+
+    prefix = "torch.optim.lr_scheduler."
+    name = str(target)[len(prefix):] if str(target).startswith(prefix) else ""
+    cls = getattr(sched, name, None) if name and "." not in name else None
+    bases = tuple(c for c in (getattr(sched, "LRScheduler", None),
+                              getattr(sched, "ReduceLROnPlateau", None)) if c is not None)
+    if not (isinstance(cls, type) and issubclass(cls, bases)):
+        allowed = sorted(n for n, c in vars(sched).items() if isinstance(c, type)
+                         and issubclass(c, bases) and not n.startswith("_")
+                         and n not in ("LRScheduler", "_LRScheduler"))
+        raise ValueError(f"scheduler {target!r} is not allowed: give a class of "
+                         f"torch.optim.lr_scheduler ({', '.join(allowed)})")
+    return cls
+
+
+# -------------------------------------------------------------------------------- saving
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` writing through :func:`mrflight.matio.atomic_path`.
+
+    The checkpoint goes to a hidden temporary file beside the destination, is fsynced and
+    renamed: a crash or a full disk leaves the previous file, never a truncated one, and a full
+    disk raises ``OSError(ENOSPC)`` naming the checkpoint. ``train.py`` gives it to the Trainer
+    (``plugins``) unless the trainer config sets its own.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        from mrflight.matio import atomic_path
+
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)

@@ -1,0 +1,224 @@
+"""Resuming a training run: its own config, its checkpoint checked first, its logs continued.
+
+``python train.py hydra.run.dir=RUN ckpt_path=last [overrides]`` resumes ``RUN`` from
+``RUN/checkpoints/last.ckpt``:
+
+* the config is the run's saved one (``checkpoints/config.yaml``, else ``.hydra/config.yaml``)
+  with the new command-line overrides applied on top (:func:`resume_config`); overrides that
+  change the model, the data or the sequence are refused with one error, since the checkpoint
+  was trained for them (start a new run for that). Runtime settings (``data.cache_dir``,
+  ``data.num_workers``, ``data.progress``, ``paths``) follow the new command.
+* nothing of the run is written before the checkpoint has loaded into the model: Hydra's own
+  ``.hydra/*.yaml`` are left as they are (:class:`mrflight.hydra_callbacks.KeepRunConfig`) and
+  ``checkpoints/config.yaml`` is rewritten (with the merged config) only after the check.
+* the CSV log continues: the rows of the steps the checkpoint covers are kept in
+  ``csv/metrics.csv`` and the resumed epochs are appended (:func:`continue_csv_logs`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mrflight.checkpoints import resume_checkpoint, run_config_path, run_dir_of
+
+__all__ = ["resume_config", "continue_csv_logs", "check_fits", "FIXED_NODES",
+           "RUNTIME_DATA_KEYS"]
+
+log = logging.getLogger("mrflight")
+
+#: config nodes a checkpoint was trained for: a resume may not change them
+FIXED_NODES = ("model", "data", "sequence")
+#: data settings that do not change the data (where it is cached, how it is loaded)
+RUNTIME_DATA_KEYS = ("cache_dir", "num_workers", "progress", "eval_batch_size")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): node}
+
+
+def _plain(cfg, key: str):
+    node = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _reroot(node, old: str, new: str):
+    """Every string that starts with ``old`` (the saved run's output dir) moved under ``new``."""
+    if isinstance(node, dict):
+        return {k: _reroot(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_reroot(v, old, new) for v in node]
+    if isinstance(node, str) and old and (node == old or node.startswith(old.rstrip("/") + "/")):
+        return new + node[len(old.rstrip("/")):] if node != old else new
+    return node
+
+
+def _override_keys(overrides) -> list[tuple[str, bool]]:
+    """``(key, is_delete)`` of each override; a group of global package expands to its keys."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mrflight.pipeline import CONFIG_DIR
+
+    out = []
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.key_or_group
+        if o.is_delete():
+            out.append((key, True))
+            continue
+        option = CONFIG_DIR / key / f"{o.value()}.yaml" if isinstance(o.value(), str) else None
+        if option is not None and option.is_file() and "_global_" in option.read_text()[:200]:
+            node = OmegaConf.to_container(OmegaConf.load(option))
+            for d in node.pop("defaults", None) or []:  # override /model: gru ...
+                if isinstance(d, dict):
+                    out += [(str(g).split()[-1].lstrip("/"), False) for g in d]
+            node.pop("hydra", None)
+            out += [(k, False) for k in _flat(node) if k]
+        else:
+            out.append((key, False))
+    return out
+
+
+def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | None]:
+    """The config of a resumed run and its checkpoint.
+
+    Args:
+        cfg: the composed config (defaults plus ``overrides``), with ``ckpt_path`` set.
+        overrides: the command-line overrides (Hydra's ``overrides.task``). ``None`` (a config
+            composed in Python): ``cfg`` is used as given and only checked against the run's.
+
+    Returns:
+        ``(config, (checkpoint path, checkpoint dict))``; ``(cfg, None)`` when not resuming.
+
+    Raises:
+        ValueError: the checkpoint is missing or does not load, or the overrides change the
+            model, data or sequence the checkpoint was trained with.
+    """
+    if not cfg.get("train", True):
+        return cfg, None
+    found = resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    if found is None:
+        return cfg, None
+    path, _ = found
+    saved_file = run_config_path(run_dir_of(path))
+    if saved_file is None:
+        log.warning("no saved config beside %s: resuming with the given config", path)
+        return cfg, found
+    saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=False)
+    old_out = str((saved.get("paths") or {}).get("output_dir") or "")
+    saved = OmegaConf.create(_reroot(saved, old_out, str(cfg.paths.output_dir)))
+    if overrides is None:
+        merged = cfg.copy()
+    else:
+        merged = saved.copy()
+        for key, delete in _override_keys(overrides):
+            if delete:
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(merged, parent) if parent else merged
+                if isinstance(node, DictConfig) and leaf in node:
+                    with open_dict(node):
+                        del node[leaf]
+                continue
+            value = OmegaConf.select(cfg, key, default=None)
+            if isinstance(value, DictConfig):
+                value = OmegaConf.to_container(value, resolve=False)
+            with open_dict(merged):
+                OmegaConf.update(merged, key, value, merge=False, force_add=True)
+        with open_dict(merged):
+            merged.paths = OmegaConf.to_container(cfg.paths, resolve=True)
+            merged.ckpt_path = cfg.get("ckpt_path")
+    with open_dict(merged):
+        for k in RUNTIME_DATA_KEYS:
+            if merged.get("data") is not None and cfg.get("data") is not None \
+                    and k in cfg.data:
+                merged.data[k] = cfg.data[k]
+    changed = []
+    for node in FIXED_NODES:
+        a, b = _flat(_plain(saved, node) or {}), _flat(_plain(merged, node) or {})
+        keys = sorted(set(a) | set(b))
+        if a.get("_target_") != b.get("_target_"):
+            keys = ["_target_"]  # another class: its arguments differ as a consequence
+        for k in keys:
+            if node == "data" and k.split(".")[0] in RUNTIME_DATA_KEYS:
+                continue
+            if a.get(k, "<unset>") != b.get(k, "<unset>"):
+                changed.append(f"{node}.{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}")
+    if changed:
+        shown = "; ".join(changed[:6]) + (f"; ... ({len(changed)} in all)"
+                                           if len(changed) > 6 else "")
+        raise ValueError(
+            f"ckpt_path={cfg.get('ckpt_path')} resumes {path} with the config it was trained "
+            f"with ({saved_file}), but these settings differ: {shown}. A checkpoint cannot "
+            "change its model, data or sequence: drop those overrides, or start a new run "
+            "(another hydra.run.dir) without ckpt_path")
+    return merged, found
+
+
+def check_fits(module, found) -> None:
+    """Load the checkpoint's weights into ``module`` (strict): it fits before anything is written.
+
+    Raises:
+        ValueError: the weights do not fit the configured network.
+    """
+    path, ck = found
+    try:
+        module.load_state_dict(ck["state_dict"], strict=True)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"checkpoint {path} does not fit the configured model ({first}): "
+                         "resume with the config the run was trained with") from None
+
+
+def continue_csv_logs(loggers, found) -> None:
+    """Keep the CSV rows of the steps ``found``'s checkpoint covers; the resumed run appends.
+
+    Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when it starts. Rows logged at
+    steps before the checkpoint's ``global_step`` (its finished epochs) are written back, and the
+    logger appends the resumed epochs to them. Rows after the checkpoint (an interrupted epoch,
+    which is trained again) and test rows are dropped.
+    """
+    if found is None:
+        return
+    from lightning.pytorch.loggers import CSVLogger
+
+    from mrflight.matio import atomic_path
+
+    step_done = int(found[1].get("global_step", 0))
+    epoch_done = int(found[1].get("epoch", 0))
+    for lg in loggers:
+        if not isinstance(lg, CSVLogger):
+            continue
+        metrics = Path(lg.log_dir) / "metrics.csv"
+        if not metrics.is_file():
+            continue
+        with open(metrics, newline="") as f:
+            reader = csv.DictReader(f)
+            header = sorted(reader.fieldnames or [])
+            rows = [r for r in reader if _keep(r, step_done, epoch_done)]
+        with warnings.catch_warnings():  # "previous log files will be deleted": not these
+            warnings.filterwarnings("ignore", message=".*Previous log files.*")
+            writer = lg.experiment  # Lightning's writer: it removes metrics.csv here
+        with atomic_path(metrics) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=header)
+            w.writeheader()
+            w.writerows(rows)
+        writer.metrics_keys = header
+        log.info("resumed CSV log %s: kept %d rows of steps < %d", metrics, len(rows), step_done)
+
+
+def _keep(row: dict, step_done: int, epoch_done: int) -> bool:
+    try:
+        step = int(float(row.get("step") or 0))
+        epoch = int(float(row["epoch"])) if row.get("epoch") else 0
+    except ValueError:
+        return False
+    is_test = any(k.startswith("test/") and v not in ("", None) for k, v in row.items())
+    return step < step_done and epoch <= epoch_done and not is_test

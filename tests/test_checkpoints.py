@@ -1,0 +1,425 @@
+"""Checkpoints and resuming: nothing is lost, nothing a checkpoint holds can run code.
+
+Resume takes the run's own config and continues its logs; last.ckpt is the last finished epoch;
+the best checkpoint is chosen by the score recorded in it and never a file that does not load;
+checkpoints are written atomically (a full disk leaves the previous file and one error line);
+stale temporary files of killed writers are removed; crafted checkpoints are refused.
+"""
+
+import csv
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import mrflight
+from mrflight import checkpoints
+from mrflight.checkpoints import best_checkpoint, find_checkpoints, read_checkpoint
+from mrflight.matio import remove_stale_temp_files
+from mrflight.pipeline import compose_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["~callbacks.rich_progress_bar", "++trainer.enable_progress_bar=false",
+         "~callbacks.scatter_plot"]
+TINY = ["debug=tiny", "logger=none", *QUIET]
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def _cli(script, args, cwd):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("MRFLIGHT_DEBUG", None)
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _error_line(r) -> str:
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and r.stderr.rstrip().splitlines()[-1] == errors[0], r.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """A run started from the command line: tiny ANN, one epoch, CSV log (and .hydra/)."""
+    base = tmp_path_factory.mktemp("cli")
+    run = base / "run"
+    r = _cli("train.py", ["debug=tiny", "model=ann", "trainer.max_epochs=1", "logger=csv",
+                          "test=false", *QUIET, f"hydra.run.dir={run}"], base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+def _copy(run, dest) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+def _csv_rows(run):
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------------------------
+# resume
+# --------------------------------------------------------------------------------------------
+
+def test_resume_without_the_original_overrides_uses_the_runs_config(cli_run, tmp_path):
+    run = _copy(cli_run, tmp_path / "run")
+    hydra_cfg = (run / ".hydra" / "config.yaml").read_bytes()
+    rows_before = _csv_rows(run)
+    assert {r["epoch"] for r in rows_before if r["val/loss"]} == {"0"}
+    # the README's command: no debug=tiny, no model=ann (the defaults would be the paper grid
+    # and a GRU, whose weights do not fit)
+    r = _cli("train.py", [f"hydra.run.dir={run}", "ckpt_path=last", "trainer.max_epochs=2",
+                          "test=false"], tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    last = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == 1
+    assert last["hyper_parameters"]["net"]["_target_"].endswith("ANNRegressor")
+    saved = yaml.safe_load((run / "checkpoints" / "config.yaml").read_text())
+    assert saved["trainer"]["max_epochs"] == 2  # the new override on top of the run's config
+    assert saved["data"]["params"]["n"] == 600 and saved["sequence"]["n_pulses"] == 100
+    assert saved["model"]["_target_"].endswith("ANNRegressor")
+    assert (run / ".hydra" / "config.yaml").read_bytes() == hydra_cfg  # how it was started
+    # item: the CSV log continues (epoch 0 rows kept once, epoch 1 appended)
+    rows = _csv_rows(run)
+    val_epochs = [r["epoch"] for r in rows if r["val/loss"]]
+    assert val_epochs == ["0", "1"]
+    assert rows[:len(rows_before) - 1] == rows_before[:len(rows_before) - 1]
+    steps = [int(r["step"]) for r in rows if r["train/loss_step"]]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_resume_refuses_overrides_that_change_the_model_and_writes_nothing(cli_run, tmp_path):
+    run = _copy(cli_run, tmp_path / "run")
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix != ".log"}
+    line = _error_line(_cli("train.py", [f"hydra.run.dir={run}", "ckpt_path=last", "model=gru",
+                                         "data.noise_std=0.05", "sequence.n_pulses=120"],
+                            tmp_path))
+    for key in ("model._target_", "data.noise_std", "sequence.n_pulses", "new run"):
+        assert key in line, line
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix != ".log"}
+    assert after == files
+
+
+def test_resume_in_python_refuses_another_model(tmp_path):
+    out = tmp_path / "run"
+    train(compose_config([*TINY, "model=ann", "trainer.max_epochs=1", "test=false"],
+                         output_dir=out))
+    before = (out / "checkpoints" / "config.yaml").read_bytes()
+    with pytest.raises(ValueError, match="model._target_.*new run"):
+        train(compose_config([*TINY, "model=gru", "ckpt_path=last"], output_dir=out))
+    assert (out / "checkpoints" / "config.yaml").read_bytes() == before
+
+
+def test_last_ckpt_is_the_last_epoch_even_when_the_metric_does_not_improve(tmp_path):
+    out = tmp_path / "run"
+    # mode=max on a decreasing loss: only epoch 0 is "best", yet last.ckpt must follow
+    train(compose_config([*TINY, "model=ann", "trainer.max_epochs=3", "test=false",
+                          "callbacks.model_checkpoint.mode=max",
+                          "callbacks.early_stopping.patience=100"], output_dir=out))
+    assert read_checkpoint(out / "checkpoints" / "last.ckpt")["epoch"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == [
+        "epoch_000.ckpt", "last.ckpt"]
+
+
+# --------------------------------------------------------------------------------------------
+# choosing checkpoints
+# --------------------------------------------------------------------------------------------
+
+_KEY = ("ModelCheckpoint{'monitor': 'val/loss', 'mode': '%s', 'every_n_train_steps': 0, "
+        "'every_n_epochs': 1, 'train_time_interval': None}")
+
+
+def _fake(path: Path, epoch: int, score: float | None, mode: str = "min") -> Path:
+    cbs = {} if score is None else {_KEY % mode: {"monitor": "val/loss",
+                                                  "current_score": torch.tensor(score)}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "epoch": epoch, "global_step": 10 * epoch,
+                "callbacks": cbs}, path)
+    return path
+
+
+def test_best_checkpoint_is_chosen_by_the_recorded_score_not_the_newest(tmp_path):
+    d = tmp_path / "run" / "checkpoints"
+    best = _fake(d / "epoch_010.ckpt", 10, 0.10)
+    _fake(d / "epoch_011.ckpt", 11, 0.20)  # newer, worse
+    _fake(d / "epoch_009.ckpt", 9, 0.30)
+    trunc = d / "epoch_012.ckpt"  # newest and "best" by its name, but truncated (disk full)
+    trunc.write_bytes(_fake(tmp_path / "x.ckpt", 12, 0.01).read_bytes()[:300])
+    _fake(d / "last.ckpt", 12, 0.2)
+    with pytest.warns(RuntimeWarning, match="epoch_012.ckpt"):
+        assert best_checkpoint(tmp_path / "run") == best
+    # the mode recorded by the callback is used
+    m = tmp_path / "max" / "checkpoints"
+    _fake(m / "epoch_001.ckpt", 1, 0.5, "max")
+    hi = _fake(m / "epoch_002.ckpt", 2, 0.9, "max")
+    _fake(m / "epoch_003.ckpt", 3, 0.7, "max")
+    assert best_checkpoint(m) == hi
+    # no score recorded: a NAME=VALUE in the file name, else the latest epoch
+    n = tmp_path / "names" / "checkpoints"
+    good = _fake(n / "epoch=4-val_loss=0.120.ckpt", 4, None)
+    _fake(n / "epoch=5-val_loss=0.300.ckpt", 5, None)
+    assert best_checkpoint(n) == good
+    # only last.ckpt loads: it is used
+    o = tmp_path / "only_last" / "checkpoints"
+    (o).mkdir(parents=True)
+    (o / "epoch_001.ckpt").write_bytes(b"truncated")
+    last = _fake(o / "last.ckpt", 3, None)
+    with pytest.warns(RuntimeWarning):
+        assert best_checkpoint(o) == last
+
+
+def test_find_checkpoints_takes_the_best_of_each_run_and_nothing_else(tmp_path):
+    root = tmp_path / "multirun"
+    runs = []
+    for job, scores in (("0", (0.3, 0.1)), ("1", (0.05, 0.2))):
+        d = root / "2026-01-01" / "10-00-00" / job
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "config.yaml").write_text("model: {}\n")
+        for e, s in enumerate(scores):
+            _fake(d / "checkpoints" / f"epoch_{e:03d}.ckpt", e, s)
+        _fake(d / "checkpoints" / "last.ckpt", 1, None)
+        runs.append(d)
+    _fake(root / "stray" / "checkpoints" / "epoch_000.ckpt", 0, 0.0)  # no config: not a run
+    _fake(root / "2026-01-01" / ".trash" / "checkpoints" / "epoch_000.ckpt", 0, 0.0)
+    _fake(root / "a" / "b" / "c" / "d" / "e" / "checkpoints" / "epoch_000.ckpt", 0, 0.0)
+    (root / "a" / "b" / "c" / "d" / "e" / "config.yaml").write_text("{}")
+    found = find_checkpoints(root)
+    assert found == [runs[0] / "checkpoints" / "epoch_001.ckpt",
+                     runs[1] / "checkpoints" / "epoch_000.ckpt"]
+    # a run dir or its checkpoints folder: its best, even without a config
+    assert find_checkpoints(root / "stray") == [root / "stray/checkpoints/epoch_000.ckpt"]
+    assert find_checkpoints(runs[1] / "checkpoints") == [found[1]]
+    with pytest.raises(ValueError, match="no such"):
+        find_checkpoints(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no training run"):
+        find_checkpoints(tmp_path / "empty")
+
+
+def test_load_checkpoint_of_a_directory_says_which_file_to_give(tmp_path):
+    _fake(tmp_path / "run" / "checkpoints" / "epoch_001.ckpt", 1, 0.2)
+    best = _fake(tmp_path / "run" / "checkpoints" / "epoch_002.ckpt", 2, 0.1)
+    with pytest.raises(ValueError, match=f"is a directory.*{best}"):
+        mrflight.load_checkpoint(tmp_path / "run")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="directory with no .ckpt"):
+        mrflight.load_checkpoint(tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------------------------
+# disk full, atomic checkpoints, stale temporary files
+# --------------------------------------------------------------------------------------------
+
+def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch,
+                                                                    capsys):
+    import lightning.fabric.plugins.io.torch_io as torch_io
+
+    from mrflight.errors import guard
+
+    real, calls = torch_io._atomic_save, []
+
+    def full_disk(checkpoint, path):
+        calls.append(path)
+        if len(calls) <= 2:  # epoch 0 (best and last) fits
+            return real(checkpoint, path)
+        with open(path, "wb") as f:  # half written, then the disk is full
+            f.write(b"PK\x03\x04" + b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch_io, "_atomic_save", full_disk)
+    out = tmp_path / "run"
+    cfg = compose_config([*TINY, "model=ann", "trainer.max_epochs=3", "test=false",
+                          "callbacks.model_checkpoint.save_top_k=-1"], output_dir=out)
+    with pytest.raises(SystemExit) as e:
+        guard(train)(cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no space left on device writing ")
+    assert str(out / "checkpoints") in err[-1] and "paths.output_dir" in err[-1]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.suffix == ".ckpt")
+    assert ckpts == ["epoch_000.ckpt", "last.ckpt"]  # no truncated file, no temporary file
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert read_checkpoint(out / "checkpoints" / "last.ckpt")["epoch"] == 0
+
+
+def test_stale_temporary_files_are_removed_when_the_cache_is_opened(tmp_path):
+    from mrflight import dictionary
+    from mrflight.physics.sequence import oksuz2019
+
+    cache = tmp_path / "cache2"
+    cache.mkdir()
+    host = socket.gethostname().split(".")[0]
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    dead = p.pid
+    names = {
+        f".KEY.h5.{dead}@{host}.abcd1234.h5.tmp": False,        # writer gone: removed
+        ".OLD.h5.abcd_123.h5.tmp": False,                       # no writer, 2 h old: removed
+        f".RUN.h5.{os.getpid()}@{host}.zzzz9999.h5.tmp": True,  # this process: kept
+        f".FAR.h5.{dead}@otherhost.qqqq0000.h5.tmp": True,      # another host, fresh: kept
+        ".NEW.h5.abcd_123.h5.tmp": True,                        # no writer, fresh: kept
+        "KEY.h5": True,                                         # not a temporary file
+        ".hidden_user_file": True,
+    }
+    two_hours_ago = time.time() - 7200
+    for n in names:
+        (cache / n).write_bytes(b"x" * 10)
+    for n in (".OLD.h5.abcd_123.h5.tmp", "KEY.h5", ".hidden_user_file"):
+        os.utime(cache / n, (two_hours_ago, two_hours_ago))
+    seq = oksuz2019(n_pulses=20, lobe_length=5)
+    dictionary.generate(seq, dictionary.random_params(n=5, seed=0), cache_dir=cache,
+                        progress=False)
+    for n, kept in names.items():
+        assert (cache / n).exists() == kept, n
+    assert remove_stale_temp_files(cache, max_age_s=0) != []  # the fresh ones are old now
+
+
+def test_atomic_path_names_the_file_when_the_disk_is_full(tmp_path):
+    from mrflight.matio import atomic_path
+
+    dest = tmp_path / "metrics.json"
+    with pytest.raises(OSError) as e, atomic_path(dest):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(dest)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints from untrusted sources
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "run"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MRFLIGHT_CACHE_DIR", str(out.parent / "cache"))
+    try:
+        train(compose_config([*TINY, "model=ann", "trainer.max_epochs=1", "test=false"],
+                             output_dir=out))
+    finally:
+        mp.undo()
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_a_checkpoint_naming_another_callable_is_refused(real_ckpt, tmp_path):
+    marker = tmp_path / "pwned"
+    ck = torch.load(real_ckpt, weights_only=True)
+    ck["hyper_parameters"]["net"] = {"_target_": "os.system", "command": f"touch {marker}"}
+    bad = tmp_path / "crafted.ckpt"
+    torch.save(ck, bad)
+    with pytest.raises(ValueError, match="'os.system' is not an mrflight regressor"):
+        mrflight.load_checkpoint(bad)
+    assert not marker.exists()
+    # eval.py / maps load through the same function
+    with pytest.raises(ValueError, match="not an mrflight regressor"):
+        from mrflight.models import build_net
+
+        build_net({"_target_": "subprocess.run", "args": ["touch", str(marker)]})
+    assert not marker.exists()
+    # a scheduler named by the checkpoint: only torch.optim.lr_scheduler classes
+    with pytest.raises(ValueError, match="not allowed"):
+        checkpoints.scheduler_class("os.system")
+    assert checkpoints.scheduler_class("torch.optim.lr_scheduler.StepLR").__name__ == "StepLR"
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_payload_in_a_checkpoint_is_not_run(real_ckpt, tmp_path):
+    marker = tmp_path / "pwned"
+    ck = torch.load(real_ckpt, weights_only=True)
+    ck["hyper_parameters"]["noise_std"] = _Payload(marker)
+    bad = tmp_path / "payload.ckpt"
+    torch.save(ck, bad)
+    with pytest.raises(ValueError, match="refused"):
+        mrflight.load_checkpoint(bad)
+    with pytest.raises(ValueError, match="refused"):  # resume reads it the same way
+        checkpoints.resume_checkpoint(str(bad), tmp_path)
+    assert not marker.exists()
+    # the file is not chosen as a run's best either
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    shutil.copy(bad, run / "epoch_009.ckpt")
+    shutil.copy(real_ckpt, run / "epoch_001.ckpt")
+    with pytest.warns(RuntimeWarning, match="epoch_009"):
+        assert best_checkpoint(run) == run / "epoch_001.ckpt"
+    assert not marker.exists()
+
+
+def test_every_checkpoint_mrflight_writes_loads_with_weights_only(real_ckpt):
+    for f in real_ckpt.parent.glob("*.ckpt"):
+        ck = torch.load(f, weights_only=True)  # raises on any pickled object
+        assert "mrflight_random_state" in ck["callbacks"]
+    module = mrflight.load_checkpoint(real_ckpt)
+    x = torch.rand(3, 100)
+    assert torch.isfinite(module.predict_parameters(x)).all()
+
+
+def test_eval_refuses_a_run_config_that_builds_other_code(real_ckpt, tmp_path):
+    from mrflight.evaluation import _run_config
+
+    run = tmp_path / "run"
+    shutil.copytree(real_ckpt.parent.parent, run)
+    cfg = yaml.safe_load((run / "checkpoints" / "config.yaml").read_text())
+    cfg["sequence"] = {"_target_": "os.system", "command": "true"}
+    (run / "checkpoints" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="'os.system'.*only mrflight"):
+        _run_config(run / "checkpoints" / "last.ckpt")
+
+
+# --------------------------------------------------------------------------------------------
+# devices
+# --------------------------------------------------------------------------------------------
+
+def test_an_unusable_cuda_device_is_a_clear_error(real_ckpt):
+    from mrflight.matching import DictionaryMatcher
+    from mrflight.physics import oksuz2019, simulate
+
+    if torch.cuda.is_available():
+        device, match = f"cuda:{torch.cuda.device_count()}", "does not exist"
+    elif torch.version.cuda is None:
+        device, match = "cuda", "CUDA is not available in this torch build: use device=cpu"
+    else:
+        device, match = "cuda", "no CUDA GPU is usable"
+    seq = oksuz2019(n_pulses=20, lobe_length=5)
+    with pytest.raises(ValueError, match=match):
+        simulate(seq, 1000.0, 100.0, device=device)
+    atoms = simulate(seq, torch.tensor([800.0, 1200.0]), torch.tensor([50.0, 90.0]))
+    with pytest.raises(ValueError, match=match):
+        DictionaryMatcher(atoms, np.array([[800.0, 50.0], [1200.0, 90.0]]), device=device)
+    with pytest.raises(ValueError, match=match):
+        mrflight.load_checkpoint(real_ckpt, map_location=device)
+    from omegaconf import OmegaConf
+
+    from mrflight.maps import run_maps
+
+    cfg = OmegaConf.create({"input": "scan.nii.gz", "ckpt_path": str(real_ckpt),
+                            "dictionary": None, "mask": None, "paths": {"output_dir": "x"},
+                            "maps": {"device": device, "progress": False}})
+    with pytest.raises(ValueError, match=match):
+        run_maps(cfg)
