@@ -6,7 +6,8 @@ available, ``-march=native``) into ``$MRFLIGHT_CACHE_DIR/kernels`` (default
 of the sources, the architecture and the CPU's instruction-set features (:func:`cpu_features`), so
 a cache directory shared by machines with different CPUs (a cluster's home directory) never hands
 one CPU a binary built for instructions it lacks. Where no compiler is found, or
-``MRFLIGHT_NO_KERNEL=1`` is set, :func:`kernel` returns ``None`` and the simulator falls back to its pure-torch path (same results).
+``MRFLIGHT_NO_KERNEL=1`` is set, :func:`kernel` returns ``None`` and the simulator falls back
+to its pure-torch path (same results).
 """
 
 from __future__ import annotations
