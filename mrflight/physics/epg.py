@@ -38,6 +38,8 @@ References:
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import numpy as np
 import torch
@@ -273,6 +275,11 @@ def simulate(
                 progress(min(s + step, n_atoms))
         return torch.cat(out, 0)
 
+    if device.type == "cuda":
+        out = _run_gpu_kernel(seq, t1, t2, b, k_atom, (), 16 if dtype == torch.float32 else 8,
+                              chunk_size, progress)
+        if out is not None:
+            return out[0]
     order = np.argsort(k_atom, kind="stable")
     signal = torch.empty(n_atoms, n_pulses, dtype=dtype, device=device)
     use_kernel = device.type == "cpu" and _ckernel.kernel() is not None
@@ -299,6 +306,49 @@ def simulate(
     return signal.to(cdtype)
 
 
+def _gpu_kernel():
+    """The fused GPU kernel module (:mod:`mrflight.physics._triton`), or ``None`` when Triton is
+    not installed, failed before, or ``MRFLIGHT_NO_TRITON=1`` asks for the pure-torch path."""
+    global _TRITON
+    if os.environ.get("MRFLIGHT_NO_TRITON", "") not in ("", "0"):
+        return None
+    if _TRITON is False:
+        try:
+            from . import _triton
+        except Exception:  # no triton, or no usable backend: the torch path serves
+            _triton = None
+        _TRITON = _triton
+    return _TRITON
+
+
+_TRITON = False  # False: not imported yet; None: unavailable
+
+
+def _run_gpu_kernel(seq, t1, t2, b1, k_atom, wrt, lanes, chunk_size=None, progress=None):
+    """Fingerprints (and derivatives) from the fused GPU kernel, or ``None`` to fall back.
+
+    ``lanes`` reproduces the CPU kernels' truncation (their SIMD groups share the largest state
+    count: 16 atoms in float32, 8 in float64 and for derivatives), so both give the same signal
+    up to rounding. A kernel that fails to compile or launch (an unsupported GPU) warns once and
+    leaves this process on the pure-torch path.
+    """
+    global _TRITON
+    gk = _gpu_kernel()
+    if gk is None:
+        return None
+    try:
+        with torch.no_grad():
+            return gk.run(seq, t1, t2, b1, k_atom, wrt=wrt, lanes=lanes, chunk_size=chunk_size,
+                          progress=progress)
+    except (ValueError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:  # e.g. triton's CompilationError on an unsupported GPU
+        warnings.warn(f"mrflight: the fused GPU EPG kernel failed ({type(e).__name__}: {e}); "
+                      "using the slower pure-torch path", RuntimeWarning, stacklevel=3)
+        _TRITON = None
+        return None
+
+
 def _epg_real_kernel(seq: Sequence, t1, t2, b1, k_atom: np.ndarray) -> torch.Tensor:
     """The fast real path through the fused C kernel (CPU). Same result as _epg_real_fast."""
     dt = t1.dtype
@@ -316,29 +366,37 @@ def _epg_real_kernel(seq: Sequence, t1, t2, b1, k_atom: np.ndarray) -> torch.Ten
     return torch.from_numpy(out) * _decay(t2, seq.te_ms)[:, None]
 
 
-def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, tol: float = 1e-4,
-                      device=None, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fingerprints and their derivatives with respect to T1 and T2, in float64.
+def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, wrt=("t1", "t2"),
+                      tol: float = 1e-4, device=None,
+                      chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fingerprints and their derivatives with respect to T1, T2 and/or B1, in float64.
 
     On the CPU, for trains whose RF phases are multiples of 180 degrees, a fused kernel propagates
     the tangent states ``d/dT1`` and ``d/dT2`` through the same real recursion as the signal
     (forward-mode differentiation by hand, ~3x the cost of a simulation). Otherwise the
     derivatives come from torch forward-mode autograd through the general path. Both agree to
-    float64 precision (tested).
+    float64 precision (tested). On CUDA (with Triton installed) the same tangent recursion runs
+    as one fused GPU kernel (:mod:`mrflight.physics._triton`), in float64.
 
     Args:
         seq: the pulse train.
         t1_ms, t2_ms: ms, scalars or ``(N,)``.
-        b1: flip-angle scale (known), scalar or ``(N,)``; default 1.
+        b1: flip-angle scale, scalar or ``(N,)``; default 1.
+        wrt: the parameters to differentiate by, any ordering or subset of ``("t1", "t2",
+            "b1")``; the last axis of the Jacobian follows this order.
         tol: truncation tolerance (tighter than the simulation default, since derivatives are
             taken).
         device: where to compute (the kernel runs on the CPU only).
         chunk_size: atoms per pass.
 
     Returns:
-        ``(x, jac)``: complex128 ``(N, T)`` fingerprints and complex128 ``(N, T, 2)`` derivatives
-        (per ms) with respect to T1 and T2.
+        ``(x, jac)``: complex128 ``(N, T)`` fingerprints and complex128 ``(N, T, len(wrt))``
+        derivatives: per ms for T1 and T2, per unit of B1 (ratio to nominal) for B1.
     """
+    wrt = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+    if not wrt or len(set(wrt)) != len(wrt) or not set(wrt) <= {"t1", "t2", "b1"}:
+        raise ValueError(f"wrt must name distinct parameters among ('t1', 't2', 'b1'), "
+                         f"got {wrt!r}")
     t1, t2, b, device = _prepare(seq, t1_ms, t2_ms, b1, device, torch.float64)
     t1, t2, b = (x.detach() for x in (t1, t2, b))
     t2n = t2.cpu().numpy()
@@ -346,6 +404,12 @@ def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, tol: float = 1e-4
                            (float(b.min()), float(b.max())))
     k_atom = states_needed(t2n, float(seq.tr_ms.min()), len(seq), tol, rate)
     n = t1.numel()
+    if device.type == "cuda" and seq.real_phases:
+        out = _run_gpu_kernel(seq, t1, t2, b, k_atom, wrt, 8)
+        if out is not None:
+            return out
+    if wrt != ("t1", "t2"):  # T1/T2 below; any other selection through forward-mode autograd
+        return _jacobian_forward_ad(seq, t1, t2, b, wrt, tol, device, chunk_size, rate)
     if device.type == "cpu" and seq.real_phases and _ckernel.kernel() is not None:
         t1n = t1.numpy()
         with np.errstate(divide="ignore"):
@@ -397,6 +461,36 @@ def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, tol: float = 1e-4
             tangent = torch.zeros_like(primal)
         xs.append(primal[:m])
         js.append(torch.stack([tangent[:m], tangent[m:]], -1))
+    return torch.cat(xs), torch.cat(js)
+
+
+def _jacobian_forward_ad(seq, t1, t2, b, wrt, tol, device, chunk_size, rate):
+    """Value and derivatives by ``wrt`` through forward-mode autograd (the general path)."""
+    import torch.autograd.forward_ad as fwad
+
+    xs, js = [], []
+    p = len(wrt)
+    for s in range(0, t1.numel(), chunk_size):
+        chunk = {"t1": t1[s: s + chunk_size], "t2": t2[s: s + chunk_size],
+                 "b1": b[s: s + chunk_size]}
+        m = chunk["t1"].numel()
+        with fwad.dual_level():
+            # atoms stacked once per derivative: copy j carries the tangent of wrt[j]
+            args = []
+            for name in ("t1", "t2", "b1"):
+                v = chunk[name].repeat(p)
+                if name in wrt:
+                    tangent = torch.zeros_like(v)
+                    j = wrt.index(name)
+                    tangent[j * m: (j + 1) * m] = 1.0
+                    v = fwad.make_dual(v, tangent)
+                args.append(v)
+            out = simulate(seq, *args, dtype=torch.float64, tol=tol, device=device, _rate=rate)
+            primal, tangent = fwad.unpack_dual(out)
+        if tangent is None:  # constant signal (all flip angles 0)
+            tangent = torch.zeros_like(primal)
+        xs.append(primal[:m])
+        js.append(torch.stack([tangent[j * m: (j + 1) * m] for j in range(p)], -1))
     return torch.cat(xs), torch.cat(js)
 
 
