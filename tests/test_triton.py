@@ -29,10 +29,14 @@ needs_cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()),
                                 reason="needs CUDA and triton")
 
 #: float32 bound against the C kernel at equal state counts (both round every state update to
-#: float32; measured 2-4e-7 on the interpreter checks' 80-pulse train)
+#: float32; measured 2-4e-7 on the interpreter checks' 80-pulse train, 5.7e-6 on an H200 for
+#: the 1750-pulse paper grid, whose float32 exp differs from the CPU's in the last bits)
 F32_TOL = 1e-5
-#: float64: the two implementations differ only in the order of rounding
+#: float64: the two implementations differ only in the order of rounding (measured: 7e-12 on
+#: the interpreter, 6e-10 for GPU vs CPU on the paper grid, where the GPU's float64 exp/sin/cos
+#: differ from the CPU's libm in the last bits)
 F64_TOL = 1e-10
+F64_GPU_TOL = 1e-8
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +99,7 @@ def test_cuda_kernel_is_used_and_matches_c_kernel():
             gpu = simulate(seq, p[:, 0].cuda(), p[:, 1].cuda(), b1.cuda(), dtype=dt)
             cpu = simulate(seq, p[:, 0], p[:, 1], b1, dtype=dt)
             assert gpu.device.type == "cuda" and gpu.dtype == cpu.dtype
-            assert _rel(gpu, cpu) < (F32_TOL if dt == torch.float32 else F64_TOL)
+            assert _rel(gpu, cpu) < (F32_TOL if dt == torch.float32 else F64_GPU_TOL)
     assert epg._TRITON is not None and epg._TRITON is not False
 
 
@@ -118,9 +122,9 @@ def test_cuda_jacobian_matches_forward_ad():
                                  np.full(200, int(k.max())), wrt, 1)
     xr, jr = epg._jacobian_forward_ad(seq, p[:, 0], p[:, 1], b1, wrt, 1e-4, torch.device("cpu"),
                                       4096, rate)
-    assert _rel(xk, xr) < F64_TOL
+    assert _rel(xk, xr) < F64_GPU_TOL
     for j in range(3):
-        assert _rel(jk[..., j], jr[..., j]) < F64_TOL, wrt[j]
+        assert _rel(jk[..., j], jr[..., j]) < F64_GPU_TOL, wrt[j]
     # the public call (per-atom counts, groups of 8) against the same kernel at the max count:
     # differences are truncation only, within the 1e-4 tolerance it was asked for
     assert _rel(x, xk) < 1e-4

@@ -256,8 +256,8 @@ def _group_max(k_sorted: np.ndarray, lanes: int) -> np.ndarray:
 
 
 def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.ndarray, *,
-        wrt: tuple[str, ...] = (), lanes: int = 1, block_a: int = BLOCK_A, k_chunk: int = 32,
-        chunk_size: int | None = None, accurate: bool = True,
+        wrt: tuple[str, ...] = (), lanes: int = 1, block_a: int = BLOCK_A, k_chunk: int = 16,
+        chunk_size: int | None = None, accurate: bool = True, num_warps: int | None = None,
         progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Simulate fingerprints (and optionally their derivatives) with the fused kernel.
 
@@ -276,6 +276,7 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
             ``False`` computes them in the working precision (cheaper on GPUs with slow float64).
         block_a: atoms per program (a power of two).
         k_chunk: states updated per step of a program's inner loop (a power of two).
+        num_warps: warps per program (``None``: Triton's default).
         chunk_size: atoms per launch (default: all, up to a scratch budget of 2 GiB).
         progress: optional ``progress(n_done_atoms)`` called after every launch.
 
@@ -323,6 +324,7 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
     per_prog = 4 * kg_all * block_a * n_sets
     step = max(1, (chunk_size or n) // block_a)
     kc = min(int(k_chunk), triton.next_power_of_2(int(ks.max())))
+    launch = {} if num_warps is None else {"num_warps": int(num_warps)}
     p0 = 0
     while p0 < n_prog:
         p1 = min(n_prog, p0 + step)
@@ -338,7 +340,7 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
             kst[a0:a1], idx[a0:a1], kg, so, scratch, xr, jr,
             a1 - a0, T, float(seq.te_ms),
             xr.stride(0), xr.stride(1), jr.stride(0), jr.stride(1), jr.stride(2),
-            *cols, *flags, ACC=accurate, BLOCK_A=block_a, KC=kc,
+            *cols, *flags, ACC=accurate, BLOCK_A=block_a, KC=kc, **launch,
         )
         del scratch
         p0 = p1
