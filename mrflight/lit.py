@@ -11,6 +11,7 @@ for each fixed evaluation noise level of the data module.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
 from mrflight.data.datamodule import DEFAULT_TARGET_SCALE_MS, INPUT_MODES, Batch, preprocess
+from mrflight.matching import float32_matmul
 from mrflight.models import build_net, net_config
 
 __all__ = ["MRFRegressor", "load_checkpoint", "LOSSES", "PARAMETER_UNITS"]
@@ -30,6 +32,20 @@ __all__ = ["MRFRegressor", "load_checkpoint", "LOSSES", "PARAMETER_UNITS"]
 LOSSES = ("mse", "relative", "crb")
 #: name and unit of every parameter a model can estimate, in output order
 PARAMETER_UNITS = {"t1": ("t1_ms", "ms"), "t2": ("t2_ms", "ms"), "b1": ("b1", "ratio to nominal")}
+
+
+_PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def _precision(precision: str, device: torch.device):
+    """The numeric mode of :meth:`MRFRegressor.predict_parameters` (restored on exit)."""
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        with float32_matmul(device, "tf32" if precision == "tf32" else "ieee"):
+            yield
 
 
 def _plain(obj):
@@ -190,16 +206,22 @@ class MRFRegressor(L.LightningModule):
         return self.net(x) * self.target_scale
 
     @torch.no_grad()
-    def predict_parameters(self, signals, batch_size: int = 256) -> torch.Tensor:
+    def predict_parameters(self, signals, batch_size: int | None = None, *,
+                           precision: str = "fp32") -> torch.Tensor:
         """Estimate T1 and T2 (ms) of fingerprints.
 
         Args:
             signals: ``(N, T)`` or ``(T,)``, complex or magnitude, numpy or torch, at any scale;
                 preprocessed exactly as in training (magnitude, L2-normalised; or the two
                 channels of the normalised complex signal for ``input_mode="complex"``).
-            batch_size: inference chunk size (256 is the fastest or close to it for every
-                default model on a CPU: larger chunks fall out of cache, see
-                ``benchmarks/inference_speed.py``).
+            batch_size: inference chunk size; default 256 on a CPU (the fastest or close to it
+                for every default model: larger chunks fall out of cache, see
+                ``benchmarks/inference_speed.py``) and 65536 on a GPU (which needs large batches
+                to fill it).
+            precision: ``"fp32"`` (default), ``"tf32"`` (float32 matrix products on TF32 tensor
+                cores, CUDA) or ``"bf16"`` (bfloat16 autocast, CUDA or CPU); the outputs are
+                float32 in every case. ``benchmarks/gpu_check.py`` compares the RMSE of each
+                against fp32.
 
         Returns:
             float32 tensor ``(N, P)`` on the CPU: T1 and T2 in ms, then B1 (ratio to nominal)
@@ -220,6 +242,10 @@ class MRFRegressor(L.LightningModule):
                 f"the sequence {seq.get('name', 'unknown')!r} with {self.input_length} time "
                 f"points, got shape {tuple(x.shape)}"
             )
+        if precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+        if batch_size is None:
+            batch_size = 65536 if self.device.type == "cuda" else 256
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batch_size = int(batch_size)
@@ -240,7 +266,7 @@ class MRFRegressor(L.LightningModule):
         self.eval()
         out = torch.empty((x.shape[0], len(self.targets)), dtype=torch.float32)
         try:
-            with torch.inference_mode():  # contiguous chunks: no gather copy of the input
+            with torch.inference_mode(), _precision(precision, self.device):
                 for start in range(0, x.shape[0], batch_size):
                     inp = preprocess(x[start:start + batch_size], self.hparams.input_mode)
                     out[start:start + batch_size] = self(inp.to(self.device)).float().cpu()

@@ -350,7 +350,9 @@ def test_bad_seq_dtype_tol_raise():
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("no_triton", ["0", "1"], ids=["fused-kernel", "torch-path"])
+def test_cuda_matches_cpu(no_triton, monkeypatch):
+    monkeypatch.setenv("MRFLIGHT_NO_TRITON", no_triton)
     seq = oksuz2019()
     t1, t2, b1 = (torch.tensor(c, dtype=F64) for c in zip(*PAPER_CORNERS))
     cpu = simulate(seq, t1, t2, b1, dtype=F64)
@@ -358,7 +360,12 @@ def test_cuda_matches_cpu():
     assert gpu.device.type == "cuda"
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-10, rtol=0)
     g32 = simulate(seq, t1, t2, b1, device="cuda")
-    assert float(_rel_l2(g32.cpu().to(torch.complex128), cpu).max()) < 1e-5
+    # float32: every pulse rounds each state update with relative error <= u = 2^-24, and the
+    # recursion is contractive (|coefficients| <= 1), so the errors of the T pulses add up at
+    # most linearly: T u = 1.0e-4 for the 1750 pulses. (Measured: 5e-6 for the CPU kernels,
+    # 4.2e-5 for the pure-torch path on an H200; a truncation or arithmetic bug gives >= 1e-3.)
+    bound = len(seq) * 2.0**-24
+    assert float(_rel_l2(g32.cpu().to(torch.complex128), cpu).max()) < bound
     # the differentiable path on CUDA too
     t1g = t1[:3].cuda().requires_grad_()
     x = simulate(seq, t1g, t2[:3].cuda(), dtype=F64)

@@ -191,4 +191,24 @@ def test_cuda_matches_cpu(small_dict):
     cpu = DictionaryMatcher(atoms, params).match(sig)
     gpu = DictionaryMatcher(atoms, params, device="cuda").match(sig.cuda())
     assert gpu.device.type == "cuda"
-    assert (gpu.cpu() == cpu).all(1).double().mean() > 0.99
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rank", [None, 10])
+def test_cuda_matches_cpu_exactly_with_tf32_enabled(small_dict, rank):
+    """A program that enabled TF32 globally still gets the CPU's atoms (TF32 is off for the
+    matcher's GEMM and the setting is restored afterwards)."""
+    _, atoms, params = small_dict
+    m = torch.backends.cuda.matmul
+    cpu = DictionaryMatcher(atoms, params, rank=rank).match(atoms)
+    prev = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        gpu = DictionaryMatcher(atoms, params, rank=rank, device="cuda").match(atoms.cuda())
+        assert m.fp32_precision == "tf32"
+    finally:
+        m.fp32_precision = prev
+    assert torch.equal(gpu.cpu(), cpu)
+    if rank is None:
+        assert torch.equal(cpu.to(params.dtype), params)

@@ -238,3 +238,21 @@ def test_ddp_on_cpu_two_processes(tmp_path):
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "metrics.json").is_file()
     ck = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert ck["epoch"] == 1
+
+
+def test_predict_parameters_precision_modes():
+    """bf16 autocast really runs in bfloat16 (outputs differ from fp32 by bf16 rounding, ~1e-2
+    relative at most), fp32/tf32 agree on the CPU, and a bad mode names the choices."""
+    from mrflight.lit import MRFRegressor
+
+    torch.manual_seed(0)
+    module = MRFRegressor({"_target_": "mrflight.models.ANNRegressor", "input_length": 100,
+                           "hidden_sizes": [64, 64]})
+    sig = torch.rand(300, 100)
+    p32 = module.predict_parameters(sig)
+    assert torch.equal(p32, module.predict_parameters(sig, precision="tf32"))  # no TF32 on CPU
+    pbf = module.predict_parameters(sig, precision="bf16", batch_size=64)
+    assert pbf.dtype == torch.float32 and not torch.equal(pbf, p32)
+    assert float(((pbf - p32).norm() / p32.norm())) < 2e-2
+    with pytest.raises(ValueError, match="precision must be one of"):
+        module.predict_parameters(sig, precision="fp16")

@@ -38,6 +38,8 @@ References:
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -377,6 +379,11 @@ def simulate(
                 progress(min(s + step, n_atoms))
         return torch.cat(out, 0)
 
+    if device.type == "cuda":
+        out = _run_gpu_kernel(seq, t1, t2, b, k_atom, (), 16 if dtype == torch.float32 else 8,
+                              chunk_size, progress)
+        if out is not None:
+            return out[0]
     use_kernel = device.type == "cpu" and _ckernel.kernel() is not None
     if use_kernel and n_atoms <= (chunk_size or _KERNEL_CHUNK):
         # a batch that fits one chunk: one kernel call, no scatter into a second buffer
@@ -454,6 +461,66 @@ def _epg_real_kernel(seq: Sequence, t1, t2, b1, k_atom: np.ndarray,
     return torch.from_numpy(out)
 
 
+def _gpu_kernel():
+    """The fused GPU kernel module (:mod:`mrflight.physics._triton`), or ``None`` when Triton is
+    not installed, failed before, or ``MRFLIGHT_NO_TRITON=1`` asks for the pure-torch path."""
+    global _TRITON
+    if os.environ.get("MRFLIGHT_NO_TRITON", "") not in ("", "0"):
+        return None
+    if _TRITON is False:
+        try:
+            from . import _triton
+        except Exception:  # no triton, or no usable backend: the torch path serves
+            _triton = None
+        _TRITON = _triton
+    return _TRITON
+
+
+_TRITON = False  # False: not imported yet; None: unavailable
+
+
+def _run_gpu_kernel(seq, t1, t2, b1, k_atom, wrt, lanes, chunk_size=None, progress=None):
+    """Fingerprints (and derivatives) from the fused GPU kernel, or ``None`` to fall back.
+
+    ``lanes`` reproduces the CPU kernels' truncation (their SIMD groups share the largest state
+    count: 16 atoms in float32, 8 in float64 and for derivatives), so both give the same signal
+    up to rounding. A kernel that fails to compile or launch (an unsupported GPU) warns once and
+    leaves this process on the pure-torch path.
+    """
+    global _TRITON
+    gk = _gpu_kernel()
+    if gk is None:
+        return None
+    try:
+        with torch.no_grad():
+            return gk.run(seq, t1, t2, b1, k_atom, wrt=wrt, lanes=lanes, chunk_size=chunk_size,
+                          progress=progress)
+    except (ValueError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:  # e.g. triton's CompilationError on an unsupported GPU
+        warnings.warn(f"mrflight: the fused GPU EPG kernel failed ({type(e).__name__}: {e}); "
+                      "using the slower pure-torch path", RuntimeWarning, stacklevel=3)
+        _TRITON = None
+        return None
+
+
+def _epg_real_kernel(seq: Sequence, t1, t2, b1, k_atom: np.ndarray) -> torch.Tensor:
+    """The fast real path through the fused C kernel (CPU). Same result as _epg_real_fast."""
+    dt = t1.dtype
+    t1n = t1.detach().cpu().double().numpy()
+    t2n = t2.detach().cpu().double().numpy()
+    with np.errstate(divide="ignore"):
+        r1 = np.where(t1n > 0, 1.0 / np.where(t1n > 0, t1n, 1.0), np.inf)
+        r2 = np.where(t2n > 0, 1.0 / np.where(t2n > 0, t2n, 1.0), np.inf)
+    z0 = (1.0 - (1.0 + seq.inversion_efficiency) * _decay(t1.double(), seq.ti_ms)) \
+        if seq.inversion else torch.ones_like(t1, dtype=torch.float64)
+    out = np.empty((t1.numel(), len(seq)), dtype=np.float32 if dt == torch.float32 else np.float64)
+    _ckernel.run(np.deg2rad(seq.flip_angle_deg), np.cos(np.deg2rad(seq.phase_deg)).round(),
+                 seq.tr_ms, r1, r2, b1.detach().cpu().double().numpy(),
+                 z0.detach().cpu().numpy(), k_atom, out, torch.get_num_threads())
+    return torch.from_numpy(out) * _decay(t2, seq.te_ms)[:, None]
+
+
 def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, wrt=("t1", "t2"),
                       tol: float = 1e-4, device=None, chunk_size: int = 4096,
                       bounds: dict | None = None, _real_ok: bool = False
@@ -495,6 +562,10 @@ def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, wrt=("t1", "t2"),
     t2n = t2.cpu().numpy()
     k_atom = states_needed(t2n, arrays.tr_min, len(seq), tol, rate)
     n = t1.numel()
+    if device.type == "cuda" and seq.real_phases:
+        out = _run_gpu_kernel(seq, t1, t2, b, k_atom, wrt, 8)
+        if out is not None:
+            return out
     if device.type == "cpu" and seq.real_phases and _ckernel.kernel() is not None:
         t1n = t1.numpy()
         r1, r2 = _inv_ms(t1n), _inv_ms(t2n)

@@ -1,0 +1,450 @@
+"""One GPU check: fused EPG and Jacobian kernels, exact matching, GRU inference, CUDA tests.
+
+Measures on one CUDA GPU, with the CPU baseline in the same run, and prints one table (also
+written to ``OUT/gpu_check.md`` and ``OUT/gpu_check.json``):
+
+* the paper grid (114 650 atoms x the 1750-pulse oksuz2019 train, float32) through
+  ``simulate`` (the fused Triton kernel), against the CPU C kernel (on a subset, extrapolated)
+  and the pure-torch CUDA path, and their agreement;
+* the blochsim benchmark case (100 000 atoms, inversion + 500 pulses, TR 10 ms, 32 states);
+* the Jacobian (T1, T2, B1) of 100 000 atoms (blochsim train; oksuz2019 train) in float64
+  and float32, and its accuracy;
+* exhaustive matching: exact noise-free atoms and time against a plain float32 GEMM;
+* SVD (rank 25) matching of a 256 x 256 slice against the paper grid;
+* GRU inference (values_per_step 50, hidden 100; briefly trained here) in fp32/TF32/bf16, with
+  the test RMSE of each;
+* the CUDA tests (``pytest -k cuda``) when pytest is installed.
+
+Every row runs under ``try``: a failure prints its error in its row and the check goes on; a
+global time budget skips the rows that no longer fit. Kernel times are medians of CUDA-event
+timings after a warm-up; the first call (Triton JIT compilation included) is reported apart.
+
+Usage (from the repository root; needs only torch, triton and numpy)::
+
+    PYTHONPATH=. python3 benchmarks/gpu_check.py            # about 3-4 minutes on an H100/H200
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --smoke    # every row on the CPU, tiny sizes,
+                                                            # kernels through TRITON_INTERPRET=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:  # must precede the first import of the kernel module
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mrflight.dictionary import paper_grid, random_params  # noqa: E402
+from mrflight.matching import DictionaryMatcher, float32_matmul  # noqa: E402
+from mrflight.models import GRURegressor  # noqa: E402
+from mrflight.physics import Sequence, add_noise, epg, oksuz2019, simulate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS: list[dict] = []
+T_START = time.perf_counter()
+
+
+class Ctx:
+    """Run-wide settings (sizes shrink in smoke mode)."""
+
+    def __init__(self, args):
+        self.smoke = args.smoke
+        self.dev = torch.device("cpu" if args.smoke else "cuda")
+        self.budget = args.budget
+        self.reps = 1 if args.smoke else args.repeats
+        s = args.smoke
+        self.grid = paper_grid()[::4000] if s else paper_grid()     # 29 atoms in smoke mode
+        self.pulses = 40 if s else 1750
+        self.n_bloch = 48 if s else 100_000
+        self.bloch_pulses = 30 if s else 500
+        self.bloch_states = 8 if s else 32
+        self.n_jac = 40 if s else 100_000
+        self.jac_pulses = 30 if s else 1750
+        self.n_cpu_subset = 29 if s else 16384
+        self.n_match = 20 if s else 5000
+        self.n_cpu_match = 10 if s else 1000
+        self.n_slice = 64 if s else 256 * 256
+        self.train_s = 2.0 if s else 25.0
+        self.gru_batch = 32 if s else 65536
+        self.n_pool = 64 if s else 100_000
+        self.n_test = 64 if s else 20_000
+        self.train_batch = 32 if s else 1024
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - T_START)
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bench(fn, ctx: Ctx) -> tuple[float, float]:
+    """(first call incl. compilation, median of the timed calls), seconds."""
+    t0 = time.perf_counter()
+    fn()
+    sync(ctx.dev)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(ctx.reps):
+        if ctx.dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def row(name: str, target: str = "", est_s: float = 5.0):
+    """Decorator: run the row now, record ``(value, status, note)``, print it at once."""
+    def deco(fn):
+        r = {"row": name, "value": "", "target": target, "status": "", "note": ""}
+        if ctx.left() < est_s:
+            r.update(status="skipped", note=f"time budget ({ctx.left():.0f} s left)")
+        else:
+            t0 = time.perf_counter()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", RuntimeWarning)  # a kernel fallback warns
+                    value, ok, note = fn()
+                r.update(value=value, status="" if ok is None else ("PASS" if ok else "FAIL"),
+                         note=note)
+            except Exception as e:  # the row reports its error; the check goes on
+                tb = traceback.format_exc().strip().splitlines()
+                r.update(status="ERROR", note=f"{type(e).__name__}: {e} ({tb[-3].strip()})"
+                         .replace("|", "/")[:400])
+            r["note"] = (r["note"] + f" [{time.perf_counter() - t0:.1f} s]").strip()
+        ROWS.append(r)
+        print(f"| {r['row']} | {r['value']} | {r['target']} | {r['status']} | {r['note']} |",
+              flush=True)
+        return fn
+    return deco
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.cpu().to(torch.complex128), b.cpu().to(torch.complex128)
+    d = (a - b).flatten(1).norm(dim=1)
+    r = b.flatten(1).norm(dim=1)
+    return float(torch.where(r > 0, d / torch.where(r > 0, r, 1.0), d).max())
+
+
+def fused(seq, t1, t2, b1=None, dtype=torch.float32, wrt=(), k_atom=None, lanes=None):
+    """The fused kernel: through ``simulate`` on CUDA; called directly in smoke mode (the
+    dispatch is CUDA-only) and when explicit state counts or derivatives are asked for."""
+    if ctx.dev.type == "cuda" and not wrt and k_atom is None:
+        return simulate(seq, t1, t2, b1, dtype=dtype), None
+    b1 = torch.ones_like(t1) if b1 is None else b1
+    if k_atom is None:
+        tol = 1e-4 if wrt else epg.DEFAULT_TOL
+        rate = epg.truncation_rate(seq, tol, float(t2.max()), float(t1.max()),
+                                   (float(b1.min()), float(b1.max())))
+        k_atom = epg.states_needed(t2.cpu().numpy(), float(seq.tr_ms.min()), len(seq), tol, rate)
+    if lanes is None:
+        lanes = 1 if k_atom is not None and np.all(k_atom == k_atom[0]) else (
+            16 if dtype == torch.float32 and not wrt else 8)
+    out = epg._run_gpu_kernel(seq, t1.to(dtype), t2.to(dtype), b1.to(dtype), k_atom, wrt, lanes)
+    if out is None:
+        raise RuntimeError("the fused kernel is unavailable (triton missing or disabled)")
+    return out
+
+
+def ms(s: float) -> str:
+    return f"{1e3 * s:.1f} ms"
+
+
+def table() -> str:
+    lines = ["| check | value | target | status | note |", "|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['value']} | {r['target']} | {r['status']} | {r['note']} |"
+              for r in ROWS]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    global ctx
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, Triton interpreter")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--budget", type=float, default=270.0, help="seconds for all rows")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    ap.add_argument("--no-tests", action="store_true", help="skip the pytest row")
+    args = ap.parse_args()
+    ctx = Ctx(args)
+    if not args.smoke and not torch.cuda.is_available():
+        print("no CUDA device: run with --smoke to check the script on the CPU")
+        return 2
+    dev = ctx.dev
+    gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else "none (smoke run)"
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "not installed"
+    m = torch.backends.cuda.matmul
+    tf32 = getattr(m, "fp32_precision", None) or f"allow_tf32={m.allow_tf32}"
+    head = (f"- GPU: {gpu}; torch {torch.__version__}, triton {tv}, Python "
+            f"{platform.python_version()}, {os.cpu_count()} CPU threads (torch uses "
+            f"{torch.get_num_threads()})\n- default float32 matmul mode: {tf32}; mode "
+            f"{'smoke (CPU, tiny sizes, TRITON_INTERPRET=1: times mean nothing)' if ctx.smoke else 'full'}"
+            f"\n- command: `PYTHONPATH=. python3 benchmarks/gpu_check.py"
+            f"{' --smoke' if ctx.smoke else ''}`")
+    print(head, flush=True)
+    print("| check | value | target | status | note |\n|---|---|---|---|---|", flush=True)
+    state: dict = {}
+    seq = oksuz2019(n_pulses=ctx.pulses) if ctx.smoke else oksuz2019()
+    grid = torch.tensor(ctx.grid)
+
+    @row("EPG paper grid, float32 (fused kernel via simulate)", "<= 50 ms", 30)
+    def _():
+        t1, t2 = grid[:, 0].float().to(dev), grid[:, 1].float().to(dev)
+        first, t = bench(lambda: fused(seq, t1, t2), ctx)
+        state["atoms"] = fused(seq, t1, t2)[0]
+        return (ms(t), t <= 0.05,
+                f"{len(grid)} atoms x {len(seq)} pulses; first call (JIT compile) {first:.2f} s")
+
+    @row("EPG paper grid, CPU C kernel (same run)", "", 30)
+    def _():
+        pick = np.random.default_rng(0).choice(len(grid), ctx.n_cpu_subset, replace=False)
+        g = grid[pick]
+        simulate(seq, g[:8, 0], g[:8, 1])  # compile/load the C kernel
+        t0 = time.perf_counter()
+        cpu = simulate(seq, g[:, 0], g[:, 1])
+        t = (time.perf_counter() - t0) * len(grid) / len(g)
+        # the same call on the GPU: the same atoms give the same truncation (a subset of the
+        # grid has its own state-count groups, which differ from the whole grid's within tol)
+        agree = rel_l2(fused(seq, g[:, 0].float().to(dev), g[:, 1].float().to(dev))[0], cpu)
+        state["cpu_s"] = t
+        return (f"{t:.2f} s (extrapolated from {len(g)} atoms)", None,
+                f"GPU vs CPU kernel (float32 both, same truncation): max rel L2 {agree:.1e} "
+                f"(bound T*2^-24 = {len(seq) * 2.0**-24:.1e}) "
+                f"{'ok' if agree < len(seq) * 2.0**-24 else 'TOO LARGE'}")
+
+    @row("EPG paper grid, pure-torch CUDA path (MRFLIGHT_NO_TRITON=1)", "", 20)
+    def _():
+        if dev.type != "cuda":
+            return "n/a", None, "CUDA only"
+        t1, t2 = grid[:, 0].float().to(dev), grid[:, 1].float().to(dev)
+        os.environ["MRFLIGHT_NO_TRITON"] = "1"
+        try:
+            _, t = bench(lambda: simulate(seq, t1, t2), ctx)
+        finally:
+            os.environ.pop("MRFLIGHT_NO_TRITON")
+        return ms(t), None, "the fallback, for reference"
+
+    ib = np.arange(ctx.bloch_pulses)
+    bseq = Sequence(10 + 50 * np.abs(np.sin(np.pi * ib / 250)), 0.0, 10.0, te_ms=5.0,
+                    inversion=True, ti_ms=20.0, name="blochsim-like")
+
+    @row("blochsim case: 100k atoms, inversion + 500 pulses, TR 10 ms, 32 states", "<= 10 ms", 20)
+    def _():
+        p = torch.tensor(random_params(ctx.n_bloch, (100.0, 4000.0), (10.0, 500.0), seed=3),
+                         dtype=torch.float32, device=dev)
+        k = np.full(ctx.n_bloch, ctx.bloch_states)
+        first, t = bench(lambda: fused(bseq, p[:, 0], p[:, 1], k_atom=k, lanes=1), ctx)
+        return (ms(t), t <= 0.01, f"{ctx.n_bloch} atoms x {ctx.bloch_pulses} pulses x "
+                f"{ctx.bloch_states} states, float32, flip 10-60 deg; first call {first:.2f} s")
+
+    pj = torch.tensor(random_params(ctx.n_jac, seed=4), device=dev)
+    bj = torch.linspace(0.7, 1.3, ctx.n_jac, dtype=torch.float64, device=dev)
+    jseq = oksuz2019(n_pulses=ctx.jac_pulses)
+    wrt3 = ("t1", "t2", "b1")
+    cases = [("blochsim train (500 pulses, 32 states)", bseq, np.full(ctx.n_jac, ctx.bloch_states),
+              True), ("oksuz2019 (1750 pulses, tol 1e-4)", jseq, None, False)]
+    for label, jsq, kj, targeted in cases:
+        for dt in (torch.float64, torch.float32):
+            name = "float64" if dt == torch.float64 else "float32"
+
+            @row(f"Jacobian (T1, T2, B1) of 100k atoms, {label}, {name}",
+                 "<= 100 ms" if targeted else "", 30)
+            def _(dt=dt, jsq=jsq, kj=kj, targeted=targeted, tag=label[:4] + name):
+                def f():
+                    return fused(jsq, pj[:, 0], pj[:, 1], bj, dtype=dt, wrt=wrt3, k_atom=kj)
+
+                first, t = bench(f, ctx)
+                state[tag] = f()[1]
+                note = f"{ctx.n_jac} atoms, B1 0.7-1.3; first call {first:.2f} s"
+                ref = state.get(tag.replace("float32", "float64"))
+                if dt == torch.float32 and ref is not None:
+                    err = max(rel_l2(state[tag][..., j], ref[..., j]) for j in range(3))
+                    note += f"; float32 vs float64 derivatives: max rel L2 {err:.1e}"
+                return ms(t), (t <= 0.1) if targeted else None, note
+
+    @row("Jacobian accuracy vs forward-mode autograd (float64, CPU)", "<= 1e-10", 40)
+    def _():
+        n = 16
+        sub = slice(0, ctx.n_jac, ctx.n_jac // n)
+        t1, t2, b1 = pj[sub, 0].cpu(), pj[sub, 1].cpu(), bj[sub].cpu()
+        wrt = ("t1", "t2", "b1")
+        rate = epg.truncation_rate(jseq, 1e-4, float(t2.max()), float(t1.max()),
+                                   (float(b1.min()), float(b1.max())))
+        k = epg.states_needed(t2.numpy(), float(jseq.tr_ms.min()), len(jseq), 1e-4, rate)
+        k = np.full(len(t1), int(k.max()))  # the general path runs a chunk at its largest count
+        x, jg = fused(jseq, t1.to(dev), t2.to(dev), b1.to(dev), torch.float64, wrt, k, 1)
+        xr, jr = epg._jacobian_forward_ad(jseq, t1, t2, b1, wrt, 1e-4, torch.device("cpu"),
+                                          4096, rate)
+        err = max(rel_l2(jg[..., j], jr[..., j]) for j in range(3))
+        return f"{err:.1e}", err <= 1e-10, f"{len(t1)} atoms, max over T1/T2/B1 columns"
+
+    @row("exhaustive matching: exact noise-free paper-grid atoms", "100 %", 40)
+    def _():
+        atoms = state["atoms"]
+        params = grid.to(dev)
+        mt = DictionaryMatcher(atoms, params, device=dev)
+        pick = torch.as_tensor(np.random.default_rng(5).choice(len(grid), ctx.n_match, False),
+                               device=dev)
+        clean = atoms[pick]
+        got = mt.match(clean)
+        exact = float((got == params[pick].to(got.dtype)).all(1).double().mean())
+        note = f"{ctx.n_match} atoms"
+        if dev.type == "cuda":
+            cm = DictionaryMatcher(atoms.cpu(), grid, device="cpu")
+            c = cm.match(clean[: ctx.n_cpu_match].cpu())
+            same = float((c == got[: ctx.n_cpu_match].cpu().to(c.dtype)).all(1).double().mean())
+            note += f"; same atom as the CPU matcher for {100 * same:.2f} % of {ctx.n_cpu_match}"
+            del cm
+        state["matcher"], state["pick"] = mt, pick
+        return f"{100 * exact:.2f} %", exact == 1.0, note
+
+    @row("exhaustive matching time vs plain float32 GEMM", "<= 1.2x", 30)
+    def _():
+        mt, pick = state["matcher"], state["pick"]
+        noisy = add_noise(state["atoms"][pick], 0.01,
+                          generator=torch.Generator(device=dev).manual_seed(0)).to(dev)
+        sig = noisy.abs().float()
+        sig = sig / sig.norm(dim=1, keepdim=True)
+
+        def gemm():
+            with float32_matmul(dev, "ieee"):
+                return sig @ mt.atoms.T
+
+        _, tg = bench(gemm, ctx)
+        _, tm = bench(lambda: mt.match(noisy), ctx)
+        return (f"{tm / tg:.2f}x", tm / tg <= 1.2,
+                f"match {ms(tm)}, GEMM {ms(tg)} (IEEE float32) for {len(pick)} noisy signals")
+
+    @row("SVD matching (rank 25) of a 256x256 slice vs the paper grid", "a few ms", 30)
+    def _():
+        atoms = state["atoms"]
+        t0 = time.perf_counter()
+        svd = DictionaryMatcher(atoms, grid.to(dev), rank=25, device=dev)
+        sync(dev)
+        build = time.perf_counter() - t0
+        pick = torch.as_tensor(np.random.default_rng(6).choice(len(grid), ctx.n_slice, True),
+                               device=dev)
+        sl = add_noise(atoms[pick], 0.01, generator=torch.Generator(device=dev).manual_seed(1))
+        _, t = bench(lambda: svd.match(sl), ctx)
+        got = svd.match(atoms[state["pick"]])
+        exact = float((got == grid.to(dev)[state["pick"]].to(got.dtype)).all(1).double().mean())
+        state.pop("matcher")
+        return (ms(t), None, f"{ctx.n_slice} signals; basis built in {build:.2f} s; exact "
+                f"noise-free atoms {100 * exact:.2f} %")
+
+    @row("GRU inference (values_per_step 50, hidden 100), fp32 / tf32 / bf16", ">= 10 M/s", 60)
+    def _():
+        torch.manual_seed(0)
+        T = len(seq)
+        net = GRURegressor(input_length=T, values_per_step=50, hidden_size=100).to(dev)
+        scale = torch.tensor([4000.0, 500.0], device=dev)
+
+        def batch(pool, idx, seed):
+            x, p = pool
+            g = torch.Generator(device=dev).manual_seed(seed)
+            x = add_noise(x[idx], 0.01, generator=g).abs()
+            return x / x.norm(dim=1, keepdim=True), p[idx]
+
+        def simulated(n, seed):
+            p = torch.tensor(random_params(n, seed=seed), dtype=torch.float32, device=dev)
+            return fused(seq, p[:, 0], p[:, 1])[0], p
+
+        # a short training (fresh noise on a simulated pool) so that the RMSE comparison means
+        # something
+        pool = simulated(ctx.n_pool, 100)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        t0, steps, seed = time.perf_counter(), 0, 100
+        gen = torch.Generator(device=dev).manual_seed(0)
+        while time.perf_counter() - t0 < ctx.train_s:
+            idx = torch.randint(0, ctx.n_pool, (ctx.train_batch,), device=dev, generator=gen)
+            x, p = batch(pool, idx, seed)
+            seed += 1
+            loss = torch.nn.functional.mse_loss(net(x), p / scale)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+        net.eval()
+        test = simulated(ctx.n_test, 7)
+        xt, pt = batch(test, torch.arange(ctx.n_test, device=dev), 7)
+        xb = xt[: ctx.gru_batch].repeat(max(1, ctx.gru_batch // len(xt) + 1), 1)[: ctx.gru_batch]
+        rates, rmse = {}, {}
+        for mode in ("fp32", "tf32", "bf16"):
+            def run(x, mode=mode):
+                with torch.inference_mode():
+                    if mode == "bf16":
+                        with torch.autocast(dev.type, dtype=torch.bfloat16):
+                            return net(x).float()
+                    with float32_matmul(dev, "tf32" if mode == "tf32" else "ieee"):
+                        return net(x)
+            _, t = bench(lambda: run(xb), ctx)
+            rates[mode] = ctx.gru_batch / t
+            est = torch.cat([run(xt[i: i + 8192]) for i in range(0, len(xt), 8192)]) * scale
+            rmse[mode] = ((est - pt) ** 2).mean(0).sqrt().tolist()
+        ch = max(abs(rmse["bf16"][j] / rmse["fp32"][j] - 1) for j in range(2))
+        best = max(rates.values())
+        return (" / ".join(f"{rates[m] / 1e6:.1f}" for m in rates) + " M/s", best >= 1e7,
+                f"batch {ctx.gru_batch}; trained {steps} steps ({ctx.train_s:.0f} s); test RMSE "
+                f"T1/T2 fp32 {rmse['fp32'][0]:.0f}/{rmse['fp32'][1]:.1f} ms, bf16 "
+                f"{rmse['bf16'][0]:.0f}/{rmse['bf16'][1]:.1f} ms (change {100 * ch:.2f} %, "
+                f"target <= 1 %: {'ok' if ch <= 0.01 else 'NO'})")
+
+    if not args.no_tests:
+        @row("CUDA tests: pytest -k cuda (test_epg, test_matching, test_triton)", "all pass", 60)
+        def _():
+            try:
+                import pytest  # noqa: F401
+            except ImportError:
+                return "not run", None, "pytest is not installed here"
+            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                   "tests/test_epg.py", "tests/test_matching.py", "tests/test_triton.py",
+                   "-k", "cuda"]
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            env.pop("TRITON_INTERPRET", None)
+            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=max(30, ctx.left() - 5))
+            last = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
+            if r.returncode not in (0, 5):
+                fails = [ln for ln in r.stdout.splitlines() if ln.startswith("FAILED")]
+                last += " " + "; ".join(fails)[:300]
+            return last, r.returncode == 0, ""
+
+    total = time.perf_counter() - T_START
+    text = f"# GPU check\n\n{head}\n- total {total:.0f} s\n\n{table()}\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.md").write_text(text)
+    (out / "gpu_check.json").write_text(json.dumps(ROWS, indent=1))
+    print(f"\n{text}\nwritten to {out / 'gpu_check.md'}", flush=True)
+    return 0
+
+
+ctx: Ctx
+
+if __name__ == "__main__":
+    sys.exit(main())
