@@ -504,23 +504,6 @@ def _run_gpu_kernel(seq, t1, t2, b1, k_atom, wrt, lanes, chunk_size=None, progre
         return None
 
 
-def _epg_real_kernel(seq: Sequence, t1, t2, b1, k_atom: np.ndarray) -> torch.Tensor:
-    """The fast real path through the fused C kernel (CPU). Same result as _epg_real_fast."""
-    dt = t1.dtype
-    t1n = t1.detach().cpu().double().numpy()
-    t2n = t2.detach().cpu().double().numpy()
-    with np.errstate(divide="ignore"):
-        r1 = np.where(t1n > 0, 1.0 / np.where(t1n > 0, t1n, 1.0), np.inf)
-        r2 = np.where(t2n > 0, 1.0 / np.where(t2n > 0, t2n, 1.0), np.inf)
-    z0 = (1.0 - (1.0 + seq.inversion_efficiency) * _decay(t1.double(), seq.ti_ms)) \
-        if seq.inversion else torch.ones_like(t1, dtype=torch.float64)
-    out = np.empty((t1.numel(), len(seq)), dtype=np.float32 if dt == torch.float32 else np.float64)
-    _ckernel.run(np.deg2rad(seq.flip_angle_deg), np.cos(np.deg2rad(seq.phase_deg)).round(),
-                 seq.tr_ms, r1, r2, b1.detach().cpu().double().numpy(),
-                 z0.detach().cpu().numpy(), k_atom, out, torch.get_num_threads())
-    return torch.from_numpy(out) * _decay(t2, seq.te_ms)[:, None]
-
-
 def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, wrt=("t1", "t2"),
                       tol: float = 1e-4, device=None, chunk_size: int = 4096,
                       bounds: dict | None = None, _real_ok: bool = False
