@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "epg_threads.h"
+
 #define L 8
 /* compiled twice: without (epg_fisp_jac_f64) and with (epg_fisp_jac_b1_f64) the B1 tangent */
 #ifndef WITH_B1
@@ -25,24 +27,26 @@
 #define JFN epg_fisp_jac_f64
 #endif
 
-int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
-                     const double *r1, const double *r2, const double *b1, const double *z0,
-                     const double *dz0, const long long *kst, double *out, double *d1,
-                     double *d2, double *db, int nthreads)
+typedef struct {
+    epg_queue q;
+    int n, T;
+    const double *alpha, *sgn, *tr, *r1, *r2, *b1, *z0, *dz0;
+    const long long *kst;
+    double *out, *d1, *d2, *db;
+    long long kmax_all;
+} job;
+
+/* one thread: its own value and tangent buffers, then groups from the shared queue */
+static void *work(void *arg)
 {
-    /* db (d/dB1, n x T) is filled by the WITH_B1 build and ignored (may be NULL) otherwise */
-    int ngroups = (n + L - 1) / L;
-    long long kmax_all = 1;
-    for (int a = 0; a < n; a++) if (kst[a] > kmax_all) kmax_all = kst[a];
-    int failed = 0;
-    /* never more threads than groups of atoms, and no thread team at all for one thread: idle
-       team members spin at the barrier, which on a busy machine costs more than the work */
-    int nth = nthreads < 1 ? 1 : nthreads;
-    if (nth > ngroups) nth = ngroups;
-    (void)nth;  /* unused without OpenMP */
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nth) if (nth > 1)
-#endif
+    job *J = (job *)arg;
+    int n = J->n, T = J->T;
+    const double *alpha = J->alpha, *sgn = J->sgn, *tr = J->tr, *r1 = J->r1, *r2 = J->r2;
+    const double *b1 = J->b1, *z0 = J->z0, *dz0 = J->dz0;
+    const long long *kst = J->kst;
+    double *out = J->out, *d1 = J->d1, *d2 = J->d2, *db = J->db;
+    long long kmax_all = J->kmax_all;
+    (void)db;  /* written by the WITH_B1 build only */
     {
         size_t blen = (size_t)(T + kmax_all + 1) * L, zlen = (size_t)kmax_all * L;
         /* value, d/dT1, d/dT2, d/dB1 for p and q (moving windows) and z */
@@ -56,17 +60,8 @@ int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
             Z[j] = (double *)malloc(zlen * sizeof(double));
             if (!P[j] || !Q[j] || !Z[j]) ok = 0;
         }
-        if (!ok) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            failed = 1;
-        }
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-        for (int g = 0; g < ngroups; g++) {
-            if (failed) continue;
+        if (!ok) epg_fail(&J->q);
+        for (int g; (g = epg_next_group(&J->q)) >= 0;) {
             int a0 = g * L;
             int na = (n - a0 < L) ? n - a0 : L;
             int K = 1;
@@ -161,5 +156,19 @@ int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
         }
         for (int j = 0; j < 4; j++) { free(P[j]); free(Q[j]); free(Z[j]); }
     }
-    return failed ? -1 : 0;
+    return NULL;
+}
+
+/* db (d/dB1, n x T) is filled by the WITH_B1 build and ignored (may be NULL) otherwise.
+   Up to nthreads threads. Returns 0 on success, -1 if memory ran out. */
+int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
+        const double *r1, const double *r2, const double *b1, const double *z0,
+        const double *dz0, const long long *kst, double *out, double *d1,
+        double *d2, double *db, int nthreads)
+{
+    job J = {{(n + L - 1) / L, 0, 0}, n, T, alpha, sgn, tr, r1, r2, b1, z0, dz0, kst,
+             out, d1, d2, db, 1};
+    for (int a = 0; a < n; a++) if (kst[a] > J.kmax_all) J.kmax_all = kst[a];
+    epg_run(nthreads, J.q.ngroups, work, &J);
+    return J.q.failed ? -1 : 0;
 }
