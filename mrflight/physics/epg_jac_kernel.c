@@ -28,24 +28,18 @@
 #endif
 
 typedef struct {
-    epg_queue q;
-    int n, T;
-    const double *alpha, *sgn, *tr, *r1, *r2, *b1, *z0, *dz0;
-    const long long *kst;
+    epg_job in;
+    const double *dz0;
     double *out, *d1, *d2, *db;
-    long long kmax_all;
 } job;
 
 /* one thread: its own value and tangent buffers, then groups from the shared queue */
 static void *work(void *arg)
 {
     job *J = (job *)arg;
-    int n = J->n, T = J->T;
-    const double *alpha = J->alpha, *sgn = J->sgn, *tr = J->tr, *r1 = J->r1, *r2 = J->r2;
-    const double *b1 = J->b1, *z0 = J->z0, *dz0 = J->dz0;
-    const long long *kst = J->kst;
+    EPG_UNPACK(&J->in);
+    const double *dz0 = J->dz0;
     double *out = J->out, *d1 = J->d1, *d2 = J->d2, *db = J->db;
-    long long kmax_all = J->kmax_all;
     (void)db;  /* written by the WITH_B1 build only */
     {
         size_t blen = (size_t)(T + kmax_all + 1) * L, zlen = (size_t)kmax_all * L;
@@ -60,8 +54,8 @@ static void *work(void *arg)
             Z[j] = (double *)malloc(zlen * sizeof(double));
             if (!P[j] || !Q[j] || !Z[j]) ok = 0;
         }
-        if (!ok) epg_fail(&J->q);
-        for (int g; (g = epg_next_group(&J->q)) >= 0;) {
+        if (!ok) epg_fail(&J->in.q);
+        for (int g; (g = epg_next_group(&J->in.q)) >= 0;) {
             int a0 = g * L;
             int na = (n - a0 < L) ? n - a0 : L;
             int K = 1;
@@ -166,9 +160,7 @@ int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
         const double *dz0, const long long *kst, double *out, double *d1,
         double *d2, double *db, int nthreads)
 {
-    job J = {{(n + L - 1) / L, 0, 0}, n, T, alpha, sgn, tr, r1, r2, b1, z0, dz0, kst,
-             out, d1, d2, db, 1};
-    for (int a = 0; a < n; a++) if (kst[a] > J.kmax_all) J.kmax_all = kst[a];
-    epg_run(nthreads, J.q.ngroups, work, &J);
-    return J.q.failed ? -1 : 0;
+    job J = {epg_job_make(n, T, L, alpha, sgn, tr, r1, r2, b1, z0, kst), dz0, out, d1, d2, db};
+    epg_run(nthreads, J.in.q.ngroups, work, &J);
+    return J.in.q.failed ? -1 : 0;
 }

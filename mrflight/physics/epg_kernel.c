@@ -22,31 +22,23 @@
 #endif
 
 typedef struct {
-    epg_queue q;
-    int n, T;
-    const double *alpha, *sgn, *tr, *r1, *r2, *b1, *z0;
-    const long long *kst;
+    epg_job in;
     REAL *out;
-    long long kmax_all;
 } job;
 
 /* one thread: its own state buffers, then groups from the shared queue until none is left */
 static void *work(void *arg)
 {
     job *J = (job *)arg;
-    int n = J->n, T = J->T;
-    const double *alpha = J->alpha, *sgn = J->sgn, *tr = J->tr, *r1 = J->r1, *r2 = J->r2;
-    const double *b1 = J->b1, *z0 = J->z0;
-    const long long *kst = J->kst;
+    EPG_UNPACK(&J->in);
     REAL *out = J->out;
-    long long kmax_all = J->kmax_all;
     {
         size_t buf_len = (size_t)(T + kmax_all + 1) * LANES;
         REAL *pbuf = (REAL *)aligned_alloc(64, ((buf_len * sizeof(REAL) + 63) / 64) * 64);
         REAL *qbuf = (REAL *)aligned_alloc(64, ((buf_len * sizeof(REAL) + 63) / 64) * 64);
         REAL *z = (REAL *)aligned_alloc(64, (((size_t)kmax_all * LANES * sizeof(REAL) + 63) / 64) * 64);
-        if (!pbuf || !qbuf || !z) epg_fail(&J->q);
-        for (int g; (g = epg_next_group(&J->q)) >= 0;) {
+        if (!pbuf || !qbuf || !z) epg_fail(&J->in.q);
+        for (int g; (g = epg_next_group(&J->in.q)) >= 0;) {
             int a0 = g * LANES;
             int na = (n - a0 < LANES) ? n - a0 : LANES;
             int K = 1;
@@ -132,8 +124,7 @@ int FN(int n, int T, const double *alpha, const double *sgn, const double *tr,
        const double *r1, const double *r2, const double *b1, const double *z0,
        const long long *kst, REAL *out, int nthreads)
 {
-    job J = {{(n + LANES - 1) / LANES, 0, 0}, n, T, alpha, sgn, tr, r1, r2, b1, z0, kst, out, 1};
-    for (int a = 0; a < n; a++) if (kst[a] > J.kmax_all) J.kmax_all = kst[a];
-    epg_run(nthreads, J.q.ngroups, work, &J);
-    return J.q.failed ? -1 : 0;
+    job J = {epg_job_make(n, T, LANES, alpha, sgn, tr, r1, r2, b1, z0, kst), out};
+    epg_run(nthreads, J.in.q.ngroups, work, &J);
+    return J.in.q.failed ? -1 : 0;
 }

@@ -22,6 +22,33 @@ typedef struct {
     int failed;  /* set when a thread could not allocate its buffers (atomic) */
 } epg_queue;
 
+/* the inputs every kernel shares (see epg_kernel.c for their meaning) */
+typedef struct {
+    epg_queue q;
+    int n, T;
+    const double *alpha, *sgn, *tr, *r1, *r2, *b1, *z0;
+    const long long *kst;
+    long long kmax_all;  /* the largest state count of any atom */
+} epg_job;
+
+static inline epg_job epg_job_make(int n, int T, int lanes, const double *alpha,
+                                   const double *sgn, const double *tr, const double *r1,
+                                   const double *r2, const double *b1, const double *z0,
+                                   const long long *kst)
+{
+    epg_job j = {{(n + lanes - 1) / lanes, 0, 0}, n, T, alpha, sgn, tr, r1, r2, b1, z0, kst, 1};
+    for (int a = 0; a < n; a++) if (kst[a] > j.kmax_all) j.kmax_all = kst[a];
+    return j;
+}
+
+/* local copies of an epg_job's fields, under their usual names, inside a worker */
+#define EPG_UNPACK(J)                                                                     \
+    int n = (J)->n, T = (J)->T;                                                           \
+    const double *alpha = (J)->alpha, *sgn = (J)->sgn, *tr = (J)->tr, *r1 = (J)->r1;      \
+    const double *r2 = (J)->r2, *b1 = (J)->b1, *z0 = (J)->z0;                             \
+    const long long *kst = (J)->kst;                                                      \
+    long long kmax_all = (J)->kmax_all
+
 /* the next group for this thread, or -1 when none is left or a thread failed */
 static inline int epg_next_group(epg_queue *q)
 {
