@@ -78,6 +78,7 @@ static void *work(void *arg)
             double dZC[L], dZS[L], dREC[L];          /* d/dT1 of the z coefficients */
             double hE2[L], hS2[L], hSA[L];           /* d/dT2 of the p/q coefficients */
             double bS2[L], bSA[L], bZC[L], bZS[L];   /* d/dB1 of the coefficients */
+            double e1v[L], e2v[L], de1v[L], de2v[L]; /* relaxation over the current TR */
             for (int i = 0; i < T; i++) {
                 int w = (i + 1 < K) ? i + 1 : K;
                 double *p = P[0] + ps * L, *q = Q[0] + qs * L, *z = Z[0];
@@ -92,10 +93,14 @@ static void *work(void *arg)
                     double sn = sin(ang), sa = sn * sgn[i], ca = cos(ang);
                     double dc2 = -0.5 * alpha[i] * sn, ds2 = -dc2;
                     double dsa = alpha[i] * ca * sgn[i], dca = -alpha[i] * sn;
-                    double e1 = exp(-tr[i] * lr1[l]), e2 = exp(-tr[i] * lr2[l]);
-                    /* de/dT = e * TR / T^2 = e * TR * r^2 (0 in the T = 0 limit) */
-                    double de1 = isfinite(lr1[l]) ? e1 * tr[i] * lr1[l] * lr1[l] : 0.0;
-                    double de2 = isfinite(lr2[l]) ? e2 * tr[i] * lr2[l] * lr2[l] : 0.0;
+                    if (i == 0 || tr[i] != tr[i - 1]) {  /* exp only when TR changes */
+                        e1v[l] = exp(-tr[i] * lr1[l]);
+                        e2v[l] = exp(-tr[i] * lr2[l]);
+                        /* de/dT = e * TR / T^2 = e * TR * r^2 (0 in the T = 0 limit) */
+                        de1v[l] = isfinite(lr1[l]) ? e1v[l] * tr[i] * lr1[l] * lr1[l] : 0.0;
+                        de2v[l] = isfinite(lr2[l]) ? e2v[l] * tr[i] * lr2[l] * lr2[l] : 0.0;
+                    }
+                    double e1 = e1v[l], e2 = e2v[l], de1 = de1v[l], de2 = de2v[l];
                     if (l < na) {
                         size_t o = (size_t)(a0 + l) * T + i;
                         out[o] = c2 * p[l] - s2 * q[l] + sa * z[l];
