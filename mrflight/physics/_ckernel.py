@@ -1,13 +1,13 @@
 """Build and call the fused C kernel of the real-arithmetic EPG (``epg_kernel.c``).
 
-The kernel is compiled once per machine with the system C compiler (``cc``/``gcc``, OpenMP when
-available, ``-march=native``) into ``$MRFLIGHT_CACHE_DIR/kernels`` (default
-``~/.cache/mrflight/kernels``), written atomically, and loaded with ctypes. The file name is a hash
-of the sources, the architecture and the CPU's instruction-set features (:func:`cpu_features`), so
-a cache directory shared by machines with different CPUs (a cluster's home directory) never hands
-one CPU a binary built for instructions it lacks. Where no compiler is found, or
-``MRFLIGHT_NO_KERNEL=1`` is set, :func:`kernel` returns ``None`` and the simulator falls back
-to its pure-torch path (same results).
+The kernel is compiled once per machine with the system C compiler (``cc``/``gcc``, POSIX threads,
+``-march=native``) into ``$MRFLIGHT_CACHE_DIR/kernels`` (default ``~/.cache/mrflight/kernels``),
+written atomically, and loaded with ctypes. The file name is a hash of the sources, the
+architecture and the CPU's instruction-set features (:func:`cpu_features`), so a cache directory
+shared by machines with different CPUs (a cluster's home directory) never hands one CPU a binary
+built for instructions it lacks. Where no compiler is found, or ``MRFLIGHT_NO_KERNEL=1`` is set,
+:func:`kernel` returns ``None`` and the simulator falls back to its pure-torch path (same
+results).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 
 _SRC = Path(str(resources.files("mrflight.physics") / "epg_kernel.c"))
 _SRC_JAC = Path(str(resources.files("mrflight.physics") / "epg_jac_kernel.c"))
+_SRC_THREADS = Path(str(resources.files("mrflight.physics") / "epg_threads.h"))
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 
@@ -71,7 +72,8 @@ def cpu_features() -> str:
 
 def kernel_path() -> Path:
     """Where the kernel library for these sources and this CPU is (or will be) cached."""
-    tag = hashlib.sha256(_SRC.read_bytes() + _SRC_JAC.read_bytes() + os.uname().machine.encode()
+    tag = hashlib.sha256(_SRC.read_bytes() + _SRC_JAC.read_bytes() + _SRC_THREADS.read_bytes()
+                         + os.uname().machine.encode()
                          + b"\0" + cpu_features().encode()).hexdigest()[:16]
     return cache_dir() / f"epg_{tag}.so"
 
@@ -84,8 +86,8 @@ def _compile(dest: Path) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         objs = []
         variants = [("float", 16, "epg_fisp_f32"), ("double", 8, "epg_fisp_f64")]
-        base = [cc, "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-std=c11"]
-        for omp in (["-fopenmp"], []):  # OpenMP when the compiler has it
+        base = [cc, "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-std=c11", "-pthread"]
+        for omp in (["-fopenmp-simd"], []):  # OpenMP SIMD hints when the compiler has them
             try:
                 objs = []
                 for real, lanes, fn in variants:
@@ -103,7 +105,7 @@ def _compile(dest: Path) -> None:
                                    check=True, capture_output=True, text=True)
                     objs.append(obj)
                 so_tmp = os.path.join(tmp, "k.so")
-                subprocess.run([cc, "-shared"] + omp + objs + ["-o", so_tmp, "-lm"],
+                subprocess.run([cc, "-shared", "-pthread"] + objs + ["-o", so_tmp, "-lm"],
                                check=True, capture_output=True, text=True)
                 os.replace(so_tmp, dest)  # atomic: a reader sees no half-written library
                 return

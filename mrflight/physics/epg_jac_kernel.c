@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "epg_threads.h"
+
 #define L 8
 /* compiled twice: without (epg_fisp_jac_f64) and with (epg_fisp_jac_b1_f64) the B1 tangent */
 #ifndef WITH_B1
@@ -25,24 +27,20 @@
 #define JFN epg_fisp_jac_f64
 #endif
 
-int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
-                     const double *r1, const double *r2, const double *b1, const double *z0,
-                     const double *dz0, const long long *kst, double *out, double *d1,
-                     double *d2, double *db, int nthreads)
+typedef struct {
+    epg_job in;
+    const double *dz0;
+    double *out, *d1, *d2, *db;
+} job;
+
+/* one thread: its own value and tangent buffers, then groups from the shared queue */
+static void *work(void *arg)
 {
-    /* db (d/dB1, n x T) is filled by the WITH_B1 build and ignored (may be NULL) otherwise */
-    int ngroups = (n + L - 1) / L;
-    long long kmax_all = 1;
-    for (int a = 0; a < n; a++) if (kst[a] > kmax_all) kmax_all = kst[a];
-    int failed = 0;
-    /* never more threads than groups of atoms, and no thread team at all for one thread: idle
-       team members spin at the barrier, which on a busy machine costs more than the work */
-    int nth = nthreads < 1 ? 1 : nthreads;
-    if (nth > ngroups) nth = ngroups;
-    (void)nth;  /* unused without OpenMP */
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nth) if (nth > 1)
-#endif
+    job *J = (job *)arg;
+    EPG_UNPACK(&J->in);
+    const double *dz0 = J->dz0;
+    double *out = J->out, *d1 = J->d1, *d2 = J->d2, *db = J->db;
+    (void)db;  /* written by the WITH_B1 build only */
     {
         size_t blen = (size_t)(T + kmax_all + 1) * L, zlen = (size_t)kmax_all * L;
         /* value, d/dT1, d/dT2, d/dB1 for p and q (moving windows) and z */
@@ -56,17 +54,8 @@ int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
             Z[j] = (double *)malloc(zlen * sizeof(double));
             if (!P[j] || !Q[j] || !Z[j]) ok = 0;
         }
-        if (!ok) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            failed = 1;
-        }
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-        for (int g = 0; g < ngroups; g++) {
-            if (failed) continue;
+        if (!ok) epg_fail(&J->in.q);
+        for (int g; (g = epg_next_group(&J->in.q)) >= 0;) {
             int a0 = g * L;
             int na = (n - a0 < L) ? n - a0 : L;
             int K = 1;
@@ -89,6 +78,7 @@ int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
             double dZC[L], dZS[L], dREC[L];          /* d/dT1 of the z coefficients */
             double hE2[L], hS2[L], hSA[L];           /* d/dT2 of the p/q coefficients */
             double bS2[L], bSA[L], bZC[L], bZS[L];   /* d/dB1 of the coefficients */
+            double e1v[L], e2v[L], de1v[L], de2v[L]; /* relaxation over the current TR */
             for (int i = 0; i < T; i++) {
                 int w = (i + 1 < K) ? i + 1 : K;
                 double *p = P[0] + ps * L, *q = Q[0] + qs * L, *z = Z[0];
@@ -103,10 +93,14 @@ int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
                     double sn = sin(ang), sa = sn * sgn[i], ca = cos(ang);
                     double dc2 = -0.5 * alpha[i] * sn, ds2 = -dc2;
                     double dsa = alpha[i] * ca * sgn[i], dca = -alpha[i] * sn;
-                    double e1 = exp(-tr[i] * lr1[l]), e2 = exp(-tr[i] * lr2[l]);
-                    /* de/dT = e * TR / T^2 = e * TR * r^2 (0 in the T = 0 limit) */
-                    double de1 = isfinite(lr1[l]) ? e1 * tr[i] * lr1[l] * lr1[l] : 0.0;
-                    double de2 = isfinite(lr2[l]) ? e2 * tr[i] * lr2[l] * lr2[l] : 0.0;
+                    if (i == 0 || tr[i] != tr[i - 1]) {  /* exp only when TR changes */
+                        e1v[l] = exp(-tr[i] * lr1[l]);
+                        e2v[l] = exp(-tr[i] * lr2[l]);
+                        /* de/dT = e * TR / T^2 = e * TR * r^2 (0 in the T = 0 limit) */
+                        de1v[l] = isfinite(lr1[l]) ? e1v[l] * tr[i] * lr1[l] * lr1[l] : 0.0;
+                        de2v[l] = isfinite(lr2[l]) ? e2v[l] * tr[i] * lr2[l] * lr2[l] : 0.0;
+                    }
+                    double e1 = e1v[l], e2 = e2v[l], de1 = de1v[l], de2 = de2v[l];
                     if (l < na) {
                         size_t o = (size_t)(a0 + l) * T + i;
                         out[o] = c2 * p[l] - s2 * q[l] + sa * z[l];
@@ -161,5 +155,17 @@ int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
         }
         for (int j = 0; j < 4; j++) { free(P[j]); free(Q[j]); free(Z[j]); }
     }
-    return failed ? -1 : 0;
+    return NULL;
+}
+
+/* db (d/dB1, n x T) is filled by the WITH_B1 build and ignored (may be NULL) otherwise.
+   Up to nthreads threads. Returns 0 on success, -1 if memory ran out. */
+int JFN(int n, int T, const double *alpha, const double *sgn, const double *tr,
+        const double *r1, const double *r2, const double *b1, const double *z0,
+        const double *dz0, const long long *kst, double *out, double *d1,
+        double *d2, double *db, int nthreads)
+{
+    job J = {epg_job_make(n, T, L, alpha, sgn, tr, r1, r2, b1, z0, kst), dz0, out, d1, d2, db};
+    epg_run(nthreads, J.in.q.ngroups, work, &J);
+    return J.in.q.failed ? -1 : 0;
 }

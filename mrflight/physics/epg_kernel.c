@@ -6,11 +6,14 @@
  * processed in groups of LANES that share one state count, with the states of a group laid out
  * [state][lane] so the update of one state is one SIMD vector, and the whole working window of a
  * group stays in L1/L2 for all T pulses. The gradient shift moves the window start (p upwards,
- * q downwards) instead of copying states. Compiled at first use by mrflight.physics._ckernel.
+ * q downwards) instead of copying states. Groups are shared among threads by epg_threads.h.
+ * Compiled at first use by mrflight.physics._ckernel.
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "epg_threads.h"
 
 #ifndef REAL
 #define REAL float
@@ -18,45 +21,24 @@
 #define FN epg_fisp_f32
 #endif
 
-/*
- * n atoms (already sorted so that each group of LANES atoms needs similar state counts),
- * T pulses. alpha[T] nominal flip (rad), sgn[T] cos(phase) in {+1,-1}, tr[T] ms.
- * r1[n], r2[n]: relaxation rates 1/T1, 1/T2 (1/ms; +inf for T = 0). b1[n]: flip scale.
- * z0[n]: Z_0 before the first pulse. kst[n]: states needed per atom. out[n*T]: p_0 after each
- * pulse (the readout, before TE decay). Returns 0 on success, -1 if memory ran out.
- */
-int FN(int n, int T, const double *alpha, const double *sgn, const double *tr,
-       const double *r1, const double *r2, const double *b1, const double *z0,
-       const long long *kst, REAL *out, int nthreads)
+typedef struct {
+    epg_job in;
+    REAL *out;
+} job;
+
+/* one thread: its own state buffers, then groups from the shared queue until none is left */
+static void *work(void *arg)
 {
-    int ngroups = (n + LANES - 1) / LANES;
-    long long kmax_all = 1;
-    for (int a = 0; a < n; a++) if (kst[a] > kmax_all) kmax_all = kst[a];
-    int failed = 0;
-    /* never more threads than groups of atoms, and no thread team at all for one thread: idle
-       team members spin at the barrier, which on a busy machine costs more than the work */
-    int nth = nthreads < 1 ? 1 : nthreads;
-    if (nth > ngroups) nth = ngroups;
-    (void)nth;  /* unused without OpenMP */
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nth) if (nth > 1)
-#endif
+    job *J = (job *)arg;
+    EPG_UNPACK(&J->in);
+    REAL *out = J->out;
     {
         size_t buf_len = (size_t)(T + kmax_all + 1) * LANES;
         REAL *pbuf = (REAL *)aligned_alloc(64, ((buf_len * sizeof(REAL) + 63) / 64) * 64);
         REAL *qbuf = (REAL *)aligned_alloc(64, ((buf_len * sizeof(REAL) + 63) / 64) * 64);
         REAL *z = (REAL *)aligned_alloc(64, (((size_t)kmax_all * LANES * sizeof(REAL) + 63) / 64) * 64);
-        if (!pbuf || !qbuf || !z) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            failed = 1;
-        }
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-        for (int g = 0; g < ngroups; g++) {
-            if (failed) continue;
+        if (!pbuf || !qbuf || !z) epg_fail(&J->in.q);
+        for (int g; (g = epg_next_group(&J->in.q)) >= 0;) {
             int a0 = g * LANES;
             int na = (n - a0 < LANES) ? n - a0 : LANES;
             int K = 1;
@@ -127,5 +109,22 @@ int FN(int n, int T, const double *alpha, const double *sgn, const double *tr,
         free(qbuf);
         free(z);
     }
-    return failed ? -1 : 0;
+    return NULL;
+}
+
+/*
+ * n atoms (already sorted so that each group of LANES atoms needs similar state counts),
+ * T pulses. alpha[T] nominal flip (rad), sgn[T] cos(phase) in {+1,-1}, tr[T] ms.
+ * r1[n], r2[n]: relaxation rates 1/T1, 1/T2 (1/ms; +inf for T = 0). b1[n]: flip scale.
+ * z0[n]: Z_0 before the first pulse. kst[n]: states needed per atom. out[n*T]: p_0 after each
+ * pulse (the readout, before TE decay). Up to nthreads threads. Returns 0 on success, -1 if
+ * memory ran out.
+ */
+int FN(int n, int T, const double *alpha, const double *sgn, const double *tr,
+       const double *r1, const double *r2, const double *b1, const double *z0,
+       const long long *kst, REAL *out, int nthreads)
+{
+    job J = {epg_job_make(n, T, LANES, alpha, sgn, tr, r1, r2, b1, z0, kst), out};
+    epg_run(nthreads, J.in.q.ngroups, work, &J);
+    return J.in.q.failed ? -1 : 0;
 }
