@@ -51,8 +51,9 @@ def check_config(cfg: DictConfig) -> None:
                          f"{', '.join(sorted(REGISTRY))}")
     data = cfg.data
     noise = data.get("noise_std")
-    if not _number(noise) >= 0:
-        raise ValueError(f"data.noise_std must be a number >= 0 (default 0.01), got {noise!r}")
+    if not 0 <= _number(noise) < float("inf"):
+        raise ValueError(f"data.noise_std must be a finite number >= 0 (default 0.01, relative "
+                         f"to the unit-norm fingerprint), got {noise!r}")
     bs = data.get("batch_size")
     if not isinstance(bs, int) or bs <= 0:
         raise ValueError(f"data.batch_size must be a positive integer, got {bs}")

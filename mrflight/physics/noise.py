@@ -12,17 +12,28 @@ __all__ = ["normalize", "add_noise"]
 
 
 def normalize(signals: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """L2-normalise fingerprints along the last (time) axis.
+    """L2-normalise fingerprints along the last (time) axis, at any scale.
+
+    Each fingerprint is first divided by its largest magnitude, so its squared norm neither
+    overflows (``x * 1e30`` in float32) nor underflows (``x * 1e-30``): the result is the same
+    for ``x`` and ``c * x`` at every ``c > 0`` the dtype can hold.
 
     Args:
         signals: ``(..., T)`` real or complex.
-        eps: added to the norm; with ``eps=0`` an all-zero fingerprint gives NaN (undefined).
+        eps: added to the norm of ``signals``; with ``eps=0`` an all-zero fingerprint gives NaN
+            (undefined).
 
     Returns:
-        Same shape and dtype, each fingerprint of unit L2 norm.
+        Same shape and dtype, each fingerprint of unit L2 norm (``signals / (||signals|| +
+        eps)``).
     """
-    norm = torch.linalg.vector_norm(signals, dim=-1, keepdim=True)
-    return signals / (norm + eps)
+    peak = signals.abs().amax(dim=-1, keepdim=True) if signals.shape[-1] else (
+        torch.zeros(signals.shape[:-1] + (1,), dtype=signals.real.dtype,
+                    device=signals.device))
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    scaled = signals / peak
+    norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
+    return scaled / (norm + eps / peak) if eps else scaled / norm
 
 
 def add_noise(signals: torch.Tensor, noise_std: float, generator: torch.Generator | None = None,
@@ -40,8 +51,8 @@ def add_noise(signals: torch.Tensor, noise_std: float, generator: torch.Generato
     Returns:
         ``(N, T)`` complex noisy fingerprints.
     """
-    if not noise_std >= 0:
-        raise ValueError(f"noise_std must be a non-negative number, got {noise_std}")
+    if not 0 <= noise_std < float("inf"):
+        raise ValueError(f"noise_std must be a finite non-negative number, got {noise_std}")
     x = normalize(signals if signals.is_complex() else signals.to(torch.complex64))
     if noise_std == 0:
         return x
