@@ -12,6 +12,10 @@ Two similarity measures:
 * complex (``complex_matching=True``): ``|<d, s>| / (||d|| ||s||)`` with complex atoms (the
   Hermitian inner product; insensitive to a global phase of the signal).
 
+Real-valued signals are magnitudes: non-negative. A real signal with a negative value (e.g. the
+real part of complex data) is refused (:func:`check_magnitude`) rather than matched as if it were
+a magnitude, and complex matching needs complex signals.
+
 With ``rank=k`` (or ``energy=e``) atoms and signals are first projected onto the leading ``k``
 right singular vectors of the dictionary (McGivney et al. 2014) and matched there, which cuts the
 cost by ``T / k``.
@@ -25,7 +29,25 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["DictionaryMatcher", "svd_basis"]
+__all__ = ["DictionaryMatcher", "svd_basis", "check_magnitude", "NOT_A_MAGNITUDE"]
+
+#: why a real series with negative values is refused, and what to pass instead
+NOT_A_MAGNITUDE = (
+    "it is not a magnitude image (a real-valued series is taken as the magnitude |x|, which is "
+    "never negative: the real or imaginary part alone would be matched wrongly); pass the "
+    "complex series (a complex .npy/.npz/.mat/.h5/NIfTI, or an .h5/.mat with real and imag "
+    "parts) or its magnitude np.abs(x)")
+
+
+def check_magnitude(minimum: float, what: str = "the signals") -> None:
+    """Refuse real-valued data whose smallest value ``minimum`` is negative (not a magnitude).
+
+    Raises:
+        ValueError: ``minimum < 0``, with :data:`NOT_A_MAGNITUDE` as advice.
+    """
+    if minimum < 0:
+        raise ValueError(f"{what} have negative values (minimum {minimum:.4g}): "
+                         f"{NOT_A_MAGNITUDE}")
 
 #: default bound on the bytes of one temporary score block (signals x atoms)
 DEFAULT_BLOCK_BYTES = 256 * 2**20
@@ -235,6 +257,13 @@ class DictionaryMatcher:
             s = s.to(self.dtype)
         if not bool(torch.isfinite(s).all()):
             raise ValueError("signals contain NaN or Inf values; mask those voxels out first")
+        if not s.is_complex():
+            if self.complex_matching:
+                raise ValueError("complex_matching=True needs complex signals, got real ones: "
+                                 "pass the complex series, or match magnitudes with "
+                                 "complex_matching=False")
+            if s.numel():
+                check_magnitude(float(s.min()), "the real-valued signals")
         if self.complex_matching:
             s = s.to(self.device, self._cdtype)
         else:
@@ -324,7 +353,8 @@ class DictionaryMatcher:
         """Parameters of the best-matching atom for every signal.
 
         Args:
-            signals: ``(N, T)`` (or ``(T,)``) fingerprints, complex or real (magnitude), any scale.
+            signals: ``(N, T)`` (or ``(T,)``) fingerprints, complex, or real and non-negative
+                (a magnitude), at any scale.
             return_m0: also return the proton-density scale ``M0``: the least-squares factor with
                 ``signal ~ M0 * atom`` (``<atom, signal> / ||atom||^2``, in the units of the
                 signal per unit of the atom; real for magnitude matching, complex with the
@@ -336,7 +366,8 @@ class DictionaryMatcher:
             ``m0`` of shape ``(N,)``.
 
         Raises:
-            ValueError: signals of the wrong length, not 1-D/2-D, or with NaN/Inf values.
+            ValueError: signals of the wrong length, not 1-D/2-D, with NaN/Inf values, real
+                with negative values (not a magnitude), or real with ``complex_matching``.
         """
         idx, raw, _ = self.match_indices(signals)
         ok = idx >= 0
