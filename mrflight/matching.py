@@ -46,7 +46,7 @@ def check_magnitude(minimum: float, what: str = "the signals") -> None:
         ValueError: ``minimum < 0``, with :data:`NOT_A_MAGNITUDE` as advice.
     """
     if minimum < 0:
-        raise ValueError(f"{what} have negative values (minimum {minimum:.4g}): "
+        raise ValueError(f"negative values in {what} (minimum {minimum:.4g}): "
                          f"{NOT_A_MAGNITUDE}")
 
 #: default bound on the bytes of one temporary score block (signals x atoms)
