@@ -244,7 +244,9 @@ class DictionaryMatcher:
                 f"{self.dtype}, {self.device})")
 
     # ------------------------------------------------------------------ helpers
-    def _prepare_signals(self, signals) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare_signals(self, signals) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Signals in the working dtype, each divided by its peak magnitude (so that no scale
+        under- or overflows), their norms after that division, and the peaks (float64)."""
         s = _as_tensor(signals, "signals")
         if s.ndim == 1:
             s = s[None]
@@ -264,11 +266,14 @@ class DictionaryMatcher:
                                  "complex_matching=False")
             if s.numel():
                 check_magnitude(float(s.min()), "the real-valued signals")
-        if self.complex_matching:
-            s = s.to(self.device, self._cdtype)
-        else:
-            s = (s.abs() if s.is_complex() else s).to(self.device, self.dtype)
-        return s, torch.linalg.vector_norm(s, dim=1)
+        s = s.to(self.device)
+        if not self.complex_matching and s.is_complex():
+            s = s.abs()
+        peak = (s.abs().amax(dim=1) if s.shape[1] else
+                torch.zeros(s.shape[0], device=self.device)).to(torch.float64)
+        s = s / torch.where(peak > 0, peak, torch.ones_like(peak)).to(s.real.dtype)[:, None]
+        s = s.to(self._cdtype if self.complex_matching else self.dtype)
+        return s, torch.linalg.vector_norm(s, dim=1), peak
 
     def _blocks(self, n_signals: int) -> tuple[int, int]:
         item = torch.empty((), dtype=self.atoms.dtype).element_size()
@@ -288,9 +293,10 @@ class DictionaryMatcher:
         Returns:
             ``(index, score, signal_norm)``: ``index`` ``(N,)`` int64 (-1 for all-zero signals),
             ``score`` ``(N,)`` the inner product of the normalised atom with the *unnormalised*
-            signal (magnitude, or complex for complex matching), and ``signal_norm`` ``(N,)``.
+            signal (magnitude, or complex for complex matching), and ``signal_norm`` ``(N,)``
+            float64 (computed without under- or overflow at any scale).
         """
-        s, snorm = self._prepare_signals(signals)
+        s, snorm, peak = self._prepare_signals(signals)
         n = s.shape[0]
         if self.basis is not None:
             s = s @ self.basis.conj()
@@ -341,7 +347,10 @@ class DictionaryMatcher:
             best[i: i + step] = ci.gather(1, pick)[:, 0]
             best_raw[i: i + step] = sc.gather(1, pick)[:, 0].to(s.dtype)
         best_idx = best
-        zero = snorm == 0
+        zero = peak == 0
+        # back to the signals' own scale (the scores are linear in the signal)
+        best_raw = best_raw * peak.to(best_raw.real.dtype)
+        snorm = snorm.to(torch.float64) * peak
         if bool(zero.any()):
             warnings.warn(f"{int(zero.sum())} all-zero signal(s): their parameters are NaN",
                           RuntimeWarning, stacklevel=3)

@@ -3,6 +3,7 @@ scale, file modes and settings checked before the work starts."""
 
 import os
 import stat
+import warnings
 
 import h5py
 import numpy as np
@@ -319,3 +320,17 @@ def test_phantom_signals_are_made_in_bounded_blocks(seq, monkeypatch):
     mask = arrays["phantoms/brain.npz"]["mask"]
     # every block's estimates land on its own voxels, in order
     np.testing.assert_array_equal(t2[mask], np.concatenate([np.arange(k) for k in sizes]))
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 1e-34])
+@pytest.mark.parametrize("complex_matching", [False, True])
+def test_matcher_at_any_scale(small, scale, complex_matching):
+    m = DictionaryMatcher(small.atoms, small.params, complex_matching=complex_matching)
+    x = small.atoms[:6] if complex_matching else np.abs(small.atoms[:6])
+    ref, m0 = m.match(x, return_m0=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "all-zero" warning for tiny signals
+        out, m0s = m.match(x * np.float32(scale), return_m0=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(m0s.abs().double() / scale, m0.abs().double(), rtol=1e-4,
+                               atol=0)
