@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,8 +275,6 @@ def _param_kind(name: str, unit: str) -> tuple[str | None, float]:
 
     Case-insensitive; ``T1``, ``t1_ms``, ``T1 (ms)``, ``t1_s`` (seconds), ``B1``, ``b1+`` ...
     """
-    import re
-
     n = re.sub(r"[\s\[\]()\-]+", "_", str(name).strip().lower()).strip("_")
     m = re.fullmatch(r"(t1|t2)(?:_?(ms|msec|s|sec))?", n)
     if m:
