@@ -20,6 +20,10 @@ chunk (same file as ``save(generate(...))``), and :func:`open_h5` reads such a f
 :func:`save` / :func:`load` read and write ``.h5`` (HDF5), ``.npz`` and MATLAB ``.mat`` (v7 and
 v7.3) files; see :func:`save` for the layouts.
 
+Parameter columns are identified by their names, never by position: a file whose columns are
+``("T2", "T1")`` is reordered to T1, T2 (then B1, then any other column) when it is loaded, so
+every consumer (matching, maps, training on a file) can take ``params[:, :2]`` as T1, T2 in ms.
+
 References:
     Oksuz I, et al. Magnetic resonance fingerprinting using recurrent neural networks.
     ISBI 2019 (dictionary grid). Ma D, et al. Magnetic resonance fingerprinting. Nature 2013
@@ -31,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrflight.matio import atomic_path, load_mat, remove_stale_temp_files, save_mat
+from mrflight.matio import atomic_path, damaged_error, load_mat, remove_stale_temp_files, save_mat
 from mrflight.physics import EPG_VERSION, Sequence, simulate
 from mrflight.physics.epg import DEFAULT_TOL, truncation_rate
 
@@ -261,6 +266,75 @@ def random_params(
 # the container
 # --------------------------------------------------------------------------------------------
 
+_TIME_UNITS = {"": 1.0, "unknown": 1.0, "ms": 1.0, "msec": 1.0, "s": 1e3, "sec": 1e3,
+               "seconds": 1e3}
+
+
+def _param_kind(name: str, unit: str) -> tuple[str | None, float]:
+    """``("t1" | "t2" | "b1" | None, factor to ms or to a ratio)`` of a named column.
+
+    Case-insensitive; ``T1``, ``t1_ms``, ``T1 (ms)``, ``t1_s`` (seconds), ``B1``, ``b1+`` ...
+    """
+    n = re.sub(r"[\s\[\]()\-]+", "_", str(name).strip().lower()).strip("_")
+    m = re.fullmatch(r"(t1|t2)(?:_?(ms|msec|s|sec))?", n)
+    if m:
+        u = m.group(2) or str(unit).strip().lower()
+        if u not in _TIME_UNITS:
+            raise ValueError(f"parameter {name!r} has unit {unit!r}: T1 and T2 must be in ms "
+                             "(or s, converted to ms)")
+        return m.group(1), _TIME_UNITS[u]
+    if re.fullmatch(r"b1(?:\+|_?(?:rel|ratio|scale|factor|map))?", n):
+        return "b1", 1.0
+    return None, 1.0
+
+
+def _default_names(p: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Names and units of ``p`` unnamed columns: T1 ms, T2 ms, then B1, then ``param_4``..."""
+    names = ("t1_ms", "t2_ms", "b1", *(f"param_{i + 1}" for i in range(3, p)))[:p]
+    units = ("ms", "ms", "1", *("unknown",) * max(0, p - 3))[:p]
+    return names, units
+
+
+def _canonical_columns(names, units, params: np.ndarray):
+    """Reorder the columns to T1 (ms), T2 (ms)[, B1][, others in their order], by name.
+
+    Returns:
+        ``(names, units, params)`` with canonical names ``t1_ms``, ``t2_ms``, ``b1`` and times
+        converted to ms.
+
+    Raises:
+        ValueError: no (or several) T1 or T2 column, or a T1/T2 unit that is not a time.
+    """
+    kinds = [_param_kind(n, u) for n, u in zip(names, units)]
+    where: dict[str, int] = {}
+    for i, (k, _) in enumerate(kinds):
+        if k is None:
+            continue
+        if k in where:
+            raise ValueError(f"param_names {list(names)} name {k.upper()} twice (columns "
+                             f"{where[k]} and {i}); give each parameter one column")
+        where[k] = i
+    if "t1" not in where or "t2" not in where:
+        raise ValueError(f"param_names {list(names)} do not name a T1 and a T2 column: name "
+                         "them t1_ms and t2_ms (case-insensitive; T1, t1, t1_ms or t1_s in "
+                         "seconds are understood), and b1 for a B1 column")
+    order = [where["t1"], where["t2"]] + ([where["b1"]] if "b1" in where else [])
+    order += [i for i in range(len(names)) if i not in order]
+    canon = {"t1": ("t1_ms", "ms"), "t2": ("t2_ms", "ms"), "b1": ("b1", "1")}
+    out_names, out_units, cols = [], [], []
+    for i in order:
+        k, factor = kinds[i]
+        n, u = canon[k] if k else (str(names[i]), str(units[i]))
+        out_names.append(n)
+        out_units.append(u)
+        cols.append(params[:, i] * factor if factor != 1.0 else params[:, i])
+    if order == list(range(len(names))) and all(f == 1.0 for _, f in kinds):
+        out_params = params
+    else:
+        out_params = np.ascontiguousarray(np.stack(cols, axis=1))
+    return tuple(out_names), tuple(out_units), out_params
+
+
 def _blocks(n: int, step: int = _BLOCK_ROWS):
     for s in range(0, n, step):
         yield slice(s, min(s + step, n))
@@ -274,15 +348,19 @@ class Dictionary:
         atoms: fingerprints, complex, shape ``(M, T)``, in units of M0 (not normalised).
             ``np.complex64`` or ``np.complex128``; real input is cast to the matching complex
             type.
-        params: parameters of every atom, float64, shape ``(M, P)``; T1 and T2 (ms) first.
-        param_names: names of the ``P`` columns (default ``("t1_ms", "t2_ms")``).
+        params: parameters of every atom, float64, shape ``(M, P)``.
+        param_names: names of the ``P`` columns (default ``("t1_ms", "t2_ms")``). The columns
+            are reordered by name to T1, T2 (ms)[, B1][, others]: ``("T2", "T1")`` columns are
+            swapped, names are made canonical (``t1_ms``, ``t2_ms``, ``b1``; case-insensitive,
+            ``T1``/``t1``/``t1_ms`` understood, ``t1_s`` or unit ``"s"`` converted to ms).
         units: units of the ``P`` columns (default ``("ms", "ms")``; ``"1"`` for a B1 factor).
         sequence: the pulse train as ``Sequence.to_dict()`` (``None`` if unknown).
         meta: JSON-serialisable metadata (simulation settings, source file, ...).
         basis: optional temporal SVD basis, shape ``(T, k)`` (written as ``V`` in ``.mat``).
 
     Raises:
-        ValueError: empty, non-finite or mismatched arrays, names or units.
+        ValueError: empty, non-finite or mismatched arrays, names or units; no column named
+            T1 or T2.
     """
 
     atoms: np.ndarray
@@ -326,6 +404,8 @@ class Dictionary:
                 f"param_names ({len(self.param_names)}) and units ({len(self.units)}) must "
                 f"name each of the {p} parameter columns"
             )
+        self.param_names, self.units, self.params = _canonical_columns(
+            self.param_names, self.units, self.params)
         for sl in _blocks(len(self.atoms)):
             if not np.all(np.isfinite(self.atoms[sl])):
                 raise ValueError("atoms contains NaN or Inf values")
@@ -655,7 +735,8 @@ def open_h5(path, *, verify: bool = False):
     """Open an ``.h5`` dictionary lazily: a context manager yielding ``(atoms, params, header)``.
 
     ``atoms`` is the ``h5py.Dataset`` ``(M, T)`` (slice it to read rows: nothing is read until
-    then), ``params`` the ``(M, P)`` float64 array and ``header`` a dict with ``param_names``,
+    then), ``params`` the ``(M, P)`` float64 array (columns reordered by name to T1, T2 in
+    ms[, B1], as :func:`load` does) and ``header`` a dict with ``param_names``,
     ``units``, ``sequence`` and ``meta``. For dictionaries larger than memory (see
     :func:`generate_to_file`); :class:`mrflight.matching.DictionaryMatcher` needs the atoms in
     memory, so match against row blocks or an SVD-compressed copy.
@@ -682,7 +763,7 @@ def open_h5(path, *, verify: bool = False):
         try:
             f = h5py.File(path, "r")
         except OSError as e:
-            raise ValueError(f"{path} is not a readable h5 dictionary: {e}") from None
+            raise damaged_error(path, e, "h5 dictionary") from None
         with f:
             if "atoms" not in f or "params" not in f:
                 raise ValueError(f"{path} has no 'atoms'/'params' datasets")
@@ -708,7 +789,15 @@ def open_h5(path, *, verify: bool = False):
                 hh.update(_json(header, "header").encode())
                 if hh.hexdigest() != digest:
                     raise ValueError(f"{path} is corrupt: its SHA-256 checksum does not match")
-            yield atoms, params, {k: json.loads(v) for k, v in header.items()}
+            header = {k: json.loads(v) for k, v in header.items()}
+            p = params.shape[1]
+            names = header["param_names"] or _default_names(p)[0]
+            units = header["units"] or _default_names(p)[1]
+            header["param_names"], header["units"], params = _canonical_columns(
+                names, units, np.asarray(params, dtype=np.float64))
+            header["param_names"], header["units"] = (list(header["param_names"]),
+                                                      list(header["units"]))
+            yield atoms, params, header
 
     return opened()
 
@@ -845,9 +934,11 @@ def load(path, *, verify: bool = True, require_checksum: bool = False) -> Dictio
 
     A foreign ``.mat`` file (v7 or v7.3) needs ``D`` (atoms, M x T or T x M) and ``lut``
     (parameters, M x P or P x M), at top level or inside a struct. If ``normD`` is present, ``D``
-    is taken as normalised and the atoms are ``D .* normD``. Without ``param_names``/``units``
-    the columns are taken as T1 and T2 in ms (further columns ``param_3``, ... with unit
-    ``"unknown"``).
+    is taken as normalised and the atoms are ``D .* normD``. In every format the parameter
+    columns are matched by name (``param_names``, case-insensitive) and reordered to T1, T2 in
+    ms[, B1] (see :class:`Dictionary`); a file without ``param_names`` (e.g. a ``.npz`` with
+    only ``atoms`` and ``params``) is taken as T1 ms, T2 ms[, B1][, ``param_4``, ...] by column
+    count. A MATLAB v7.3 file written by mrflight is checked against its SHA-256 checksum.
 
     Args:
         path: a ``.h5``, ``.npz`` or ``.mat`` file.
@@ -858,8 +949,9 @@ def load(path, *, verify: bool = True, require_checksum: bool = False) -> Dictio
         The :class:`Dictionary`.
 
     Raises:
-        ValueError: missing file, unknown extension, unreadable file, checksum mismatch, or
-            missing/empty/mismatched arrays.
+        ValueError: missing file, unknown extension, truncated or damaged file (the message
+            names it), checksum mismatch, missing/empty/mismatched arrays, or parameter names
+            without T1 and T2.
     """
     path = Path(path)
     fmt = _format(path, None)
@@ -884,15 +976,14 @@ def load(path, *, verify: bool = True, require_checksum: bool = False) -> Dictio
                     raise ValueError(f"{path} has no 'atoms'/'params' arrays")
                 atoms, params = z["atoms"], z["params"]
                 basis = z["basis"] if "basis" in z.files else None
-                attrs = {"param_names": _json([str(s) for s in z["param_names"]], "names"),
-                         "units": _json([str(s) for s in z["units"]], "units"),
-                         "sequence": str(z["sequence"]), "meta": str(z["meta"])}
-                if "sha256" in z.files:
-                    attrs["sha256"] = str(z["sha256"])
+                attrs = {k: _json(list(_split(z[k].item() if z[k].ndim == 0 else z[k])), k)
+                         for k in ("param_names", "units") if k in z.files}
+                attrs.update({k: str(z[k]) for k in ("sequence", "meta", "sha256")
+                              if k in z.files})
     except ValueError:
         raise
     except Exception as e:  # h5py/zipfile raise OSError, KeyError, BadZipFile, ...
-        raise ValueError(f"{path} is not a readable {fmt} dictionary: {e}") from None
+        raise damaged_error(path, e, f"{fmt} dictionary") from None
     attrs = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in attrs.items()}
     digest = attrs.pop("sha256", None)
     if digest is None and require_checksum:
@@ -901,8 +992,11 @@ def load(path, *, verify: bool = True, require_checksum: bool = False) -> Dictio
         header = {k: attrs.get(k, "null") for k in ("param_names", "units", "sequence", "meta")}
         if _checksum(atoms, params, basis, _json(header, "header")) != digest:
             raise ValueError(f"{path} is corrupt: its SHA-256 checksum does not match")
-    names = json.loads(attrs.get("param_names", "null")) or ("t1_ms", "t2_ms")
-    units = json.loads(attrs.get("units", "null")) or ("ms",) * len(names)
+    params = np.asarray(params)
+    p = params.shape[1] if params.ndim == 2 else 1
+    names = json.loads(attrs.get("param_names", "null")) or _default_names(p)[0]
+    units = json.loads(attrs.get("units", "null")) or (
+        _default_names(p)[1] if len(names) == p else ("",) * len(names))
     return Dictionary(atoms, params, tuple(names), tuple(units),
                       json.loads(attrs.get("sequence", "null")),
                       json.loads(attrs.get("meta", "null")) or {}, basis)
@@ -950,9 +1044,9 @@ def _load_mat(path: Path) -> Dictionary:
         D = D * norm[:, None]
     n_p = lut.shape[1]
     if not names:
-        names = ("t1_ms", "t2_ms", *(f"param_{i + 1}" for i in range(2, n_p)))[:n_p]
+        names = _default_names(n_p)[0]
     if not units:
-        units = ("ms", "ms", *("unknown",) * max(0, n_p - 2))[:n_p]
+        units = _default_names(n_p)[1] if len(names) == n_p else ("",) * len(names)
     seq = s.get("sequence")
     meta = s.get("meta")
     meta = json.loads(meta) if isinstance(meta, str) and meta else {"source": str(path)}
@@ -966,7 +1060,7 @@ def _split(v) -> tuple[str, ...]:
     if v is None:
         return ()
     if isinstance(v, str):
-        return tuple(x for x in v.split(",")) if v else ()
+        return tuple(x.strip() for x in v.split(",")) if v else ()
     return tuple(str(x) for x in np.asarray(v).ravel())
 
 

@@ -99,7 +99,11 @@ class EvalSettings:
         bound_magnitude: bound for magnitude data (what the paper's methods see), else complex.
         latency_repeats: single-signal calls timed per method (latency mean ± std over these).
         phantoms: any of ``"brain"`` and ``"nist"``.
-        phantom_size: phantom image side in pixels.
+        phantom_size: phantom image side in pixels (>= 16 for the brain, >= 32 for the NIST
+            phantom). The phantom signals are simulated, noised and estimated in blocks of
+            bounded memory; the maps themselves (about 0.5 kB per pixel and phantom with every
+            method and the figures) must fit in the available memory, else the size is refused
+            before the evaluation starts.
         phantom_noise_std: noise of the phantom signals (``None``: the level nearest 0.01).
         plots: write figures.
         batch_size: batch size of network inference.
@@ -173,6 +177,15 @@ class EvalSettings:
             raise ValueError(f"evaluation.svd_rank must be >= 1 or null, got {self.svd_rank}")
         if int(self.latency_repeats) < 2:
             raise ValueError("evaluation.latency_repeats must be >= 2 (a std needs two calls)")
+        if self.bound_signals is not None and not _is_int(self.bound_signals, 1):
+            raise ValueError(f"evaluation.bound_signals must be null (the bound for every test "
+                             f"signal) or an integer >= 1, got {self.bound_signals!r}")
+        if self.phantom_noise_std is not None and not (
+                0 <= float(self.phantom_noise_std) < math.inf):
+            raise ValueError(f"evaluation.phantom_noise_std must be null or a finite number "
+                             f">= 0, got {self.phantom_noise_std!r}")
+        if self.phantoms:
+            self._check_phantom_size()
         self.n_test = int(self.n_test)
         if int(self.efficiency_realizations) < 2:
             raise ValueError(f"evaluation.efficiency_realizations must be >= 2, got "
@@ -184,9 +197,47 @@ class EvalSettings:
             raise ValueError(f"evaluation.offgrid_b1_signals must be >= 2, got "
                              f"{self.offgrid_b1_signals}")
 
+    def _check_phantom_size(self) -> None:
+        low = 32 if "nist" in self.phantoms else 16
+        size = self.phantom_size
+        if not _is_int(size, low):
+            which = "the NIST phantom draws" if low == 32 else "the brain phantom draws"
+            raise ValueError(f"evaluation.phantom_size must be an integer >= {low} ({which} "
+                             f"at least {low} x {low} pixels), got {size!r}")
+        need = int(size) ** 2 * _BYTES_PER_PIXEL * len(self.phantoms)
+        free = _available_memory()
+        if free is not None and need > free:
+            raise ValueError(
+                f"evaluation.phantom_size={size} needs about {need / 2**30:.1f} GiB for the "
+                f"phantom maps ({len(self.phantoms)} phantom(s) of {size} x {size} pixels) but "
+                f"{free / 2**30:.1f} GiB are available: lower evaluation.phantom_size (64 to "
+                "512 shows the maps well) or set evaluation.phantoms=[]")
+
     @property
     def plot_noise_std(self) -> float:
         return min(self.noise_levels, key=lambda x: abs(math.log((x + 1e-12) / 0.01)))
+
+
+def _is_int(v, low: int) -> bool:
+    """``v`` is an integer (not a bool) >= ``low``."""
+    if isinstance(v, bool):
+        return False
+    try:
+        return float(v).is_integer() and int(v) >= low
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _available_memory() -> int | None:
+    """Memory available to a new allocation, bytes (``MemAvailable``), or ``None`` if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 # ============================================================================ checkpoints
@@ -472,6 +523,18 @@ def _error_figure(params, preds, bound, title):
     return plots.error_vs_parameter(params, preds, bound, title=title)
 
 
+#: bound on the phantom signals held at once (clean, noise and noisy blocks), bytes
+_PHANTOM_BLOCK_BYTES = 64 * 2**20
+#: bytes per (voxel, time point) of one phantom block: complex64 clean, noise (two float32
+#: draws and their complex), noisy, plus a method's working copy
+_BYTES_PER_SAMPLE = 40
+#: bytes per pixel of one phantom that stay in memory until the outputs are written (truth
+#: maps, labels, masks, the T1/T2 maps of every method, the figures), rounded up from the peak
+#: RSS measured with six methods and plots (about 400 per phantom at sizes 1024 and 2048);
+#: used to refuse sizes that cannot fit
+_BYTES_PER_PIXEL = 128 + 48 * len(METHODS)
+
+
 def _phantoms(group, predictors, settings, out_dir: Path, figures: dict, arrays: dict, tag):
     from mrflight import phantoms as ph
     from mrflight import plots
@@ -483,22 +546,32 @@ def _phantoms(group, predictors, settings, out_dir: Path, figures: dict, arrays:
     for k, name in enumerate(settings.phantoms):
         phantom = (ph.brain_phantom if name == "brain" else ph.nist_phantom)(
             settings.phantom_size)
-        vox = phantom.params
-        uniq, inv = np.unique(vox, axis=0, return_inverse=True)
+        uniq, inv = np.unique(phantom.params, axis=0, return_inverse=True)  # a few tissues
+        inv = torch.from_numpy(inv.ravel())
         atoms = normalize(simulate(group.seq, torch.from_numpy(uniq[:, 0]),
                                    torch.from_numpy(uniq[:, 1])))
         m0 = torch.from_numpy(phantom.m0[phantom.mask]).to(torch.float32)
-        clean = atoms[torch.from_numpy(inv.ravel())] * m0[:, None]
+        # signals are simulated, noised and estimated block by block: memory is bounded by
+        # _PHANTOM_BLOCK_BYTES whatever the phantom size, not 8 bytes x voxels x time points
+        rows = max(1, _PHANTOM_BLOCK_BYTES // (_BYTES_PER_SAMPLE * len(group.seq)))
         gen = torch.Generator().manual_seed(settings.noise_seed * 7919 + k)
-        noise = torch.complex(torch.randn(clean.shape, generator=gen),
-                              torch.randn(clean.shape, generator=gen))
-        signals = clean + std * noise
+        estimates = {id(p): np.empty((len(inv), 2)) for p in predictors}
+        for start in range(0, len(inv), rows):
+            blk = slice(start, start + rows)
+            clean = atoms[inv[blk]] * m0[blk, None]
+            noise = torch.complex(torch.randn(clean.shape, generator=gen),
+                                  torch.randn(clean.shape, generator=gen))
+            signals = clean + std * noise
+            del clean, noise
+            for p in predictors:
+                estimates[id(p)][blk] = p(signals)[0]
+            del signals
         maps = {}
         payload = {"truth_t1_ms": phantom.t1_ms, "truth_t2_ms": phantom.t2_ms,
                    "truth_m0": phantom.m0, "mask": phantom.mask, "labels": phantom.labels,
                    "outside_training_range": phantom.outside_range}
         for p in predictors:
-            pred, _ = p(signals)
+            pred = estimates.pop(id(p))
             key = p.method if not p.run else f"{p.method} [{p.run}]"
             mp = {"t1_ms": phantom.to_image(pred[:, 0]), "t2_ms": phantom.to_image(pred[:, 1])}
             maps[key] = mp
@@ -800,6 +873,24 @@ def _finish(loggers) -> None:
 
 
 # ============================================================================ entry point
+def _settings(node) -> EvalSettings:
+    """The :class:`EvalSettings` of a config node, checked (a bad value raises its own
+    ``ValueError``, naming the setting, before any work)."""
+    from hydra.errors import InstantiationException
+    from omegaconf import OmegaConf
+
+    if node is None:
+        return EvalSettings()
+    if "_target_" not in node:
+        return EvalSettings(**OmegaConf.to_container(node, resolve=True))
+    try:
+        return _instantiate(node, _convert_="all", _recursive_=False)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError):
+            raise e.__cause__ from None
+        raise
+
+
 def run(cfg):
     """Body of ``python eval.py`` (see the module docstring).
 
@@ -820,9 +911,7 @@ def run(cfg):
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     node = cfg.get("evaluation")
-    settings = (EvalSettings() if node is None else
-                _instantiate(node, _convert_="all", _recursive_=False) if "_target_" in node else
-                EvalSettings(**OmegaConf.to_container(node, resolve=True)))
+    settings = _settings(node)
     out_dir = Path(str(cfg.paths.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = cfg.paths.get("cache_dir") if cfg.get("paths") else None

@@ -49,7 +49,11 @@ The pipeline, for a series of shape ``space + (T,)`` in any axis order (2-D or 3
    an identity affine. Every file is written atomically.
 
 Negative network outputs (possible for an untrained or extrapolating regressor) are clipped to 0
-ms: a negative relaxation time is not a physical value.
+ms: a negative relaxation time is not a physical value; non-finite outputs give NaN voxels.
+
+Real-valued series are magnitude images: a real series with a negative value (e.g. the real part
+of complex data) is refused with a message saying what to pass instead (the complex series, or
+its magnitude ``np.abs(x)``), and ``maps.complex_matching=true`` needs a complex series.
 
 References:
     Ma et al., Magnetic resonance fingerprinting, Nature 2013 (matching and the M0 scale);
@@ -110,8 +114,8 @@ class MapOptions:
         chunk_voxels: fingerprints reconstructed per call (bounds the matcher/network memory).
         block_mb: bound on the size of one block read from the file (complex64/float32), MB.
         complex_matching: dictionary matching on complex fingerprints (``|<d, s>|``);
-            ``None`` (default): when the series is complex. Magnitude series always use
-            magnitude matching.
+            ``None`` (default): when the series is complex. ``True`` with a real-valued
+            (magnitude) series is an error.
         rank: SVD rank for matching (``None``: exhaustive).
         compute_m0: also estimate M0 for network reconstructions (costs one EPG simulation per
             voxel; matching gets M0 for free).
@@ -284,8 +288,8 @@ class NetworkReconstructor:
         """``(N, T)`` fingerprints -> (``(N, 2)`` T1, T2 in ms, ``(N,)`` M0), float32 numpy."""
         s = _to_torch(signals, self._device())
         pred = self.module.predict_parameters(s)
-        pred = torch.as_tensor(pred).detach().float().cpu()[:, :2]
-        pred = torch.nan_to_num(pred, nan=float("nan")).clamp_min(0.0)
+        pred = torch.as_tensor(pred).detach().float().cpu()[:, :2].clamp_min(0.0)
+        pred[~torch.isfinite(pred)] = float("nan")  # an overflowed output is no estimate
         params = pred.numpy()
         if not self.compute_m0:
             return params, np.full(len(params), np.nan, np.float32)
@@ -299,10 +303,19 @@ class NetworkReconstructor:
     def describe(self) -> dict:
         return {"EstimationMethod": self.method,
                 "Checkpoint": self.source,
-                "Network": type(getattr(self.module, "model", self.module)).__name__,
+                "Network": type(_network(self.module)).__name__,
                 "M0Method": ("least-squares scale |<d, s>| / <d, d> between the measured "
                              "fingerprint s and the EPG fingerprint d simulated at the predicted "
                              "T1, T2" if self.compute_m0 else "not computed")}
+
+
+def _network(module):
+    """The regressor inside a LightningModule (``.net``), else the module itself."""
+    for attr in ("net", "model"):
+        inner = getattr(module, attr, None)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    return module
 
 
 def _sequence_from_hparams(module) -> Sequence | None:
@@ -508,6 +521,17 @@ def _block_signals(src: SeriesSource, idx, time_axis: int) -> np.ndarray:
     return blk.reshape(-1, blk.shape[-1])
 
 
+def _check_real_block(src: SeriesSource, sig: np.ndarray) -> None:
+    """A real-valued series must be a magnitude: refuse a block with negative values."""
+    if src.is_complex or not sig.size:
+        return
+    from mrflight.matching import check_magnitude
+
+    finite = np.isfinite(sig)  # non-finite voxels are excluded from the maps anyway
+    low = sig.min() if finite.all() else (sig[finite].min() if finite.any() else 0.0)
+    check_magnitude(float(low), f"the series {src.describe()}")
+
+
 def _progress(enabled: bool):
     from mrflight.progress import progress_bar
 
@@ -572,7 +596,7 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
     n_slices = shape[slice_axis] if slice_axis is not None else 1
     norm = np.full(sshape, np.nan, np.float32)
     dnorm = np.full(sshape, np.nan, np.float32)
-    non_negative = not src.is_complex  # a magnitude series: Rician background noise
+    non_negative = not src.is_complex  # a magnitude series (checked): Rician background noise
     t1 = np.full(sshape, np.nan, np.float32)
     t2 = np.full(sshape, np.nan, np.float32)
     m0 = np.full(sshape, np.nan, np.float32)
@@ -596,8 +620,7 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
                     db = np.linalg.norm(np.diff(sig, axis=1), axis=1).astype(np.float32)
                 norm[sp] = nb.reshape(norm[sp].shape)
                 dnorm[sp] = db.reshape(norm[sp].shape)
-                if not src.is_complex and sig.size:
-                    non_negative &= bool(np.nanmin(sig) >= 0)
+                _check_real_block(src, sig)
                 if bar is not None and k != last:
                     bar.update(task, completed=k + 1)
                     last = k
@@ -623,6 +646,7 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
                 good = finite & (nrm > 0)
                 n_bad += int((~good).sum())
                 sel, sig = sel[good], sig[good]
+                _check_real_block(src, sig)
                 out_t1 = np.full(mblk.size, np.nan, np.float32)
                 out_t2 = out_t1.copy()
                 out_m0 = out_t1.copy()
@@ -948,6 +972,10 @@ def run_maps(cfg) -> dict[str, Path]:
         with open_series(inp, dataset=options.dataset, length=d.n_timepoints) as src:
             is_complex = src.is_complex
         cm = is_complex if options.complex_matching is None else bool(options.complex_matching)
+        if cm and not is_complex:
+            raise ValueError(f"maps.complex_matching=true needs a complex series, but {inp} is "
+                             "real-valued (read as a magnitude): pass the complex series, or "
+                             "drop maps.complex_matching")
         rec = MatchingReconstructor.from_dictionary(d, complex_matching=cm and is_complex,
                                                     rank=options.rank, device=device,
                                                     source=dic)

@@ -12,6 +12,10 @@ Two similarity measures:
 * complex (``complex_matching=True``): ``|<d, s>| / (||d|| ||s||)`` with complex atoms (the
   Hermitian inner product; insensitive to a global phase of the signal).
 
+Real-valued signals are magnitudes: non-negative. A real signal with a negative value (e.g. the
+real part of complex data) is refused (:func:`check_magnitude`) rather than matched as if it were
+a magnitude, and complex matching needs complex signals.
+
 With ``rank=k`` (or ``energy=e``) atoms and signals are first projected onto the leading ``k``
 right singular vectors of the dictionary (McGivney et al. 2014) and matched there, which cuts the
 cost by ``T / k``.
@@ -28,7 +32,26 @@ import torch
 
 from mrflight.physics._device import check_device
 
-__all__ = ["DictionaryMatcher", "svd_basis", "float32_matmul"]
+__all__ = ["DictionaryMatcher", "svd_basis", "float32_matmul", "check_magnitude",
+           "NOT_A_MAGNITUDE"]
+
+#: why a real series with negative values is refused, and what to pass instead
+NOT_A_MAGNITUDE = (
+    "it is not a magnitude image (a real-valued series is taken as the magnitude |x|, which is "
+    "never negative: the real or imaginary part alone would be matched wrongly); pass the "
+    "complex series (a complex .npy/.npz/.mat/.h5/NIfTI, or an .h5/.mat with real and imag "
+    "parts) or its magnitude np.abs(x)")
+
+
+def check_magnitude(minimum: float, what: str = "the signals") -> None:
+    """Refuse real-valued data whose smallest value ``minimum`` is negative (not a magnitude).
+
+    Raises:
+        ValueError: ``minimum < 0``, with :data:`NOT_A_MAGNITUDE` as advice.
+    """
+    if minimum < 0:
+        raise ValueError(f"negative values in {what} (minimum {minimum:.4g}): "
+                         f"{NOT_A_MAGNITUDE}")
 
 #: default bound on the bytes of one temporary score block (signals x atoms)
 DEFAULT_BLOCK_BYTES = 256 * 2**20
@@ -254,7 +277,9 @@ class DictionaryMatcher:
                 f"{self.dtype}, {self.device})")
 
     # ------------------------------------------------------------------ helpers
-    def _prepare_signals(self, signals) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare_signals(self, signals) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Signals in the working dtype, each divided by its peak magnitude (so that no scale
+        under- or overflows), their norms after that division, and the peaks (float64)."""
         s = _as_tensor(signals, "signals")
         if s.ndim == 1:
             s = s[None]
@@ -267,11 +292,21 @@ class DictionaryMatcher:
             s = s.to(self.dtype)
         if not bool(torch.isfinite(s).all()):
             raise ValueError("signals contain NaN or Inf values; mask those voxels out first")
-        if self.complex_matching:
-            s = s.to(self.device, self._cdtype)
-        else:
-            s = (s.abs() if s.is_complex() else s).to(self.device, self.dtype)
-        return s, torch.linalg.vector_norm(s, dim=1)
+        if not s.is_complex():
+            if self.complex_matching:
+                raise ValueError("complex_matching=True needs complex signals, got real ones: "
+                                 "pass the complex series, or match magnitudes with "
+                                 "complex_matching=False")
+            if s.numel():
+                check_magnitude(float(s.min()), "the real-valued signals")
+        s = s.to(self.device)
+        if not self.complex_matching and s.is_complex():
+            s = s.abs()
+        peak = (s.abs().amax(dim=1) if s.shape[1] else
+                torch.zeros(s.shape[0], device=self.device)).to(torch.float64)
+        s = s / torch.where(peak > 0, peak, torch.ones_like(peak)).to(s.real.dtype)[:, None]
+        s = s.to(self._cdtype if self.complex_matching else self.dtype)
+        return s, torch.linalg.vector_norm(s, dim=1), peak
 
     def _blocks(self, n_signals: int) -> tuple[int, int]:
         item = torch.empty((), dtype=self.atoms.dtype).element_size()
@@ -292,9 +327,10 @@ class DictionaryMatcher:
         Returns:
             ``(index, score, signal_norm)``: ``index`` ``(N,)`` int64 (-1 for all-zero signals),
             ``score`` ``(N,)`` the inner product of the normalised atom with the *unnormalised*
-            signal (magnitude, or complex for complex matching), and ``signal_norm`` ``(N,)``.
+            signal (magnitude, or complex for complex matching), and ``signal_norm`` ``(N,)``
+            float64 (computed without under- or overflow at any scale).
         """
-        s, snorm = self._prepare_signals(signals)
+        s, snorm, peak = self._prepare_signals(signals)
         n = s.shape[0]
         if self.basis is not None:
             s = s @ self.basis.conj()
@@ -308,7 +344,7 @@ class DictionaryMatcher:
                           device=self.device)
         with float32_matmul(self.device, "ieee"):
             self._scan(s, sig_blk, atom_blk, k, best_val, best_idx, buf)
-        return self._rescore(s, snorm, best_idx, k)
+        return self._rescore(s, snorm, peak, best_idx, k)
 
     def _scan(self, s, sig_blk, atom_blk, k, best_val, best_idx, buf) -> None:
         """Top-``k`` atoms of every signal by the GEMM score, block by block (in place)."""
@@ -334,8 +370,9 @@ class DictionaryMatcher:
                 bi.copy_(ci.gather(1, top))
                 del mag
 
-    def _rescore(self, s, snorm, best_idx, k):
-        """The best of the candidates by their float64 score: ``(index, raw score, norm)``."""
+    def _rescore(self, s, snorm, peak, best_idx, k):
+        """The best of the candidates by their float64 score: ``(index, raw score, norm)`` at
+        the signals' own scale (``peak``: the factor each signal was divided by)."""
         n = s.shape[0]
         # re-score the candidates in float64 (or the final score in dtype when k == 1); exact
         # float64 ties go to the lowest atom index, so every device picks the same atom
@@ -358,7 +395,10 @@ class DictionaryMatcher:
             best[i: i + step] = ci.gather(1, pick)[:, 0]
             best_raw[i: i + step] = sc.gather(1, pick)[:, 0].to(s.dtype)
         best_idx = best
-        zero = snorm == 0
+        zero = peak == 0
+        # back to the signals' own scale (the scores are linear in the signal)
+        best_raw = best_raw * peak.to(best_raw.real.dtype)
+        snorm = snorm.to(torch.float64) * peak
         if bool(zero.any()):
             warnings.warn(f"{int(zero.sum())} all-zero signal(s): their parameters are NaN",
                           RuntimeWarning, stacklevel=4)
@@ -370,7 +410,8 @@ class DictionaryMatcher:
         """Parameters of the best-matching atom for every signal.
 
         Args:
-            signals: ``(N, T)`` (or ``(T,)``) fingerprints, complex or real (magnitude), any scale.
+            signals: ``(N, T)`` (or ``(T,)``) fingerprints, complex, or real and non-negative
+                (a magnitude), at any scale.
             return_m0: also return the proton-density scale ``M0``: the least-squares factor with
                 ``signal ~ M0 * atom`` (``<atom, signal> / ||atom||^2``, in the units of the
                 signal per unit of the atom; real for magnitude matching, complex with the
@@ -382,7 +423,8 @@ class DictionaryMatcher:
             ``m0`` of shape ``(N,)``.
 
         Raises:
-            ValueError: signals of the wrong length, not 1-D/2-D, or with NaN/Inf values.
+            ValueError: signals of the wrong length, not 1-D/2-D, with NaN/Inf values, real
+                with negative values (not a magnitude), or real with ``complex_matching``.
         """
         idx, raw, _ = self.match_indices(signals)
         ok = idx >= 0

@@ -4,13 +4,21 @@ Every file mrflight writes goes through :func:`atomic_path`: the data is written
 file in the destination folder, flushed to disk, and renamed over the destination, so a killed
 process leaves either the old file or the new one, never a half-written file. The temporary file
 is hidden and names its writer (``.NAME.<pid>@<host>.XXXXXXXX<suffix>.tmp``), so that
-:func:`remove_stale_temp_files` can delete those a killed writer left behind.
+:func:`remove_stale_temp_files` can delete those a killed writer left behind. The file gets the
+permissions a plain ``open(dest, "w")`` would give it: those of the file it replaces, else
+``0o666`` minus the process umask (``0o644`` under the usual umask 022), not the ``0o600`` of a
+temporary file.
+
+MATLAB v7.3 files written by :func:`save_mat` carry a SHA-256 checksum of their variables (root
+attribute ``mrflight_sha256`` of the HDF5 container, ignored by MATLAB) that :func:`load_mat`
+verifies; any damaged or truncated file is reported as a ``ValueError`` naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import socket
@@ -21,7 +29,34 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "remove_stale_temp_files", "load_mat", "save_mat", "is_mat_v73"]
+__all__ = ["atomic_path", "remove_stale_temp_files", "load_mat", "save_mat", "is_mat_v73",
+           "file_mode", "damaged_error"]
+
+#: root attribute of a v7.3 file holding the SHA-256 checksum of its variables
+_CHECKSUM_ATTR = "mrflight_sha256"
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-and-restore
+    os.umask(mask)
+    return mask
+
+
+def file_mode(dest: str | os.PathLike) -> int:
+    """Permission bits a plain ``open(dest, "w")`` gives: the existing file's, else
+    ``0o666 & ~umask``."""
+    try:
+        return os.stat(dest).st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -46,6 +81,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, file_mode(dest))
         os.replace(tmp_path, dest)
     except OSError as e:
         if e.errno == errno.ENOSPC and e.filename != str(dest):
@@ -122,25 +158,40 @@ def is_mat_v73(path: str | os.PathLike) -> bool:
     return bool(h5py.is_hdf5(path))
 
 
-def _h5_read(obj):
+def _h5_read(obj, digest=None):
+    """Read an HDF5 group into nested dicts; ``digest`` (a hashlib object) is fed every dataset
+    (path, dtype, shape, bytes) in name order, the traversal :func:`save_mat` checksums."""
     import h5py
 
     if isinstance(obj, h5py.Dataset):
         data = obj[()]
+        if digest is not None:
+            raw = np.ascontiguousarray(data)
+            digest.update(f"{obj.name}|{raw.dtype.descr}|{raw.shape}|".encode())
+            digest.update(raw.reshape(-1).view(np.uint8))
         if data.dtype.names and {"real", "imag"} <= set(data.dtype.names):
             data = data["real"] + 1j * data["imag"]
         if obj.attrs.get("MATLAB_class", b"") in (b"char",) and data.dtype.kind in "ui":
             return "".join(chr(c) for c in np.asarray(data).ravel())
         # MATLAB stores column-major: h5py sees the transpose
         return np.asarray(data).T if np.ndim(data) >= 2 else data
-    return {k: _h5_read(v) for k, v in obj.items() if not k.startswith("#")}
+    return {k: _h5_read(obj[k], digest) for k in sorted(obj.keys()) if not k.startswith("#")}
+
+
+def damaged_error(path: Path, e: BaseException, what: str = "file") -> ValueError:
+    """The ``ValueError`` for a file whose reader failed on its structure (``e``)."""
+    return ValueError(f"{path} is not a readable {what}: the file is truncated or damaged "
+                      f"({type(e).__name__}: {e}); copy or export it again")
 
 
 def load_mat(path: str | os.PathLike) -> dict:
     """Read a ``.mat`` file (v7 or v7.3) into a dict of numpy arrays / nested dicts (structs).
 
+    A v7.3 file written by :func:`save_mat` is verified against its SHA-256 checksum.
+
     Raises:
-        ValueError: if the file does not exist or is not a MATLAB file.
+        ValueError: if the file does not exist, is not a MATLAB file, is truncated or damaged
+            (unreadable HDF5 structures), or does not match its checksum.
     """
     path = Path(path)
     if not path.exists():
@@ -148,14 +199,31 @@ def load_mat(path: str | os.PathLike) -> dict:
     import h5py
 
     if h5py.is_hdf5(path):
-        with h5py.File(path, "r") as f:
-            return {k: _h5_read(v) for k, v in f.items() if not k.startswith("#")}
+        try:
+            with h5py.File(path, "r") as f:
+                stored = f.attrs.get(_CHECKSUM_ATTR)
+                digest = hashlib.sha256() if stored is not None else None
+                out = {k: _h5_read(f[k], digest) for k in sorted(f.keys())
+                       if not k.startswith("#")}
+        except Exception as e:  # h5py raises OSError, KeyError, RuntimeError on damage
+            raise damaged_error(path, e, "MATLAB file") from None
+        if digest is not None:
+            stored = stored.decode() if isinstance(stored, bytes) else str(stored)
+            if digest.hexdigest() != stored:
+                raise ValueError(f"the file is damaged: {path} does not match the SHA-256 "
+                                 "checksum it was written with; copy or export it again")
+        return out
     import scipy.io
 
     try:
         raw = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
     except Exception as e:  # scipy raises several types for damaged files
-        raise ValueError(f"{path} is not a readable MATLAB file: {e}") from None
+        with open(path, "rb") as fh:
+            head = fh.read(128)
+        if head.startswith(b"MATLAB 7.3"):  # the HDF5 part is missing: cut short
+            raise damaged_error(path, e, "MATLAB file") from None
+        raise ValueError(f"{path} is not a readable MATLAB file (or it is truncated or "
+                         f"damaged): {e}") from None
     return {k: _from_scipy(v) for k, v in raw.items() if not k.startswith("__")}
 
 
@@ -185,6 +253,11 @@ def save_mat(path: str | os.PathLike, data: dict, v73: bool = False) -> None:
 
         with h5py.File(tmp, "w", userblock_size=512) as f:
             _h5_write(f, data)
+            f.flush()
+            digest = hashlib.sha256()
+            for k in sorted(f.keys()):  # read back: the checksum covers the stored bytes
+                _h5_read(f[k], digest)
+            f.attrs[_CHECKSUM_ATTR] = digest.hexdigest()
         # MATLAB recognises v7.3 files by a text header in the 512-byte user block
         header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created by: mrflight HDF5 schema 1.00 ."
         with open(tmp, "r+b") as fh:

@@ -23,7 +23,9 @@ else the only array with at least two dimensions (and with an axis of the sequen
 that is known); several candidates are an error that lists them.
 
 Complex data: native complex dtypes, HDF5 compounds with ``r``/``i`` or ``real``/``imag`` fields
-(h5py's and MATLAB's layouts).
+(h5py's and MATLAB's layouts). Real data is a magnitude image, never negative:
+:mod:`mrflight.maps` refuses a real series with a negative value (the real part of complex data
+is not a magnitude) and asks for the complex series or its magnitude.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrflight import maps
+from mrflight import maps, pipeline
 from mrflight.dictionary import generate
 from mrflight.matio import save_mat
 from mrflight.phantoms import brain_phantom, nist_phantom
@@ -385,7 +385,6 @@ def _tiny_checkpoint(path, seq):
 
 
 def test_run_maps_with_checkpoint_and_dictionary(tmp_path, seq, phantoms, dictionary):
-    pytest.importorskip("mrflight.lit")
     from omegaconf import OmegaConf
 
     t1, t2, m0, mask = phantoms["brain"]
@@ -414,6 +413,7 @@ def test_run_maps_with_checkpoint_and_dictionary(tmp_path, seq, phantoms, dictio
     side = json.loads(files["T2map.json"].read_text())
     assert side["Checkpoint"] == str(ckpt) and side["Units"] == "s"
     assert side["EstimationMethod"] == "neural network regression"
+    assert side["Network"] == "GRURegressor"  # the regressor, not the LightningModule
     assert side["SequenceLength"] == N_PULSES
 
     dictionary.save(tmp_path / "dict.h5")
@@ -430,8 +430,6 @@ def test_run_maps_with_checkpoint_and_dictionary(tmp_path, seq, phantoms, dictio
 
 def test_eval_entry_point_makes_maps(tmp_path, seq, phantoms, dictionary):
     """``python eval.py input=... dictionary=...`` composes to run_maps (no subprocess)."""
-    pipeline = pytest.importorskip("mrflight.pipeline")
-    pytest.importorskip("mrflight.evaluation")
     t1, t2, m0, mask = phantoms["brain"]
     np.save(tmp_path / "brain.npy", _series(t1, t2, m0, mask, seq))
     dictionary.save(tmp_path / "dict.h5")
@@ -443,3 +441,45 @@ def test_eval_entry_point_makes_maps(tmp_path, seq, phantoms, dictionary):
     assert files["T1map.nii.gz"].parent == tmp_path / "run"
     _check_maps(np.load(files["T1map.npy"]), np.load(files["T2map.npy"]),
                 np.load(files["M0map.npy"]), t1, t2, m0, mask)
+
+
+# ------------------------------------------------------------------------------- real input
+def test_signed_real_series_is_refused(tmp_path, seq, phantoms, dictionary, matcher_magnitude):
+    """The real part of complex data is not a magnitude: refused, never matched as one."""
+    from omegaconf import OmegaConf
+
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq)
+    np.save(tmp_path / "real.npy", ser.real.astype(np.float32))
+    np.save(tmp_path / "mag.npy", np.abs(ser).astype(np.float32))
+    dictionary.save(tmp_path / "dict.h5")
+    cfg = OmegaConf.create({"input": str(tmp_path / "real.npy"), "ckpt_path": None,
+                            "dictionary": str(tmp_path / "dict.h5"), "mask": None,
+                            "paths": {"output_dir": str(tmp_path / "out")},
+                            "maps": {"previews": False, "progress": False}})
+    with pytest.raises(ValueError, match="negative values.*not a magnitude.*np.abs"):
+        maps.run_maps(cfg)
+    assert not (tmp_path / "out").exists()
+    # with a mask file (no first pass over the norms) too
+    with pytest.raises(ValueError, match="negative values"):
+        maps.reconstruct_series(tmp_path / "real.npy", matcher_magnitude, mask=mask)
+    # complex matching of a magnitude series is refused; the magnitude itself is accepted
+    cfg.input, cfg.maps.complex_matching = str(tmp_path / "mag.npy"), True
+    with pytest.raises(ValueError, match="complex_matching=true needs a complex series"):
+        maps.run_maps(cfg)
+    cfg.maps.complex_matching = None
+    assert maps.run_maps(cfg)["T1map.npy"].is_file()
+
+
+def test_network_overflow_gives_nan_not_float_max(seq):
+    class Overflow:
+        def predict_parameters(self, signals):
+            out = torch.full((len(signals), 2), 1000.0)
+            out[0] = float("inf")
+            out[1, 1] = -float("inf")
+            return out
+
+    rec = maps.NetworkReconstructor(Overflow(), seq, compute_m0=False)
+    params, _ = rec(np.ones((3, N_PULSES), np.float32))
+    assert np.isnan(params[0]).all() and params[1, 0] == 1000 and params[1, 1] == 0
+    assert np.all(params[2] == 1000)

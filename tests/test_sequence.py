@@ -63,8 +63,14 @@ def test_shipped_jiang_equals_shared(shared_data):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "*_schedule.csv"))))
 def test_every_shared_schedule_loads(path, shared_data):
-    seq = from_file(path, tr_ms=12.0)
     table = np.genfromtxt(path, delimiter=",", names=True)
+    te = table["te_ms"][np.isfinite(table["te_ms"])]
+    if te.size and te.min() != te.max():  # one TE per train: a varying column must be refused
+        with pytest.raises(ValueError, match="te_ms varies"):
+            from_file(path, tr_ms=12.0)
+        seq = from_file(path, tr_ms=12.0, te_ms=float(te[0]))
+    else:
+        seq = from_file(path, tr_ms=12.0)
     assert len(seq) == len(table)
     assert np.array_equal(seq.flip_angle_deg, table["flip_angle_deg"])
     tr = table["tr_ms"]

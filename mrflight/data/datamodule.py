@@ -102,14 +102,19 @@ def preprocess(noisy: torch.Tensor, input_mode: str = "magnitude") -> torch.Tens
     ``magnitude``: ``|x| / ||x||_2`` -> ``(N, T)`` float32. ``complex``: ``x / ||x||_2`` with
     its global phase removed (:func:`align_phase`) as ``(N, 2, T)`` float32 (real, imaginary).
     A real input is taken as the magnitude (magnitude mode) or as a complex signal with zero
-    imaginary part (complex mode).
+    imaginary part (complex mode). Any scale gives the same result: the normalisation
+    (:func:`mrflight.physics.normalize`) runs in the input's precision before the cast to
+    float32.
     """
     if input_mode == "magnitude":
-        mag = noisy.abs() if noisy.is_complex() else noisy.abs()
-        return normalize(mag.to(torch.float32))
+        mag = noisy.abs()
+        if not mag.is_floating_point():
+            mag = mag.to(torch.float32)
+        return normalize(mag).to(torch.float32)
     if input_mode == "complex":
-        z = noisy if noisy.is_complex() else noisy.to(torch.complex64)
-        z = align_phase(normalize(z.to(torch.complex64)))
+        z = noisy if noisy.is_complex() else noisy.to(
+            torch.complex128 if noisy.dtype == torch.float64 else torch.complex64)
+        z = align_phase(normalize(z)).to(torch.complex64)
         return torch.stack([z.real, z.imag], dim=-2)
     raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
 
@@ -229,9 +234,9 @@ class FingerprintDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
         if eval_batch_size is not None and not eval_batch_size > 0:
             raise ValueError(f"data.eval_batch_size must be positive, got {eval_batch_size}")
-        if not (noise_std is not None and float(noise_std) >= 0):
-            raise ValueError(f"data.noise_std must be >= 0 (0.01 is the paper-like default), "
-                             f"got {noise_std}")
+        if not (noise_std is not None and 0 <= float(noise_std) < float("inf")):
+            raise ValueError(f"data.noise_std must be a finite number >= 0 (0.01 is the "
+                             f"paper-like default), got {noise_std}")
         if input_mode not in INPUT_MODES:
             raise ValueError(f"data.input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
         if not 0.0 < float(val_fraction) < 1.0:

@@ -13,18 +13,45 @@ import torch
 __all__ = ["normalize", "add_noise"]
 
 
+def _scaled_normalize(signals: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`normalize` of rows whose plain norm under- or overflows: divide by the peak first."""
+    peak = signals.abs().amax(dim=-1, keepdim=True)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    scaled = signals / peak
+    norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
+    return scaled / (norm + eps / peak) if eps else scaled / norm
+
+
 def normalize(signals: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """L2-normalise fingerprints along the last (time) axis.
+    """L2-normalise fingerprints along the last (time) axis, at any scale.
+
+    The norm is computed directly where that is exact; fingerprints whose squared norm would
+    underflow (``x * 1e-30`` in float32) or overflow (``x * 1e30``) are first divided by their
+    largest magnitude. The result is the same for ``x`` and ``c * x`` at every ``c > 0`` the
+    dtype can hold.
 
     Args:
         signals: ``(..., T)`` real or complex.
-        eps: added to the norm; with ``eps=0`` an all-zero fingerprint gives NaN (undefined).
+        eps: added to the norm of ``signals``; with ``eps=0`` an all-zero fingerprint gives NaN
+            (undefined).
 
     Returns:
-        Same shape and dtype, each fingerprint of unit L2 norm.
+        Same shape and dtype, each fingerprint of unit L2 norm (``signals / (||signals|| +
+        eps)``).
     """
     norm = torch.linalg.vector_norm(signals, dim=-1, keepdim=True)
-    return signals / (norm + eps)
+    if signals.shape[-1] == 0:
+        return signals / (norm + eps)
+    info = torch.finfo(norm.dtype)
+    # below this norm the squares of the largest entries could be subnormal (lost precision);
+    # an infinite norm overflowed; NaN stays NaN either way
+    ok = (norm >= info.tiny ** 0.5 / info.eps) & (norm < float("inf"))
+    # the rows redone below get a harmless denominator here (no 0/0 in their gradient)
+    out = signals / (torch.where(ok, norm, torch.ones_like(norm)) + eps)
+    bad = ~ok.squeeze(-1)
+    if bool(bad.any()):
+        out = out.index_put((bad,), _scaled_normalize(signals[bad], eps))
+    return out
 
 
 def add_noise(signals: torch.Tensor, noise_std: float, generator: torch.Generator | None = None,
@@ -42,8 +69,8 @@ def add_noise(signals: torch.Tensor, noise_std: float, generator: torch.Generato
     Returns:
         ``(N, T)`` complex noisy fingerprints.
     """
-    if not noise_std >= 0:
-        raise ValueError(f"noise_std must be a non-negative number, got {noise_std}")
+    if not 0 <= noise_std < float("inf"):
+        raise ValueError(f"noise_std must be a finite non-negative number, got {noise_std}")
     x = normalize(signals if signals.is_complex() else signals.to(torch.complex64))
     if noise_std == 0:
         return x
