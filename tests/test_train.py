@@ -253,6 +253,6 @@ def test_predict_parameters_precision_modes():
     assert torch.equal(p32, module.predict_parameters(sig, precision="tf32"))  # no TF32 on CPU
     pbf = module.predict_parameters(sig, precision="bf16", batch_size=64)
     assert pbf.dtype == torch.float32 and not torch.equal(pbf, p32)
-    assert float(((pbf - p32).norm() / p32.norm())) < 2e-2
+    assert float((pbf - p32).norm() / p32.norm()) < 2e-2
     with pytest.raises(ValueError, match="precision must be one of"):
         module.predict_parameters(sig, precision="fp16")

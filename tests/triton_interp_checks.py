@@ -23,8 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.autograd.forward_ad as fwad  # noqa: E402
 
-from mrflight.physics import Sequence, simulate, simulate_jacobian  # noqa: E402
-from mrflight.physics import _triton, epg  # noqa: E402
+from mrflight.physics import Sequence, _triton, epg, simulate, simulate_jacobian  # noqa: E402  # noqa: E402
 
 F64 = torch.float64
 #: one program for all 40 atoms, one chunk for all states: the fewest interpreted steps
