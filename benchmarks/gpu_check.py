@@ -203,7 +203,8 @@ def main() -> int:
     head = (f"- GPU: {gpu}; torch {torch.__version__}, triton {tv}, Python "
             f"{platform.python_version()}, {os.cpu_count()} CPU threads (torch uses "
             f"{torch.get_num_threads()})\n- default float32 matmul mode: {tf32}; mode "
-            f"{'smoke (CPU, tiny sizes, TRITON_INTERPRET=1: times mean nothing)' if ctx.smoke else 'full'}"
+            + ("smoke (CPU, tiny sizes, TRITON_INTERPRET=1: times mean nothing)" if ctx.smoke
+               else "full") +
             f"\n- command: `PYTHONPATH=. python3 benchmarks/gpu_check.py"
             f"{' --smoke' if ctx.smoke else ''}`")
     print(head, flush=True)

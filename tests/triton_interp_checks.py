@@ -6,8 +6,8 @@ kernel module is imported (the ``@triton.jit`` decorator reads it), and it must 
 rest of the test session. Run by hand with ``python tests/triton_interp_checks.py``.
 
 Cases (small, the interpreter is slow): 40 atoms with T1 = 0, T2 = 0, T2 of 0.5-3 ms, T2 = T1,
-B1 in [0.6, 1.3], on an 80-pulse (derivatives: 60) train with inversion, varying TR and 180-degree phases on some
-pulses.
+B1 in [0.6, 1.3], on an 80-pulse (derivatives: 60) train with inversion, varying TR and
+180-degree phases on some pulses.
 """
 
 from __future__ import annotations
