@@ -83,7 +83,7 @@ class MRFRegressor(L.LightningModule):
             "net": net, "lr": float(lr), "weight_decay": float(weight_decay),
             "scheduler": scheduler, "target_scale_ms": target_scale_ms, "sequence": sequence,
             "input_mode": input_mode, "noise_std": noise_std,
-        })
+        }, logger=False)  # loggers get a flat config from the pipeline, not the pulse arrays
         self.net = net_module
         self.register_buffer("target_scale", torch.tensor(target_scale_ms), persistent=False)
         self.loss_fn = nn.MSELoss()
