@@ -668,25 +668,10 @@ def _log_to_loggers(loggers, rows, figures, table_md) -> None:
             lg.save()
 
 
-def _make_loggers(cfg) -> list:
-    from omegaconf import DictConfig
-
-    loggers = []
-    for _, node in (cfg.get("logger") or {}).items():
-        if isinstance(node, DictConfig) and "_target_" in node:
-            extra = {}
-            if "WandbLogger" in node._target_:
-                extra = {"name": node.get("name") or "eval", "job_type": "eval"}
-            loggers.append(_instantiate(node, **extra))
-    return loggers
-
-
 def _finish(loggers) -> None:
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
+    from mrflight.loggers import finish_loggers
 
-        if wandb.run is not None:
-            wandb.finish()
+    finish_loggers(loggers)
 
 
 # ============================================================================ entry point
@@ -770,7 +755,9 @@ def run(cfg):
             "complex_matching": settings.complex_matching,
             "mrflight_version": mrflight.__version__}
     files = write_outputs(out_dir, rows, info, figures, arrays)
-    loggers = _make_loggers(cfg)
+    from mrflight.loggers import build_eval_loggers, eval_runs
+
+    loggers = build_eval_loggers(cfg, eval_runs(groups.values()), asdict(settings))
     try:
         _log_to_loggers(loggers, rows, figures, (out_dir / "table.md").read_text())
     finally:

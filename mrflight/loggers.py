@@ -18,7 +18,8 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 __all__ = ["flat_config", "run_name", "run_group", "run_tags", "build_loggers",
-           "log_flat_config", "finish_loggers", "is_wandb", "choices", "read_offline_run"]
+           "log_flat_config", "finish_loggers", "is_wandb", "choices", "read_offline_run",
+           "eval_runs", "build_eval_loggers"]
 
 log = logging.getLogger("mrflight")
 
@@ -218,7 +219,8 @@ def read_offline_run(run_dir) -> dict:
     """What an offline W&B run recorded, read from its ``.wandb`` file without W&B's servers.
 
     Args:
-        run_dir: a ``wandb/offline-run-*`` directory (or the folder holding one).
+        run_dir: a ``wandb/offline-run-*`` directory, its ``wandb/`` folder or the run's output
+            directory (the last ``.wandb`` file found is read).
 
     Returns:
         ``{"name", "group", "tags", "job_type", "config": {key: value}, "summary": {...},
@@ -230,7 +232,8 @@ def read_offline_run(run_dir) -> dict:
     from wandb.proto import wandb_internal_pb2 as pb
 
     run_dir = Path(run_dir)
-    files = sorted(run_dir.glob("*.wandb")) or sorted(run_dir.glob("wandb/offline-run-*/*.wandb"))
+    files = [f for pattern in ("*.wandb", "offline-run-*/*.wandb", "wandb/offline-run-*/*.wandb")
+             for f in sorted(run_dir.glob(pattern))]
     if not files:
         raise ValueError(f"no .wandb file in {run_dir} (an offline W&B run directory)")
     data = files[-1].read_bytes()
@@ -262,3 +265,54 @@ def read_offline_run(run_dir) -> dict:
         elif which == "history":
             out["history_keys"] |= {u.key or "/".join(u.nested_key) for u in rec.history.item}
     return out
+
+
+def eval_runs(groups) -> list[dict]:
+    """``[{"checkpoint", "method", "run_name", "group"}]`` of the runs an evaluation covers,
+    read from the configs saved beside their checkpoints."""
+    out = []
+    for g in groups:
+        for r in g.runs:
+            wb = ((r.config or {}).get("logger") or {}).get("wandb") or {}
+            out.append({"checkpoint": str(r.ckpt), "method": r.method,
+                        "run_name": wb.get("name"), "group": wb.get("group")})
+    return out
+
+
+def build_eval_loggers(cfg: DictConfig, runs: list[dict], settings: dict | None = None,
+                       now: _dt.datetime | None = None) -> list:
+    """Loggers of an ``eval.py`` run, tied to the training runs it evaluates.
+
+    The W&B run joins their group when they share one (else ``eval-<date>``), is named
+    ``eval-<methods>-<MMDD-HHMMSS>``, has job type ``eval`` and a config listing the evaluated
+    checkpoints and W&B run names beside the evaluation settings.
+    """
+    from mrflight.pipeline import _build
+
+    now = now or _dt.datetime.now()
+    groups = {r["group"] for r in runs if r.get("group")}
+    group = next(iter(groups)) if len(groups) == 1 else f"eval-{now:%Y-%m-%d}"
+    methods = sorted({r["method"] for r in runs}) or ["matching"]
+    name = f"eval-{'+'.join(methods)}-{now:%m%d-%H%M%S}"
+    config = {"checkpoints": [r["checkpoint"] for r in runs],
+              "evaluated_runs": [r["run_name"] for r in runs if r.get("run_name")],
+              "evaluated_groups": sorted(groups), "methods": ",".join(methods)}
+    for key in ("n_test", "noise_levels", "test_sets", "svd_rank", "complex_matching",
+                "bound", "device"):
+        if settings and key in settings:
+            config[key] = settings[key]
+    loggers = []
+    for _, node in (cfg.get("logger") or {}).items():
+        if not (isinstance(node, DictConfig) and "_target_" in node):
+            continue
+        extra = {}
+        if "WandbLogger" in node._target_:
+            extra = {"name": node.get("name") or name, "group": node.get("group") or group,
+                     "job_type": "eval", "tags": run_tags({"model": "eval"},
+                                                          [*methods, *(node.get("tags") or [])])}
+        lg = _build(node, **extra)
+        if is_wandb(lg):
+            getattr(lg, "_wandb_init", {}).pop("anonymous", None)
+        lg.log_hyperparams(config)
+        loggers.append(lg)
+    return loggers
