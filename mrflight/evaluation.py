@@ -685,6 +685,14 @@ def run(cfg):
         from mrflight.maps import run_maps
 
         return run_maps(cfg)
+    if cfg.get("export"):
+        from mrflight.export import export_checkpoints
+
+        files = export_checkpoints(cfg.get("ckpt_path"), str(cfg.export),
+                                   Path(str(cfg.paths.output_dir)))
+        for f in files:
+            log.info("exported %s", f)
+        return files
     import matplotlib.pyplot as plt
     from omegaconf import OmegaConf
 
