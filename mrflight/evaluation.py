@@ -499,8 +499,8 @@ def _phantoms(group, predictors, settings, out_dir: Path, figures: dict, arrays:
             t1r, t2r = ranges[name]
             figures[f"phantom_{name}{tag}"] = plots.parameter_maps(
                 {"t1_ms": phantom.t1_ms, "t2_ms": phantom.t2_ms}, maps, mask=phantom.mask,
-                t1_range=t1r, t2_range=t2r,
-                title=f"{name} phantom, noise std {std:g} (processed lipari/navia, Fuderer 2024)")
+                t1_range=t1r, t2_range=t2r, outside=phantom.outside_range,
+                title=f"{name} phantom, noise std {std:g}")
 
 
 # ============================================================================ outputs
@@ -518,6 +518,27 @@ def _fmt(v, nd=2) -> str:
     return str(v)
 
 
+def _load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (``None`` where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _load_note(info: dict) -> str:
+    """How busy the machine was while the times were taken."""
+    a, b = info.get("load_average_start"), info.get("load_average_end")
+    if not a or not b:
+        return ""
+    cores = info.get("cores")
+    note = (f"; machine load (1-min load average) {a[0]:.2f} at the start and {b[0]:.2f} at the "
+            f"end, on {cores} cores")
+    if cores and max(a[0], b[0]) > cores:
+        note += " (more runnable threads than cores: the times are upper bounds)"
+    return note
+
+
 def _table_md(rows: list[dict], info: dict) -> str:
     lines = ["# mrflight evaluation", ""]
     for d in info.get("groups", []):
@@ -528,7 +549,7 @@ def _table_md(rows: list[dict], info: dict) -> str:
         "- time/signal: batched wall time of the whole test set divided by its size; latency: "
         "one signal per call, mean ± std over "
         f"{info.get('latency_repeats')} calls (different signals), on {info.get('device')} "
-        f"({info.get('threads')} threads)",
+        f"({info.get('threads')} threads){_load_note(info)}",
         "- Cramér–Rao bound (crb): RMSE column = RMS of the per-signal bound on std(T1), "
         "std(T2) over "
         + ("all test signals" if info.get("bound_signals") is None else
@@ -749,6 +770,7 @@ def run(cfg):
 
     rows, figures, arrays = [], {}, {}
     infos = []
+    load_start = _load_average()
     for g in groups.values():
         data_cfg = g.description.pop("data_cfg", None)
         t0 = time.perf_counter()
@@ -759,6 +781,8 @@ def run(cfg):
     info = {"groups": infos, "settings": asdict(settings),
             "latency_repeats": settings.latency_repeats, "device": settings.device,
             "threads": torch.get_num_threads(), "bound_signals": settings.bound_signals,
+            "cores": os.cpu_count(), "load_average_start": load_start,
+            "load_average_end": _load_average(),
             "bound_kind": "magnitude" if settings.bound_magnitude else "complex",
             "complex_matching": settings.complex_matching,
             "mrflight_version": mrflight.__version__}
