@@ -62,7 +62,7 @@ def main(argv=None) -> str:
     load_before = load_average()
     parts = _parts(a.atoms, a.signals, a.bound)
     times = {(name, th): [] for name in parts for th in (1, 2)}
-    for name, fn in parts.items():
+    for fn in parts.values():
         fn()  # warm-up (kernel compilation, caches)
     for _ in range(a.repeats):
         for th in (1, 2):

@@ -51,10 +51,12 @@ def measure(models=MODELS, n: int = 4096, threads: int = 1, repeats: int = 5) ->
             sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             x = torch.rand(n, 1750) * 1e-3 + 1e-4
             xn = x.numpy()
-            t_torch = timeit(lambda: module.predict_parameters(x), repeats=repeats)
-            t_ort = timeit(lambda: sess.run(None, {"fingerprints": xn}), repeats=repeats)
-            t_ort_chunk = timeit(lambda: [sess.run(None, {"fingerprints": xn[i:i + 256]})
-                                          for i in range(0, n, 256)], repeats=repeats)
+            t_torch = timeit(lambda m=module, x=x: m.predict_parameters(x), repeats=repeats)
+            t_ort = timeit(lambda s=sess, xn=xn: s.run(None, {"fingerprints": xn}),
+                           repeats=repeats)
+            t_ort_chunk = timeit(lambda s=sess, xn=xn: [
+                s.run(None, {"fingerprints": xn[i:i + 256]}) for i in range(0, n, 256)],
+                repeats=repeats)
             ref = module.predict_parameters(x).numpy()
             out = sess.run(None, {"fingerprints": xn})[0]
             rows.append({"model": name, "torch": n / t_torch, "ort": n / t_ort,

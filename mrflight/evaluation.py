@@ -412,6 +412,8 @@ def evaluate_group(group: _Group, settings: EvalSettings, out_dir: Path, figures
                 pred, dt = p(noisy)
                 key = p.method if not p.run else f"{p.method} [{p.run}]"
                 preds[key] = pred
+                log.info("%s: %s test set, noise %g, %d signals in %.2f s", key, set_name, std,
+                         n, dt)
                 row = {"method": p.method, "run": p.run, "checkpoint": p.checkpoint, **base,
                        **_errors(pred, params),
                        "ms_per_signal": 1e3 * dt / n,
@@ -465,6 +467,7 @@ def _phantoms(group, predictors, settings, out_dir: Path, figures: dict, arrays:
     std = settings.plot_noise_std if std is None else float(std)
     ranges = {"brain": ((0.0, 3500.0), (0.0, 300.0)), "nist": ((0.0, 2500.0), (0.0, 600.0))}
     for k, name in enumerate(settings.phantoms):
+        log.info("%s phantom: reconstructing with %d methods", name, len(predictors))
         phantom = (ph.brain_phantom if name == "brain" else ph.nist_phantom)(
             settings.phantom_size)
         vox = phantom.params

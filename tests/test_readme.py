@@ -2,8 +2,9 @@
 
 import importlib.util
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
