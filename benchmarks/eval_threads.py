@@ -25,13 +25,13 @@ from common import RESULTS_DIR, load_average, machine_line, markdown_table, writ
 from inference_speed import default_net
 
 
-def _parts(n_atoms: int, n_signals: int, n_bound: int) -> dict:
+def _parts(n_atoms: int, n_signals: int, n_bound: int, n_pulses: int = 1750) -> dict:
     from mrflight.lit import MRFRegressor
     from mrflight.matching import DictionaryMatcher
     from mrflight.physics import add_noise, normalize, oksuz2019, simulate
     from mrflight.physics.crb import crb
 
-    seq = oksuz2019()
+    seq = oksuz2019(n_pulses=n_pulses, lobe_length=min(250, n_pulses // 7))
     g = torch.Generator().manual_seed(0)
     t1 = 100 + 3900 * torch.rand(n_atoms, generator=g)
     t2 = torch.minimum(5 + 495 * torch.rand(n_atoms, generator=g), t1)

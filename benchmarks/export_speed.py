@@ -33,7 +33,8 @@ from inference_speed import default_net
 MODELS = ("lstm", "gru", "ann", "cnn")
 
 
-def measure(models=MODELS, n: int = 4096, threads: int = 1, repeats: int = 5) -> list[dict]:
+def measure(models=MODELS, n: int = 4096, threads: int = 1, repeats: int = 5,
+            input_length: int = 1750) -> list[dict]:
     import onnxruntime as ort
 
     from mrflight.export import export_onnx
@@ -46,10 +47,10 @@ def measure(models=MODELS, n: int = 4096, threads: int = 1, repeats: int = 5) ->
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            module = MRFRegressor(default_net(name, 1750)).eval()
+            module = MRFRegressor(default_net(name, input_length)).eval()
             path = export_onnx(module, Path(tmp) / f"{name}.onnx")
             sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            x = torch.rand(n, 1750) * 1e-3 + 1e-4
+            x = torch.rand(n, input_length) * 1e-3 + 1e-4
             xn = x.numpy()
             t_torch = timeit(lambda m=module, x=x: m.predict_parameters(x), repeats=repeats)
             t_ort = timeit(lambda s=sess, xn=xn: s.run(None, {"fingerprints": xn}),
