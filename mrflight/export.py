@@ -170,6 +170,9 @@ def export_onnx(module, path, opset: int = 17) -> Path:
         warnings.filterwarnings("ignore", message=".*with a batch_size other than 1.*")
         # the nets check their input shape in Python: constant for a fixed T, as intended
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # chosen on purpose: the torch.export-based exporter needs onnxscript
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based")
+        warnings.filterwarnings("ignore", message="The feature will be removed")
         torch.onnx.export(graph, (_example(module),), str(tmp), dynamo=False,
                           input_names=["fingerprints"], output_names=["parameters"],
                           dynamic_axes={"fingerprints": {0: "N"}, "parameters": {0: "N"}},
@@ -196,8 +199,10 @@ def export_torchscript(module, path) -> Path:
     path = Path(path)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated")
         traced = torch.jit.trace(graph, (_example(module),), check_trace=False)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated")
         torch.jit.save(traced, str(tmp),
                        _extra_files={"metadata.json": json.dumps(export_metadata(module))})
     return path
