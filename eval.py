@@ -19,4 +19,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, config_name="eval")

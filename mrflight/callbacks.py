@@ -1,4 +1,5 @@
-"""Lightning callbacks: the paper's relative early stopping and a predicted-vs-true figure."""
+"""Lightning callbacks: the paper's relative early stopping, predicted-vs-true figures (test and,
+per epoch, validation) and a one-line summary per epoch in the log."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
-__all__ = ["RelativeEarlyStopping", "ScatterPlot"]
+__all__ = ["RelativeEarlyStopping", "ScatterPlot", "ValidationScatter", "EpochSummary"]
 
 
 class RelativeEarlyStopping(EarlyStopping):
@@ -81,25 +82,13 @@ class ScatterPlot(L.Callback):
     def on_test_end(self, trainer, pl_module) -> None:
         if not self._pred or not trainer.is_global_zero:
             return
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
         pred, true = torch.cat(self._pred).numpy(), torch.cat(self._true).numpy()
         if len(pred) > self.max_points:
             keep = torch.randperm(len(pred), generator=torch.Generator().manual_seed(0))
             keep = keep[: self.max_points].numpy()
             pred, true = pred[keep], true[keep]
-        fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), constrained_layout=True)
-        for ax, i, name in zip(axes, (0, 1), ("T1", "T2")):
-            lim = float(max(true[:, i].max(), pred[:, i].max()))
-            ax.plot([0, lim], [0, lim], color="0.4", lw=1)
-            ax.scatter(true[:, i], pred[:, i], s=2, alpha=0.4, color="tab:blue")
-            mae = float(abs(pred[:, i] - true[:, i]).mean())
-            ax.set(xlabel=f"true {name} (ms)", ylabel=f"predicted {name} (ms)",
-                   title=f"{name}: MAE {mae:.1f} ms", xlim=(0, lim), ylim=(0, lim))
-            ax.set_aspect("equal")
+        n = min(pred.shape[1], true.shape[1])
+        fig = _scatter_figure(pred[:, :n], true[:, :n], _param_names(pl_module, n))
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "figures")
         folder.mkdir(parents=True, exist_ok=True)
         from mrflight.matio import atomic_path
@@ -107,14 +96,171 @@ class ScatterPlot(L.Callback):
         self.figure_path = folder / "scatter_test.png"
         with atomic_path(self.figure_path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
-        for logger in trainer.loggers:
-            try:
-                from lightning.pytorch.loggers import WandbLogger
-            except ImportError:  # pragma: no cover
-                WandbLogger = ()
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="test/scatter", images=[str(self.figure_path)])
-            elif hasattr(getattr(logger, "experiment", None), "add_figure"):
-                logger.experiment.add_figure("test/scatter", fig, global_step=trainer.global_step)
+        _log_figure(trainer, "test/scatter", fig, self.figure_path)
+        import matplotlib.pyplot as plt
+
         plt.close(fig)
         self._pred, self._true = [], []
+
+
+def _param_names(pl_module, n: int) -> list[str]:
+    names = list((getattr(pl_module, "hparams", None) or {}).get("targets") or ("t1", "t2"))
+    names = [str(p).upper() if str(p).lower() in ("t1", "t2", "b1") else str(p) for p in names]
+    return (names + [f"p{i}" for i in range(len(names), n)])[:n]
+
+
+def _scatter_figure(pred, true, names=("T1", "T2"), title: str = ""):
+    """Predicted against true, one panel per parameter (ms; B1 as a ratio)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n = pred.shape[1]
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.2), constrained_layout=True,
+                             squeeze=False)
+    for ax, i, name in zip(axes[0], range(n), names):
+        unit = "" if name == "B1" else " ms"
+        lim = float(max(true[:, i].max(), pred[:, i].max()))
+        ax.plot([0, lim], [0, lim], color="0.4", lw=1)
+        ax.scatter(true[:, i], pred[:, i], s=2, alpha=0.4, color="tab:blue")
+        mae = float(abs(pred[:, i] - true[:, i]).mean())
+        axis_unit = f" ({unit.strip()})" if unit else ""
+        ax.set(xlabel=f"true {name}{axis_unit}", ylabel=f"predicted {name}{axis_unit}",
+               title=f"{name}: MAE {mae:.3g}{unit}",
+               xlim=(0, lim), ylim=(0, lim))
+        ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _log_figure(trainer, key: str, fig, path=None) -> None:
+    """Send a figure through every logger of the trainer that takes images."""
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+    except ImportError:  # pragma: no cover
+        WandbLogger = ()
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            if path is None:
+                from mrflight.plots import figure_to_array
+
+                images = [figure_to_array(fig)]
+            else:
+                images = [str(path)]
+            logger.log_image(key=key, images=images, step=trainer.global_step)
+        elif hasattr(getattr(logger, "experiment", None), "add_figure"):
+            logger.experiment.add_figure(key, fig, global_step=trainer.global_step)
+
+
+def _image_loggers(trainer) -> bool:
+    return any(type(lg).__name__ == "WandbLogger"
+               or hasattr(getattr(lg, "experiment", None), "add_figure")
+               for lg in trainer.loggers)
+
+
+class ValidationScatter(L.Callback):
+    """Predicted-vs-true figure of the validation split every ``every_n_epochs`` epochs.
+
+    Sent through the trainer's loggers only (``val/scatter``; W&B shows one figure per epoch on a
+    step slider); nothing is computed when no logger takes images. Predictions come from one
+    extra forward pass over the first ``max_points`` validation signals.
+
+    Args:
+        every_n_epochs: draw every n-th epoch (and the last).
+        max_points: validation signals drawn.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, max_points: int = 2000) -> None:
+        if int(every_n_epochs) < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.every_n_epochs = int(every_n_epochs)
+        self.max_points = int(max_points)
+        self._pred: list[torch.Tensor] = []
+        self._true: list[torch.Tensor] = []
+        self.n_logged = 0
+
+    def _active(self, trainer) -> bool:
+        if trainer.sanity_checking or not trainer.is_global_zero or not _image_loggers(trainer):
+            return False
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        return last or trainer.current_epoch % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._pred, self._true = [], []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:
+        if not self._active(trainer) or sum(len(p) for p in self._pred) >= self.max_points:
+            return
+        with torch.no_grad():
+            self._pred.append(pl_module(batch.signal).detach().float().cpu())
+        self._true.append(batch.params_ms.detach().float().cpu())
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self._pred or not self._active(trainer):
+            return
+        import matplotlib.pyplot as plt
+
+        pred = torch.cat(self._pred)[: self.max_points].numpy()
+        true = torch.cat(self._true)[: self.max_points].numpy()
+        n = min(pred.shape[1], true.shape[1])
+        fig = _scatter_figure(pred[:, :n], true[:, :n], _param_names(pl_module, n),
+                              title=f"validation, epoch {trainer.current_epoch}")
+        _log_figure(trainer, "val/scatter", fig)
+        plt.close(fig)
+        self.n_logged += 1
+        self._pred, self._true = [], []
+
+
+class EpochSummary(L.Callback):
+    """One log line per epoch: epoch, step, train and val loss, val MAEs, epoch time.
+
+    Written through the ``mrflight`` logger, i.e. to the console and the run's log file
+    (``train.log``) under Hydra. While a progress bar owns an interactive terminal (stdout is a
+    TTY and the trainer shows a bar) the line goes to the log file only.
+    """
+
+    def __init__(self) -> None:
+        self._t0: float | None = None
+        self.lines: list[str] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        import time
+
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # Lightning 2 runs the epoch-end validation before this hook: both losses are known
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            self._report(trainer)
+
+    def _report(self, trainer) -> None:
+        import logging
+        import time
+
+        from mrflight.run_logging import interactive, log_to_file
+
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        parts = [f"epoch {trainer.current_epoch + 1}"
+                 + (f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0
+                    else ""), f"step {trainer.global_step}"]
+        for key, label in (("train/loss_epoch", "train loss"), ("val/loss", "val loss")):
+            if key in m or key.removesuffix("_epoch") in m:
+                parts.append(f"{label} {m.get(key, m.get(key.removesuffix('_epoch'))):.4g}")
+        maes = sorted(k for k in m if k.startswith("val/") and k.endswith("_mae_ms"))
+        if maes:
+            names = "/".join(k[4:].split("_")[0].upper() for k in maes)
+            vals = "/".join(f"{m[k]:.1f}" for k in maes)
+            parts.append(f"val {names} MAE {vals} ms")
+        if self._t0 is not None:
+            parts.append(f"{time.perf_counter() - self._t0:.1f} s")
+        line = ", ".join(parts)
+        self.lines.append(line)
+        bar = getattr(trainer, "progress_bar_callback", None) is not None
+        log = logging.getLogger("mrflight")
+        if interactive() and bar:
+            log_to_file(logging.INFO, "%s", line)
+        else:
+            log.info("%s", line)

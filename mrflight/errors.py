@@ -11,6 +11,11 @@ PATH: free space or set paths.output_dir``). Any other exception (a real bug) ke
 traceback. Set
 ``MRFLIGHT_DEBUG=1`` (or Hydra's own ``HYDRA_FULL_ERROR=1``) to see the full traceback of a bad
 input too.
+
+A mistyped key (``trainer.max_epoch=3``) or a group the command does not have (``python eval.py
+model=gru``) gets the close names of the composed config (:func:`override_hint`) instead of
+Hydra's "append with +" advice. An error inside the run (after Hydra created its output
+directory) is also written, with its traceback, into the run's log file (``train.log``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import os
 import sys
 from collections.abc import Callable
 
-__all__ = ["run_cli", "guard", "one_line", "EXIT_USAGE", "EXIT_FAILED_JOBS"]
+__all__ = ["run_cli", "guard", "one_line", "override_hint", "EXIT_USAGE", "EXIT_FAILED_JOBS"]
 
 #: exit status of a run stopped by bad input (a config value, an option, a file)
 EXIT_USAGE = 2
@@ -89,9 +94,113 @@ def _debug() -> bool:
                for v in ("MRFLIGHT_DEBUG", "HYDRA_FULL_ERROR"))
 
 
+_CONFIG_NAME: str | None = None
+
+
+def _flat_keys(node, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    out = []
+    for k in node.keys() if isinstance(node, DictConfig) else ():
+        key = f"{prefix}{k}"
+        out.append(key)
+        try:
+            child = node._get_node(k)
+        except Exception:  # noqa: BLE001
+            continue
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            out += _flat_keys(child, key + ".")
+    return out
+
+
+def _primary_groups(config_name: str) -> list[str]:
+    """Config groups in the defaults list of ``configs/<config_name>.yaml`` (hydra excluded)."""
+    import yaml
+
+    from mrflight.pipeline import CONFIG_DIR
+
+    defaults = yaml.safe_load((CONFIG_DIR / f"{config_name}.yaml").read_text()).get("defaults", [])
+    keys = [next(iter(d)) for d in defaults if isinstance(d, dict)]
+    return [k for k in keys if k != "hydra" and not k.startswith("override ")]
+
+
+def override_hint(e: BaseException, config_name: str | None, argv=None) -> str | None:
+    """A one-line message for a Hydra override of a key or group the config does not have.
+
+    ``trainer.max_epoch=3`` -> ``unknown key 'trainer.max_epoch': did you mean
+    trainer.max_epochs? ...`` (difflib on the dotted keys of the config composed with the other
+    overrides); ``model=gru`` on ``eval.py`` -> the groups eval accepts. ``None`` when ``e`` is
+    not such an error.
+    """
+    import difflib
+    import re
+
+    m = re.match(r"Could not override '([^']+)'\.", str(_root(e)))
+    if not m or not config_name:
+        return None
+    key = m.group(1)
+    script = f"{config_name}.py"
+    if "No match in the defaults list" in str(e):
+        groups = _primary_groups(config_name)
+        close = difflib.get_close_matches(key, groups, n=3, cutoff=0.6)
+        msg = f"{script} has no config group {key!r}"
+        if close:
+            msg += f": did you mean {' or '.join(close)}?"
+        msg += f" ({script} accepts {', '.join(groups)})"
+        if config_name == "eval" and key in _primary_groups("train"):
+            msg += (f"; {key}= is a train.py option: eval.py reads each run's {key} from the "
+                    "config saved beside its checkpoint")
+        return msg
+    from mrflight.pipeline import compose_config
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    others = [a for a in argv if "=" in a and not a.startswith("-")
+              and a.split("=", 1)[0].lstrip("+~") != key]
+    cfg = None
+    for attempt in (others, []):
+        try:
+            cfg = compose_config(attempt, config_name=config_name)
+            break
+        except Exception:  # noqa: BLE001 - another bad override: fall back to the defaults
+            continue
+    keys = _flat_keys(cfg) if cfg is not None else []
+    parent = key.rpartition(".")[0]
+    siblings = [k for k in keys if k.rpartition(".")[0] == parent]
+    leaf = key.rpartition(".")[2]
+    by_leaf = {k.rpartition(".")[2]: k for k in siblings}
+    close = [by_leaf[c] for c in difflib.get_close_matches(leaf, list(by_leaf), n=2, cutoff=0.75)]
+    if not close:  # misplaced in another node: compare whole dotted keys
+        close = difflib.get_close_matches(key, keys, n=2, cutoff=0.85)
+    value = next((a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] == key), "VALUE")
+    msg = f"unknown key {key!r}"
+    if close:
+        msg += f": did you mean {' or '.join(close)}?"
+    elif parent and siblings:
+        names = sorted(k.rpartition(".")[2] for k in siblings if not k.endswith("._target_"))
+        msg += f" ({parent} has: {', '.join(names)})"
+    return msg + f" (to add a new key on purpose: +{key}={value})"
+
+
 def _report(e: BaseException) -> None:
-    print(f"error: {one_line(e)}", file=sys.stderr)
+    hint = None
+    try:
+        hint = override_hint(e, _CONFIG_NAME)
+    except Exception:  # noqa: BLE001 - a hint must never hide the error itself
+        hint = None
+    msg = hint or one_line(e)
+    print(f"error: {msg}", file=sys.stderr)
     sys.stderr.flush()
+    _to_log_file(e, msg)
+
+
+def _to_log_file(e: BaseException, msg: str) -> None:
+    """The error and its traceback into the run's log file (when Hydra opened one)."""
+    import logging
+    import traceback
+
+    from mrflight.run_logging import log_to_file
+
+    log_to_file(logging.ERROR, "error: %s\n%s", msg, "".join(traceback.format_exception(e)))
 
 
 def guard(task: Callable) -> Callable:
@@ -105,26 +214,37 @@ def guard(task: Callable) -> Callable:
 
     @functools.wraps(task)
     def wrapped(cfg):
+        from mrflight.run_logging import configure_logging
+
+        configure_logging()
         try:
             return task(cfg)
-        except Exception as e:
-            if _debug() or not _is_usage(_root(e)):
-                raise
-            _report(e)
-            raise SystemExit(EXIT_USAGE) from None
+        except (Exception, KeyboardInterrupt) as e:
+            usage = isinstance(e, Exception) and _is_usage(_root(e))
+            if usage and not _debug():  # bad input or a full disk: one line, exit 2
+                _report(e)
+                raise SystemExit(EXIT_USAGE) from None
+            # a bug or an interrupt (or --debug): logged, re-raised
+            _to_log_file(e, one_line(e) if usage else f"{type(e).__name__}: {one_line(e)}")
+            raise
 
     return wrapped
 
 
-def run_cli(main: Callable[[], object]) -> None:
+def run_cli(main: Callable[[], object], config_name: str | None = None) -> None:
     """Run a ``@hydra.main`` function; bad input exits 2 with ``error: <one line>`` on stderr.
 
     Hydra is asked to re-raise (``HYDRA_FULL_ERROR=1`` in this process) so that composition
     errors reach this handler instead of Hydra's multi-line report. A multirun in which some
     jobs failed (see :mod:`mrflight.hydra_callbacks`) exits with status 3 after all jobs ran.
+
+    Args:
+        main: the ``@hydra.main`` function.
+        config_name: its primary config (``"train"``, ``"eval"``), for :func:`override_hint`.
     """
-    global _DEBUG_AT_START
+    global _DEBUG_AT_START, _CONFIG_NAME
     debug = _DEBUG_AT_START = _debug()
+    _CONFIG_NAME = config_name
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()

@@ -479,6 +479,8 @@ def evaluate_group(group: _Group, settings: EvalSettings, out_dir: Path, figures
                 pred, dt = p(noisy)
                 key = p.method if not p.run else f"{p.method} [{p.run}]"
                 preds[key] = pred
+                log.info("%s: %s test set, noise %g, %d signals in %.2f s", key, set_name, std,
+                         n, dt)
                 row = {"method": p.method, "run": p.run, "checkpoint": p.checkpoint, **base,
                        **_errors(pred, params),
                        "ms_per_signal": 1e3 * dt / n,
@@ -544,6 +546,7 @@ def _phantoms(group, predictors, settings, out_dir: Path, figures: dict, arrays:
     std = settings.plot_noise_std if std is None else float(std)
     ranges = {"brain": ((0.0, 3500.0), (0.0, 300.0)), "nist": ((0.0, 2500.0), (0.0, 600.0))}
     for k, name in enumerate(settings.phantoms):
+        log.info("%s phantom: reconstructing with %d methods", name, len(predictors))
         phantom = (ph.brain_phantom if name == "brain" else ph.nist_phantom)(
             settings.phantom_size)
         uniq, inv = np.unique(phantom.params, axis=0, return_inverse=True)  # a few tissues
@@ -588,8 +591,8 @@ def _phantoms(group, predictors, settings, out_dir: Path, figures: dict, arrays:
             t1r, t2r = ranges[name]
             figures[f"phantom_{name}{tag}"] = plots.parameter_maps(
                 {"t1_ms": phantom.t1_ms, "t2_ms": phantom.t2_ms}, maps, mask=phantom.mask,
-                t1_range=t1r, t2_range=t2r,
-                title=f"{name} phantom, noise std {std:g} (processed lipari/navia, Fuderer 2024)")
+                t1_range=t1r, t2_range=t2r, outside=phantom.outside_range,
+                title=f"{name} phantom, noise std {std:g}")
 
 
 # ============================================================================ outputs
@@ -607,6 +610,27 @@ def _fmt(v, nd=2) -> str:
     return str(v)
 
 
+def _load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (``None`` where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _load_note(info: dict) -> str:
+    """How busy the machine was while the times were taken."""
+    a, b = info.get("load_average_start"), info.get("load_average_end")
+    if not a or not b:
+        return ""
+    cores = info.get("cores")
+    note = (f"; machine load (1-min load average) {a[0]:.2f} at the start and {b[0]:.2f} at the "
+            f"end, on {cores} cores")
+    if cores and max(a[0], b[0]) > cores:
+        note += " (more runnable threads than cores: the times are upper bounds)"
+    return note
+
+
 def _table_md(rows: list[dict], info: dict) -> str:
     lines = ["# mrflight evaluation", ""]
     for d in info.get("groups", []):
@@ -617,7 +641,7 @@ def _table_md(rows: list[dict], info: dict) -> str:
         "- time/signal: batched wall time of the whole test set divided by its size; latency: "
         "one signal per call, mean ± std over "
         f"{info.get('latency_repeats')} calls (different signals), on {info.get('device')} "
-        f"({info.get('threads')} threads)",
+        f"({info.get('threads')} threads){_load_note(info)}",
         "- Cramér–Rao bound (crb): RMSE column = RMS of the per-signal bound on std(T1), "
         "std(T2) over "
         + ("all test signals" if info.get("bound_signals") is None else
@@ -851,25 +875,10 @@ def _log_to_loggers(loggers, rows, figures, table_md) -> None:
             lg.save()
 
 
-def _make_loggers(cfg) -> list:
-    from omegaconf import DictConfig
-
-    loggers = []
-    for _, node in (cfg.get("logger") or {}).items():
-        if isinstance(node, DictConfig) and "_target_" in node:
-            extra = {}
-            if "WandbLogger" in node._target_:
-                extra = {"name": node.get("name") or "eval", "job_type": "eval"}
-            loggers.append(_instantiate(node, **extra))
-    return loggers
-
-
 def _finish(loggers) -> None:
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
+    from mrflight.loggers import finish_loggers
 
-        if wandb.run is not None:
-            wandb.finish()
+    finish_loggers(loggers)
 
 
 # ============================================================================ entry point
@@ -901,6 +910,14 @@ def run(cfg):
         from mrflight.maps import run_maps
 
         return run_maps(cfg)
+    if cfg.get("export"):
+        from mrflight.export import export_checkpoints
+
+        files = export_checkpoints(cfg.get("ckpt_path"), str(cfg.export),
+                                   Path(str(cfg.paths.output_dir)))
+        for f in files:
+            log.info("exported %s", f)
+        return files
     import matplotlib.pyplot as plt
     from omegaconf import OmegaConf
 
@@ -955,6 +972,7 @@ def run(cfg):
 
     rows, figures, arrays = [], {}, {}
     infos, reports = [], []
+    load_start = _load_average()
     for g in groups.values():
         data_cfg = g.description.pop("data_cfg", None)
         t0 = time.perf_counter()
@@ -966,13 +984,17 @@ def run(cfg):
     info = {"groups": infos, "settings": asdict(settings),
             "latency_repeats": settings.latency_repeats, "device": settings.device,
             "threads": torch.get_num_threads(), "bound_signals": settings.bound_signals,
+            "cores": os.cpu_count(), "load_average_start": load_start,
+            "load_average_end": _load_average(),
             "bound_kind": "magnitude" if settings.bound_magnitude else "complex",
             "complex_matching": settings.complex_matching,
             "mrflight_version": mrflight.__version__}
     extra = {k: [r for rep in reports for r in rep.get(k, [])]
              for k in ("efficiency", "efficiency_summary", "offgrid_b1", "robustness")}
     files = write_outputs(out_dir, rows, info, figures, arrays, extra)
-    loggers = _make_loggers(cfg)
+    from mrflight.loggers import build_eval_loggers, eval_runs
+
+    loggers = build_eval_loggers(cfg, eval_runs(groups.values()), asdict(settings))
     try:
         _log_to_loggers(loggers, rows, figures, (out_dir / "table.md").read_text())
     finally:

@@ -142,7 +142,7 @@ class MRFRegressor(L.LightningModule):
             "scheduler": scheduler, "target_scale_ms": target_scale_ms, "sequence": sequence,
             "input_mode": input_mode, "noise_std": noise_std, "targets": targets,
             "loss": loss, "bias_weight": float(bias_weight),
-        })
+        }, logger=False)  # loggers get a flat config from the pipeline, not the pulse arrays
         self.net = net_module
         self.targets = tuple(targets)
         self.register_buffer("target_scale", torch.tensor(target_scale_ms), persistent=False)

@@ -15,6 +15,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mrflight.loggers import build_loggers, finish_loggers, log_flat_config
+from mrflight.run_logging import (
+    configure_logging,
+    interactive,
+    quiet_fresh_checkpoint_dir,
+)
+
 __all__ = ["train", "evaluate", "check_config", "compose_config"]
 
 log = logging.getLogger("mrflight")
@@ -211,6 +218,44 @@ def _random_state_callback():
     return RandomState()
 
 
+def _callbacks(cfg: DictConfig, loggers) -> tuple[list, dict]:
+    """``cfg.callbacks`` instantiated; without a terminal the progress bar is left out (the
+    epoch summaries of :class:`mrflight.callbacks.EpochSummary` report progress instead)."""
+    from hydra.utils import instantiate
+
+    callbacks, trainer_kw = [], {}
+    for node in (cfg.get("callbacks") or {}).values():
+        if not (isinstance(node, DictConfig) and "_target_" in node):
+            continue
+        if not loggers and "LearningRateMonitor" in node._target_:
+            continue  # needs a logger
+        if "ProgressBar" in node._target_ and not interactive():
+            trainer_kw["enable_progress_bar"] = False
+            continue
+        callbacks.append(instantiate(node))
+    callbacks.append(_random_state_callback())
+    return callbacks, trainer_kw
+
+
+def _log_model_size(module) -> None:
+    n = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    log.info("model %s: %s parameters (%s trainable, %.2f MB)", type(module.net).__name__,
+             f"{n:,}", f"{trainable:,}", 4 * n / 2**20)
+
+
+def run_summary(trainer, metrics: dict) -> dict:
+    """Best validation loss and epoch, final and test metrics: the W&B run summary."""
+    out = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))}
+    cb = getattr(trainer, "checkpoint_callback", None)
+    if cb is not None and cb.best_model_score is not None:
+        out[f"best/{cb.monitor}"] = float(cb.best_model_score)
+        out["best/checkpoint"] = str(cb.best_model_path)
+    out["epochs"] = int(trainer.current_epoch)
+    out["global_step"] = int(trainer.global_step)
+    return out
+
+
 def _train(cfg: DictConfig) -> float | None:
     import lightning as L
     import torch
@@ -223,6 +268,7 @@ def _train(cfg: DictConfig) -> float | None:
     hc = _hydra_cfg()
     cfg, resume_from = _resume(cfg, hc)  # checks the checkpoint loads: nothing written yet
     check_config(cfg)
+    configure_logging()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     if cfg.get("seed") is not None:
@@ -250,37 +296,18 @@ def _train(cfg: DictConfig) -> float | None:
     if resume_from is not None:
         check_fits(module, resume_from)
 
-    # loggers: W&B name from the overrides, group from the sweep dir
-    loggers = []
-    for name, node in (cfg.get("logger") or {}).items():
-        if not (isinstance(node, DictConfig) and "_target_" in node):
-            continue
-        extra = {}
-        if "WandbLogger" in node._target_:
-            run_name = node.get("name") or (hc.job.override_dirname if hc else "") or "default"
-            group = node.get("group")
-            if group is None and hc is not None and str(hc.mode) == "RunMode.MULTIRUN":
-                group = Path(hc.sweep.dir).name
-            extra = {"name": run_name, "group": group}
-        loggers.append(instantiate(node, **extra))
-        log.info("logger %s -> %s", name, node._target_)
-    callbacks = []
-    for node in (cfg.get("callbacks") or {}).values():
-        if not (isinstance(node, DictConfig) and "_target_" in node):
-            continue
-        if not loggers and "LearningRateMonitor" in node._target_:
-            continue  # needs a logger
-        callbacks.append(instantiate(node))
-    callbacks.append(_random_state_callback())
+    loggers = build_loggers(cfg, hc)
+    callbacks, trainer_kw = _callbacks(cfg, loggers)
     # checkpoints written atomically (a full disk or a crash never leaves a truncated .ckpt)
-    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **plugins)
+    if not cfg.trainer.get("plugins"):
+        trainer_kw["plugins"] = [AtomicCheckpointIO()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_kw)
+    _log_model_size(module)
     if trainer.is_global_zero:
         continue_csv_logs(loggers, resume_from)
 
+    log_flat_config(loggers, cfg, hc)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    for lg in loggers:
-        lg.log_hyperparams({"config": resolved})
     if trainer.is_global_zero:
         from mrflight.matio import atomic_path
 
@@ -288,8 +315,10 @@ def _train(cfg: DictConfig) -> float | None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(ckpt_dir / "config.yaml") as tmp:
             OmegaConf.save(OmegaConf.create(resolved), tmp)
+        quiet_fresh_checkpoint_dir(ckpt_dir)
 
     metric = None
+    metrics: dict = {}
     try:
         if cfg.get("train", True):
             ckpt = str(resume_from[0]) if resume_from is not None else None
@@ -314,7 +343,7 @@ def _train(cfg: DictConfig) -> float | None:
         if trainer.is_global_zero:
             _write_metrics(output_dir, metrics)
     finally:
-        _finish_wandb(loggers)
+        finish_loggers(loggers, run_summary(trainer, metrics))
     return metric
 
 
@@ -343,14 +372,6 @@ def _log_best_checkpoint(trainer, loggers, best) -> None:
             if cfg_file.is_file():
                 art.add_file(str(cfg_file), name="config.yaml")
             lg.experiment.log_artifact(art, aliases=["best"])
-
-
-def _finish_wandb(loggers) -> None:
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
 
 
 def evaluate(cfg: DictConfig):

@@ -34,7 +34,7 @@ from mrflight.matio import atomic_path  # noqa: E402
 
 __all__ = ["RelaxationColormap", "relaxation_colormap", "log_remap_indices", "save_figure",
            "scatter_true_vs_pred", "error_vs_parameter", "parameter_maps", "figure_to_array",
-           "METHOD_LABELS"]
+           "METHOD_LABELS", "MIN_BIN_COUNT", "MAP_CAPTION"]
 
 METHOD_LABELS = {"lstm": "LSTM", "gru": "GRU", "ann": "ANN (DRONE)", "cnn": "1D CNN",
                  "matching": "dictionary matching", "matching_svd": "SVD matching",
@@ -227,6 +227,20 @@ def scatter_true_vs_pred(truth, predictions: dict, title: str = "",
     return fig
 
 
+#: bins of the error curves with fewer signals are not drawn (a sparse bin's RMSE is noise)
+MIN_BIN_COUNT = 20
+
+#: line styles and markers cycled over methods so that overlaid curves stay distinguishable
+_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"),
+           ((0, (3, 1, 1, 1)), "P"), ((0, (1, 1)), "X")]
+
+
+def _style(k: int) -> dict:
+    ls, marker = _STYLES[k % len(_STYLES)]
+    return {"color": f"C{k % 10}", "ls": ls, "marker": marker, "ms": 4, "mfc": "none",
+            "lw": 1.3}
+
+
 def _binned(x, y, edges, fn, min_count: int = 3):
     out = np.full(len(edges) - 1, np.nan)
     which = np.digitize(x, edges) - 1
@@ -237,9 +251,33 @@ def _binned(x, y, edges, fn, min_count: int = 3):
     return out
 
 
+def _counts(x, edges) -> np.ndarray:
+    return np.histogram(x[np.isfinite(x)], bins=edges)[0]
+
+
+def _count_bars(ax, edges, counts, min_count: int) -> None:
+    """Signals per bin as light bars on a secondary axis (sparse bins hatched)."""
+    tw = ax.twinx()
+    widths = np.diff(edges)
+    sparse = counts < min_count
+    tw.bar(edges[:-1], counts, width=widths, align="edge", color="0.85", zorder=0)
+    if sparse.any():
+        tw.bar(edges[:-1][sparse], counts[sparse], width=widths[sparse], align="edge",
+               color="none", edgecolor="0.6", hatch="//", zorder=0)
+    tw.set_ylim(0, max(1, counts.max()) * 4)  # bars in the lower quarter
+    tw.set_ylabel("signals per bin", color="0.5", fontsize=8)
+    tw.tick_params(axis="y", colors="0.5", labelsize=7)
+    ax.set_zorder(tw.get_zorder() + 1)
+    ax.patch.set_visible(False)
+
+
 def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
-                       title: str = "") -> Figure:
+                       title: str = "", min_count: int = MIN_BIN_COUNT) -> Figure:
     """Binned RMSE against true T1 and T2 (top row) and RMSE / Cramér–Rao bound (bottom row).
+
+    Every panel shows the number of signals per bin (grey bars, right axis); bins with fewer
+    than ``min_count`` signals are hatched and their RMSE is not drawn (a handful of signals
+    gives an RMSE that is mostly noise). Methods differ by colour, line style and marker.
 
     Args:
         truth: ``(N, 2)`` true T1, T2 (ms).
@@ -250,15 +288,16 @@ def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
             bound (1 = efficient), in coarser bins when the subset is small.
         n_bins: bins along each true parameter.
         title: figure title.
+        min_count: bins with fewer signals are not drawn.
     """
     truth = np.asarray(truth, dtype=np.float64)
     rows = 2 if bound is not None else 1
-    fig, axes = plt.subplots(rows, 2, figsize=(10, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2, figsize=(10.5, 3.8 * rows), squeeze=False)
     rms = lambda v: float(np.sqrt(np.nanmean(v**2)))
     if bound is not None:
         bound = np.asarray(bound, dtype=np.float64)
         has = np.isfinite(bound).all(1)
-        nb_bound = int(max(2, min(n_bins, has.sum() // 6)))
+        nb_bound = int(max(2, min(n_bins, has.sum() // (2 * min_count))))
     for i, unit in enumerate(("T1", "T2")):
         x = truth[:, i]
         edges = np.linspace(np.nanmin(x), np.nanmax(x) + 1e-9, n_bins + 1)
@@ -266,50 +305,68 @@ def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
         ax = axes[0, i]
         for k, (m, pred) in enumerate(predictions.items()):
             err = np.asarray(pred, dtype=np.float64)[:, i] - x
-            ax.plot(centres, _binned(x, err, edges, rms), marker="o", ms=3, label=_label(m),
-                    color=f"C{k}")
+            ax.plot(centres, _binned(x, err, edges, rms, min_count), label=_label(m),
+                    **_style(k))
         if bound is not None:
             eb = np.linspace(np.nanmin(x), np.nanmax(x) + 1e-9, nb_bound + 1)
             cb = 0.5 * (eb[1:] + eb[:-1])
-            rb = _binned(x[has], bound[has, i], eb, rms, min_count=2)
+            rb = _binned(x[has], bound[has, i], eb, rms, min_count)
             ax.plot(cb, rb, color="k", ls="--", marker="x", ms=4, label=_label("crb"))
             for k, (m, pred) in enumerate(predictions.items()):
                 err = np.asarray(pred, dtype=np.float64)[has, i] - x[has]
-                ratio = _binned(x[has], err, eb, rms, min_count=2) / rb
-                axes[1, i].plot(cb, ratio, marker="o", ms=3, color=f"C{k}", label=_label(m))
+                ratio = _binned(x[has], err, eb, rms, min_count) / rb
+                axes[1, i].plot(cb, ratio, label=_label(m), **_style(k))
             axes[1, i].axhline(1.0, color="k", ls="--", lw=0.8)
             axes[1, i].set_yscale("log")
             axes[1, i].set_xlabel(f"true {unit} (ms)")
             axes[1, i].set_ylabel(f"{unit} RMSE / bound" + (
                 f" ({int(has.sum())} signals)" if not has.all() else ""))
+            _count_bars(axes[1, i], eb, _counts(x[has], eb), min_count)
         ax.set_yscale("log")
         ax.set_xlabel(f"true {unit} (ms)")
         ax.set_ylabel(f"{unit} RMSE (ms)")
+        _count_bars(ax, edges, _counts(x, edges), min_count)
     axes[0, 0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    fig.text(0.01, 0.0, f"Grey bars: signals per bin (right axis); bins with fewer than "
+             f"{min_count} signals are hatched and not drawn.", fontsize=7, color="0.35",
+             va="top")
     return fig
+
+
+#: caption of the map figures (the colour-map jargon, out of the title)
+MAP_CAPTION = ("Colour maps: lipari (T1) and navia (T2), Crameri's scientific colour maps, with "
+               "the log-like processing recommended by Fuderer et al. 2024; black = no estimate. "
+               "Error maps: (predicted - true) / true.")
 
 
 def parameter_maps(truth: dict, maps: dict, mask=None, t1_range=(0.0, 3000.0),
                    t2_range=(0.0, 300.0), error_range: tuple[float, float] | None = None,
-                   title: str = "") -> Figure:
+                   title: str = "", outside=None, caption: str | None = MAP_CAPTION) -> Figure:
     """T1 and T2 maps of every method beside the truth, with error maps.
 
     Args:
         truth: ``{"t1_ms": (H, W), "t2_ms": (H, W)}``.
         maps: ``{method: {"t1_ms": (H, W), "t2_ms": (H, W)}}`` (NaN outside the object).
         mask: ``(H, W)`` bool; voxels outside are drawn black.
-        t1_range, t2_range: display levels (ms) of the processed lipari / navia maps.
+        t1_range, t2_range: display levels (ms) of the processed lipari / navia maps; truth
+            values above them are outlined and counted in the panel title.
         error_range: symmetric limits of the error maps as fractions of the true value
             (default +-50 %): errors are shown relative, ``(pred - true) / true``.
         title: figure title.
+        outside: ``(H, W)`` bool, voxels outside the training range (outlined in red on every
+            panel, and shown in the truth row).
+        caption: text under the figure (``None``: none).
 
     Returns:
         Figure with one row per method (first the truth) and columns T1, T1 error, T2, T2 error.
+        The truth row's error columns show which voxels lie above the display range (T1, T2)
+        and outside the training range.
     """
     from cmcrameri import cm
+    from matplotlib.colors import ListedColormap
 
     rows = [("truth", truth)] + list(maps.items())
     c1 = relaxation_colormap("T1", *t1_range)
@@ -317,6 +374,13 @@ def parameter_maps(truth: dict, maps: dict, mask=None, t1_range=(0.0, 3000.0),
     elim = error_range or (-0.5, 0.5)
     fig, axes = plt.subplots(len(rows), 4, figsize=(13, 2.9 * len(rows)), squeeze=False,
                              layout="constrained")
+    outside = None if outside is None else np.asarray(outside, dtype=bool)
+    flag = ListedColormap([(0, 0, 0, 0), (0.85, 0.1, 0.1, 1.0)])
+
+    def outline(ax):
+        if outside is not None and outside.any():
+            ax.contour(outside.astype(float), levels=[0.5], colors="red", linewidths=0.8)
+
     for r, (name, mp) in enumerate(rows):
         for c, (key, cmap) in enumerate((("t1_ms", c1), ("t2_ms", c2))):
             v = np.asarray(mp[key], dtype=np.float64)
@@ -324,11 +388,24 @@ def parameter_maps(truth: dict, maps: dict, mask=None, t1_range=(0.0, 3000.0),
                 v = np.where(mask, v, np.nan)
             ax = axes[r, 2 * c]
             im = ax.imshow(cmap.prepare(v), cmap=cmap, norm=cmap.norm, interpolation="nearest")
-            fig.colorbar(im, ax=ax, shrink=0.85, label="ms")
-            ax.set_title(f"{_label(name)}: {key[:2].upper()} (ms)", fontsize=9)
+            fig.colorbar(im, ax=ax, shrink=0.85, label="ms", extend="max")
+            label = f"{_label(name)}: {key[:2].upper()} (ms)"
+            above = np.isfinite(v) & (v > cmap.vmax)
+            if name == "truth" and above.any():
+                label += f", {int(above.sum())} voxels > {cmap.vmax:g}"
+            ax.set_title(label, fontsize=9)
+            outline(ax)
             ax = axes[r, 2 * c + 1]
             if name == "truth":
-                ax.axis("off")
+                # not empty: where the truth leaves the display range (and the training range)
+                show = above.astype(float) if outside is None else np.maximum(above, outside)
+                ax.imshow(np.where(np.isfinite(v), show, np.nan), cmap=flag, vmin=0, vmax=1,
+                          interpolation="nearest")
+                ax.set_facecolor("0.9")
+                what = f"{key[:2].upper()} > {cmap.vmax:g} ms"
+                if outside is not None:
+                    what += " or outside training range"
+                ax.set_title(f"truth: {what} (red)", fontsize=8)
                 continue
             t = np.asarray(truth[key], dtype=np.float64)
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -337,11 +414,21 @@ def parameter_maps(truth: dict, maps: dict, mask=None, t1_range=(0.0, 3000.0),
                            interpolation="nearest")
             fig.colorbar(im, ax=ax, shrink=0.85, label="(pred - true) / true")
             ax.set_title(f"{_label(name)}: {key[:2].upper()} rel. error", fontsize=9)
+            outline(ax)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
         fig.suptitle(title)
+    notes = []
+    if outside is not None and outside.any():
+        notes.append(f"Red outline: {int(outside.sum())} voxels whose true T1 or T2 lies outside "
+                     "the training range (every method extrapolates there).")
+    if caption:
+        notes.append(caption)
+    if notes:
+        fig.text(0.01, -0.005, "\n".join(notes), fontsize=7, color="0.3", va="top",
+                 wrap=True)
     return fig
 
 

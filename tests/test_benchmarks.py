@@ -13,6 +13,8 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import eval_threads  # noqa: E402
+import export_speed  # noqa: E402
 import inference_speed  # noqa: E402
 import training_speed  # noqa: E402
 
@@ -138,3 +140,13 @@ def test_run_all_quick_writes_one_summary(tmp_path):
         assert area in text
     assert "n/a (pass --run-dir)" in text
     assert "## Inference speed" in written  # each section's own table follows the summary
+
+
+def test_export_and_eval_thread_scripts_run_on_tiny_sizes():
+    rows = export_speed.measure(("ann",), n=32, repeats=1, input_length=100)
+    assert rows[0]["ort"] > 0 and rows[0]["torch"] > 0 and rows[0]["max_rel_diff"] < 1e-4
+    parts = eval_threads._parts(200, 20, 4, n_pulses=70)
+    assert set(parts) == {"exhaustive matching", "SVD matching (rank 25)", "Cramér–Rao bound",
+                          "GRU predict_parameters"}
+    for fn in parts.values():
+        fn()

@@ -128,3 +128,46 @@ def test_config_checks_name_the_setting(tmp_path, name, overrides, expect):
     cfg = compose_config([*extra, *overrides], output_dir=tmp_path, config_name=name)
     with pytest.raises(ValueError, match=expect):
         (check_config if name == "train" else check_runtime)(cfg)
+
+
+@pytest.mark.parametrize("script,override,expect", [
+    ("train.py", "trainer.max_epoch=3", "did you mean trainer.max_epochs?"),
+    ("eval.py", "ckpt_paht=x", "did you mean ckpt_path?"),
+    ("eval.py", "model=gru", "model= is a train.py option"),
+])
+def test_mistyped_key_suggests_the_close_name(tmp_path, script, override, expect):
+    line = _one_error_line(_run(script, [override], tmp_path))
+    assert expect in line, line
+    assert "To append to your config" not in line
+
+
+def _help_groups(text: str) -> dict[str, set]:
+    block = text.split("Config groups")[1].split("\n\n")[0].splitlines()[1:]
+    out = {}
+    for ln in block:
+        group, opts = ln.split(None, 1)
+        out[group] = {o.split()[0] for o in opts.split(", ")}
+    return out
+
+
+def test_help_is_short_and_lists_the_groups_each_command_accepts(tmp_path):
+    from mrflight.errors import _primary_groups
+    from mrflight.pipeline import CONFIG_DIR
+
+    for script, name in (("train.py", "train"), ("eval.py", "eval")):
+        r = _run(script, ["--help"], tmp_path)
+        assert r.returncode == 0 and "Common commands" in r.stdout, r.stdout + r.stderr
+        groups = _help_groups(r.stdout)
+        for group, opts in groups.items():  # every listed option exists, and every file is listed
+            assert opts == {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}, group
+        accepted = set(_primary_groups(name)) - {"paths"}
+        assert set(groups) - {"hydra/launcher"} == accepted, (name, set(groups))
+    assert "model" not in _help_groups(r.stdout)  # eval's help
+
+
+def test_failed_run_writes_the_error_into_its_log(tmp_path):
+    out = tmp_path / "run"
+    r = _run("train.py", [*TINY, "data.noise_std=-1", f"hydra.run.dir={out}"], tmp_path)
+    line = _one_error_line(r)
+    log = (out / "train.log").read_text()
+    assert line in log and "Traceback" in log  # the traceback in the log, not on the console

@@ -93,8 +93,6 @@ def test_experiment_oksuz2019_is_the_paper_protocol(tmp_path):
 @pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"),
                                              ("parallel", "JoblibLauncher")])
 def test_launchers_compose(tmp_path, launcher, target):
-    pytest.importorskip(f"hydra_plugins.hydra_{'submitit' if launcher == 'slurm' else 'joblib'}"
-                        "_launcher")
     cfg = compose_config([f"hydra/launcher={launcher}"], output_dir=tmp_path,
                          return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)

@@ -171,3 +171,15 @@ def test_settings_validation():
     with pytest.raises(ValueError, match="latency_repeats"):
         EvalSettings(latency_repeats=1)
     assert EvalSettings(noise_levels=[0.005, 0.01, 0.02]).plot_noise_std == 0.01
+
+
+def test_table_states_threads_and_machine_load(tmp_path):
+    from mrflight.evaluation import _table_md
+
+    info = {"threads": 1, "cores": 2, "latency_repeats": 3, "device": "cpu",
+            "load_average_start": [3.5, 2.0, 1.0], "load_average_end": [1.2, 1.0, 1.0]}
+    text = _table_md([], info)
+    assert "(1 threads); machine load (1-min load average) 3.50 at the start and 1.20 at the " \
+           "end, on 2 cores (more runnable threads than cores" in text
+    # measured default (benchmarks/eval_threads.py): one thread
+    assert compose_config(output_dir=tmp_path, config_name="eval").threads == 1

@@ -105,3 +105,38 @@ def test_figures_written(tmp_path):
     centres = ax.lines[0].get_xdata()
     ok = np.isfinite(lstm)
     assert np.allclose(lstm[ok], 0.05 * centres[ok], rtol=0.15)
+
+
+def test_error_curves_show_counts_hide_sparse_bins_and_differ_in_style():
+    rng = np.random.default_rng(1)
+    # a dense low-T1 cluster and a handful of signals at high T1
+    truth = np.concatenate([rng.uniform([100, 10], [1500, 200], (600, 2)),
+                            rng.uniform([2800, 10], [3000, 200], (5, 2))])
+    preds = {"matching": truth * 1.1, "matching_svd": truth * 1.1}  # identical curves
+    fig = error_vs_parameter(truth, preds, n_bins=15)
+    ax = fig.axes[0]
+    a, b = ax.lines[0], ax.lines[1]
+    assert (a.get_linestyle(), a.get_marker()) != (b.get_linestyle(), b.get_marker())
+    y = a.get_ydata()
+    assert np.isfinite(y[0]) and np.isnan(y[-1])  # the 5-signal bin is not drawn
+    twins = [t for t in fig.axes if t is not ax and t.get_shared_x_axes().joined(t, ax)]
+    heights = [p.get_height() for p in twins[0].patches]
+    assert sum(heights[:15]) == 605  # signals per bin drawn as bars
+    assert "fewer than 20 signals" in " ".join(t.get_text() for t in fig.texts)
+
+
+def test_phantom_figure_flags_out_of_range_tissue_and_keeps_jargon_in_the_caption():
+    t1 = np.full((16, 16), 1000.0)
+    t2 = np.full((16, 16), 80.0)
+    t2[4:8, 4:8] = 1650.0  # CSF-like: above the display and the training range
+    outside = t2 > 500
+    fig = parameter_maps({"t1_ms": t1, "t2_ms": t2}, {"gru": {"t1_ms": t1, "t2_ms": t2 * 0.2}},
+                         outside=outside, title="brain phantom")
+    panels = fig.axes[::1]
+    images = [ax for ax in panels if ax.images]
+    assert len(images) >= 8  # 2 rows x 4 panels, none empty
+    titles = " ".join(ax.get_title() for ax in panels)
+    assert "16 voxels > 300" in titles
+    texts = " ".join(t.get_text() for t in fig.texts)
+    assert "Fuderer" in texts and "outside the training range" in texts
+    assert "Fuderer" not in fig._suptitle.get_text()

@@ -205,6 +205,17 @@ def test_multirun_two_models_subprocess(tmp_path):
     assert not list(tmp_path.glob("outputs"))
 
 
+def test_optuna_sweep_runs(tmp_path):
+    # the README's `hparams_search=optuna`, two one-epoch trials (the sweeper is in .[dev])
+    optuna = tmp_path / "optuna"
+    r = _sub(["hparams_search=optuna", *TINY, "logger=csv",
+              "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+              "trainer.max_epochs=1", f"hydra.sweep.dir={optuna}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _check_jobs(optuna, 2)
+    assert "best_value" in (optuna / "optimization_results.yaml").read_text()
+
+
 @pytest.mark.slow
 def test_multirun_four_models_and_sweeps(tmp_path):
     sweep = tmp_path / "models"

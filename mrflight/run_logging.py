@@ -1,0 +1,96 @@
+"""Console and log-file hygiene for ``train.py`` and ``eval.py``.
+
+Hydra configures the root logger (a console handler and ``<output_dir>/<task>.log``). Lightning
+adds its own console handler to the ``lightning`` logger at import, so each Lightning INFO line
+appeared twice; :func:`configure_logging` removes those handlers (Lightning's records then reach
+the console and the log file once, through Hydra's handlers), drops Lightning's product adverts
+and silences warnings that a user cannot act on (listed in :data:`QUIET_WARNINGS`).
+
+:func:`log_to_file` writes a record to the log file(s) only (used for the error that ends a run
+and for the epoch summaries while a progress bar owns the terminal); :func:`interactive` says
+whether stdout is a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+__all__ = ["configure_logging", "log_to_file", "interactive", "QUIET_WARNINGS"]
+
+log = logging.getLogger("mrflight")
+
+#: ``(message regex, category)`` of library warnings no user can act on
+QUIET_WARNINGS = (
+    # torch deprecates LeafSpec; Lightning's pytree copy still builds one on every batch
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning),
+)
+
+_ADVERTS = ("💡 Tip:",)
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_ADVERTS)
+
+
+def interactive() -> bool:
+    """True when stdout is a terminal (progress bars); False under Slurm, nohup, CI, pipes."""
+    try:
+        return bool(sys.stdout.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def configure_logging() -> None:
+    """One line per Lightning message, no adverts, no warnings nobody can act on (idempotent)."""
+    root = logging.getLogger()
+    if root.handlers:
+        # Hydra (or the user) configured the root: Lightning's own handlers only duplicate it
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
+                     "lightning_fabric"):
+            lg = logging.getLogger(name)
+            for h in list(lg.handlers):
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    lg.removeHandler(h)
+            lg.propagate = True
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdverts) for f in lg.filters):
+            lg.addFilter(_DropAdverts())
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def _file_handlers() -> list[logging.FileHandler]:
+    return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+
+def log_to_file(level: int, msg: str, *args, exc_info=None, logger: logging.Logger = log) -> bool:
+    """Write one record to the root logger's log files only (not the console).
+
+    Returns:
+        False when no log file is configured (nothing written).
+    """
+    handlers = _file_handlers()
+    if not handlers or not logger.isEnabledFor(level):
+        return False
+    record = logger.makeRecord(logger.name, level, "(mrflight)", 0, msg, args, exc_info)
+    for h in handlers:
+        if record.levelno >= h.level:
+            h.handle(record)
+    return True
+
+
+def quiet_fresh_checkpoint_dir(ckpt_dir) -> None:
+    """Silence Lightning's "checkpoint directory exists and is not empty" warning for a fresh
+    run, whose ``checkpoints/`` holds only the ``config.yaml`` mrflight wrote there first; a
+    directory with earlier checkpoints (a reused run dir) still warns."""
+    import re
+    from pathlib import Path
+
+    d = Path(ckpt_dir)
+    if d.is_dir() and {p.name for p in d.iterdir()} <= {"config.yaml"}:
+        warnings.filterwarnings(
+            "ignore", message=rf"Checkpoint directory {re.escape(str(d))} exists and is not empty")

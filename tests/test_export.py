@@ -1,0 +1,114 @@
+"""Exported models (ONNX via onnxruntime, TorchScript) give predict_parameters' outputs."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from omegaconf import open_dict
+
+import mrflight
+from mrflight.export import export_onnx, export_torchscript
+from mrflight.physics import Sequence, simulate
+from mrflight.pipeline import compose_config, evaluate, train
+
+
+def _train(root, *overrides):
+    cfg = compose_config(["debug=tiny", "logger=none", "trainer.max_epochs=1",
+                          "~callbacks.rich_progress_bar", *overrides], output_dir=root)
+    with open_dict(cfg):
+        cfg.paths.cache_dir = None
+    train(cfg)
+    return next((root / "checkpoints").glob("epoch_*.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def gru_ckpt(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("gru"), "model=gru")
+
+
+def _signals(module, n=7):
+    seq = Sequence.from_dict(module.hparams.sequence)
+    g = torch.Generator().manual_seed(3)
+    t1 = 300 + 2500 * torch.rand(n, generator=g, dtype=torch.float64)
+    t2 = 20 + 0.1 * t1 * torch.rand(n, generator=g, dtype=torch.float64)
+    x = simulate(seq, t1, t2)
+    return x + 0.01 * torch.randn(x.shape, generator=g, dtype=x.dtype) * x.abs().max()
+
+
+def _close(out, ref):
+    assert np.all(np.abs(out - ref) <= 1e-4 * np.abs(ref)), (out, ref)
+
+
+def test_onnx_matches_predict_parameters_at_any_scale_and_batch(gru_ckpt, tmp_path):
+    module = mrflight.load_checkpoint(gru_ckpt)
+    path = export_onnx(module, tmp_path / "gru.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = _signals(module)
+    ref = module.predict_parameters(x).numpy()
+    assert ref.shape == (7, 2)
+    mag = x.abs().double()
+    for scale in (1.0, 1e-30, 1e30):  # float32 range ends: normalised inside, no under/overflow
+        out = sess.run(None, {"fingerprints": (mag * scale).float().numpy()})[0]
+        _close(out, ref)
+    one = sess.run(None, {"fingerprints": mag[:1].float().numpy()})[0]  # another batch size
+    _close(one, ref[:1])
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["sequence"] == module.hparams.sequence["name"]
+    assert (meta["parameter_names"], meta["units"]) == ("t1,t2", "ms,ms")
+    assert int(meta["n_timepoints"]) == module.input_length
+    assert json.loads(meta["sequence_json"])["name"] == meta["sequence"]
+    zero = sess.run(None, {"fingerprints": np.zeros((1, module.input_length), np.float32)})[0]
+    assert np.isnan(zero).all()  # as predict_parameters: an all-zero fingerprint has no answer
+
+
+def test_torchscript_matches_predict_parameters(gru_ckpt, tmp_path):
+    module = mrflight.load_checkpoint(gru_ckpt)
+    path = export_torchscript(module, tmp_path / "gru.pt")
+    extra = {"metadata.json": ""}
+    loaded = torch.jit.load(str(path), _extra_files=extra)
+    x = _signals(module)
+    with torch.no_grad():
+        out = loaded(x.abs().float() * 1e-20).numpy()
+    _close(out, module.predict_parameters(x).numpy())
+    assert json.loads(extra["metadata.json"])["units"] == "ms,ms"
+
+
+def test_complex_input_model_takes_real_and_imaginary_parts(tmp_path):
+    ckpt = _train(tmp_path / "run", "model=ann", "data.input_mode=complex")
+    module = mrflight.load_checkpoint(ckpt)
+    sess = ort.InferenceSession(str(export_onnx(module, tmp_path / "ann.onnx")))
+    x = _signals(module) * (0.3 - 0.7j)
+    inp = torch.stack([x.real, x.imag], dim=1).float().numpy() * 1e25
+    assert inp.shape == (7, 2, module.input_length)
+    _close(sess.run(None, {"fingerprints": inp})[0], module.predict_parameters(x).numpy())
+
+
+def test_eval_export_writes_into_the_output_dir(gru_ckpt, tmp_path):
+    out = tmp_path / "export"
+    cfg = compose_config([f"ckpt_path={gru_ckpt.parent.parent}", "export=onnx"],
+                         output_dir=out, config_name="eval")
+    files = evaluate(cfg)
+    assert files == [out / "gru.onnx"] and files[0].is_file()
+    cfg = compose_config([f"ckpt_path={gru_ckpt}", "export=tflite"], output_dir=out,
+                         config_name="eval")
+    with pytest.raises(ValueError, match="onnx, torchscript"):
+        evaluate(cfg)
+
+
+@pytest.mark.parametrize("model", ["lstm", "gru", "ann", "cnn"])
+def test_every_default_model_exports(tmp_path, model):
+    # untrained default nets (the CNN's adaptive pool is exported as a fixed matrix)
+    from hydra.utils import instantiate
+
+    from mrflight.lit import MRFRegressor
+
+    cfg = compose_config([f"model={model}"], output_dir=tmp_path)
+    module = MRFRegressor(instantiate(cfg.model, input_length=350)).eval()
+    sess = ort.InferenceSession(str(export_onnx(module, tmp_path / "m.onnx")))
+    x = torch.rand(5, 350) + 0.1
+    out = sess.run(None, {"fingerprints": x.numpy()})[0]
+    ref = module.predict_parameters(x).numpy()
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
