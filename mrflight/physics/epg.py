@@ -585,11 +585,16 @@ def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, wrt=("t1", "t2"),
         if _real_ok:  # the caller takes real float64 (the signal of this path is real)
             return x, jac
         return x.to(torch.complex128), jac.to(torch.complex128)
+    return _jacobian_forward_ad(seq, t1, t2, b, wrt, tol, device, chunk_size, rate)
+
+
+def _jacobian_forward_ad(seq, t1, t2, b, wrt, tol, device, chunk_size, rate):
+    """Value and derivatives by ``wrt`` through forward-mode autograd (the general path)."""
     import torch.autograd.forward_ad as fwad
 
     xs, js = [], []
     p = len(wrt)
-    for s in range(0, n, chunk_size):
+    for s in range(0, t1.numel(), chunk_size):
         chunk = {"t1": t1[s: s + chunk_size], "t2": t2[s: s + chunk_size],
                  "b1": b[s: s + chunk_size]}
         m = chunk["t1"].numel()
