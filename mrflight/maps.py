@@ -160,6 +160,9 @@ class MapResult:
         norm: float32 map of the fingerprint L2 norms (NaN where not computed).
         time_axis: the time axis of the input.
         mask_info: how the mask was made (method, threshold).
+        b1: float32 map of the flip-angle scale (ratio to nominal) where the method estimates
+            it (a network trained with B1 as a target, a dictionary with a B1 column), else
+            ``None``; NaN outside the mask.
     """
 
     t1_ms: np.ndarray
@@ -169,6 +172,7 @@ class MapResult:
     norm: np.ndarray
     time_axis: int
     mask_info: dict = field(default_factory=dict)
+    b1: np.ndarray | None = None
 
 
 # ============================================================================ reconstructors
@@ -231,9 +235,10 @@ class MatchingReconstructor:
         return cls(matcher, seq, source)
 
     def __call__(self, signals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(N, T)`` fingerprints -> (``(N, 2)`` T1, T2 in ms, ``(N,)`` M0), float32 numpy."""
+        """``(N, T)`` fingerprints -> (``(N, P)`` T1, T2 in ms[, B1], ``(N,)`` M0), float32
+        numpy; B1 where the dictionary has a third (B1) column."""
         params, m0 = self.matcher.match(_to_torch(signals, self.matcher.device), return_m0=True)
-        return (params[:, :2].float().cpu().numpy(),
+        return (params[:, :3].float().cpu().numpy(),
                 m0.abs().float().cpu().numpy())
 
     def describe(self) -> dict:
@@ -285,10 +290,11 @@ class NetworkReconstructor:
 
     @torch.no_grad()
     def __call__(self, signals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(N, T)`` fingerprints -> (``(N, 2)`` T1, T2 in ms, ``(N,)`` M0), float32 numpy."""
+        """``(N, T)`` fingerprints -> (``(N, P)`` T1, T2 in ms[, B1], ``(N,)`` M0), float32
+        numpy; B1 (ratio to nominal) for networks that estimate it."""
         s = _to_torch(signals, self._device())
         pred = self.module.predict_parameters(s)
-        pred = torch.as_tensor(pred).detach().float().cpu()[:, :2].clamp_min(0.0)
+        pred = torch.as_tensor(pred).detach().float().cpu()[:, :3].clamp_min(0.0)
         pred[~torch.isfinite(pred)] = float("nan")  # an overflowed output is no estimate
         params = pred.numpy()
         if not self.compute_m0:
@@ -296,7 +302,8 @@ class NetworkReconstructor:
         ok = torch.isfinite(pred).all(1)
         m0 = torch.full((len(pred),), float("nan"))
         if bool(ok.any()):
-            sim = simulate(self.sequence, pred[ok, 0], pred[ok, 1])
+            b1 = pred[ok, 2] if pred.shape[1] > 2 else None
+            sim = simulate(self.sequence, pred[ok, 0], pred[ok, 1], b1)
             m0[ok] = least_squares_m0(s[ok.to(s.device)].cpu(), sim)
         return params, m0.numpy()
 
@@ -600,6 +607,7 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
     t1 = np.full(sshape, np.nan, np.float32)
     t2 = np.full(sshape, np.nan, np.float32)
     m0 = np.full(sshape, np.nan, np.float32)
+    b1 = None  # created when the method returns a B1 column
     blocks = list(_iter_blocks(shape, t_ax, slice_axis, row_axis, rows))
     total_bytes = itemsize * int(np.prod(shape, dtype=np.int64))
     cache: dict[int, np.ndarray] | None = {} if total_bytes <= block_mb * 2**20 else None
@@ -650,14 +658,21 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
                 out_t1 = np.full(mblk.size, np.nan, np.float32)
                 out_t2 = out_t1.copy()
                 out_m0 = out_t1.copy()
+                out_b1 = out_t1.copy()
                 for c in range(0, len(sel), chunk_voxels):
                     p, a = rec(sig[c: c + chunk_voxels])
                     j = sel[c: c + chunk_voxels]
                     out_t1[j], out_t2[j], out_m0[j] = p[:, 0], p[:, 1], a
+                    if p.shape[1] > 2:
+                        if b1 is None:
+                            b1 = np.full(sshape, np.nan, np.float32)
+                        out_b1[j] = p[:, 2]
                 bshape = t1[sp].shape
                 t1[sp] = out_t1.reshape(bshape)
                 t2[sp] = out_t2.reshape(bshape)
                 m0[sp] = out_m0.reshape(bshape)
+                if b1 is not None:
+                    b1[sp] = out_b1.reshape(bshape)
                 if mask is not None:
                     nb = np.full(mblk.size, np.nan, np.float32)
                     nb[sel] = nrm[good]
@@ -671,9 +686,9 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
         warnings.warn(f"{n_bad} masked voxel(s) had all-zero or non-finite fingerprints; their "
                       "maps are NaN", RuntimeWarning, stacklevel=3)
     final_mask = mask_arr & np.isfinite(t1) & np.isfinite(t2)
-    for arr in (t1, t2, m0):
+    for arr in (t1, t2, m0) + (() if b1 is None else (b1,)):
         arr[~final_mask] = np.nan
-    return MapResult(t1, t2, m0, final_mask, norm, t_ax, info)
+    return MapResult(t1, t2, m0, final_mask, norm, t_ax, info, b1)
 
 
 # ============================================================================ writing
@@ -741,6 +756,9 @@ def _cmap_and_values(kind: str, v: np.ndarray):
             return cmap, Normalize(lo, hi), lambda x: x
     import matplotlib.pyplot as plt
 
+    if kind == "B1":  # ratio to nominal: a fixed diverging scale centred on 1
+        return (plt.get_cmap("RdBu_r").with_extremes(bad="black"), Normalize(0.6, 1.4),
+                lambda x: x)
     fin = v[np.isfinite(v)]
     hi = float(np.percentile(fin, 99)) if fin.size else 1.0
     return (plt.get_cmap("gray").with_extremes(bad="black"), Normalize(0.0, hi if hi > 0 else 1.0),
@@ -815,6 +833,8 @@ def write_maps(result: MapResult, out_dir, stem: str, *, source: SeriesSource | 
         "T2map": (result.t2_ms, "s", 1e-3, "ms", f"{stem}_T2map_ms.npy"),
         "M0map": (result.m0, "arbitrary", 1.0, "arbitrary", f"{stem}_M0map.npy"),
     }
+    if result.b1 is not None:  # BIDS TB1map: the flip-angle scale, ratio to nominal
+        maps["TB1map"] = (result.b1, "1", 1.0, "ratio", f"{stem}_TB1map.npy")
     for suffix, (arr_ms, unit, scale, npy_unit, npy_name) in maps.items():
         nii = out / f"{stem}_{suffix}.nii.gz"
         _save_nifti(nii, arr_ms * scale, affine, header, image_class)
@@ -828,14 +848,16 @@ def write_maps(result: MapResult, out_dir, stem: str, *, source: SeriesSource | 
                      "Description": {"T1map": "longitudinal relaxation time T1",
                                      "T2map": "transverse relaxation time T2",
                                      "M0map": "proton density scale M0 (input intensity per "
-                                              "unit of simulated fingerprint)"}[suffix],
+                                              "unit of simulated fingerprint)",
+                                     "TB1map": "flip-angle scale B1 (actual / nominal flip "
+                                               "angle)"}[suffix],
                      "BackgroundValue": "NaN"})
         js = out / f"{stem}_{suffix}.json"
         _save_json(js, side)
         written[f"{suffix}.json"] = js
         if previews:
             png = out / f"{stem}_{suffix}.png"
-            kind = suffix[:2] if suffix != "M0map" else "M0"
+            kind = {"M0map": "M0", "TB1map": "B1"}.get(suffix, suffix[:2])
             _save_preview(png, arr_ms, kind, npy_unit, f"{stem} {suffix[:2]} ({npy_unit})",
                           header is not None)
             written[f"{suffix}.png"] = png

@@ -169,6 +169,21 @@ def test_train_simulated_end_to_end(tmp_path):
                  [1.0, 0.9])
     out = module.predict_parameters(x)
     assert out.shape == (2, 3) and torch.isfinite(out).all()
+    # maps of a series from a B1-estimating network carry a TB1map beside T1/T2/M0
+    from mrflight.maps import NetworkReconstructor, make_maps
+
+    seq = oksuz2019(n_pulses=100, lobe_length=20)
+    t1 = torch.tensor([[800.0, 1200.0], [400.0, 2000.0]]).reshape(-1)
+    t2 = torch.tensor([[60.0, 90.0], [40.0, 200.0]]).reshape(-1)
+    b1 = torch.tensor([[0.9, 1.0], [1.1, 0.8]]).reshape(-1)
+    series = simulate(seq, t1, t2, b1).abs().reshape(2, 2, -1).numpy()
+    np.save(tmp_path / "series.npy", series)
+    files = make_maps(tmp_path / "series.npy", NetworkReconstructor(module), tmp_path / "maps",
+                      mask=np.ones((2, 2), bool))
+    assert "TB1map.nii.gz" in files and "TB1map.json" in files
+    b1map = np.load(files["TB1map.npy"])
+    expect = module.predict_parameters(series.reshape(4, -1))[:, 2].reshape(2, 2).numpy()
+    assert np.allclose(b1map, expect, rtol=1e-5)
 
 
 def test_preprocess_unchanged_for_magnitude():
