@@ -439,8 +439,11 @@ def main() -> int:
     text = f"# GPU check\n\n{head}\n- total {total:.0f} s\n\n{table()}\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.md").write_text(text)
-    (out / "gpu_check.json").write_text(json.dumps(ROWS, indent=1))
+    from mrflight.matio import atomic_path
+
+    for name, body in (("gpu_check.md", text), ("gpu_check.json", json.dumps(ROWS, indent=1))):
+        with atomic_path(out / name) as tmp:
+            Path(tmp).write_text(body)
     print(f"\n{text}\nwritten to {out / 'gpu_check.md'}", flush=True)
     return 0
 

@@ -64,8 +64,30 @@ class Deployable(nn.Module):
         norm = torch.sqrt(torch.sum(x * x, dim=dims, keepdim=True))
         ok = norm.reshape(-1, 1) > 0
         x = x / torch.where(norm > 0, norm, torch.ones_like(norm))
+        if self.complex_input:
+            x = _align_phase_channels(x)
         out = self.net(x) * self.target_scale
         return torch.where(ok, out, torch.full_like(out, float("nan")))  # all-zero: NaN
+
+
+def _align_phase_channels(x: torch.Tensor) -> torch.Tensor:
+    """:func:`mrflight.data.datamodule.align_phase` on ``(N, 2, T)`` real/imaginary channels,
+    in real arithmetic (ONNX has no complex type): the phase ``phi`` of ``sum_t x_t^2 = a + ib``
+    by the half-angle formulas, a rotation by ``-phi``, then the sign that makes
+    ``sum_t Re(x_t) |Re(x_t)| >= 0``."""
+    re, im = x[:, 0], x[:, 1]
+    a = torch.sum(re * re - im * im, dim=1, keepdim=True)
+    b = 2.0 * torch.sum(re * im, dim=1, keepdim=True)
+    r = torch.sqrt(a * a + b * b)
+    c2 = torch.where(r > 0, a / torch.where(r > 0, r, torch.ones_like(r)), torch.ones_like(r))
+    cos = torch.sqrt(torch.clamp(0.5 * (1.0 + c2), min=0.0))
+    sin = torch.sqrt(torch.clamp(0.5 * (1.0 - c2), min=0.0))
+    sin = torch.where(b < 0, -sin, sin)
+    re2 = re * cos + im * sin
+    im2 = im * cos - re * sin
+    sign = torch.where(torch.sum(re2 * torch.abs(re2), dim=1, keepdim=True) < 0,
+                       -torch.ones_like(a), torch.ones_like(a))
+    return torch.stack([re2 * sign, im2 * sign], dim=1)
 
 
 def parameter_names(module) -> list[str]:

@@ -27,7 +27,11 @@ def test_default_config_and_sequence(tmp_path):
     seq = instantiate(cfg.sequence)
     assert len(seq) == 1750 and seq.name == "oksuz2019"
     assert cfg.model._target_.endswith("GRURegressor") and cfg.seed == 12345
-    assert cfg.data.noise_std == 0.01 and cfg.paths.cache_dir.startswith(str(tmp_path / "cache"))
+    # the default data: fresh simulated batches with B1 and a noise range
+    assert cfg.data._target_.endswith("SimulatedDataModule")
+    assert list(cfg.data.noise_std) == [0.005, 0.03] and list(cfg.data.b1_range) == [0.7, 1.3]
+    assert list(cfg.data.targets) == ["t1", "t2", "b1"]
+    assert cfg.paths.cache_dir.startswith(str(tmp_path / "cache"))
     assert cfg.callbacks.early_stopping.min_delta_rel == 0.005
     assert set(cfg.logger) == {"csv", "wandb"}
 

@@ -65,7 +65,8 @@ def test_eval_writes_every_output_with_finite_values(tiny_run, tmp_path):
     assert figs == sorted(["scatter_paper_noise0.01.png", "scatter_offgrid_noise0.01.png",
                            "error_vs_t1_t2_paper_noise0.01.png",
                            "error_vs_t1_t2_offgrid_noise0.01.png",
-                           "phantom_brain.png", "phantom_nist.png"])
+                           "phantom_brain.png", "phantom_nist.png",
+                           "efficiency_oksuz2019.png"])
     for name in ("brain", "nist"):
         z = np.load(out / "phantoms" / f"{name}.npz")
         mask = z["mask"]

@@ -14,7 +14,7 @@ split, the next ``n_train`` the **training part** (all the rest when ``n_train``
 first ``round(val_fraction * n_train)`` of the training part form the **validation** split, the
 remainder the **train** split. The paper's protocol is ``n_train=100000, n_test=5000``.
 
-Noise (DESIGN.md section 3, :func:`mrflight.physics.add_noise`): the complex fingerprint is
+Noise (:func:`mrflight.physics.add_noise`, the model used everywhere): the complex fingerprint is
 L2-normalised and complex Gaussian noise of std ``noise_std`` is added to its real and imaginary
 parts. Training batches carry the clean normalised complex fingerprints and get **fresh noise in
 every batch** in :meth:`FingerprintDataModule.on_after_batch_transfer` (so on the training device,
