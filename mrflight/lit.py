@@ -250,7 +250,14 @@ class MRFRegressor(L.LightningModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batch_size = int(batch_size)
         if not x.is_complex():
-            x = x.to(torch.float32)
+            if self.hparams.input_mode == "complex":
+                warnings.warn("this model was trained on complex fingerprints but got real "
+                              "ones: a magnitude has lost the sign changes of the signal, so "
+                              "its estimates are biased; pass the complex series, or use a "
+                              "model trained with data.input_mode=magnitude", RuntimeWarning,
+                              stacklevel=2)
+            if x.dtype != torch.float64:
+                x = x.to(torch.float32)
         # validate everything first so that a bad voxel fails before any work is done. On the
         # real view, by min and max (NaN propagates, so both are finite iff every value is):
         # isfinite() goes through abs() and cost more than an ANN's forward pass
