@@ -179,11 +179,18 @@ def realise(clean: torch.Tensor, noise_std: torch.Tensor, generator: torch.Gener
 
 
 class _EpochKeys(Sampler):
-    """Yields ``(epoch, batch index)`` keys; Lightning calls :meth:`set_epoch` every epoch."""
+    """Yields ``(epoch, batch index)`` keys.
 
-    def __init__(self, n_batches: int) -> None:
+    The epoch is read for every key: from ``epoch_fn`` (the trainer's current epoch) where
+    given, else from :meth:`set_epoch`. Loader workers are sent their first keys as soon as the
+    iterator exists, which on a resumed run is before the trainer has moved to the resumed
+    epoch; :meth:`SimulatedDataModule.on_after_batch_transfer` redraws those few batches.
+    """
+
+    def __init__(self, n_batches: int, epoch_fn=None) -> None:
         self.n_batches = int(n_batches)
         self.epoch = 0
+        self.epoch_fn = epoch_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -192,7 +199,10 @@ class _EpochKeys(Sampler):
         return self.n_batches
 
     def __iter__(self):
-        return iter([(self.epoch, i) for i in range(self.n_batches)])
+        # a generator: the epoch is read at the first key, after Lightning's set_epoch (a
+        # resumed run creates the iterator before it sets the epoch)
+        for i in range(self.n_batches):
+            yield (int(self.epoch_fn()) if self.epoch_fn is not None else self.epoch, i)
 
 
 class BatchSimulator:
@@ -233,7 +243,7 @@ class BatchSimulator:
         return Batch(signal=torch.empty(0), target=p / self.scale, params_ms=p,
                      noise_std=torch.from_numpy(noise).to(torch.float32),
                      sim_params=torch.from_numpy(params),
-                     key=torch.tensor(stream_seed(seed, 1, epoch, index, rank)))
+                     key=torch.tensor([stream_seed(seed, 1, epoch, index, rank), epoch, index]))
 
     def simulate(self, params: torch.Tensor) -> torch.Tensor:
         """Clean complex fingerprints ``(B, T)`` of ``(B, 3)`` T1, T2, B1 on their device."""
@@ -258,7 +268,7 @@ class BatchSimulator:
         with torch.no_grad():
             clean = self.simulate(params)
             g = torch.Generator(device=dev)
-            g.manual_seed(int(batch.key))
+            g.manual_seed(int(batch.key[0]))
             signal = realise(clean, batch.noise_std, g, self.random_phase, self.input_mode,
                              self.realizations)
             bound = self.bounds(params, batch.noise_std) if self.with_bound else None
@@ -459,9 +469,11 @@ class SimulatedDataModule(L.LightningDataModule):
                                                      and self._on_cuda())
         self.train_set.simulate_here = not on_device
         workers = 0 if on_device else self.num_workers
+        trainer = getattr(self, "trainer", None)
+        epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else None
         return DataLoader(self.train_set, batch_size=None, sampler=_EpochKeys(
-            self.batches_per_epoch), num_workers=workers, persistent_workers=workers > 0,
-            collate_fn=_identity)
+            self.batches_per_epoch, epoch_fn), num_workers=workers,
+            persistent_workers=workers > 0, collate_fn=_identity)
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         return [DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False,
@@ -474,7 +486,18 @@ class SimulatedDataModule(L.LightningDataModule):
         return self._eval_loaders("test")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if isinstance(batch, Batch) and batch.signal.numel() == 0:
+        if not (isinstance(batch, Batch) and batch.key is not None):
+            return batch
+        trainer = getattr(self, "trainer", None)
+        epoch = int(batch.key[1])
+        if trainer is not None and trainer.training and int(trainer.current_epoch) != epoch:
+            # drawn for a stale epoch (prefetched before a resumed run reached its epoch)
+            dev = batch.target.device
+            fresh = self.simulator.draw(self.seed, int(trainer.current_epoch),
+                                        int(batch.key[2]), self.train_set.rank)
+            batch = fresh._replace(**{k: getattr(fresh, k).to(dev) for k in
+                                      ("target", "params_ms", "noise_std", "sim_params", "key")})
+        if batch.signal.numel() == 0:
             batch = self.simulator.realise(batch)
         return batch
 
