@@ -1,6 +1,7 @@
 """What fresh simulated batches cost in training (``data=simulated``).
 
-Three figures for the default GRU (``configs/model/gru.yaml``, 1750 pulses, batch 256), torch
+Three figures for the default GRU (``configs/model/gru.yaml``, complex input as in
+``configs/data/simulated.yaml``, T1/T2/B1 targets, 1750 pulses, batch 256), torch
 threads 1 in the training process as in ``configs/train.yaml``:
 
 * ``step``: one optimisation step on a ready batch (forward, loss, backward, Adam);
@@ -34,7 +35,7 @@ from mrflight.physics import oksuz2019
 
 def _module(n_pulses: int) -> MRFRegressor:
     net = {"_target_": "mrflight.models.GRURegressor", "input_length": n_pulses,
-           "n_outputs": 3, "hidden_size": 100, "values_per_step": 50}
+           "in_channels": 2, "n_outputs": 3, "hidden_size": 100, "values_per_step": 50}
     return MRFRegressor(net, lr=3e-3, target_scale_ms=[4000.0, 500.0, 1.0],
                         targets=["t1", "t2", "b1"])
 
@@ -53,7 +54,7 @@ def measure(steps: int = 40, n_pulses: int = 1750, batch_size: int = 256) -> lis
         opt.step()
 
     dm = SimulatedDataModule(seq, batch_size=batch_size, batches_per_epoch=steps,
-                             num_workers=0, progress=False, seed=0)
+                             input_mode="complex", num_workers=0, progress=False, seed=0)
     dm.setup("fit")
     sim = dm.simulator
     ready = sim.realise(sim.draw(0, 0, 0, 0))
