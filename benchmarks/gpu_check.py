@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 from mrflight.dictionary import paper_grid, random_params  # noqa: E402
 from mrflight.matching import DictionaryMatcher, float32_matmul  # noqa: E402
+from mrflight.matio import atomic_path  # noqa: E402
 from mrflight.models import GRURegressor  # noqa: E402
 from mrflight.physics import Sequence, add_noise, epg, oksuz2019, simulate  # noqa: E402
 
@@ -437,9 +438,9 @@ def main() -> int:
     total = time.perf_counter() - T_START
     text = f"# GPU check\n\n{head}\n- total {total:.0f} s\n\n{table()}\n"
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.md").write_text(text)
-    (out / "gpu_check.json").write_text(json.dumps(ROWS, indent=1))
+    for name, content in (("gpu_check.md", text), ("gpu_check.json", json.dumps(ROWS, indent=1))):
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(content)
     print(f"\n{text}\nwritten to {out / 'gpu_check.md'}", flush=True)
     return 0
 
