@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 from mrflight.dictionary import paper_grid, random_params  # noqa: E402
 from mrflight.matching import DictionaryMatcher, float32_matmul  # noqa: E402
+from mrflight.matio import atomic_path  # noqa: E402
 from mrflight.models import GRURegressor  # noqa: E402
 from mrflight.physics import Sequence, add_noise, epg, oksuz2019, simulate  # noqa: E402
 
@@ -439,8 +440,6 @@ def main() -> int:
     text = f"# GPU check\n\n{head}\n- total {total:.0f} s\n\n{table()}\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from mrflight.matio import atomic_path
-
     for name, body in (("gpu_check.md", text), ("gpu_check.json", json.dumps(ROWS, indent=1))):
         with atomic_path(out / name) as tmp:
             Path(tmp).write_text(body)

@@ -529,7 +529,7 @@ def simulate_jacobian(seq: Sequence, t1_ms, t2_ms, b1=None, *, wrt=("t1", "t2"),
             "b1")``; the last axis of the Jacobian follows this order.
         tol: truncation tolerance (tighter than the simulation default, since derivatives are
             taken).
-        device: where to compute (the kernel runs on the CPU only).
+        device: where to compute (the C kernel on the CPU, the Triton kernel on CUDA).
         chunk_size: atoms per pass of the autograd route (a positive integer).
         bounds: the parameter range the atoms come from, as for :func:`simulate`.
 
