@@ -864,22 +864,27 @@ def _log_to_loggers(loggers, rows, figures, table_md) -> None:
                 if not name.startswith("_"):
                     lg.log_image(key=f"eval/{name}", images=[plots.figure_to_array(fig)])
         if hasattr(lg, "log_metrics"):
-            flat = {}
-            for r in rows:
-                pre = f"eval/{r['test_set']}/{r['noise_std']:g}/{r['method']}"
-                pre += f"[{r['run']}]" if r["run"] else ""
-                for q in ("t1_mae_ms", "t1_rmse_ms", "t2_mae_ms", "t2_rmse_ms"):
-                    if r[q] is not None and math.isfinite(r[q]):
-                        flat[f"{pre}/{q}"] = r[q]
-            lg.log_metrics(flat)
+            lg.log_metrics(_flat_metrics(rows))
         if hasattr(lg, "save"):
             lg.save()
 
 
-def _finish(loggers) -> None:
+def _flat_metrics(rows) -> dict:
+    """``{"eval/<test set>/<noise>/<method>[run]/<metric>": value}`` of the finite errors."""
+    flat = {}
+    for r in rows:
+        pre = f"eval/{r['test_set']}/{r['noise_std']:g}/{r['method']}"
+        pre += f"[{r['run']}]" if r["run"] else ""
+        for q in ("t1_mae_ms", "t1_rmse_ms", "t2_mae_ms", "t2_rmse_ms"):
+            if r[q] is not None and math.isfinite(r[q]):
+                flat[f"{pre}/{q}"] = r[q]
+    return flat
+
+
+def _finish(loggers, rows=()) -> None:
     from mrflight.loggers import finish_loggers
 
-    finish_loggers(loggers)
+    finish_loggers(loggers, _flat_metrics(rows))  # the errors in the W&B run summary too
 
 
 # ============================================================================ entry point
@@ -999,7 +1004,7 @@ def run(cfg):
     try:
         _log_to_loggers(loggers, rows, figures, (out_dir / "table.md").read_text())
     finally:
-        _finish(loggers)
+        _finish(loggers, rows)
         for name, fig in figures.items():
             if not name.startswith("_"):
                 plt.close(fig)

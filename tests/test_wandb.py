@@ -62,14 +62,15 @@ def test_wandb_sweep_config_drives_train_py_with_hydra_overrides(tmp_path):
     assert compose_config(output_dir=tmp_path).optimized_metric == sweep["metric"]["name"]
 
 
-def _read_when_written(path, timeout_s=30.0):
-    """The offline run once W&B's service has flushed its run record (finish() returns first)."""
+def _read_when_written(path, summary_key: str, timeout_s=30.0):
+    """The offline run once W&B's service has flushed it (finish() may return first)."""
     import time
 
     t0 = time.monotonic()
     while True:
         r = read_offline_run(path)
-        if "name" in r or time.monotonic() - t0 > timeout_s:
+        done = "name" in r and summary_key in r["summary"]
+        if done or time.monotonic() - t0 > timeout_s:
             return r
         time.sleep(0.5)
 
@@ -117,8 +118,9 @@ def test_eval_run_joins_the_group_of_the_runs_it_evaluates(sweep_dir, tmp_path):
     with open_dict(cfg):
         cfg.paths.cache_dir = None
     evaluate(cfg)
-    r = _read_when_written(out / "wandb")
+    r = _read_when_written(out / "wandb", "eval/paper/0.01/matching/t1_mae_ms")
     assert r["group"] == "multirun-2026-11-26-03-12-45" and r["job_type"] == "eval"
     assert r["name"].startswith("eval-ann-")
     assert len(r["config"]["checkpoints"]) == 2 and len(r["config"]["evaluated_runs"]) == 2
     assert any(k.startswith("eval/table/") for k in r["history_keys"])  # a wandb.Table
+    assert "eval/paper/0.01/matching/t1_mae_ms" in r["summary"]
