@@ -22,10 +22,16 @@ def test_ci_runs_the_readme_commands():
     # the install steps of the first command, without its training step
     assert cmds["install"] == 'pip install torch==2.13.0 && pip install -e ".[dev]"'
     assert cmds["test"] == "python -m pytest -q"
+    spec = importlib.util.spec_from_file_location("readme_commands",
+                                                  ROOT / ".ci" / "readme_commands.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "readme_commands.py install" in ci and "readme_commands.py test" in ci
-    # CI installs nothing the README does not
-    assert not re.search(r"^\s*(python -m )?pip install", ci, flags=re.M)
+    # .ci/run runs these two lines literally (and checks them against the README first) ...
+    assert mod.ci_commands(ci) == cmds
+    assert "readme_commands.py check .ci/run" in ci
+    # ... and installs nothing else
+    assert len(re.findall(r"^\s*(python -m )?pip install", ci, flags=re.M)) == 1
 
 
 def test_dev_extra_holds_what_the_default_tests_import():
