@@ -175,7 +175,24 @@ def _collate(items: list[Batch]) -> Batch:
     return Batch(*(None if x[0] is None else torch.stack(x) for x in zip(*items)))
 
 
-class FingerprintDataModule(L.LightningDataModule):
+class ModelInputs:
+    """What the pipeline reads from any data module to build the network (a mixin)."""
+
+    input_mode: str
+    sequence: Sequence
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the model: 1 (magnitude) or 2 (real, imaginary)."""
+        return 1 if self.input_mode == "magnitude" else 2
+
+    @property
+    def input_length(self) -> int:
+        """``T``: the number of time points of the fingerprints."""
+        return len(self.sequence)
+
+
+class FingerprintDataModule(ModelInputs, L.LightningDataModule):
     """Fingerprints for training, validation and test with the project's noise model.
 
     Args:
@@ -274,16 +291,6 @@ class FingerprintDataModule(L.LightningDataModule):
     # -- properties used by the pipeline ------------------------------------------------------
     targets = ("t1", "t2")
     eval_set_names = [""]
-
-    @property
-    def in_channels(self) -> int:
-        """Input channels of the model: 1 (magnitude) or 2 (real, imaginary)."""
-        return 1 if self.input_mode == "magnitude" else 2
-
-    @property
-    def input_length(self) -> int:
-        """``T``: the number of time points of the fingerprints."""
-        return len(self.sequence)
 
     def _split_sizes(self, m: int) -> tuple[int, int, int]:
         if self.n_test >= m - 1:

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mrflight.physics import Sequence, normalize
 
-from .datamodule import INPUT_MODES, Batch, _collate, preprocess, stream_seed
+from .datamodule import INPUT_MODES, Batch, ModelInputs, _collate, preprocess, stream_seed
 
 __all__ = ["ParameterPrior", "SimulatedDataModule", "TARGETS", "DEFAULT_SCALES"]
 
@@ -291,7 +291,7 @@ class _TrainBatches(Dataset):
         return self.sim.realise(batch) if self.simulate_here else batch
 
 
-class SimulatedDataModule(L.LightningDataModule):
+class SimulatedDataModule(ModelInputs, L.LightningDataModule):
     """Fresh simulated training fingerprints every batch; fixed, seeded validation and test sets.
 
     Args:
@@ -390,14 +390,6 @@ class SimulatedDataModule(L.LightningDataModule):
         self._eval: dict = {}
 
     # -- what the pipeline and the module read ------------------------------------------------
-    @property
-    def in_channels(self) -> int:
-        return 1 if self.input_mode == "magnitude" else 2
-
-    @property
-    def input_length(self) -> int:
-        return len(self.sequence)
-
     @property
     def noise_std(self):
         """The training noise: a number, or ``[low, high]`` drawn per sample."""
