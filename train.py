@@ -1,4 +1,4 @@
-"""Train an MRF regressor: ``python train.py model=gru`` (see configs/train.yaml).
+"""Train an MRF regressor: ``python train.py model=gru`` (see mrflight/configs/train.yaml).
 
 Bad input (config values, unknown options, missing files) exits with status 2 and one line
 ``error: ...`` on stderr (``MRFLIGHT_DEBUG=1`` shows the traceback); a multirun in which some
@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from mrflight.errors import guard, run_cli
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@hydra.main(version_base="1.3", config_path="mrflight/configs", config_name="train")
 @guard
 def main(cfg: DictConfig) -> float | None:
     from mrflight.pipeline import train

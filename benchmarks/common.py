@@ -156,7 +156,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 def write_result(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (creating its folder) and return the path."""
-    from mrflight.matio import atomic_path
+    from mrflight.fileio import atomic_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mrflight.matio import atomic_path
+from mrflight.fileio import atomic_path
 from mrflight.physics import epg, jiang2015, oksuz2019, simulate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "epg_truncation.md"

@@ -26,7 +26,7 @@ from inference_speed import default_net
 
 
 def _parts(n_atoms: int, n_signals: int, n_bound: int, n_pulses: int = 1750) -> dict:
-    from mrflight.lit import MRFRegressor
+    from mrflight.regressor import MRFRegressor
     from mrflight.matching import DictionaryMatcher
     from mrflight.physics import add_noise, normalize, oksuz2019, simulate
     from mrflight.physics.crb import crb

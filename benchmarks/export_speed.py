@@ -1,8 +1,8 @@
 """Throughput of exported models (onnxruntime) beside torch, on the CPU, for every regressor.
 
-Every model is built from its default config (``configs/model/<name>.yaml``) for the default
+Every model is built from its default config (``mrflight/configs/model/<name>.yaml``) for the default
 train (1750 time points; speed does not depend on the weights), wrapped in
-:class:`mrflight.lit.MRFRegressor`, exported with :func:`mrflight.export.export_onnx` and timed
+:class:`mrflight.regressor.MRFRegressor`, exported with :func:`mrflight.export.export_onnx` and timed
 on the same raw magnitude fingerprints (preprocessing included on both sides):
 
 * torch: ``module.predict_parameters(x)`` (chunks of 256);
@@ -38,7 +38,7 @@ def measure(models=MODELS, n: int = 4096, threads: int = 1, repeats: int = 5,
     import onnxruntime as ort
 
     from mrflight.export import export_onnx
-    from mrflight.lit import MRFRegressor
+    from mrflight.regressor import MRFRegressor
 
     torch.set_num_threads(threads)
     opts = ort.SessionOptions()

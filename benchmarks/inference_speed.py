@@ -1,7 +1,7 @@
 """Inference speed of the four regressors: batched throughput, single-signal latency, floor.
 
 Every model (LSTM, GRU, ANN, CNN) is built directly from its default config
-(``configs/model/<name>.yaml``) with ``input_length=1750`` (the default train), put in eval mode
+(``mrflight/configs/model/<name>.yaml``) with ``input_length=1750`` (the default train), put in eval mode
 and timed under ``torch.inference_mode()`` on random unit-norm inputs (speed does not depend on
 the weights):
 
@@ -43,7 +43,7 @@ from common import (  # benchmarks/
 
 from mrflight.models import RecurrentRegressor, build_net
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
+CONFIGS = Path(__file__).resolve().parent.parent / "mrflight" / "configs" / "model"
 MODELS = ("lstm", "gru", "ann", "cnn")
 PAPER_MS = {"ann": 18.0, "cnn": 14.0, "lstm": 15.0, "gru": 14.0}  # Table 1, time per signal
 TARGETS = {"lstm": None, "gru": 20_000, "ann": 100_000, "cnn": 100_000}  # signals/s (CPU)
@@ -51,7 +51,7 @@ LATENCY_TARGET_MS = 2.0
 
 
 def default_net(name: str, input_length: int = 1750) -> torch.nn.Module:
-    """The regressor of ``configs/model/<name>.yaml`` for ``input_length`` time points."""
+    """The regressor of ``mrflight/configs/model/<name>.yaml`` for ``input_length`` time points."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{name}.yaml"), resolve=True)
@@ -102,7 +102,7 @@ def _latency_ms(net, calls: int, device="cpu") -> float:
 
 
 def _predict_rate(net, n: int, repeats: int) -> float:
-    from mrflight.lit import MRFRegressor
+    from mrflight.regressor import MRFRegressor
 
     module = MRFRegressor(net).eval()
     z = torch.polar(_unit_inputs(n, net.input_length), torch.rand(n, net.input_length))
@@ -223,7 +223,7 @@ def report(r: dict, quick: bool = False) -> str:
         f"# Inference speed{' (quick)' if quick else ''}",
         "",
         f"- machine: {machine_line()}",
-        f"- models: configs/model/*.yaml defaults, input_length {r['input_length']}, eval mode, "
+        f"- models: mrflight/configs/model/*.yaml defaults, input_length {r['input_length']}, eval mode, "
         f"torch.inference_mode(); float32 GEMM rate: {gemm}",
         f"- throughput: median of {r['repeats']} calls after a warm-up per setting, best setting "
         f"reported; latency: median of {r['latency_calls']} batch-1 calls (best thread count); "

@@ -68,7 +68,7 @@ class _GRUModule(torch.nn.Module):
 
     def __init__(self, seq, device):
         super().__init__()
-        from mrflight.lit import MRFRegressor
+        from mrflight.regressor import MRFRegressor
 
         self.inner = MRFRegressor({"_target_": "mrflight.models.GRURegressor",
                                    "input_length": len(seq), "hidden_size": 100},

@@ -1,8 +1,8 @@
 """What fresh simulated batches cost in training (``data=simulated``).
 
-Three figures for the default GRU (``configs/model/gru.yaml``, complex input as in
-``configs/data/simulated.yaml``, T1/T2/B1 targets, 1750 pulses, batch 256), torch
-threads 1 in the training process as in ``configs/train.yaml``:
+Three figures for the default GRU (``mrflight/configs/model/gru.yaml``, complex input as in
+``mrflight/configs/data/simulated.yaml``, T1/T2/B1 targets, 1750 pulses, batch 256), torch
+threads 1 in the training process as in ``mrflight/configs/train.yaml``:
 
 * ``step``: one optimisation step on a ready batch (forward, loss, backward, Adam);
 * ``simulate``: drawing, simulating, noising and preprocessing one batch
@@ -29,7 +29,7 @@ import torch
 from common import RESULTS_DIR, machine_line, markdown_table, write_result  # benchmarks/
 
 from mrflight.data import SimulatedDataModule
-from mrflight.lit import MRFRegressor
+from mrflight.regressor import MRFRegressor
 from mrflight.physics import oksuz2019
 
 

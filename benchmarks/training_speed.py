@@ -1,10 +1,10 @@
 """Training speed of the four regressors, and time to reach the default model's accuracy.
 
 * samples/s per model: ``--steps`` optimisation steps (forward, MSE loss, backward, Adam step) of
-  :class:`mrflight.lit.MRFRegressor` around each default net (``configs/model/<name>.yaml``,
+  :class:`mrflight.regressor.MRFRegressor` around each default net (``mrflight/configs/model/<name>.yaml``,
   ``input_length=1750``) at the default batch size (256), on synthetic complex fingerprints with
   fresh complex noise and the training preprocessing (``add_noise`` then ``preprocess``) in every
-  step, as the data module does; torch threads as in ``configs/train.yaml`` (1) unless
+  step, as the data module does; torch threads as in ``mrflight/configs/train.yaml`` (1) unless
   ``--threads`` is given. Median step time after warm-up steps.
 * time to accuracy: read the ``csv/metrics.csv`` (and ``train.log``) of a finished training run
   given with ``--run-dir``, and report the epoch, and the wall time, at which the validation T1
@@ -34,7 +34,7 @@ from common import RESULTS_DIR, fmt_rate, machine_line, markdown_table, write_re
 from inference_speed import MODELS, default_net
 
 from mrflight.data.datamodule import preprocess
-from mrflight.lit import MRFRegressor
+from mrflight.regressor import MRFRegressor
 from mrflight.physics import add_noise
 
 
@@ -207,7 +207,7 @@ def main(argv=None) -> str:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per model (200)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (configs/train.yaml default: 1; 0 = leave as is)")
+                    help="torch threads (mrflight/configs/train.yaml default: 1; 0 = leave as is)")
     ap.add_argument("--run-dir", default=None, help="a finished training run directory")
     ap.add_argument("--out", default=str(RESULTS_DIR / "training_speed.md"))
     args = ap.parse_args(argv)

@@ -18,7 +18,7 @@ import torch
 
 from mrflight.data import FingerprintDataModule
 from mrflight.dictionary import paper_grid
-from mrflight.lit import MRFRegressor
+from mrflight.regressor import MRFRegressor
 from mrflight.physics import oksuz2019
 
 

@@ -2,7 +2,7 @@
 
 Physics (EPG simulation, noise, Cramér–Rao bound) lives in :mod:`mrflight.physics`, dictionaries
 in :mod:`mrflight.dictionary`, dictionary matching in :mod:`mrflight.matching`, the trainable
-regressors in :mod:`mrflight.models`, and the Lightning/Hydra glue in :mod:`mrflight.lit`,
+regressors in :mod:`mrflight.models`, and the Lightning/Hydra glue in :mod:`mrflight.regressor`,
 :mod:`mrflight.data` and :mod:`mrflight.pipeline`.
 """
 
@@ -14,7 +14,7 @@ def load_checkpoint(path, map_location="cpu"):
 
     Returns the LightningModule in eval mode; use ``.predict_parameters(signals)``.
     """
-    from mrflight.lit import load_checkpoint as _load
+    from mrflight.regressor import load_checkpoint as _load
 
     return _load(path, map_location=map_location)
 

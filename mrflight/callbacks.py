@@ -91,7 +91,7 @@ class ScatterPlot(L.Callback):
         fig = _scatter_figure(pred[:, :n], true[:, :n], _param_names(pl_module, n))
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "figures")
         folder.mkdir(parents=True, exist_ok=True)
-        from mrflight.matio import atomic_path
+        from mrflight.fileio import atomic_path
 
         self.figure_path = folder / "scatter_test.png"
         with atomic_path(self.figure_path) as tmp:

@@ -19,7 +19,7 @@ of the run); Hydra's ``.hydra/config.yaml`` sits beside it.
 * :func:`resume_checkpoint` resolves ``ckpt_path`` of ``train.py`` (``last``, a run dir, a file)
   and checks that the file loads before anything is written.
 * :class:`AtomicCheckpointIO` makes Lightning write every checkpoint through
-  :func:`mrflight.matio.atomic_path`: a crash or a full disk never leaves a truncated ``.ckpt``.
+  :func:`mrflight.fileio.atomic_path`: a crash or a full disk never leaves a truncated ``.ckpt``.
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ def scheduler_class(target: str):
 
 # -------------------------------------------------------------------------------- saving
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO`` writing through :func:`mrflight.matio.atomic_path`.
+    """Lightning's ``TorchCheckpointIO`` writing through :func:`mrflight.fileio.atomic_path`.
 
     The checkpoint goes to a hidden temporary file beside the destination, is fsynced and
     renamed: a crash or a full disk leaves the previous file, never a truncated one, and a full
@@ -347,7 +347,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        from mrflight.matio import atomic_path
+        from mrflight.fileio import atomic_path
 
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrflight.matio import atomic_path, damaged_error, load_mat, remove_stale_temp_files, save_mat
+from mrflight.fileio import atomic_path, damaged_error, load_mat, remove_stale_temp_files, save_mat
 from mrflight.physics import EPG_VERSION, Sequence, simulate
 from mrflight.physics.epg import DEFAULT_TOL, truncation_rate
 
@@ -569,7 +569,7 @@ def generate(
             atomically with a SHA-256 checksum of the payload and verified on load; a corrupt or
             truncated file is reported with a ``RuntimeWarning`` and rebuilt, never used.
             Temporary files that killed writers left in the folder are removed
-            (:func:`mrflight.matio.remove_stale_temp_files`).
+            (:func:`mrflight.fileio.remove_stale_temp_files`).
         progress: show a progress bar (rich) while simulating.
         dtype: simulation precision, ``torch.float32`` (complex64 atoms) or ``torch.float64``.
         tol: EPG truncation tolerance passed to ``simulate``.
@@ -650,7 +650,7 @@ def generate_to_file(
     the SIMD kernel shares one state count among 16 neighbouring atoms of a chunk, so an atom
     may keep a few more states than in one big call, never fewer). The HDF5 dataset ``atoms`` is
     pre-allocated and filled chunk by chunk in a temporary file beside ``path`` that is renamed
-    to ``path`` at the end (:func:`mrflight.matio.atomic_path`): a killed run leaves any older
+    to ``path`` at the end (:func:`mrflight.fileio.atomic_path`): a killed run leaves any older
     file at ``path`` untouched and never a partial one.
 
     Args:

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from mrflight.checkpoints import find_checkpoints
-from mrflight.matio import atomic_path
+from mrflight.fileio import atomic_path
 
 __all__ = ["EvalSettings", "run", "find_checkpoints", "evaluate_group", "PAPER_TABLE1",
            "write_outputs", "METHODS"]
@@ -82,7 +82,7 @@ _LABELS = {"lstm": "LSTM", "gru": "GRU", "ann": "ANN (DRONE)", "cnn": "1D CNN",
 
 @dataclass
 class EvalSettings:
-    """What ``eval.py`` evaluates (``configs/eval.yaml``, node ``evaluation``).
+    """What ``eval.py`` evaluates (``mrflight/configs/eval.yaml``, node ``evaluation``).
 
     Args:
         n_test: test signals per test set (the paper used 5000).

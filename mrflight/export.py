@@ -35,7 +35,7 @@ _UNITS = {"t1": "ms", "t2": "ms", "b1": "ratio to nominal", "m0": "a.u."}
 
 
 class Deployable(nn.Module):
-    """A trained :class:`mrflight.lit.MRFRegressor` with its preprocessing, as one graph.
+    """A trained :class:`mrflight.regressor.MRFRegressor` with its preprocessing, as one graph.
 
     Args:
         module: the trained module (``mrflight.load_checkpoint(path)``).
@@ -173,7 +173,7 @@ def export_onnx(module, path, opset: int = 17) -> Path:
     """Write ``module`` (with its preprocessing) as an ONNX file with metadata.
 
     Args:
-        module: a trained :class:`mrflight.lit.MRFRegressor`.
+        module: a trained :class:`mrflight.regressor.MRFRegressor`.
         path: the ``.onnx`` file to write (atomically).
         opset: ONNX opset version.
 
@@ -182,7 +182,7 @@ def export_onnx(module, path, opset: int = 17) -> Path:
     """
     import onnx
 
-    from mrflight.matio import atomic_path
+    from mrflight.fileio import atomic_path
 
     module = _cpu_copy(module)
     graph = Deployable(module).eval()
@@ -214,7 +214,7 @@ def export_torchscript(module, path) -> Path:
     Load with ``torch.jit.load(path, _extra_files={"metadata.json": ""})`` (no mrflight needed);
     the metadata is the JSON in that extra file.
     """
-    from mrflight.matio import atomic_path
+    from mrflight.fileio import atomic_path
 
     module = _cpu_copy(module)
     graph = Deployable(module).eval()

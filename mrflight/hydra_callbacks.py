@@ -11,7 +11,7 @@ resumed (``ckpt_path=...``): they describe how the run was started, and the resu
 config goes to ``checkpoints/config.yaml`` once its checkpoint has loaded
 (:mod:`mrflight.resume`).
 
-Configured in ``configs/hydra/default.yaml``::
+Configured in ``mrflight/configs/hydra/default.yaml``::
 
     hydra:
       callbacks:
@@ -64,7 +64,7 @@ class FailureReport(Callback):
         LAST_FAILURES.clear()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from mrflight.matio import atomic_path
+        from mrflight.fileio import atomic_path
 
         sweep_dir = Path(config.hydra.sweep.dir)
         failures = collect_failures(sweep_dir) if sweep_dir.is_dir() else []

@@ -76,7 +76,7 @@ import numpy as np
 import torch
 
 import mrflight
-from mrflight.matio import atomic_path
+from mrflight.fileio import atomic_path
 from mrflight.physics import Sequence, simulate
 from mrflight.series_io import SeriesSource, open_series, series_stem
 
@@ -101,7 +101,7 @@ MASK_METHODS = ("snr", "otsu", "fraction", "none")
 # ============================================================================ options
 @dataclass
 class MapOptions:
-    """How a series is read, masked and reconstructed (``configs/maps/default.yaml``).
+    """How a series is read, masked and reconstructed (``mrflight/configs/maps/default.yaml``).
 
     Args:
         time_axis: index of the time axis (negative counts from the end), or ``None`` to detect

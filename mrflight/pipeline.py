@@ -157,7 +157,7 @@ def _record_failure(cfg: DictConfig, hc, e: BaseException) -> None:
 
     from mrflight.errors import one_line
     from mrflight.hydra_callbacks import FAILED_FILE
-    from mrflight.matio import atomic_path
+    from mrflight.fileio import atomic_path
 
     try:
         out = Path(cfg.paths.output_dir)
@@ -262,7 +262,7 @@ def _train(cfg: DictConfig) -> float | None:
     from hydra.utils import instantiate
 
     from mrflight.checkpoints import AtomicCheckpointIO
-    from mrflight.matio import remove_stale_temp_files
+    from mrflight.fileio import remove_stale_temp_files
     from mrflight.resume import check_fits, continue_csv_logs
 
     hc = _hydra_cfg()
@@ -309,7 +309,7 @@ def _train(cfg: DictConfig) -> float | None:
     log_flat_config(loggers, cfg, hc)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if trainer.is_global_zero:
-        from mrflight.matio import atomic_path
+        from mrflight.fileio import atomic_path
 
         ckpt_dir = output_dir / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -350,7 +350,7 @@ def _train(cfg: DictConfig) -> float | None:
 def _write_metrics(output_dir: Path, metrics: dict) -> None:
     import json
 
-    from mrflight.matio import atomic_path
+    from mrflight.fileio import atomic_path
 
     with atomic_path(output_dir / "metrics.json") as tmp:
         Path(tmp).write_text(json.dumps({"units": "ms for *_ms, loss on scaled targets",
@@ -382,12 +382,12 @@ def evaluate(cfg: DictConfig):
     return run(cfg)
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def compose_config(overrides=(), output_dir=None, config_name: str = "train",
                    return_hydra_config: bool = False) -> DictConfig:
-    """Compose ``configs/<config_name>.yaml`` outside a Hydra run (tests, notebooks).
+    """Compose ``mrflight/configs/<config_name>.yaml`` outside a Hydra run (tests, notebooks).
 
     Args:
         overrides: Hydra overrides, e.g. ``["model=lstm", "debug=tiny"]``.

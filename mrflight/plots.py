@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap, Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from mrflight.matio import atomic_path  # noqa: E402
+from mrflight.fileio import atomic_path  # noqa: E402
 
 __all__ = ["RelaxationColormap", "relaxation_colormap", "log_remap_indices", "save_figure",
            "scatter_true_vs_pred", "error_vs_parameter", "parameter_maps", "figure_to_array",
@@ -174,7 +174,7 @@ def relaxation_colormap(name: str = "T1", vmin: float = 0.0, vmax: float | None 
 
 
 def save_figure(fig: Figure, path, dpi: int = 110) -> None:
-    """Write ``fig`` as a PNG atomically (``matio.atomic_path``)."""
+    """Write ``fig`` as a PNG atomically (``fileio.atomic_path``)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
 

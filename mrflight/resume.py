@@ -189,7 +189,7 @@ def continue_csv_logs(loggers, found) -> None:
         return
     from lightning.pytorch.loggers import CSVLogger
 
-    from mrflight.matio import atomic_path
+    from mrflight.fileio import atomic_path
 
     step_done = int(found[1].get("global_step", 0))
     epoch_done = int(found[1].get("epoch", 0))

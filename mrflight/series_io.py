@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrflight.matio import is_mat_v73, load_mat
+from mrflight.fileio import is_mat_v73, load_mat
 
 __all__ = ["SeriesSource", "open_series", "series_stem", "SERIES_SUFFIXES"]
 

@@ -24,7 +24,7 @@ import yaml
 import mrflight
 from mrflight import checkpoints
 from mrflight.checkpoints import best_checkpoint, find_checkpoints, read_checkpoint
-from mrflight.matio import remove_stale_temp_files
+from mrflight.fileio import remove_stale_temp_files
 from mrflight.pipeline import compose_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,7 +295,7 @@ def test_stale_temporary_files_are_removed_when_the_cache_is_opened(tmp_path):
 
 
 def test_atomic_path_names_the_file_when_the_disk_is_full(tmp_path):
-    from mrflight.matio import atomic_path
+    from mrflight.fileio import atomic_path
 
     dest = tmp_path / "metrics.json"
     with pytest.raises(OSError) as e, atomic_path(dest):

@@ -27,7 +27,7 @@ from mrflight.dictionary import (
 )
 from mrflight.physics import oksuz2019, simulate
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "grid"
+CONFIGS = Path(__file__).resolve().parents[1] / "mrflight" / "configs" / "grid"
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_mat_layout_is_the_matlab_convention(tmp_path, small, v73):
 
 @pytest.mark.parametrize("v73", [False, True])
 def test_load_reads_foreign_mat_files(tmp_path, small, v73):
-    from mrflight.matio import save_mat
+    from mrflight.fileio import save_mat
 
     D, lut = small.atoms, small.params
     # top level, transposed (T x M and P x M, as some MATLAB code keeps them), real lut

@@ -103,7 +103,7 @@ def test_every_default_model_exports(tmp_path, model):
     # untrained default nets (the CNN's adaptive pool is exported as a fixed matrix)
     from hydra.utils import instantiate
 
-    from mrflight.lit import MRFRegressor
+    from mrflight.regressor import MRFRegressor
 
     cfg = compose_config([f"model={model}"], output_dir=tmp_path)
     module = MRFRegressor(instantiate(cfg.model, input_length=350)).eval()

@@ -14,7 +14,7 @@ import torch
 from mrflight import dictionary
 from mrflight.data import FingerprintDataModule
 from mrflight.matching import DictionaryMatcher
-from mrflight.matio import atomic_path, load_mat, save_mat
+from mrflight.fileio import atomic_path, load_mat, save_mat
 from mrflight.physics import normalize, oksuz2019
 
 
@@ -213,7 +213,7 @@ def test_schedule_headers_bom_case_and_encoding(tmp_path):
 # --------------------------------------------------------------------------- scale and noise
 @pytest.fixture(scope="module")
 def model(seq):
-    from mrflight.lit import MRFRegressor
+    from mrflight.regressor import MRFRegressor
     from mrflight.models import ANNRegressor
 
     torch.manual_seed(0)

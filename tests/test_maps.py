@@ -17,7 +17,7 @@ import torch
 
 from mrflight import maps, pipeline
 from mrflight.dictionary import generate
-from mrflight.matio import save_mat
+from mrflight.fileio import save_mat
 from mrflight.phantoms import brain_phantom, nist_phantom
 from mrflight.physics import oksuz2019, simulate
 from mrflight.series_io import open_series, series_stem
@@ -367,7 +367,7 @@ def test_network_reconstructor_least_squares_m0(seq, phantoms, matcher_complex):
 def _tiny_checkpoint(path, seq):
     import lightning as L
 
-    from mrflight.lit import MRFRegressor
+    from mrflight.regressor import MRFRegressor
 
     torch.manual_seed(0)
     module = MRFRegressor({"_target_": "mrflight.models.GRURegressor",

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from mrflight import dictionary
 from mrflight.data import FingerprintDataModule
 from mrflight.data.datamodule import EpochShuffleSampler, stream_seed
-from mrflight.lit import MRFRegressor
+from mrflight.regressor import MRFRegressor
 from mrflight.matching import DictionaryMatcher
 from mrflight.physics import simulate
 from mrflight.physics.sequence import oksuz2019
@@ -344,7 +344,7 @@ def test_every_file_write_goes_through_atomic_path(tmp_path):
     """
     files = sorted((ROOT / "mrflight").rglob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
     bad = [b for f in files for b in _writes_outside_atomic(f)]
-    assert not bad, f"writes outside mrflight.matio.atomic_path: {bad}"
+    assert not bad, f"writes outside mrflight.fileio.atomic_path: {bad}"
     # the audit finds a plain write
     probe = tmp_path / "probe.py"
     probe.write_text("import json, numpy as np\n"

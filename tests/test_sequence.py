@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from mrflight.matio import save_mat
+from mrflight.fileio import save_mat
 from mrflight.physics import Sequence, from_file, jiang2015, oksuz2019, simulate
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "mrflight", "configs")
 
 
 def test_oksuz2019_default():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mrflight.data import Batch, ParameterPrior, SimulatedDataModule, preprocess
-from mrflight.lit import MRFRegressor
+from mrflight.regressor import MRFRegressor
 from mrflight.physics import Sequence, oksuz2019, simulate
 
 SMALL = dict(targets=["t1", "t2", "b1"], batch_size=16, batches_per_epoch=3, n_val=32,

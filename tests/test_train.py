@@ -42,7 +42,7 @@ def test_tiny_model_overfits_a_small_set(tmp_path):
     torch.manual_seed(0)
     from mrflight.data import FingerprintDataModule
     from mrflight.dictionary import random_params
-    from mrflight.lit import MRFRegressor
+    from mrflight.regressor import MRFRegressor
     from mrflight.physics import oksuz2019
 
     seq = oksuz2019(n_pulses=100, lobe_length=20)
@@ -254,7 +254,7 @@ def test_ddp_on_cpu_two_processes(tmp_path):
 def test_predict_parameters_precision_modes():
     """bf16 autocast really runs in bfloat16 (outputs differ from fp32 by bf16 rounding, ~1e-2
     relative at most), fp32/tf32 agree on the CPU, and a bad mode names the choices."""
-    from mrflight.lit import MRFRegressor
+    from mrflight.regressor import MRFRegressor
 
     torch.manual_seed(0)
     module = MRFRegressor({"_target_": "mrflight.models.ANNRegressor", "input_length": 100,

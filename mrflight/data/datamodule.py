@@ -1,6 +1,6 @@
 """``FingerprintDataModule``: simulated (or loaded) fingerprints, seeded splits, the noise model.
 
-Sources (chosen by config, ``configs/data/``):
+Sources (chosen by config, ``mrflight/configs/data/``):
 
 * ``params``: an ``(M, 2)`` array of T1/T2 in ms (e.g. :func:`mrflight.dictionary.paper_grid`,
   the default, or :func:`mrflight.dictionary.random_params`), simulated for the run's sequence

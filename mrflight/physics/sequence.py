@@ -291,7 +291,7 @@ def _load_table(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
         raise ValueError(f"{path}: expected shape (T,) or (T, <=4) columns "
                          f"{_COLUMNS}, got {arr.shape}")
     if suffix == ".mat":
-        from mrflight.matio import load_mat
+        from mrflight.fileio import load_mat
 
         data = load_mat(path)
         out = {}
