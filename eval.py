@@ -1,4 +1,5 @@
-"""Evaluate trained models against dictionary matching: ``python eval.py`` (mrflight/configs/eval.yaml).
+"""Evaluate trained models against dictionary matching: ``python eval.py`` "
+"(mrflight/configs/eval.yaml).
 
 Bad input (config values, unknown options, missing files) exits with status 2 and one line
 ``error: ...`` on stderr (``MRFLIGHT_DEBUG=1`` shows the traceback).

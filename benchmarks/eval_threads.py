@@ -26,10 +26,10 @@ from inference_speed import default_net
 
 
 def _parts(n_atoms: int, n_signals: int, n_bound: int, n_pulses: int = 1750) -> dict:
-    from mrflight.regressor import MRFRegressor
     from mrflight.matching import DictionaryMatcher
     from mrflight.physics import add_noise, normalize, oksuz2019, simulate
     from mrflight.physics.crb import crb
+    from mrflight.regressor import MRFRegressor
 
     seq = oksuz2019(n_pulses=n_pulses, lobe_length=min(250, n_pulses // 7))
     g = torch.Generator().manual_seed(0)

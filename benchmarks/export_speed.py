@@ -1,9 +1,9 @@
 """Throughput of exported models (onnxruntime) beside torch, on the CPU, for every regressor.
 
-Every model is built from its default config (``mrflight/configs/model/<name>.yaml``) for the default
-train (1750 time points; speed does not depend on the weights), wrapped in
-:class:`mrflight.regressor.MRFRegressor`, exported with :func:`mrflight.export.export_onnx` and timed
-on the same raw magnitude fingerprints (preprocessing included on both sides):
+Every model is built from its default config (``mrflight/configs/model/<name>.yaml``) for the
+default train (1750 time points; speed does not depend on the weights), wrapped in
+:class:`mrflight.regressor.MRFRegressor`, exported with :func:`mrflight.export.export_onnx` and
+timed on the same raw magnitude fingerprints (preprocessing included on both sides):
 
 * torch: ``module.predict_parameters(x)`` (chunks of 256);
 * onnxruntime: ``session.run`` on the whole batch, and in chunks of 256;

@@ -48,8 +48,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mrflight.dictionary import paper_grid, random_params  # noqa: E402
-from mrflight.matching import DictionaryMatcher, float32_matmul  # noqa: E402
 from mrflight.fileio import atomic_path  # noqa: E402
+from mrflight.matching import DictionaryMatcher, float32_matmul  # noqa: E402
 from mrflight.models import GRURegressor  # noqa: E402
 from mrflight.physics import Sequence, add_noise, epg, oksuz2019, simulate  # noqa: E402
 

@@ -1,8 +1,8 @@
 """Inference speed of the four regressors: batched throughput, single-signal latency, floor.
 
 Every model (LSTM, GRU, ANN, CNN) is built directly from its default config
-(``mrflight/configs/model/<name>.yaml``) with ``input_length=1750`` (the default train), put in eval mode
-and timed under ``torch.inference_mode()`` on random unit-norm inputs (speed does not depend on
+(``mrflight/configs/model/<name>.yaml``) with ``input_length=1750`` (the default train), put in eval
+mode and timed under ``torch.inference_mode()`` on random unit-norm inputs (speed does not depend on
 the weights):
 
 * batched throughput (signals/s) for every batch size and torch thread count asked for; the
@@ -223,7 +223,8 @@ def report(r: dict, quick: bool = False) -> str:
         f"# Inference speed{' (quick)' if quick else ''}",
         "",
         f"- machine: {machine_line()}",
-        f"- models: mrflight/configs/model/*.yaml defaults, input_length {r['input_length']}, eval mode, "
+        f"- models: mrflight/configs/model/*.yaml defaults, input_length {r['input_length']}, "
+        "eval mode, "
         f"torch.inference_mode(); float32 GEMM rate: {gemm}",
         f"- throughput: median of {r['repeats']} calls after a warm-up per setting, best setting "
         f"reported; latency: median of {r['latency_calls']} batch-1 calls (best thread count); "

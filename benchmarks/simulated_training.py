@@ -29,8 +29,8 @@ import torch
 from common import RESULTS_DIR, machine_line, markdown_table, write_result  # benchmarks/
 
 from mrflight.data import SimulatedDataModule
-from mrflight.regressor import MRFRegressor
 from mrflight.physics import oksuz2019
+from mrflight.regressor import MRFRegressor
 
 
 def _module(n_pulses: int) -> MRFRegressor:

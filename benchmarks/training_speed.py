@@ -1,7 +1,8 @@
 """Training speed of the four regressors, and time to reach the default model's accuracy.
 
 * samples/s per model: ``--steps`` optimisation steps (forward, MSE loss, backward, Adam step) of
-  :class:`mrflight.regressor.MRFRegressor` around each default net (``mrflight/configs/model/<name>.yaml``,
+  :class:`mrflight.regressor.MRFRegressor` around each default net
+  (``mrflight/configs/model/<name>.yaml``,
   ``input_length=1750``) at the default batch size (256), on synthetic complex fingerprints with
   fresh complex noise and the training preprocessing (``add_noise`` then ``preprocess``) in every
   step, as the data module does; torch threads as in ``mrflight/configs/train.yaml`` (1) unless
@@ -34,8 +35,8 @@ from common import RESULTS_DIR, fmt_rate, machine_line, markdown_table, write_re
 from inference_speed import MODELS, default_net
 
 from mrflight.data.datamodule import preprocess
-from mrflight.regressor import MRFRegressor
 from mrflight.physics import add_noise
+from mrflight.regressor import MRFRegressor
 
 
 def train_rate(name: str, steps: int = 200, batch_size: int = 256, warmup: int = 3,

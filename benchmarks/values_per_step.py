@@ -18,8 +18,8 @@ import torch
 
 from mrflight.data import FingerprintDataModule
 from mrflight.dictionary import paper_grid
-from mrflight.regressor import MRFRegressor
 from mrflight.physics import oksuz2019
+from mrflight.regressor import MRFRegressor
 
 
 def main() -> None:

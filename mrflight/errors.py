@@ -114,7 +114,8 @@ def _flat_keys(node, prefix: str = "") -> list[str]:
 
 
 def _primary_groups(config_name: str) -> list[str]:
-    """Config groups in the defaults list of ``mrflight/configs/<config_name>.yaml`` (hydra excluded)."""
+    """Config groups in the defaults list of ``mrflight/configs/<config_name>.yaml`` (hydra "
+    "excluded)."""
     import yaml
 
     from mrflight.pipeline import CONFIG_DIR

@@ -156,8 +156,8 @@ def _record_failure(cfg: DictConfig, hc, e: BaseException) -> None:
     import traceback
 
     from mrflight.errors import one_line
-    from mrflight.hydra_callbacks import FAILED_FILE
     from mrflight.fileio import atomic_path
+    from mrflight.hydra_callbacks import FAILED_FILE
 
     try:
         out = Path(cfg.paths.output_dir)

@@ -13,8 +13,8 @@ import torch
 
 from mrflight import dictionary
 from mrflight.data import FingerprintDataModule
-from mrflight.matching import DictionaryMatcher
 from mrflight.fileio import atomic_path, load_mat, save_mat
+from mrflight.matching import DictionaryMatcher
 from mrflight.physics import normalize, oksuz2019
 
 
@@ -213,8 +213,8 @@ def test_schedule_headers_bom_case_and_encoding(tmp_path):
 # --------------------------------------------------------------------------- scale and noise
 @pytest.fixture(scope="module")
 def model(seq):
-    from mrflight.regressor import MRFRegressor
     from mrflight.models import ANNRegressor
+    from mrflight.regressor import MRFRegressor
 
     torch.manual_seed(0)
     return MRFRegressor(ANNRegressor(input_length=len(seq), hidden_sizes=[16]),

@@ -28,11 +28,11 @@ from hypothesis import strategies as st
 from mrflight import dictionary
 from mrflight.data import FingerprintDataModule
 from mrflight.data.datamodule import EpochShuffleSampler, stream_seed
-from mrflight.regressor import MRFRegressor
 from mrflight.matching import DictionaryMatcher
 from mrflight.physics import simulate
 from mrflight.physics.sequence import oksuz2019
 from mrflight.pipeline import compose_config, train
+from mrflight.regressor import MRFRegressor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["debug=tiny", "logger=none", "~callbacks.rich_progress_bar",

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mrflight.data import Batch, ParameterPrior, SimulatedDataModule, preprocess
-from mrflight.regressor import MRFRegressor
 from mrflight.physics import Sequence, oksuz2019, simulate
+from mrflight.regressor import MRFRegressor
 
 SMALL = dict(targets=["t1", "t2", "b1"], batch_size=16, batches_per_epoch=3, n_val=32,
              n_test=32, eval_noise_levels=[0.01], num_workers=0, progress=False, seed=5)

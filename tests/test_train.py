@@ -42,8 +42,8 @@ def test_tiny_model_overfits_a_small_set(tmp_path):
     torch.manual_seed(0)
     from mrflight.data import FingerprintDataModule
     from mrflight.dictionary import random_params
-    from mrflight.regressor import MRFRegressor
     from mrflight.physics import oksuz2019
+    from mrflight.regressor import MRFRegressor
 
     seq = oksuz2019(n_pulses=100, lobe_length=20)
     dm = FingerprintDataModule(seq, params=random_params(120, seed=1), n_test=20, batch_size=20,

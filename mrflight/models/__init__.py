@@ -3,7 +3,8 @@
 Contract (every model): ``forward(x)`` takes L2-normalised fingerprints ``(B, T)`` (one channel,
 the magnitude) or ``(B, C, T)`` (``C = in_channels``, e.g. 2 for real and imaginary parts) and
 returns ``(B, P)``: the *scaled* targets (T1 / scale_T1, T2 / scale_T2[, B1 / scale_B1], see
-:class:`mrflight.regressor.MRFRegressor`). Every model multiplies its input by ``sqrt(T)`` first so that
+:class:`mrflight.regressor.MRFRegressor`). Every model multiplies its input by ``sqrt(T)``
+first so that
 the unit-norm fingerprint has values of order one.
 
 Adding a model is one class here (a subclass of :class:`Regressor`), one YAML file in

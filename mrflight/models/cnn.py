@@ -19,7 +19,8 @@ class CNNRegressor(Regressor):
     padding), each followed by max-pooling by 2; the first convolution has stride
     ``stem_stride``; an adaptive average pool to ``pooled_length`` positions makes the head
     independent of ``T``; then FC ``channels[-1]*pooled_length -> fc_size`` (ReLU) and
-    ``fc_size -> 2``. The default config (``mrflight/configs/model/cnn.yaml``: 16/32/32/32 filters of
+    ``fc_size -> 2``. The default config (``mrflight/configs/model/cnn.yaml``: 16/32/32/32
+    filters of
     width 5, stem stride 10, FC 128) costs 1.2 MFLOP per 1750-point signal; the unstrided
     16/32/64/128, width 7, FC 256 variant (the Python defaults) costs 45 MFLOP.
 
