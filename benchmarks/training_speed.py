@@ -34,9 +34,9 @@ import torch
 from common import RESULTS_DIR, fmt_rate, machine_line, markdown_table, write_result  # benchmarks/
 from inference_speed import MODELS, default_net
 
-from mrflight.data.datamodule import preprocess
 from mrflight.physics import add_noise
 from mrflight.regressor import MRFRegressor
+from mrflight.transforms import preprocess
 
 
 def train_rate(name: str, steps: int = 200, batch_size: int = 256, warmup: int = 3,

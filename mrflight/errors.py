@@ -118,7 +118,7 @@ def _primary_groups(config_name: str) -> list[str]:
     "excluded)."""
     import yaml
 
-    from mrflight.pipeline import CONFIG_DIR
+    from mrflight.config import CONFIG_DIR
 
     defaults = yaml.safe_load((CONFIG_DIR / f"{config_name}.yaml").read_text()).get("defaults", [])
     keys = [next(iter(d)) for d in defaults if isinstance(d, dict)]
@@ -152,7 +152,7 @@ def override_hint(e: BaseException, config_name: str | None, argv=None) -> str |
             msg += (f"; {key}= is a train.py option: eval.py reads each run's {key} from the "
                     "config saved beside its checkpoint")
         return msg
-    from mrflight.pipeline import compose_config
+    from mrflight.config import compose_config
 
     argv = sys.argv[1:] if argv is None else list(argv)
     others = [a for a in argv if "=" in a and not a.startswith("-")

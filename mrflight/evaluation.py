@@ -52,7 +52,9 @@ import numpy as np
 import torch
 
 from mrflight.checkpoints import find_checkpoints
+from mrflight.config import instantiate
 from mrflight.fileio import atomic_path
+from mrflight.transforms import split_indices
 
 __all__ = ["EvalSettings", "run", "find_checkpoints", "evaluate_group", "PAPER_TABLE1",
            "write_outputs", "METHODS"]
@@ -312,12 +314,6 @@ def _data_key(seq, data_cfg: dict | None, split_seed: int) -> str:
                       sort_keys=True, default=str)
 
 
-def _instantiate(node, **kw):
-    from hydra.utils import instantiate
-
-    return instantiate(node, **kw)
-
-
 def _build_group_data(group: _Group, data_cfg: dict | None, settings: EvalSettings,
                       cache_dir) -> None:
     """Fill the training dictionary and the test sets of a group."""
@@ -329,22 +325,21 @@ def _build_group_data(group: _Group, data_cfg: dict | None, settings: EvalSettin
         data_cfg = None  # trained on fresh simulated data: no stored grid to hold out from
     if data_cfg is not None:
         # the run's own split, reproduced by its datamodule
-        dm = _instantiate(data_cfg, sequence=seq, progress=False)
+        dm = instantiate(data_cfg, sequence=seq, progress=False)
         atoms, params, keep, splits = dm.load_splits()  # one load, no training datasets
         params, keep = params.numpy(), keep.numpy()
         test_idx = splits["test"].numpy()
         source = (f"run data config ({data_cfg.get('_target_', '?')}, split_seed "
                   f"{data_cfg.get('split_seed')}, n_test {data_cfg.get('n_test')})")
     else:
-        grid = paper_grid() if settings.grid is None else _instantiate(settings.grid)
+        grid = paper_grid() if settings.grid is None else instantiate(settings.grid)
         d = generate(seq, grid, cache_dir=cache_dir, progress=False)
         atoms = torch.from_numpy(np.ascontiguousarray(d.atoms)).to(torch.complex64)
         params = np.asarray(d.params[:, :2], dtype=np.float64)
         del d
         keep = (torch.linalg.vector_norm(atoms, dim=1) > 0).numpy()
         ok = np.nonzero(keep)[0]
-        perm = ok[np.random.default_rng(settings.split_seed).permutation(len(ok))]
-        test_idx = np.sort(perm[:settings.n_test])
+        test_idx = split_indices(ok, settings.split_seed, settings.n_test)["test"]
         gname = "paper grid" if settings.grid is None else settings.grid["_target_"]
         source = f"{gname}, split_seed {settings.split_seed}, {len(test_idx)} held out"
     train_mask = keep.copy()
@@ -899,7 +894,7 @@ def _settings(node) -> EvalSettings:
     if "_target_" not in node:
         return EvalSettings(**OmegaConf.to_container(node, resolve=True))
     try:
-        return _instantiate(node, _convert_="all", _recursive_=False)
+        return instantiate(node, _convert_="all", _recursive_=False)
     except InstantiationException as e:
         if isinstance(e.__cause__, ValueError):
             raise e.__cause__ from None
@@ -948,13 +943,13 @@ def run(cfg):
             module = mrflight.load_checkpoint(str(ck), map_location=settings.device)
             seq_dict = module.hparams.get("sequence")
             if rcfg is not None and rcfg.get("sequence"):
-                seq = _instantiate(OmegaConf.create(rcfg["sequence"]))
+                seq = instantiate(OmegaConf.create(rcfg["sequence"]))
             elif seq_dict:
                 from mrflight.physics import Sequence
 
                 seq = Sequence.from_dict(seq_dict)
             else:
-                seq = _instantiate(cfg.sequence)
+                seq = instantiate(cfg.sequence)
             data_cfg = None
             if rcfg is not None and rcfg.get("data"):
                 # the saved config is resolved; an unresolved cache_dir falls back to ours
@@ -971,7 +966,7 @@ def run(cfg):
             g.runs.append(r)
             g.description["data_cfg"] = data_cfg
     if not groups:
-        seq = _instantiate(cfg.sequence)
+        seq = instantiate(cfg.sequence)
         key = _data_key(seq, None, settings.split_seed)
         groups[key] = _Group(seq, key, [])
         groups[key].description["data_cfg"] = None

@@ -15,7 +15,9 @@ import logging
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
+
+from mrflight.config import instantiate, to_plain
 
 __all__ = ["flat_config", "run_name", "run_group", "run_tags", "build_loggers",
            "log_flat_config", "finish_loggers", "is_wandb", "choices", "read_offline_run",
@@ -50,11 +52,6 @@ def _model_name(cfg: DictConfig, ch: dict) -> str:
     return ch.get("model") or (target or "model").lower()
 
 
-def _plain(v):
-    return OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig,
-                                                                     ListConfig)) else v
-
-
 def flat_config(cfg: DictConfig, hc=None) -> dict:
     """The run's hyperparameters as one flat dict of scalars (what a W&B panel filters by).
 
@@ -72,23 +69,23 @@ def flat_config(cfg: DictConfig, hc=None) -> dict:
     out: dict = {"model": _model_name(cfg, ch)}
     for key in ("hidden_size", "num_layers", "values_per_step"):
         if model.get(key) is not None:
-            out[key] = _plain(model.get(key))
+            out[key] = to_plain(model.get(key))
     for key in ("hidden_sizes", "channels"):
         if model.get(key) is not None:
-            out[key] = "x".join(str(v) for v in _plain(model.get(key)))
+            out[key] = "x".join(str(v) for v in to_plain(model.get(key)))
     out["lr"] = module.get("lr")
     out["weight_decay"] = module.get("weight_decay")
     sched = module.get("scheduler")
     out["scheduler"] = _short(sched.get("_target_")) if sched else "none"
     out["batch_size"] = data.get("batch_size")
-    noise = _plain(data.get("noise_std"))
+    noise = to_plain(data.get("noise_std"))
     if isinstance(noise, (list, tuple)):
         out["noise_std_min"], out["noise_std_max"] = float(min(noise)), float(max(noise))
     else:
         out["noise_std"] = noise
     for key in ("noise_std_min", "noise_std_max"):  # a range given as two keys
         if data.get(key) is not None:
-            out[key] = _plain(data.get(key))
+            out[key] = to_plain(data.get(key))
     out["input_mode"] = data.get("input_mode")
     out["n_train"] = data.get("n_train")
     out["sequence"] = ch.get("sequence") or _short(seq.get("_target_"))
@@ -97,7 +94,7 @@ def flat_config(cfg: DictConfig, hc=None) -> dict:
                                            if isinstance(data.get("params"), DictConfig)
                                            else None) or ("file" if data.get("path") else None)
     targets = module.get("targets") or data.get("targets") or ["t1", "t2"]
-    out["targets"] = ",".join(str(t) for t in _plain(targets))
+    out["targets"] = ",".join(str(t) for t in to_plain(targets))
     out["loss"] = str(module.get("loss") or "mse")
     out["seed"] = cfg.get("seed")
     out["max_epochs"] = (cfg.get("trainer") or {}).get("max_epochs")
@@ -156,7 +153,7 @@ def run_group(flat: dict, hc=None, now: _dt.datetime | None = None) -> str:
 
 def run_tags(flat: dict, extra=()) -> list[str]:
     tags = [flat.get("model"), f"data:{flat.get('data')}", f"seq:{flat.get('sequence')}",
-            flat.get("experiment"), flat.get("hparams_search"), *(_plain(extra) or [])]
+            flat.get("experiment"), flat.get("hparams_search"), *(to_plain(extra) or [])]
     out = []
     for t in tags:
         if t and str(t) not in out and "None" not in str(t):
@@ -169,7 +166,6 @@ def build_loggers(cfg: DictConfig, hc=None) -> list:
     :func:`run_tags` unless the config sets them. The values used are written back into
     ``cfg.logger.wandb`` so that the saved ``config.yaml`` records them (``eval.py`` groups
     its W&B run with the runs it evaluates)."""
-    from mrflight.pipeline import _build
 
     loggers = []
     flat = None
@@ -184,7 +180,7 @@ def build_loggers(cfg: DictConfig, hc=None) -> list:
                      "tags": run_tags(flat, node.get("tags"))}
             with open_dict(node):
                 node.name, node.group, node.tags = extra["name"], extra["group"], extra["tags"]
-        lg = _build(node, **extra)
+        lg = instantiate(node, **extra)
         if is_wandb(lg):
             # Lightning passes anonymous=None, which wandb >= 0.19 warns about on every run
             getattr(lg, "_wandb_init", {}).pop("anonymous", None)
@@ -287,7 +283,6 @@ def build_eval_loggers(cfg: DictConfig, runs: list[dict], settings: dict | None 
     ``eval-<methods>-<MMDD-HHMMSS>``, has job type ``eval`` and a config listing the evaluated
     checkpoints and W&B run names beside the evaluation settings.
     """
-    from mrflight.pipeline import _build
 
     now = now or _dt.datetime.now()
     groups = {r["group"] for r in runs if r.get("group")}
@@ -310,7 +305,7 @@ def build_eval_loggers(cfg: DictConfig, runs: list[dict], settings: dict | None 
             extra = {"name": node.get("name") or name, "group": node.get("group") or group,
                      "job_type": "eval", "tags": run_tags({"model": "eval"},
                                                           [*methods, *(node.get("tags") or [])])}
-        lg = _build(node, **extra)
+        lg = instantiate(node, **extra)
         if is_wandb(lg):
             getattr(lg, "_wandb_init", {}).pop("anonymous", None)
         lg.log_hyperparams(config)

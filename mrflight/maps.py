@@ -65,7 +65,6 @@ References:
 from __future__ import annotations
 
 import gzip
-import importlib
 import json
 import os
 import warnings
@@ -76,6 +75,7 @@ import numpy as np
 import torch
 
 import mrflight
+from mrflight.config import instantiate, to_plain
 from mrflight.fileio import atomic_path
 from mrflight.physics import Sequence, simulate
 from mrflight.series_io import SeriesSource, open_series, series_stem
@@ -911,25 +911,8 @@ def make_maps(input_path, reconstructor, out_dir, *, options: MapOptions | None 
 
 
 # ============================================================================ config glue
-def _node_to_dict(node) -> dict:
-    if node is None:
-        return {}
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(node):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(node)
-
-
-def _call_target(node):
-    """Call a flat ``_target_`` config (``module.attr`` + keyword arguments)."""
-    d = _node_to_dict(node)
-    target = d.pop("_target_")
-    mod, _, attr = target.rpartition(".")
-    return getattr(importlib.import_module(mod), attr)(**d)
+def _as_dict(node) -> dict:
+    return {} if node is None else dict(to_plain(node))
 
 
 def _cfg_get(cfg, key, default=None):
@@ -955,7 +938,7 @@ def run_maps(cfg) -> dict[str, Path]:
     inp = _cfg_get(cfg, "input")
     if not inp:
         raise ValueError("input=PATH is required: the image series to reconstruct")
-    opts = _node_to_dict(_cfg_get(cfg, "maps"))
+    opts = _as_dict(_cfg_get(cfg, "maps"))
     opts.pop("_target_", None)
     options = MapOptions(**opts)
     ckpt, dic = _cfg_get(cfg, "ckpt_path"), _cfg_get(cfg, "dictionary")
@@ -964,7 +947,7 @@ def run_maps(cfg) -> dict[str, Path]:
                          "dictionary=PATH (dictionary matching) with input=...")
     def cfg_sequence() -> Sequence | None:  # only built when needed (it may be incomplete)
         node = _cfg_get(cfg, "sequence")
-        return None if node is None else _call_target(node)
+        return None if node is None else instantiate(node, _convert_="all")
 
     device = options.device or "cpu"
     if ckpt:

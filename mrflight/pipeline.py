@@ -13,8 +13,9 @@ import logging
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from mrflight.config import compose_config, hydra_config
 from mrflight.loggers import build_loggers, finish_loggers, log_flat_config
 from mrflight.run_logging import (
     configure_logging,
@@ -25,15 +26,6 @@ from mrflight.run_logging import (
 __all__ = ["train", "evaluate", "check_config", "compose_config"]
 
 log = logging.getLogger("mrflight")
-
-
-def _hydra_cfg():
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get() if HydraConfig.initialized() else None
-    except Exception:  # noqa: BLE001 - no Hydra context
-        return None
 
 
 def _number(v) -> float:
@@ -108,20 +100,6 @@ def _resume(cfg: DictConfig, hc) -> tuple[DictConfig, tuple | None]:
     return resume_config(cfg, overrides)
 
 
-def _build(node, **kwargs):
-    """``hydra.utils.instantiate`` that re-raises a constructor's ValueError as itself."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, ValueError):
-            raise cause from None
-        raise
-
-
 def _in_multirun(hc) -> bool:
     return hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
 
@@ -141,7 +119,7 @@ def train(cfg: DictConfig) -> float | None:
     stored in ``last.ckpt`` so ``ckpt_path=last`` resumes bit for bit). Set
     ``trainer.deterministic=true`` to force deterministic kernels on GPUs.
     """
-    hc = _hydra_cfg()
+    hc = hydra_config()
     if not _in_multirun(hc):
         return _train(cfg)
     try:
@@ -265,7 +243,7 @@ def _train(cfg: DictConfig) -> float | None:
     from mrflight.fileio import remove_stale_temp_files
     from mrflight.resume import check_fits, continue_csv_logs
 
-    hc = _hydra_cfg()
+    hc = hydra_config()
     cfg, resume_from = _resume(cfg, hc)  # checks the checkpoint loads: nothing written yet
     check_config(cfg)
     configure_logging()
@@ -280,8 +258,8 @@ def _train(cfg: DictConfig) -> float | None:
     for folder in (output_dir, output_dir / "checkpoints"):
         remove_stale_temp_files(folder)
 
-    sequence = _build(cfg.sequence)
-    datamodule = _build(cfg.data, sequence=sequence)
+    sequence = instantiate(cfg.sequence)
+    datamodule = instantiate(cfg.data, sequence=sequence)
     targets = list(datamodule.targets)
     net_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     net_cfg.update(input_length=len(sequence), in_channels=datamodule.in_channels,
@@ -380,29 +358,3 @@ def evaluate(cfg: DictConfig):
 
     check_runtime(cfg)
     return run(cfg)
-
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-def compose_config(overrides=(), output_dir=None, config_name: str = "train",
-                   return_hydra_config: bool = False) -> DictConfig:
-    """Compose ``mrflight/configs/<config_name>.yaml`` outside a Hydra run (tests, notebooks).
-
-    Args:
-        overrides: Hydra overrides, e.g. ``["model=lstm", "debug=tiny"]``.
-        output_dir: sets ``paths.output_dir`` (which otherwise needs a Hydra run).
-        config_name: ``"train"`` or ``"eval"``.
-        return_hydra_config: keep the ``hydra`` node (launchers, sweepers).
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides),
-                      return_hydra_config=return_hydra_config)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-    return cfg

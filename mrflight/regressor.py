@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import numpy as np
@@ -22,9 +22,13 @@ import torch
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
-from mrflight.data.datamodule import DEFAULT_TARGET_SCALE_MS, INPUT_MODES, Batch, preprocess
+from mrflight.config import to_plain
 from mrflight.matching import float32_matmul
 from mrflight.models import build_net, net_config
+from mrflight.transforms import DEFAULT_TARGET_SCALE_MS, INPUT_MODES, preprocess
+
+if TYPE_CHECKING:  # the batch type only; the inference API does not import the data modules
+    from mrflight.data.datamodule import Batch
 
 __all__ = ["MRFRegressor", "load_checkpoint", "LOSSES", "PARAMETER_UNITS"]
 
@@ -46,20 +50,6 @@ def _precision(precision: str, device: torch.device):
     else:
         with float32_matmul(device, "tf32" if precision == "tf32" else "ieee"):
             yield
-
-
-def _plain(obj):
-    """OmegaConf containers -> plain Python (for hparams and instantiation)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
 
 
 def _key(name: str) -> str:
@@ -111,7 +101,7 @@ class MRFRegressor(L.LightningModule):
         if isinstance(net, nn.Module):
             net_module, net = net, net_config(net)
         else:
-            net = _plain(net)
+            net = to_plain(net)
             if not isinstance(net, dict) or "_target_" not in net:
                 raise ValueError("net must be an nn.Module or a config dict with '_target_'")
             net_module = build_net(net)
@@ -119,9 +109,9 @@ class MRFRegressor(L.LightningModule):
             raise ValueError(f"module.lr must be positive, got {lr}")
         if input_mode not in INPUT_MODES:
             raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
-        scheduler = _plain(scheduler)
-        sequence = _plain(sequence)
-        targets = [str(t).lower() for t in (_plain(targets) or ())]
+        scheduler = to_plain(scheduler)
+        sequence = to_plain(sequence)
+        targets = [str(t).lower() for t in (to_plain(targets) or ())]
         if targets not in (["t1", "t2"], ["t1", "t2", "b1"]):
             raise ValueError(f"targets must be [t1, t2] or [t1, t2, b1], got {targets}")
         target_scale_ms = [float(s) for s in target_scale_ms]
@@ -136,7 +126,7 @@ class MRFRegressor(L.LightningModule):
         if not (float(bias_weight) >= 0 and np.isfinite(float(bias_weight))):
             raise ValueError(f"module.bias_weight must be a finite number >= 0, got "
                              f"{bias_weight!r}")
-        noise_std = _plain(noise_std)
+        noise_std = to_plain(noise_std)
         self.save_hyperparameters({
             "net": net, "lr": float(lr), "weight_decay": float(weight_decay),
             "scheduler": scheduler, "target_scale_ms": target_scale_ms, "sequence": sequence,

@@ -66,7 +66,7 @@ def _override_keys(overrides) -> list[tuple[str, bool]]:
     """``(key, is_delete)`` of each override; a group of global package expands to its keys."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from mrflight.pipeline import CONFIG_DIR
+    from mrflight.config import CONFIG_DIR
 
     out = []
     for o in OverridesParser.create().parse_overrides(list(overrides)):

@@ -6,7 +6,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mrflight.pipeline import CONFIG_DIR, compose_config
+from mrflight.config import CONFIG_DIR, compose_config
 
 GROUPS = ["sequence", "data", "model", "trainer", "callbacks", "logger", "paths", "experiment",
           "hparams_search", "debug"]
@@ -105,3 +105,12 @@ def test_launchers_compose(tmp_path, launcher, target):
 def test_output_dirs_are_unique_per_job():
     raw = (Path(CONFIG_DIR) / "hydra" / "default.yaml").read_text()
     assert "%H-%M-%S-%f" in raw and "${hydra.job.num}" in raw
+
+
+def test_renamed_targets_of_saved_run_configs_still_instantiate():
+    """A run saved before ``lit.py`` became ``regressor.py`` names ``mrflight.lit.MRFRegressor``."""
+    from mrflight.config import instantiate
+    from mrflight.regressor import MRFRegressor
+
+    built = instantiate({"_target_": "mrflight.lit.MRFRegressor", "_partial_": True})
+    assert built.func is MRFRegressor

@@ -193,7 +193,7 @@ def test_preprocess_unchanged_for_magnitude():
 
 
 def test_align_phase_removes_any_global_phase():
-    from mrflight.data.datamodule import align_phase
+    from mrflight.transforms import align_phase
 
     seq = oksuz2019()
     x = simulate(seq, [1000.0, 300.0, 3000.0, 60.0], [80.0, 30.0, 400.0, 50.0],

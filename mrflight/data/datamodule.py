@@ -44,13 +44,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mrflight.physics import Sequence, add_noise, normalize
+from mrflight.transforms import DEFAULT_TARGET_SCALE_MS, INPUT_MODES, preprocess, split_indices
 
-__all__ = ["Batch", "FingerprintDataset", "FingerprintDataModule", "preprocess", "align_phase",
-           "DEFAULT_TARGET_SCALE_MS", "EpochShuffleSampler", "stream_seed"]
-
-DEFAULT_TARGET_SCALE_MS = (4000.0, 500.0)
-INPUT_MODES = ("magnitude", "complex")
-
+__all__ = ["Batch", "FingerprintDataset", "FingerprintDataModule", "EpochShuffleSampler",
+           "stream_seed"]
 
 class Batch(NamedTuple):
     """One batch.
@@ -77,46 +74,6 @@ class Batch(NamedTuple):
     bound: torch.Tensor | None = None
     sim_params: torch.Tensor | None = None
     key: torch.Tensor | None = None
-
-
-def align_phase(z: torch.Tensor) -> torch.Tensor:
-    """Remove the global phase of complex fingerprints ``(N, T)``.
-
-    A FISP train with RF phases of 0 or 180 degrees gives ``x_t = exp(i phi) r_t`` with real
-    ``r_t``, and a scanner adds a voxel-dependent ``phi``. ``sum_t x_t^2 = exp(2 i phi) sum_t
-    r_t^2`` gives ``phi`` up to ``pi``; the sign is fixed so that ``sum_t Re(x_t) |Re(x_t)|
-    >= 0``. The result is the real fingerprint (up to noise) in the real channel and noise only
-    in the imaginary channel, whatever the scanner's phase, so complex-input models see the
-    sign changes of the signal that the magnitude loses.
-    """
-    s = (z * z).sum(dim=-1, keepdim=True)
-    rot = torch.polar(torch.ones_like(s.real), -0.5 * torch.angle(s))
-    y = z * rot
-    sign = torch.where((y.real * y.real.abs()).sum(dim=-1, keepdim=True) < 0, -1.0, 1.0)
-    return y * sign
-
-
-def preprocess(noisy: torch.Tensor, input_mode: str = "magnitude") -> torch.Tensor:
-    """Turn (noisy) complex fingerprints ``(N, T)`` into model inputs.
-
-    ``magnitude``: ``|x| / ||x||_2`` -> ``(N, T)`` float32. ``complex``: ``x / ||x||_2`` with
-    its global phase removed (:func:`align_phase`) as ``(N, 2, T)`` float32 (real, imaginary).
-    A real input is taken as the magnitude (magnitude mode) or as a complex signal with zero
-    imaginary part (complex mode). Any scale gives the same result: the normalisation
-    (:func:`mrflight.physics.normalize`) runs in the input's precision before the cast to
-    float32.
-    """
-    if input_mode == "magnitude":
-        mag = noisy.abs()
-        if not mag.is_floating_point():
-            mag = mag.to(torch.float32)
-        return normalize(mag).to(torch.float32)
-    if input_mode == "complex":
-        z = noisy if noisy.is_complex() else noisy.to(
-            torch.complex128 if noisy.dtype == torch.float64 else torch.complex64)
-        z = align_phase(normalize(z)).to(torch.complex64)
-        return torch.stack([z.real, z.imag], dim=-2)
-    raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
 
 
 class FingerprintDataset(Dataset):
@@ -358,12 +315,8 @@ class FingerprintDataModule(ModelInputs, L.LightningDataModule):
         keep = torch.linalg.vector_norm(atoms, dim=-1) > 0
         idx_ok = torch.nonzero(keep).squeeze(1).numpy()
         n_tr, n_val, n_te = self._split_sizes(len(idx_ok))
-        perm = idx_ok[np.random.default_rng(self.split_seed).permutation(len(idx_ok))]
-        splits = {
-            "train": torch.from_numpy(perm[n_te + n_val:n_te + n_val + n_tr]),
-            "val": torch.from_numpy(np.sort(perm[n_te:n_te + n_val])),
-            "test": torch.from_numpy(np.sort(perm[:n_te])),
-        }
+        idx = split_indices(idx_ok, self.split_seed, n_te, n_val, n_tr)
+        splits = {k: torch.from_numpy(idx[k]) for k in ("train", "val", "test")}
         return atoms, params, keep, splits
 
     def setup(self, stage: str | None = None) -> None:

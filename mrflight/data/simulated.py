@@ -45,8 +45,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mrflight.physics import Sequence, normalize
+from mrflight.transforms import INPUT_MODES, preprocess
 
-from .datamodule import INPUT_MODES, Batch, ModelInputs, _collate, preprocess, stream_seed
+from .datamodule import Batch, ModelInputs, _collate, stream_seed
 
 __all__ = ["ParameterPrior", "SimulatedDataModule", "TARGETS", "DEFAULT_SCALES"]
 

@@ -1,0 +1,95 @@
+"""Config glue: the one place where Hydra/OmegaConf nodes become objects and plain values.
+
+* :func:`instantiate`: ``hydra.utils.instantiate`` that re-raises a constructor's ``ValueError``
+  as itself (so a bad value reads as one line) and follows renamed ``_target_`` paths of configs
+  saved by earlier versions.
+* :func:`to_plain`: OmegaConf containers (also nested in mappings) -> plain Python.
+* :func:`compose_config`: compose ``mrflight/configs/<name>.yaml`` outside a Hydra run.
+* :func:`hydra_config`: the running Hydra config, or None.
+
+Checkpoints are different: :func:`mrflight.load_checkpoint` never instantiates a ``_target_``
+(untrusted files); it builds only registered networks and schedulers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+__all__ = ["CONFIG_DIR", "instantiate", "to_plain", "compose_config", "hydra_config"]
+
+#: the configs shipped with the package (``train.py``/``eval.py`` read the same folder)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: ``_target_`` paths renamed since a run could have saved its config (old -> new)
+_MOVED = {"mrflight.lit.MRFRegressor": "mrflight.regressor.MRFRegressor"}
+
+
+def to_plain(obj, resolve: bool = True):
+    """OmegaConf containers -> plain dicts/lists (resolved); mappings converted item by item."""
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=resolve)
+    if isinstance(obj, Mapping):
+        return {k: to_plain(v, resolve) for k, v in obj.items()}
+    return obj
+
+
+def _moved(node):
+    target = node.get("_target_") if isinstance(node, (Mapping, DictConfig)) else None
+    if target not in _MOVED:
+        return node
+    if isinstance(node, DictConfig):
+        node = node.copy()
+        with open_dict(node):
+            node._target_ = _MOVED[target]
+        return node
+    return {**node, "_target_": _MOVED[target]}
+
+
+def instantiate(node, **kwargs):
+    """``hydra.utils.instantiate(node, **kwargs)``; a constructor's ValueError is raised as is."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(_moved(node), **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ValueError):
+            raise cause from None
+        raise
+
+
+def hydra_config():
+    """The running Hydra config (``HydraConfig.get()``), or None outside a Hydra run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get() if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001 - no Hydra context
+        return None
+
+
+def compose_config(overrides=(), output_dir=None, config_name: str = "train",
+                   return_hydra_config: bool = False) -> DictConfig:
+    """Compose ``mrflight/configs/<config_name>.yaml`` outside a Hydra run (tests, notebooks).
+
+    Args:
+        overrides: Hydra overrides, e.g. ``["model=lstm", "debug=tiny"]``.
+        output_dir: sets ``paths.output_dir`` (which otherwise needs a Hydra run).
+        config_name: ``"train"`` or ``"eval"``.
+        return_hydra_config: keep the ``hydra`` node (launchers, sweepers).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides),
+                      return_hydra_config=return_hydra_config)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
