@@ -10,6 +10,9 @@ DataLoader (``num_workers=1``, the default, overlaps that with the training step
 core); on a GPU (``simulate_on="device"``, chosen automatically for a CUDA trainer) the loader
 only draws the parameters and the simulation and noise run on the GPU in
 :meth:`SimulatedDataModule.on_after_batch_transfer`, with no host round trip of the signals.
+There one kernel launch simulates ``batches_per_launch`` consecutive batches (default: 32 768
+fingerprints), because one batch of 1024 atoms would occupy only a few of the GPU's
+multiprocessors; each batch still has its own parameters and noise.
 
 Determinism: training batch ``i`` of epoch ``e`` on rank ``r`` is a function of ``(seed, e, i,
 r)`` only: the parameters come from ``numpy.random.default_rng(stream_seed(seed, 2, e, i, r))``
@@ -262,12 +265,14 @@ class BatchSimulator:
         return (b.to(torch.float32).cpu()
                 * noise_std.cpu().to(torch.float32)[:, None]).to(noise_std.device)
 
-    def realise(self, batch: Batch) -> Batch:
-        """Simulate, noise and preprocess a drawn batch on the device of its tensors."""
+    def realise(self, batch: Batch, clean: torch.Tensor | None = None) -> Batch:
+        """Simulate (unless its ``clean`` fingerprints are given), noise and preprocess a drawn
+        batch on the device of its tensors."""
         dev = batch.target.device
         params = batch.sim_params.to(dev)
         with torch.no_grad():
-            clean = self.simulate(params)
+            if clean is None:
+                clean = self.simulate(params)
             g = torch.Generator(device=dev)
             g.manual_seed(int(batch.key[0]))
             signal = realise(clean, batch.noise_std, g, self.random_phase, self.input_mode,
@@ -290,6 +295,10 @@ class _TrainBatches(Dataset):
         epoch, i = key
         batch = self.sim.draw(self.seed, epoch, i, self.rank)
         return self.sim.realise(batch) if self.simulate_here else batch
+
+
+#: fingerprints simulated per kernel launch on a GPU (fills an H100/H200 with programs)
+_FINGERPRINTS_PER_LAUNCH = 32768
 
 
 class SimulatedDataModule(ModelInputs, L.LightningDataModule):
@@ -319,6 +328,8 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
         num_workers: DataLoader worker processes for the training batches (1 overlaps the
             simulation with the training step on a CPU).
         simulate_on: ``"auto"`` (the device of the trainer), ``"loader"`` or ``"device"``.
+        batches_per_launch: on the device, consecutive training batches simulated by one call
+            (``None``: enough for 32 768 fingerprints, at most ``batches_per_epoch``).
         progress: show progress while simulating the fixed sets.
     """
 
@@ -332,7 +343,7 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
                  random_phase: bool = True, target_scale_ms=None, split_seed: int = 0,
                  noise_seed: int = 1, seed: int | None = None, cache_dir: str | None = None,
                  num_workers: int = 1, simulate_on: str = "auto",
-                 progress: bool = True) -> None:
+                 batches_per_launch: int | None = None, progress: bool = True) -> None:
         super().__init__()
         if isinstance(sequence, dict):
             sequence = Sequence.from_dict(sequence)
@@ -349,7 +360,9 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
                                     b1_range if "b1" in targets else None, noise_std)
         for name, v in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
                         ("realizations", realizations), ("n_val", n_val), ("n_test", n_test),
-                        ("num_workers", num_workers + 1)):
+                        ("num_workers", num_workers + 1),
+                        ("batches_per_launch", 1 if batches_per_launch is None
+                         else batches_per_launch)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"data.{name} must be a positive integer, got {v!r}")
         levels = [float(s) for s in (eval_noise_levels or ())]
@@ -384,6 +397,9 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
         self.cache_dir = cache_dir
         self.num_workers = int(num_workers)
         self.simulate_on = simulate_on
+        self.batches_per_launch = min(self.batches_per_epoch, int(
+            batches_per_launch or max(1, _FINGERPRINTS_PER_LAUNCH // self.batch_size)))
+        self._launch: tuple[tuple[int, int], torch.Tensor] | None = None
         self.progress = bool(progress)
         self.with_bound = False  # set by a module whose loss needs the per-sample bound
         self._sim: BatchSimulator | None = None
@@ -490,9 +506,24 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
                                         int(batch.key[2]), self.train_set.rank)
             batch = fresh._replace(**{k: getattr(fresh, k).to(dev) for k in
                                       ("target", "params_ms", "noise_std", "sim_params", "key")})
-        if batch.signal.numel() == 0:
-            batch = self.simulator.realise(batch)
+        if batch.signal.numel() == 0:  # drawn only (or redrawn): simulate as the loader would
+            clean = None if self.train_set.simulate_here else self._device_clean(batch)
+            batch = self.simulator.realise(batch, clean)
         return batch
+
+    def _device_clean(self, batch: Batch) -> torch.Tensor:
+        """Clean fingerprints of a drawn batch; one simulation covers ``batches_per_launch``
+        consecutive batches of its epoch (drawn here as the loader would draw them)."""
+        epoch, index = int(batch.key[1]), int(batch.key[2])
+        first = index - index % self.batches_per_launch
+        if self._launch is None or self._launch[0] != (epoch, first):
+            last = min(first + self.batches_per_launch, self.batches_per_epoch)
+            params = torch.cat([self.simulator.draw(self.seed, epoch, j, self.train_set.rank)
+                                .sim_params for j in range(first, last)])
+            self._launch = None  # free the previous launch's fingerprints first
+            clean = self.simulator.simulate(params.to(batch.target.device))
+            self._launch = ((epoch, first), clean.view(last - first, -1, clean.shape[-1]))
+        return self._launch[1][index - first]
 
 
 def _identity(x):
