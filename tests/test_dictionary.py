@@ -280,7 +280,7 @@ def counted(monkeypatch):
         calls.append(1)
         return simulate(*args, **kwargs)
 
-    monkeypatch.setattr(md, "simulate", counting)
+    monkeypatch.setattr(md.generation, "simulate", counting)
     return calls
 
 
@@ -309,6 +309,21 @@ def test_default_cache_dir_follows_the_environment(tmp_path, seq, monkeypatch, c
     generate(seq, p, cache_dir=True, progress=False)
     generate(seq, p, cache_dir=True, progress=False)
     assert len(counted) == 1 and len(list((tmp_path / "c" / "dictionaries").glob("*.h5"))) == 1
+
+
+@pytest.mark.parametrize("env", ["set", "unset"])
+def test_paths_config_names_the_default_cache_dir(tmp_path, monkeypatch, env):
+    from omegaconf import OmegaConf
+
+    from mrflight.physics import _ckernel
+
+    if env == "set":
+        monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "c"))
+    else:
+        monkeypatch.delenv("MRFLIGHT_CACHE_DIR", raising=False)
+    cfg = OmegaConf.load(CONFIGS.parent / "paths" / "default.yaml")
+    assert Path(cfg.cache_dir).expanduser() == md.default_cache_dir()
+    assert md.default_cache_dir().parent == _ckernel.cache_dir().parent
 
 
 def _truncate(path: Path):
