@@ -1,4 +1,4 @@
-"""Atomic file writing and MATLAB ``.mat`` I/O (v7 through scipy, v7.3 through h5py).
+"""Atomic file writing, SHA-256 digests, and MATLAB ``.mat`` I/O (v7 via scipy, v7.3 via h5py).
 
 Every file mrflight writes goes through :func:`atomic_path`: the data is written to a temporary
 file in the destination folder, flushed to disk, and renamed over the destination, so a killed
@@ -11,7 +11,8 @@ temporary file.
 
 MATLAB v7.3 files written by :func:`save_mat` carry a SHA-256 checksum of their variables (root
 attribute ``mrflight_sha256`` of the HDF5 container, ignored by MATLAB) that :func:`load_mat`
-verifies; any damaged or truncated file is reported as a ``ValueError`` naming it.
+verifies; any damaged or truncated file is reported as a ``ValueError`` naming it. That checksum,
+the dictionary files' checksums and the dictionary cache keys are all computed by :class:`Digest`.
 """
 
 from __future__ import annotations
@@ -30,10 +31,34 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["atomic_path", "remove_stale_temp_files", "load_mat", "save_mat", "is_mat_v73",
-           "file_mode", "damaged_error"]
+           "file_mode", "damaged_error", "Digest"]
 
 #: root attribute of a v7.3 file holding the SHA-256 checksum of its variables
 _CHECKSUM_ATTR = "mrflight_sha256"
+
+
+class Digest:
+    """A SHA-256 digest fed with text and with the raw bytes of arrays.
+
+    ``Digest().text("a").array(x).hexdigest()`` hashes the UTF-8 bytes of ``"a"`` followed by
+    the bytes of ``x`` in C order (as stored in memory: a C-contiguous array is not copied).
+    """
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+
+    def text(self, s: str) -> Digest:
+        """Feed the UTF-8 bytes of ``s``."""
+        self._sha.update(s.encode())
+        return self
+
+    def array(self, a, dtype=None) -> Digest:
+        """Feed the bytes of ``a`` in C order, converted to ``dtype`` first when given."""
+        self._sha.update(np.ascontiguousarray(a, dtype=dtype).reshape(-1).view(np.uint8))
+        return self
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
 
 
 def _umask() -> int:
@@ -158,17 +183,16 @@ def is_mat_v73(path: str | os.PathLike) -> bool:
     return bool(h5py.is_hdf5(path))
 
 
-def _h5_read(obj, digest=None):
-    """Read an HDF5 group into nested dicts; ``digest`` (a hashlib object) is fed every dataset
-    (path, dtype, shape, bytes) in name order, the traversal :func:`save_mat` checksums."""
+def _h5_read(obj, digest: Digest | None = None):
+    """Read an HDF5 group into nested dicts; ``digest`` is fed every dataset (path, dtype,
+    shape, bytes) in name order, the traversal :func:`save_mat` checksums."""
     import h5py
 
     if isinstance(obj, h5py.Dataset):
         data = obj[()]
         if digest is not None:
             raw = np.ascontiguousarray(data)
-            digest.update(f"{obj.name}|{raw.dtype.descr}|{raw.shape}|".encode())
-            digest.update(raw.reshape(-1).view(np.uint8))
+            digest.text(f"{obj.name}|{raw.dtype.descr}|{raw.shape}|").array(raw)
         if data.dtype.names and {"real", "imag"} <= set(data.dtype.names):
             data = data["real"] + 1j * data["imag"]
         if obj.attrs.get("MATLAB_class", b"") in (b"char",) and data.dtype.kind in "ui":
@@ -202,7 +226,7 @@ def load_mat(path: str | os.PathLike) -> dict:
         try:
             with h5py.File(path, "r") as f:
                 stored = f.attrs.get(_CHECKSUM_ATTR)
-                digest = hashlib.sha256() if stored is not None else None
+                digest = Digest() if stored is not None else None
                 out = {k: _h5_read(f[k], digest) for k in sorted(f.keys())
                        if not k.startswith("#")}
         except Exception as e:  # h5py raises OSError, KeyError, RuntimeError on damage
@@ -254,7 +278,7 @@ def save_mat(path: str | os.PathLike, data: dict, v73: bool = False) -> None:
         with h5py.File(tmp, "w", userblock_size=512) as f:
             _h5_write(f, data)
             f.flush()
-            digest = hashlib.sha256()
+            digest = Digest()
             for k in sorted(f.keys()):  # read back: the checksum covers the stored bytes
                 _h5_read(f[k], digest)
             f.attrs[_CHECKSUM_ATTR] = digest.hexdigest()

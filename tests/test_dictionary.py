@@ -280,7 +280,7 @@ def counted(monkeypatch):
         calls.append(1)
         return simulate(*args, **kwargs)
 
-    monkeypatch.setattr(md, "simulate", counting)
+    monkeypatch.setattr(md.generation, "simulate", counting)
     return calls
 
 
@@ -309,6 +309,21 @@ def test_default_cache_dir_follows_the_environment(tmp_path, seq, monkeypatch, c
     generate(seq, p, cache_dir=True, progress=False)
     generate(seq, p, cache_dir=True, progress=False)
     assert len(counted) == 1 and len(list((tmp_path / "c" / "dictionaries").glob("*.h5"))) == 1
+
+
+@pytest.mark.parametrize("env", ["set", "unset"])
+def test_paths_config_names_the_default_cache_dir(tmp_path, monkeypatch, env):
+    from omegaconf import OmegaConf
+
+    from mrflight.physics import _ckernel
+
+    if env == "set":
+        monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "c"))
+    else:
+        monkeypatch.delenv("MRFLIGHT_CACHE_DIR", raising=False)
+    cfg = OmegaConf.load(CONFIGS.parent / "paths" / "default.yaml")
+    assert Path(cfg.cache_dir).expanduser() == md.default_cache_dir()
+    assert md.default_cache_dir().parent == _ckernel.cache_dir().parent
 
 
 def _truncate(path: Path):
@@ -354,6 +369,43 @@ def test_checksum_catches_a_flipped_sample(tmp_path, small):
     with pytest.raises(ValueError, match="checksum"):
         load(tmp_path / "d.h5")
     assert load(tmp_path / "d.h5", verify=False).atoms[3, 7] != small.atoms[3, 7]
+
+
+def test_cache_keys_and_checksums_are_pinned(tmp_path):
+    """Values computed by mrflight before the dictionary package split (issue #12): existing
+    caches, .h5/.npz files and v7.3 .mat files must keep their keys and verify."""
+    from mrflight.dictionary import cache_key, open_h5
+    from mrflight.fileio import load_mat, save_mat
+
+    s = oksuz2019(n_pulses=10)
+    p = np.array([[100.0, 10.0], [800.0, 60.0], [1500.0, 120.5]])
+    assert cache_key(s, p) == "0f0cff40900b5e022f255d68ddef72f5"
+    assert cache_key(s, p, b1=np.array([0.9, 1.0, 1.1]), dtype=torch.float64,
+                     tol=1e-4) == "c08f2e8aaa5ff6f716f5c522e09cf04c"
+    assert cache_key(s, p, b1=0.95) == "75061cf5461abbe97005e412e96d1e8c"
+    m, t = 5, 4
+    atoms = (np.arange(m * t).reshape(m, t) * (0.5 - 0.25j)).astype(np.complex64)
+    params = np.array([[100.0 + 10 * i, 10.0 + i, 0.9 + 0.05 * i] for i in range(m)])
+    d = Dictionary(atoms, params, ("T1", "T2", "B1"), ("ms", "ms", "1"), {"name": "x"},
+                   {"k": 1}, np.eye(t, 2))
+    save(d, tmp_path / "d.h5")
+    save(d, tmp_path / "d.npz")
+    save(Dictionary(atoms, params[:, :2]), tmp_path / "e.h5")
+    with_basis = "f7676c15b42c0cffa41151ff669d44d8bec8a29e50c3e52440dae26866422eb0"
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        assert f.attrs["sha256"] == with_basis
+    assert str(np.load(tmp_path / "d.npz")["sha256"]) == with_basis
+    with h5py.File(tmp_path / "e.h5", "r") as f:
+        assert f.attrs["sha256"] == ("31a42ff2e45f2762a995e0a7fde8fd960b18d12eab6b0db82c3b890f"
+                                     "314bb561")
+    with open_h5(tmp_path / "e.h5", verify=True) as (_, got, _):
+        np.testing.assert_array_equal(got, params[:, :2])
+    save_mat(tmp_path / "m.mat", {"s": {"D": atoms, "name": "ab", "lut": params},
+                                  "x": np.arange(3)}, v73=True)
+    with h5py.File(tmp_path / "m.mat", "r") as f:
+        assert f.attrs["mrflight_sha256"] == ("61f8d16a28f669bd815cafcea621e473584182f04d5c66af"
+                                              "6edd781d609f8ce8")
+    np.testing.assert_array_equal(load_mat(tmp_path / "m.mat")["s"]["D"], atoms)
 
 
 # ---------------------------------------------------------------------------------- atomicity

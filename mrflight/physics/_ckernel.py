@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mrflight.physics._cache import cache_root
+
 _SRC = Path(str(resources.files("mrflight.physics") / "epg_kernel.c"))
 _SRC_JAC = Path(str(resources.files("mrflight.physics") / "epg_jac_kernel.c"))
 _SRC_THREADS = Path(str(resources.files("mrflight.physics") / "epg_threads.h"))
@@ -34,9 +36,7 @@ _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MRFLIGHT_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "mrflight"
-    return base / "kernels"
+    return cache_root() / "kernels"
 
 
 def _compiler() -> str | None:
