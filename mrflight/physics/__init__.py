@@ -4,7 +4,8 @@ Only torch and numpy are imported here; Lightning and Hydra stay outside this pa
 """
 
 from .crb import crb
-from .epg import DEFAULT_TOL, EPG_VERSION, simulate, simulate_jacobian, states_needed
+from .epg import DEFAULT_TOL, EPG_VERSION, simulate, states_needed
+from .jacobian import simulate_jacobian
 from .noise import add_noise, normalize
 from .sequence import Sequence, from_file, jiang2015, oksuz2019
 
