@@ -78,7 +78,7 @@ def simulate(
             state truncation is verified once for this range (:func:`truncation_rate`, cached),
             so that every batch drawn from the prior uses the same truncation and none probes
             again; atoms outside the bounds widen the verified range. Without ``bounds`` the
-            range is that of the atoms (widened to :func:`verified_range`).
+            range is that of the atoms (widened to :func:`.truncation.verified_range`).
 
     Returns:
         Complex fingerprints, shape ``(N, T)``, dtype complex64 (complex128 for float64), in units
