@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from common import RESULTS_DIR, gemm_gflops, machine_line, timeit, write_result  # benchmarks/
 
-from mrflight.physics import epg, oksuz2019, simulate
+from mrflight.physics import _ckernel, oksuz2019, simulate
+from mrflight.physics.truncation import DEFAULT_TOL, states_needed, truncation_rate
 
 RESULTS = RESULTS_DIR / "epg_speed.md"
 
@@ -128,7 +129,7 @@ def measure(quick: bool = False, n_ref: int | None = None, pulses: int | None = 
     simulate(seq, t1, t2)
     for dt, label in ((torch.float32, "float32"), (torch.float64, "float64")):
         s = timeit(lambda dt=dt: simulate(seq, t1, t2, dtype=dt), repeats=repeats, warmup=0)
-        rows.append((f"mrflight CPU {label}" + (" (C kernel)" if epg._ckernel.kernel() else ""),
+        rows.append((f"mrflight CPU {label}" + (" (C kernel)" if _ckernel.kernel() else ""),
                      n, s, n / s))
     if torch.cuda.is_available():
         c1, c2 = t1.cuda(), t2.cuda()
@@ -153,8 +154,8 @@ def measure(quick: bool = False, n_ref: int | None = None, pulses: int | None = 
         errs.append(float(np.abs(np.abs(sig) - exact).max()))
 
     # the floor: ~20 flops per atom, state and pulse over the state counts actually used
-    rate = epg.truncation_rate(seq, epg.DEFAULT_TOL, float(g[:, 1].max()), float(g[:, 0].max()))
-    k = epg.states_needed(g[:, 1], float(seq.tr_ms.min()), len(seq), epg.DEFAULT_TOL, rate)
+    rate = truncation_rate(seq, DEFAULT_TOL, float(g[:, 1].max()), float(g[:, 0].max()))
+    k = states_needed(g[:, 1], float(seq.tr_ms.min()), len(seq), DEFAULT_TOL, rate)
     steps = np.minimum(np.arange(1, len(seq) + 1)[None, :], k[:, None]).sum()
     flops = 20.0 * steps
     gf = gemm_gflops()
@@ -172,7 +173,7 @@ def report(r: dict, quick: bool = False) -> str:
         "",
         f"Machine: {machine_line()}.",
         f"Train: {seq.name}, {len(seq)} pulses; grid: {n} atoms (paper grid"
-        f"{', every 20th atom' if quick else ''}); tol {epg.DEFAULT_TOL}, "
+        f"{', every 20th atom' if quick else ''}); tol {DEFAULT_TOL}, "
         f"truncation rate {r['rate']:.3g}, mean states kept {k.mean():.1f} (max {k.max()}).",
         "",
         "| method | atoms timed | time for the grid (s) | atoms/s | mrflight float32 speed-up "

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from mrflight.fileio import atomic_path
-from mrflight.physics import epg, jiang2015, oksuz2019, simulate
+from mrflight.physics import jiang2015, oksuz2019, simulate
+from mrflight.physics.truncation import states_needed, truncation_rate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "epg_truncation.md"
 TOLS = (1e-2, 1e-3, 1e-4)
@@ -50,9 +51,9 @@ def main() -> None:
         for tol in TOLS:
             x = nmag(simulate(seq, t1, t2, b1, dtype=torch.float64, tol=tol))
             err = (x - full).norm(dim=-1)
-            rate = epg.truncation_rate(seq, tol, float(t2.max()), float(t1.max()),
-                                       (float(b1.min()), float(b1.max())))
-            k = epg.states_needed(t2.numpy(), float(seq.tr_ms.min()), len(seq), tol, rate)
+            rate = truncation_rate(seq, tol, float(t2.max()), float(t1.max()),
+                                   (float(b1.min()), float(b1.max())))
+            k = states_needed(t2.numpy(), float(seq.tr_ms.min()), len(seq), tol, rate)
             w = int(err.argmax())
             lines.append(
                 f"| {seq.name} | {len(seq)} | {tol:g} | {rate:.3g} | {k.mean():.0f} / {k.max()} "

@@ -51,7 +51,10 @@ from mrflight.dictionary import paper_grid, random_params  # noqa: E402
 from mrflight.fileio import atomic_path  # noqa: E402
 from mrflight.matching import DictionaryMatcher, float32_matmul  # noqa: E402
 from mrflight.models import GRURegressor  # noqa: E402
-from mrflight.physics import Sequence, add_noise, epg, oksuz2019, simulate  # noqa: E402
+from mrflight.physics import Sequence, add_noise, oksuz2019, simulate  # noqa: E402
+from mrflight.physics._triton_glue import _run_gpu_kernel  # noqa: E402
+from mrflight.physics.jacobian import _jacobian_forward_ad  # noqa: E402
+from mrflight.physics.truncation import DEFAULT_TOL, states_needed, truncation_rate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS: list[dict] = []
@@ -163,14 +166,14 @@ def fused(seq, t1, t2, b1=None, dtype=torch.float32, wrt=(), k_atom=None, lanes=
         return simulate(seq, t1, t2, b1, dtype=dtype), None
     b1 = torch.ones_like(t1) if b1 is None else b1
     if k_atom is None:
-        tol = 1e-4 if wrt else epg.DEFAULT_TOL
-        rate = epg.truncation_rate(seq, tol, float(t2.max()), float(t1.max()),
-                                   (float(b1.min()), float(b1.max())))
-        k_atom = epg.states_needed(t2.cpu().numpy(), float(seq.tr_ms.min()), len(seq), tol, rate)
+        tol = 1e-4 if wrt else DEFAULT_TOL
+        rate = truncation_rate(seq, tol, float(t2.max()), float(t1.max()),
+                               (float(b1.min()), float(b1.max())))
+        k_atom = states_needed(t2.cpu().numpy(), float(seq.tr_ms.min()), len(seq), tol, rate)
     if lanes is None:
         lanes = 1 if k_atom is not None and np.all(k_atom == k_atom[0]) else (
             16 if dtype == torch.float32 and not wrt else 8)
-    out = epg._run_gpu_kernel(seq, t1.to(dtype), t2.to(dtype), b1.to(dtype), k_atom, wrt, lanes)
+    out = _run_gpu_kernel(seq, t1.to(dtype), t2.to(dtype), b1.to(dtype), k_atom, wrt, lanes)
     if out is None:
         raise RuntimeError("the fused kernel is unavailable (triton missing or disabled)")
     return out
@@ -368,13 +371,13 @@ def main() -> int:
         sub = slice(0, ctx.n_jac, ctx.n_jac // n)
         t1, t2, b1 = pj[sub, 0].cpu(), pj[sub, 1].cpu(), bj[sub].cpu()
         wrt = ("t1", "t2", "b1")
-        rate = epg.truncation_rate(jseq, 1e-4, float(t2.max()), float(t1.max()),
-                                   (float(b1.min()), float(b1.max())))
-        k = epg.states_needed(t2.numpy(), float(jseq.tr_ms.min()), len(jseq), 1e-4, rate)
+        rate = truncation_rate(jseq, 1e-4, float(t2.max()), float(t1.max()),
+                               (float(b1.min()), float(b1.max())))
+        k = states_needed(t2.numpy(), float(jseq.tr_ms.min()), len(jseq), 1e-4, rate)
         k = np.full(len(t1), int(k.max()))  # the general path runs a chunk at its largest count
         x, jg = fused(jseq, t1.to(dev), t2.to(dev), b1.to(dev), torch.float64, wrt, k, 1)
-        xr, jr = epg._jacobian_forward_ad(jseq, t1, t2, b1, wrt, 1e-4, torch.device("cpu"),
-                                          4096, rate)
+        xr, jr = _jacobian_forward_ad(jseq, t1, t2, b1, wrt, 1e-4, torch.device("cpu"),
+                                      4096, rate)
         err = max(rel_l2(jg[..., j], jr[..., j]) for j in range(3))
         return f"{err:.1e}", err <= 1e-10, f"{len(t1)} atoms, max over T1/T2/B1 columns"
 

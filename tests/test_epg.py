@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from mrflight.physics import Sequence, epg, jiang2015, oksuz2019, simulate
+from mrflight.physics import (
+    Sequence,
+    _ckernel,
+    _ckernel_glue,
+    _paths,
+    _torch_epg,
+    jiang2015,
+    oksuz2019,
+    simulate,
+    truncation,
+)
 
 F64 = torch.float64
 
@@ -106,12 +116,12 @@ def test_fast_kernel_torch_and_general_paths_agree():
     seq = _short_train(phase="alternating")
     t1, t2, b1 = (torch.tensor(c, dtype=F64) for c in zip(*ATOMS))
     for k in (len(seq), 12):  # untruncated and a hard truncation: all paths truncate alike
-        general = epg._epg_general(seq, t1, t2, b1, k)
-        fast = epg._epg_real_fast(seq, t1, t2, b1, k)
+        general = _torch_epg._epg_general(seq, t1, t2, b1, k)
+        fast = _torch_epg._epg_real_fast(seq, t1, t2, b1, k)
         assert torch.allclose(general.real, fast, atol=1e-12, rtol=0)
         assert general.imag.abs().max() < 1e-12
-        if epg._ckernel.kernel() is not None:
-            kern = epg._epg_real_kernel(seq, t1, t2, b1, np.full(len(ATOMS), k))
+        if _ckernel.kernel() is not None:
+            kern = _ckernel_glue._epg_real_kernel(seq, t1, t2, b1, np.full(len(ATOMS), k))
             assert torch.allclose(kern, fast, atol=1e-12, rtol=0)
     # through the public entry point: autograd forces the general path
     with_grad = simulate(seq, t1.clone().requires_grad_(), t2, b1, dtype=F64, tol=1e-300)
@@ -122,7 +132,7 @@ def test_pure_torch_path_without_kernel(monkeypatch):
     seq = _short_train(phase="zero")
     t1, t2, b1 = (torch.tensor(c, dtype=F64) for c in zip(*ATOMS))
     with_kernel = _exact(seq, t1, t2, b1)
-    monkeypatch.setattr(epg._ckernel, "kernel", lambda: None)
+    monkeypatch.setattr(_ckernel, "kernel", lambda: None)
     without = _exact(seq, t1, t2, b1)
     assert torch.allclose(with_kernel, without, atol=1e-12, rtol=0)
     ref = reference_epg(seq, *ATOMS[1])
@@ -297,8 +307,8 @@ def test_default_truncation_meets_its_bound(builder):
     err = _rel_l2(trunc, full)
     assert float(err.max()) < 1e-3
     # and it really truncates: far fewer than T states for the largest T2
-    k = epg.states_needed(500.0, float(seq.tr_ms.min()), len(seq), 1e-3,
-                          epg.truncation_rate(seq, 1e-3, 500.0, 4000.0, (0.7, 1.3)))
+    k = truncation.states_needed(500.0, float(seq.tr_ms.min()), len(seq), 1e-3,
+                                 truncation.truncation_rate(seq, 1e-3, 500.0, 4000.0, (0.7, 1.3)))
     assert k < len(seq) / 2
 
 
@@ -398,47 +408,47 @@ def _prior_batch(n, seed):
 
 
 def test_verified_range_grid():
-    t2, t1, b1 = epg.verified_range(500.0, 4000.0, (0.7, 1.3))
+    t2, t1, b1 = truncation.verified_range(500.0, 4000.0, (0.7, 1.3))
     assert (t2, t1, b1) == (pytest.approx(10 ** 2.75), pytest.approx(10 ** 3.625), (0.7, 1.3))
     # every batch of one prior maps to the same range, float32 rounding included
     for t2, t1, lo, hi in ((480.0, 3900.0, 0.72, 1.29), (423.0, 3200.0, 0.6999999, 1.26)):
-        assert epg.verified_range(t2, t1, (lo, hi)) == epg.verified_range(500.0, 4000.0,
-                                                                           (0.7, 1.3))
-    assert epg.verified_range(0.0, 0.0) == (0.0, 0.0, (1.0, 1.0))
+        assert truncation.verified_range(t2, t1, (lo, hi)) == truncation.verified_range(
+            500.0, 4000.0, (0.7, 1.3))
+    assert truncation.verified_range(0.0, 0.0) == (0.0, 0.0, (1.0, 1.0))
 
 
 def test_bounds_fix_the_truncation_for_a_prior(monkeypatch):
     seq = oksuz2019(n_pulses=300)
     bounds = dict(t1_max=4000.0, t2_max=500.0, b1_range=(0.7, 1.3))
-    monkeypatch.setattr(epg, "_RATE_CACHE", {})
+    monkeypatch.setattr(truncation, "_RATE_CACHE", {})
     first = simulate(seq, *_prior_batch(16, 0), bounds=bounds)
-    assert len(epg._RATE_CACHE) == 1  # verified once, for the prior's range
+    assert len(truncation._RATE_CACHE) == 1  # verified once, for the prior's range
     probes = []
-    real = epg.simulate
+    real_run = _paths.run_batch
 
     def spy(*a, **k):
         probes.append(1)
-        return real(*a, **k)
+        return real_run(*a, **k)
 
-    monkeypatch.setattr(epg, "simulate", spy)  # truncation_rate's probe simulations
+    monkeypatch.setattr(truncation, "run_batch", spy)  # truncation_rate's probe simulations
     for seed in range(1, 20):
         simulate(seq, *_prior_batch(16, seed), bounds=bounds)
-    assert not probes and len(epg._RATE_CACHE) == 1
+    assert not probes and len(truncation._RATE_CACHE) == 1
     # the result does not depend on what was simulated before: same batch, same fingerprints
-    monkeypatch.setattr(epg, "_RATE_CACHE", {})
-    assert torch.equal(real(seq, *_prior_batch(16, 0), bounds=bounds), first)
+    monkeypatch.setattr(truncation, "_RATE_CACHE", {})
+    assert torch.equal(simulate(seq, *_prior_batch(16, 0), bounds=bounds), first)
     # and stays within tol of the untruncated simulation
-    full = real(seq, *_prior_batch(16, 0), dtype=F64, tol=1e-300)
+    full = simulate(seq, *_prior_batch(16, 0), dtype=F64, tol=1e-300)
     assert float(_rel_l2(first.to(torch.complex128), full).max()) < 1e-3
     # atoms outside the bounds widen the verified range instead of being under-resolved
-    monkeypatch.setattr(epg, "_RATE_CACHE", {})
-    real(seq, 800.0, 60.0, bounds=bounds)
-    real(seq, 800.0, 900.0, bounds=bounds)
-    assert [k[2] for k in epg._RATE_CACHE] == [pytest.approx(10 ** 2.75), 1000.0]
+    monkeypatch.setattr(truncation, "_RATE_CACHE", {})
+    simulate(seq, 800.0, 60.0, bounds=bounds)
+    simulate(seq, 800.0, 900.0, bounds=bounds)
+    assert [k[2] for k in truncation._RATE_CACHE] == [pytest.approx(10 ** 2.75), 1000.0]
     for bad in ({"t1max": 1.0}, {"t2_max": -1.0}, {"b1_range": (1.3, 0.7)}, {"t1_max": "x"},
                 [1, 2]):
         with pytest.raises(ValueError, match="bounds"):
-            real(seq, 800.0, 60.0, bounds=bad)
+            simulate(seq, 800.0, 60.0, bounds=bad)
 
 
 def test_train_changed_in_place_is_not_simulated_stale():
@@ -487,8 +497,6 @@ def test_missing_parameter_message():
 def test_kernel_cache_is_keyed_on_cpu_features(monkeypatch):
     """A cache directory shared by machines with different CPUs never gives one CPU the binary
     compiled (-march=native) for another."""
-    from mrflight.physics import _ckernel
-
     here = _ckernel.kernel_path()
     features = _ckernel.cpu_features()
     assert features and features == _ckernel.cpu_features()

@@ -186,14 +186,14 @@ def _csv(tmp_path, text, name="s.csv", encoding="utf-8"):
     ("angle,TR\n10,5\n", "columns found: 'angle', 'tr_ms'"),
 ])
 def test_schedule_files_are_never_misread(tmp_path, text, match):
-    from mrflight.physics import from_file
+    from mrflight.sequence_files import from_file
 
     with pytest.raises(ValueError, match=match):
         from_file(_csv(tmp_path, text))
 
 
 def test_schedule_headers_bom_case_and_encoding(tmp_path):
-    from mrflight.physics import from_file
+    from mrflight.sequence_files import from_file
 
     text = "Flip_Angle_Deg,Phase_Deg,TR_ms,TE_ms\n10,0,5,2\n20,180,6,2\n"
     seq = from_file(_csv(tmp_path, "\ufeff" + text))

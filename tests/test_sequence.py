@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mrflight.fileio import save_mat
-from mrflight.physics import Sequence, from_file, jiang2015, oksuz2019, simulate
+from mrflight.physics import Sequence, jiang2015, oksuz2019, simulate
+from mrflight.sequence_files import from_file
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "mrflight", "configs")
 

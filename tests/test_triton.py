@@ -68,10 +68,10 @@ def test_interpreted_jacobian_matches_forward_ad(interp):
 
 
 def test_no_triton_env_forces_the_torch_path(monkeypatch):
-    from mrflight.physics import epg
+    from mrflight.physics import _triton_glue
 
     monkeypatch.setenv("MRFLIGHT_NO_TRITON", "1")
-    assert epg._gpu_kernel() is None
+    assert _triton_glue._gpu_kernel() is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_cuda_kernel_is_used_and_matches_c_kernel():
     import warnings
 
     from mrflight.dictionary import random_params
-    from mrflight.physics import epg, oksuz2019, simulate
+    from mrflight.physics import _triton_glue, oksuz2019, simulate
 
     seq = oksuz2019(n_pulses=400)
     p = torch.tensor(random_params(3000, seed=1))
@@ -100,13 +100,13 @@ def test_cuda_kernel_is_used_and_matches_c_kernel():
             cpu = simulate(seq, p[:, 0], p[:, 1], b1, dtype=dt)
             assert gpu.device.type == "cuda" and gpu.dtype == cpu.dtype
             assert _rel(gpu, cpu) < (F32_TOL if dt == torch.float32 else F64_GPU_TOL)
-    assert epg._TRITON is not None and epg._TRITON is not False
+    assert _triton_glue._TRITON is not None and _triton_glue._TRITON is not False
 
 
 @needs_cuda
 def test_cuda_jacobian_matches_forward_ad():
     from mrflight.dictionary import random_params
-    from mrflight.physics import epg, oksuz2019, simulate_jacobian
+    from mrflight.physics import _triton_glue, jacobian, oksuz2019, simulate_jacobian, truncation
 
     seq = oksuz2019(n_pulses=300)
     p = torch.tensor(random_params(200, seed=2))
@@ -115,13 +115,13 @@ def test_cuda_jacobian_matches_forward_ad():
     x, jac = simulate_jacobian(seq, p[:, 0].cuda(), p[:, 1].cuda(), b1.cuda(), wrt=wrt)
     assert jac.device.type == "cuda" and jac.shape == (200, 300, 3)
     # the reference: forward-mode autograd through the general path at the same state counts
-    rate = epg.truncation_rate(seq, 1e-4, float(p[:, 1].max()), float(p[:, 0].max()),
-                               (0.7, 1.3))
-    k = epg.states_needed(p[:, 1].numpy(), float(seq.tr_ms.min()), 300, 1e-4, rate)
-    xk, jk = epg._run_gpu_kernel(seq, p[:, 0].cuda(), p[:, 1].cuda(), b1.cuda(),
-                                 np.full(200, int(k.max())), wrt, 1)
-    xr, jr = epg._jacobian_forward_ad(seq, p[:, 0], p[:, 1], b1, wrt, 1e-4, torch.device("cpu"),
-                                      4096, rate)
+    rate = truncation.truncation_rate(seq, 1e-4, float(p[:, 1].max()), float(p[:, 0].max()),
+                                      (0.7, 1.3))
+    k = truncation.states_needed(p[:, 1].numpy(), float(seq.tr_ms.min()), 300, 1e-4, rate)
+    xk, jk = _triton_glue._run_gpu_kernel(seq, p[:, 0].cuda(), p[:, 1].cuda(), b1.cuda(),
+                                          np.full(200, int(k.max())), wrt, 1)
+    xr, jr = jacobian._jacobian_forward_ad(seq, p[:, 0], p[:, 1], b1, wrt, 1e-4,
+                                           torch.device("cpu"), 4096, rate)
     assert _rel(xk, xr) < F64_GPU_TOL
     for j in range(3):
         assert _rel(jk[..., j], jr[..., j]) < F64_GPU_TOL, wrt[j]

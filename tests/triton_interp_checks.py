@@ -23,7 +23,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.autograd.forward_ad as fwad  # noqa: E402
 
-from mrflight.physics import Sequence, _triton, epg, simulate, simulate_jacobian  # noqa: E402  # noqa: E402
+from mrflight.physics import Sequence, _triton, simulate, simulate_jacobian  # noqa: E402
+from mrflight.physics._triton_glue import _run_gpu_kernel  # noqa: E402
+from mrflight.physics.truncation import DEFAULT_TOL, states_needed, truncation_rate  # noqa: E402
 
 F64 = torch.float64
 #: one program for all 40 atoms, one chunk for all states: the fewest interpreted steps
@@ -63,21 +65,21 @@ def rel_l2(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def k_atoms(seq, t1, t2, b1, tol):
-    rate = epg.truncation_rate(seq, tol, float(t2.max()), float(t1.max()),
-                               (float(b1.min()), float(b1.max())))
-    return epg.states_needed(t2.numpy(), float(seq.tr_ms.min()), len(seq), tol, rate)
+    rate = truncation_rate(seq, tol, float(t2.max()), float(t1.max()),
+                           (float(b1.min()), float(b1.max())))
+    return states_needed(t2.numpy(), float(seq.tr_ms.min()), len(seq), tol, rate)
 
 
 def main() -> dict:
     res: dict = {}
     seq = train(80)
     t1, t2, b1 = atoms()
-    k = k_atoms(seq, t1, t2, b1, epg.DEFAULT_TOL)
+    k = k_atoms(seq, t1, t2, b1, DEFAULT_TOL)
     res["k_range"] = [int(k.min()), int(k.max())]
     # forward, float32 through the dispatch glue (programs of 32 atoms), against the C kernel at
     # the same per-atom state counts (its SIMD groups of 16 atoms share their largest count)
     t0 = time.perf_counter()
-    x, _ = epg._run_gpu_kernel(seq, t1.float(), t2.float(), b1.float(), k, (), 16)
+    x, _ = _run_gpu_kernel(seq, t1.float(), t2.float(), b1.float(), k, (), 16)
     res["time_fwd_f32"] = time.perf_counter() - t0
     res["fwd_f32_vs_c"] = rel_l2(x, simulate(seq, t1, t2, b1))
     res["fwd_f32_dtype"] = str(x.dtype)
@@ -92,7 +94,7 @@ def main() -> dict:
     # general (complex) path, float64, one uniform state count (as the general path uses)
     seqj = train(60)
     # the general path runs a chunk at its largest count, here min(12, the atoms' largest)
-    kj = int(min(12, k_atoms(seqj, t1, t2, b1, epg.DEFAULT_TOL).max()))
+    kj = int(min(12, k_atoms(seqj, t1, t2, b1, DEFAULT_TOL).max()))
     t0 = time.perf_counter()
     xj, jac = _triton.run(seqj, t1, t2, b1, np.full(40, kj), wrt=("b1", "t1", "t2"),
                           **ONE_PROGRAM)
@@ -109,7 +111,7 @@ def main() -> dict:
     # T2 alone through the dispatch glue against the CPU Jacobian kernel (groups of 8)
     kc = k_atoms(seqj, t1, t2, b1, 1e-4)
     _, jc = simulate_jacobian(seqj, t1, t2, b1)
-    _, jg = epg._run_gpu_kernel(seqj, t1, t2, b1, kc, ("t2",), 8)
+    _, jg = _run_gpu_kernel(seqj, t1, t2, b1, kc, ("t2",), 8)
     res["jac_t2_vs_c_kernel"] = rel_l2(jg[..., 0], jc[..., 1])
     return res
 

@@ -4,12 +4,13 @@ Only torch and numpy are imported here; Lightning and Hydra stay outside this pa
 """
 
 from .crb import crb
-from .epg import DEFAULT_TOL, EPG_VERSION, simulate, simulate_jacobian, states_needed
+from .epg import DEFAULT_TOL, EPG_VERSION, simulate, states_needed
+from .jacobian import simulate_jacobian
 from .noise import add_noise, normalize
-from .sequence import Sequence, from_file, jiang2015, oksuz2019
+from .sequence import Sequence, jiang2015, oksuz2019
 
 __all__ = [
-    "Sequence", "oksuz2019", "jiang2015", "from_file",
+    "Sequence", "oksuz2019", "jiang2015",
     "simulate", "simulate_jacobian", "states_needed", "EPG_VERSION", "DEFAULT_TOL",
     "normalize", "add_noise", "crb",
 ]

@@ -23,7 +23,7 @@ is ``sqrt(diag(F^-1))`` at their entries. B1 is either known (default) or estima
 scale costs no precision (it matters for the magnitude variant); a global phase costs precision
 where ``Im(u^H du/dtheta) != 0`` (trains with RF phases other than 0/180 degrees).
 
-The Jacobian comes from the simulator itself (:func:`mrflight.physics.epg.simulate_jacobian`):
+The Jacobian comes from the simulator itself (:func:`mrflight.physics.jacobian.simulate_jacobian`):
 on the CPU for 0/180-degree trains a fused kernel propagates tangent states through the EPG
 recursion; elsewhere torch forward-mode autograd runs through the general path (the atoms are
 independent, so one JVP with tangent ones in T1 gives ``d s_i / d T1_i`` for every atom at once).
@@ -43,7 +43,8 @@ import math
 
 import torch
 
-from .epg import _prepare, simulate_jacobian
+from ._inputs import _prepare
+from .jacobian import simulate_jacobian
 from .sequence import Sequence
 
 __all__ = ["crb", "fisher_information"]

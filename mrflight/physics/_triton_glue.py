@@ -1,0 +1,52 @@
+"""Dispatch to the fused Triton GPU kernel (:mod:`mrflight.physics._triton`), imported lazily:
+``None`` (the caller falls back to the pure-torch path) when Triton is missing or failed."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+
+def _gpu_kernel():
+    """The fused GPU kernel module (:mod:`mrflight.physics._triton`), or ``None`` when Triton is
+    not installed, failed before, or ``MRFLIGHT_NO_TRITON=1`` asks for the pure-torch path."""
+    global _TRITON
+    if os.environ.get("MRFLIGHT_NO_TRITON", "") not in ("", "0"):
+        return None
+    if _TRITON is False:
+        try:
+            from . import _triton
+        except Exception:  # no triton, or no usable backend: the torch path serves
+            _triton = None
+        _TRITON = _triton
+    return _TRITON
+
+
+_TRITON = False  # False: not imported yet; None: unavailable
+
+
+def _run_gpu_kernel(seq, t1, t2, b1, k_atom, wrt, lanes, chunk_size=None, progress=None):
+    """Fingerprints (and derivatives) from the fused GPU kernel, or ``None`` to fall back.
+
+    ``lanes`` reproduces the CPU kernels' truncation (their SIMD groups share the largest state
+    count: 16 atoms in float32, 8 in float64 and for derivatives), so both give the same signal
+    up to rounding. A kernel that fails to compile or launch (an unsupported GPU) warns once and
+    leaves this process on the pure-torch path.
+    """
+    global _TRITON
+    gk = _gpu_kernel()
+    if gk is None:
+        return None
+    try:
+        with torch.no_grad():
+            return gk.run(seq, t1, t2, b1, k_atom, wrt=wrt, lanes=lanes, chunk_size=chunk_size,
+                          progress=progress)
+    except (ValueError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:  # e.g. triton's CompilationError on an unsupported GPU
+        warnings.warn(f"mrflight: the fused GPU EPG kernel failed ({type(e).__name__}: {e}); "
+                      "using the slower pure-torch path", RuntimeWarning, stacklevel=3)
+        _TRITON = None
+        return None
