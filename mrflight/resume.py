@@ -74,6 +74,9 @@ def _override_keys(overrides) -> list[tuple[str, bool]]:
         if o.is_delete():
             out.append((key, True))
             continue
+        if o.package:  # grid@data.params=regular: the option replaces data.params
+            out.append((o.package, False))
+            continue
         option = CONFIG_DIR / key / f"{o.value()}.yaml" if isinstance(o.value(), str) else None
         if option is not None and option.is_file() and "_global_" in option.read_text()[:200]:
             node = OmegaConf.to_container(OmegaConf.load(option))
