@@ -194,7 +194,7 @@ class FingerprintDataModule(ModelInputs, L.LightningDataModule):
         if (params is None) == (path is None):
             raise ValueError("give exactly one data source: params (T1/T2 in ms to simulate) "
                              "or path (a dictionary file)")
-        if params is None and path is not None and not Path(path).expanduser().exists():
+        if path is not None and not Path(path).expanduser().exists():
             raise ValueError(f"data.path={path!r} does not exist: point it to a .h5/.npz/.mat "
                              "dictionary")
         if params is not None:
@@ -351,22 +351,21 @@ class FingerprintDataModule(ModelInputs, L.LightningDataModule):
         return crb(self.sequence, params_ms[:, 0].double(), params_ms[:, 1].double(),
                    self.noise_std).to(torch.float32)
 
-    def _loader(self, ds, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=_collate,
+    def _loader(self, ds, batch_size: int, sampler=None) -> DataLoader:
+        """Batches of ``ds`` in order, or in the order of ``sampler``."""
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=_collate,
                           num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size,
-                          sampler=EpochShuffleSampler(self.train_set, self.seed),
-                          collate_fn=_collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+        return self._loader(self.train_set, self.batch_size,
+                            EpochShuffleSampler(self.train_set, self.seed))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, self.eval_batch_size)
+        return self._loader(self.val_set, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False, self.eval_batch_size)
+        return self._loader(self.test_set, self.eval_batch_size)
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Add fresh noise to training batches (complex clean fingerprints) on their device."""
