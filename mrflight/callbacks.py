@@ -268,7 +268,7 @@ class EpochSummary(L.Callback):
 class RandomState(L.Callback):
     """Stores the global random states in checkpoints (dropout etc.).
 
-    Training noise and shuffling do not depend on them (see :mod:`mrflight.data.datamodule`);
+    Training noise and shuffling do not depend on them (see :mod:`mrflight.data.stored`);
     this makes a resumed run continue every other global random stream where it stopped.
     """
 
