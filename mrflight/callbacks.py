@@ -1,5 +1,6 @@
 """Lightning callbacks: the paper's relative early stopping, predicted-vs-true figures (test and,
-per epoch, validation) and a one-line summary per epoch in the log."""
+per epoch, validation), a one-line summary per epoch in the log, and the global random states
+in checkpoints (:class:`RandomState`, added to every training run by the pipeline)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
-__all__ = ["RelativeEarlyStopping", "ScatterPlot", "ValidationScatter", "EpochSummary"]
+from mrflight.loggers import is_wandb
+
+__all__ = ["RelativeEarlyStopping", "ScatterPlot", "ValidationScatter", "EpochSummary",
+           "RandomState"]
 
 
 class RelativeEarlyStopping(EarlyStopping):
@@ -137,12 +141,8 @@ def _scatter_figure(pred, true, names=("T1", "T2"), title: str = ""):
 
 def _log_figure(trainer, key: str, fig, path=None) -> None:
     """Send a figure through every logger of the trainer that takes images."""
-    try:
-        from lightning.pytorch.loggers import WandbLogger
-    except ImportError:  # pragma: no cover
-        WandbLogger = ()
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
+        if is_wandb(logger):
             if path is None:
                 from mrflight.plots import figure_to_array
 
@@ -155,8 +155,7 @@ def _log_figure(trainer, key: str, fig, path=None) -> None:
 
 
 def _image_loggers(trainer) -> bool:
-    return any(type(lg).__name__ == "WandbLogger"
-               or hasattr(getattr(lg, "experiment", None), "add_figure")
+    return any(is_wandb(lg) or hasattr(getattr(lg, "experiment", None), "add_figure")
                for lg in trainer.loggers)
 
 
@@ -264,3 +263,47 @@ class EpochSummary(L.Callback):
             log_to_file(logging.INFO, "%s", line)
         else:
             log.info("%s", line)
+
+
+class RandomState(L.Callback):
+    """Stores the global random states in checkpoints (dropout etc.).
+
+    Training noise and shuffling do not depend on them (see :mod:`mrflight.data.stored`);
+    this makes a resumed run continue every other global random stream where it stopped.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return "mrflight_random_state"
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+
+        # tensors and plain numbers only, so checkpoints load with weights_only=True
+        name, key, pos, has_gauss, gauss = np.random.get_state()
+        st = {"torch": torch.get_rng_state(),
+              "numpy": {"name": str(name), "key": torch.from_numpy(key.astype(np.int64)),
+                        "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+              "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            st["cuda"] = torch.cuda.get_rng_state_all()
+        return st
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        import random
+
+        import numpy as np
+
+        # restored at once: Lightning loads callback states before it builds the training
+        # iterator of the resumed epoch (whose creation draws from the global generator); its
+        # sanity check in between runs under isolate_rng
+        st = state_dict
+        torch.set_rng_state(st["torch"])
+        n = st["numpy"]
+        np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["gauss"]))
+        random.setstate(st["python"])
+        if "cuda" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda"])

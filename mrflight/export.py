@@ -71,7 +71,7 @@ class Deployable(nn.Module):
 
 
 def _align_phase_channels(x: torch.Tensor) -> torch.Tensor:
-    """:func:`mrflight.data.datamodule.align_phase` on ``(N, 2, T)`` real/imaginary channels,
+    """:func:`mrflight.transforms.align_phase` on ``(N, 2, T)`` real/imaginary channels,
     in real arithmetic (ONNX has no complex type): the phase ``phi`` of ``sum_t x_t^2 = a + ib``
     by the half-angle formulas, a rotation by ``-phi``, then the sign that makes
     ``sum_t Re(x_t) |Re(x_t)| >= 0``."""

@@ -20,13 +20,14 @@ from omegaconf import DictConfig, open_dict
 from mrflight.config import instantiate, to_plain
 
 __all__ = ["flat_config", "run_name", "run_group", "run_tags", "build_loggers",
-           "log_flat_config", "finish_loggers", "is_wandb", "choices", "read_offline_run",
-           "eval_runs", "build_eval_loggers"]
+           "log_flat_config", "finish_loggers", "run_summary", "log_best_checkpoint", "is_wandb",
+           "choices", "read_offline_run", "eval_runs", "build_eval_loggers"]
 
 log = logging.getLogger("mrflight")
 
 
 def is_wandb(logger) -> bool:
+    """Whether ``logger`` is Lightning's ``WandbLogger``."""
     return type(logger).__name__ == "WandbLogger"
 
 
@@ -161,29 +162,39 @@ def run_tags(flat: dict, extra=()) -> list[str]:
     return out
 
 
+def _each_logger(cfg: DictConfig, wandb_args):
+    """``(name, node, logger, extra)`` of every logger node of ``cfg.logger``, instantiated in
+    order; a W&B node gets the keyword arguments ``wandb_args(node)``."""
+    for name, node in (cfg.get("logger") or {}).items():
+        if not (isinstance(node, DictConfig) and "_target_" in node):
+            continue
+        extra = wandb_args(node) if "WandbLogger" in node._target_ else {}
+        lg = instantiate(node, **extra)
+        if is_wandb(lg):
+            # Lightning passes anonymous=None, which wandb >= 0.19 warns about on every run
+            getattr(lg, "_wandb_init", {}).pop("anonymous", None)
+        yield name, node, lg, extra
+
+
 def build_loggers(cfg: DictConfig, hc=None) -> list:
     """Instantiate ``cfg.logger``; a W&B logger gets :func:`run_name`, :func:`run_group` and
     :func:`run_tags` unless the config sets them. The values used are written back into
     ``cfg.logger.wandb`` so that the saved ``config.yaml`` records them (``eval.py`` groups
     its W&B run with the runs it evaluates)."""
+    flat = None
+
+    def wandb_args(node: DictConfig) -> dict:
+        nonlocal flat
+        flat = flat or flat_config(cfg, hc)
+        extra = {"name": node.get("name") or run_name(flat, hc),
+                 "group": node.get("group") or run_group(flat, hc),
+                 "tags": run_tags(flat, node.get("tags"))}
+        with open_dict(node):
+            node.name, node.group, node.tags = extra["name"], extra["group"], extra["tags"]
+        return extra
 
     loggers = []
-    flat = None
-    for name, node in (cfg.get("logger") or {}).items():
-        if not (isinstance(node, DictConfig) and "_target_" in node):
-            continue
-        extra = {}
-        if "WandbLogger" in node._target_:
-            flat = flat or flat_config(cfg, hc)
-            extra = {"name": node.get("name") or run_name(flat, hc),
-                     "group": node.get("group") or run_group(flat, hc),
-                     "tags": run_tags(flat, node.get("tags"))}
-            with open_dict(node):
-                node.name, node.group, node.tags = extra["name"], extra["group"], extra["tags"]
-        lg = instantiate(node, **extra)
-        if is_wandb(lg):
-            # Lightning passes anonymous=None, which wandb >= 0.19 warns about on every run
-            getattr(lg, "_wandb_init", {}).pop("anonymous", None)
+    for name, node, lg, extra in _each_logger(cfg, wandb_args):
         loggers.append(lg)
         log.info("logger %s -> %s%s", name, node._target_,
                  f" (run {extra['name']}, group {extra['group']})" if extra else "")
@@ -209,6 +220,36 @@ def finish_loggers(loggers, summary: dict | None = None) -> None:
         if summary:
             wandb.run.summary.update({k: v for k, v in summary.items() if v is not None})
         wandb.finish()
+
+
+def run_summary(trainer, metrics: dict) -> dict:
+    """Best validation loss and epoch, final and test metrics: the W&B run summary."""
+    out = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))}
+    cb = getattr(trainer, "checkpoint_callback", None)
+    if cb is not None and cb.best_model_score is not None:
+        out[f"best/{cb.monitor}"] = float(cb.best_model_score)
+        out["best/checkpoint"] = str(cb.best_model_path)
+    out["epochs"] = int(trainer.current_epoch)
+    out["global_step"] = int(trainer.global_step)
+    return out
+
+
+def log_best_checkpoint(loggers, trainer, best) -> None:
+    """The best checkpoint (and the ``config.yaml`` beside it) as a W&B model artifact."""
+    if not best or not trainer.is_global_zero:
+        return
+    for lg in loggers:
+        if is_wandb(lg):
+            import wandb
+
+            art = wandb.Artifact(f"model-{lg.experiment.id}", type="model",
+                                 metadata={"best_model_score": float(
+                                     trainer.checkpoint_callback.best_model_score or float("nan"))})
+            art.add_file(best, name="best.ckpt")
+            cfg_file = Path(best).parent / "config.yaml"
+            if cfg_file.is_file():
+                art.add_file(str(cfg_file), name="config.yaml")
+            lg.experiment.log_artifact(art, aliases=["best"])
 
 
 def read_offline_run(run_dir) -> dict:
@@ -283,7 +324,6 @@ def build_eval_loggers(cfg: DictConfig, runs: list[dict], settings: dict | None 
     ``eval-<methods>-<MMDD-HHMMSS>``, has job type ``eval`` and a config listing the evaluated
     checkpoints and W&B run names beside the evaluation settings.
     """
-
     now = now or _dt.datetime.now()
     groups = {r["group"] for r in runs if r.get("group")}
     group = next(iter(groups)) if len(groups) == 1 else f"eval-{now:%Y-%m-%d}"
@@ -296,18 +336,14 @@ def build_eval_loggers(cfg: DictConfig, runs: list[dict], settings: dict | None 
                 "bound", "device"):
         if settings and key in settings:
             config[key] = settings[key]
+
+    def wandb_args(node: DictConfig) -> dict:
+        return {"name": node.get("name") or name, "group": node.get("group") or group,
+                "job_type": "eval", "tags": run_tags({"model": "eval"},
+                                                     [*methods, *(node.get("tags") or [])])}
+
     loggers = []
-    for _, node in (cfg.get("logger") or {}).items():
-        if not (isinstance(node, DictConfig) and "_target_" in node):
-            continue
-        extra = {}
-        if "WandbLogger" in node._target_:
-            extra = {"name": node.get("name") or name, "group": node.get("group") or group,
-                     "job_type": "eval", "tags": run_tags({"model": "eval"},
-                                                          [*methods, *(node.get("tags") or [])])}
-        lg = instantiate(node, **extra)
-        if is_wandb(lg):
-            getattr(lg, "_wandb_init", {}).pop("anonymous", None)
+    for _, _, lg, _ in _each_logger(cfg, wandb_args):
         lg.log_hyperparams(config)
         loggers.append(lg)
     return loggers

@@ -15,8 +15,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mrflight.config import compose_config, hydra_config
-from mrflight.loggers import build_loggers, finish_loggers, log_flat_config
+from mrflight.config import compose_config, hydra_config, instantiate, to_plain
+from mrflight.loggers import (
+    build_loggers,
+    finish_loggers,
+    log_best_checkpoint,
+    log_flat_config,
+    run_summary,
+)
 from mrflight.run_logging import (
     configure_logging,
     interactive,
@@ -151,55 +157,10 @@ def _record_failure(cfg: DictConfig, hc, e: BaseException) -> None:
         }, indent=2))
 
 
-def _random_state_callback():
-    """A Lightning callback storing the global random states in checkpoints (dropout etc.).
-
-    Training noise and shuffling do not depend on them (see :mod:`mrflight.data.datamodule`);
-    this makes a resumed run continue every other global random stream where it stopped.
-    """
-    import random
-
-    import lightning as L
-    import numpy as np
-    import torch
-
-    class RandomState(L.Callback):
-        @property
-        def state_key(self) -> str:
-            return "mrflight_random_state"
-
-        def state_dict(self) -> dict:
-            # tensors and plain numbers only, so checkpoints load with weights_only=True
-            name, key, pos, has_gauss, gauss = np.random.get_state()
-            st = {"torch": torch.get_rng_state(),
-                  "numpy": {"name": str(name), "key": torch.from_numpy(key.astype(np.int64)),
-                            "pos": int(pos), "has_gauss": int(has_gauss),
-                            "gauss": float(gauss)},
-                  "python": random.getstate()}
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                st["cuda"] = torch.cuda.get_rng_state_all()
-            return st
-
-        def load_state_dict(self, state_dict: dict) -> None:
-            # restored at once: Lightning loads callback states before it builds the training
-            # iterator of the resumed epoch (whose creation draws from the global generator);
-            # its sanity check in between runs under isolate_rng
-            st = state_dict
-            torch.set_rng_state(st["torch"])
-            n = st["numpy"]
-            np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"],
-                                 n["has_gauss"], n["gauss"]))
-            random.setstate(st["python"])
-            if "cuda" in st and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(st["cuda"])
-
-    return RandomState()
-
-
 def _callbacks(cfg: DictConfig, loggers) -> tuple[list, dict]:
     """``cfg.callbacks`` instantiated; without a terminal the progress bar is left out (the
     epoch summaries of :class:`mrflight.callbacks.EpochSummary` report progress instead)."""
-    from hydra.utils import instantiate
+    from mrflight.callbacks import RandomState
 
     callbacks, trainer_kw = [], {}
     for node in (cfg.get("callbacks") or {}).values():
@@ -211,7 +172,7 @@ def _callbacks(cfg: DictConfig, loggers) -> tuple[list, dict]:
             trainer_kw["enable_progress_bar"] = False
             continue
         callbacks.append(instantiate(node))
-    callbacks.append(_random_state_callback())
+    callbacks.append(RandomState())
     return callbacks, trainer_kw
 
 
@@ -222,30 +183,14 @@ def _log_model_size(module) -> None:
              f"{n:,}", f"{trainable:,}", 4 * n / 2**20)
 
 
-def run_summary(trainer, metrics: dict) -> dict:
-    """Best validation loss and epoch, final and test metrics: the W&B run summary."""
-    out = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))}
-    cb = getattr(trainer, "checkpoint_callback", None)
-    if cb is not None and cb.best_model_score is not None:
-        out[f"best/{cb.monitor}"] = float(cb.best_model_score)
-        out["best/checkpoint"] = str(cb.best_model_path)
-    out["epochs"] = int(trainer.current_epoch)
-    out["global_step"] = int(trainer.global_step)
-    return out
-
-
-def _train(cfg: DictConfig) -> float | None:
+def _prepare_run(cfg: DictConfig) -> Path:
+    """Logging, W&B offline, seed and threads; the output dir made and cleared of the temporary
+    files of killed writers. Returns the output dir."""
     import lightning as L
     import torch
-    from hydra.utils import instantiate
 
-    from mrflight.checkpoints import AtomicCheckpointIO
     from mrflight.fileio import remove_stale_temp_files
-    from mrflight.resume import check_fits, continue_csv_logs
 
-    hc = hydra_config()
-    cfg, resume_from = _resume(cfg, hc)  # checks the checkpoint loads: nothing written yet
-    check_config(cfg)
     configure_logging()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -257,11 +202,16 @@ def _train(cfg: DictConfig) -> float | None:
     output_dir.mkdir(parents=True, exist_ok=True)
     for folder in (output_dir, output_dir / "checkpoints"):
         remove_stale_temp_files(folder)
+    return output_dir
 
+
+def _build_data_and_module(cfg: DictConfig):
+    """The data module (for the run's sequence) and the LightningModule, whose network config
+    gets the input length, channels and outputs of the data."""
     sequence = instantiate(cfg.sequence)
     datamodule = instantiate(cfg.data, sequence=sequence)
     targets = list(datamodule.targets)
-    net_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    net_cfg = to_plain(cfg.model)
     net_cfg.update(input_length=len(sequence), in_channels=datamodule.in_channels,
                    n_outputs=len(targets))
     module = instantiate(
@@ -270,53 +220,87 @@ def _train(cfg: DictConfig) -> float | None:
         targets=targets, _recursive_=False, _convert_="all",
     )
     datamodule.with_bound = module.needs_bound
+    return datamodule, module
+
+
+def _build_trainer(cfg: DictConfig, loggers):
+    """``cfg.trainer`` with the callbacks and loggers; checkpoints written atomically (a full
+    disk or a crash never leaves a truncated ``.ckpt``) unless the config sets plugins."""
+    from mrflight.checkpoints import AtomicCheckpointIO
+
+    callbacks, trainer_kw = _callbacks(cfg, loggers)
+    if not cfg.trainer.get("plugins"):
+        trainer_kw["plugins"] = [AtomicCheckpointIO()]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_kw)
+
+
+def _save_run_config(cfg: DictConfig, trainer, output_dir: Path) -> None:
+    """The resolved config as ``checkpoints/config.yaml`` (what ``eval.py`` and a resume read)."""
+    from mrflight.fileio import atomic_path
+
+    resolved = to_plain(cfg)
+    if not trainer.is_global_zero:
+        return
+    ckpt_dir = output_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(ckpt_dir / "config.yaml") as tmp:
+        OmegaConf.save(OmegaConf.create(resolved), tmp)
+    quiet_fresh_checkpoint_dir(ckpt_dir)
+
+
+def _fit_and_test(cfg: DictConfig, trainer, module, datamodule, resume_from, loggers,
+                  metrics: dict) -> None:
+    """Fit (from the resumed checkpoint), then test with the best checkpoint; the trainer's
+    metrics after each step go into ``metrics`` (also when the next step fails)."""
+    if cfg.get("train", True):
+        ckpt = str(resume_from[0]) if resume_from is not None else None
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    if cfg.get("test", True):
+        best = None
+        if trainer.checkpoint_callback is not None and not trainer.fast_dev_run:
+            best = trainer.checkpoint_callback.best_model_path or None
+        # ckpt_path=None: the module's current weights
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        log_best_checkpoint(loggers, trainer, best)
+
+
+def _optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
+    """``metrics[cfg.optimized_metric]`` (None when no metric is optimised)."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise ValueError(f"optimized_metric={name!r} was not logged; available: "
+                         f"{', '.join(sorted(metrics))}")
+    return metrics[name]
+
+
+def _train(cfg: DictConfig) -> float | None:
+    from mrflight.resume import check_fits, continue_csv_logs
+
+    hc = hydra_config()
+    cfg, resume_from = _resume(cfg, hc)  # checks the checkpoint loads: nothing written yet
+    check_config(cfg)
+    output_dir = _prepare_run(cfg)
+    datamodule, module = _build_data_and_module(cfg)
     check_metric(cfg, module, getattr(datamodule, "eval_set_names", [""]))
     if resume_from is not None:
         check_fits(module, resume_from)
 
     loggers = build_loggers(cfg, hc)
-    callbacks, trainer_kw = _callbacks(cfg, loggers)
-    # checkpoints written atomically (a full disk or a crash never leaves a truncated .ckpt)
-    if not cfg.trainer.get("plugins"):
-        trainer_kw["plugins"] = [AtomicCheckpointIO()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_kw)
+    trainer = _build_trainer(cfg, loggers)
     _log_model_size(module)
     if trainer.is_global_zero:
         continue_csv_logs(loggers, resume_from)
-
     log_flat_config(loggers, cfg, hc)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if trainer.is_global_zero:
-        from mrflight.fileio import atomic_path
+    _save_run_config(cfg, trainer, output_dir)
 
-        ckpt_dir = output_dir / "checkpoints"
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(ckpt_dir / "config.yaml") as tmp:
-            OmegaConf.save(OmegaConf.create(resolved), tmp)
-        quiet_fresh_checkpoint_dir(ckpt_dir)
-
-    metric = None
     metrics: dict = {}
     try:
-        if cfg.get("train", True):
-            ckpt = str(resume_from[0]) if resume_from is not None else None
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if cfg.get("test", True):
-            best = None
-            if trainer.checkpoint_callback is not None and not trainer.fast_dev_run:
-                best = trainer.checkpoint_callback.best_model_path or None
-            trainer.test(module, datamodule=datamodule, ckpt_path=best,
-                         weights_only=True) if best else trainer.test(module,
-                                                                      datamodule=datamodule)
-            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-            _log_best_checkpoint(trainer, loggers, best)
-        name = cfg.get("optimized_metric")
-        if name:
-            if name not in metrics:
-                raise ValueError(f"optimized_metric={name!r} was not logged; available: "
-                                 f"{', '.join(sorted(metrics))}")
-            metric = metrics[name]
+        _fit_and_test(cfg, trainer, module, datamodule, resume_from, loggers, metrics)
+        metric = _optimized_metric(cfg, metrics)
         log.info("metrics: %s", {k: round(v, 3) for k, v in sorted(metrics.items())})
         if trainer.is_global_zero:
             _write_metrics(output_dir, metrics)
@@ -333,23 +317,6 @@ def _write_metrics(output_dir: Path, metrics: dict) -> None:
     with atomic_path(output_dir / "metrics.json") as tmp:
         Path(tmp).write_text(json.dumps({"units": "ms for *_ms, loss on scaled targets",
                                          **metrics}, indent=2))
-
-
-def _log_best_checkpoint(trainer, loggers, best) -> None:
-    if not best or not trainer.is_global_zero:
-        return
-    for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            import wandb
-
-            art = wandb.Artifact(f"model-{lg.experiment.id}", type="model",
-                                 metadata={"best_model_score": float(
-                                     trainer.checkpoint_callback.best_model_score or float("nan"))})
-            art.add_file(best, name="best.ckpt")
-            cfg_file = Path(best).parent / "config.yaml"
-            if cfg_file.is_file():
-                art.add_file(str(cfg_file), name="config.yaml")
-            lg.experiment.log_artifact(art, aliases=["best"])
 
 
 def evaluate(cfg: DictConfig):

@@ -28,7 +28,7 @@ from mrflight.models import build_net, net_config
 from mrflight.transforms import DEFAULT_TARGET_SCALE_MS, INPUT_MODES, preprocess
 
 if TYPE_CHECKING:  # the batch type only; the inference API does not import the data modules
-    from mrflight.data.datamodule import Batch
+    from mrflight.data.batches import Batch
 
 __all__ = ["MRFRegressor", "load_checkpoint", "LOSSES", "PARAMETER_UNITS"]
 
@@ -222,16 +222,7 @@ class MRFRegressor(L.LightningModule):
             ValueError: wrong number of time points (names the expected length and sequence),
                 NaN/Inf values, or ``batch_size < 1``.
         """
-        x = torch.as_tensor(np.asarray(signals) if not torch.is_tensor(signals) else signals)
-        if x.ndim == 1:
-            x = x.unsqueeze(0)
-        seq = self.hparams.get("sequence") or {}
-        if x.ndim != 2 or x.shape[1] != self.input_length:
-            raise ValueError(
-                f"signals must have shape (N, {self.input_length}): this model was trained for "
-                f"the sequence {seq.get('name', 'unknown')!r} with {self.input_length} time "
-                f"points, got shape {tuple(x.shape)}"
-            )
+        x = self._signal_matrix(signals)
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
         if batch_size is None:
@@ -239,26 +230,8 @@ class MRFRegressor(L.LightningModule):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batch_size = int(batch_size)
-        if not x.is_complex():
-            if self.hparams.input_mode == "complex":
-                warnings.warn("this model was trained on complex fingerprints but got real "
-                              "ones: a magnitude has lost the sign changes of the signal, so "
-                              "its estimates are biased; pass the complex series, or use a "
-                              "model trained with data.input_mode=magnitude", RuntimeWarning,
-                              stacklevel=2)
-            if x.dtype != torch.float64:
-                x = x.to(torch.float32)
-        # validate everything first so that a bad voxel fails before any work is done. On the
-        # real view, by min and max (NaN propagates, so both are finite iff every value is):
-        # isfinite() goes through abs() and cost more than an ANN's forward pass
-        xr = torch.view_as_real(x).flatten(1) if x.is_complex() else x
-        if xr.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(xr))).all()):
-            raise ValueError("signals contain NaN or Inf values: remove or mask those voxels")
-        zero = ~(xr != 0).any(dim=1)
+        x, zero = self._checked_values(x)
         n_zero = int(zero.sum())
-        if n_zero:
-            warnings.warn(f"{n_zero} all-zero fingerprints cannot be normalised; "
-                          "their T1/T2 are NaN", RuntimeWarning, stacklevel=2)
         was_training = self.training
         self.eval()
         out = torch.empty((x.shape[0], len(self.targets)), dtype=torch.float32)
@@ -272,6 +245,46 @@ class MRFRegressor(L.LightningModule):
         if n_zero:
             out[zero] = float("nan")
         return out
+
+    def _signal_matrix(self, signals) -> torch.Tensor:
+        """``signals`` as an ``(N, T)`` tensor; a wrong ``T`` names the model's sequence."""
+        x = torch.as_tensor(np.asarray(signals) if not torch.is_tensor(signals) else signals)
+        if x.ndim == 1:
+            x = x.unsqueeze(0)
+        seq = self.hparams.get("sequence") or {}
+        if x.ndim != 2 or x.shape[1] != self.input_length:
+            raise ValueError(
+                f"signals must have shape (N, {self.input_length}): this model was trained for "
+                f"the sequence {seq.get('name', 'unknown')!r} with {self.input_length} time "
+                f"points, got shape {tuple(x.shape)}"
+            )
+        return x
+
+    def _checked_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real input as float32 (float64 kept), NaN/Inf refused; returns ``(x, all-zero rows)``
+        and warns (at the caller of :meth:`predict_parameters`) of real input to a complex
+        model and of all-zero fingerprints."""
+        if not x.is_complex():
+            if self.hparams.input_mode == "complex":
+                warnings.warn("this model was trained on complex fingerprints but got real "
+                              "ones: a magnitude has lost the sign changes of the signal, so "
+                              "its estimates are biased; pass the complex series, or use a "
+                              "model trained with data.input_mode=magnitude", RuntimeWarning,
+                              stacklevel=3)
+            if x.dtype != torch.float64:
+                x = x.to(torch.float32)
+        # validate everything first so that a bad voxel fails before any work is done. On the
+        # real view, by min and max (NaN propagates, so both are finite iff every value is):
+        # isfinite() goes through abs() and cost more than an ANN's forward pass
+        xr = torch.view_as_real(x).flatten(1) if x.is_complex() else x
+        if xr.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(xr))).all()):
+            raise ValueError("signals contain NaN or Inf values: remove or mask those voxels")
+        zero = ~(xr != 0).any(dim=1)
+        n_zero = int(zero.sum())
+        if n_zero:
+            warnings.warn(f"{n_zero} all-zero fingerprints cannot be normalised; "
+                          "their T1/T2 are NaN", RuntimeWarning, stacklevel=3)
+        return x, zero
 
     # -- training -----------------------------------------------------------------------------
     def loss(self, pred: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -25,6 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mrflight.checkpoints import resume_checkpoint, run_config_path, run_dir_of
+from mrflight.config import to_plain
 
 __all__ = ["resume_config", "continue_csv_logs", "check_fits", "FIXED_NODES",
            "RUNTIME_DATA_KEYS"]
@@ -44,11 +45,6 @@ def _flat(node, prefix: str = "") -> dict:
             out.update(_flat(v, f"{prefix}{k}."))
         return out or {prefix.rstrip("."): {}}
     return {prefix.rstrip("."): node}
-
-
-def _plain(cfg, key: str):
-    node = OmegaConf.select(cfg, key, default=None)
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def _reroot(node, old: str, new: str):
@@ -74,9 +70,12 @@ def _override_keys(overrides) -> list[tuple[str, bool]]:
         if o.is_delete():
             out.append((key, True))
             continue
+        if o.package:  # grid@data.params=regular: the option replaces data.params
+            out.append((o.package, False))
+            continue
         option = CONFIG_DIR / key / f"{o.value()}.yaml" if isinstance(o.value(), str) else None
         if option is not None and option.is_file() and "_global_" in option.read_text()[:200]:
-            node = OmegaConf.to_container(OmegaConf.load(option))
+            node = to_plain(OmegaConf.load(option), resolve=False)
             for d in node.pop("defaults", None) or []:  # override /model: gru ...
                 if isinstance(d, dict):
                     out += [(str(g).split()[-1].lstrip("/"), False) for g in d]
@@ -112,45 +111,16 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
     if saved_file is None:
         log.warning("no saved config beside %s: resuming with the given config", path)
         return cfg, found
-    saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=False)
+    saved = to_plain(OmegaConf.load(saved_file), resolve=False)
     old_out = str((saved.get("paths") or {}).get("output_dir") or "")
     saved = OmegaConf.create(_reroot(saved, old_out, str(cfg.paths.output_dir)))
-    if overrides is None:
-        merged = cfg.copy()
-    else:
-        merged = saved.copy()
-        for key, delete in _override_keys(overrides):
-            if delete:
-                parent, _, leaf = key.rpartition(".")
-                node = OmegaConf.select(merged, parent) if parent else merged
-                if isinstance(node, DictConfig) and leaf in node:
-                    with open_dict(node):
-                        del node[leaf]
-                continue
-            value = OmegaConf.select(cfg, key, default=None)
-            if isinstance(value, DictConfig):
-                value = OmegaConf.to_container(value, resolve=False)
-            with open_dict(merged):
-                OmegaConf.update(merged, key, value, merge=False, force_add=True)
-        with open_dict(merged):
-            merged.paths = OmegaConf.to_container(cfg.paths, resolve=True)
-            merged.ckpt_path = cfg.get("ckpt_path")
+    merged = cfg.copy() if overrides is None else _with_overrides(saved, cfg, overrides)
     with open_dict(merged):
         for k in RUNTIME_DATA_KEYS:
             if merged.get("data") is not None and cfg.get("data") is not None \
                     and k in cfg.data:
                 merged.data[k] = cfg.data[k]
-    changed = []
-    for node in FIXED_NODES:
-        a, b = _flat(_plain(saved, node) or {}), _flat(_plain(merged, node) or {})
-        keys = sorted(set(a) | set(b))
-        if a.get("_target_") != b.get("_target_"):
-            keys = ["_target_"]  # another class: its arguments differ as a consequence
-        for k in keys:
-            if node == "data" and k.split(".")[0] in RUNTIME_DATA_KEYS:
-                continue
-            if a.get(k, "<unset>") != b.get(k, "<unset>"):
-                changed.append(f"{node}.{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}")
+    changed = _fixed_node_changes(saved, merged)
     if changed:
         shown = "; ".join(changed[:6]) + (f"; ... ({len(changed)} in all)"
                                            if len(changed) > 6 else "")
@@ -160,6 +130,45 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
             "change its model, data or sequence: drop those overrides, or start a new run "
             "(another hydra.run.dir) without ckpt_path")
     return merged, found
+
+
+def _with_overrides(saved: DictConfig, cfg: DictConfig, overrides) -> DictConfig:
+    """The saved run config with the keys the command-line ``overrides`` set (or delete) taken
+    from ``cfg``, and the new command's ``paths`` and ``ckpt_path``."""
+    merged = saved.copy()
+    for key, delete in _override_keys(overrides):
+        if delete:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(merged, parent) if parent else merged
+            if isinstance(node, DictConfig) and leaf in node:
+                with open_dict(node):
+                    del node[leaf]
+            continue
+        value = to_plain(OmegaConf.select(cfg, key, default=None), resolve=False)
+        with open_dict(merged):
+            OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    with open_dict(merged):
+        merged.paths = to_plain(cfg.paths)
+        merged.ckpt_path = cfg.get("ckpt_path")
+    return merged
+
+
+def _fixed_node_changes(saved: DictConfig, merged: DictConfig) -> list[str]:
+    """``"node.key: old -> new"`` for every setting of :data:`FIXED_NODES` that differs (a
+    changed ``_target_`` alone where the class differs; runtime data keys ignored)."""
+    changed = []
+    for node in FIXED_NODES:
+        a = _flat(to_plain(OmegaConf.select(saved, node, default=None)) or {})
+        b = _flat(to_plain(OmegaConf.select(merged, node, default=None)) or {})
+        keys = sorted(set(a) | set(b))
+        if a.get("_target_") != b.get("_target_"):
+            keys = ["_target_"]  # another class: its arguments differ as a consequence
+        for k in keys:
+            if node == "data" and k.split(".")[0] in RUNTIME_DATA_KEYS:
+                continue
+            if a.get(k, "<unset>") != b.get(k, "<unset>"):
+                changed.append(f"{node}.{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}")
+    return changed
 
 
 def check_fits(module, found) -> None:

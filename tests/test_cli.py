@@ -151,8 +151,8 @@ def _help_groups(text: str) -> dict[str, set]:
 
 
 def test_help_is_short_and_lists_the_groups_each_command_accepts(tmp_path):
-    from mrflight.errors import _primary_groups
     from mrflight.config import CONFIG_DIR
+    from mrflight.errors import _primary_groups
 
     for script, name in (("train.py", "train"), ("eval.py", "eval")):
         r = _run(script, ["--help"], tmp_path)

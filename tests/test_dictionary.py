@@ -123,7 +123,7 @@ def test_random_params_rejects_bad_arguments(kwargs, name):
 @pytest.mark.parametrize("name, direct", [
     ("paper", paper_grid),
     ("regular", regular_grid),
-    ("random", lambda: random_params(100000)),
+    ("random", lambda: random_params(30000, (10.0, 4000.0), (2.0, 500.0))),
 ])
 def test_grid_configs_instantiate_the_constructors(name, direct):
     from hydra.utils import instantiate

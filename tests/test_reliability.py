@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 
 from mrflight import dictionary
 from mrflight.data import FingerprintDataModule
-from mrflight.data.datamodule import EpochShuffleSampler, stream_seed
+from mrflight.data.batches import stream_seed
+from mrflight.data.stored import EpochShuffleSampler
 from mrflight.matching import DictionaryMatcher
 from mrflight.physics import simulate
 from mrflight.physics.sequence import oksuz2019

@@ -242,9 +242,8 @@ def test_multirun_four_models_and_sweeps(tmp_path):
 @pytest.mark.slow
 def test_ddp_on_cpu_two_processes(tmp_path):
     out = tmp_path / "ddp"
-    r = _sub(["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-              "trainer.sync_batchnorm=false", *TINY, "logger=csv", f"hydra.run.dir={out}"],
-             tmp_path)
+    r = _sub(["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", *TINY,
+              "logger=csv", f"hydra.run.dir={out}"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "metrics.json").is_file()
     ck = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)

@@ -2,8 +2,9 @@
 
 from mrflight.transforms import preprocess
 
-from .datamodule import Batch, FingerprintDataModule, FingerprintDataset
+from .batches import Batch
 from .simulated import ParameterPrior, SimulatedDataModule
+from .stored import FingerprintDataModule, FingerprintDataset
 
 __all__ = ["Batch", "FingerprintDataModule", "FingerprintDataset", "preprocess",
            "ParameterPrior", "SimulatedDataModule"]

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mrflight.physics import Sequence, normalize
 from mrflight.transforms import INPUT_MODES, preprocess
 
-from .datamodule import Batch, ModelInputs, _collate, stream_seed
+from .batches import Batch, ModelInputs, collate, stream_seed
 
 __all__ = ["ParameterPrior", "SimulatedDataModule", "TARGETS", "DEFAULT_SCALES"]
 
@@ -297,6 +297,24 @@ class _TrainBatches(Dataset):
         return self.sim.realise(batch) if self.simulate_here else batch
 
 
+def _check_counts(**counts) -> None:
+    """Every count (``data.<name>``) is a positive integer (``num_workers`` is passed + 1)."""
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"data.{name} must be a positive integer, got {v!r}")
+
+
+def _target_scales(targets, target_scale_ms) -> tuple[float, ...]:
+    """One positive divisor per target (``None``: :data:`DEFAULT_SCALES`)."""
+    if target_scale_ms is None:
+        target_scale_ms = [DEFAULT_SCALES[t] for t in targets]
+    scale = tuple(float(s) for s in target_scale_ms)
+    if len(scale) != len(targets) or min(scale) <= 0:
+        raise ValueError(f"data.target_scale_ms must be {len(targets)} positive numbers (one "
+                         f"per target {list(targets)}), got {target_scale_ms}")
+    return scale
+
+
 #: fingerprints simulated per kernel launch on a GPU (fills an H100/H200 with programs)
 _FINGERPRINTS_PER_LAUNCH = 32768
 
@@ -358,13 +376,10 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
         self.targets = targets
         self.prior = ParameterPrior(t1_range, t2_range, distribution,
                                     b1_range if "b1" in targets else None, noise_std)
-        for name, v in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
-                        ("realizations", realizations), ("n_val", n_val), ("n_test", n_test),
-                        ("num_workers", num_workers + 1),
-                        ("batches_per_launch", 1 if batches_per_launch is None
-                         else batches_per_launch)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"data.{name} must be a positive integer, got {v!r}")
+        _check_counts(batch_size=batch_size, batches_per_epoch=batches_per_epoch,
+                      realizations=realizations, n_val=n_val, n_test=n_test,
+                      num_workers=num_workers + 1,
+                      batches_per_launch=1 if batches_per_launch is None else batches_per_launch)
         levels = [float(s) for s in (eval_noise_levels or ())]
         if any(not (math.isfinite(s) and s >= 0) for s in levels):
             raise ValueError(f"data.eval_noise_levels must be finite numbers >= 0, got "
@@ -374,12 +389,7 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
         if simulate_on not in ("auto", "loader", "device"):
             raise ValueError(f"data.simulate_on must be auto, loader or device, got "
                              f"{simulate_on!r}")
-        if target_scale_ms is None:
-            target_scale_ms = [DEFAULT_SCALES[t] for t in targets]
-        scale = tuple(float(s) for s in target_scale_ms)
-        if len(scale) != len(targets) or min(scale) <= 0:
-            raise ValueError(f"data.target_scale_ms must be {len(targets)} positive numbers (one "
-                             f"per target {list(targets)}), got {target_scale_ms}")
+        scale = _target_scales(targets, target_scale_ms)
         self.sequence = sequence
         self.batch_size = int(batch_size)
         self.batches_per_epoch = int(batches_per_epoch)
@@ -486,7 +496,7 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         return [DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False,
-                           collate_fn=_collate) for ds in self.fixed_sets(split)["sets"]]
+                           collate_fn=collate) for ds in self.fixed_sets(split)["sets"]]
 
     def val_dataloader(self):
         return self._eval_loaders("val")

@@ -1,4 +1,5 @@
-"""``FingerprintDataModule``: simulated (or loaded) fingerprints, seeded splits, the noise model.
+"""``FingerprintDataModule``: stored fingerprints (simulated once and cached, or loaded from a
+dictionary file), seeded splits, the noise model.
 
 Sources (chosen by config, ``mrflight/configs/data/``):
 
@@ -19,8 +20,9 @@ L2-normalised and complex Gaussian noise of std ``noise_std`` is added to its re
 parts. Training batches carry the clean normalised complex fingerprints and get **fresh noise in
 every batch** in :meth:`FingerprintDataModule.on_after_batch_transfer` (so on the training device,
 on every DDP rank). That noise and the training shuffle are functions of ``(seed, epoch, batch
-index, rank)`` alone (:func:`stream_seed`), not of a global random state, so a run resumed from a
-checkpoint draws exactly the batches and the noise the uninterrupted run would have drawn.
+index, rank)`` alone (:func:`~mrflight.data.batches.stream_seed`), not of a global random
+state, so a run resumed from a checkpoint draws exactly the batches and the noise the
+uninterrupted run would have drawn.
 Validation and test inputs are drawn **once** with a ``torch.Generator``
 seeded by ``(noise_seed, split)`` so the noise of every index is fixed for a given seed.
 
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import lightning as L
 import numpy as np
@@ -46,35 +47,9 @@ from torch.utils.data import DataLoader, Dataset
 from mrflight.physics import Sequence, add_noise, normalize
 from mrflight.transforms import DEFAULT_TARGET_SCALE_MS, INPUT_MODES, preprocess, split_indices
 
-__all__ = ["Batch", "FingerprintDataset", "FingerprintDataModule", "EpochShuffleSampler",
-           "stream_seed"]
+from .batches import Batch, ModelInputs, collate, stream_seed
 
-class Batch(NamedTuple):
-    """One batch.
-
-    Attributes:
-        signal: model input: ``(B, T)`` float (magnitude mode) or ``(B, 2, T)`` (complex mode);
-            in training batches before :meth:`FingerprintDataModule.on_after_batch_transfer`, the
-            clean L2-normalised complex fingerprints ``(B, T)`` (complex dtype) that still need
-            noise. With ``K`` noise realisations per fingerprint (the bias-reducing loss) it has
-            ``K * B`` rows, grouped per fingerprint.
-        target: scaled targets ``(B, P)`` float32 (T1/scale, T2/scale[, B1/scale]).
-        params_ms: the targets in their units ``(B, P)`` float32 (T1, T2 in ms; B1 a ratio).
-        noise_std: ``(B,)`` noise std of each fingerprint, where known.
-        bound: ``(B, P)`` Cramér–Rao bound of each target at that noise, when a loss needs it.
-        sim_params: ``(B, 3)`` float64 T1, T2, B1 still to be simulated (fresh simulated
-            batches only).
-        key: seed of the batch's noise stream (fresh simulated batches only).
-    """
-
-    signal: torch.Tensor
-    target: torch.Tensor
-    params_ms: torch.Tensor
-    noise_std: torch.Tensor | None = None
-    bound: torch.Tensor | None = None
-    sim_params: torch.Tensor | None = None
-    key: torch.Tensor | None = None
-
+__all__ = ["FingerprintDataset", "FingerprintDataModule", "EpochShuffleSampler"]
 
 class FingerprintDataset(Dataset):
     """Signals ``(N, T)`` (complex clean fingerprints or ready inputs) and their parameters."""
@@ -93,17 +68,6 @@ class FingerprintDataset(Dataset):
     def __getitem__(self, i: int) -> Batch:
         return Batch(self.signals[i], self.targets[i], self.params_ms[i], self.noise_std,
                      None if self.bound is None else self.bound[i])
-
-
-def stream_seed(*keys: int) -> int:
-    """A 63-bit seed that is a deterministic function of the integer ``keys`` only.
-
-    Used for the training shuffle ``(seed, 0, epoch)`` and the training noise
-    ``(seed, 1, epoch, batch, rank)``: independent, reproducible streams (``numpy.random.
-    SeedSequence`` mixing), whatever the global random state is when they are drawn.
-    """
-    words = [int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 class EpochShuffleSampler(torch.utils.data.RandomSampler):
@@ -128,25 +92,52 @@ class EpochShuffleSampler(torch.utils.data.RandomSampler):
         yield from torch.randperm(len(self.data_source), generator=g).tolist()
 
 
-def _collate(items: list[Batch]) -> Batch:
-    return Batch(*(None if x[0] is None else torch.stack(x) for x in zip(*items)))
+def _data_source(sequence, params, path):
+    """The checked ``(sequence, params)``: exactly one of ``params`` (simulated for the
+    sequence) and ``path`` (an existing dictionary file)."""
+    if isinstance(sequence, dict):
+        sequence = Sequence.from_dict(sequence)
+    if sequence is not None and not isinstance(sequence, Sequence):
+        raise ValueError(f"sequence must be a mrflight.physics.Sequence or its to_dict(), "
+                         f"got {type(sequence).__name__}")
+    if (params is None) == (path is None):
+        raise ValueError("give exactly one data source: params (T1/T2 in ms to simulate) "
+                         "or path (a dictionary file)")
+    if path is not None and not Path(path).expanduser().exists():
+        raise ValueError(f"data.path={path!r} does not exist: point it to a .h5/.npz/.mat "
+                         "dictionary")
+    if params is not None:
+        params = np.asarray(params, dtype=np.float64)
+        if params.ndim != 2 or params.shape[1] < 2 or len(params) == 0:
+            raise ValueError(f"params must be an (M, 2) array of T1, T2 in ms, got shape "
+                             f"{params.shape}")
+        if sequence is None:
+            raise ValueError("simulating params needs a sequence")
+    return sequence, params
 
 
-class ModelInputs:
-    """What the pipeline reads from any data module to build the network (a mixin)."""
-
-    input_mode: str
-    sequence: Sequence
-
-    @property
-    def in_channels(self) -> int:
-        """Input channels of the model: 1 (magnitude) or 2 (real, imaginary)."""
-        return 1 if self.input_mode == "magnitude" else 2
-
-    @property
-    def input_length(self) -> int:
-        """``T``: the number of time points of the fingerprints."""
-        return len(self.sequence)
+def _check_settings(batch_size, eval_batch_size, noise_std, input_mode, val_fraction, n_train,
+                    n_test, target_scale_ms) -> tuple[float, ...]:
+    """Checks the loader, noise and split settings; returns the target scales as floats."""
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size > 0):
+        raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
+    if eval_batch_size is not None and not eval_batch_size > 0:
+        raise ValueError(f"data.eval_batch_size must be positive, got {eval_batch_size}")
+    if not (noise_std is not None and 0 <= float(noise_std) < float("inf")):
+        raise ValueError(f"data.noise_std must be a finite number >= 0 (0.01 is the "
+                         f"paper-like default), got {noise_std}")
+    if input_mode not in INPUT_MODES:
+        raise ValueError(f"data.input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise ValueError(f"data.val_fraction must lie in (0, 1), got {val_fraction}")
+    if int(n_test) < 1 or (n_train is not None and int(n_train) < 2):
+        raise ValueError(f"data.n_test must be >= 1 and data.n_train >= 2 (or null), got "
+                         f"n_test={n_test}, n_train={n_train}")
+    scale = tuple(float(s) for s in target_scale_ms)
+    if len(scale) != 2 or min(scale) <= 0:
+        raise ValueError(f"data.target_scale_ms must be two positive numbers, got "
+                         f"{target_scale_ms}")
+    return scale
 
 
 class FingerprintDataModule(ModelInputs, L.LightningDataModule):
@@ -186,42 +177,9 @@ class FingerprintDataModule(ModelInputs, L.LightningDataModule):
                  split_seed: int = 0, noise_seed: int = 1, cache_dir: str | None = None,
                  num_workers: int = 0, progress: bool = True, seed: int | None = None) -> None:
         super().__init__()
-        if isinstance(sequence, dict):
-            sequence = Sequence.from_dict(sequence)
-        if sequence is not None and not isinstance(sequence, Sequence):
-            raise ValueError(f"sequence must be a mrflight.physics.Sequence or its to_dict(), "
-                             f"got {type(sequence).__name__}")
-        if (params is None) == (path is None):
-            raise ValueError("give exactly one data source: params (T1/T2 in ms to simulate) "
-                             "or path (a dictionary file)")
-        if params is None and path is not None and not Path(path).expanduser().exists():
-            raise ValueError(f"data.path={path!r} does not exist: point it to a .h5/.npz/.mat "
-                             "dictionary")
-        if params is not None:
-            params = np.asarray(params, dtype=np.float64)
-            if params.ndim != 2 or params.shape[1] < 2 or len(params) == 0:
-                raise ValueError(f"params must be an (M, 2) array of T1, T2 in ms, got shape "
-                                 f"{params.shape}")
-            if sequence is None:
-                raise ValueError("simulating params needs a sequence")
-        if not (isinstance(batch_size, (int, np.integer)) and batch_size > 0):
-            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
-        if eval_batch_size is not None and not eval_batch_size > 0:
-            raise ValueError(f"data.eval_batch_size must be positive, got {eval_batch_size}")
-        if not (noise_std is not None and 0 <= float(noise_std) < float("inf")):
-            raise ValueError(f"data.noise_std must be a finite number >= 0 (0.01 is the "
-                             f"paper-like default), got {noise_std}")
-        if input_mode not in INPUT_MODES:
-            raise ValueError(f"data.input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
-        if not 0.0 < float(val_fraction) < 1.0:
-            raise ValueError(f"data.val_fraction must lie in (0, 1), got {val_fraction}")
-        if int(n_test) < 1 or (n_train is not None and int(n_train) < 2):
-            raise ValueError(f"data.n_test must be >= 1 and data.n_train >= 2 (or null), got "
-                             f"n_test={n_test}, n_train={n_train}")
-        scale = tuple(float(s) for s in target_scale_ms)
-        if len(scale) != 2 or min(scale) <= 0:
-            raise ValueError(f"data.target_scale_ms must be two positive numbers, got "
-                             f"{target_scale_ms}")
+        sequence, params = _data_source(sequence, params, path)
+        scale = _check_settings(batch_size, eval_batch_size, noise_std, input_mode, val_fraction,
+                                n_train, n_test, target_scale_ms)
         self.sequence = sequence
         self.params = params
         self.path = None if path is None else str(Path(path).expanduser())
@@ -351,22 +309,21 @@ class FingerprintDataModule(ModelInputs, L.LightningDataModule):
         return crb(self.sequence, params_ms[:, 0].double(), params_ms[:, 1].double(),
                    self.noise_std).to(torch.float32)
 
-    def _loader(self, ds, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=_collate,
+    def _loader(self, ds, batch_size: int, sampler=None) -> DataLoader:
+        """Batches of ``ds`` in order, or in the order of ``sampler``."""
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size,
-                          sampler=EpochShuffleSampler(self.train_set, self.seed),
-                          collate_fn=_collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+        return self._loader(self.train_set, self.batch_size,
+                            EpochShuffleSampler(self.train_set, self.seed))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, self.eval_batch_size)
+        return self._loader(self.val_set, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False, self.eval_batch_size)
+        return self._loader(self.test_set, self.eval_batch_size)
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Add fresh noise to training batches (complex clean fingerprints) on their device."""

@@ -1,0 +1,74 @@
+"""What both data modules share: the :class:`Batch` they yield, its collation, the seeds of
+their training streams (:func:`stream_seed`) and what the pipeline reads from a data module to
+build the network (:class:`ModelInputs`)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from mrflight.physics import Sequence
+
+__all__ = ["Batch", "collate", "stream_seed", "ModelInputs"]
+
+
+class Batch(NamedTuple):
+    """One batch.
+
+    Attributes:
+        signal: model input: ``(B, T)`` float (magnitude mode) or ``(B, 2, T)`` (complex mode);
+            in training batches before ``FingerprintDataModule.on_after_batch_transfer``, the
+            clean L2-normalised complex fingerprints ``(B, T)`` (complex dtype) that still need
+            noise. With ``K`` noise realisations per fingerprint (the bias-reducing loss) it has
+            ``K * B`` rows, grouped per fingerprint.
+        target: scaled targets ``(B, P)`` float32 (T1/scale, T2/scale[, B1/scale]).
+        params_ms: the targets in their units ``(B, P)`` float32 (T1, T2 in ms; B1 a ratio).
+        noise_std: ``(B,)`` noise std of each fingerprint, where known.
+        bound: ``(B, P)`` Cramér–Rao bound of each target at that noise, when a loss needs it.
+        sim_params: ``(B, 3)`` float64 T1, T2, B1 still to be simulated (fresh simulated
+            batches only).
+        key: seed of the batch's noise stream (fresh simulated batches only).
+    """
+
+    signal: torch.Tensor
+    target: torch.Tensor
+    params_ms: torch.Tensor
+    noise_std: torch.Tensor | None = None
+    bound: torch.Tensor | None = None
+    sim_params: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+
+
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed that is a deterministic function of the integer ``keys`` only.
+
+    Used for the training shuffle ``(seed, 0, epoch)`` and the training noise
+    ``(seed, 1, epoch, batch, rank)``: independent, reproducible streams (``numpy.random.
+    SeedSequence`` mixing), whatever the global random state is when they are drawn.
+    """
+    words = [int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def collate(items: list[Batch]) -> Batch:
+    """Stack a list of single-sample :class:`Batch` es into one (``None`` fields stay None)."""
+    return Batch(*(None if x[0] is None else torch.stack(x) for x in zip(*items)))
+
+
+class ModelInputs:
+    """What the pipeline reads from any data module to build the network (a mixin)."""
+
+    input_mode: str
+    sequence: Sequence
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the model: 1 (magnitude) or 2 (real, imaginary)."""
+        return 1 if self.input_mode == "magnitude" else 2
+
+    @property
+    def input_length(self) -> int:
+        """``T``: the number of time points of the fingerprints."""
+        return len(self.sequence)
