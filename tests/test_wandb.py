@@ -13,8 +13,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf, open_dict
 
+from mrflight.config import CONFIG_DIR, compose_config
 from mrflight.loggers import flat_config, read_offline_run, run_group, run_name
-from mrflight.config import CONFIG_DIR, compose_config, evaluate
+from mrflight.pipeline import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["debug=tiny", "model=ann", "trainer.max_epochs=2"]
