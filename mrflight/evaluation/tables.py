@@ -55,7 +55,8 @@ def _load_note(info: dict) -> str:
     return note
 
 
-def table_md(rows: list[dict], info: dict) -> str:
+def _preamble(info: dict) -> list[str]:
+    """What the table's numbers are: the groups' data, timing, bound and matching notes."""
     lines = ["# mrflight evaluation", ""]
     for d in info.get("groups", []):
         lines.append(f"- sequence `{d['sequence']}` ({d['n_timepoints']} points); data: "
@@ -80,6 +81,12 @@ def table_md(rows: list[dict], info: dict) -> str:
          "(evaluation.complex_matching=true matches complex data instead)"),
         "",
     ]
+    return lines
+
+
+def table_md(rows: list[dict], info: dict) -> str:
+    """``table.md``: one Table 1 block per test set and noise level, then the paper's rows."""
+    lines = _preamble(info)
     header = ("| method | T1 MAE (ms) | T1 RMSE (ms) | T2 MAE (ms) | T2 RMSE (ms) | "
               "time/signal (ms, batched) | latency (ms, single signal, mean ± std) | "
               "T1 RMSE/CRB | T2 RMSE/CRB |")

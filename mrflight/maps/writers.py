@@ -141,6 +141,7 @@ def write_maps(result: MapResult, out_dir, stem: str, *, source: SeriesSource | 
     affine = header = image_class = None
     if source is not None and source.is_nifti:
         affine, header, image_class = source.affine, source.header, source.image_class
+    nifti = (affine, header, image_class)
     base = {
         "Software": "mrflight",
         "SoftwareVersion": mrflight.__version__,
@@ -159,36 +160,47 @@ def write_maps(result: MapResult, out_dir, stem: str, *, source: SeriesSource | 
     }
     if result.b1 is not None:  # BIDS TB1map: the flip-angle scale, ratio to nominal
         maps["TB1map"] = (result.b1, "1", 1.0, "ratio", f"{stem}_TB1map.npy")
-    for suffix, (arr_ms, unit, scale, npy_unit, npy_name) in maps.items():
-        nii = out / f"{stem}_{suffix}.nii.gz"
-        _save_nifti(nii, arr_ms * scale, affine, header, image_class)
-        written[f"{suffix}.nii.gz"] = nii
-        npy = out / npy_name
-        _save_npy(npy, arr_ms.astype(np.float32))
-        written[f"{suffix}.npy"] = npy
-        side = dict(base)
-        side.update({"MapType": suffix, "Units": unit, "NumpyFile": npy_name,
-                     "NumpyUnits": npy_unit,
-                     "Description": {"T1map": "longitudinal relaxation time T1",
-                                     "T2map": "transverse relaxation time T2",
-                                     "M0map": "proton density scale M0 (input intensity per "
-                                              "unit of simulated fingerprint)",
-                                     "TB1map": "flip-angle scale B1 (actual / nominal flip "
-                                               "angle)"}[suffix],
-                     "BackgroundValue": "NaN"})
-        js = out / f"{stem}_{suffix}.json"
-        _save_json(js, side)
-        written[f"{suffix}.json"] = js
-        if previews:
-            png = out / f"{stem}_{suffix}.png"
-            kind = {"M0map": "M0", "TB1map": "B1"}.get(suffix, suffix[:2])
-            _save_preview(png, arr_ms, kind, npy_unit, f"{stem} {suffix[:2]} ({npy_unit})",
-                          header is not None)
-            written[f"{suffix}.png"] = png
+    for suffix, spec in maps.items():
+        written.update(_write_map(out, stem, suffix, spec, base, nifti, previews))
     mask_nii = out / f"{stem}_mask.nii.gz"
-    _save_nifti(mask_nii, result.mask, affine, header, image_class)
+    _save_nifti(mask_nii, result.mask, *nifti)
     written["mask.nii.gz"] = mask_nii
     mask_npy = out / f"{stem}_mask.npy"
     _save_npy(mask_npy, result.mask)
     written["mask.npy"] = mask_npy
+    return written
+
+
+_DESCRIPTIONS = {"T1map": "longitudinal relaxation time T1",
+                 "T2map": "transverse relaxation time T2",
+                 "M0map": "proton density scale M0 (input intensity per unit of simulated "
+                          "fingerprint)",
+                 "TB1map": "flip-angle scale B1 (actual / nominal flip angle)"}
+
+
+def _write_map(out: Path, stem: str, suffix: str, spec: tuple, base: dict, nifti: tuple,
+               previews: bool) -> dict[str, Path]:
+    """One map as NIfTI, ``.npy``, JSON sidecar and preview; ``spec`` = (map in ms or its own
+    unit, NIfTI unit, scale to it, ``.npy`` unit, ``.npy`` file name)."""
+    arr_ms, unit, scale, npy_unit, npy_name = spec
+    written = {}
+    nii = out / f"{stem}_{suffix}.nii.gz"
+    _save_nifti(nii, arr_ms * scale, *nifti)
+    written[f"{suffix}.nii.gz"] = nii
+    npy = out / npy_name
+    _save_npy(npy, arr_ms.astype(np.float32))
+    written[f"{suffix}.npy"] = npy
+    side = dict(base)
+    side.update({"MapType": suffix, "Units": unit, "NumpyFile": npy_name,
+                 "NumpyUnits": npy_unit, "Description": _DESCRIPTIONS[suffix],
+                 "BackgroundValue": "NaN"})
+    js = out / f"{stem}_{suffix}.json"
+    _save_json(js, side)
+    written[f"{suffix}.json"] = js
+    if previews:
+        png = out / f"{stem}_{suffix}.png"
+        kind = {"M0map": "M0", "TB1map": "B1"}.get(suffix, suffix[:2])
+        _save_preview(png, arr_ms, kind, npy_unit, f"{stem} {suffix[:2]} ({npy_unit})",
+                      nifti[1] is not None)
+        written[f"{suffix}.png"] = png
     return written
