@@ -236,14 +236,16 @@ def main() -> int:
     @row("EPG paper grid: kernel settings (atoms/program, warps, states/step, fp64 coefs)",
          "", 60)
     def _():
-        gk = epg._gpu_kernel()
+        from mrflight.physics._triton_glue import _gpu_kernel
+
+        gk = _gpu_kernel()
         if gk is None:
             return "n/a", None, "triton unavailable"
         t1, t2 = grid[:, 0].float().to(dev), grid[:, 1].float().to(dev)
         b1 = torch.ones_like(t1)
-        rate = epg.truncation_rate(seq, epg.DEFAULT_TOL, float(t2.max()), float(t1.max()))
-        k = epg.states_needed(t2.cpu().numpy(), float(seq.tr_ms.min()), len(seq),
-                              epg.DEFAULT_TOL, rate)
+        rate = truncation_rate(seq, DEFAULT_TOL, float(t2.max()), float(t1.max()))
+        k = states_needed(t2.cpu().numpy(), float(seq.tr_ms.min()), len(seq), DEFAULT_TOL,
+                          rate)
         res = {}
         for ba, nw, kc, acc in ctx.kernel_settings:
             if ctx.left() < 40:

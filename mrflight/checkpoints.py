@@ -34,7 +34,8 @@ from pathlib import Path
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 __all__ = ["read_checkpoint", "best_checkpoint", "find_checkpoints", "find_runs",
-           "resume_checkpoint", "run_dir_of", "run_config_path", "checkpoint_score",
+           "single_checkpoint", "resume_checkpoint", "run_dir_of", "run_config_path",
+           "read_run_config", "checkpoint_sequence", "checkpoint_score",
            "AtomicCheckpointIO", "scheduler_class", "CHECKPOINT_DIR", "MAX_SEARCH_DEPTH"]
 
 log = logging.getLogger("mrflight")
@@ -125,6 +126,60 @@ def run_config_path(run_dir) -> Path | None:
         c = Path(run_dir) / rel
         if c.is_file():
             return c
+    return None
+
+
+def read_run_config(ckpt) -> tuple[Path, dict | None]:
+    """The run directory of a checkpoint and its saved config (:func:`run_config_path`, as an
+    unresolved dict), or ``None``. The ``_target_``s of its ``sequence`` and ``data`` (what
+    evaluation builds from it) must be mrflight's.
+
+    Raises:
+        ValueError: a ``sequence`` or ``data`` node names a ``_target_`` outside mrflight.
+    """
+    from omegaconf import OmegaConf
+
+    run_dir = run_dir_of(ckpt)
+    c = run_config_path(run_dir)
+    if c is None:
+        return run_dir, None
+    rcfg = OmegaConf.to_container(OmegaConf.load(c), resolve=False)
+    for node in ("sequence", "data"):
+        _check_targets(rcfg.get(node), f"{c}: {node}")
+    return run_dir, rcfg
+
+
+def _check_targets(node, where: str) -> None:
+    if isinstance(node, dict):
+        t = node.get("_target_")
+        if t is not None and not str(t).startswith("mrflight."):
+            raise ValueError(f"{where} names {t!r}: only mrflight classes and functions are "
+                             "built from a run's saved config")
+        for v in node.values():
+            _check_targets(v, where)
+    elif isinstance(node, list):
+        for v in node:
+            _check_targets(v, where)
+
+
+def checkpoint_sequence(module):
+    """The training :class:`~mrflight.physics.Sequence` a loaded checkpoint carries
+    (``hparams["sequence"]``, a ``Sequence`` or its ``to_dict()``), or ``None``."""
+    from mrflight.physics import Sequence
+
+    hp = getattr(module, "hparams", None)
+    if hp is None:
+        return None
+    try:
+        val = hp.get("sequence") if hasattr(hp, "get") else getattr(hp, "sequence", None)
+    except Exception:
+        val = None
+    if isinstance(val, Sequence):
+        return val
+    if val is not None and hasattr(val, "keys") and "flip_angle_deg" in val:
+        d = {k: (list(v) if not isinstance(v, (str, int, float, bool)) else v)
+             for k, v in dict(val).items()}
+        return Sequence.from_dict(d)
     return None
 
 
@@ -278,6 +333,23 @@ def find_checkpoints(path) -> list[Path]:
     if not out:
         raise ValueError(f"ckpt_path={path}: no run under {p} has a checkpoint that loads")
     return out
+
+
+def single_checkpoint(path) -> str:
+    """The one checkpoint ``path`` names: a ``.ckpt`` file (``path`` as given), or the best of
+    one run directory.
+
+    Raises:
+        ValueError: as :func:`find_checkpoints`, or ``path`` holds several runs.
+    """
+    if not Path(str(path)).expanduser().is_dir():
+        return str(path)
+    found = find_checkpoints(path)
+    if len(found) > 1:
+        listed = ", ".join(map(str, found))
+        raise ValueError(f"ckpt_path={path} holds several runs ({listed}); give one "
+                         "checkpoint or run directory for maps")
+    return str(found[0])
 
 
 # -------------------------------------------------------------------------------- resuming

@@ -234,7 +234,7 @@ def export_checkpoints(ckpt_path, fmt: str, out_dir) -> list[Path]:
     """Export every checkpoint found under ``ckpt_path`` (a ``.ckpt``, a run or a multirun
     directory) in format ``fmt`` (``onnx`` or ``torchscript``) into ``out_dir``."""
     import mrflight
-    from mrflight.evaluation import find_checkpoints
+    from mrflight.checkpoints import find_checkpoints, run_dir_of
 
     if fmt not in FORMATS:
         raise ValueError(f"export={fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -245,7 +245,7 @@ def export_checkpoints(ckpt_path, fmt: str, out_dir) -> list[Path]:
     written = []
     for ck in find_checkpoints(root):
         module = mrflight.load_checkpoint(str(ck))
-        run = ck.parent.parent if ck.parent.name == "checkpoints" else ck.parent
+        run = run_dir_of(ck)
         rel = run.relative_to(root) if run.is_relative_to(root) else Path(run.name)
         stem = "_".join([type(module.net).__name__.removesuffix("Regressor").lower(),
                          *rel.parts])

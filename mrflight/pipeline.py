@@ -320,8 +320,15 @@ def _write_metrics(output_dir: Path, metrics: dict) -> None:
 
 
 def evaluate(cfg: DictConfig):
-    """Evaluate trained models and dictionary matching (see :mod:`mrflight.evaluation`)."""
-    from mrflight.evaluation import run
+    """Body of ``eval.py``: ``input=...`` makes maps of an image series (:mod:`mrflight.maps`),
+    ``export=...`` exports checkpoints (:mod:`mrflight.export`), else the evaluation of trained
+    models and dictionary matching (:mod:`mrflight.evaluation`); :mod:`mrflight.eval_entry`
+    turns the config into their typed inputs."""
+    from mrflight import eval_entry
 
     check_runtime(cfg)
-    return run(cfg)
+    if cfg.get("input"):
+        return eval_entry.maps_from_config(cfg)
+    if cfg.get("export"):
+        return eval_entry.export_from_config(cfg)
+    return eval_entry.evaluation_from_config(cfg)

@@ -381,7 +381,7 @@ def test_every_checkpoint_mrflight_writes_loads_with_weights_only(real_ckpt):
 
 
 def test_eval_refuses_a_run_config_that_builds_other_code(real_ckpt, tmp_path):
-    from mrflight.evaluation import _run_config
+    from mrflight.checkpoints import read_run_config
 
     run = tmp_path / "run"
     shutil.copytree(real_ckpt.parent.parent, run)
@@ -389,7 +389,7 @@ def test_eval_refuses_a_run_config_that_builds_other_code(real_ckpt, tmp_path):
     cfg["sequence"] = {"_target_": "os.system", "command": "true"}
     (run / "checkpoints" / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="'os.system'.*only mrflight"):
-        _run_config(run / "checkpoints" / "last.ckpt")
+        read_run_config(run / "checkpoints" / "last.ckpt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,10 +416,10 @@ def test_an_unusable_cuda_device_is_a_clear_error(real_ckpt):
         mrflight.load_checkpoint(real_ckpt, map_location=device)
     from omegaconf import OmegaConf
 
-    from mrflight.maps import run_maps
+    from mrflight.eval_entry import maps_from_config
 
     cfg = OmegaConf.create({"input": "scan.nii.gz", "ckpt_path": str(real_ckpt),
                             "dictionary": None, "mask": None, "paths": {"output_dir": "x"},
                             "maps": {"device": device, "progress": False}})
     with pytest.raises(ValueError, match=match):
-        run_maps(cfg)
+        maps_from_config(cfg)

@@ -1,5 +1,6 @@
-"""eval.py body (mrflight.evaluation.run) on tiny checkpoints: every output file with finite values,
-rows computed (not copied), checkpoint discovery, held-out atoms never in the dictionary."""
+"""eval.py's evaluation (mrflight.evaluation through pipeline.evaluate) on tiny checkpoints: every
+output file with finite values, rows computed (not copied), checkpoint discovery, the run's own
+test split held out of the matching dictionary, no import cycle between evaluation and maps."""
 
 import csv
 import json
@@ -10,7 +11,8 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from mrflight.evaluation import EvalSettings, find_checkpoints
+from mrflight.checkpoints import find_checkpoints
+from mrflight.evaluation import EvalSettings
 from mrflight.pipeline import compose_config, evaluate, train
 
 FAST = ["evaluation.n_test=40", "evaluation.bound_signals=6", "evaluation.latency_repeats=3",
@@ -129,28 +131,105 @@ def test_no_checkpoint_evaluates_matching_and_bound(tmp_path):
     assert (out / "figures" / "phantom_nist.png").is_file()
 
 
-def test_held_out_atoms_are_not_in_the_matching_dictionary():
-    from mrflight.evaluation import _build_group_data, _Group
+def test_eval_grid_holds_its_test_atoms_out_of_the_matching_dictionary():
+    from mrflight.evaluation import Group, build_group_data
     from mrflight.physics import oksuz2019
 
     s = EvalSettings(n_test=30, grid={"_target_": "mrflight.dictionary.regular_grid",
                                       "n_t1": 20, "n_t2": 20})
-    g = _Group(oksuz2019(n_pulses=50, lobe_length=10), "k", [])
-    _build_group_data(g, None, s, None)
+    g = Group(oksuz2019(n_pulses=50, lobe_length=10), "k", [])
+    build_group_data(g, None, s, None)
     test = {tuple(p) for p in g.test["paper"][0]}
     dic = {tuple(p) for p in g.dictionary_params.numpy()}
     assert len(test) == 30 and not (test & dic)
+    assert len(dic) == g.description["dictionary_atoms"] and g.description["held_out_atoms"] == 30
     off = g.test["offgrid"][0]
-    assert len(off) == 30 and not ({tuple(p) for p in off} & dic)
-    assert (off[:, 1] <= off[:, 0]).all()
+    assert len(off) == 30 and (off[:, 1] <= off[:, 0]).all()
+
+
+def test_checkpoint_evaluation_holds_out_the_runs_own_test_split(tiny_run):
+    """The test atoms of a checkpoint's evaluation are exactly the test split its data module
+    made in training (reproduced from the run's saved data config), none of them in the
+    matching dictionary."""
+    from mrflight.config import instantiate
+    from mrflight.evaluation import build_group_data, checkpoint_groups
+
+    ckpts = find_checkpoints(tiny_run)
+    settings = EvalSettings(n_test=1000, phantoms=[])  # more than the split: all of it
+    (g,) = checkpoint_groups(ckpts, tiny_run, settings, lambda: None)
+    assert g.data_cfg is not None and [r.ckpt for r in g.runs] == ckpts
+    build_group_data(g, g.data_cfg, settings, None)
+    # the data module of the training run, built from the training config (not the saved one)
+    cfg = _cfg(["debug=tiny", "model=ann", "logger=none", "trainer.max_epochs=1"],
+               tiny_run / "0", "train")
+    dm = instantiate(cfg.data, sequence=instantiate(cfg.sequence), progress=False)
+    dm.setup("test")
+    split = dm.test_set.params_ms.numpy()
+    test = g.test["paper"][0]
+    assert len(split) == 100
+    assert sorted(map(tuple, test.astype(np.float32))) == sorted(map(tuple, split))
+    dic = {tuple(p) for p in g.dictionary_params.numpy()}
+    assert not ({tuple(p) for p in test} & dic)
+    assert len(dic) == 600 - len(split)
+
+
+def test_evaluation_and_maps_do_not_import_each_other():
+    """Module-level imports over mrflight/: no cycle through mrflight.evaluation* and
+    mrflight.maps*."""
+    import ast
+    from pathlib import Path
+
+    import mrflight
+
+    root = Path(mrflight.__file__).parent
+    graph = {}
+    for f in root.rglob("*.py"):
+        parts = f.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        deps = set()
+        for node in ast.parse(f.read_text()).body:  # module level only
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d.startswith("mrflight")}
+
+    def family(name):
+        for fam in ("mrflight.evaluation", "mrflight.maps"):
+            if name == fam or name.startswith(fam + "."):
+                return fam
+        return None
+
+    def reachable(start):
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph.get(todo.pop(), ()):
+                if d in graph and d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return seen
+
+    for name in graph:
+        fam = family(name)
+        if fam is None:
+            continue
+        other = {"mrflight.evaluation": "mrflight.maps", "mrflight.maps": "mrflight.evaluation"}
+        reach = reachable(name)
+        assert not any(family(d) == other[fam] for d in reach), (name, "imports", other[fam])
+        assert name not in reach, (name, "is in an import cycle")
+    # the package's modules each import only what they need: not Hydra configs
+    assert not any("mrflight.eval_entry" in graph[n] for n in graph if family(n))
 
 
 def test_find_checkpoints(tiny_run, tmp_path):
-    """eval.py and maps share mrflight.checkpoints (tested in tests/test_checkpoints.py)."""
-    import mrflight.checkpoints
+    """eval.py, maps and export find checkpoints only through mrflight.checkpoints (tested in
+    tests/test_checkpoints.py)."""
     import mrflight.evaluation
+    import mrflight.maps
 
-    assert mrflight.evaluation.find_checkpoints is mrflight.checkpoints.find_checkpoints
+    assert not hasattr(mrflight.evaluation, "find_checkpoints")
+    assert not hasattr(mrflight.maps, "find_checkpoints")
     found = find_checkpoints(tiny_run)
     assert found == [tiny_run / "0" / "checkpoints" / "epoch_000.ckpt"]
     assert find_checkpoints(found[0]) == found
@@ -175,11 +254,11 @@ def test_settings_validation():
 
 
 def test_table_states_threads_and_machine_load(tmp_path):
-    from mrflight.evaluation import _table_md
+    from mrflight.evaluation.tables import table_md
 
     info = {"threads": 1, "cores": 2, "latency_repeats": 3, "device": "cpu",
             "load_average_start": [3.5, 2.0, 1.0], "load_average_end": [1.2, 1.0, 1.0]}
-    text = _table_md([], info)
+    text = table_md([], info)
     assert "(1 threads); machine load (1-min load average) 3.50 at the start and 1.20 at the " \
            "end, on 2 cores (more runnable threads than cores" in text
     # measured default (benchmarks/eval_threads.py): one thread

@@ -277,23 +277,25 @@ def test_matcher_refuses_signed_real_signals(small):
 ])
 def test_eval_settings_fail_before_the_evaluation(tmp_path, monkeypatch, override, match):
     from mrflight import evaluation
-    from mrflight.pipeline import compose_config
+    from mrflight.evaluation import runner
+    from mrflight.pipeline import compose_config, evaluate
 
     def not_reached(*a, **k):
         raise AssertionError("the evaluation started before the settings were checked")
 
-    monkeypatch.setattr(evaluation, "_build_group_data", not_reached)
+    monkeypatch.setattr(runner, "build_group_data", not_reached)
     cfg = compose_config([override, "sequence.n_pulses=50"], output_dir=tmp_path,
                          config_name="eval")
     with pytest.raises(ValueError, match=match):
-        evaluation.run(cfg)
+        evaluate(cfg)
     evaluation.EvalSettings(phantom_size=16, phantoms=["brain"])  # the brain draws from 16
 
 
 def test_phantom_size_that_cannot_fit_is_refused(monkeypatch):
     from mrflight import evaluation
+    from mrflight.evaluation import settings
 
-    monkeypatch.setattr(evaluation, "_available_memory", lambda: 2 * 2**30)
+    monkeypatch.setattr(settings, "_available_memory", lambda: 2 * 2**30)
     with pytest.raises(ValueError, match=r"phantom_size=5000 needs about \d+\.\d GiB.*2\.0 GiB"):
         evaluation.EvalSettings(phantom_size=5000)
     evaluation.EvalSettings(phantom_size=256)
@@ -301,19 +303,20 @@ def test_phantom_size_that_cannot_fit_is_refused(monkeypatch):
 
 def test_phantom_signals_are_made_in_bounded_blocks(seq, monkeypatch):
     from mrflight import evaluation
+    from mrflight.evaluation import phantom_maps
+    from mrflight.evaluation.methods import Predictor
 
-    monkeypatch.setattr(evaluation, "_PHANTOM_BLOCK_BYTES", 200 * 40 * len(seq))
+    monkeypatch.setattr(phantom_maps, "_PHANTOM_BLOCK_BYTES", 200 * 40 * len(seq))
     sizes = []
 
     def spy(s):
         sizes.append(len(s))
         return np.column_stack([np.full(len(s), 900.0), np.arange(len(s), dtype=float)])
 
-    group = evaluation._Group(seq, "k", [])
+    group = evaluation.Group(seq, "k", [])
     settings = evaluation.EvalSettings(phantoms=["brain"], phantom_size=32, plots=False)
     arrays = {}
-    evaluation._phantoms(group, [evaluation._Predictor("matching", spy)], settings, None, {},
-                         arrays, "")
+    phantom_maps.phantom_maps(group, [Predictor("matching", spy)], settings, {}, arrays, "")
     n = int(arrays["phantoms/brain.npz"]["mask"].sum())
     assert max(sizes) == 200 and sum(sizes) == n > 200
     t2 = arrays["phantoms/brain.npz"]["matching_t2_ms"]

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from mrflight import maps, pipeline
+from mrflight import eval_entry, maps, pipeline
 from mrflight.dictionary import generate
 from mrflight.fileio import save_mat
 from mrflight.phantoms import brain_phantom, nist_phantom
 from mrflight.physics import oksuz2019, simulate
-from mrflight.series_io import open_series, series_stem
+from mrflight.series_io import SeriesSource, open_series, series_stem
 
 N_PULSES = 200
 # per real/imaginary component, relative to a unit-norm fingerprint (M0 = 1): a voxel SNR
@@ -306,7 +306,7 @@ def test_blocks_bound_memory_and_match_whole_read(tmp_path, seq, phantoms, match
     np.save(tmp_path / "s.npy", ser)
     whole = maps.reconstruct_series(tmp_path / "s.npy", matcher_complex)
     sizes = []
-    orig = maps.SeriesSource.read
+    orig = SeriesSource.read
 
     def spy(self, index):
         blk = orig(self, index)
@@ -314,7 +314,7 @@ def test_blocks_bound_memory_and_match_whole_read(tmp_path, seq, phantoms, match
         assert blk.dtype == np.complex64  # converted block by block, never float64 whole
         return blk
 
-    monkeypatch.setattr(maps.SeriesSource, "read", spy)
+    monkeypatch.setattr(SeriesSource, "read", spy)
     budget_mb = 4 * 3 * N_PULSES * 8 / 2**20  # four rows (of 3 voxels x T complex64) of a slice
     res = maps.reconstruct_series(tmp_path / "s.npy", matcher_complex, block_mb=budget_mb,
                                   chunk_voxels=17)
@@ -384,7 +384,7 @@ def _tiny_checkpoint(path, seq):
     return path
 
 
-def test_run_maps_with_checkpoint_and_dictionary(tmp_path, seq, phantoms, dictionary):
+def test_maps_from_config_with_checkpoint_and_dictionary(tmp_path, seq, phantoms, dictionary):
     from omegaconf import OmegaConf
 
     t1, t2, m0, mask = phantoms["brain"]
@@ -396,7 +396,7 @@ def test_run_maps_with_checkpoint_and_dictionary(tmp_path, seq, phantoms, dictio
                             "paths": {"output_dir": str(tmp_path / "net")},
                             "maps": {"_target_": "mrflight.maps.MapOptions", "previews": False,
                                      "progress": False}})
-    files = maps.run_maps(cfg)
+    files = eval_entry.maps_from_config(cfg)
     t1_net = np.load(files["T1map.npy"])
     assert np.all(np.isnan(t1_net[~mask])) and np.all(np.isfinite(t1_net[mask]))
     assert np.all(t1_net[mask] >= 0)
@@ -419,17 +419,17 @@ def test_run_maps_with_checkpoint_and_dictionary(tmp_path, seq, phantoms, dictio
     dictionary.save(tmp_path / "dict.h5")
     cfg.ckpt_path, cfg.dictionary = None, str(tmp_path / "dict.h5")
     cfg.paths.output_dir = str(tmp_path / "match")
-    files = maps.run_maps(cfg)
+    files = eval_entry.maps_from_config(cfg)
     _check_maps(np.load(files["T1map.npy"]), np.load(files["T2map.npy"]),
                 np.load(files["M0map.npy"]), t1, t2, m0, mask)
     assert json.loads(files["T1map.json"].read_text())["ComplexMatching"] is True
     cfg.ckpt_path = str(ckpt)
     with pytest.raises(ValueError, match="exactly one of"):
-        maps.run_maps(cfg)
+        eval_entry.maps_from_config(cfg)
 
 
 def test_eval_entry_point_makes_maps(tmp_path, seq, phantoms, dictionary):
-    """``python eval.py input=... dictionary=...`` composes to run_maps (no subprocess)."""
+    """``python eval.py input=... dictionary=...`` composes to maps_from_config (no subprocess)."""
     t1, t2, m0, mask = phantoms["brain"]
     np.save(tmp_path / "brain.npy", _series(t1, t2, m0, mask, seq))
     dictionary.save(tmp_path / "dict.h5")
@@ -458,7 +458,7 @@ def test_signed_real_series_is_refused(tmp_path, seq, phantoms, dictionary, matc
                             "paths": {"output_dir": str(tmp_path / "out")},
                             "maps": {"previews": False, "progress": False}})
     with pytest.raises(ValueError, match="negative values.*not a magnitude.*np.abs"):
-        maps.run_maps(cfg)
+        eval_entry.maps_from_config(cfg)
     assert not (tmp_path / "out").exists()
     # with a mask file (no first pass over the norms) too
     with pytest.raises(ValueError, match="negative values"):
@@ -466,9 +466,9 @@ def test_signed_real_series_is_refused(tmp_path, seq, phantoms, dictionary, matc
     # complex matching of a magnitude series is refused; the magnitude itself is accepted
     cfg.input, cfg.maps.complex_matching = str(tmp_path / "mag.npy"), True
     with pytest.raises(ValueError, match="complex_matching=true needs a complex series"):
-        maps.run_maps(cfg)
+        eval_entry.maps_from_config(cfg)
     cfg.maps.complex_matching = None
-    assert maps.run_maps(cfg)["T1map.npy"].is_file()
+    assert eval_entry.maps_from_config(cfg)["T1map.npy"].is_file()
 
 
 def test_network_overflow_gives_nan_not_float_max(seq):

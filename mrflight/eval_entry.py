@@ -1,0 +1,215 @@
+"""From ``eval.py``'s Hydra config to typed calls: the only place that reads it.
+
+:func:`mrflight.pipeline.evaluate` dispatches ``python eval.py`` to one of:
+
+* :func:`maps_from_config` (``input=SERIES``): :class:`~mrflight.maps.MapOptions` from the
+  ``maps`` node, the reconstructor (``ckpt_path=`` a trained network, or ``dictionary=`` a file
+  or ``paper``) and :func:`mrflight.maps.make_maps`;
+* :func:`export_from_config` (``export=onnx|torchscript``):
+  :func:`mrflight.export.export_checkpoints`;
+* :func:`evaluation_from_config` (otherwise): :class:`~mrflight.evaluation.EvalSettings` from
+  the ``evaluation`` node, the runs under ``ckpt_path`` and :func:`mrflight.evaluation.evaluate`.
+
+Checkpoints are found and chosen by :mod:`mrflight.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from mrflight.config import instantiate, to_plain
+
+__all__ = ["maps_from_config", "map_options", "map_reconstructor", "export_from_config",
+           "evaluation_from_config", "eval_settings"]
+
+log = logging.getLogger("mrflight")
+
+
+def _cfg_get(cfg, key, default=None):
+    try:
+        val = cfg.get(key, default)
+    except Exception:
+        val = getattr(cfg, key, default)
+    return default if val is None else val
+
+
+def _typed(node, cls):
+    """``cls`` built from a config node (its ``_target_``, else ``cls(**node)``; defaults for
+    ``None``), checked: a bad value raises its own ``ValueError``, naming the setting, before
+    any work."""
+    from hydra.errors import InstantiationException
+
+    if node is None:
+        return cls()
+    if "_target_" not in node:
+        return cls(**to_plain(node))
+    try:
+        return instantiate(node, _convert_="all", _recursive_=False)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError):
+            raise e.__cause__ from None
+        raise
+
+
+# ============================================================================ maps
+def map_options(cfg):
+    """The :class:`~mrflight.maps.MapOptions` of the config's ``maps`` node (defaults without)."""
+    from mrflight.maps import MapOptions
+
+    return _typed(_cfg_get(cfg, "maps"), MapOptions)
+
+
+def _cfg_sequence(cfg):
+    """``cfg.sequence`` built, or ``None`` (only built when needed: it may be incomplete)."""
+    node = _cfg_get(cfg, "sequence")
+    return None if node is None else instantiate(node, _convert_="all")
+
+
+def map_reconstructor(cfg, options):
+    """The reconstructor ``ckpt_path=`` or ``dictionary=`` names (exactly one of them)."""
+    ckpt, dic = _cfg_get(cfg, "ckpt_path"), _cfg_get(cfg, "dictionary")
+    if bool(ckpt) == bool(dic):
+        raise ValueError("give exactly one of ckpt_path=CKPT (a trained network) or "
+                         "dictionary=PATH (dictionary matching) with input=...")
+    if ckpt:
+        return _network_reconstructor(cfg, ckpt, options)
+    return _matching_reconstructor(cfg, dic, options)
+
+
+def _network_reconstructor(cfg, ckpt, options):
+    import mrflight
+    from mrflight.checkpoints import checkpoint_sequence, single_checkpoint
+    from mrflight.maps import NetworkReconstructor
+
+    ckpt = single_checkpoint(ckpt)  # a training run dir: its best checkpoint
+    module = mrflight.load_checkpoint(ckpt, map_location=options.device or "cpu")
+    seq = checkpoint_sequence(module) or _cfg_sequence(cfg)
+    return NetworkReconstructor(module, seq, compute_m0=options.compute_m0, source=ckpt)
+
+
+def _matching_reconstructor(cfg, dic, options):
+    from mrflight import dictionary as dmod
+    from mrflight.maps import MatchingReconstructor
+    from mrflight.series_io import open_series
+
+    if str(dic) == "paper":
+        seq = _cfg_sequence(cfg)
+        if seq is None:
+            raise ValueError("dictionary=paper needs a sequence config to simulate with")
+        d = dmod.generate(seq, dmod.paper_grid(), cache_dir=True, progress=options.progress)
+    else:
+        d = dmod.load(str(dic))
+    inp = _cfg_get(cfg, "input")
+    with open_series(inp, dataset=options.dataset, length=d.n_timepoints) as src:
+        is_complex = src.is_complex
+    cm = is_complex if options.complex_matching is None else bool(options.complex_matching)
+    if cm and not is_complex:
+        raise ValueError(f"maps.complex_matching=true needs a complex series, but {inp} is "
+                         "real-valued (read as a magnitude): pass the complex series, or "
+                         "drop maps.complex_matching")
+    rec = MatchingReconstructor.from_dictionary(d, complex_matching=cm and is_complex,
+                                                rank=options.rank,
+                                                device=options.device or "cpu", source=dic)
+    if rec.sequence is None:  # only for the sidecar: the dictionary fixes the length
+        try:
+            seq = _cfg_sequence(cfg)
+        except Exception:  # an incomplete sequence config must not stop matching
+            seq = None
+        rec.sequence = seq if seq is not None and len(seq) == rec.length else None
+    return rec
+
+
+def _output_dir(cfg) -> Path:
+    paths = _cfg_get(cfg, "paths")
+    if paths is not None and _cfg_get(paths, "output_dir"):
+        return Path(str(_cfg_get(paths, "output_dir")))
+    if _cfg_get(cfg, "output_dir"):
+        return Path(str(_cfg_get(cfg, "output_dir")))
+    return Path.cwd()
+
+
+def maps_from_config(cfg) -> dict[str, Path]:
+    """Body of ``python eval.py input=PATH ckpt_path=CKPT`` (or ``dictionary=PATH``).
+
+    Reads from ``cfg``: ``input`` (the series), ``ckpt_path`` (a checkpoint or one run
+    directory) or ``dictionary`` (a dictionary file, or ``paper`` for the paper's grid simulated
+    with ``cfg.sequence`` and cached), ``mask`` (optional file), ``maps`` (a
+    :class:`~mrflight.maps.MapOptions` node, optional), ``sequence`` (used only when the
+    checkpoint/dictionary carries none), and the output folder ``paths.output_dir`` (else
+    ``output_dir``, else the current directory).
+
+    Returns:
+        ``{name: path}`` of the files written.
+    """
+    from mrflight.maps import make_maps
+
+    inp = _cfg_get(cfg, "input")
+    if not inp:
+        raise ValueError("input=PATH is required: the image series to reconstruct")
+    options = map_options(cfg)
+    rec = map_reconstructor(cfg, options)
+    out_dir = _output_dir(cfg)
+    files = make_maps(inp, rec, out_dir, options=options, mask=_cfg_get(cfg, "mask"))
+    print(f"maps written to {out_dir}:")
+    for name in sorted(files):
+        print(f"  {files[name]}")
+    return files
+
+
+# ============================================================================ export
+def export_from_config(cfg) -> list[Path]:
+    """Body of ``python eval.py export=FORMAT ckpt_path=PATH``."""
+    from mrflight.export import export_checkpoints
+
+    files = export_checkpoints(cfg.get("ckpt_path"), str(cfg.export),
+                               Path(str(cfg.paths.output_dir)))
+    for f in files:
+        log.info("exported %s", f)
+    return files
+
+
+# ============================================================================ evaluation
+def eval_settings(node):
+    """The :class:`~mrflight.evaluation.EvalSettings` of the ``evaluation`` node, checked."""
+    from mrflight.evaluation import EvalSettings
+
+    return _typed(node, EvalSettings)
+
+
+def evaluation_from_config(cfg) -> list[dict]:
+    """Body of ``python eval.py [ckpt_path=PATH]``: the metric rows written to ``metrics.json``
+    (see :mod:`mrflight.evaluation`)."""
+    import torch
+
+    from mrflight import evaluation
+    from mrflight.checkpoints import find_checkpoints
+    from mrflight.loggers import build_eval_loggers, eval_runs
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    settings = eval_settings(cfg.get("evaluation"))
+    out_dir = Path(str(cfg.paths.output_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = cfg.paths.get("cache_dir") if cfg.get("paths") else None
+
+    def cfg_sequence():
+        return instantiate(cfg.sequence)
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        root = Path(str(ckpt_path)).expanduser()
+        groups = evaluation.checkpoint_groups(find_checkpoints(root), root, settings,
+                                              cfg_sequence, cache_dir)
+    else:
+        groups = []
+    if not groups:
+        groups = [evaluation.matching_group(cfg_sequence(), settings)]
+
+    def loggers(groups, settings_dict):
+        return build_eval_loggers(cfg, eval_runs(groups), settings_dict)
+
+    return evaluation.evaluate(groups, settings, out_dir, cache_dir, loggers)

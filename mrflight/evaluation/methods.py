@@ -1,0 +1,107 @@
+"""The evaluated methods as predictors ``(N, T) complex -> (N, 2) ms``: each network of a group,
+exhaustive and SVD dictionary matching; their errors against the truth."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from mrflight.evaluation.settings import EvalSettings
+from mrflight.evaluation.testdata import Group
+
+__all__ = ["Predictor", "predictors", "estimators", "noisy", "errors", "method_key"]
+
+
+def method_key(method: str, run: str = "") -> str:
+    """A method's name in figures, phantom maps and reports: ``method`` or ``method [run]``."""
+    return method if not run else f"{method} [{run}]"
+
+
+def noisy(clean: torch.Tensor, std: float, seed: int) -> torch.Tensor:
+    """``clean`` plus complex Gaussian noise of ``std``, seeded."""
+    from mrflight.physics import add_noise
+
+    return add_noise(clean, std, generator=torch.Generator().manual_seed(seed))
+
+
+def errors(pred: np.ndarray, true: np.ndarray) -> dict:
+    """MAE and RMSE of T1 and T2 (ms) over the finite predictions."""
+    from torchmetrics.functional import mean_absolute_error, mean_squared_error
+
+    out = {}
+    p, t = torch.as_tensor(pred, dtype=torch.float64), torch.as_tensor(true, dtype=torch.float64)
+    for i, name in enumerate(("t1", "t2")):
+        ok = torch.isfinite(p[:, i])
+        out[f"{name}_mae_ms"] = float(mean_absolute_error(p[ok, i], t[ok, i]))
+        out[f"{name}_rmse_ms"] = float(mean_squared_error(p[ok, i], t[ok, i], squared=False))
+    return out
+
+
+class Predictor:
+    """One method: a callable ``(N, T) complex -> (N, 2) ms numpy`` plus timing."""
+
+    def __init__(self, method: str, fn, run: str = "", checkpoint: str | None = None):
+        self.method, self.fn, self.run, self.checkpoint = method, fn, run, checkpoint
+        self.latency = (float("nan"), float("nan"))
+
+    @property
+    def key(self) -> str:
+        return method_key(self.method, self.run)
+
+    def __call__(self, signals: torch.Tensor) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        out = self.fn(signals)
+        dt = time.perf_counter() - t0
+        return np.asarray(out, dtype=np.float64)[:, :2], dt
+
+    def measure_latency(self, signals: torch.Tensor, repeats: int) -> None:
+        self.fn(signals[:8])  # warm-up
+        times = []
+        for r in range(repeats):
+            s = signals[r % len(signals)][None]
+            t0 = time.perf_counter()
+            self.fn(s)
+            times.append(1e3 * (time.perf_counter() - t0))
+        self.latency = (float(np.mean(times)), float(np.std(times, ddof=1)))
+
+
+def predictors(group: Group, settings: EvalSettings) -> list[Predictor]:
+    """The group's networks, exhaustive matching and (with ``svd_rank``) SVD matching on the
+    group's training dictionary."""
+    from mrflight.matching import DictionaryMatcher
+
+    dev = torch.device(settings.device)
+    preds = []
+    for r in group.runs:
+        module = r.module
+
+        def net_fn(s, module=module):
+            return module.predict_parameters(s, batch_size=settings.batch_size).cpu().numpy()
+
+        preds.append(Predictor(r.method, net_fn, r.label, str(r.ckpt)))
+    kw = dict(complex_matching=settings.complex_matching, device=dev)
+    exh = DictionaryMatcher(group.dictionary_atoms, group.dictionary_params, **kw)
+    preds.append(Predictor("matching", lambda s: exh.match(s.to(dev)).cpu().numpy()))
+    if settings.svd_rank is not None:
+        rank = min(int(settings.svd_rank), exh.length)
+        svd = DictionaryMatcher(group.dictionary_atoms, group.dictionary_params, rank=rank, **kw)
+        preds.append(Predictor("matching_svd", lambda s: svd.match(s.to(dev)).cpu().numpy()))
+    return preds
+
+
+def estimators(group: Group, settings: EvalSettings) -> tuple[dict, dict]:
+    """Networks of a group as estimators ``(N, T) -> (N, P)``, and their training noise."""
+    est, noise = {}, {}
+    for r in group.runs:
+        name = method_key(r.method, r.label)
+
+        def fn(s, module=r.module):
+            return module.predict_parameters(s, batch_size=settings.batch_size).numpy()
+
+        est[name] = fn
+        ns = r.module.hparams.get("noise_std")
+        lo, hi = (ns, ns) if not isinstance(ns, (list, tuple)) else ns
+        noise[name] = (float(lo or 0.01), float(hi or 0.01))
+    return est, noise

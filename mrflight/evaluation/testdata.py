@@ -1,0 +1,110 @@
+"""Test data of a group of runs: the training dictionary (grid minus the test split) and the
+``paper`` (held-out grid atoms) and ``offgrid`` (continuous random) test sets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mrflight.config import instantiate
+from mrflight.evaluation.settings import EvalSettings
+from mrflight.transforms import split_indices
+
+__all__ = ["Group", "data_key", "build_group_data"]
+
+
+@dataclass
+class Group:
+    """Runs sharing one sequence, dictionary and split, and their test data.
+
+    Attributes:
+        seq: the sequence of the runs.
+        key: what the runs share (:func:`data_key`).
+        runs: the :class:`~mrflight.evaluation.runs.Run` of each checkpoint (none: matching and
+            the bound only).
+        data_cfg: the runs' saved ``data`` config (their split), or ``None`` (the eval grid).
+        dictionary_atoms, dictionary_params: the training dictionary (grid minus test split).
+        test: ``{set: (params (N, 2) float64, clean complex (N, T))}``.
+        description: what the test data is (``metrics.json``'s ``info.groups``).
+    """
+
+    seq: object
+    key: str
+    runs: list
+    data_cfg: dict | None = None
+    dictionary_atoms: torch.Tensor = None
+    dictionary_params: torch.Tensor = None
+    test: dict = field(default_factory=dict)
+    description: dict = field(default_factory=dict)
+
+
+def data_key(seq, data_cfg: dict | None, split_seed: int) -> str:
+    """What groups runs: their sequence, data config and split."""
+    return json.dumps({"seq": seq.fingerprint(), "data": data_cfg, "split": split_seed},
+                      sort_keys=True, default=str)
+
+
+def _run_split(seq, data_cfg: dict):
+    """The run's own split, reproduced by its data module: ``(atoms, params, keep, test_idx,
+    source)``."""
+    dm = instantiate(data_cfg, sequence=seq, progress=False)
+    atoms, params, keep, splits = dm.load_splits()  # one load, no training datasets
+    source = (f"run data config ({data_cfg.get('_target_', '?')}, split_seed "
+              f"{data_cfg.get('split_seed')}, n_test {data_cfg.get('n_test')})")
+    return atoms, params.numpy(), keep.numpy(), splits["test"].numpy(), source
+
+
+def _grid_split(seq, settings: EvalSettings, cache_dir):
+    """The eval grid (``settings.grid``, else the paper's) and a seeded test split of
+    ``n_test`` atoms: ``(atoms, params, keep, test_idx, source)``."""
+    from mrflight.dictionary import generate, paper_grid
+
+    grid = paper_grid() if settings.grid is None else instantiate(settings.grid)
+    d = generate(seq, grid, cache_dir=cache_dir, progress=False)
+    atoms = torch.from_numpy(np.ascontiguousarray(d.atoms)).to(torch.complex64)
+    params = np.asarray(d.params[:, :2], dtype=np.float64)
+    del d
+    keep = (torch.linalg.vector_norm(atoms, dim=1) > 0).numpy()
+    ok = np.nonzero(keep)[0]
+    test_idx = split_indices(ok, settings.split_seed, settings.n_test)["test"]
+    gname = "paper grid" if settings.grid is None else settings.grid["_target_"]
+    source = f"{gname}, split_seed {settings.split_seed}, {len(test_idx)} held out"
+    return atoms, params, keep, test_idx, source
+
+
+def build_group_data(group: Group, data_cfg: dict | None, settings: EvalSettings,
+                     cache_dir) -> None:
+    """Fill the training dictionary and the test sets of a group: the split of ``data_cfg``
+    (a run's saved data config) or, without one, of the eval grid."""
+    from mrflight.dictionary import random_params
+    from mrflight.physics import simulate
+
+    seq = group.seq
+    if data_cfg is not None and "SimulatedDataModule" in str(data_cfg.get("_target_", "")):
+        data_cfg = None  # trained on fresh simulated data: no stored grid to hold out from
+    atoms, params, keep, test_idx, source = (
+        _grid_split(seq, settings, cache_dir) if data_cfg is None else _run_split(seq, data_cfg))
+    train_mask = keep.copy()
+    train_mask[test_idx] = False
+    group.dictionary_atoms = atoms[torch.from_numpy(train_mask)]
+    group.dictionary_params = torch.from_numpy(params[train_mask])
+    rng = np.random.default_rng(settings.split_seed + 101)
+    pick = np.sort(rng.choice(test_idx, size=min(settings.n_test, len(test_idx)),
+                              replace=False))
+    lo1, hi1 = params[keep, 0].min(), params[keep, 0].max()
+    lo2, hi2 = params[keep, 1].min(), params[keep, 1].max()
+    if "paper" in settings.test_sets:
+        group.test["paper"] = (params[pick], atoms[torch.from_numpy(pick)])
+    if "offgrid" in settings.test_sets:
+        p_off = random_params(settings.n_test, t1_range=(max(lo1, 1e-3), hi1),
+                              t2_range=(max(lo2, 1e-3), hi2), seed=settings.offgrid_seed)
+        clean = simulate(seq, torch.from_numpy(p_off[:, 0]), torch.from_numpy(p_off[:, 1]))
+        group.test["offgrid"] = (p_off, clean.to(torch.complex64))
+    group.description = {
+        "sequence": seq.name, "n_timepoints": len(seq), "data": source,
+        "dictionary_atoms": int(train_mask.sum()), "held_out_atoms": int(len(test_idx)),
+        "t1_range_ms": [float(lo1), float(hi1)], "t2_range_ms": [float(lo2), float(hi2)],
+    }

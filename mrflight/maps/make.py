@@ -1,0 +1,53 @@
+"""Maps of one series file, read, reconstructed and written: :func:`make_maps`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mrflight.maps.options import MapOptions
+from mrflight.maps.reconstruct import reconstruct_series
+from mrflight.maps.writers import write_maps
+from mrflight.physics import Sequence
+from mrflight.series_io import open_series, series_stem
+
+__all__ = ["make_maps"]
+
+
+def _sequence_meta(seq: Sequence | None, length: int) -> dict:
+    if seq is None:
+        return {"SequenceName": None, "SequenceLength": int(length)}
+    return {"SequenceName": seq.name, "SequenceLength": len(seq),
+            "SequenceFingerprint": seq.fingerprint(),
+            "RepetitionTime_ms": [float(seq.tr_ms.min()), float(seq.tr_ms.max())],
+            "EchoTime_ms": float(seq.te_ms),
+            "FlipAngle_deg": [float(seq.flip_angle_deg.min()), float(seq.flip_angle_deg.max())]}
+
+
+def make_maps(input_path, reconstructor, out_dir, *, options: MapOptions | None = None,
+              mask=None, stem: str | None = None) -> dict[str, Path]:
+    """Read a series file, reconstruct it and write every output (the plain-Python entry point).
+
+    Args:
+        input_path: the image series file.
+        reconstructor: :class:`MatchingReconstructor` or :class:`NetworkReconstructor`.
+        out_dir: output folder.
+        options: :class:`MapOptions` (default options when ``None``).
+        mask: a mask file/array, or ``None`` for the automatic mask.
+        stem: output name stem (default: the input's name without suffix).
+
+    Returns:
+        ``{name: path}`` of the files written.
+    """
+    opt = options or MapOptions()
+    with open_series(input_path, dataset=opt.dataset, length=reconstructor.length) as src:
+        result = reconstruct_series(src, reconstructor, time_axis=opt.time_axis, mask=mask,
+                                    mask_method=opt.mask_method, mask_fraction=opt.mask_fraction,
+                                    chunk_voxels=opt.chunk_voxels, block_mb=opt.block_mb,
+                                    progress=opt.progress)
+        meta = dict(reconstructor.describe())
+        meta.update(_sequence_meta(getattr(reconstructor, "sequence", None),
+                                   reconstructor.length))
+        meta["InputShape"] = list(src.shape)
+        meta["InputComplex"] = bool(src.is_complex)
+        return write_maps(result, out_dir, stem or series_stem(input_path), source=src,
+                          metadata=meta, previews=opt.previews)

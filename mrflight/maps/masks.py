@@ -1,0 +1,163 @@
+"""The time axis and the mask of a series: :func:`detect_time_axis`, :func:`auto_mask` (temporal
+SNR, Otsu, fraction of the 99th-percentile norm), :func:`otsu_threshold` and mask files
+(:func:`load_mask`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mrflight.maps.options import MASK_METHODS
+from mrflight.series_io import open_series
+
+__all__ = ["detect_time_axis", "otsu_threshold", "auto_mask", "load_mask"]
+
+
+def detect_time_axis(shape: tuple[int, ...], length: int, time_axis: int | None = None) -> int:
+    """The time axis of a series of ``shape`` for a sequence of ``length`` time points.
+
+    Args:
+        shape: the series shape (2 to 4 axes: 1-3 spatial plus time).
+        length: the sequence length ``T``.
+        time_axis: a given axis (negative allowed) that is checked instead of detected.
+
+    Returns:
+        The non-negative index of the time axis.
+
+    Raises:
+        ValueError: wrong number of axes, a given axis of the wrong length, no axis of length
+            ``T``, or several (ambiguous; the message says how to set ``time_axis``).
+    """
+    shape = tuple(int(s) for s in shape)
+    if not 2 <= len(shape) <= 4:
+        raise ValueError(f"the series has shape {shape}; expected 2-D or 3-D space plus one time "
+                         f"axis (3 or 4 axes; 2 for a list of voxels)")
+    if time_axis is not None:
+        ax = int(time_axis)
+        if not -len(shape) <= ax < len(shape):
+            raise ValueError(f"time_axis={time_axis} is out of range for shape {shape}")
+        ax %= len(shape)
+        if shape[ax] != length:
+            raise ValueError(f"time_axis={time_axis} has {shape[ax]} points but the sequence has "
+                             f"{length}; the series (shape {shape}) does not match the sequence "
+                             f"-- use the sequence the series was acquired with")
+        return ax
+    hits = [i for i, s in enumerate(shape) if s == length]
+    if not hits:
+        raise ValueError(f"no axis of the series (shape {shape}) has the sequence length "
+                         f"{length}: the series does not match the sequence -- use the sequence "
+                         f"(or checkpoint/dictionary) the series was acquired with")
+    if len(hits) > 1:
+        raise ValueError(f"several axes {hits} of the series (shape {shape}) have the sequence "
+                         f"length {length}; set the time axis explicitly (maps.time_axis=N)")
+    return hits[0]
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of finite values (maximum between-class variance).
+
+    The histogram (``bins`` bins) spans ``[min, p99.9]`` so that a few very large values do not
+    squeeze the rest into one bin; when the criterion is flat across an empty gap between the two
+    classes, the middle of the gap is returned.
+
+    References:
+        Otsu N, A threshold selection method from gray-level histograms, IEEE TSMC 1979;9:62.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise ValueError("no finite value to threshold: nothing to mask")
+    lo, hi = float(v.min()), float(np.percentile(v, 99.9))
+    if not hi > lo:
+        hi = float(v.max())
+        if not hi > lo:
+            return lo
+    hist, edges = np.histogram(np.clip(v, lo, hi), bins=bins, range=(lo, hi))
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m = np.cumsum(hist * centers)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu0 = m / w0
+        mu1 = (m[-1] - m) / w1
+        between = w0 * w1 * (mu0 - mu1) ** 2
+    between = np.nan_to_num(between[:-1], nan=-1.0)
+    # across an empty gap between the classes the criterion is flat: take the gap's middle
+    best = np.flatnonzero(between >= between.max())
+    k = (int(best[0]) + int(best[-1])) // 2
+    return float(edges[k + 1])
+
+
+def auto_mask(norm: np.ndarray, method: str = "snr", fraction: float = 0.1,
+              diff_norm: np.ndarray | None = None, length: int | None = None,
+              magnitude: bool = False) -> tuple[np.ndarray, dict]:
+    """Mask from the fingerprint norms (see the module docstring).
+
+    Args:
+        norm: map of L2 norms ``||s||`` of the fingerprints (NaN/0 for unusable voxels).
+        method: ``"snr"``, ``"otsu"``, ``"fraction"`` or ``"none"``.
+        fraction: for ``"fraction"``: keep ``norm > fraction * percentile(norm, 99)``.
+        diff_norm: for ``"snr"``: map of ``||s[1:] - s[:-1]||`` (the temporal differences).
+        length: for ``"snr"``: the number of time points ``T``.
+        magnitude: for ``"snr"``: the series is a magnitude (non-negative) series, whose
+            background noise is Rician: its mean ``sigma sqrt(pi / 2)`` is smooth in time, so
+            ``r`` of pure noise is ``2 / (2 - pi / 2) = 4.66`` instead of 1 and the threshold is
+            scaled by that factor.
+
+    Returns:
+        ``(mask, info)`` with ``info`` the method and threshold (written into the sidecars).
+    """
+    valid = np.isfinite(norm) & (norm > 0)
+    if method == "none":
+        return valid, {"Method": "none (all non-zero finite fingerprints)"}
+    if not valid.any():
+        raise ValueError("every fingerprint of the series is zero or non-finite")
+    if method == "snr":
+        if diff_norm is None or length is None:
+            raise ValueError("mask_method='snr' needs diff_norm and length")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = 2.0 * norm.astype(np.float64) ** 2 / diff_norm.astype(np.float64) ** 2
+        thr = 1.0 + 5.0 * np.sqrt(3.0 / max(int(length), 2))
+        if magnitude:
+            thr *= 2.0 / (2.0 - np.pi / 2.0)
+        ratio = np.where(np.isfinite(ratio), ratio, np.inf)  # diff 0: a noise-free fingerprint
+        return valid & (ratio > thr), {
+            "Method": "temporal SNR: 2 ||s||^2 / ||diff(s)||^2 > 1 + 5 sqrt(3 / T) (about 1 for "
+                      "white noise, 1 + SNR^2 for a smooth fingerprint)",
+            "Threshold": float(thr)}
+    if method == "otsu":
+        thr = float(np.exp(otsu_threshold(np.log(norm[valid]))))
+        desc = "Otsu threshold on the logarithm of the fingerprint L2 norm"
+    elif method == "fraction":
+        p99 = float(np.percentile(norm[valid], 99))
+        thr = fraction * p99
+        desc = f"fingerprint L2 norm > {fraction} x its 99th percentile ({p99:.6g})"
+    else:
+        raise ValueError(f"mask_method must be one of {MASK_METHODS}, got {method!r}")
+    return valid & (norm > thr), {"Method": desc, "Threshold": thr}
+
+
+def load_mask(mask, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    if isinstance(mask, (str, os.PathLike)):
+        p = Path(mask)
+        if p.name.lower().endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            arr = np.asarray(nib.load(str(p)).dataobj)
+        else:
+            with open_series(p) as src:
+                arr = src.read(tuple(slice(None) for _ in src.shape))
+    else:
+        arr = np.asarray(mask)
+    arr = np.asarray(arr)
+    if arr.shape != spatial_shape:
+        squeezed = arr.reshape([s for s in arr.shape if s != 1])
+        want = [s for s in spatial_shape if s != 1]
+        if list(squeezed.shape) != want:
+            raise ValueError(f"mask has shape {arr.shape} but the series' spatial shape is "
+                             f"{spatial_shape}; give a mask of the image grid")
+        arr = squeezed.reshape(spatial_shape)
+    arr = np.nan_to_num(arr.real if np.iscomplexobj(arr) else arr.astype(np.float64))
+    return arr != 0

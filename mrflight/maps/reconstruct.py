@@ -1,0 +1,204 @@
+"""Maps of a whole series, voxel chunk by voxel chunk: :func:`reconstruct_series`.
+
+A first pass over the blocks (:mod:`mrflight.maps.blocks`) computes the fingerprint norms for the
+automatic mask (skipped with a mask file); a second pass reconstructs the masked voxels of every
+block in chunks of ``chunk_voxels`` fingerprints. A series within one block is read once.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from mrflight.maps.blocks import BlockPlan, block_signals, check_real_block, plan_series
+from mrflight.maps.masks import auto_mask, load_mask
+from mrflight.maps.options import MapResult
+from mrflight.series_io import SeriesSource, open_series
+
+__all__ = ["reconstruct_series"]
+
+
+def reconstruct_series(series, reconstructor, *, time_axis: int | None = None, mask=None,
+                       mask_method: str = "snr", mask_fraction: float = 0.1,
+                       chunk_voxels: int = 8192, block_mb: float = 256.0,
+                       dataset: str | None = None, progress: bool = False) -> MapResult:
+    """Reconstruct T1, T2 and M0 maps of an image series, voxel chunk by voxel chunk.
+
+    Args:
+        series: a file path (see :func:`mrflight.series_io.open_series`), a
+            :class:`~mrflight.series_io.SeriesSource`, or an array of shape ``space + (T,)`` in
+            any axis order (2-D or 3-D space, complex or magnitude).
+        reconstructor: a :class:`MatchingReconstructor`, a :class:`NetworkReconstructor`, or
+            any callable ``(N, T) -> ((N, 2) ms, (N,) M0)`` with a ``length`` attribute (``T``).
+        time_axis: the time axis (``None``: detected from ``reconstructor.length``).
+        mask: a mask file or boolean array of the spatial shape (non-zero = reconstruct), or
+            ``None`` for the automatic mask ``mask_method``.
+        mask_method, mask_fraction: the automatic mask (:func:`auto_mask`).
+        chunk_voxels: fingerprints per reconstructor call.
+        block_mb: bound on one block read from the file, MB (complex64/float32).
+        dataset: variable holding the series in multi-variable files.
+        progress: show a rich progress bar advancing per slice.
+
+    Returns:
+        :class:`MapResult` with the maps in the input's spatial shape (time axis removed).
+
+    Raises:
+        ValueError: a series that does not match the sequence length, a bad mask, etc.
+    """
+    length = int(reconstructor.length)
+    own = False
+    if isinstance(series, SeriesSource):
+        src = series
+    elif isinstance(series, (str, os.PathLike)):
+        src, own = open_series(series, dataset=dataset, length=length), True
+    else:
+        src = SeriesSource(np.asarray(series))
+    try:
+        return _reconstruct(src, reconstructor, length, time_axis, mask, mask_method,
+                            mask_fraction, int(chunk_voxels), float(block_mb), progress)
+    finally:
+        if own:
+            src.close()
+
+
+def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, chunk_voxels,
+                 block_mb, progress) -> MapResult:
+    plan = plan_series(src, length, time_axis, block_mb)
+    if src.is_nifti and plan.time_axis != len(src.shape) - 1:
+        warnings.warn(f"the NIfTI series has its time axis at {plan.time_axis}, not last: the "
+                      "affine of the maps may not describe their axes", RuntimeWarning,
+                      stacklevel=3)
+    cache: dict[int, np.ndarray] | None = {} if plan.fits_one_block else None
+    bar = _progress(progress)
+    if bar is not None:
+        bar.start()
+    try:
+        if mask is None:
+            norm, dnorm = _norm_pass(src, plan, cache, bar)
+            mask_arr, info = auto_mask(norm, mask_method, mask_fraction, diff_norm=dnorm,
+                                       length=length,
+                                       magnitude=not src.is_complex)  # Rician background
+        else:
+            norm = None
+            mask_arr = load_mask(mask, plan.spatial_shape)
+            info = {"Method": "file" if isinstance(mask, (str, os.PathLike)) else "array",
+                    "Source": str(mask) if isinstance(mask, (str, os.PathLike)) else None}
+        maps = _Maps(plan.spatial_shape, norm)
+        n_bad = _reconstruct_pass(src, rec, plan, mask_arr, maps, cache, chunk_voxels, bar)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if n_bad:
+        warnings.warn(f"{n_bad} masked voxel(s) had all-zero or non-finite fingerprints; their "
+                      "maps are NaN", RuntimeWarning, stacklevel=3)
+    return maps.result(mask_arr, plan.time_axis, info)
+
+
+def _progress(enabled: bool):
+    from mrflight.progress import progress_bar
+
+    return progress_bar() if enabled else None
+
+
+def _norm_pass(src: SeriesSource, plan: BlockPlan, cache: dict | None, bar):
+    """Maps of the fingerprint norms ``||s||`` and of their temporal differences ``||Δs||``
+    (every block read once; kept in ``cache`` when it is not ``None``)."""
+    norm = np.full(plan.spatial_shape, np.nan, np.float32)
+    dnorm = np.full(plan.spatial_shape, np.nan, np.float32)
+    task = bar.add_task("fingerprint norms", total=plan.n_slices) if bar else None
+    last = -1
+    for i, (k, idx, sp) in enumerate(plan.blocks):
+        sig = block_signals(src, idx, plan.time_axis)
+        if cache is not None:
+            cache[i] = sig
+        with np.errstate(invalid="ignore", over="ignore"):
+            nb = np.linalg.norm(sig, axis=1).astype(np.float32)
+            db = np.linalg.norm(np.diff(sig, axis=1), axis=1).astype(np.float32)
+        norm[sp] = nb.reshape(norm[sp].shape)
+        dnorm[sp] = db.reshape(norm[sp].shape)
+        check_real_block(src, sig)
+        if bar is not None and k != last:
+            bar.update(task, completed=k + 1)
+            last = k
+    return norm, dnorm
+
+
+class _Maps:
+    """The maps being filled block by block (float32, NaN where not reconstructed)."""
+
+    def __init__(self, shape: tuple, norm: np.ndarray | None) -> None:
+        self.t1, self.t2, self.m0 = (np.full(shape, np.nan, np.float32) for _ in range(3))
+        self.b1 = None  # created when the method returns a B1 column
+        self.own_norm = norm is None  # a mask file: the norms of the reconstructed voxels
+        self.norm = np.full(shape, np.nan, np.float32) if norm is None else norm
+
+    def put(self, sp, size: int, sel: np.ndarray, nrm: np.ndarray, est: list) -> None:
+        """Write one block: ``est`` = block-sized T1, T2, M0[, B1] at the voxels ``sel``."""
+        bshape = self.t1[sp].shape
+        self.t1[sp], self.t2[sp], self.m0[sp] = (e.reshape(bshape) for e in est[:3])
+        if est[3] is not None:
+            if self.b1 is None:
+                self.b1 = np.full(self.t1.shape, np.nan, np.float32)
+            self.b1[sp] = est[3].reshape(bshape)
+        if self.own_norm:
+            nb = np.full(size, np.nan, np.float32)
+            nb[sel] = nrm
+            self.norm[sp] = nb.reshape(bshape)
+
+    def result(self, mask: np.ndarray, time_axis: int, info: dict) -> MapResult:
+        final_mask = mask & np.isfinite(self.t1) & np.isfinite(self.t2)
+        for arr in (self.t1, self.t2, self.m0) + (() if self.b1 is None else (self.b1,)):
+            arr[~final_mask] = np.nan
+        return MapResult(self.t1, self.t2, self.m0, final_mask, self.norm, time_axis, info,
+                         self.b1)
+
+
+def _reconstruct_pass(src, rec, plan: BlockPlan, mask: np.ndarray, maps: _Maps,
+                      cache: dict | None, chunk_voxels: int, bar) -> int:
+    """Reconstruct the masked voxels of every block into ``maps``; returns how many masked
+    voxels had all-zero or non-finite fingerprints."""
+    task = bar.add_task("reconstructing slices", total=plan.n_slices) if bar else None
+    n_bad = 0
+    for i, (k, idx, sp) in enumerate(plan.blocks):
+        mblk = mask[sp].reshape(-1)
+        if mblk.any():
+            sig = cache.pop(i, None) if cache is not None else None
+            if sig is None:
+                sig = block_signals(src, idx, plan.time_axis)
+            sel, sig, nrm, bad = _usable(src, sig, mblk)
+            n_bad += bad
+            maps.put(sp, mblk.size, sel, nrm, _estimate(rec, sig, sel, mblk.size, chunk_voxels))
+        if bar is not None:
+            bar.update(task, completed=k + 1)
+    return n_bad
+
+
+def _usable(src: SeriesSource, sig: np.ndarray, mblk: np.ndarray):
+    """The masked fingerprints of a block that can be reconstructed (finite, not all zero):
+    ``(positions in the block, fingerprints, their norms, how many were dropped)``."""
+    sel = np.flatnonzero(mblk)
+    sig = sig[sel]
+    finite = np.isfinite(sig).all(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        nrm = np.linalg.norm(np.where(finite[:, None], sig, 0), axis=1)
+    good = finite & (nrm > 0)
+    sel, sig = sel[good], sig[good]
+    check_real_block(src, sig)
+    return sel, sig, nrm[good], int((~good).sum())
+
+
+def _estimate(rec, sig: np.ndarray, sel: np.ndarray, size: int, chunk_voxels: int) -> list:
+    """Block-sized float32 T1, T2, M0 and B1 (``None`` when the method gives none) of the
+    fingerprints ``sig`` at the block positions ``sel``, ``chunk_voxels`` per call."""
+    out = [np.full(size, np.nan, np.float32) for _ in range(4)]
+    has_b1 = False
+    for c in range(0, len(sel), chunk_voxels):
+        p, a = rec(sig[c: c + chunk_voxels])
+        j = sel[c: c + chunk_voxels]
+        out[0][j], out[1][j], out[2][j] = p[:, 0], p[:, 1], a
+        if p.shape[1] > 2:
+            has_b1 = True
+            out[3][j] = p[:, 2]
+    return out[:3] + [out[3] if has_b1 else None]
