@@ -24,7 +24,8 @@ __all__ = ["CONFIG_DIR", "instantiate", "to_plain", "compose_config", "hydra_con
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 #: ``_target_`` paths renamed since a run could have saved its config (old -> new)
-_MOVED = {"mrflight.lit.MRFRegressor": "mrflight.regressor.MRFRegressor"}
+_MOVED = {"mrflight.lit.MRFRegressor": "mrflight.regressor.MRFRegressor",
+          "mrflight.physics.sequence.from_file": "mrflight.sequence_files.from_file"}
 
 
 def to_plain(obj, resolve: bool = True):

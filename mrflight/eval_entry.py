@@ -136,7 +136,8 @@ def maps_from_config(cfg) -> dict[str, Path]:
     Reads from ``cfg``: ``input`` (the series), ``ckpt_path`` (a checkpoint or one run
     directory) or ``dictionary`` (a dictionary file, or ``paper`` for the paper's grid simulated
     with ``cfg.sequence`` and cached), ``mask`` (optional file), ``maps`` (a
-    :class:`~mrflight.maps.MapOptions` node, optional), ``sequence`` (used only when the
+    :class:`~mrflight.maps.MapOptions` node, optional), ``b1map`` (optional measured B1 map for
+    matching with a (T1, T2, B1) dictionary), ``sequence`` (used only when the
     checkpoint/dictionary carries none), and the output folder ``paths.output_dir`` (else
     ``output_dir``, else the current directory).
 
@@ -149,9 +150,17 @@ def maps_from_config(cfg) -> dict[str, Path]:
     if not inp:
         raise ValueError("input=PATH is required: the image series to reconstruct")
     options = map_options(cfg)
+    b1map = _cfg_get(cfg, "b1map")
+    if b1map and _cfg_get(cfg, "ckpt_path"):
+        raise ValueError("b1map=FILE restricts dictionary matching to the measured B1 "
+                         "(dictionary=PATH with a B1 column); a network estimates B1 itself "
+                         "(its TB1map): drop b1map, or match with a (T1, T2, B1) dictionary")
     rec = map_reconstructor(cfg, options)
+    if b1map:
+        rec.b1_values()  # a dictionary without a B1 column fails here, before any reading
     out_dir = _output_dir(cfg)
-    files = make_maps(inp, rec, out_dir, options=options, mask=_cfg_get(cfg, "mask"))
+    files = make_maps(inp, rec, out_dir, options=options, mask=_cfg_get(cfg, "mask"),
+                      b1map=b1map)
     print(f"maps written to {out_dir}:")
     for name in sorted(files):
         print(f"  {files[name]}")

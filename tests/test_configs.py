@@ -114,3 +114,8 @@ def test_renamed_targets_of_saved_run_configs_still_instantiate():
 
     built = instantiate({"_target_": "mrflight.lit.MRFRegressor", "_partial_": True})
     assert built.func is MRFRegressor
+    # schedule files were read in physics before physics stopped importing the package
+    from mrflight.sequence_files import from_file
+
+    built = instantiate({"_target_": "mrflight.physics.sequence.from_file", "_partial_": True})
+    assert built.func is from_file

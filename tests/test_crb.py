@@ -239,3 +239,32 @@ def test_jacobian_bad_arguments():
             simulate_jacobian(SEQ, 800.0, 60.0, chunk_size=bad)
         with pytest.raises(ValueError, match="chunk_size"):
             crb(SEQ, 800.0, 60.0, 0.01, chunk_size=bad)
+
+
+def test_bound_table_interpolates_the_exact_bound():
+    """The tabulated unit-noise bound agrees with crb() at random points of the range (within a
+    few per cent), scales with the noise in the data module, and clamps outside the range."""
+    import numpy as np
+
+    from mrflight.physics import oksuz2019
+    from mrflight.physics.crb_table import CRBTable
+
+    seq = oksuz2019()  # the default train and grid: what data=simulated's crb loss uses
+    table = CRBTable(seq, (100.0, 3000.0), (10.0, 300.0), (0.8, 1.2), estimate_b1=True,
+                     phase_nuisance=True)
+    rng = np.random.default_rng(0)
+    t1 = torch.tensor(np.exp(rng.uniform(np.log(100), np.log(3000), 64)))
+    t2 = torch.minimum(torch.tensor(np.exp(rng.uniform(np.log(10), np.log(300), 64))), t1)
+    b1 = torch.tensor(rng.uniform(0.8, 1.2, 64))
+    exact = crb(seq, t1, t2, 1.0, b1=b1, estimate_b1=True, phase_nuisance=True)
+    approx = table(t1, t2, b1)
+    rel = (approx / exact - 1).abs()
+    assert approx.shape == (64, 3)
+    assert float(rel.median()) < 0.005 and float(rel.max()) < 0.03, rel.max(0).values
+    # at a grid node the table is the bound itself
+    node = table(torch.tensor([100.0]), torch.tensor([10.0]), torch.tensor([0.8]))
+    ref = crb(seq, 100.0, 10.0, 1.0, b1=0.8, estimate_b1=True, phase_nuisance=True)
+    assert torch.allclose(node, ref, rtol=1e-3)  # (truncation verified for another range)
+    # outside the range: the value at the edge
+    assert torch.allclose(table(torch.tensor([50.0]), torch.tensor([10.0]), torch.tensor([0.8])),
+                          node)

@@ -76,6 +76,16 @@ def test_eval_writes_every_output_with_finite_values(tiny_run, tmp_path):
         for key in ("ann_0_t1_ms", "matching_t2_ms", "matching_svd_t1_ms"):
             assert np.isfinite(z[key][mask]).all() and np.isnan(z[key][~mask]).all()
     assert not list(out.rglob("*.tmp"))
+    # the bound reports: the network and (T1, T2, B1) dictionary matching against the bound
+    from mrflight.evaluation.methods import B1_MATCHING
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    off = {r["method"]: r for r in metrics["offgrid_b1"]}
+    assert set(off) == {"ann [0]", B1_MATCHING, "crb"}
+    for q in ("t1", "t2", "b1"):  # matching on a fine grid: near the bound, never below it
+        assert 0.9 < off[B1_MATCHING][f"{q}_rmse_over_crb"] < 4, (q, off[B1_MATCHING])
+    assert {r["method"] for r in metrics["efficiency_summary"]} == {"ann [0]", B1_MATCHING}
+    assert {r["method"] for r in metrics["robustness"]} >= {"ann [0]", B1_MATCHING}
     # the table: our rows computed from metrics.json, the paper's rows marked as reference
     md = (out / "table.md").read_text()
     ann = next(r for r in rows if r["method"] == "ann" and r["test_set"] == "paper")

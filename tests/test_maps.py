@@ -483,3 +483,53 @@ def test_network_overflow_gives_nan_not_float_max(seq):
     params, _ = rec(np.ones((3, N_PULSES), np.float32))
     assert np.isnan(params[0]).all() and params[1, 0] == 1000 and params[1, 1] == 0
     assert np.all(params[2] == 1000)
+
+
+def test_b1map_restricts_matching_to_the_measured_b1(tmp_path, seq, phantoms, dictionary):
+    """``eval.py input=... dictionary=B1DICT b1map=FILE``: every voxel is matched only at the
+    dictionary's B1 nearest to its measured B1, which makes T1/T2 exact under a B1 field that
+    a B1 = 1 dictionary would turn into bias; bad uses fail with a clear error."""
+    from omegaconf import OmegaConf
+
+    t1, t2, m0, mask = phantoms["brain"]
+    grid = np.asarray(dictionary.params)[:, :2]
+    b1_values = np.round(np.arange(0.80, 1.20 + 1e-9, 0.05), 2)
+    params = np.column_stack([np.repeat(grid, len(b1_values), 0), np.tile(b1_values, len(grid))])
+    b1dict = generate(seq, params[:, :2], b1=params[:, 2], progress=False)
+    # a smooth field across the image; the series is simulated at its nearest grid value
+    field = np.broadcast_to(np.linspace(0.82, 1.18, t1.shape[1]), t1.shape).copy()
+    nearest = b1_values[np.abs(field[..., None] - b1_values).argmin(-1)]
+    ser = np.zeros(t1.shape + (len(seq),), np.complex64)
+    fp = simulate(seq, torch.tensor(t1[mask]), torch.tensor(t2[mask]),
+                  torch.tensor(nearest[mask]))
+    ser[mask] = (fp * torch.tensor(m0[mask], dtype=torch.float32)[:, None]).numpy()
+    ser[~mask] = 1e-3 * (1 + 1j)  # a background for the automatic mask to drop
+    np.save(tmp_path / "b1.npy", ser)
+    np.save(tmp_path / "tb1.npy", field)
+    b1dict.save(tmp_path / "b1dict.h5")
+    cfg = OmegaConf.create({"input": str(tmp_path / "b1.npy"), "ckpt_path": None,
+                            "dictionary": str(tmp_path / "b1dict.h5"), "mask": None,
+                            "b1map": str(tmp_path / "tb1.npy"),
+                            "paths": {"output_dir": str(tmp_path / "out")},
+                            "maps": {"_target_": "mrflight.maps.MapOptions", "previews": False,
+                                     "progress": False}})
+    files = eval_entry.maps_from_config(cfg)
+    got1, got2 = np.load(files["T1map.npy"]), np.load(files["T2map.npy"])
+    tb1 = np.load(files["TB1map.npy"])
+    assert np.mean(got1[mask] == t1[mask].astype(np.float32)) >= 0.95
+    assert np.mean(got2[mask] == t2[mask].astype(np.float32)) >= 0.95
+    np.testing.assert_allclose(tb1[mask], nearest[mask], atol=1e-6)
+    assert "measured" in json.loads(files["T1map.json"].read_text())["B1"]
+    # a map in percent, a dictionary without B1, a network: clear errors
+    cfg.b1map = str(tmp_path / "pct.npy")
+    np.save(tmp_path / "pct.npy", 100 * field)
+    with pytest.raises(ValueError, match="ratio to nominal.*divide a map in percent"):
+        eval_entry.maps_from_config(cfg)
+    cfg.b1map = str(tmp_path / "tb1.npy")
+    dictionary.save(tmp_path / "plain.h5")
+    cfg.dictionary = str(tmp_path / "plain.h5")
+    with pytest.raises(ValueError, match="needs a dictionary with a B1 column"):
+        eval_entry.maps_from_config(cfg)
+    cfg.dictionary, cfg.ckpt_path = None, str(tmp_path / "any.ckpt")
+    with pytest.raises(ValueError, match="a network estimates B1 itself"):
+        eval_entry.maps_from_config(cfg)

@@ -11,7 +11,11 @@ import torch
 from mrflight.evaluation.settings import EvalSettings
 from mrflight.evaluation.testdata import Group
 
-__all__ = ["Predictor", "predictors", "estimators", "noisy", "errors", "method_key"]
+__all__ = ["Predictor", "predictors", "estimators", "noisy", "errors", "method_key",
+           "b1_dictionary", "B1_MATCHING"]
+
+#: the name of (T1, T2, B1) dictionary matching in the bound reports
+B1_MATCHING = "matching (T1, T2, B1)"
 
 
 def method_key(method: str, run: str = "") -> str:
@@ -91,8 +95,34 @@ def predictors(group: Group, settings: EvalSettings) -> list[Predictor]:
     return preds
 
 
+def b1_dictionary(seq) -> tuple[np.ndarray, torch.Tensor]:
+    """A (T1, T2, B1) dictionary for matching where B1 varies: ``(M, 3)`` parameters and
+    ``(M, T)`` complex64 atoms. T1: 100 values log-spaced in 80-5000 ms; T2: 80 in 8-600 ms
+    (T2 <= T1); B1: 0.70-1.30 in steps of 0.05 (about 80 000 atoms)."""
+    from mrflight.dictionary import generate, regular_grid
+
+    pairs = regular_grid(80.0, 5000.0, 100, 8.0, 600.0, 80, spacing="log")
+    b1 = np.round(np.arange(0.70, 1.30 + 1e-9, 0.05), 2)
+    params = np.column_stack([np.repeat(pairs, len(b1), axis=0), np.tile(b1, len(pairs))])
+    d = generate(seq, params[:, :2], b1=params[:, 2], progress=False)
+    return params, torch.from_numpy(np.ascontiguousarray(d.atoms)).to(torch.complex64)
+
+
+def _b1_matcher(group: Group, settings: EvalSettings):
+    from mrflight.matching import DictionaryMatcher
+
+    dev = torch.device(settings.device)
+    params, atoms = b1_dictionary(group.seq)
+    rank = None if settings.svd_rank is None else int(settings.svd_rank)
+    m = DictionaryMatcher(atoms, torch.from_numpy(params), rank=rank, complex_matching=True,
+                          device=dev)
+    del atoms
+    return lambda s: m.match(torch.as_tensor(s).to(dev)).cpu().numpy()
+
+
 def estimators(group: Group, settings: EvalSettings) -> tuple[dict, dict]:
-    """Networks of a group as estimators ``(N, T) -> (N, P)``, and their training noise."""
+    """Networks of a group as estimators ``(N, T) -> (N, P)``, and their training noise; with
+    ``settings.matching_b1`` also (T1, T2, B1) dictionary matching (noise: 0.01)."""
     est, noise = {}, {}
     for r in group.runs:
         name = method_key(r.method, r.label)
@@ -104,4 +134,6 @@ def estimators(group: Group, settings: EvalSettings) -> tuple[dict, dict]:
         ns = r.module.hparams.get("noise_std")
         lo, hi = (ns, ns) if not isinstance(ns, (list, tuple)) else ns
         noise[name] = (float(lo or 0.01), float(hi or 0.01))
+    if settings.matching_b1 and est:
+        est[B1_MATCHING], noise[B1_MATCHING] = _b1_matcher(group, settings), (0.01, 0.01)
     return est, noise

@@ -24,7 +24,7 @@ def _sequence_meta(seq: Sequence | None, length: int) -> dict:
 
 
 def make_maps(input_path, reconstructor, out_dir, *, options: MapOptions | None = None,
-              mask=None, stem: str | None = None) -> dict[str, Path]:
+              mask=None, stem: str | None = None, b1map=None) -> dict[str, Path]:
     """Read a series file, reconstruct it and write every output (the plain-Python entry point).
 
     Args:
@@ -34,6 +34,8 @@ def make_maps(input_path, reconstructor, out_dir, *, options: MapOptions | None 
         options: :class:`MapOptions` (default options when ``None``).
         mask: a mask file/array, or ``None`` for the automatic mask.
         stem: output name stem (default: the input's name without suffix).
+        b1map: a measured B1 map on the series' grid (file or array, ratio to nominal): matching
+            is restricted to the dictionary's B1 nearest to it in every voxel.
 
     Returns:
         ``{name: path}`` of the files written.
@@ -43,7 +45,7 @@ def make_maps(input_path, reconstructor, out_dir, *, options: MapOptions | None 
         result = reconstruct_series(src, reconstructor, time_axis=opt.time_axis, mask=mask,
                                     mask_method=opt.mask_method, mask_fraction=opt.mask_fraction,
                                     chunk_voxels=opt.chunk_voxels, block_mb=opt.block_mb,
-                                    progress=opt.progress)
+                                    progress=opt.progress, b1map=b1map)
         meta = dict(reconstructor.describe())
         meta.update(_sequence_meta(getattr(reconstructor, "sequence", None),
                                    reconstructor.length))

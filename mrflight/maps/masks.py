@@ -1,6 +1,6 @@
 """The time axis and the mask of a series: :func:`detect_time_axis`, :func:`auto_mask` (temporal
-SNR, Otsu, fraction of the 99th-percentile norm), :func:`otsu_threshold` and mask files
-(:func:`load_mask`)."""
+SNR, Otsu, fraction of the 99th-percentile norm), :func:`otsu_threshold`, mask files
+(:func:`load_mask`) and measured B1 maps (:func:`load_b1map`), both on the series' grid."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 from mrflight.maps.options import MASK_METHODS
 from mrflight.series_io import open_series
 
-__all__ = ["detect_time_axis", "otsu_threshold", "auto_mask", "load_mask"]
+__all__ = ["detect_time_axis", "otsu_threshold", "auto_mask", "load_mask", "load_b1map"]
 
 
 def detect_time_axis(shape: tuple[int, ...], length: int, time_axis: int | None = None) -> int:
@@ -139,7 +139,8 @@ def auto_mask(norm: np.ndarray, method: str = "snr", fraction: float = 0.1,
     return valid & (norm > thr), {"Method": desc, "Threshold": thr}
 
 
-def load_mask(mask, spatial_shape: tuple[int, ...]) -> np.ndarray:
+def _spatial(what: str, mask, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    """A file or array of the series' spatial shape (singleton axes may differ)."""
     if isinstance(mask, (str, os.PathLike)):
         p = Path(mask)
         if p.name.lower().endswith((".nii", ".nii.gz")):
@@ -156,8 +157,30 @@ def load_mask(mask, spatial_shape: tuple[int, ...]) -> np.ndarray:
         squeezed = arr.reshape([s for s in arr.shape if s != 1])
         want = [s for s in spatial_shape if s != 1]
         if list(squeezed.shape) != want:
-            raise ValueError(f"mask has shape {arr.shape} but the series' spatial shape is "
-                             f"{spatial_shape}; give a mask of the image grid")
+            raise ValueError(f"{what} has shape {arr.shape} but the series' spatial shape is "
+                             f"{spatial_shape}; give a {what} of the image grid")
         arr = squeezed.reshape(spatial_shape)
-    arr = np.nan_to_num(arr.real if np.iscomplexobj(arr) else arr.astype(np.float64))
-    return arr != 0
+    return arr.real if np.iscomplexobj(arr) else arr.astype(np.float64)
+
+
+def load_mask(mask, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    """A mask file or array on the series' grid as booleans (non-zero = reconstruct)."""
+    return np.nan_to_num(_spatial("mask", mask, spatial_shape)) != 0
+
+
+def load_b1map(b1map, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    """A measured B1 map (file or array; the flip-angle scale, ratio to nominal, BIDS
+    ``TB1map``) on the series' grid, float64; NaN where it is not finite or not positive.
+
+    Raises:
+        ValueError: wrong shape, or values that are not ratios (median outside 0.2-3: a map in
+            percent or in degrees must be converted first).
+    """
+    arr = _spatial("B1 map", b1map, spatial_shape)
+    arr = np.where(np.isfinite(arr) & (arr > 0), arr, np.nan)
+    med = float(np.nanmedian(arr)) if np.isfinite(arr).any() else float("nan")
+    if not 0.2 <= med <= 3.0:
+        raise ValueError(f"b1map should hold the flip-angle scale as a ratio to nominal (about "
+                         f"0.5-1.5), but its median is {med:g}: divide a map in percent by 100 "
+                         "(or convert a map of flip angles by the nominal angle)")
+    return arr

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 
 from mrflight.maps.blocks import BlockPlan, block_signals, check_real_block, plan_series
-from mrflight.maps.masks import auto_mask, load_mask
+from mrflight.maps.masks import auto_mask, load_b1map, load_mask
 from mrflight.maps.options import MapResult
 from mrflight.series_io import SeriesSource, open_series
 
@@ -23,7 +23,8 @@ __all__ = ["reconstruct_series"]
 def reconstruct_series(series, reconstructor, *, time_axis: int | None = None, mask=None,
                        mask_method: str = "snr", mask_fraction: float = 0.1,
                        chunk_voxels: int = 8192, block_mb: float = 256.0,
-                       dataset: str | None = None, progress: bool = False) -> MapResult:
+                       dataset: str | None = None, progress: bool = False,
+                       b1map=None) -> MapResult:
     """Reconstruct T1, T2 and M0 maps of an image series, voxel chunk by voxel chunk.
 
     Args:
@@ -40,6 +41,9 @@ def reconstruct_series(series, reconstructor, *, time_axis: int | None = None, m
         block_mb: bound on one block read from the file, MB (complex64/float32).
         dataset: variable holding the series in multi-variable files.
         progress: show a rich progress bar advancing per slice.
+        b1map: a measured B1 map (file or array on the spatial grid, ratio to nominal) passed
+            to the reconstructor per voxel (``reconstructor(signals, b1=...)``); voxels where it
+            is not finite are not reconstructed.
 
     Returns:
         :class:`MapResult` with the maps in the input's spatial shape (time axis removed).
@@ -57,14 +61,14 @@ def reconstruct_series(series, reconstructor, *, time_axis: int | None = None, m
         src = SeriesSource(np.asarray(series))
     try:
         return _reconstruct(src, reconstructor, length, time_axis, mask, mask_method,
-                            mask_fraction, int(chunk_voxels), float(block_mb), progress)
+                            mask_fraction, int(chunk_voxels), float(block_mb), progress, b1map)
     finally:
         if own:
             src.close()
 
 
 def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, chunk_voxels,
-                 block_mb, progress) -> MapResult:
+                 block_mb, progress, b1map=None) -> MapResult:
     plan = plan_series(src, length, time_axis, block_mb)
     if src.is_nifti and plan.time_axis != len(src.shape) - 1:
         warnings.warn(f"the NIfTI series has its time axis at {plan.time_axis}, not last: the "
@@ -86,7 +90,10 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
             info = {"Method": "file" if isinstance(mask, (str, os.PathLike)) else "array",
                     "Source": str(mask) if isinstance(mask, (str, os.PathLike)) else None}
         maps = _Maps(plan.spatial_shape, norm)
-        n_bad = _reconstruct_pass(src, rec, plan, mask_arr, maps, cache, chunk_voxels, bar)
+        b1 = None if b1map is None else load_b1map(b1map, plan.spatial_shape)
+        if b1 is not None:
+            mask_arr = mask_arr & np.isfinite(b1)
+        n_bad = _reconstruct_pass(src, rec, plan, mask_arr, maps, cache, chunk_voxels, bar, b1)
     finally:
         if bar is not None:
             bar.stop()
@@ -156,7 +163,7 @@ class _Maps:
 
 
 def _reconstruct_pass(src, rec, plan: BlockPlan, mask: np.ndarray, maps: _Maps,
-                      cache: dict | None, chunk_voxels: int, bar) -> int:
+                      cache: dict | None, chunk_voxels: int, bar, b1=None) -> int:
     """Reconstruct the masked voxels of every block into ``maps``; returns how many masked
     voxels had all-zero or non-finite fingerprints."""
     task = bar.add_task("reconstructing slices", total=plan.n_slices) if bar else None
@@ -169,7 +176,9 @@ def _reconstruct_pass(src, rec, plan: BlockPlan, mask: np.ndarray, maps: _Maps,
                 sig = block_signals(src, idx, plan.time_axis)
             sel, sig, nrm, bad = _usable(src, sig, mblk)
             n_bad += bad
-            maps.put(sp, mblk.size, sel, nrm, _estimate(rec, sig, sel, mblk.size, chunk_voxels))
+            b1v = None if b1 is None else b1[sp].reshape(-1)[sel]
+            maps.put(sp, mblk.size, sel, nrm,
+                     _estimate(rec, sig, sel, mblk.size, chunk_voxels, b1v))
         if bar is not None:
             bar.update(task, completed=k + 1)
     return n_bad
@@ -189,13 +198,16 @@ def _usable(src: SeriesSource, sig: np.ndarray, mblk: np.ndarray):
     return sel, sig, nrm[good], int((~good).sum())
 
 
-def _estimate(rec, sig: np.ndarray, sel: np.ndarray, size: int, chunk_voxels: int) -> list:
+def _estimate(rec, sig: np.ndarray, sel: np.ndarray, size: int, chunk_voxels: int,
+              b1: np.ndarray | None = None) -> list:
     """Block-sized float32 T1, T2, M0 and B1 (``None`` when the method gives none) of the
-    fingerprints ``sig`` at the block positions ``sel``, ``chunk_voxels`` per call."""
+    fingerprints ``sig`` at the block positions ``sel``, ``chunk_voxels`` per call (with the
+    measured ``b1`` of those voxels when given)."""
     out = [np.full(size, np.nan, np.float32) for _ in range(4)]
     has_b1 = False
     for c in range(0, len(sel), chunk_voxels):
-        p, a = rec(sig[c: c + chunk_voxels])
+        chunk = sig[c: c + chunk_voxels]
+        p, a = rec(chunk) if b1 is None else rec(chunk, b1=b1[c: c + chunk_voxels])
         j = sel[c: c + chunk_voxels]
         out[0][j], out[1][j], out[2][j] = p[:, 0], p[:, 1], a
         if p.shape[1] > 2:

@@ -57,11 +57,15 @@ class MatchingReconstructor:
 
     method = "dictionary matching"
 
-    def __init__(self, matcher, sequence: Sequence | None = None, source=None) -> None:
+    def __init__(self, matcher, sequence: Sequence | None = None, source=None,
+                 dictionary=None) -> None:
         self.matcher = matcher
         self.sequence = sequence
         self.source = None if source is None else str(source)
         self.length = int(matcher.length)
+        self.dictionary = dictionary  # for matching restricted to a measured B1
+        self._by_b1: dict[int, object] = {}
+        self.b1_restricted = False
 
     @classmethod
     def from_dictionary(cls, dictionary, *, complex_matching: bool = False, rank=None,
@@ -72,14 +76,50 @@ class MatchingReconstructor:
         matcher = DictionaryMatcher(dictionary.atoms, dictionary.params, rank=rank,
                                     complex_matching=complex_matching, device=device)
         seq = dictionary.get_sequence() if hasattr(dictionary, "get_sequence") else None
-        return cls(matcher, seq, source)
+        return cls(matcher, seq, source, dictionary)
 
-    def __call__(self, signals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def b1_values(self) -> np.ndarray:
+        """The distinct B1 values of the dictionary (its third column), sorted."""
+        params = None if self.dictionary is None else np.asarray(self.dictionary.params)
+        if params is None or params.ndim != 2 or params.shape[1] < 3:
+            raise ValueError("b1map=FILE restricts matching to the measured B1, which needs a "
+                             "dictionary with a B1 column (T1, T2, B1), e.g. one generated with "
+                             "b1=...; this dictionary has none")
+        return np.unique(params[:, 2])
+
+    def _matcher_at(self, j: int):
+        """The matcher of the atoms whose B1 is the ``j``-th dictionary value (built once)."""
+        from mrflight.matching import DictionaryMatcher
+
+        if j not in self._by_b1:
+            sel = np.asarray(self.dictionary.params)[:, 2] == self.b1_values()[j]
+            m = self.matcher
+            self._by_b1[j] = DictionaryMatcher(
+                np.asarray(self.dictionary.atoms)[sel], np.asarray(self.dictionary.params)[sel],
+                rank=m.rank, complex_matching=m.complex_matching, device=m.device)
+        return self._by_b1[j]
+
+    def __call__(self, signals: np.ndarray, b1: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
         """``(N, T)`` fingerprints -> (``(N, P)`` T1, T2 in ms[, B1], ``(N,)`` M0), float32
-        numpy; B1 where the dictionary has a third (B1) column."""
-        params, m0 = self.matcher.match(_to_torch(signals, self.matcher.device), return_m0=True)
-        return (params[:, :3].float().cpu().numpy(),
-                m0.abs().float().cpu().numpy())
+        numpy; B1 where the dictionary has a third (B1) column. With a measured ``b1`` ``(N,)``,
+        each voxel is matched only against the atoms at the dictionary's B1 nearest to it."""
+        if b1 is None:
+            return self._match(self.matcher, signals)
+        values = self.b1_values()
+        self.b1_restricted = True
+        which = np.abs(np.asarray(b1, dtype=np.float64)[:, None] - values[None]).argmin(1)
+        params = np.full((len(signals), 3), np.nan, np.float32)
+        m0 = np.full(len(signals), np.nan, np.float32)
+        for j in np.unique(which):
+            sel = which == j
+            params[sel], m0[sel] = self._match(self._matcher_at(int(j)), signals[sel])
+        return params, m0
+
+    @staticmethod
+    def _match(matcher, signals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        params, m0 = matcher.match(_to_torch(signals, matcher.device), return_m0=True)
+        return params[:, :3].float().cpu().numpy(), m0.abs().float().cpu().numpy()
 
     def describe(self) -> dict:
         return {"EstimationMethod": self.method,
@@ -87,6 +127,10 @@ class MatchingReconstructor:
                 "DictionaryAtoms": int(self.matcher.n_atoms),
                 "MatchingRank": self.matcher.rank,
                 "ComplexMatching": bool(self.matcher.complex_matching),
+                "B1": ("measured (b1map): matched at the dictionary's nearest B1"
+                       if self.b1_restricted else "estimated with T1 and T2"
+                       if np.asarray(self.dictionary.params).shape[1] > 2
+                       else "not modelled (1)") if self.dictionary is not None else None,
                 "M0Method": "least-squares scale of the best-matching atom: <d, s> / <d, d>"}
 
 

@@ -1,7 +1,7 @@
 """Fused GPU kernel (Triton) of the real-arithmetic FISP EPG and of its forward-mode derivatives.
 
 Same model, state convention and truncation as the CPU kernel (``epg_kernel.c``) and
-``_epg_real_fast`` in :mod:`mrflight.physics.epg`: RF phases 0/180 degrees, states
+``_epg_real_fast`` in :mod:`mrflight.physics._torch_epg`: RF phases 0/180 degrees, states
 ``F+_k = -i p_k``,
 ``F-_k = i q_k``, ``Z_k`` real; per TR the RF pulse, the readout of ``F+_0``, relaxation and the
 gradient shift. One launch simulates every atom of a call; one program owns ``BLOCK_A`` atoms
@@ -264,7 +264,7 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
         seq: the pulse train (RF phases multiples of 180 degrees).
         t1, t2, b1: ``(n,)`` tensors (ms, ms, ratio) on the kernel's device; their dtype
             (float32/float64) is the working precision.
-        k_atom: ``(n,)`` int states per atom (:func:`mrflight.physics.epg.states_needed`).
+        k_atom: ``(n,)`` int states per atom (:func:`mrflight.physics.truncation.states_needed`).
         wrt: parameters to differentiate with respect to, a subset of :data:`PARAMS` in any
             order (the Jacobian's columns follow it).
         lanes: atoms (in state-count order) that share the largest count of their run, to
