@@ -98,7 +98,7 @@ def predictors(group: Group, settings: EvalSettings) -> list[Predictor]:
 def b1_dictionary(seq) -> tuple[np.ndarray, torch.Tensor]:
     """A (T1, T2, B1) dictionary for matching where B1 varies: ``(M, 3)`` parameters and
     ``(M, T)`` complex64 atoms. T1: 100 values log-spaced in 80-5000 ms; T2: 80 in 8-600 ms
-    (T2 <= T1); B1: 0.70-1.30 in steps of 0.05 (about 80 000 atoms)."""
+    (T2 <= T1); B1: 0.70-1.30 in steps of 0.05 (91 884 atoms)."""
     from mrflight.dictionary import generate, regular_grid
 
     pairs = regular_grid(80.0, 5000.0, 100, 8.0, 600.0, 80, spacing="log")
