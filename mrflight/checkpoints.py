@@ -139,11 +139,13 @@ def read_run_config(ckpt) -> tuple[Path, dict | None]:
     """
     from omegaconf import OmegaConf
 
+    from mrflight.config import to_plain
+
     run_dir = run_dir_of(ckpt)
     c = run_config_path(run_dir)
     if c is None:
         return run_dir, None
-    rcfg = OmegaConf.to_container(OmegaConf.load(c), resolve=False)
+    rcfg = to_plain(OmegaConf.load(c), resolve=False)
     for node in ("sequence", "data"):
         _check_targets(rcfg.get(node), f"{c}: {node}")
     return run_dir, rcfg

@@ -139,6 +139,31 @@ def svd_basis(atoms: torch.Tensor, rank: int | None = None, energy: float | None
     return evecs[:, :rank].to(work), evals
 
 
+def _check_inputs(a: torch.Tensor, p: torch.Tensor, dtype, complex_matching: bool, rank,
+                  energy, refine, chunk_size) -> torch.Tensor:
+    """Check the matcher's arguments; returns ``params`` as ``(M, P)``."""
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"atoms must have shape (M, T) with M, T >= 1, got {tuple(a.shape)}")
+    if p.ndim == 1:
+        p = p[:, None]
+    if p.ndim != 2 or p.shape[0] != a.shape[0]:
+        raise ValueError(f"params must have shape (M, P) with M = {a.shape[0]} (one row per "
+                         f"atom), got {tuple(p.shape)}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if complex_matching and not a.is_complex():
+        raise ValueError("complex_matching=True needs complex atoms; pass the complex "
+                         "dictionary or use magnitude matching")
+    if rank is not None and energy is not None:
+        raise ValueError("give either rank or energy, not both")
+    if not (isinstance(refine, (int, np.integer)) and refine >= 0):
+        raise ValueError(f"refine must be a non-negative integer (candidates re-scored in "
+                         f"float64; 0 = off), got {refine!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of atoms, got {chunk_size}")
+    return p
+
+
 class DictionaryMatcher:
     """Match fingerprints against a dictionary by the largest normalised inner product.
 
@@ -191,36 +216,16 @@ class DictionaryMatcher:
                  complex_matching: bool = False, chunk_size: int | None = None, device=None,
                  dtype: torch.dtype = torch.float32, refine: int = 16) -> None:
         a = _as_tensor(atoms, "atoms")
-        p = _as_tensor(params, "params")
-        if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
-            raise ValueError(f"atoms must have shape (M, T) with M, T >= 1, got {tuple(a.shape)}")
-        if p.ndim == 1:
-            p = p[:, None]
-        if p.ndim != 2 or p.shape[0] != a.shape[0]:
-            raise ValueError(f"params must have shape (M, P) with M = {a.shape[0]} (one row per "
-                             f"atom), got {tuple(p.shape)}")
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        if complex_matching and not a.is_complex():
-            raise ValueError("complex_matching=True needs complex atoms; pass the complex "
-                             "dictionary or use magnitude matching")
-        if rank is not None and energy is not None:
-            raise ValueError("give either rank or energy, not both")
-        if not (isinstance(refine, (int, np.integer)) and refine >= 0):
-            raise ValueError(f"refine must be a non-negative integer (candidates re-scored in "
-                             f"float64; 0 = off), got {refine!r}")
+        p = _check_inputs(a, _as_tensor(params, "params"), dtype, complex_matching, rank,
+                          energy, refine, chunk_size)
         self.refine = int(refine)
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of atoms, got {chunk_size}")
         if device is None:
             device = a.device if isinstance(atoms, torch.Tensor) else torch.device("cpu")
         self.device = check_device(device)
         self.dtype = dtype
         self.complex_matching = bool(complex_matching)
         self._cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-        work = self._cdtype if self.complex_matching else dtype
         self.n_atoms, self.length = int(a.shape[0]), int(a.shape[1])
-
         a = a.to(self.device)
         if not bool(torch.isfinite(a).all()):
             raise ValueError("atoms contain NaN or Inf values; regenerate the dictionary")
@@ -228,21 +233,8 @@ class DictionaryMatcher:
         if not bool(torch.isfinite(pf).all()):
             raise ValueError("params contain NaN or Inf values")
         self.params = pf
-        # normalise once, block by block (never hold a second full-size copy in higher precision)
-        norms = torch.empty(self.n_atoms, dtype=torch.float64, device=self.device)
         self._blk = chunk_size
-        store = torch.empty(self.n_atoms, self.length, dtype=work, device=self.device)
-        step = 65536
-        for s in range(0, self.n_atoms, step):
-            blk = a[s: s + step]
-            blk = blk.to(self._cdtype) if self.complex_matching else (
-                blk.abs() if blk.is_complex() else blk).to(dtype)
-            n = torch.linalg.vector_norm(blk, dim=1)
-            norms[s: s + step] = n.to(torch.float64)
-            store[s: s + step] = blk / torch.where(n > 0, n, torch.ones_like(n))[:, None]
-        if not bool((norms > 0).any()):
-            raise ValueError("every atom is all-zero: the dictionary cannot match anything")
-        self.atom_norms = norms
+        store = self._normalised(a)
         self.rank = None
         self.basis = None
         self.singular_values2 = None
@@ -251,19 +243,42 @@ class DictionaryMatcher:
                     rank, bool) or not 1 <= rank <= self.length):
                 raise ValueError(f"rank must be an integer in [1, {self.length}] (the fingerprint "
                                  f"length) or None for exhaustive matching, got {rank!r}")
-            basis, sv2 = svd_basis(store, rank=None if rank is None else int(rank), energy=energy)
-            self.basis, self.singular_values2 = basis, sv2
-            self.rank = int(basis.shape[1])
-            coeffs = torch.empty(self.n_atoms, self.rank, dtype=work, device=self.device)
-            self._proj_norms = torch.empty(self.n_atoms, dtype=dtype, device=self.device)
-            for s in range(0, self.n_atoms, step):
-                c = store[s: s + step] @ basis.conj()
-                cn = torch.linalg.vector_norm(c, dim=1)
-                self._proj_norms[s: s + step] = cn
-                coeffs[s: s + step] = c / torch.where(cn > 0, cn, torch.ones_like(cn))[:, None]
-            del store
-            store = coeffs
+            store = self._compressed(store, rank, energy)
         self.atoms = store  # (M, T) or (M, rank), unit rows (zero rows for all-zero atoms)
+
+    _STEP = 65536  # atoms per block of the normalisation and the projection
+
+    def _normalised(self, a: torch.Tensor) -> torch.Tensor:
+        """Unit-norm atoms in the working dtype (norms kept in ``atom_norms``), normalised block
+        by block: never a second full-size copy in higher precision."""
+        work = self._cdtype if self.complex_matching else self.dtype
+        norms = torch.empty(self.n_atoms, dtype=torch.float64, device=self.device)
+        store = torch.empty(self.n_atoms, self.length, dtype=work, device=self.device)
+        for s in range(0, self.n_atoms, self._STEP):
+            blk = a[s: s + self._STEP]
+            blk = blk.to(self._cdtype) if self.complex_matching else (
+                blk.abs() if blk.is_complex() else blk).to(self.dtype)
+            n = torch.linalg.vector_norm(blk, dim=1)
+            norms[s: s + self._STEP] = n.to(torch.float64)
+            store[s: s + self._STEP] = blk / torch.where(n > 0, n, torch.ones_like(n))[:, None]
+        if not bool((norms > 0).any()):
+            raise ValueError("every atom is all-zero: the dictionary cannot match anything")
+        self.atom_norms = norms
+        return store
+
+    def _compressed(self, store: torch.Tensor, rank, energy) -> torch.Tensor:
+        """The atoms' unit-norm coefficients in their SVD basis (``basis``, ``rank``)."""
+        basis, sv2 = svd_basis(store, rank=None if rank is None else int(rank), energy=energy)
+        self.basis, self.singular_values2 = basis, sv2
+        self.rank = int(basis.shape[1])
+        coeffs = torch.empty(self.n_atoms, self.rank, dtype=store.dtype, device=self.device)
+        self._proj_norms = torch.empty(self.n_atoms, dtype=self.dtype, device=self.device)
+        for s in range(0, self.n_atoms, self._STEP):
+            c = store[s: s + self._STEP] @ basis.conj()
+            cn = torch.linalg.vector_norm(c, dim=1)
+            self._proj_norms[s: s + self._STEP] = cn
+            coeffs[s: s + self._STEP] = c / torch.where(cn > 0, cn, torch.ones_like(cn))[:, None]
+        return coeffs
 
     @classmethod
     def from_dictionary(cls, dictionary, **kwargs) -> DictionaryMatcher:

@@ -90,10 +90,9 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         if self.grid is not None:
-            from omegaconf import OmegaConf
+            from mrflight.config import to_plain
 
-            if OmegaConf.is_config(self.grid):
-                self.grid = OmegaConf.to_container(self.grid, resolve=True)
+            self.grid = to_plain(self.grid)
             if not (isinstance(self.grid, dict) and "_target_" in self.grid):
                 raise ValueError("evaluation.grid must be null or a config with _target_ "
                                  "(e.g. mrflight.dictionary.regular_grid)")
