@@ -325,6 +325,34 @@ def _check_counts(**counts) -> None:
             raise ValueError(f"data.{name} must be a positive integer, got {v!r}")
 
 
+def _sequence_and_targets(sequence, targets) -> tuple[Sequence, tuple[str, ...]]:
+    """The pulse train (from its ``to_dict()`` too) and the lower-cased target names."""
+    if isinstance(sequence, dict):
+        sequence = Sequence.from_dict(sequence)
+    if not isinstance(sequence, Sequence):
+        raise ValueError("data=simulated needs a sequence (the pipeline passes the run's "
+                         f"sequence config), got {type(sequence).__name__}")
+    targets = tuple(str(t).lower() for t in targets)
+    if targets[:2] != ("t1", "t2") or not set(targets) <= set(TARGETS) \
+            or len(set(targets)) != len(targets):
+        raise ValueError(f"data.targets must be [t1, t2] or [t1, t2, b1], got {list(targets)}")
+    return sequence, targets
+
+
+def _check_choices(eval_noise_levels, input_mode: str, simulate_on: str) -> list[float]:
+    """Check the evaluation noise levels, input mode and simulation place; the levels."""
+    levels = [float(s) for s in (eval_noise_levels or ())]
+    if any(not (math.isfinite(s) and s >= 0) for s in levels):
+        raise ValueError(f"data.eval_noise_levels must be finite numbers >= 0, got "
+                         f"{eval_noise_levels}")
+    if input_mode not in INPUT_MODES:
+        raise ValueError(f"data.input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
+    if simulate_on not in ("auto", "loader", "device"):
+        raise ValueError(f"data.simulate_on must be auto, loader or device, got "
+                         f"{simulate_on!r}")
+    return levels
+
+
 def _target_scales(targets, target_scale_ms) -> tuple[float, ...]:
     """One positive divisor per target (``None``: :data:`DEFAULT_SCALES`)."""
     if target_scale_ms is None:
@@ -389,16 +417,7 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
                  batches_per_launch: int | None = None, bound_table: bool = True,
                  progress: bool = True) -> None:
         super().__init__()
-        if isinstance(sequence, dict):
-            sequence = Sequence.from_dict(sequence)
-        if not isinstance(sequence, Sequence):
-            raise ValueError("data=simulated needs a sequence (the pipeline passes the run's "
-                             f"sequence config), got {type(sequence).__name__}")
-        targets = tuple(str(t).lower() for t in targets)
-        if targets[:2] != ("t1", "t2") or not set(targets) <= set(TARGETS) \
-                or len(set(targets)) != len(targets):
-            raise ValueError(f"data.targets must be [t1, t2] or [t1, t2, b1], got "
-                             f"{list(targets)}")
+        sequence, targets = _sequence_and_targets(sequence, targets)
         self.targets = targets
         self.prior = ParameterPrior(t1_range, t2_range, distribution,
                                     b1_range if "b1" in targets else None, noise_std)
@@ -406,15 +425,7 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
                       realizations=realizations, n_val=n_val, n_test=n_test,
                       num_workers=num_workers + 1,
                       batches_per_launch=1 if batches_per_launch is None else batches_per_launch)
-        levels = [float(s) for s in (eval_noise_levels or ())]
-        if any(not (math.isfinite(s) and s >= 0) for s in levels):
-            raise ValueError(f"data.eval_noise_levels must be finite numbers >= 0, got "
-                             f"{eval_noise_levels}")
-        if input_mode not in INPUT_MODES:
-            raise ValueError(f"data.input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
-        if simulate_on not in ("auto", "loader", "device"):
-            raise ValueError(f"data.simulate_on must be auto, loader or device, got "
-                             f"{simulate_on!r}")
+        levels = _check_choices(eval_noise_levels, input_mode, simulate_on)
         scale = _target_scales(targets, target_scale_ms)
         self.sequence = sequence
         self.batch_size = int(batch_size)
