@@ -119,3 +119,20 @@ def test_renamed_targets_of_saved_run_configs_still_instantiate():
 
     built = instantiate({"_target_": "mrflight.physics.sequence.from_file", "_partial_": True})
     assert built.func is from_file
+
+
+def test_every_config_file_is_package_data():
+    """compose_config and the entry points work from an installed package: every YAML file
+    under mrflight/configs matches a package-data pattern of pyproject.toml."""
+    import fnmatch
+    import tomllib
+
+    root = Path(CONFIG_DIR).parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["mrflight"]
+    files = [p.relative_to(root / "mrflight").as_posix() for p in Path(CONFIG_DIR).rglob("*")
+             if p.is_file()]
+    assert len(files) > 40
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, pat) and f.count("/") ==
+                                           pat.count("/") for pat in patterns)]
+    assert not missing, missing
