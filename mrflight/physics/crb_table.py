@@ -5,9 +5,10 @@ takes a value-and-tangent simulation per sample (on the 2-core CPU ~4x the cost 
 step for a batch of 256). The bound at unit noise is a smooth function of (T1, T2, B1): this
 table evaluates it once on a grid, log-spaced in T1 and T2 and linear in B1, and interpolates
 ``log(bound)`` trilinearly in ``(log T1, log T2, B1)``; the bound at noise ``sigma`` is
-``sigma`` times the unit-noise bound. The interpolation error on the default prior is a few
-per cent (measured by :meth:`CRBTable.max_relative_error`; tests bound it), far below the spread
-of the bound itself over a batch (orders of magnitude), which is what the loss needs.
+``sigma`` times the unit-noise bound. On the default train and prior (24 x 24 x 7 points) the
+interpolation is within 0.3 % of the exact bound at the median and 1.5 % at worst over 400
+random samples (``tests/test_crb.py`` bounds it), far below the spread of the bound itself over
+a batch (orders of magnitude), which is what the loss needs.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class CRBTable:
                 bounds=dict(t1_max=float(np.exp(self.hi[0])), t2_max=float(np.exp(self.hi[1])),
                             b1_range=(float(self.lo[2]), float(self.hi[2]))))
         self.n_params = b.shape[1]
-        # an undefined point (inf) would spread to its cells: use its finite neighbours' largest
+        # an undefined point (inf) would spread to its cells: give it the table's largest finite
+        # value (a conservative, large bound)
         logb = b.log()
         bad = ~torch.isfinite(logb)
         if bool(bad.all()):
