@@ -15,12 +15,13 @@ __all__ = ["bound_reports"]
 log = logging.getLogger("mrflight")
 
 
-def bound_reports(group: Group, settings: EvalSettings, figures: dict) -> dict:
-    """The efficiency, off-grid B1 and robustness reports of a group's networks."""
+def bound_reports(group: Group, settings: EvalSettings, figures: dict, cache_dir=None) -> dict:
+    """The efficiency, off-grid B1 and robustness reports of a group's networks (and of
+    (T1, T2, B1) matching, its dictionary cached in ``cache_dir``)."""
     from mrflight import efficiency as eff
     from mrflight.phantoms import tissue_values
 
-    est, noise = estimators(group, settings)
+    est, noise = estimators(group, settings, cache_dir)
     if not est:
         return {}
     out: dict = {}

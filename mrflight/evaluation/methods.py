@@ -95,24 +95,24 @@ def predictors(group: Group, settings: EvalSettings) -> list[Predictor]:
     return preds
 
 
-def b1_dictionary(seq) -> tuple[np.ndarray, torch.Tensor]:
+def b1_dictionary(seq, cache_dir=None) -> tuple[np.ndarray, torch.Tensor]:
     """A (T1, T2, B1) dictionary for matching where B1 varies: ``(M, 3)`` parameters and
     ``(M, T)`` complex64 atoms. T1: 100 values log-spaced in 80-5000 ms; T2: 80 in 8-600 ms
-    (T2 <= T1); B1: 0.70-1.30 in steps of 0.05 (91 884 atoms)."""
+    (T2 <= T1); B1: 0.70-1.30 in steps of 0.05 (91 884 atoms); cached in ``cache_dir``."""
     from mrflight.dictionary import generate, regular_grid
 
     pairs = regular_grid(80.0, 5000.0, 100, 8.0, 600.0, 80, spacing="log")
     b1 = np.round(np.arange(0.70, 1.30 + 1e-9, 0.05), 2)
     params = np.column_stack([np.repeat(pairs, len(b1), axis=0), np.tile(b1, len(pairs))])
-    d = generate(seq, params[:, :2], b1=params[:, 2], progress=False)
+    d = generate(seq, params[:, :2], b1=params[:, 2], cache_dir=cache_dir, progress=False)
     return params, torch.from_numpy(np.ascontiguousarray(d.atoms)).to(torch.complex64)
 
 
-def _b1_matcher(group: Group, settings: EvalSettings):
+def _b1_matcher(group: Group, settings: EvalSettings, cache_dir=None):
     from mrflight.matching import DictionaryMatcher
 
     dev = torch.device(settings.device)
-    params, atoms = b1_dictionary(group.seq)
+    params, atoms = b1_dictionary(group.seq, cache_dir)
     rank = None if settings.svd_rank is None else int(settings.svd_rank)
     m = DictionaryMatcher(atoms, torch.from_numpy(params), rank=rank, complex_matching=True,
                           device=dev)
@@ -120,7 +120,7 @@ def _b1_matcher(group: Group, settings: EvalSettings):
     return lambda s: m.match(torch.as_tensor(s).to(dev)).cpu().numpy()
 
 
-def estimators(group: Group, settings: EvalSettings) -> tuple[dict, dict]:
+def estimators(group: Group, settings: EvalSettings, cache_dir=None) -> tuple[dict, dict]:
     """Networks of a group as estimators ``(N, T) -> (N, P)``, and their training noise; with
     ``settings.matching_b1`` also (T1, T2, B1) dictionary matching (noise: 0.01)."""
     est, noise = {}, {}
@@ -135,5 +135,6 @@ def estimators(group: Group, settings: EvalSettings) -> tuple[dict, dict]:
         lo, hi = (ns, ns) if not isinstance(ns, (list, tuple)) else ns
         noise[name] = (float(lo or 0.01), float(hi or 0.01))
     if settings.matching_b1 and est:
-        est[B1_MATCHING], noise[B1_MATCHING] = _b1_matcher(group, settings), (0.01, 0.01)
+        est[B1_MATCHING] = _b1_matcher(group, settings, cache_dir)
+        noise[B1_MATCHING] = (0.01, 0.01)
     return est, noise

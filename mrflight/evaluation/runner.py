@@ -45,7 +45,7 @@ def evaluate(groups: list, settings: EvalSettings, out_dir: Path, cache_dir=None
         log.info("test data for %s: %.1f s", g.seq.name, time.perf_counter() - t0)
         rows += evaluate_group(g, settings, figures, arrays)
         infos.append(g.description)
-        reports.append(bound_reports(g, settings, figures))
+        reports.append(bound_reports(g, settings, figures, cache_dir))
     extra = {k: [r for rep in reports for r in rep.get(k, [])] for k in _REPORTS}
     files = write_outputs(out_dir, rows, _info(settings, infos, load_start), figures, arrays,
                           extra)
