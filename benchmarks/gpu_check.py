@@ -5,14 +5,18 @@ written to ``OUT/gpu_check.md`` and ``OUT/gpu_check.json``):
 
 * the paper grid (114 650 atoms x the 1750-pulse oksuz2019 train, float32) through
   ``simulate`` (the fused Triton kernel), against the CPU C kernel (on a subset, extrapolated)
-  and the pure-torch CUDA path, and their agreement;
+  and the pure-torch CUDA path, and their agreement; the kernel alone under 12 settings (atoms
+  per program, warps, states per step, coefficient precision);
+* ``data=simulated`` on the GPU: the simulation share of a training step (batch 1024, GRU 256 x
+  2), one batch per launch and 32 768 atoms per launch;
 * the blochsim benchmark case (100 000 atoms, inversion + 500 pulses, TR 10 ms, 32 states);
 * the Jacobian (T1, T2, B1) of 100 000 atoms (blochsim train; oksuz2019 train) in float64
   and float32, and its accuracy;
-* exhaustive matching: exact noise-free atoms and time against a plain float32 GEMM;
+* exhaustive matching: exact noise-free atoms and time against a plain float32 GEMM, also with
+  2, 4 and 8 re-scored candidates;
 * SVD (rank 25) matching of a 256 x 256 slice against the paper grid;
-* GRU inference (values_per_step 50, hidden 100; briefly trained here) in fp32/TF32/bf16, with
-  the test RMSE of each;
+* GRU inference (values_per_step 50, hidden 100; briefly trained here) in fp32/TF32/bf16/fp16
+  at batches of 16 384 and 65 536, with the test RMSE of each;
 * the CUDA tests (``pytest -k cuda``) when pytest is installed.
 
 Every row runs under ``try``: a failure prints its error in its row and the check goes on; a
@@ -21,7 +25,7 @@ timings after a warm-up; the first call (Triton JIT compilation included) is rep
 
 Usage (from the repository root; needs only torch, triton and numpy)::
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py            # about 3-4 minutes on an H100/H200
+    PYTHONPATH=. python3 benchmarks/gpu_check.py            # about 2 minutes on an H200
     PYTHONPATH=. python3 benchmarks/gpu_check.py --smoke    # every row on the CPU, tiny sizes,
                                                             # kernels through TRITON_INTERPRET=1
 """
