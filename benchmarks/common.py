@@ -20,7 +20,7 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 __all__ = [
-    "RESULTS_DIR", "cpu_model", "machine_info", "machine_line", "load_average", "sync",
+    "RESULTS_DIR", "publish", "cpu_model", "machine_info", "machine_line", "load_average", "sync",
     "timeit", "gemm_gflops", "markdown_table", "write_result", "fmt_rate",
 ]
 
@@ -163,3 +163,10 @@ def write_result(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
     return path
+
+
+def publish(name: str, text: str) -> str:
+    """Print a benchmark's report and write it to ``benchmarks/results/<name>``; returns it."""
+    print(text)
+    write_result(RESULTS_DIR / name, text)
+    return text

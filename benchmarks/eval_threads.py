@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from common import RESULTS_DIR, load_average, machine_line, markdown_table, write_result
+from common import load_average, machine_line, markdown_table, publish
 from inference_speed import default_net
 
 
@@ -89,9 +89,7 @@ def main(argv=None) -> str:
             f"- {a.atoms} atoms x 1750 pulses, {a.signals} signals, bound on {a.bound}; median "
             f"of {a.repeats} interleaved rounds\n- load average (1/5/15 min) before: "
             f"{fmt(load_before)}, after: {fmt(load_after)}\n\n{table}\n")
-    print(text)
-    write_result(RESULTS_DIR / "eval_threads.md", text)
-    return text
+    return publish("eval_threads.md", text)
 
 
 if __name__ == "__main__":

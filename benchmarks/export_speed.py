@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS_DIR, fmt_rate, machine_line, markdown_table, timeit, write_result
+from common import fmt_rate, machine_line, markdown_table, publish, timeit
 from inference_speed import default_net
 
 MODELS = ("lstm", "gru", "ann", "cnn")
@@ -84,9 +84,7 @@ def main(argv=None) -> str:
     text = (f"# Exported models: onnxruntime vs torch\n\n- {machine_line()}\n- {a.n} raw "
             f"magnitude fingerprints of 1750 points, {a.threads} thread(s), preprocessing "
             f"included\n\n{table}\n")
-    print(text)
-    write_result(RESULTS_DIR / "export_speed.md", text)
-    return text
+    return publish("export_speed.md", text)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, machine_line, markdown_table, write_result  # noqa: E402
+from common import machine_line, markdown_table, publish  # noqa: E402
 
 GIB = 2**30
 
@@ -114,9 +114,7 @@ def main() -> None:
             f"`python benchmarks/memory.py{' --quick' if args.quick else ''}` on "
             f"{machine_line()}; every workload in a fresh subprocess, peak = VmHWM.\n\n"
             f"{table}\n\nThe complex64 atoms alone take {atoms_gib:.2f} GiB.\n")
-    print(text)
-    name = "memory_quick.md" if args.quick else "memory.md"
-    write_result(RESULTS_DIR / name, text)
+    publish("memory_quick.md" if args.quick else "memory.md", text)
 
 
 if __name__ == "__main__":

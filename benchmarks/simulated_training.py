@@ -26,7 +26,7 @@ import statistics
 import time
 
 import torch
-from common import RESULTS_DIR, machine_line, markdown_table, write_result  # benchmarks/
+from common import machine_line, markdown_table, publish  # benchmarks/
 
 from mrflight.data import SimulatedDataModule
 from mrflight.physics import oksuz2019
@@ -126,9 +126,7 @@ def main(argv=None) -> str:
     a = ap.parse_args(argv)
     rows = measure(10, 200) if a.quick else measure(a.steps)
     text = f"{machine_line()}\n\n{report(rows)}\n"
-    print(text)
-    write_result(RESULTS_DIR / "simulated_training.md", text)
-    return text
+    return publish("simulated_training.md", text)
 
 
 if __name__ == "__main__":
