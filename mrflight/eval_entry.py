@@ -111,7 +111,8 @@ def _matching_reconstructor(cfg, dic, options):
                          "drop maps.complex_matching")
     rec = MatchingReconstructor.from_dictionary(d, complex_matching=cm and is_complex,
                                                 rank=options.rank,
-                                                device=options.device or "cpu", source=dic)
+                                                device=options.device or "cpu", source=dic,
+                                                b1_restricted=bool(_cfg_get(cfg, "b1map")))
     if rec.sequence is None:  # only for the sidecar: the dictionary fixes the length
         try:
             seq = _cfg_sequence(cfg)

@@ -520,6 +520,8 @@ def test_b1map_restricts_matching_to_the_measured_b1(tmp_path, seq, phantoms, di
     assert np.mean(got2[mask] == t2[mask].astype(np.float32)) >= 0.95
     np.testing.assert_allclose(tb1[mask], nearest[mask], atol=1e-6)
     assert "measured" in json.loads(files["T1map.json"].read_text())["B1"]
+    # without a B1 map the atoms live in the matcher only (not a second copy in the dictionary)
+    assert maps.MatchingReconstructor.from_dictionary(b1dict).dictionary is None
     # a map in percent, a dictionary without B1, a network: clear errors
     cfg.b1map = str(tmp_path / "pct.npy")
     np.save(tmp_path / "pct.npy", 100 * field)

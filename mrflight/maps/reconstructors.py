@@ -53,6 +53,8 @@ class MatchingReconstructor:
         matcher: a :class:`mrflight.matching.DictionaryMatcher`.
         sequence: the sequence of the dictionary (for the sidecar; may be ``None``).
         source: the dictionary file (for the sidecar).
+        dictionary: the dictionary itself, kept only for matching restricted to a measured B1
+            (``b1=`` of :meth:`__call__`); ``None`` frees its atoms once the matcher holds them.
     """
 
     method = "dictionary matching"
@@ -63,36 +65,42 @@ class MatchingReconstructor:
         self.sequence = sequence
         self.source = None if source is None else str(source)
         self.length = int(matcher.length)
-        self.dictionary = dictionary  # for matching restricted to a measured B1
+        self.dictionary = dictionary
         self._by_b1: dict[int, object] = {}
         self.b1_restricted = False
 
     @classmethod
     def from_dictionary(cls, dictionary, *, complex_matching: bool = False, rank=None,
-                        device=None, source=None) -> MatchingReconstructor:
-        """Build a matcher from a :class:`mrflight.dictionary.Dictionary`."""
+                        device=None, source=None, b1_restricted: bool = False
+                        ) -> MatchingReconstructor:
+        """Build a matcher from a :class:`mrflight.dictionary.Dictionary` (kept when
+        ``b1_restricted``: matching at a measured B1 builds one matcher per B1 value)."""
         from mrflight.matching import DictionaryMatcher
 
         matcher = DictionaryMatcher(dictionary.atoms, dictionary.params, rank=rank,
                                     complex_matching=complex_matching, device=device)
         seq = dictionary.get_sequence() if hasattr(dictionary, "get_sequence") else None
-        return cls(matcher, seq, source, dictionary)
+        return cls(matcher, seq, source, dictionary if b1_restricted else None)
 
     def b1_values(self) -> np.ndarray:
         """The distinct B1 values of the dictionary (its third column), sorted."""
-        params = None if self.dictionary is None else np.asarray(self.dictionary.params)
-        if params is None or params.ndim != 2 or params.shape[1] < 3:
+        params = self.matcher.params
+        if params.shape[1] < 3:
             raise ValueError("b1map=FILE restricts matching to the measured B1, which needs a "
                              "dictionary with a B1 column (T1, T2, B1), e.g. one generated with "
                              "b1=...; this dictionary has none")
-        return np.unique(params[:, 2])
+        return np.unique(params[:, 2].double().cpu().numpy())
 
     def _matcher_at(self, j: int):
         """The matcher of the atoms whose B1 is the ``j``-th dictionary value (built once)."""
         from mrflight.matching import DictionaryMatcher
 
+        if self.dictionary is None:
+            raise ValueError("matching at a measured B1 needs the dictionary: build the "
+                             "reconstructor with from_dictionary(..., b1_restricted=True)")
         if j not in self._by_b1:
-            sel = np.asarray(self.dictionary.params)[:, 2] == self.b1_values()[j]
+            b1 = np.asarray(self.dictionary.params, dtype=np.float64)[:, 2]
+            sel = np.isclose(b1, self.b1_values()[j], rtol=0.0, atol=1e-6)
             m = self.matcher
             self._by_b1[j] = DictionaryMatcher(
                 np.asarray(self.dictionary.atoms)[sel], np.asarray(self.dictionary.params)[sel],
@@ -129,8 +137,7 @@ class MatchingReconstructor:
                 "ComplexMatching": bool(self.matcher.complex_matching),
                 "B1": ("measured (b1map): matched at the dictionary's nearest B1"
                        if self.b1_restricted else "estimated with T1 and T2"
-                       if np.asarray(self.dictionary.params).shape[1] > 2
-                       else "not modelled (1)") if self.dictionary is not None else None,
+                       if self.matcher.params.shape[1] > 2 else "not modelled (1)"),
                 "M0Method": "least-squares scale of the best-matching atom: <d, s> / <d, d>"}
 
 
