@@ -45,6 +45,7 @@ def bound_reports(group: Group, settings: EvalSettings, figures: dict, cache_dir
         # tissues inside the default prior, off its edges (skull's T2 of 5 ms is its lower end)
         tis = {k: v for k, v in tissue_values().items()
                if 10 <= v["t2_ms"] <= 500 and v["t1_ms"] <= 4000}
-        out["robustness"] = eff.robustness_report(group.seq, est, noise, tis,
-                                                  seed=settings.noise_seed)
+        out["robustness"] = eff.robustness_report(
+            group.seq, est, noise, tis, seed=settings.noise_seed,
+            voxels=settings.tissue_voxels, tissue_noise_std=settings.tissue_noise_std)
     return out

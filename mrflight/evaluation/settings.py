@@ -55,6 +55,9 @@ class EvalSettings:
             and a global phase per signal (``offgrid_b1_signals`` signals at noise 0.01),
             against the bound with T1, T2, B1 and the complex scale unknown.
         robustness: the robustness table (:func:`mrflight.efficiency.robustness_report`).
+        tissue_voxels: voxels per tissue and proton density in its tissue medians.
+        tissue_noise_std: absolute noise of those tissue voxels (``None``: the geometric mean of
+            each model's training noise range).
         matching_b1: in these three reports, also match against a (T1, T2, B1) dictionary
             (:func:`mrflight.evaluation.methods.b1_dictionary`: T1 100 log-spaced values in
             80-5000 ms, T2 80 in 8-600 ms, B1 0.70-1.30 in steps of 0.05; complex matching in a
@@ -86,6 +89,8 @@ class EvalSettings:
     offgrid_b1: bool = True
     offgrid_b1_signals: int = 2000
     robustness: bool = True
+    tissue_voxels: int = 2000
+    tissue_noise_std: float | None = 0.01
     matching_b1: bool = True
 
     def __post_init__(self) -> None:
