@@ -12,6 +12,8 @@ for each fixed evaluation noise level of the data module.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +28,8 @@ from mrflight.config import to_plain
 from mrflight.matching import float32_matmul
 from mrflight.models import build_net, net_config
 from mrflight.transforms import DEFAULT_TARGET_SCALE_MS, INPUT_MODES, preprocess
+
+log = logging.getLogger("mrflight")
 
 if TYPE_CHECKING:  # the batch type only; the inference API does not import the data modules
     from mrflight.data.batches import Batch
@@ -172,6 +176,27 @@ class MRFRegressor(L.LightningModule):
             for split in ("val", "test"):
                 if _key(split + name) not in self.metrics:
                     self.metrics[_key(split + name)] = self._metric_set().to(self.device)
+
+    def on_fit_start(self) -> None:
+        """Fit a network's data-dependent part before its first step (the subspace basis of
+        :class:`mrflight.models.SubspaceRegressor`) from the run's sequence and the data's prior;
+        a resumed run has it from its checkpoint already."""
+        if not hasattr(self.net, "fit_basis") or self.net.has_basis:
+            return
+        from mrflight.physics import Sequence
+
+        if not self.hparams.get("sequence"):
+            raise ValueError(f"{type(self.net).__name__} fits its basis to the run's sequence: "
+                             "pass sequence=Sequence.to_dict() to MRFRegressor")
+        prior = getattr(getattr(self.trainer, "datamodule", None), "prior", None)
+        ranges = {"b1_range": (0.7, 1.3) if "b1" in self.targets else None}
+        for key in ("t1_range", "t2_range", "b1_range"):
+            if prior is not None and hasattr(prior, key):
+                ranges[key] = getattr(prior, key)
+        t0 = time.perf_counter()
+        self.net.fit_basis(Sequence.from_dict(self.hparams["sequence"]), **ranges)
+        log.info("subspace basis of rank %d fitted in %.1f s", self.net.rank,
+                 time.perf_counter() - t0)
 
     def metric_names(self, eval_set_names=("",)) -> list[str]:
         """Every metric name this module logs (``split/quantity``): the losses (``train/loss``

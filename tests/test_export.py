@@ -98,7 +98,7 @@ def test_eval_export_writes_into_the_output_dir(gru_ckpt, tmp_path):
         evaluate(cfg)
 
 
-@pytest.mark.parametrize("model", ["lstm", "gru", "ann", "cnn"])
+@pytest.mark.parametrize("model", ["lstm", "gru", "ann", "cnn", "subspace"])
 def test_every_default_model_exports(tmp_path, model):
     # untrained default nets (the CNN's adaptive pool is exported as a fixed matrix)
     from hydra.utils import instantiate
@@ -106,7 +106,10 @@ def test_every_default_model_exports(tmp_path, model):
     from mrflight.regressor import MRFRegressor
 
     cfg = compose_config([f"model={model}"], output_dir=tmp_path)
-    module = MRFRegressor(instantiate(cfg.model, input_length=350)).eval()
+    net = instantiate(cfg.model, input_length=350)
+    if hasattr(net, "set_basis"):  # the subspace model's basis is fitted when training starts
+        net.set_basis(torch.linalg.qr(torch.randn(350, net.rank)).Q)
+    module = MRFRegressor(net).eval()
     sess = ort.InferenceSession(str(export_onnx(module, tmp_path / "m.onnx")))
     x = torch.rand(5, 350) + 0.1
     out = sess.run(None, {"fingerprints": x.numpy()})[0]

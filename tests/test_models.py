@@ -11,6 +11,7 @@ from mrflight.models import (
     GRURegressor,
     LSTMRegressor,
     RecurrentRegressor,
+    SubspaceRegressor,
     build_net,
     net_config,
 )
@@ -21,6 +22,8 @@ from mrflight.models import (
 def test_contract_and_rebuild(name, channels):
     torch.manual_seed(0)
     net = REGISTRY[name](input_length=101, in_channels=channels)
+    if hasattr(net, "set_basis"):  # the subspace model: any orthonormal basis for the contract
+        net.set_basis(torch.linalg.qr(torch.randn(101, net.rank)).Q)
     x = torch.randn(5, 101) if channels == 1 else torch.randn(5, 2, 101)
     y = net(x)
     assert y.shape == (5, 2) and torch.isfinite(y).all()
@@ -90,3 +93,38 @@ def test_bad_cnn_and_ann_arguments():
         ANNRegressor(100, hidden_sizes=[])
     with pytest.raises(ValueError, match="_target_"):
         build_net({"hidden_size": 3})
+
+
+@pytest.mark.parametrize("mode,channels", [("complex", 2), ("magnitude", 1)])
+def test_subspace_basis_captures_fresh_fingerprints(mode, channels):
+    """The fitted basis is orthonormal and holds the prior's fingerprints (other draws than
+    those it was fitted to): the features are a near-sufficient statistic."""
+    from mrflight.physics import oksuz2019, simulate
+    from mrflight.transforms import preprocess
+
+    seq = oksuz2019(n_pulses=200, lobe_length=40)
+    net = SubspaceRegressor(200, channels, 3, rank=24, hidden_sizes=[16])
+    with pytest.raises(RuntimeError, match="no basis yet"):
+        net(torch.randn(2, channels, 200))
+    net.fit_basis(seq, t1_range=(100.0, 3000.0), t2_range=(10.0, 300.0), b1_range=(0.8, 1.2))
+    v = net.basis.double()
+    assert torch.allclose(v.T @ v, torch.eye(24, dtype=torch.float64), atol=1e-5)
+    g = torch.Generator().manual_seed(3)
+    t1 = 100 + 2900 * torch.rand(300, generator=g, dtype=torch.float64)
+    t2 = 10 + (t1.clamp(max=300) - 10) * torch.rand(300, generator=g, dtype=torch.float64)
+    b1 = 0.8 + 0.4 * torch.rand(300, generator=g, dtype=torch.float64)
+    z = preprocess(simulate(seq, t1, t2, b1, dtype=torch.float64), mode).double()
+    z = z[:, 0] if z.ndim == 3 else z
+    kept = ((z @ v) ** 2).sum(1)
+    # (the magnitude's kinks at the zero crossings make it less compressible)
+    assert kept.min() > 1 - (1e-3 if mode == "complex" else 5e-3), kept.min()
+    # the energy outside the subspace grows with the noise level (the network's noise feature)
+    x = preprocess(simulate(seq, t1[:50], t2[:50], b1[:50]), mode)
+    x = x if x.ndim == 3 else x[:, None]
+    noisy = x + 0.02 * torch.randn(x.shape, generator=g)
+    noisy = noisy / torch.linalg.vector_norm(noisy.flatten(1), dim=1)[:, None, None]
+    assert (net.features(noisy)[:, -1] > net.features(x)[:, -1] + 2).all()
+    with pytest.raises(ValueError, match="orthonormal"):
+        net.set_basis(2 * net.basis)
+    with pytest.raises(ValueError, match="rank must be"):
+        SubspaceRegressor(50, 2, 3, rank=60)

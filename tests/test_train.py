@@ -30,7 +30,7 @@ def run(tmp_path, *overrides, logger="none"):
     return train(cfg), out, cfg
 
 
-@pytest.mark.parametrize("model", ["lstm", "gru", "ann", "cnn"])
+@pytest.mark.parametrize("model", ["lstm", "gru", "ann", "cnn", "subspace"])
 def test_every_model_fast_dev_run(tmp_path, model):
     # debug=tiny keeps the data small; fast_dev_run on top (a second debug= would replace tiny)
     metric, out, _ = run(tmp_path, f"model={model}", "++trainer.fast_dev_run=true")

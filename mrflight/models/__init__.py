@@ -15,15 +15,17 @@ from .base import Regressor, build_net, net_config
 from .cnn import CNNRegressor
 from .mlp import ANNRegressor
 from .recurrent import GRURegressor, LSTMRegressor, RecurrentRegressor
+from .subspace import SubspaceRegressor
 
 REGISTRY = {
     "lstm": LSTMRegressor,
     "gru": GRURegressor,
     "ann": ANNRegressor,
     "cnn": CNNRegressor,
+    "subspace": SubspaceRegressor,
 }
 
 __all__ = [
     "Regressor", "RecurrentRegressor", "LSTMRegressor", "GRURegressor", "ANNRegressor",
-    "CNNRegressor", "REGISTRY", "build_net", "net_config",
+    "CNNRegressor", "SubspaceRegressor", "REGISTRY", "build_net", "net_config",
 ]
