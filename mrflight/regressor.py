@@ -193,8 +193,11 @@ class MRFRegressor(L.LightningModule):
         for key in ("t1_range", "t2_range", "b1_range"):
             if prior is not None and hasattr(prior, key):
                 ranges[key] = getattr(prior, key)
+        noise = self.hparams.get("noise_std")
+        noise_min = min(noise) if isinstance(noise, (list, tuple)) else noise
         t0 = time.perf_counter()
-        self.net.fit_basis(Sequence.from_dict(self.hparams["sequence"]), **ranges)
+        self.net.fit_basis(Sequence.from_dict(self.hparams["sequence"]), noise_min=noise_min,
+                           **ranges)
         log.info("subspace basis of rank %d fitted in %.1f s", self.net.rank,
                  time.perf_counter() - t0)
 

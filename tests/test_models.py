@@ -124,6 +124,12 @@ def test_subspace_basis_captures_fresh_fingerprints(mode, channels):
     noisy = x + 0.02 * torch.randn(x.shape, generator=g)
     noisy = noisy / torch.linalg.vector_norm(noisy.flatten(1), dim=1)[:, None, None]
     assert (net.features(noisy)[:, -1] > net.features(x)[:, -1] + 2).all()
+    # with a training noise floor: cleaner inputs read as at that noise, noisier ones untouched
+    free = net.features(x)[:, -1]
+    net.set_basis(net.basis, noise_min=0.01)
+    floor = float(net.log_outside_floor)
+    assert torch.allclose(net.features(x)[:, -1], torch.full_like(free, floor))
+    assert (net.features(noisy)[:, -1] > floor).all()
     with pytest.raises(ValueError, match="orthonormal"):
         net.set_basis(2 * net.basis)
     with pytest.raises(ValueError, match="rank must be"):

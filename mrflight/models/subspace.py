@@ -18,6 +18,8 @@ magnitudes (magnitude input), as the data module feeds them to the network.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -63,7 +65,8 @@ class SubspaceRegressor(Regressor):
 
     Features of a unit-norm input ``x`` (``C`` channels): the coordinates ``x_c @ V`` of every
     channel (``C * R`` numbers) and ``log(||x||^2 - sum of their squares)``, the log energy
-    outside the subspace (the noise level: it is what noise alone adds).
+    outside the subspace (the noise level: it is what noise alone adds), clamped below at what
+    the lowest training noise leaves there.
 
     Args:
         input_length: ``T``.
@@ -90,6 +93,10 @@ class SubspaceRegressor(Regressor):
                              f"{hidden_sizes}")
         self.register_buffer("basis", torch.zeros(self.input_length, self.rank))
         self.register_buffer("basis_fitted", torch.zeros((), dtype=torch.bool))
+        # the log energy outside the basis is clamped below at what the lowest training noise
+        # leaves there (set with the basis; -inf: no clamp), so a voxel less noisy than any
+        # training sample is read as one at the lowest training noise instead of extrapolated
+        self.register_buffer("log_outside_floor", torch.full((), -math.inf))
         layers: list[nn.Module] = []
         width = self.in_channels * self.rank + 1
         for h in self.hidden_sizes:
@@ -102,8 +109,10 @@ class SubspaceRegressor(Regressor):
     def has_basis(self) -> bool:
         return bool(self.basis_fitted)
 
-    def set_basis(self, basis: torch.Tensor) -> None:
-        """Use ``basis`` ``(T, R)`` (orthonormal columns) from now on."""
+    def set_basis(self, basis: torch.Tensor, noise_min: float | None = None) -> None:
+        """Use ``basis`` ``(T, R)`` (orthonormal columns) from now on; ``noise_min``: the
+        lowest training noise std (relative to the unit-norm fingerprint), below which inputs
+        are read as at that noise (``None``: no floor)."""
         b = torch.as_tensor(basis, dtype=torch.float32)
         if b.shape != self.basis.shape:
             raise ValueError(f"basis must be ({self.input_length}, {self.rank}), got "
@@ -113,22 +122,32 @@ class SubspaceRegressor(Regressor):
             raise ValueError("basis columns must be orthonormal (see subspace_basis)")
         self.basis.copy_(b.to(self.basis.device))
         self.basis_fitted.fill_(True)
+        floor = -math.inf
+        if noise_min is not None and noise_min > 0:
+            # noise of std s per real channel leaves C (T - R) s^2 outside the basis on average
+            # (a chi-square of C (T - R) degrees of freedom: thousands, so 0.9 of the mean lies
+            # many standard deviations below it and training inputs are left untouched)
+            dof = self.in_channels * (self.input_length - self.rank)
+            floor = math.log(0.9 * dof * float(noise_min) ** 2) if dof > 0 else -math.inf
+        self.log_outside_floor.fill_(floor)
 
-    def fit_basis(self, seq, **prior) -> None:
+    def fit_basis(self, seq, noise_min: float | None = None, **prior) -> None:
         """Fit the basis to fingerprints of ``seq`` drawn from ``prior`` (keyword arguments of
-        :func:`subspace_basis`: ``t1_range``, ``t2_range``, ``b1_range``)."""
+        :func:`subspace_basis`: ``t1_range``, ``t2_range``, ``b1_range``); ``noise_min``: see
+        :meth:`set_basis`."""
         if len(seq) != self.input_length:
             raise ValueError(f"the sequence has {len(seq)} time points, the network expects "
                              f"{self.input_length}")
         mode = "magnitude" if self.in_channels == 1 else "complex"
-        self.set_basis(subspace_basis(seq, self.rank, mode, **prior))
+        self.set_basis(subspace_basis(seq, self.rank, mode, **prior), noise_min)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, T)`` unit-norm inputs -> ``(B, C * R + 1)`` features."""
         coef = x @ self.basis.to(x.dtype)  # (B, C, R)
         coef = coef.flatten(1)
         outside = (x * x).sum(dim=(1, 2)) - (coef * coef).sum(dim=1)
-        return torch.cat([coef, torch.log(outside.clamp_min(1e-10))[:, None]], dim=1)
+        log_outside = torch.log(outside.clamp_min(1e-10)).clamp_min(self.log_outside_floor)
+        return torch.cat([coef, log_outside[:, None]], dim=1)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.has_basis:
