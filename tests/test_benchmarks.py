@@ -150,3 +150,15 @@ def test_export_and_eval_thread_scripts_run_on_tiny_sizes():
                           "GRU predict_parameters"}
     for fn in parts.values():
         fn()
+
+
+def test_bayes_floor_posterior_mean_is_near_the_bound_on_a_coarse_grid(monkeypatch, tmp_path):
+    import bayes_floor
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bayes_floor, "publish", lambda name, text: text)
+    text = bayes_floor.main(["--smoke"])
+    row = next(line for line in text.splitlines() if line.startswith("| posterior mean"))
+    t1_ratio, t2_ratio = float(row.split("|")[3]), float(row.split("|")[5])
+    # a coarse grid and 200 pulses: not efficient, but a posterior mean, not noise
+    assert 0.3 < t1_ratio < 3 and 0.3 < t2_ratio < 3

@@ -16,6 +16,7 @@ from mrflight.evaluation import EvalSettings
 from mrflight.pipeline import compose_config, evaluate, train
 
 FAST = ["evaluation.n_test=40", "evaluation.bound_signals=6", "evaluation.latency_repeats=3",
+        "evaluation.tissue_voxels=100",
         "evaluation.noise_levels=[0.01,0.02]", "evaluation.svd_rank=10"]
 
 
@@ -86,11 +87,16 @@ def test_eval_writes_every_output_with_finite_values(tiny_run, tmp_path):
         assert 0.9 < off[B1_MATCHING][f"{q}_rmse_over_crb"] < 4, (q, off[B1_MATCHING])
     assert {r["method"] for r in metrics["efficiency_summary"]} == {"ann [0]", B1_MATCHING}
     assert {r["method"] for r in metrics["robustness"]} >= {"ann [0]", B1_MATCHING}
+    tissue = [r for r in metrics["robustness"] if r["condition"] == "tissue_pd"]
+    assert tissue and all(r["voxels"] == 100 and r["noise_std"] == 0.01 for r in tissue)
     # the table: our rows computed from metrics.json, the paper's rows marked as reference
     md = (out / "table.md").read_text()
     ann = next(r for r in rows if r["method"] == "ann" and r["test_set"] == "paper")
     assert f"{ann['t1_mae_ms']:.2f}" in md
     assert "GRU (reference) | 101.81 | 103.25 | 58.91 | 73.66 | 14" in md
+    mine = [r for r in tissue if r["method"] == "ann [0]"]
+    w1, w2 = (max(abs(r[f"{q}_median_error_pct"]) for r in mine) for q in ("t1", "t2"))
+    assert f"| ann [0] | {w1:.2f} | {w2:.2f} |" in md  # the largest tissue median errors
     with open(out / "table.csv") as f:
         table = list(csv.DictReader(f))
     assert sum(r["source"].endswith("(reference)") for r in table) == 5
