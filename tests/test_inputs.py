@@ -337,3 +337,15 @@ def test_matcher_at_any_scale(small, scale, complex_matching):
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(m0s.abs().double() / scale, m0.abs().double(), rtol=1e-4,
                                atol=0)
+
+
+def test_complex_normalize_matches_the_definition_on_views():
+    """The complex path works on the (re, im) view: the same as x / ||x|| in float64, also for
+    conjugate and strided views."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 40, dtype=torch.complex128, generator=g)
+    for v in (x, x.conj(), x[:, ::3], x.T.contiguous().T):
+        ref = v.resolve_conj() / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+        torch.testing.assert_close(normalize(v), ref, rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(normalize(v.to(torch.complex64)), ref.to(torch.complex64),
+                                   rtol=1e-6, atol=1e-7)

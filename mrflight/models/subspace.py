@@ -5,9 +5,8 @@ keeps 99.999 % of their energy for the Oksuz 2019 train of 1750 pulses), so thei
 that basis is (up to this energy) a sufficient statistic of T1, T2 and B1, and the energy left
 outside it measures the noise level. The MLP then works on ``2 R + 1`` numbers instead of
 ``C * T``: cheap enough on a CPU to see several times more fresh simulated fingerprints in the same
-training time as the recurrent models (the approach of low-rank MRF networks, e.g. McGivney et
-al., IEEE TMI 2014 for the compressed dictionary, Barbieri et al., NMR Biomed 2022 for
-networks on compressed fingerprints).
+training time as the recurrent models (the SVD compression of MRF dictionaries of McGivney et
+al., IEEE TMI 2014, put in front of a network).
 
 The basis is a buffer of the network, saved in its checkpoint. It is fitted once when training
 starts (:meth:`SubspaceRegressor.fit_basis`, called by
@@ -56,7 +55,7 @@ def subspace_basis(seq, rank: int, input_mode: str = "complex", t1_range=(50.0, 
     z = z[:, 0] if z.ndim == 3 else z
     if not 1 <= int(rank) <= z.shape[1]:
         raise ValueError(f"rank must be in [1, {z.shape[1]}] (the sequence length), got {rank}")
-    evals, evecs = torch.linalg.eigh(z.T @ z)  # the Gram matrix: T x T, cheap for T ~ 2000
+    _, evecs = torch.linalg.eigh(z.T @ z)  # the Gram matrix: T x T, cheap for T ~ 2000
     return evecs[:, -int(rank):].flip(1).to(torch.float32).contiguous()
 
 

@@ -42,7 +42,7 @@ def normalize(signals: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     if signals.is_complex():
         # on the (re, im) pairs: torch's complex norm and complex-by-real division are ~20x
         # slower on the CPU than the same arithmetic on the real view
-        pairs = torch.view_as_real(signals)
+        pairs = torch.view_as_real(signals.resolve_conj())
         norm = torch.linalg.vector_norm(pairs, dim=(-2, -1))[..., None]
     else:
         norm = torch.linalg.vector_norm(signals, dim=-1, keepdim=True)
