@@ -12,6 +12,8 @@ network trained on this prior can reach on that set, and its tissue medians show
 network keeps (the "oracle" knows the noise level; networks infer it from the data).
 
     python benchmarks/bayes_floor.py            # ~3 min on 2 CPU cores, ~3 GB
+    python benchmarks/bayes_floor.py --efficiency 60   # + eval.py's efficiency grid, 60 draws
+                                                       #   per point (~8 min)
     python benchmarks/bayes_floor.py --smoke    # seconds: a coarse grid, 50 signals
 """
 
@@ -84,6 +86,8 @@ class PosteriorMean:
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="a coarse grid and 50 signals")
+    ap.add_argument("--efficiency", type=int, default=0, metavar="K",
+                    help="also the medians over eval.py's efficiency grid, K draws per point")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seq = oksuz2019(n_pulses=200, lobe_length=40) if args.smoke else oksuz2019()
@@ -99,6 +103,18 @@ def main(argv=None) -> str:
             f"B1/proton-density set, {time.perf_counter() - t0:.0f} s\n\n"
             + markdown_table(["method", "T1 RMSE ms", "T1 x CRB", "T2 RMSE ms", "T2 x CRB",
                               "B1 RMSE %", "B1 x CRB"], table))
+    if args.efficiency:
+        pts = eff.efficiency_grid(b1=(0.8, 1.0, 1.2))
+        summ = eff.summarise(eff.efficiency_report(seq, {"posterior mean": pm}, pts, 0.01,
+                                                   args.efficiency, seed=7))[0]
+        text += ("\n\nEfficiency grid (eval.py's 192 points, noise 0.01, "
+                 f"{args.efficiency} draws per point), median over the grid\n\n"
+                 + markdown_table(["method", "T1 std/CRB", "T1 RMSE/CRB", "T2 std/CRB",
+                                   "T2 RMSE/CRB", "B1 std/CRB", "B1 RMSE/CRB"],
+                                  [[summ["method"]] + [f"{summ[f'{q}_{m}_median']:.3f}"
+                                                       for q in ("t1", "t2", "b1")
+                                                       for m in ("std_over_crb",
+                                                                 "rmse_over_crb")]]))
     return publish("bayes_floor_smoke.md" if args.smoke else "bayes_floor.md", text)
 
 

@@ -157,7 +157,8 @@ def test_bayes_floor_posterior_mean_is_near_the_bound_on_a_coarse_grid(monkeypat
 
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(bayes_floor, "publish", lambda name, text: text)
-    text = bayes_floor.main(["--smoke"])
+    text = bayes_floor.main(["--smoke", "--efficiency", "3"])
+    assert "Efficiency grid" in text
     row = next(line for line in text.splitlines() if line.startswith("| posterior mean"))
     t1_ratio, t2_ratio = float(row.split("|")[3]), float(row.split("|")[5])
     # a coarse grid and 200 pulses: not efficient, but a posterior mean, not noise
