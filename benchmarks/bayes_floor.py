@@ -8,12 +8,13 @@ phase, noise 0.01): a (T1, T2, B1) grid dense in the default ``data=simulated`` 
 log-spaced in [50, 5000] ms, T2 in [5, min(T1, 600)] ms, B1 uniform in [0.7, 1.3]), the
 likelihood of every atom with the complex scale integrated out (flat prior) at the true noise
 level, atoms compressed to a rank-60 SVD basis. Its RMSE over the RMS bound is the best a
-network trained on this prior can reach on that set, and its tissue medians show the bias such a
-network keeps (the "oracle" knows the noise level; networks infer it from the data).
+network trained on this prior can reach on that set (the "oracle" knows the noise level;
+networks infer it from the data); ``--efficiency K`` adds its medians over eval.py's efficiency
+grid.
 
     python benchmarks/bayes_floor.py            # ~3 min on 2 CPU cores, ~3 GB
     python benchmarks/bayes_floor.py --efficiency 60   # + eval.py's efficiency grid, 60 draws
-                                                       #   per point (~8 min)
+                                                       #   per point (~7 min)
     python benchmarks/bayes_floor.py --smoke    # seconds: a coarse grid, 50 signals
 """
 
@@ -27,6 +28,7 @@ import torch
 from common import machine_line, markdown_table, publish
 
 from mrflight import efficiency as eff
+from mrflight.models.subspace import subspace_basis
 from mrflight.physics import oksuz2019, simulate
 from mrflight.transforms import preprocess
 
@@ -47,10 +49,10 @@ class PosteriorMean:
     def __init__(self, seq, grid: np.ndarray, rank: int, sigma: float, block: int = 20000):
         self.grid = torch.from_numpy(grid)
         self.sigma2 = float(sigma) ** 2
-        sub = grid[np.random.default_rng(0).choice(len(grid), min(8000, len(grid)), False)]
-        # a real basis: phase-aligned FISP fingerprints are real
-        z = self._atoms(seq, sub)
-        self.basis = torch.linalg.eigh(z.T @ z)[1][:, -rank:].to(torch.complex128)
+        # the subspace model's basis of the same prior (phase-aligned FISP fingerprints are real)
+        self.basis = subspace_basis(seq, rank, "complex", t1_range=(50.0, 5000.0),
+                                    t2_range=(5.0, 600.0), b1_range=(0.7, 1.3),
+                                    n_atoms=min(20000, 4 * len(grid))).to(torch.complex128)
         self.atoms = torch.cat([self._project(self._atoms(seq, grid[i:i + block]))
                                 for i in range(0, len(grid), block)])
 
@@ -89,7 +91,6 @@ def main(argv=None) -> str:
     ap.add_argument("--efficiency", type=int, default=0, metavar="K",
                     help="also the medians over eval.py's efficiency grid, K draws per point")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     seq = oksuz2019(n_pulses=200, lobe_length=40) if args.smoke else oksuz2019()
     sizes, n = ((20, 16, 5), 50) if args.smoke else ((140, 120, 41), 2000)
     t0 = time.perf_counter()
