@@ -59,31 +59,60 @@ def test_batch_is_a_function_of_seed_epoch_index(seq):
     dm2 = SimulatedDataModule(seq, **SMALL)
     dm2.setup("fit")
     assert torch.equal(dm2.train_set[(0, 1)].signal, a.signal)
-    # drawn on the loader, realised on the device later: the same batch
-    ds.simulate_here = False
-    late = dm.on_after_batch_transfer(ds[(0, 1)], 0)
+    # drawn on the loader, realised on the device later (one batch per launch): the same batch
+    dm3 = SimulatedDataModule(seq, **SMALL, batches_per_launch=1)
+    dm3.setup("fit")
+    dm3.train_set.simulate_here = False
+    late = dm3.on_after_batch_transfer(dm3.train_set[(0, 1)], 0)
     assert torch.allclose(late.signal, a.signal, atol=1e-4)
 
 
-def test_device_simulation_launches_several_batches_at_once(seq, monkeypatch):
-    """On the device, one simulate call covers batches_per_launch batches; each batch keeps its
-    own parameters and noise, and its signal matches the per-batch simulation (up to the
-    truncation shared by a launch's atoms, <= tol)."""
+def _device_batches(seq, first=0, **kw):
     dm = SimulatedDataModule(seq, **{**SMALL, "batches_per_epoch": 5, "batches_per_launch": 2,
-                                     "simulate_on": "device"})
+                                     "simulate_on": "device", **kw})
     dm.setup("fit")
-    ds = dm.train_set
-    ds.simulate_here = False
+    dm.train_set.simulate_here = False
+    return dm, [dm.on_after_batch_transfer(dm.train_set[(0, i)], 0) for i in range(first, 5)]
+
+
+def test_device_simulation_launches_several_batches_at_once(seq, monkeypatch):
+    """On the device, one call simulates and noises batches_per_launch batches; each batch keeps
+    its own parameters and noise level, its clean signal matches the per-batch simulation (up to
+    the truncation shared by a launch's atoms, <= tol), its noise has the drawn level and differs
+    from its neighbours', and a run resumed inside a launch gets the same batches."""
     calls = []
-    sim = dm.simulator.simulate
-    monkeypatch.setattr(dm.simulator, "simulate", lambda p: calls.append(len(p)) or sim(p))
-    got = [dm.on_after_batch_transfer(ds[(0, i)], 0) for i in range(5)]
+    sim = SimulatedDataModule.simulator.fget
+
+    def counting(self):
+        s = sim(self)
+        if not hasattr(s, "_counted"):
+            inner = s.simulate
+            s.simulate = lambda p: calls.append(len(p)) or inner(p)
+            s._counted = True
+        return s
+    monkeypatch.setattr(SimulatedDataModule, "simulator", property(counting))
+    dm, got = _device_batches(seq)
     assert calls == [32, 32, 16]  # batches (0, 1), (2, 3), (4)
+    ds = dm.train_set
     ds.simulate_here = True
     for i, g in enumerate(got):
         ref = ds[(0, i)]
         assert torch.equal(g.params_ms, ref.params_ms) and torch.equal(g.key, ref.key)
-        assert (g.signal - ref.signal).norm() <= 1e-3 * ref.signal.norm()
+        assert g.signal.shape == ref.signal.shape
+    # noise-free: the per-batch simulation; noisy: residuals at each sample's drawn level
+    cdm, clean = _device_batches(seq, noise_std=0.0)
+    cdm.train_set.simulate_here = True
+    for i, c in enumerate(clean):
+        ref = cdm.train_set[(0, i)]
+        assert (c.signal - ref.signal).norm() <= 1e-3 * ref.signal.norm() + 1e-6
+    res = torch.cat([g.signal - c.signal for g, c in zip(got, clean)])
+    std = torch.cat([g.noise_std for g in got])
+    # magnitude of (unit fingerprint + complex noise): residual std ~ noise std per sample
+    ratio = res.std(dim=1) / std
+    assert 0.8 < float(ratio.median()) < 1.2
+    assert not torch.allclose(got[0].signal - clean[0].signal, got[1].signal - clean[1].signal)
+    _, resumed = _device_batches(seq, first=3)
+    assert torch.equal(resumed[0].signal, got[3].signal)
     with pytest.raises(ValueError, match="batches_per_launch"):
         SimulatedDataModule(seq, **{**SMALL, "batches_per_launch": 0})
 

@@ -10,13 +10,15 @@ DataLoader (``num_workers=1``, the default, overlaps that with the training step
 core); on a GPU (``simulate_on="device"``, chosen automatically for a CUDA trainer) the loader
 only draws the parameters and the simulation and noise run on the GPU in
 :meth:`SimulatedDataModule.on_after_batch_transfer`, with no host round trip of the signals.
-There one kernel launch simulates ``batches_per_launch`` consecutive batches (default: 32 768
-fingerprints), because one batch of 1024 atoms would occupy only a few of the GPU's
-multiprocessors; each batch still has its own parameters and noise.
+There one call simulates, noises and preprocesses ``batches_per_launch`` consecutive batches
+(default: 32 768 fingerprints), because one batch of 1024 atoms would occupy only a few of the
+GPU's multiprocessors and its noise and preprocessing would be a series of small kernels; each
+batch still has its own parameters and noise levels.
 
 Determinism: training batch ``i`` of epoch ``e`` on rank ``r`` is a function of ``(seed, e, i,
 r)`` only: the parameters come from ``numpy.random.default_rng(stream_seed(seed, 2, e, i, r))``
-and the noise from a torch generator seeded with ``stream_seed(seed, 1, e, i, r)``, so a resumed
+and the noise from a torch generator seeded with ``stream_seed(seed, 1, e, i, r)`` (on the
+device: of the group's first batch ``i``, so there ``batches_per_launch`` matters too), so a resumed
 run sees exactly the batches of an uninterrupted one, whatever the worker count.
 
 Validation and test sets are fixed: ``n_val`` / ``n_test`` parameter sets drawn from the prior
@@ -447,7 +449,7 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
         self.bound_table = bool(bound_table)
         self.batches_per_launch = min(self.batches_per_epoch, int(
             batches_per_launch or max(1, _FINGERPRINTS_PER_LAUNCH // self.batch_size)))
-        self._launch: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._launch: tuple[tuple[int, int], Batch] | None = None
         self.progress = bool(progress)
         self.with_bound = False  # set by a module whose loss needs the per-sample bound
         self._sim: BatchSimulator | None = None
@@ -555,23 +557,32 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
             batch = fresh._replace(**{k: getattr(fresh, k).to(dev) for k in
                                       ("target", "params_ms", "noise_std", "sim_params", "key")})
         if batch.signal.numel() == 0:  # drawn only (or redrawn): simulate as the loader would
-            clean = None if self.train_set.simulate_here else self._device_clean(batch)
-            batch = self.simulator.realise(batch, clean)
+            if self.train_set.simulate_here:
+                return self.simulator.realise(batch)
+            return self._device_batch(batch)
         return batch
 
-    def _device_clean(self, batch: Batch) -> torch.Tensor:
-        """Clean fingerprints of a drawn batch; one simulation covers ``batches_per_launch``
-        consecutive batches of its epoch (drawn here as the loader would draw them)."""
+    def _device_batch(self, batch: Batch) -> Batch:
+        """A drawn batch realised on the device. One call simulates, noises and preprocesses
+        ``batches_per_launch`` consecutive batches of its epoch (drawn here as the loader would
+        draw them, so each keeps its parameters and noise level); the group's noise comes from
+        one generator seeded by its first batch's key."""
         epoch, index = int(batch.key[1]), int(batch.key[2])
         first = index - index % self.batches_per_launch
         if self._launch is None or self._launch[0] != (epoch, first):
             last = min(first + self.batches_per_launch, self.batches_per_epoch)
-            params = torch.cat([self.simulator.draw(self.seed, epoch, j, self.train_set.rank)
-                                .sim_params for j in range(first, last)])
-            self._launch = None  # free the previous launch's fingerprints first
-            clean = self.simulator.simulate(params.to(batch.target.device))
-            self._launch = ((epoch, first), clean.view(last - first, -1, clean.shape[-1]))
-        return self._launch[1][index - first]
+            draws = [self.simulator.draw(self.seed, epoch, j, self.train_set.rank)
+                     for j in range(first, last)]
+            self._launch = None  # free the previous launch's signals first
+            dev = batch.target.device
+            group = Batch(*(None if f[0] is None else torch.cat(f).to(dev)
+                            for f in zip(*(d[:-1] for d in draws))), key=draws[0].key)
+            self._launch = ((epoch, first), self.simulator.realise(group))
+        group, j = self._launch[1], index - first
+        rows = self.batch_size * self.realizations
+        return batch._replace(signal=group.signal[j * rows: (j + 1) * rows],
+                              bound=None if group.bound is None else
+                              group.bound[j * self.batch_size: (j + 1) * self.batch_size])
 
 
 def _identity(x):
