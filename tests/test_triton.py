@@ -190,9 +190,10 @@ def test_cuda_fused_gru_matches_nn_gru(mode, monkeypatch):
     assert gates is not None
     precision = (torch.autocast("cuda", dtype=torch.bfloat16) if mode == "bf16"
                  else float32_matmul("cuda", "tf32" if mode == "tf32" else "ieee"))
+    net64 = copy.deepcopy(net).double().cpu()
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a kernel failure would warn
-        ref = copy.deepcopy(net).double().cpu()(x.double().cpu())
+        ref = net64(x.double().cpu())
         with precision:
             monkeypatch.setenv("MRFLIGHT_NO_TRITON", "1")
             cudnn = net(x)
@@ -206,17 +207,26 @@ def test_cuda_fused_gru_matches_nn_gru(mode, monkeypatch):
 
 
 @needs_cuda
-def test_cuda_predict_parameters_keeps_gpu_input_on_the_gpu():
+def test_cuda_predict_parameters_keeps_gpu_input_on_the_gpu(monkeypatch):
     """GPU-resident signals are preprocessed on the GPU and give the CPU input's estimates."""
+    from mrflight import regressor
     from mrflight.models import GRURegressor
-    from mrflight.regressor import MRFRegressor
 
     torch.manual_seed(0)
-    module = MRFRegressor(GRURegressor(input_length=300, hidden_size=16)).cuda()
+    module = regressor.MRFRegressor(GRURegressor(input_length=300, hidden_size=16)).cuda()
     x = torch.randn(1000, 300, dtype=torch.complex64)
     x[3] = 0
-    ref = module.predict_parameters(x, batch_size=256)
-    got = module.predict_parameters(x.cuda(), batch_size=256)
+    seen = []
+    real = regressor.preprocess
+    monkeypatch.setattr(regressor, "preprocess", lambda z, m: (seen.append(z.device.type),
+                                                              real(z, m))[1])
+    with pytest.warns(RuntimeWarning, match="all-zero"):
+        ref = module.predict_parameters(x, batch_size=256)
+    assert set(seen) == {"cpu"}
+    seen.clear()
+    with pytest.warns(RuntimeWarning, match="all-zero"):
+        got = module.predict_parameters(x.cuda(), batch_size=256)
+    assert set(seen) == {"cuda"} and len(seen) == 4  # every chunk preprocessed on the GPU
     assert got.device.type == "cpu" and got.shape == ref.shape
     assert torch.equal(torch.isnan(got), torch.isnan(ref)) and bool(torch.isnan(got[3]).all())
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3, equal_nan=True)
