@@ -16,7 +16,9 @@ written to ``OUT/gpu_check.md`` and ``OUT/gpu_check.json``):
   2, 4 and 8 re-scored candidates;
 * SVD (rank 25) matching of a 256 x 256 slice against the paper grid;
 * GRU inference (values_per_step 50, hidden 100; briefly trained here) in fp32/TF32/bf16/fp16
-  at batches of 16 384 and 65 536, with the test RMSE of each;
+  at batches of 1024, 16 384 and 65 536 through the fused path (``mrflight.models.fused_gru``:
+  eval mode, inference_mode, Triton gates) and through cuDNN's GRU for comparison, with the test
+  RMSE of each;
 * the CUDA tests (``pytest -k cuda``) when pytest is installed.
 
 Every row runs under ``try``: a failure prints its error in its row and the check goes on; a
@@ -55,6 +57,7 @@ from mrflight.dictionary import paper_grid, random_params  # noqa: E402
 from mrflight.fileio import atomic_path  # noqa: E402
 from mrflight.matching import DictionaryMatcher, float32_matmul  # noqa: E402
 from mrflight.models import GRURegressor  # noqa: E402
+from mrflight.models.fused_gru import fused_gru_available  # noqa: E402
 from mrflight.physics import Sequence, add_noise, oksuz2019, simulate  # noqa: E402
 from mrflight.physics._triton_glue import _run_gpu_kernel  # noqa: E402
 from mrflight.physics.jacobian import _jacobian_forward_ad  # noqa: E402
@@ -467,8 +470,8 @@ def main() -> int:
         return (ms(t), None, f"{ctx.n_slice} signals; basis built in {build:.2f} s; exact "
                 f"noise-free atoms {100 * exact:.2f} %")
 
-    @row("GRU inference (values_per_step 50, hidden 100), fp32 / tf32 / bf16 / fp16, two batches",
-         ">= 10 M/s", 60)
+    @row("GRU inference (values_per_step 50, hidden 100), fused path vs cuDNN, fp32 / tf32 / "
+         "bf16 / fp16", ">= 10 M/s", 60)
     def _():
         torch.manual_seed(0)
         T = len(seq)
@@ -505,10 +508,14 @@ def main() -> int:
         xt, pt = batch(test, torch.arange(ctx.n_test, device=dev), 7)
         big = max(ctx.gru_batches)
         xb = xt[:big].repeat(max(1, big // len(xt) + 1), 1)[:big]
-        rates, rmse = {}, {}
         modes = ("fp32", "tf32", "bf16", "fp16")
-        for mode in modes:
-            def run(x, mode=mode):
+
+        def run(x, mode, path):
+            """net(x) in eval mode under inference_mode; path "cudnn" sets MRFLIGHT_NO_TRITON."""
+            prev = os.environ.pop("MRFLIGHT_NO_TRITON", None)
+            if path == "cudnn":
+                os.environ["MRFLIGHT_NO_TRITON"] = "1"
+            try:
                 with torch.inference_mode():
                     if mode in ("bf16", "fp16"):
                         half = torch.bfloat16 if mode == "bf16" else torch.float16
@@ -516,19 +523,33 @@ def main() -> int:
                             return net(x).float()
                     with float32_matmul(dev, "tf32" if mode == "tf32" else "ieee"):
                         return net(x)
-            for bs in ctx.gru_batches:
-                _, t = bench(lambda bs=bs: run(xb[:bs]), ctx)
-                rates[(mode, bs)] = bs / t
-            est = torch.cat([run(xt[i: i + 8192]) for i in range(0, len(xt), 8192)]) * scale
-            rmse[mode] = ((est - pt) ** 2).mean(0).sqrt().tolist()
-        ch = {m: max(abs(rmse[m][j] / rmse["fp32"][j] - 1) for j in range(2)) for m in modes}
-        best = max(rates, key=rates.get)
-        return (f"{rates[best] / 1e6:.1f} M/s ({best[0]}, batch {best[1]})",
-                rates[best] >= 1e7 and ch[best[0]] <= 0.01,
-                "; ".join(f"{m} batch {b}: {r / 1e6:.2f} M/s" for (m, b), r in rates.items())
+            finally:
+                os.environ.pop("MRFLIGHT_NO_TRITON", None)
+                if prev is not None:
+                    os.environ["MRFLIGHT_NO_TRITON"] = prev
+
+        with torch.inference_mode():
+            used = fused_gru_available(net.rnn, xb[:, None])  # the input's device, eval, no grad
+        rates, rmse = {}, {}
+        for path, mode in [("fused", m) for m in modes] + [("cudnn", m) for m in modes]:
+            for bs in sorted({min(1024, big), *ctx.gru_batches}):  # 1024: launch-bound?
+                _, t = bench(lambda bs=bs, m=mode, p=path: run(xb[:bs], m, p), ctx)
+                rates[(path, mode, bs)] = bs / t
+            est = torch.cat([run(xt[i: i + 8192], mode, path)
+                             for i in range(0, len(xt), 8192)]) * scale
+            rmse[(path, mode)] = ((est - pt) ** 2).mean(0).sqrt().tolist()
+        base = rmse[("cudnn", "fp32")]
+        ch = {k: max(abs(v[j] / base[j] - 1) for j in range(2)) for k, v in rmse.items()}
+        best = max((k for k in rates if k[0] == "fused"), key=rates.get)
+        return (f"{rates[best] / 1e6:.1f} M/s ({best[1]}, batch {best[2]})",
+                rates[best] >= 1e7 and ch[best[:2]] <= 0.01,
+                f"fused path {'used' if used else 'NOT used (no CUDA/Triton): both are nn.GRU'}; "
+                + "; ".join(f"{p} {m} batch {b}: {r / 1e6:.2f} M/s"
+                            for (p, m, b), r in rates.items())
                 + f"; trained {steps} steps ({ctx.train_s:.0f} s); test RMSE T1/T2 "
-                + ", ".join(f"{m} {rmse[m][0]:.0f}/{rmse[m][1]:.1f} ms ({100 * ch[m]:.2f} %)"
-                            for m in modes) + " (change vs fp32, target <= 1 %)")
+                + ", ".join(f"{p} {m} {v[0]:.0f}/{v[1]:.1f} ms ({100 * ch[(p, m)]:.2f} %)"
+                            for (p, m), v in rmse.items())
+                + " (change vs cuDNN fp32, target <= 1 %)")
 
     if not args.no_tests:
         @row("CUDA tests: pytest -k cuda (test_epg, test_matching, test_triton)", "all pass", 60)

@@ -235,7 +235,9 @@ class MRFRegressor(L.LightningModule):
             batch_size: inference chunk size; default 256 on a CPU (the fastest or close to it
                 for every default model: larger chunks fall out of cache, see
                 ``benchmarks/inference_speed.py``) and 65536 on a GPU (which needs large batches
-                to fill it).
+                to fill it). Signals given as a tensor on the model's GPU are preprocessed there
+                with no host round trip: the way to the GPU's full speed (a CPU tensor is copied
+                chunk by chunk, and the GRU reads faster than PCIe delivers).
             precision: ``"fp32"`` (default), ``"tf32"`` (float32 matrix products on TF32 tensor
                 cores, CUDA) or ``"bf16"`` (bfloat16 autocast, CUDA or CPU); the outputs are
                 float32 in every case. ``benchmarks/gpu_check.py`` compares the RMSE of each
@@ -262,16 +264,20 @@ class MRFRegressor(L.LightningModule):
         n_zero = int(zero.sum())
         was_training = self.training
         self.eval()
-        out = torch.empty((x.shape[0], len(self.targets)), dtype=torch.float32)
+        # signals already on the model's device stay there (preprocessed there, estimates
+        # gathered there): no host round trip
+        out = torch.empty((x.shape[0], len(self.targets)), dtype=torch.float32,
+                          device=self.device if x.device == self.device else "cpu")
         try:
             with torch.inference_mode(), _precision(precision, self.device):
                 for start in range(0, x.shape[0], batch_size):
                     inp = preprocess(x[start:start + batch_size], self.hparams.input_mode)
-                    out[start:start + batch_size] = self(inp.to(self.device)).float().cpu()
+                    out[start:start + batch_size] = self(inp.to(self.device)).float()
         finally:
             self.train(was_training)
+        out = out.cpu()
         if n_zero:
-            out[zero] = float("nan")
+            out[zero.cpu()] = float("nan")
         return out
 
     def _signal_matrix(self, signals) -> torch.Tensor:

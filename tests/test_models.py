@@ -134,3 +134,127 @@ def test_subspace_basis_captures_fresh_fingerprints(mode, channels):
         net.set_basis(2 * net.basis)
     with pytest.raises(ValueError, match="rank must be"):
         SubspaceRegressor(50, 2, 3, rank=60)
+
+
+# --------------------------------------------------------------------------------------------
+# the fused inference GRU (mrflight.models.fused_gru), with the pure-torch gates on the CPU; the
+# Triton gate kernel is checked through the interpreter in tests/test_triton.py
+# --------------------------------------------------------------------------------------------
+
+#: |h| < 1: absolute bounds on the final states. float64: rounding only (measured 3e-16);
+#: float32 against the float64 nn.GRU: a few float32 ulps per step, not growing over the steps
+#: (measured 2e-7, as nn.GRU's own float32 error)
+FUSED_F64_TOL = 1e-13
+FUSED_F32_TOL = 2e-6
+
+
+@pytest.mark.parametrize("inp,hid,layers,bidir,batch,steps", [
+    (7, 13, 1, False, 5, 6), (50, 100, 1, False, 1, 35), (4, 10, 2, True, 3, 5),
+    (3, 17, 3, False, 4, 4), (6, 9, 1, True, 2, 1),
+])
+def test_fused_gru_matches_nn_gru(inp, hid, layers, bidir, batch, steps):
+    from mrflight.models.fused_gru import fused_gru
+
+    torch.manual_seed(3)
+    rnn = nn.GRU(inp, hid, layers, batch_first=True, bidirectional=bidir).double().eval()
+    x = 3 * torch.randn(batch, steps, inp, dtype=torch.float64)
+    with torch.no_grad():
+        _, ref = rnn(x)
+        got = fused_gru(rnn, x)
+        assert got.shape == ref.shape and got.dtype == torch.float64
+        assert (got - ref).abs().max() < FUSED_F64_TOL
+        got32 = fused_gru(rnn.float(), x.float())
+    assert got32.dtype == torch.float32
+    assert (got32.double() - ref).abs().max() < FUSED_F32_TOL
+
+
+def test_fused_gru_under_bf16_autocast_keeps_float32_gates():
+    """Autocast turns the GEMMs' operands (and outputs) into bfloat16; the gate function still
+    gets a float32 state to write, and the result stays within bfloat16 rounding of float32."""
+    from mrflight.models.fused_gru import fused_gru, gru_gates_torch
+
+    torch.manual_seed(4)
+    rnn = nn.GRU(50, 100, batch_first=True).eval()
+    x = torch.randn(64, 35, 50)
+    seen = set()
+
+    def spy(gi, gh, h, bias, out):
+        seen.add((gi.dtype, None if gh is None else gh.dtype, out.dtype, bias.dtype))
+        gru_gates_torch(gi, gh, h, bias, out)
+
+    with torch.no_grad():
+        _, ref = rnn(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fused_gru(rnn, x, spy)
+    bf, f32 = torch.bfloat16, torch.float32
+    assert seen == {(bf, None, f32, f32), (bf, bf, f32, f32)}
+    assert got.dtype == f32
+    err = (got - ref).abs().max()
+    assert 1e-4 < err < 5e-2  # bfloat16 operands did change the result, by their rounding only
+
+
+def _use_fused(monkeypatch, gates=None):
+    """Make RecurrentRegressor take the fused path on the CPU (with ``gates`` as the kernel)."""
+    from mrflight.models import fused_gru, recurrent
+
+    monkeypatch.setattr(fused_gru, "_KERNEL", gates or fused_gru.gru_gates_torch)
+    monkeypatch.setattr(recurrent, "fused_gru_available", lambda rnn, x: type(rnn) is nn.GRU)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(in_channels=2, values_per_step=7, hidden_size=12),
+    dict(in_channels=1, values_per_step=4, hidden_size=9, num_layers=2, bidirectional=True),
+])
+def test_regressor_runs_the_fused_gru_as_nn_gru(monkeypatch, kwargs):
+    """The regressor's fused path (padded steps, channels, stacked and reversed layers) gives
+    the outputs of its nn.GRU path."""
+    from mrflight.models.fused_gru import gru_gates_torch
+
+    torch.manual_seed(5)
+    net = GRURegressor(input_length=30, **kwargs).double().eval()
+    x = torch.randn(3, kwargs["in_channels"], 30, dtype=torch.float64)
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        gru_gates_torch(*args)
+
+    with torch.no_grad():
+        ref = net(x)
+        _use_fused(monkeypatch, counted)
+        got = net(x)
+    # one gate step per step, direction and layer
+    n = net.n_steps * net.num_layers * (2 if net.bidirectional else 1)
+    assert len(calls) == n and net.pad > 0
+    assert (got - ref).abs().max() < FUSED_F64_TOL
+
+
+def test_fused_gru_failure_warns_and_falls_back(monkeypatch):
+    from mrflight.models import fused_gru
+
+    def broken(*args):
+        raise RuntimeError("no kernel for this GPU")
+
+    torch.manual_seed(6)
+    net = GRURegressor(input_length=20, hidden_size=8, values_per_step=5).eval()
+    x = torch.randn(2, 20)
+    with torch.no_grad():
+        ref = net(x)
+        _use_fused(monkeypatch, broken)
+        with pytest.warns(RuntimeWarning, match="fused GRU kernel failed"):
+            got = net(x)
+        assert fused_gru._KERNEL is None  # disabled for the rest of the process
+    assert torch.equal(got, ref)
+
+
+def test_fused_gru_is_off_where_it_does_not_apply(monkeypatch):
+    from mrflight.models import fused_gru
+
+    monkeypatch.setattr(fused_gru, "_KERNEL", fused_gru.gru_gates_torch)
+    gru, x = nn.GRU(4, 3, batch_first=True).eval(), torch.randn(2, 3, 4)
+    with torch.no_grad():
+        assert not fused_gru.fused_gru_available(gru, x)  # CPU input
+    monkeypatch.setenv("MRFLIGHT_NO_TRITON", "1")
+    assert fused_gru.triton_gates() is None
+    with pytest.raises(ValueError, match="batch_first"):
+        fused_gru.fused_gru(nn.GRU(4, 3), x)

@@ -1,6 +1,8 @@
-"""The fused Triton EPG kernels: arithmetic on the CPU through Triton's interpreter, and on CUDA.
+"""The fused Triton kernels (EPG, GRU gates): arithmetic on the CPU through Triton's interpreter,
+and on CUDA.
 
-The interpreter checks run ``tests/triton_interp_checks.py`` once in a subprocess with
+The interpreter checks run ``tests/triton_interp_checks.py`` (EPG) and
+``tests/triton_gru_interp_checks.py`` (GRU gates) once each in a subprocess with
 ``TRITON_INTERPRET=1`` (the variable is read when the kernel is decorated, so it must be set
 before the module is imported, and it must not leak into the rest of the session). They compare
 the kernels with the CPU C kernels at the same per-atom state counts and with forward-mode
@@ -39,14 +41,25 @@ F64_TOL = 1e-10
 F64_GPU_TOL = 1e-8
 
 
-@pytest.fixture(scope="module")
-def interp():
+def _interpreted(script: str) -> dict:
+    """The JSON line printed by ``tests/<script>`` run under ``TRITON_INTERPRET=1``."""
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interp_checks.py")],
+    env.pop("MRFLIGHT_NO_TRITON", None)
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / script)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interp():
+    return _interpreted("triton_interp_checks.py")
+
+
+@pytest.fixture(scope="module")
+def gru_interp():
+    return _interpreted("triton_gru_interp_checks.py")
 
 
 @needs_triton
@@ -65,6 +78,32 @@ def test_interpreted_jacobian_matches_forward_ad(interp):
         assert interp[f"jac_{name}_vs_forward_ad"] < F64_TOL, name
     assert interp["jac_value_vs_general"] < F64_TOL
     assert interp["jac_t2_vs_c_kernel"] < F64_TOL
+
+
+#: the GRU gate kernel against the pure-torch gates: float64 rounding only (measured 3e-16);
+#: float32 and bfloat16 inputs (gates in float32): the kernel's tanh from one exp against
+#: torch.tanh, a few float32 ulps of |h| < 1 (measured 4e-7)
+GATES_F64_TOL = 1e-14
+GATES_F32_TOL = 2e-6
+
+
+@needs_triton
+def test_interpreted_gru_gates_match_torch_gates(gru_interp):
+    assert gru_interp["gates_f64"] < GATES_F64_TOL
+    assert gru_interp["gates_f32"] < GATES_F32_TOL
+    assert gru_interp["gates_bf16_inputs"] < GATES_F32_TOL
+
+
+@needs_triton
+def test_interpreted_fused_gru_matches_nn_gru(gru_interp):
+    """The whole forward with the kernel: 1 layer of 13 units over a batch of 37, 2
+    bidirectional layers, batch 1 with 100 units, a regressor with padded steps (absolute
+    errors of the final states |h| < 1; float32 against the float64 nn.GRU)."""
+    for case in ("1x13", "2x10_bidir", "batch1"):
+        assert gru_interp[f"fwd_{case}_shape_ok"], case
+        assert gru_interp[f"fwd_{case}_f64"] < GATES_F64_TOL, case
+        assert gru_interp[f"fwd_{case}_f32"] < GATES_F32_TOL, case
+    assert gru_interp["regressor_padded_f64"] < GATES_F64_TOL
 
 
 def test_no_triton_env_forces_the_torch_path(monkeypatch):
@@ -128,6 +167,69 @@ def test_cuda_jacobian_matches_forward_ad():
     # the public call (per-atom counts, groups of 8) against the same kernel at the max count:
     # differences are truncation only, within the 1e-4 tolerance it was asked for
     assert _rel(x, xk) < 1e-4
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["fp32", "tf32", "bf16"])
+def test_cuda_fused_gru_matches_nn_gru(mode, monkeypatch):
+    """The regressor in eval mode under inference_mode runs the Triton path on CUDA (one gate
+    launch per step). Against the float64 nn.GRU on the CPU it is as close as cuDNN's GRU in the
+    same precision (TF32 and bf16 round the GEMM operands), and within float32 rounding in
+    fp32."""
+    import copy
+    import warnings
+
+    from mrflight.matching import float32_matmul
+    from mrflight.models import GRURegressor
+    from mrflight.models import fused_gru as fg
+
+    torch.manual_seed(0)
+    net = GRURegressor(input_length=1750, hidden_size=100, values_per_step=50).cuda().eval()
+    x = torch.nn.functional.normalize(torch.rand(4099, 1750, device="cuda"), dim=1)
+    gates, calls = fg.triton_gates(), []
+    assert gates is not None
+    precision = (torch.autocast("cuda", dtype=torch.bfloat16) if mode == "bf16"
+                 else float32_matmul("cuda", "tf32" if mode == "tf32" else "ieee"))
+    net64 = copy.deepcopy(net).double().cpu()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a kernel failure would warn
+        ref = net64(x.double().cpu())
+        with precision:
+            monkeypatch.setenv("MRFLIGHT_NO_TRITON", "1")
+            cudnn = net(x)
+            monkeypatch.delenv("MRFLIGHT_NO_TRITON")
+            monkeypatch.setattr(fg, "_KERNEL", lambda *a: (calls.append(1), gates(*a)))
+            got = net(x)
+    assert len(calls) == 35 and got.dtype == cudnn.dtype
+    err, err_cudnn = ((y.double().cpu() - ref).abs().max() for y in (got, cudnn))
+    tol = {"fp32": 1e-5, "tf32": 5e-3, "bf16": 3e-2}[mode]
+    assert err < max(tol, 2 * err_cudnn), (err, err_cudnn)
+
+
+@needs_cuda
+def test_cuda_predict_parameters_keeps_gpu_input_on_the_gpu(monkeypatch):
+    """GPU-resident signals are preprocessed on the GPU and give the CPU input's estimates."""
+    from mrflight import regressor
+    from mrflight.models import GRURegressor
+
+    torch.manual_seed(0)
+    module = regressor.MRFRegressor(GRURegressor(input_length=300, hidden_size=16)).cuda()
+    x = torch.randn(1000, 300, dtype=torch.complex64)
+    x[3] = 0
+    seen = []
+    real = regressor.preprocess
+    monkeypatch.setattr(regressor, "preprocess", lambda z, m: (seen.append(z.device.type),
+                                                              real(z, m))[1])
+    with pytest.warns(RuntimeWarning, match="all-zero"):
+        ref = module.predict_parameters(x, batch_size=256)
+    assert set(seen) == {"cpu"}
+    seen.clear()
+    with pytest.warns(RuntimeWarning, match="all-zero"):
+        got = module.predict_parameters(x.cuda(), batch_size=256)
+    assert set(seen) == {"cuda"} and len(seen) == 4  # every chunk preprocessed on the GPU
+    assert got.device.type == "cpu" and got.shape == ref.shape
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and bool(torch.isnan(got[3]).all())
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3, equal_nan=True)
 
 
 def test_jacobian_wrt_selects_and_orders_columns():

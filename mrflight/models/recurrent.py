@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .base import Regressor
+from .fused_gru import fused_gru_available, run_fused_gru
 
 __all__ = ["RecurrentRegressor", "LSTMRegressor", "GRURegressor"]
 
@@ -21,6 +22,12 @@ class RecurrentRegressor(Regressor):
     is the literal per-time-point model of the paper (1750 steps: very slow on a CPU); the default
     is chosen by measurement (see the README). The last hidden state of the top layer (both
     directions when bidirectional) feeds a linear layer to ``n_outputs`` outputs.
+
+    A GRU in eval mode on CUDA input without autograd (``torch.inference_mode()``, as
+    ``predict_parameters`` runs it) runs :func:`mrflight.models.fused_gru.fused_gru` with its
+    Triton gate kernel instead of cuDNN (the same function organised as large GEMMs; its throughput
+    is measured by ``benchmarks/gpu_check.py``); ``MRFLIGHT_NO_TRITON=1``, a missing Triton,
+    training, autograd, the CPU and the LSTM run ``nn.GRU``/``nn.LSTM``.
 
     Args:
         input_length: ``T``.
@@ -71,7 +78,9 @@ class RecurrentRegressor(Regressor):
         # (B, C, S*V) -> (B, S, V*C): each step holds values_per_step consecutive time points
         x = x.reshape(b, self.in_channels, self.n_steps, self.values_per_step)
         x = x.permute(0, 2, 3, 1).reshape(b, self.n_steps, self.values_per_step * self.in_channels)
-        _, h = self.rnn(x)
+        h = run_fused_gru(self.rnn, x) if fused_gru_available(self.rnn, x) else None
+        if h is None:
+            _, h = self.rnn(x)
         if isinstance(h, tuple):  # LSTM: (h_n, c_n)
             h = h[0]
         h = h.view(self.num_layers, 2 if self.bidirectional else 1, b, self.hidden_size)[-1]

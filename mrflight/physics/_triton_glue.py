@@ -9,11 +9,17 @@ import warnings
 import torch
 
 
+def triton_disabled() -> bool:
+    """Whether ``MRFLIGHT_NO_TRITON`` (any value but empty or ``0``) asks for the non-Triton
+    paths (the pure-torch EPG, ``nn.GRU``)."""
+    return os.environ.get("MRFLIGHT_NO_TRITON", "") not in ("", "0")
+
+
 def _gpu_kernel():
     """The fused GPU kernel module (:mod:`mrflight.physics._triton`), or ``None`` when Triton is
     not installed, failed before, or ``MRFLIGHT_NO_TRITON=1`` asks for the pure-torch path."""
     global _TRITON
-    if os.environ.get("MRFLIGHT_NO_TRITON", "") not in ("", "0"):
+    if triton_disabled():
         return None
     if _TRITON is False:
         try:

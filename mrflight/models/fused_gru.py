@@ -1,0 +1,152 @@
+"""Inference-only GRU forward: one GEMM for every step's input projection, then per step one GEMM
+and one fused gate kernel; numerically the function of ``nn.GRU`` (up to rounding).
+
+cuDNN's GRU reaches about 3.2 M fingerprints/s on an H200 for the default regressor (35 steps of
+50 values, 100 units). This path organises the work as large GEMMs instead:
+
+1. the input projections of all steps of a layer, ``(B*S, I) @ W_ih^T``, in one GEMM (both
+   directions at once: their weights are stacked);
+2. per step ``gh = h @ W_hh^T`` (one GEMM; none on the first step, where ``h = 0``), then one
+   gate kernel that reads the step's slice of the projections (a strided view, no copy), ``gh``
+   and ``h``, adds the biases and writes the new state (:mod:`mrflight.models._gru_triton` on
+   CUDA; :func:`gru_gates_torch`, the same arithmetic in torch, elsewhere and as reference).
+
+The GEMMs run in the caller's precision (float32 IEEE, TF32 when enabled, or bfloat16/float16
+operands under autocast, whose outputs are then half precision); the gates and the state are
+float32 (float64 for float64 input). Stacked layers keep every step's output of the layers below
+the top (the next layer's projection is one GEMM on them); bidirectional layers run the reversed
+direction on the same projections. Dropout between layers is the identity in eval mode.
+A CUDA graph of the step loop is not used: at the batches that fill a GPU (65 536) a step's two
+launches cost the host some tens of microseconds while the GPU's work per step is estimated at
+about 0.1 ms (GEMM and gates), so the host stays ahead; small batches are launch-bound (the
+benchmark times batch 1024 against cuDNN).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from mrflight.physics._triton_glue import triton_disabled
+
+__all__ = ["fused_gru", "gru_gates_torch", "triton_gates", "fused_gru_available"]
+
+
+def gru_gates_torch(gi: torch.Tensor, gh: torch.Tensor | None, h: torch.Tensor | None,
+                    bias: torch.Tensor, out: torch.Tensor) -> None:
+    """One GRU step's new state into ``out``; arguments as :func:`mrflight.models._gru_triton.gates`
+    (``bias = (b_ir + b_hr, b_iz + b_hz, b_in, b_hn)``, ``gh``/``h`` ``None`` on the first step)."""
+    f = out.dtype
+    b_r, b_z, b_n, hn = bias.view(4, -1)
+    a_r, a_z, a_n = (g.to(f) for g in gi.chunk(3, dim=1))
+    a_r, a_z, a_n = a_r + b_r, a_z + b_z, a_n + b_n
+    if gh is not None:
+        g_r, g_z, g_n = (g.to(f) for g in gh.chunk(3, dim=1))
+        a_r, a_z, hn = a_r + g_r, a_z + g_z, hn + g_n
+    r, z = torch.sigmoid(a_r), torch.sigmoid(a_z)
+    n = torch.tanh(a_n + r * hn)
+    new = (1 - z) * n
+    out.copy_(new if h is None else new + z * h)
+
+
+def _weights(rnn: nn.GRU, layer: int, dtype: torch.dtype):
+    """``W_ih`` of both directions stacked ``(D*3H, I)``, and per direction ``W_hh`` and the
+    gate bias ``(b_ir + b_hr, b_iz + b_hz, b_in, b_hn)`` in ``dtype``."""
+    h = rnn.hidden_size
+    sfx = [f"_l{layer}", f"_l{layer}_reverse"][: 2 if rnn.bidirectional else 1]
+    w_ih = torch.cat([getattr(rnn, "weight_ih" + s) for s in sfx])
+    per_dir = []
+    for s in sfx:
+        w_hh = getattr(rnn, "weight_hh" + s)
+        if rnn.bias:
+            b_ih, b_hh = (getattr(rnn, n + s).to(dtype) for n in ("bias_ih", "bias_hh"))
+            bias = torch.cat([b_ih[:2 * h] + b_hh[:2 * h], b_ih[2 * h:], b_hh[2 * h:]])
+        else:
+            bias = torch.zeros(4 * h, dtype=dtype, device=w_hh.device)
+        per_dir.append((w_hh, bias.contiguous()))
+    return w_ih, per_dir
+
+
+def _direction(gi: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor, reverse: bool,
+               out: torch.Tensor | None, gates) -> torch.Tensor:
+    """Run one direction over the steps of ``gi`` ``(B, S, 3H)``; every step's state goes to
+    ``out[:, t]`` when given (layers below the top), else one buffer is updated in place.
+    Returns the last state ``(B, H)``."""
+    b, s, _ = gi.shape
+    h = None
+    buf = None if out is not None else torch.empty(b, w_hh.shape[1], dtype=bias.dtype,
+                                                   device=gi.device)
+    w_t = w_hh.t()
+    for t in (range(s - 1, -1, -1) if reverse else range(s)):
+        dst = out[:, t] if out is not None else buf
+        gates(gi[:, t], None if h is None else torch.mm(h, w_t), h, bias, dst)
+        h = dst
+    return h
+
+
+def fused_gru(rnn: nn.GRU, x: torch.Tensor, gates=gru_gates_torch) -> torch.Tensor:
+    """The final hidden states ``(num_layers * D, B, H)`` of ``rnn`` (``batch_first``, eval mode,
+    zero initial state) on ``x`` ``(B, S, I)``, as ``nn.GRU`` returns them.
+
+    ``gates`` is the gate function (:func:`gru_gates_torch`, or the Triton kernel from
+    :func:`triton_gates`). Run it without autograd (inference only).
+    """
+    if not rnn.batch_first or x.ndim != 3:
+        raise ValueError("fused_gru needs a batch_first nn.GRU and input (B, S, I)")
+    b, s, _ = x.shape
+    hid, d = rnn.hidden_size, 2 if rnn.bidirectional else 1
+    state = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inp, finals = x, []
+    for layer in range(rnn.num_layers):
+        w_ih, per_dir = _weights(rnn, layer, state)
+        gi = torch.mm(inp.reshape(b * s, -1), w_ih.t()).view(b, s, d * 3 * hid)
+        top = layer == rnn.num_layers - 1
+        out = None if top else torch.empty(b, s, d * hid, dtype=state, device=x.device)
+        for k, (w_hh, bias) in enumerate(per_dir):
+            finals.append(_direction(gi[..., k * 3 * hid:(k + 1) * 3 * hid], w_hh, bias, k == 1,
+                                     None if top else out[..., k * hid:(k + 1) * hid], gates))
+        inp = out
+    return torch.stack(finals)
+
+
+_KERNEL = False  # False: not imported yet; None: unavailable
+
+
+def triton_gates():
+    """The Triton gate kernel (:func:`mrflight.models._gru_triton.gates`), or ``None`` when Triton
+    is not installed, failed before, or ``MRFLIGHT_NO_TRITON=1`` asks for ``nn.GRU``."""
+    global _KERNEL
+    if triton_disabled():
+        return None
+    if _KERNEL is False:
+        try:
+            from ._gru_triton import gates
+        except Exception:  # no triton, or no usable backend: nn.GRU serves
+            gates = None
+        _KERNEL = gates
+    return _KERNEL
+
+
+def fused_gru_available(rnn: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``RecurrentRegressor`` runs :func:`fused_gru` with the Triton gates:
+    a GRU in eval mode, no autograd, CUDA input, Triton usable, not being traced for export."""
+    return (type(rnn) is nn.GRU and not rnn.training and x.is_cuda
+            and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and triton_gates() is not None)
+
+
+def run_fused_gru(rnn: nn.GRU, x: torch.Tensor) -> torch.Tensor | None:
+    """:func:`fused_gru` with the Triton gates, or ``None`` (the caller runs ``nn.GRU``) after a
+    kernel failure (e.g. a GPU Triton cannot compile for), which warns once and disables it."""
+    global _KERNEL
+    try:
+        return fused_gru(rnn, x, triton_gates())
+    except (ValueError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:  # e.g. triton's CompilationError on an unsupported GPU
+        warnings.warn(f"mrflight: the fused GRU kernel failed ({type(e).__name__}: {e}); "
+                      "using nn.GRU (cuDNN)", RuntimeWarning, stacklevel=3)
+        _KERNEL = None
+        return None
