@@ -17,10 +17,11 @@ shows the same errors as the GPU. Triton's interpreter ignores ``input_precision
 Error bound (:func:`error_bound`), with ``u = 2^-24``, ``d = 2^-10`` (TF32 rounding, relative,
 truncation-safe), ``k`` the real products per dot (``K``; complex ``2K``):
 ``|computed - exact| <= beta * ||s|| * ||a||`` where the accumulation of ``k`` products costs
-``2 k u`` (``gamma_k`` with a factor 2 for an unknown summation order or a truncating
-accumulator) times ``sum |s_j a_j| <= ||s|| ||a||`` (Cauchy-Schwarz), and
+``gamma_k ~ k u`` with round-to-nearest FMAs (ieee: Triton's FMA loop, BLAS on the CPU) and
+``2 k u`` on tensor cores (a factor 2 for their truncating, unspecified-order accumulation), times
+``sum |s_j a_j| <= ||s|| ||a||`` (Cauchy-Schwarz), and
 
-* ieee: ``beta = 2 k u``;
+* ieee: ``beta = k u``;
 * tf32: ``beta = 2 d + d^2 + 2 k u`` (each product of two rounded inputs is off by ``2d + d^2``);
 * tf32x3: ``beta = 4 d^2 + 6 k u`` (``x = hi + lo + rho``, ``|rho| <= d^2 |x|``; the dropped
   ``lo*lo`` and ``rho`` terms total ``< 3.01 d^2``; ``3k`` products accumulated);
@@ -73,8 +74,8 @@ def error_bound(precision: str, k: int, complex_: bool = False) -> float:
     coefficients at ``precision`` (see the module docstring for the derivation)."""
     _check_precision(precision)
     terms = 2 * k if complex_ else k
-    acc = 2 * terms * _U
-    beta = {"ieee": acc, "tf32": 2 * _D + _D ** 2 + acc, "tf32x3": 4 * _D ** 2 + 3 * acc}
+    acc = 2 * terms * _U  # tensor cores
+    beta = {"ieee": acc / 2, "tf32": 2 * _D + _D ** 2 + acc, "tf32x3": 4 * _D ** 2 + 3 * acc}
     out = beta[precision] * (math.sqrt(2.0) if complex_ else 1.0) + 8 * _U
     return 1.01 * out
 
