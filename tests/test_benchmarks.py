@@ -16,6 +16,7 @@ import common  # noqa: E402
 import eval_threads  # noqa: E402
 import export_speed  # noqa: E402
 import inference_speed  # noqa: E402
+import match_kernels_speed  # noqa: E402
 import training_speed  # noqa: E402
 
 
@@ -163,3 +164,15 @@ def test_bayes_floor_posterior_mean_is_near_the_bound_on_a_coarse_grid(monkeypat
     t1_ratio, t2_ratio = float(row.split("|")[3]), float(row.split("|")[5])
     # a coarse grid and 200 pulses: not efficient, but a posterior mean, not noise
     assert 0.3 < t1_ratio < 3 and 0.3 < t2_ratio < 3
+
+
+def test_match_kernels_speed_counts_pairs_on_tiny_sizes():
+    """The candidate-search benchmark on the CPU (torch reference): signals keep at least their
+    best atom, and looser precisions keep at least as many on average."""
+    r = match_kernels_speed.measure(20, 7, False, 1e-6, "cpu", repeats=1, grid_step=400,
+                                    pulses=60)
+    assert r["m"] == len(range(0, 114650, 400)) and r["n"] == 20
+    means = [x["per_signal"][0] for x in r["rows"]]
+    assert means[0] >= 1
+    assert means == sorted(means)  # ieee, tf32x3, tf32: growing margins
+    assert "| ieee |" in match_kernels_speed.report(r, smoke=False)
