@@ -19,6 +19,10 @@ a magnitude, and complex matching needs complex signals.
 With ``rank=k`` (or ``energy=e``) atoms and signals are first projected onto the leading ``k``
 right singular vectors of the dictionary (McGivney et al. 2014) and matched there, which cuts the
 cost by ``T / k``.
+
+The search is exact in float64 at about the GEMM's cost: the GEMM's float32 scores give each
+signal's best score up to a round-off bound ``eps``, every atom within ``eps`` of it is re-scored
+in float64 (a few dozen of the dictionary's atoms), and the float64 best is returned.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def float32_matmul(device, mode: str = "ieee"):
     ``torch.set_float32_matmul_precision("high")`` or set
     ``torch.backends.cuda.matmul.fp32_precision = "tf32"``) rounds the inputs to 10-bit mantissas,
     score errors ~1e-4, far above the ~1e-7 gaps between neighbouring atoms of a fine grid, so the
-    float64 re-scoring of the top candidates would no longer find the best atom among them.
+    float64 re-scoring would need far more candidates (its error bound assumes full float32).
     """
     if torch.device(device).type != "cuda":
         yield
@@ -140,7 +144,7 @@ def svd_basis(atoms: torch.Tensor, rank: int | None = None, energy: float | None
 
 
 def _check_inputs(a: torch.Tensor, p: torch.Tensor, dtype, complex_matching: bool, rank,
-                  energy, refine, chunk_size) -> torch.Tensor:
+                  energy, max_candidates, chunk_size) -> torch.Tensor:
     """Check the matcher's arguments; returns ``params`` as ``(M, P)``."""
     if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"atoms must have shape (M, T) with M, T >= 1, got {tuple(a.shape)}")
@@ -156,9 +160,10 @@ def _check_inputs(a: torch.Tensor, p: torch.Tensor, dtype, complex_matching: boo
                          "dictionary or use magnitude matching")
     if rank is not None and energy is not None:
         raise ValueError("give either rank or energy, not both")
-    if not (isinstance(refine, (int, np.integer)) and refine >= 0):
-        raise ValueError(f"refine must be a non-negative integer (candidates re-scored in "
-                         f"float64; 0 = off), got {refine!r}")
+    if not (isinstance(max_candidates, (int, np.integer)) and not isinstance(max_candidates, bool)
+            and max_candidates >= 1):
+        raise ValueError(f"max_candidates must be a positive integer (atoms re-scored in float64 "
+                         f"per signal and atom block), e.g. 1024; got {max_candidates!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of atoms, got {chunk_size}")
     return p
@@ -182,20 +187,23 @@ class DictionaryMatcher:
         complex_matching: use ``|<d, s>|`` with complex normalised atoms instead of the inner
             product of magnitudes. Needs complex atoms.
         chunk_size: atoms per block (default: chosen so that one score block of signals x atoms
-            stays within 256 MB). Results do not depend on it.
+            stays within 256 MB). Results do not depend on it (except for signals that
+            ``max_candidates`` warns about).
         device: where atoms live and matching runs (default: the atoms' device for a tensor,
             else CPU). CPU and CUDA are supported.
         dtype: real working precision, ``torch.float32`` (default) or ``torch.float64``.
-        refine: the ``refine`` best candidates of the GEMM (in ``dtype``) are re-scored in
-            float64 and the best of them is returned (0: off). Neighbouring atoms of a fine grid
-            differ by ~1e-7 in normalised inner product (e.g. T2 = 362 vs 364 ms on the paper's
-            grid), about one float32 step near a score of 1 (6e-8): the float32 scores of up to
-            ~10 neighbours tie or swap. Without this step ~23 % of noise-free paper-grid atoms
-            are matched to a neighbour on an H200 (6 % on a CPU); with 8 candidates 0.3 % still
-            were (more than 8 tied); 16 recover all. Cost: a top-k instead of a max per block
-            (on an H200, 1.35x the plain GEMM instead of 1.1x). On CUDA the GEMM runs in full
-            float32 (TF32 off for the call, see :func:`float32_matmul`) and exact float64 ties
-            go to the lowest atom index, so the GPU returns the CPU's answers.
+        max_candidates: the most atoms per signal (and block of ``chunk_size`` atoms) re-scored
+            in float64. Every atom whose GEMM score (in ``dtype``) lies within the GEMM's
+            round-off bound ``eps`` of the signal's best GEMM score is re-scored in float64 and
+            the best of them returned, which is the float64-best atom of the whole dictionary
+            (neighbouring atoms of a fine grid differ by ~1e-7 in normalised inner product, e.g.
+            T2 = 362 vs 364 ms on the paper's grid, about one float32 step near a score of 1,
+            so dozens can tie or swap in float32). Counts on the paper grid: about 50 per signal
+            on average (magnitude), 60-130 (complex), at most ~900; a signal with more keeps its
+            best by GEMM score and the call warns that those signals may not be exact. On CUDA
+            the GEMM runs in full float32 (TF32 off for the call, see :func:`float32_matmul`)
+            and exact float64 ties go to the lowest atom index, so the GPU returns the CPU's
+            answers.
 
     Attributes:
         rank: the rank used (``None`` for exhaustive).
@@ -203,6 +211,7 @@ class DictionaryMatcher:
         singular_values2: squared singular values of the dictionary (``(T,)``) when a basis was
             computed, else ``None``.
         n_atoms, length: ``M`` and ``T``.
+        last_candidates: ``(N,)`` atoms re-scored in float64 per signal in the last call.
 
     Raises:
         ValueError: empty or mismatched dictionary, non-finite atoms or parameters, a bad rank.
@@ -214,11 +223,12 @@ class DictionaryMatcher:
 
     def __init__(self, atoms, params, rank: int | None = None, *, energy: float | None = None,
                  complex_matching: bool = False, chunk_size: int | None = None, device=None,
-                 dtype: torch.dtype = torch.float32, refine: int = 16) -> None:
+                 dtype: torch.dtype = torch.float32, max_candidates: int = 1024) -> None:
         a = _as_tensor(atoms, "atoms")
         p = _check_inputs(a, _as_tensor(params, "params"), dtype, complex_matching, rank,
-                          energy, refine, chunk_size)
-        self.refine = int(refine)
+                          energy, max_candidates, chunk_size)
+        self.max_candidates = int(max_candidates)
+        self.last_candidates = None
         if device is None:
             device = a.device if isinstance(atoms, torch.Tensor) else torch.device("cpu")
         self.device = check_device(device)
@@ -245,6 +255,7 @@ class DictionaryMatcher:
                                  f"length) or None for exhaustive matching, got {rank!r}")
             store = self._compressed(store, rank, energy)
         self.atoms = store  # (M, T) or (M, rank), unit rows (zero rows for all-zero atoms)
+        self._inv_norms = self._inverse_norms()
 
     _STEP = 65536  # atoms per block of the normalisation and the projection
 
@@ -279,6 +290,15 @@ class DictionaryMatcher:
             self._proj_norms[s: s + self._STEP] = cn
             coeffs[s: s + self._STEP] = c / torch.where(cn > 0, cn, torch.ones_like(cn))[:, None]
         return coeffs
+
+    def _inverse_norms(self) -> torch.Tensor:
+        """``1 / ||atom||`` of every stored atom in float64 (0 for a zero atom)."""
+        hi = torch.complex128 if self.atoms.is_complex() else torch.float64
+        inv = torch.empty(self.n_atoms, dtype=torch.float64, device=self.device)
+        for s in range(0, self.n_atoms, self._STEP):
+            n = torch.linalg.vector_norm(self.atoms[s: s + self._STEP].to(hi), dim=1)
+            inv[s: s + self._STEP] = torch.where(n > 0, 1 / n, 0.0)
+        return inv
 
     @classmethod
     def from_dictionary(cls, dictionary, **kwargs) -> DictionaryMatcher:
@@ -325,7 +345,7 @@ class DictionaryMatcher:
 
     def _blocks(self, n_signals: int) -> tuple[int, int]:
         item = torch.empty((), dtype=self.atoms.dtype).element_size()
-        # larger blocks on a GPU: fewer top-k merges (measured 4 % faster on an H200)
+        # larger blocks on a GPU: fewer launches and candidate merges
         budget = (DEFAULT_BLOCK_BYTES * (4 if self.device.type == "cuda" else 1)) // item
         atom_blk = self._blk or max(1, min(self.n_atoms, budget // min(max(n_signals, 1), 1024)))
         sig_blk = max(1, min(n_signals, budget // atom_blk))
@@ -350,75 +370,163 @@ class DictionaryMatcher:
         if self.basis is not None:
             s = s @ self.basis.conj()
         sig_blk, atom_blk = self._blocks(n)
-        k = max(1, min(self.refine, self.n_atoms))
-        best_idx = torch.full((n, k), -1, dtype=torch.int64, device=self.device)
-        best_val = torch.full((n, k), -math.inf, dtype=self.dtype, device=self.device)
-        # one score buffer reused for every block: a fresh 256 MB allocation per block costs
-        # page faults comparable to the GEMM itself on CPU
-        buf = torch.empty(min(n, sig_blk) * min(self.n_atoms, atom_blk), dtype=s.dtype,
-                          device=self.device)
-        with float32_matmul(self.device, "ieee"):
-            self._scan(s, sig_blk, atom_blk, k, best_val, best_idx, buf)
-        return self._rescore(s, snorm, peak, best_idx, k)
-
-    def _scan(self, s, sig_blk, atom_blk, k, best_val, best_idx, buf) -> None:
-        """Top-``k`` atoms of every signal by the GEMM score, block by block (in place)."""
-        n = s.shape[0]
+        best = torch.full((n,), -1, dtype=torch.int64, device=self.device)
+        best_raw = torch.zeros(n, dtype=s.dtype, device=self.device)
+        counts = torch.zeros(n, dtype=torch.int64, device=self.device)
+        inexact = torch.zeros(n, dtype=torch.bool, device=self.device)
+        bufs = self._buffers(min(n, sig_blk) * min(self.n_atoms, atom_blk), s.dtype)
         for i in range(0, n, sig_blk):
             si = s[i: i + sig_blk]
-            rows = si.shape[0]
-            bv, bi = best_val[i: i + rows], best_idx[i: i + rows]
-            for j in range(0, self.n_atoms, atom_blk):
-                blk = self.atoms[j: j + atom_blk]
-                score = buf[: rows * blk.shape[0]].view(rows, blk.shape[0])
-                # <a, s> = conj(a) . s  ->  s @ a^H
-                torch.matmul(si, blk.mH if self.complex_matching else blk.T, out=score)
-                mag = score.abs() if self.complex_matching else score
-                if k == 1:
-                    val, idx = mag.max(dim=1, keepdim=True)
-                else:
-                    val, idx = mag.topk(min(k, blk.shape[0]), dim=1, sorted=False)
-                # merge with the running candidates (earlier blocks win ties)
-                cv, ci = torch.cat([bv, val], 1), torch.cat([bi, idx + j], 1)
-                top = cv.topk(k, dim=1).indices if k > 1 else cv.argmax(1, keepdim=True)
-                bv.copy_(cv.gather(1, top))
-                bi.copy_(ci.gather(1, top))
-                del mag
-
-    def _rescore(self, s, snorm, peak, best_idx, k):
-        """The best of the candidates by their float64 score: ``(index, raw score, norm)`` at
-        the signals' own scale (``peak``: the factor each signal was divided by)."""
-        n = s.shape[0]
-        # re-score the candidates in float64 (or the final score in dtype when k == 1); exact
-        # float64 ties go to the lowest atom index, so every device picks the same atom
-        best = torch.empty(n, dtype=torch.int64, device=self.device)
-        hi = torch.complex128 if s.is_complex() else torch.float64
-        best_raw = torch.empty(n, dtype=s.dtype, device=self.device)
-        step = max(1, (64 * 2**20) // (16 * k * self.atoms.shape[1]))
-        for i in range(0, n, step):
-            ci = best_idx[i: i + step]
-            cand = self.atoms[ci.clamp_min(0)].to(hi)  # (rows, k, d)
-            # renormalise in float64: the float32 norm of every stored atom is off by ~1e-7,
-            # as much as the gap between grid neighbours
-            cn = torch.linalg.vector_norm(cand, dim=-1)
-            cand = cand / torch.where(cn > 0, cn, torch.ones_like(cn))[..., None]
-            sc = (cand.conj() * s[i: i + step].to(hi)[:, None, :]).sum(-1)
-            mag = sc.abs() if sc.is_complex() else sc
-            mag = torch.where(ci >= 0, mag, torch.full_like(mag, -math.inf))
-            top = mag == mag.max(1, keepdim=True).values
-            pick = torch.where(top, ci, torch.full_like(ci, self.n_atoms)).argmin(1, keepdim=True)
-            best[i: i + step] = ci.gather(1, pick)[:, 0]
-            best_raw[i: i + step] = sc.gather(1, pick)[:, 0].to(s.dtype)
-        best_idx = best
+            with float32_matmul(self.device, "ieee"):
+                rows, cols, inexact[i: i + len(si)] = self._candidates(si, atom_blk, bufs)
+            best[i: i + len(si)], best_raw[i: i + len(si)] = self._rescore(si, rows, cols)
+            counts[i: i + len(si)] = torch.bincount(rows, minlength=len(si))
+        self.last_candidates = counts
+        if bool(inexact.any()):
+            warnings.warn(
+                f"{int(inexact.sum())} signal(s) had more than max_candidates="
+                f"{self.max_candidates} atoms (in one block of {atom_blk}) within the float32 "
+                "error bound of their best score: each got the float64 best of its "
+                f"{self.max_candidates} best float32 scores, which may not be the exact float64 "
+                "best (raise max_candidates or use dtype=torch.float64)", RuntimeWarning,
+                stacklevel=3)
         zero = peak == 0
-        # back to the signals' own scale (the scores are linear in the signal)
-        best_raw = best_raw * peak.to(best_raw.real.dtype)
-        snorm = snorm.to(torch.float64) * peak
         if bool(zero.any()):
             warnings.warn(f"{int(zero.sum())} all-zero signal(s): their parameters are NaN",
-                          RuntimeWarning, stacklevel=4)
-            best_idx[zero] = -1
-        return best_idx, best_raw, snorm
+                          RuntimeWarning, stacklevel=3)
+        # back to the signals' own scale (the scores are linear in the signal)
+        return best, best_raw * peak.to(best_raw.real.dtype), snorm.to(torch.float64) * peak
+
+    def _buffers(self, size: int, dtype) -> dict:
+        """Score and magnitude buffers reused for every block: a fresh 256 MB allocation
+        per block costs page faults comparable to the GEMM itself on CPU."""
+        dev = self.device
+        real = torch.empty((), dtype=dtype).real.dtype
+        score = torch.empty(size, dtype=dtype, device=dev)
+        mag = torch.empty(size, dtype=real, device=dev) if dtype.is_complex else score
+        return {"score": score, "mag": mag}
+
+    def _tolerance(self, s: torch.Tensor) -> torch.Tensor:
+        """``eps`` per signal: twice a bound on |GEMM score - float64 score| of one atom.
+
+        The GEMM's dot of length ``d`` (``T``, or the rank; doubled for complex data) rounds
+        ``d`` partial sums, each at most ``||s||`` (the atoms have unit norm), by a relative
+        ``|delta| <= u``, the unit round-off (``2^-24`` in float32): worst case ``d u ||s||``.
+        With independent mean-zero roundings (Higham & Mary, SIAM J Sci Comput 2019;41:A2815)
+        it exceeds ``lambda sqrt(d) u ||s||`` with probability at most ``2 exp(-lambda^2 / 2)``
+        (Hoeffding's inequality). The atom's float32 normalisation, ``|.|`` and the
+        few roundings of a short dot (the SVD's, whose first coefficient carries most of the
+        score) add a few ``u ||s||``, taken as ``48 u ||s||``. One atom's error is taken as
+        ``(4 sqrt(d) + 48) u ||s||`` (``lambda >= 4.8`` for ``d <= 3500``, ``>= 10`` for
+        ``d <= 50``), doubled as both the float64-best atom and the GEMM's maximum may be off:
+        ``eps = 8 (sqrt(d) + 12) u ||s||``. Measured on the paper grid (CPU; 200 atoms,
+        noise-free and with noise 0.01 and 0.05, against all 114 650 atoms): the largest error
+        was at least 10x below ``eps`` for every signal (magnitude 18.5 u ||s|| vs 431, complex
+        35 vs 569, SVD rank 25 13 vs 136, complex SVD rank 25 14 vs 153).
+        """
+        d = self.atoms.shape[1] * (2 if self.atoms.is_complex() else 1)
+        u = torch.finfo(self.dtype).eps / 2
+        return 8 * (math.sqrt(d) + 12) * u * torch.linalg.vector_norm(s, dim=1)
+
+    _GROUP = 64  # atoms per group of the coarse maximum (as fast as a row maximum on CPU)
+    _PAIRS = 2**20  # hit groups expanded at a time (bounds the pairs' memory)
+
+    def _candidates(self, si, atom_blk, bufs):
+        """Every (signal, atom) pair whose GEMM score lies within ``eps`` (:meth:`_tolerance`)
+        of the signal's largest GEMM score, at most ``max_candidates`` per signal.
+
+        Block by block of atoms: the maximum of every group of ``_GROUP`` consecutive scores
+        (one pass over the block; its row maximum updates the running maximum per signal), the
+        groups whose maximum reaches the running maximum less ``eps``, their pairs at or above
+        it, and the pairs of earlier blocks that fell below it dropped.
+
+        Returns:
+            ``(rows, cols, inexact)``: the pairs' signal rows and atom indices, and per signal
+            whether :meth:`_cap` dropped a pair that still qualifies.
+        """
+        n, g = si.shape[0], self._GROUP
+        eps = self._tolerance(si)
+        live = eps > 0  # all-zero signals get no candidates
+        run = torch.full((n,), -math.inf, dtype=eps.dtype, device=self.device)
+        dropped = run.clone()  # the best GEMM score of a pair dropped by the cap
+        rows = cols = torch.empty(0, dtype=torch.int64, device=self.device)
+        vals = torch.empty(0, dtype=eps.dtype, device=self.device)
+        for j in range(0, self.n_atoms, atom_blk):
+            mag = self._block_scores(si, j, atom_blk, bufs)
+            w = mag.shape[1]
+            gmax = mag[:, : w - w % g].view(n, -1, g).amax(2)
+            if w % g:
+                gmax = torch.cat([gmax, mag[:, w - w % g:].amax(1, keepdim=True)], 1)
+            torch.maximum(run, gmax.amax(1), out=run)
+            thr = torch.where(live, run - eps, math.inf)
+            keep = vals >= thr[rows]
+            rows, cols, vals = rows[keep], cols[keep], vals[keep]
+            gr, gc = (gmax >= thr[:, None]).nonzero(as_tuple=True)
+            for k in range(0, len(gr), self._PAIRS):
+                idx = (gc[k: k + self._PAIRS, None] * g
+                       + torch.arange(g, device=self.device)).clamp_max(w - 1)
+                r = gr[k: k + self._PAIRS, None].expand_as(idx)
+                v = mag[r, idx]
+                hit = v >= thr[r]  # a clamped tail index repeats the last atom: drop repeats
+                hit[:, 1:] &= idx[:, 1:] != idx[:, :-1]
+                rows, cols, vals = self._cap(torch.cat([rows, r[hit]]),
+                                             torch.cat([cols, idx[hit] + j]),
+                                             torch.cat([vals, v[hit]]), n, dropped)
+        return rows, cols, dropped >= thr
+
+    def _block_scores(self, si, j, atom_blk, bufs) -> torch.Tensor:
+        """GEMM scores (magnitudes) of the signals ``si`` against atoms ``j : j + atom_blk``."""
+        blk = self.atoms[j: j + atom_blk]
+        size = si.shape[0] * blk.shape[0]
+        score = bufs["score"][:size].view(si.shape[0], blk.shape[0])
+        # <a, s> = conj(a) . s  ->  s @ a^H
+        torch.matmul(si, blk.mH if self.complex_matching else blk.T, out=score)
+        if not score.is_complex():
+            return score
+        return torch.abs(score, out=bufs["mag"][:size].view(score.shape))
+
+    def _cap(self, rows, cols, vals, n, dropped):
+        """Keep at most ``max_candidates`` pairs per signal: a signal with more keeps its best
+        by GEMM score (ties to the lowest atom index) and records the best score it dropped in
+        ``dropped`` (in place)."""
+        k = self.max_candidates
+        count = torch.bincount(rows, minlength=n)
+        if not bool((count > k).any()):
+            return rows, cols, vals
+        order = torch.sort(cols, stable=True).indices  # lexicographic: row, -score, atom
+        order = order[torch.sort(vals[order], descending=True, stable=True).indices]
+        order = order[torch.sort(rows[order], stable=True).indices]
+        rank = torch.arange(len(rows), device=self.device) - (count.cumsum(0) - count)[rows[order]]
+        out = order[rank >= k]
+        dropped.scatter_reduce_(0, rows[out], vals[out], "amax")
+        order = order[rank < k]
+        return rows[order], cols[order], vals[order]
+
+    def _rescore(self, si, rows, cols):
+        """The best candidate of every signal by its float64 score (exact ties to the lowest
+        atom index, so every device picks the same atom): ``(index, raw score)``, index -1 for a
+        signal without candidates. The products of float32 values are exact in float64 and
+        each stored atom is renormalised in float64 (``_inv_norms``): its float32 norm is off
+        by ~1e-7, as much as the gap between grid neighbours."""
+        n = si.shape[0]
+        hi = torch.complex128 if si.is_complex() else torch.float64
+        s64 = si.to(hi)
+        sc = torch.empty(len(rows), dtype=hi, device=self.device)
+        step = max(1, 2**19 // self.atoms.shape[1])  # pairs per chunk: a few MB
+        for k in range(0, len(rows), step):
+            a = self.atoms[cols[k: k + step]].conj()
+            torch.sum(a * s64[rows[k: k + step]], dim=1, out=sc[k: k + step])
+        sc *= self._inv_norms[cols]
+        mag = sc.abs() if sc.is_complex() else sc
+        top = torch.full((n,), -math.inf, dtype=torch.float64, device=self.device)
+        top.scatter_reduce_(0, rows, mag, "amax")
+        on_top = mag == top[rows]
+        best = torch.full((n,), self.n_atoms, dtype=torch.int64, device=self.device)
+        best.scatter_reduce_(0, rows[on_top], cols[on_top], "amin")
+        pick = on_top & (cols == best[rows])
+        raw = torch.zeros(n, dtype=si.dtype, device=self.device)
+        raw[rows[pick]] = sc[pick].to(si.dtype)
+        return torch.where(best < self.n_atoms, best, -1), raw
 
     @torch.no_grad()
     def match(self, signals, return_m0: bool = False):

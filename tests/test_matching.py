@@ -1,5 +1,7 @@
 """Dictionary matching: exactness, noise, SVD compression, M0, chunking, input validation."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -212,3 +214,96 @@ def test_cuda_matches_cpu_exactly_with_tf32_enabled(small_dict, rank):
     assert torch.equal(gpu.cpu(), cpu)
     if rank is None:
         assert torch.equal(cpu.to(params.dtype), params)
+
+
+def _near_duplicates(complex_data: bool, n: int = 200, t: int = 300, seed: int = 0):
+    """``n`` atoms within ~5e-9 of each other in normalised score against the signal ``x``
+    (far below float32 resolution), the exact atom ``x`` last: the float64 best."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.5, 1.5, t) * (np.exp(1j * rng.uniform(0, 6.3, t)) if complex_data else 1)
+    shape = (n - 1, t)
+    eta = rng.standard_normal(shape) + (1j * rng.standard_normal(shape) if complex_data else 0)
+    atoms = np.concatenate([x + 1e-4 * np.linalg.norm(x) / np.sqrt(2 * t) * eta, x[None]])
+    return torch.from_numpy(atoms), torch.arange(n, dtype=torch.float64)[:, None], x
+
+
+@pytest.mark.parametrize("complex_matching, rank", [(False, None), (True, None), (False, 40),
+                                                     (True, 40)])
+def test_float64_best_found_among_many_float32_ties(complex_matching, rank):
+    atoms, params, x = _near_duplicates(complex_matching)
+    m = DictionaryMatcher(atoms, params, complex_matching=complex_matching, rank=rank)
+    s, _, _ = m._prepare_signals(torch.from_numpy(x))
+    s = s if m.basis is None else s @ m.basis.conj()
+    gemm = (s @ (m.atoms.mH if complex_matching else m.atoms.T)).abs()[0]
+    # the case a fixed top-16 of the float32 scores missed: the true atom is not among them
+    assert len(atoms) - 1 not in gemm.topk(16).indices
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx, _, _ = m.match_indices(torch.from_numpy(x) * 3.0)
+    assert int(idx[0]) == len(atoms) - 1
+    assert int(m.last_candidates[0]) > 16
+
+
+def _float64_best(m: DictionaryMatcher, signals) -> torch.Tensor:
+    """Brute force in float64 over every stored atom (renormalised), first index on ties."""
+    s, _, _ = m._prepare_signals(signals)
+    s = s if m.basis is None else s @ m.basis.conj()
+    hi = torch.complex128 if m.complex_matching else torch.float64
+    a = m.atoms.to(hi)
+    a = a / torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    score = (s.to(hi) @ (a.mH if m.complex_matching else a.T)).abs()
+    top = score == score.max(1, keepdim=True).values
+    return torch.where(top, torch.arange(len(a)), len(a)).amin(1)
+
+
+@pytest.mark.parametrize("complex_matching, rank, chunk", [(False, None, None), (True, None, 97),
+                                                           (False, 10, 97), (True, 10, None)])
+def test_agrees_with_float64_brute_force(small_dict, complex_matching, rank, chunk):
+    _, atoms, params = small_dict
+    m = DictionaryMatcher(atoms, params, complex_matching=complex_matching, rank=rank,
+                          chunk_size=chunk)
+    sig = torch.cat([atoms[::7], add_noise(atoms[::3], 0.02,
+                                           generator=torch.Generator().manual_seed(4))])
+    if not complex_matching:
+        sig = sig.abs()
+    assert torch.equal(m.match_indices(sig)[0], _float64_best(m, sig))
+
+
+def test_random_data_agrees_with_float64_brute_force():
+    rng = np.random.default_rng(3)
+    atoms = rng.uniform(0, 1, (3000, 64)) ** 4
+    sig = atoms[rng.choice(3000, 200)] + 0.05 * rng.uniform(0, 1, (200, 64))
+    m = DictionaryMatcher(atoms, np.arange(3000.0), chunk_size=500)
+    assert torch.equal(m.match_indices(sig)[0], _float64_best(m, torch.from_numpy(sig)))
+
+
+def test_float32_score_error_well_below_tolerance(small_dict):
+    # the bound eps (twice one atom's error) keeps a wide margin over the measured error
+    _, atoms, params = small_dict
+    for cm, rank in ((False, None), (True, None), (False, 10)):
+        m = DictionaryMatcher(atoms, params, complex_matching=cm, rank=rank)
+        s, _, _ = m._prepare_signals(add_noise(atoms[::5], 0.01,
+                                               generator=torch.Generator().manual_seed(5)))
+        s = s if m.basis is None else s @ m.basis.conj()
+        hi = torch.complex128 if cm else torch.float64
+        a64 = m.atoms.to(hi) * m._inv_norms[:, None]
+        f32 = (s @ (m.atoms.mH if cm else m.atoms.T)).abs().double()
+        f64 = (s.to(hi) @ (a64.mH if cm else a64.T)).abs()
+        err = (f32 - f64).abs().amax(1)
+        assert (err < m._tolerance(s).double() / 5).all()
+
+
+def test_exact_ties_go_to_the_lowest_index_and_cap_warns():
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(0, 1, (2, 50))
+    atoms = np.stack([y, x, x, 2 * x, y, x])  # atoms 1, 2, 3, 5 are the signal's direction
+    for chunk in (None, 1, 4):
+        m = DictionaryMatcher(atoms, np.arange(6.0), chunk_size=chunk)
+        assert int(m.match_indices(x)[0][0]) == 1
+    # a cap below the number of tied atoms still picks the lowest index, with a warning
+    m = DictionaryMatcher(atoms, np.arange(6.0), max_candidates=2)
+    with pytest.warns(RuntimeWarning, match="max_candidates=2"):
+        assert int(m.match_indices(x)[0][0]) == 1
+    assert int(m.last_candidates[0]) == 2
+    with pytest.raises(ValueError, match="max_candidates"):
+        DictionaryMatcher(atoms, np.arange(6.0), max_candidates=0)
