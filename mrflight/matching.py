@@ -204,6 +204,13 @@ class DictionaryMatcher:
             the GEMM runs in full float32 (TF32 off for the call, see :func:`float32_matmul`)
             and exact float64 ties go to the lowest atom index, so the GPU returns the CPU's
             answers.
+        scan: how compressed matching finds its candidates: ``"auto"`` (the fused Triton
+            kernels of :mod:`mrflight.match_kernels` on CUDA where Triton works: the scores are
+            computed tile by tile in 3xTF32 and never stored, and their round-off bound widens
+            the candidate set; otherwise the GEMM blocks), ``"gemm"`` (always the GEMM blocks)
+            or ``"kernels"`` (always the kernels: their torch reference on a CPU, for tests).
+            The kernels apply no ``max_candidates`` cap. Exhaustive matching always scans with
+            the GEMM.
 
     Attributes:
         rank: the rank used (``None`` for exhaustive).
@@ -223,8 +230,13 @@ class DictionaryMatcher:
 
     def __init__(self, atoms, params, rank: int | None = None, *, energy: float | None = None,
                  complex_matching: bool = False, chunk_size: int | None = None, device=None,
-                 dtype: torch.dtype = torch.float32, max_candidates: int = 1024) -> None:
+                 dtype: torch.dtype = torch.float32, max_candidates: int = 1024,
+                 scan: str = "auto") -> None:
         a = _as_tensor(atoms, "atoms")
+        if scan not in ("auto", "gemm", "kernels"):
+            raise ValueError(f"scan must be 'auto', 'gemm' or 'kernels', got {scan!r}")
+        self.scan = scan
+        self._kernels_failed = False
         p = _check_inputs(a, _as_tensor(params, "params"), dtype, complex_matching, rank,
                           energy, max_candidates, chunk_size)
         self.max_candidates = int(max_candidates)
@@ -375,10 +387,16 @@ class DictionaryMatcher:
         counts = torch.zeros(n, dtype=torch.int64, device=self.device)
         inexact = torch.zeros(n, dtype=torch.bool, device=self.device)
         bufs = self._buffers(min(n, sig_blk) * min(self.n_atoms, atom_blk), s.dtype)
+        if self._use_kernels():
+            sig_blk = min(max(n, 1), self._KERNEL_SIGNALS)
         for i in range(0, n, sig_blk):
             si = s[i: i + sig_blk]
-            with float32_matmul(self.device, "ieee"):
-                rows, cols, inexact[i: i + len(si)] = self._candidates(si, atom_blk, bufs)
+            pairs = self._kernel_candidates(si) if self._use_kernels() else None
+            if pairs is not None:
+                rows, cols = pairs
+            else:
+                with float32_matmul(self.device, "ieee"):
+                    rows, cols, inexact[i: i + len(si)] = self._candidates(si, atom_blk, bufs)
             best[i: i + len(si)], best_raw[i: i + len(si)] = self._rescore(si, rows, cols)
             counts[i: i + len(si)] = torch.bincount(rows, minlength=len(si))
         self.last_candidates = counts
@@ -396,6 +414,40 @@ class DictionaryMatcher:
                           RuntimeWarning, stacklevel=3)
         # back to the signals' own scale (the scores are linear in the signal)
         return best, best_raw * peak.to(best_raw.real.dtype), snorm.to(torch.float64) * peak
+
+    _KERNEL_SIGNALS = 65536  # signals per call of the fused candidate kernels
+
+    def _use_kernels(self) -> bool:
+        """Whether compressed matching finds its candidates with the fused Triton kernels
+        (:mod:`mrflight.match_kernels`): ``scan="auto"`` on CUDA where Triton works, or
+        ``scan="kernels"``."""
+        if self.basis is None or self.scan == "gemm" or self._kernels_failed:
+            return False
+        if self.scan == "kernels":
+            return True
+        from mrflight import match_kernels
+
+        return self.device.type == "cuda" and match_kernels.triton_available(self.device)
+
+    def _kernel_candidates(self, si):
+        """Candidate pairs from the fused kernels (scores in 3xTF32, never stored; the kernels'
+        own round-off bound added to ``eps``), or ``None`` after a kernel failure, which warns
+        once and leaves this matcher on the GEMM scan."""
+        from mrflight import match_kernels
+
+        eps = float(self._tolerance(si).max()) if si.shape[0] else 0.0
+        try:
+            pairs = match_kernels.candidate_pairs(si, self.atoms, eps,
+                                                  complex_=self.complex_matching,
+                                                  precision="tf32x3")
+        except ValueError:
+            raise
+        except Exception as e:  # e.g. triton's CompilationError on an unsupported GPU
+            warnings.warn(f"mrflight: the fused matching kernels failed ({type(e).__name__}: "
+                          f"{e}); using the GEMM scan", RuntimeWarning, stacklevel=4)
+            self._kernels_failed = True
+            return None
+        return pairs.rows, pairs.cols
 
     def _buffers(self, size: int, dtype) -> dict:
         """Score and magnitude buffers reused for every block: a fresh 256 MB allocation
@@ -512,7 +564,9 @@ class DictionaryMatcher:
         hi = torch.complex128 if si.is_complex() else torch.float64
         s64 = si.to(hi)
         sc = torch.empty(len(rows), dtype=hi, device=self.device)
-        step = max(1, 2**19 // self.atoms.shape[1])  # pairs per chunk: a few MB
+        # pairs per chunk: a few MB on a CPU; on a GPU large chunks (each one is a few
+        # kernel launches)
+        step = max(1, (2**19 if self.device.type != "cuda" else 2**24) // self.atoms.shape[1])
         for k in range(0, len(rows), step):
             a = self.atoms[cols[k: k + step]].conj()
             torch.sum(a * s64[rows[k: k + step]], dim=1, out=sc[k: k + step])

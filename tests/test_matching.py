@@ -269,6 +269,30 @@ def test_agrees_with_float64_brute_force(small_dict, complex_matching, rank, chu
     assert torch.equal(m.match_indices(sig)[0], _float64_best(m, sig))
 
 
+@pytest.mark.parametrize("complex_matching", [False, True])
+def test_kernel_scan_agrees_with_gemm_scan(small_dict, complex_matching):
+    """Compressed matching through the fused candidate kernels (their torch reference here:
+    3xTF32 emulated) returns the GEMM scan's atoms, the float64 best, also among float32 ties."""
+    _, atoms, params = small_dict
+    sig = torch.cat([atoms[::7], add_noise(atoms[::3], 0.02,
+                                           generator=torch.Generator().manual_seed(4))])
+    if not complex_matching:
+        sig = sig.abs()
+    kw = dict(complex_matching=complex_matching, rank=10)
+    gemm = DictionaryMatcher(atoms, params, scan="gemm", **kw)
+    kern = DictionaryMatcher(atoms, params, scan="kernels", **kw)
+    idx, raw, norm = kern.match_indices(sig)
+    ref = gemm.match_indices(sig)
+    assert torch.equal(idx, ref[0]) and torch.equal(idx, _float64_best(kern, sig))
+    assert torch.equal(raw, ref[1]) and torch.equal(norm, ref[2])
+    dup, dparams, x = _near_duplicates(complex_matching)
+    m = DictionaryMatcher(dup, dparams, complex_matching=complex_matching, rank=40,
+                          scan="kernels")
+    assert int(m.match_indices(torch.from_numpy(x))[0][0]) == len(dup) - 1
+    with pytest.raises(ValueError, match="scan"):
+        DictionaryMatcher(atoms, params, scan="fast")
+
+
 def test_random_data_agrees_with_float64_brute_force():
     rng = np.random.default_rng(3)
     atoms = rng.uniform(0, 1, (3000, 64)) ** 4
