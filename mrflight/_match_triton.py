@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["launch_row_max", "launch_candidates"]
+__all__ = ["launch_row_max", "launch_candidates", "launch_pair_scores"]
 
 
 @triton.jit
@@ -107,3 +107,46 @@ def launch_candidates(s, a, thr, capacity, *, m, m_pad, per_split, blocks, compl
                              capacity, KP=s.shape[1], BM=bm, BN=bn, COMPLEX=complex_,
                              PREC=precision, num_warps=warps, num_stages=stages)
     return rows, cols, count[0]
+
+
+@triton.jit
+def _pair_scores_kernel(s_ptr, a_ptr, rows_ptr, cols_ptr, out_ptr, n_pairs, length, s_row,
+                        a_row, COMPLEX: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr):
+    """float64 ``<a_col, s_row>`` of ``BP`` pairs per program: float32 inputs, their products
+    exact in float64, summed in float64 (complex: interleaved (re, im), ``conj(a) s``)."""
+    p = tl.program_id(0) * BP + tl.arange(0, BP)
+    pm = p < n_pairs
+    r = tl.load(rows_ptr + p, mask=pm, other=0).to(tl.int64)
+    c = tl.load(cols_ptr + p, mask=pm, other=0).to(tl.int64)
+    re = tl.zeros([BP], tl.float64)
+    im = tl.zeros([BP], tl.float64)
+    W: tl.constexpr = 2 if COMPLEX else 1
+    for t0 in range(0, length, BT):
+        t = t0 + tl.arange(0, BT)
+        m = pm[:, None] & (t < length)[None, :]
+        so = r[:, None] * s_row + W * t[None, :]
+        ao = c[:, None] * a_row + W * t[None, :]
+        sr = tl.load(s_ptr + so, mask=m, other=0.0).to(tl.float64)
+        ar = tl.load(a_ptr + ao, mask=m, other=0.0).to(tl.float64)
+        if COMPLEX:
+            si = tl.load(s_ptr + so + 1, mask=m, other=0.0).to(tl.float64)
+            ai = tl.load(a_ptr + ao + 1, mask=m, other=0.0).to(tl.float64)
+            re += tl.sum(ar * sr + ai * si, axis=1)
+            im += tl.sum(ar * si - ai * sr, axis=1)
+        else:
+            re += tl.sum(ar * sr, axis=1)
+    tl.store(out_ptr + 2 * p, re, mask=pm)
+    tl.store(out_ptr + 2 * p + 1, im, mask=pm)
+
+
+def launch_pair_scores(s, a, rows, cols, *, complex_):
+    """``(P, 2)`` float64 (real, imaginary) scores of the pairs ``(rows, cols)`` of float32
+    ``s`` ``(n, T)`` and ``a`` ``(M, T)`` (complex: their ``view_as_real``, ``(., T, 2)``)."""
+    out = torch.empty(len(rows), 2, dtype=torch.float64, device=s.device)
+    if len(rows):
+        bp, bt = 16, 128
+        length = s.shape[1]
+        _pair_scores_kernel[(triton.cdiv(len(rows), bp),)](
+            s, a, rows, cols, out, len(rows), length, s.stride(0), a.stride(0),
+            COMPLEX=complex_, BP=bp, BT=bt, num_warps=4)
+    return out

@@ -560,16 +560,10 @@ class DictionaryMatcher:
         signal without candidates. The products of float32 values are exact in float64 and
         each stored atom is renormalised in float64 (``_inv_norms``): its float32 norm is off
         by ~1e-7, as much as the gap between grid neighbours."""
+        from mrflight import match_kernels
+
         n = si.shape[0]
-        hi = torch.complex128 if si.is_complex() else torch.float64
-        s64 = si.to(hi)
-        sc = torch.empty(len(rows), dtype=hi, device=self.device)
-        # pairs per chunk: a few MB on a CPU; on a GPU large chunks (each one is a few
-        # kernel launches)
-        step = max(1, (2**19 if self.device.type != "cuda" else 2**24) // self.atoms.shape[1])
-        for k in range(0, len(rows), step):
-            a = self.atoms[cols[k: k + step]].conj()
-            torch.sum(a * s64[rows[k: k + step]], dim=1, out=sc[k: k + step])
+        sc = match_kernels.pair_scores(si, self.atoms, rows, cols)
         sc *= self._inv_norms[cols]
         mag = sc.abs() if sc.is_complex() else sc
         top = torch.full((n,), -math.inf, dtype=torch.float64, device=self.device)

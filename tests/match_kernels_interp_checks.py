@@ -100,7 +100,30 @@ def main() -> None:
                         name = f"{'complex' if complex_ else 'real'}-r{rank}-{kind}-{precision}"
                         name += f"-t{t}"
                         results[name] = check(s, a, complex_, precision, device, tiles, splits)
+    results["pair_scores"] = pair_score_errors(device, 60 if cuda else 7)
     print(json.dumps(results))
+
+
+def pair_score_errors(device: str, length_scale: int) -> dict:
+    """Largest relative error of :func:`mk.pair_scores` (the float64 re-scoring of pairs) against
+    float64 products of the same float32 inputs, real and complex, lengths not multiples of
+    the kernel's step (``T`` up to ``length_scale * 29``)."""
+    out = {}
+    for complex_ in (False, True):
+        for t in (1, 29, length_scale * 29):
+            g = torch.Generator().manual_seed(t)
+            dt = torch.complex64 if complex_ else torch.float32
+            s = torch.randn(23, t, generator=g, dtype=dt).to(device)
+            a = torch.randn(41, t, generator=g, dtype=dt).to(device)
+            rows = torch.randint(0, 23, (57,), generator=g).to(device)
+            cols = torch.randint(0, 41, (57,), generator=g).to(device)
+            got = mk.pair_scores(s, a, rows, cols, backend="triton")
+            hi = torch.complex128 if complex_ else torch.float64
+            ref = (a[cols].to(hi).conj() * s[rows].to(hi)).sum(1)
+            scale = (a[cols].abs().double() * s[rows].abs().double()).sum(1)
+            out[f"{'complex' if complex_ else 'real'}-T{t}"] = float(
+                ((got - ref).abs() / scale).max())
+    return out
 
 
 if __name__ == "__main__":
