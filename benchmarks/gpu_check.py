@@ -224,7 +224,7 @@ def main() -> int:
             + ("smoke (CPU, tiny sizes, TRITON_INTERPRET=1: times mean nothing)" if ctx.smoke
                else "full") +
             f"\n- command: `PYTHONPATH=. python3 benchmarks/gpu_check.py"
-            f"{' --smoke' if ctx.smoke else ''}`")
+            f"{''.join(' ' + a for a in sys.argv[1:])}`")
     print(head, flush=True)
     print("| check | value | target | status | note |\n|---|---|---|---|---|", flush=True)
     state: dict = {}
