@@ -91,8 +91,10 @@ _TRITON = False  # False: not imported yet; None: unavailable
 
 def _kernels():
     """The Triton kernels module, or ``None`` (no triton, or ``MRFLIGHT_NO_TRITON=1``)."""
+    from mrflight.physics._triton_glue import triton_disabled
+
     global _TRITON
-    if os.environ.get("MRFLIGHT_NO_TRITON", "") not in ("", "0"):
+    if triton_disabled():
         return None
     if _TRITON is False:
         try:

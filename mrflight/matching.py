@@ -434,20 +434,18 @@ class DictionaryMatcher:
         own round-off bound added to ``eps``), or ``None`` after a kernel failure, which warns
         once and leaves this matcher on the GEMM scan."""
         from mrflight import match_kernels
+        from mrflight.physics._triton_glue import guarded_kernel
 
         eps = float(self._tolerance(si).max()) if si.shape[0] else 0.0
-        try:
-            # first guess of the pairs: 128 per signal (72 on average for the paper grid at
-            # rank 25, measured on an H100), so that the candidate pass seldom runs twice
-            pairs = match_kernels.candidate_pairs(si, self.atoms, eps,
+        # first guess of the pairs: 128 per signal (72 on average for the paper grid at rank
+        # 25, measured on an H100), so that the candidate pass seldom runs twice
+        pairs = guarded_kernel(
+            lambda: match_kernels.candidate_pairs(si, self.atoms, eps,
                                                   complex_=self.complex_matching,
                                                   precision="tf32x3",
-                                                  capacity=128 * si.shape[0] + 1024)
-        except ValueError:
-            raise
-        except Exception as e:  # e.g. triton's CompilationError on an unsupported GPU
-            warnings.warn(f"mrflight: the fused matching kernels failed ({type(e).__name__}: "
-                          f"{e}); using the GEMM scan", RuntimeWarning, stacklevel=4)
+                                                  capacity=128 * si.shape[0] + 1024),
+            "the fused matching kernels", "using the GEMM scan")
+        if pairs is None:
             self._kernels_failed = True
             return None
         return pairs.rows, pairs.cols

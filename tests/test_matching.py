@@ -293,6 +293,22 @@ def test_kernel_scan_agrees_with_gemm_scan(small_dict, complex_matching):
         DictionaryMatcher(atoms, params, scan="fast")
 
 
+def test_kernel_failure_warns_and_falls_back_to_the_gemm_scan(small_dict, monkeypatch):
+    from mrflight import match_kernels
+
+    _, atoms, params = small_dict
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no usable backend")
+    monkeypatch.setattr(match_kernels, "candidate_pairs", broken)
+    m = DictionaryMatcher(atoms, params, rank=10, scan="kernels")
+    with pytest.warns(RuntimeWarning, match="fused matching kernels failed"):
+        got = m.match(atoms[::9])
+    assert torch.equal(got, DictionaryMatcher(atoms, params, rank=10, scan="gemm").match(
+        atoms[::9]))
+    assert not m._use_kernels()  # disabled for the rest of the matcher's life
+
+
 def test_random_data_agrees_with_float64_brute_force():
     rng = np.random.default_rng(3)
     atoms = rng.uniform(0, 1, (3000, 64)) ** 4

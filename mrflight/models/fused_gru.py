@@ -24,12 +24,10 @@ benchmark times batch 1024 against cuDNN).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
-from mrflight.physics._triton_glue import triton_disabled
+from mrflight.physics._triton_glue import guarded_kernel, triton_disabled
 
 __all__ = ["fused_gru", "gru_gates_torch", "triton_gates", "fused_gru_available"]
 
@@ -141,12 +139,8 @@ def run_fused_gru(rnn: nn.GRU, x: torch.Tensor) -> torch.Tensor | None:
     """:func:`fused_gru` with the Triton gates, or ``None`` (the caller runs ``nn.GRU``) after a
     kernel failure (e.g. a GPU Triton cannot compile for), which warns once and disables it."""
     global _KERNEL
-    try:
-        return fused_gru(rnn, x, triton_gates())
-    except (ValueError, torch.cuda.OutOfMemoryError):
-        raise
-    except Exception as e:  # e.g. triton's CompilationError on an unsupported GPU
-        warnings.warn(f"mrflight: the fused GRU kernel failed ({type(e).__name__}: {e}); "
-                      "using nn.GRU (cuDNN)", RuntimeWarning, stacklevel=3)
+    out = guarded_kernel(lambda: fused_gru(rnn, x, triton_gates()), "the fused GRU kernel",
+                         "using nn.GRU (cuDNN)")
+    if out is None:
         _KERNEL = None
-        return None
+    return out

@@ -15,6 +15,21 @@ def triton_disabled() -> bool:
     return os.environ.get("MRFLIGHT_NO_TRITON", "") not in ("", "0")
 
 
+def guarded_kernel(call, what: str, fallback: str):
+    """``call()``, or ``None`` when it fails with anything but a ``ValueError`` (bad input) or
+    a CUDA out-of-memory error, e.g. Triton's ``CompilationError`` on an unsupported GPU: then
+    a warning names ``what`` failed and the ``fallback`` that serves instead (the caller
+    disables its kernel for the rest of the process)."""
+    try:
+        return call()
+    except (ValueError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any kernel failure leaves a working fallback
+        warnings.warn(f"mrflight: {what} failed ({type(e).__name__}: {e}); {fallback}",
+                      RuntimeWarning, stacklevel=4)
+        return None
+
+
 def _gpu_kernel():
     """The fused GPU kernel module (:mod:`mrflight.physics._triton`), or ``None`` when Triton is
     not installed, failed before, or ``MRFLIGHT_NO_TRITON=1`` asks for the pure-torch path."""
@@ -45,14 +60,10 @@ def _run_gpu_kernel(seq, t1, t2, b1, k_atom, wrt, lanes, chunk_size=None, progre
     gk = _gpu_kernel()
     if gk is None:
         return None
-    try:
-        with torch.no_grad():
-            return gk.run(seq, t1, t2, b1, k_atom, wrt=wrt, lanes=lanes, chunk_size=chunk_size,
-                          progress=progress)
-    except (ValueError, torch.cuda.OutOfMemoryError):
-        raise
-    except Exception as e:  # e.g. triton's CompilationError on an unsupported GPU
-        warnings.warn(f"mrflight: the fused GPU EPG kernel failed ({type(e).__name__}: {e}); "
-                      "using the slower pure-torch path", RuntimeWarning, stacklevel=3)
+    with torch.no_grad():
+        out = guarded_kernel(lambda: gk.run(seq, t1, t2, b1, k_atom, wrt=wrt, lanes=lanes,
+                                            chunk_size=chunk_size, progress=progress),
+                             "the fused GPU EPG kernel", "using the slower pure-torch path")
+    if out is None:
         _TRITON = None
-        return None
+    return out
