@@ -265,4 +265,6 @@ def test_predict_parameters_precision_modes():
     assert pbf.dtype == torch.float32 and not torch.equal(pbf, p32)
     assert float((pbf - p32).norm() / p32.norm()) < 2e-2
     with pytest.raises(ValueError, match="precision must be one of"):
+        module.predict_parameters(sig, precision="fp8")
+    with pytest.raises(ValueError, match="needs the model on a CUDA GPU"):
         module.predict_parameters(sig, precision="fp16")
