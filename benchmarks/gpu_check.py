@@ -269,23 +269,20 @@ def main() -> int:
 
     @row("data=simulated on the GPU: simulation share of a training step", "<= 10 %", 40)
     def _():
-        from mrflight.data.batches import Batch
         from mrflight.data.simulated import BatchSimulator, ParameterPrior
         from mrflight.regressor import MRFRegressor
 
         b, n_launch = ctx.train_batch, ctx.sim_launch
         sim = BatchSimulator(seq, ParameterPrior(), ("t1", "t2", "b1"),
                              torch.tensor([4000.0, 500.0, 1.0]), b, "complex", True, 1)
-        draws = [sim.draw(0, 0, i, 0) for i in range(n_launch // b)]
 
         def on_dev(batch):
             return batch._replace(**{f: getattr(batch, f).to(dev) for f in
                                      ("target", "params_ms", "noise_std", "sim_params", "key")})
         # what training does (SimulatedDataModule._device_batch): one call simulates, noises
         # and preprocesses a launch of batches; the one-batch call is shown for comparison
-        group = on_dev(Batch(*(None if f[0] is None else torch.cat(f)
-                               for f in zip(*(d[:-1] for d in draws))), key=draws[0].key))
-        one = on_dev(draws[0])
+        group = on_dev(sim.draw_launch(0, 0, 0, n_launch // b, 0))
+        one = on_dev(sim.draw(0, 0, 0, 0))
         _, t_one = bench(lambda: sim.realise(one), ctx)
         _, t_launch = bench(lambda: sim.realise(group), ctx)
         _, t_sim = bench(lambda: sim.simulate(group.sim_params), ctx)

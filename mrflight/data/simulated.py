@@ -256,6 +256,13 @@ class BatchSimulator:
                      sim_params=torch.from_numpy(params),
                      key=torch.tensor([stream_seed(seed, 1, epoch, index, rank), epoch, index]))
 
+    def draw_launch(self, seed: int, epoch: int, first: int, last: int, rank: int) -> Batch:
+        """Batches ``first .. last - 1`` of an epoch drawn as one batch (fields concatenated in
+        order; the noise key of the first), for one simulation and noise draw on a device."""
+        draws = [self.draw(seed, epoch, j, rank) for j in range(first, last)]
+        return Batch(*(None if f[0] is None else torch.cat(f)
+                       for f in zip(*(d[:-1] for d in draws))), key=draws[0].key)
+
     def simulate(self, params: torch.Tensor) -> torch.Tensor:
         """Clean complex fingerprints ``(B, T)`` of ``(B, 3)`` T1, T2, B1 on their device."""
         from mrflight.physics import simulate
@@ -571,12 +578,12 @@ class SimulatedDataModule(ModelInputs, L.LightningDataModule):
         first = index - index % self.batches_per_launch
         if self._launch is None or self._launch[0] != (epoch, first):
             last = min(first + self.batches_per_launch, self.batches_per_epoch)
-            draws = [self.simulator.draw(self.seed, epoch, j, self.train_set.rank)
-                     for j in range(first, last)]
+            group = self.simulator.draw_launch(self.seed, epoch, first, last,
+                                               self.train_set.rank)
             self._launch = None  # free the previous launch's signals first
             dev = batch.target.device
-            group = Batch(*(None if f[0] is None else torch.cat(f).to(dev)
-                            for f in zip(*(d[:-1] for d in draws))), key=draws[0].key)
+            group = group._replace(**{f: getattr(group, f).to(dev) for f in
+                                      ("target", "params_ms", "noise_std", "sim_params")})
             self._launch = ((epoch, first), self.simulator.realise(group))
         group, j = self._launch[1], index - first
         rows = self.batch_size * self.realizations
