@@ -248,14 +248,54 @@ def row_max(s: torch.Tensor, a: torch.Tensor, *, complex_: bool = False,
         ``(n,)`` float32 (``-inf`` when there are no atoms).
     """
     _check_precision(precision)
+    return _row_max(_prepare(s, a, complex_, backend, tiles, splits), precision)
+
+
+class _Prepared(NamedTuple):
+    """Inputs in the form the kernels (``lay``: padded layout) or the reference read."""
+
+    sf: torch.Tensor
+    mats: list
+    complex_: bool
+    lay: tuple | None  # (signals, atoms, layout keywords) for Triton, None for the reference
+
+
+def _prepare(s, a, complex_, backend, tiles, splits) -> _Prepared:
+    """Split and (for Triton) pad the inputs once, for any number of kernel passes."""
     sf, mats = _split_inputs(s, a, complex_)
-    if sf.shape[0] == 0 or mats[0].shape[0] == 0 or not _use_triton(s.device, backend):
-        out = _ref_row_max(sf, mats, precision)
+    triton = sf.shape[0] > 0 and mats[0].shape[0] > 0 and _use_triton(s.device, backend)
+    lay = _layout(sf, mats, complex_, tiles, splits) if triton else None
+    return _Prepared(sf, mats, complex_, lay)
+
+
+def _row_max(prep: _Prepared, precision: str) -> torch.Tensor:
+    if prep.lay is None:
+        out = _ref_row_max(prep.sf, prep.mats, precision)
     else:
-        sp, ap, lay = _layout(sf, mats, complex_, tiles, splits)
-        out = torch.full((sf.shape[0],), -math.inf, dtype=torch.float32, device=s.device)
+        sp, ap, lay = prep.lay
+        out = torch.full((sp.shape[0],), -math.inf, dtype=torch.float32, device=sp.device)
         _kernels().launch_row_max(sp, ap, out, precision=precision, **lay)
-    return out.sqrt() if complex_ else out
+    return out.sqrt() if prep.complex_ else out
+
+
+def _candidates(prep: _Prepared, threshold: torch.Tensor, capacity: int, precision: str):
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    sf, mats, complex_ = prep.sf, prep.mats, prep.complex_
+    thr = threshold.to(device=sf.device, dtype=torch.float64).reshape(-1)
+    if thr.numel() != sf.shape[0]:
+        raise ValueError(f"threshold has {thr.numel()} values for {sf.shape[0]} signals")
+    thr = _f32_down(thr.clamp_min(0) ** 2 if complex_ else thr)
+    if prep.lay is None:
+        rows, cols, total = _ref_candidates(sf, mats, thr, capacity, precision)
+    else:
+        sp, ap, lay = prep.lay
+        rows, cols, total = _kernels().launch_candidates(sp, ap, thr, capacity,
+                                                         m=mats[0].shape[0], precision=precision,
+                                                         **lay)
+        total = int(total)
+        rows, cols = rows[:min(total, capacity)], cols[:min(total, capacity)]
+    return rows, cols, max(0, total - capacity)
 
 
 def candidates(s: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, *,
@@ -274,23 +314,8 @@ def candidates(s: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, *,
         ``capacity + overflow`` to get them all.
     """
     _check_precision(precision)
-    if capacity < 0:
-        raise ValueError(f"capacity must be >= 0, got {capacity}")
-    sf, mats = _split_inputs(s, a, complex_)
-    thr = threshold.to(device=s.device, dtype=torch.float64).reshape(-1)
-    if thr.numel() != sf.shape[0]:
-        raise ValueError(f"threshold has {thr.numel()} values for {sf.shape[0]} signals")
-    thr = _f32_down(thr.clamp_min(0) ** 2 if complex_ else thr)
-    if sf.shape[0] == 0 or mats[0].shape[0] == 0 or not _use_triton(s.device, backend):
-        rows, cols, total = _ref_candidates(sf, mats, thr, capacity, precision)
-    else:
-        sp, ap, lay = _layout(sf, mats, complex_, tiles, splits)
-        rows, cols, total = _kernels().launch_candidates(sp, ap, thr, capacity,
-                                                         m=mats[0].shape[0], precision=precision,
-                                                         **lay)
-        total = int(total)
-        rows, cols = rows[:min(total, capacity)], cols[:min(total, capacity)]
-    return rows, cols, max(0, total - capacity)
+    return _candidates(_prepare(s, a, complex_, backend, tiles, splits), threshold, capacity,
+                       precision)
 
 
 def candidate_pairs(s: torch.Tensor, a: torch.Tensor, eps: float, *, complex_: bool = False,
@@ -317,9 +342,9 @@ def candidate_pairs(s: torch.Tensor, a: torch.Tensor, eps: float, *, complex_: b
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(a).all())):
         raise ValueError("signals or atoms contain NaN or Inf; mask those out first")
-    kw = dict(complex_=complex_, precision=precision, backend=backend, tiles=tiles,
-              splits=splits)
-    best = row_max(s, a, **kw)
+    _check_precision(precision)
+    prep = _prepare(s, a, complex_, backend, tiles, splits)  # once for both passes
+    best = _row_max(prep, precision)
     n, m = s.shape[0], a.shape[0]
     a_norm = float(torch.linalg.vector_norm(a.to(torch.complex128 if complex_ else torch.float64),
                                             dim=1).max()) if m else 0.0
@@ -327,13 +352,13 @@ def candidate_pairs(s: torch.Tensor, a: torch.Tensor, eps: float, *, complex_: b
     margin = eps + 2 * (error_bound(precision, s.shape[1], complex_) * nu * a_norm + 1e-30)
     thr = torch.where(nu > 0, best.double() - margin, torch.full_like(margin, math.inf))
     cap = 8 * n + 1024 if capacity is None else capacity
-    rows, cols, over = candidates(s, a, thr, capacity=cap, **kw)
+    rows, cols, over = _candidates(prep, thr, cap, precision)
     if over:
         if cap + over > max_pairs:
             raise ValueError(f"{cap + over} candidate pairs exceed max_pairs={max_pairs}: "
                              "lower eps, use a more precise `precision`, match fewer signals "
                              "at once, or raise max_pairs")
-        rows, cols, over = candidates(s, a, thr, capacity=cap + over, **kw)
+        rows, cols, over = _candidates(prep, thr, cap + over, precision)
     key = torch.sort(rows.long() * m + cols.long()).values
     return CandidatePairs(key // max(m, 1), key % max(m, 1), best, margin)
 
