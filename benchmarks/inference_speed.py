@@ -11,8 +11,9 @@ the weights):
 * end-to-end ``MRFRegressor.predict_parameters`` on complex signals (magnitude, normalisation,
   chunking included) at its default chunk size;
 * flops per signal (multiply-adds x 2: ``torch.utils.flop_counter`` for the convolutional and
-  linear layers, counted analytically for the recurrent layers) and the implied floor: flops /
-  the measured float32 GEMM rate at the same thread count, and the fraction of it reached;
+  linear layers, counted analytically for the recurrent layers and their subspace projection)
+  and the implied floor: flops / the measured float32 GEMM rate at the same thread count, and
+  the fraction of it reached;
 * with ``--compile``: the same throughput through ``torch.compile`` (compile time reported);
 * on a CUDA machine: throughput and latency on the GPU as extra columns.
 
@@ -50,13 +51,19 @@ TARGETS = {"lstm": None, "gru": 20_000, "ann": 100_000, "cnn": 100_000}  # signa
 LATENCY_TARGET_MS = 2.0
 
 
-def default_net(name: str, input_length: int = 1750) -> torch.nn.Module:
-    """The regressor of ``mrflight/configs/model/<name>.yaml`` for ``input_length`` time points."""
+def default_net(name: str, input_length: int = 1750, **sizes) -> torch.nn.Module:
+    """The regressor of ``mrflight/configs/model/<name>.yaml`` for ``input_length`` time points
+    (``sizes``: ``in_channels``, ``n_outputs``). A network with a subspace basis (fitted when
+    training starts) gets a random orthonormal one: its speed does not depend on the basis."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{name}.yaml"), resolve=True)
-    cfg["input_length"] = input_length
-    return build_net(cfg).eval()
+    cfg.update(input_length=input_length, **sizes)
+    net = build_net(cfg).eval()
+    if not getattr(net, "has_basis", True):
+        g = torch.Generator().manual_seed(0)
+        net.set_basis(torch.linalg.qr(torch.randn(input_length, net.rank, generator=g)).Q)
+    return net
 
 
 def flops_per_signal(net: torch.nn.Module) -> float:
@@ -76,7 +83,12 @@ def flops_per_signal(net: torch.nn.Module) -> float:
         per_step = 0
         for layer in range(net.num_layers):
             per_step += d * 2 * gates * h * ((inp if layer == 0 else d * h) + h)
-        return float(per_step * net.n_steps + 2 * net.fc.in_features * net.fc.out_features)
+        # the projection on the basis and back; the read-out layers counted below
+        projection = 2 * 2 * net.in_channels * net.input_length * net.rank
+        readout = torch.randn(2, net.head[0].in_features if net.head else net.fc.in_features)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            net.fc(net.head(readout))
+        return float(per_step * net.n_steps + projection) + counter.get_total_flops() / 2
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         net(x)
     return counter.get_total_flops() / 2

@@ -27,6 +27,7 @@ import time
 
 import torch
 from common import machine_line, markdown_table, publish  # benchmarks/
+from inference_speed import default_net
 
 from mrflight.data import SimulatedDataModule
 from mrflight.physics import oksuz2019
@@ -34,8 +35,7 @@ from mrflight.regressor import MRFRegressor
 
 
 def _module(n_pulses: int) -> MRFRegressor:
-    net = {"_target_": "mrflight.models.GRURegressor", "input_length": n_pulses,
-           "in_channels": 2, "n_outputs": 3, "hidden_size": 100, "values_per_step": 50}
+    net = default_net("gru", n_pulses, in_channels=2, n_outputs=3).train()
     return MRFRegressor(net, lr=3e-3, target_scale_ms=[4000.0, 500.0, 1.0],
                         targets=["t1", "t2", "b1"])
 

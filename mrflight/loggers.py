@@ -57,7 +57,8 @@ def flat_config(cfg: DictConfig, hc=None) -> dict:
     """The run's hyperparameters as one flat dict of scalars (what a W&B panel filters by).
 
     Keys: ``model``, ``hidden_size`` (recurrent), ``hidden_sizes`` (ANN), ``channels`` (CNN),
-    ``values_per_step``, ``lr``, ``weight_decay``, ``scheduler``, ``batch_size``, ``noise_std``
+    ``head_sizes`` and ``rank`` (recurrent, subspace), ``values_per_step``, ``lr``,
+    ``weight_decay``, ``scheduler``, ``batch_size``, ``noise_std``
     (or ``noise_std_min``/``noise_std_max`` for a range), ``input_mode``, ``n_train``,
     ``sequence``, ``n_pulses``, ``data``, ``targets``, ``loss``, ``seed``, ``max_epochs``,
     ``experiment``, ``hparams_search``; absent values are left out.
@@ -68,11 +69,11 @@ def flat_config(cfg: DictConfig, hc=None) -> dict:
     data = cfg.get("data") or {}
     seq = cfg.get("sequence") or {}
     out: dict = {"model": _model_name(cfg, ch)}
-    for key in ("hidden_size", "num_layers", "values_per_step"):
+    for key in ("hidden_size", "num_layers", "values_per_step", "rank"):
         if model.get(key) is not None:
             out[key] = to_plain(model.get(key))
-    for key in ("hidden_sizes", "channels"):
-        if model.get(key) is not None:
+    for key in ("hidden_sizes", "channels", "head_sizes"):
+        if model.get(key):
             out[key] = "x".join(str(v) for v in to_plain(model.get(key)))
     out["lr"] = module.get("lr")
     out["weight_decay"] = module.get("weight_decay")

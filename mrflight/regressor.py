@@ -180,9 +180,10 @@ class MRFRegressor(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Fit a network's data-dependent part before its first step (the subspace basis of
-        :class:`mrflight.models.SubspaceRegressor`) from the run's sequence and the data's prior;
-        a resumed run has it from its checkpoint already."""
-        if not hasattr(self.net, "fit_basis") or self.net.has_basis:
+        :class:`mrflight.models.SubspaceRegressor` and of a recurrent net with ``rank``) from
+        the run's sequence and the data's prior; a resumed run has it from its checkpoint
+        already."""
+        if getattr(self.net, "has_basis", True):
             return
         from mrflight.physics import Sequence
 

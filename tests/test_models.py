@@ -22,7 +22,7 @@ from mrflight.models import (
 def test_contract_and_rebuild(name, channels):
     torch.manual_seed(0)
     net = REGISTRY[name](input_length=101, in_channels=channels)
-    if hasattr(net, "set_basis"):  # the subspace model: any orthonormal basis for the contract
+    if not getattr(net, "has_basis", True):  # a subspace basis: any orthonormal one will do
         net.set_basis(torch.linalg.qr(torch.randn(101, net.rank)).Q)
     x = torch.randn(5, 101) if channels == 1 else torch.randn(5, 2, 101)
     y = net(x)
@@ -67,6 +67,24 @@ def test_bidirectional_multilayer_lstm_uses_both_directions():
     x = torch.randn(2, 40)
     # reversing time changes the result (a real sequence model, not a bag of values)
     assert not torch.allclose(net(x), net(x.flip(-1)))
+
+
+def test_recurrent_head_between_state_and_output():
+    """head_sizes puts ReLU layers between the last hidden state and the output layer; without
+    it the state dict is the paper's (rnn + fc), so older checkpoints still load."""
+    torch.manual_seed(3)
+    net = GRURegressor(input_length=20, in_channels=2, n_outputs=3, hidden_size=6,
+                       values_per_step=5, head_sizes=[7, 5])
+    assert [m.out_features for m in net.head if isinstance(m, nn.Linear)] == [7, 5]
+    assert net.fc.in_features == 5 and net.fc.out_features == 3
+    x = torch.randn(4, 2, 20)
+    _, h = net.rnn((x * 20 ** 0.5).reshape(4, 2, 4, 5).permute(0, 2, 3, 1).reshape(4, 4, 10))
+    assert torch.allclose(net(x), net.fc(net.head(h[-1])), atol=1e-6)
+    assert sorted(GRURegressor(20, hidden_size=6).state_dict()) == [
+        "fc.bias", "fc.weight", "rnn.bias_hh_l0", "rnn.bias_ih_l0", "rnn.weight_hh_l0",
+        "rnn.weight_ih_l0"]
+    with pytest.raises(ValueError, match="head_sizes"):
+        GRURegressor(20, head_sizes=[4, 0])
 
 
 def test_sizes_from_the_papers():
@@ -134,6 +152,46 @@ def test_subspace_basis_captures_fresh_fingerprints(mode, channels):
         net.set_basis(2 * net.basis)
     with pytest.raises(ValueError, match="rank must be"):
         SubspaceRegressor(50, 2, 3, rank=60)
+
+
+@pytest.mark.parametrize("cls", [GRURegressor, LSTMRegressor])
+def test_recurrent_reads_the_projected_fingerprint(cls):
+    """rank=R: the recurrence reads the fingerprint projected on the basis (the noise outside it
+    removed) and the read-out also gets the log energy outside; it needs a basis first."""
+    torch.manual_seed(4)
+    t, r = 40, 6
+    net = cls(input_length=t, in_channels=2, n_outputs=3, hidden_size=5, values_per_step=8,
+              head_sizes=[4], rank=r)
+    assert net.head[0].in_features == 5 + 1
+    with pytest.raises(RuntimeError, match="no basis yet"):
+        net(torch.randn(2, 2, t))
+    basis, _ = torch.linalg.qr(torch.randn(t, r, dtype=torch.float64))
+    net.set_basis(basis.float(), noise_min=0.01)
+    x = torch.randn(3, 2, t)
+    x = x / torch.linalg.vector_norm(x.flatten(1), dim=1)[:, None, None]
+    v = net.basis
+    inside = (x @ v) @ v.T
+    outside = torch.log((x - inside).square().sum((1, 2))).clamp_min(net.log_outside_floor)
+    steps = (inside * t ** 0.5).reshape(3, 2, 5, 8).permute(0, 2, 3, 1).reshape(3, 5, 16)
+    _, h = net.rnn(steps)
+    h = h[0] if isinstance(h, tuple) else h
+    expected = net.fc(net.head(torch.cat([h[-1], outside[:, None]], dim=1)))
+    assert torch.allclose(net(x), expected, atol=1e-5)
+    # what lies outside the basis no longer reaches the recurrence: only the noise feature moves
+    ortho = torch.randn(3, 2, t)
+    ortho = ortho - (ortho @ v) @ v.T
+    moved = x + 0.05 * ortho
+    assert torch.allclose(net.rnn(steps)[0], net.rnn(
+        (((moved @ v) @ v.T) * t ** 0.5).reshape(3, 2, 5, 8).permute(0, 2, 3, 1)
+        .reshape(3, 5, 16))[0], atol=1e-5)
+    twin = build_net(net_config(net))
+    twin.load_state_dict(net.state_dict())
+    assert twin.has_basis and torch.equal(twin(x), net(x))
+    assert GRURegressor(t).has_basis and "basis" not in GRURegressor(t).state_dict()
+    with pytest.raises(ValueError, match="rank must be"):
+        GRURegressor(t, rank=-1)
+    with pytest.raises(ValueError, match="without a subspace basis"):
+        GRURegressor(t).set_basis(basis)
 
 
 # --------------------------------------------------------------------------------------------

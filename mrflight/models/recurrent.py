@@ -9,11 +9,12 @@ from torch import nn
 
 from .base import Regressor
 from .fused_gru import fused_gru_available, run_fused_gru
+from .subspace import SubspaceBasis
 
 __all__ = ["RecurrentRegressor", "LSTMRegressor", "GRURegressor"]
 
 
-class RecurrentRegressor(Regressor):
+class RecurrentRegressor(SubspaceBasis, Regressor):
     """A recurrent net over the fingerprint followed by a fully connected layer to (T1, T2).
 
     The fingerprint of ``T`` time points (and ``C`` channels) is cut into
@@ -21,7 +22,8 @@ class RecurrentRegressor(Regressor):
     zero-padded at the end of the last chunk) is one step of the recurrence. ``values_per_step=1``
     is the literal per-time-point model of the paper (1750 steps: very slow on a CPU); the default
     is chosen by measurement (see the README). The last hidden state of the top layer (both
-    directions when bidirectional) feeds a linear layer to ``n_outputs`` outputs.
+    directions when bidirectional) feeds a linear layer to ``n_outputs`` outputs, through the
+    hidden layers ``head_sizes`` when given.
 
     A GRU in eval mode on CUDA input without autograd (``torch.inference_mode()``, as
     ``predict_parameters`` runs it) runs :func:`mrflight.models.fused_gru.fused_gru` with its
@@ -38,6 +40,14 @@ class RecurrentRegressor(Regressor):
         bidirectional: run the recurrence both ways.
         dropout: dropout between stacked layers (only used when ``num_layers > 1``).
         values_per_step: time points fed per recurrent step.
+        head_sizes: widths of hidden layers (ReLU) between the last hidden state and the output
+            layer (empty: the paper's linear read-out).
+        rank: 0 (the paper: the recurrence reads the fingerprint as it is) or ``R``: the
+            fingerprint is first projected on a rank-``R`` SVD basis of the prior's
+            fingerprints (fitted when training starts, as for
+            :class:`~mrflight.models.SubspaceRegressor`), so the recurrence reads it without
+            the noise outside that subspace, and the log energy left outside (the noise level)
+            joins the last hidden state as one more input of the read-out.
 
     References:
         Oksuz et al., Magnetic resonance fingerprinting using recurrent neural networks,
@@ -48,7 +58,8 @@ class RecurrentRegressor(Regressor):
 
     def __init__(self, input_length: int, in_channels: int = 1, n_outputs: int = 2,
                  hidden_size: int = 100, num_layers: int = 1, bidirectional: bool = False,
-                 dropout: float = 0.0, values_per_step: int = 50) -> None:
+                 dropout: float = 0.0, values_per_step: int = 50,
+                 head_sizes: tuple[int, ...] | list[int] = (), rank: int = 0) -> None:
         super().__init__(input_length, in_channels, n_outputs)
         if values_per_step < 1:
             raise ValueError(f"values_per_step must be >= 1, got {values_per_step}")
@@ -62,6 +73,13 @@ class RecurrentRegressor(Regressor):
         self.bidirectional = bool(bidirectional)
         self.dropout = float(dropout)
         self.values_per_step = int(values_per_step)
+        self.head_sizes = tuple(int(h) for h in head_sizes)
+        if self.head_sizes and min(self.head_sizes) < 1:
+            raise ValueError(f"head_sizes must be positive widths (or empty), got {head_sizes}")
+        if int(rank) < 0:
+            raise ValueError(f"rank must be 0 (no projection) or in [1, {self.input_length}], "
+                             f"got {rank}")
+        self._init_basis(rank)
         self.n_steps = math.ceil(self.input_length / self.values_per_step)
         self.pad = self.n_steps * self.values_per_step - self.input_length
         self.rnn = self.rnn_class(
@@ -69,10 +87,20 @@ class RecurrentRegressor(Regressor):
             num_layers=self.num_layers, batch_first=True, bidirectional=self.bidirectional,
             dropout=self.dropout if self.num_layers > 1 else 0.0,
         )
-        self.fc = nn.Linear(self.hidden_size * (2 if self.bidirectional else 1), self.n_outputs)
+        width = self.hidden_size * (2 if self.bidirectional else 1) + (1 if self.rank else 0)
+        layers: list[nn.Module] = []
+        for h in self.head_sizes:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.head = nn.Sequential(*layers)  # empty: no parameters, the paper's read-out
+        self.fc = nn.Linear(width, self.n_outputs)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
+        noise = None
+        if self.rank:
+            coef, noise = self.project(x / self.input_scale)
+            x = (coef @ self.basis.T.to(x.dtype)) * self.input_scale
         if self.pad:
             x = nn.functional.pad(x, (0, self.pad))
         # (B, C, S*V) -> (B, S, V*C): each step holds values_per_step consecutive time points
@@ -85,7 +113,9 @@ class RecurrentRegressor(Regressor):
             h = h[0]
         h = h.view(self.num_layers, 2 if self.bidirectional else 1, b, self.hidden_size)[-1]
         h = h.permute(1, 0, 2).reshape(b, -1)
-        return self.fc(h)
+        if noise is not None:
+            h = torch.cat([h, noise[:, None].to(h.dtype)], dim=1)
+        return self.fc(self.head(h))
 
 
 class LSTMRegressor(RecurrentRegressor):

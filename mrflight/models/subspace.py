@@ -25,7 +25,7 @@ from torch import nn
 
 from .base import Regressor
 
-__all__ = ["SubspaceRegressor", "subspace_basis"]
+__all__ = ["SubspaceBasis", "SubspaceRegressor", "subspace_basis"]
 
 
 def subspace_basis(seq, rank: int, input_mode: str = "complex", t1_range=(50.0, 5000.0),
@@ -59,59 +59,42 @@ def subspace_basis(seq, rank: int, input_mode: str = "complex", t1_range=(50.0, 
     return evecs[:, -int(rank):].flip(1).to(torch.float32).contiguous()
 
 
-class SubspaceRegressor(Regressor):
-    """Projection on a fitted SVD basis, then a multilayer perceptron.
+class SubspaceBasis:
+    """A fitted SVD basis of the prior's fingerprints as buffers of a network (a mixin).
 
-    Features of a unit-norm input ``x`` (``C`` channels): the coordinates ``x_c @ V`` of every
-    channel (``C * R`` numbers) and ``log(||x||^2 - sum of their squares)``, the log energy
-    outside the subspace (the noise level: it is what noise alone adds), clamped below at what
-    the lowest training noise leaves there.
-
-    Args:
-        input_length: ``T``.
-        in_channels: 1 (magnitude) or 2 (phase-aligned real, imaginary).
-        n_outputs: estimated parameters (2: T1, T2; 3: T1, T2, B1).
-        rank: ``R``, the basis size.
-        hidden_sizes: widths of the hidden layers (ReLU).
-
-    The basis must be set before the first forward pass (:meth:`fit_basis` or
-    :meth:`set_basis`; training does it, a checkpoint restores it).
+    Registers ``basis`` ``(T, R)``, ``basis_fitted`` and ``log_outside_floor`` (saved in the
+    checkpoint) with :meth:`_init_basis`; :class:`mrflight.regressor.MRFRegressor` calls
+    :meth:`fit_basis` when training starts unless :attr:`has_basis`. A network built without a
+    basis (rank 0) has nothing to fit.
     """
 
-    def __init__(self, input_length: int, in_channels: int = 1, n_outputs: int = 2,
-                 rank: int = 48, hidden_sizes: tuple[int, ...] | list[int] = (256, 256, 256)
-                 ) -> None:
-        super().__init__(input_length, in_channels, n_outputs)
+    rank: int = 0
+
+    def _init_basis(self, rank: int) -> None:
         self.rank = int(rank)
+        if self.rank == 0:
+            return
         if not 1 <= self.rank <= self.input_length:
             raise ValueError(f"rank must be in [1, {self.input_length}] (the input length), "
                              f"got {rank}")
-        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
-        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
-            raise ValueError(f"hidden_sizes must be a non-empty list of positive widths, got "
-                             f"{hidden_sizes}")
         self.register_buffer("basis", torch.zeros(self.input_length, self.rank))
         self.register_buffer("basis_fitted", torch.zeros((), dtype=torch.bool))
         # the log energy outside the basis is clamped below at what the lowest training noise
         # leaves there (set with the basis; -inf: no clamp), so a voxel less noisy than any
         # training sample is read as one at the lowest training noise instead of extrapolated
         self.register_buffer("log_outside_floor", torch.full((), -math.inf))
-        layers: list[nn.Module] = []
-        width = self.in_channels * self.rank + 1
-        for h in self.hidden_sizes:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, self.n_outputs))
-        self.net = nn.Sequential(*layers)
 
     @property
     def has_basis(self) -> bool:
-        return bool(self.basis_fitted)
+        return self.rank == 0 or bool(self.basis_fitted)
 
     def set_basis(self, basis: torch.Tensor, noise_min: float | None = None) -> None:
         """Use ``basis`` ``(T, R)`` (orthonormal columns) from now on; ``noise_min``: the
         lowest training noise std (relative to the unit-norm fingerprint), below which inputs
         are read as at that noise (``None``: no floor)."""
+        if self.rank == 0:
+            raise ValueError(f"this {type(self).__name__} was built without a subspace basis "
+                             "(rank 0)")
         b = torch.as_tensor(basis, dtype=torch.float32)
         if b.shape != self.basis.shape:
             raise ValueError(f"basis must be ({self.input_length}, {self.rank}), got "
@@ -140,17 +123,61 @@ class SubspaceRegressor(Regressor):
         mode = "magnitude" if self.in_channels == 1 else "complex"
         self.set_basis(subspace_basis(seq, self.rank, mode, **prior), noise_min)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, T)`` unit-norm inputs -> ``(B, C * R + 1)`` features."""
-        coef = x @ self.basis.to(x.dtype)  # (B, C, R)
-        coef = coef.flatten(1)
-        outside = (x * x).sum(dim=(1, 2)) - (coef * coef).sum(dim=1)
-        log_outside = torch.log(outside.clamp_min(1e-10)).clamp_min(self.log_outside_floor)
-        return torch.cat([coef, log_outside[:, None]], dim=1)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, T)`` unit-norm inputs -> their coordinates ``(B, C, R)`` and the log energy
+        outside the basis ``(B,)`` (clamped below at :meth:`set_basis`'s floor)."""
         if not self.has_basis:
-            raise RuntimeError("SubspaceRegressor has no basis yet: train it (the basis is "
+            raise RuntimeError(f"{type(self).__name__} has no basis yet: train it (the basis is "
                                "fitted when training starts), load a trained checkpoint, or "
                                "call fit_basis(sequence)")
+        coef = x @ self.basis.to(x.dtype)
+        outside = (x * x).sum(dim=(1, 2)) - (coef * coef).sum(dim=(1, 2))
+        return coef, torch.log(outside.clamp_min(1e-10)).clamp_min(self.log_outside_floor)
+
+
+class SubspaceRegressor(SubspaceBasis, Regressor):
+    """Projection on a fitted SVD basis, then a multilayer perceptron.
+
+    Features of a unit-norm input ``x`` (``C`` channels): the coordinates ``x_c @ V`` of every
+    channel (``C * R`` numbers) and ``log(||x||^2 - sum of their squares)``, the log energy
+    outside the subspace (the noise level: it is what noise alone adds), clamped below at what
+    the lowest training noise leaves there.
+
+    Args:
+        input_length: ``T``.
+        in_channels: 1 (magnitude) or 2 (phase-aligned real, imaginary).
+        n_outputs: estimated parameters (2: T1, T2; 3: T1, T2, B1).
+        rank: ``R``, the basis size.
+        hidden_sizes: widths of the hidden layers (ReLU).
+
+    The basis must be set before the first forward pass (:meth:`fit_basis` or
+    :meth:`set_basis`; training does it, a checkpoint restores it).
+    """
+
+    def __init__(self, input_length: int, in_channels: int = 1, n_outputs: int = 2,
+                 rank: int = 48, hidden_sizes: tuple[int, ...] | list[int] = (256, 256, 256)
+                 ) -> None:
+        super().__init__(input_length, in_channels, n_outputs)
+        if int(rank) < 1:
+            raise ValueError(f"rank must be in [1, {self.input_length}] (the input length), "
+                             f"got {rank}")
+        self._init_basis(rank)
+        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
+            raise ValueError(f"hidden_sizes must be a non-empty list of positive widths, got "
+                             f"{hidden_sizes}")
+        layers: list[nn.Module] = []
+        width = self.in_channels * self.rank + 1
+        for h in self.hidden_sizes:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, self.n_outputs))
+        self.net = nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, T)`` unit-norm inputs -> ``(B, C * R + 1)`` features."""
+        coef, log_outside = self.project(x)
+        return torch.cat([coef.flatten(1), log_outside[:, None]], dim=1)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.features(x / self.input_scale))
