@@ -69,8 +69,13 @@ def test_write_result_is_atomic_and_creates_folder(tmp_path):
 
 def test_flops_per_signal_counts_what_the_nets_compute():
     # GRU, hidden 100, 35 steps of 50 values: 3 gates x (50 + 100) x 100 x 2 per step + fc
-    gru = inference_speed.default_net("gru")
+    gru = inference_speed.default_net("gru", rank=0, head_sizes=[])
     assert inference_speed.flops_per_signal(gru) == 35 * 2 * 3 * 100 * 150 + 2 * 100 * 2
+    # the default: + the projection on the rank-48 basis and back, + the read-out layers (the
+    # last state and the noise level: 101 inputs)
+    gru = inference_speed.default_net("gru")
+    assert inference_speed.flops_per_signal(gru) == (
+        35 * 2 * 3 * 100 * 150 + 2 * 2 * 1750 * 48 + 2 * (101 * 256 + 256 * 256 + 256 * 2))
     lstm = inference_speed.default_net("lstm")
     assert inference_speed.flops_per_signal(lstm) == 35 * 2 * 4 * 100 * 150 + 2 * 100 * 2
     ann = inference_speed.default_net("ann")
