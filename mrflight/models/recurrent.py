@@ -99,8 +99,8 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
         b = x.shape[0]
         noise = None
         if self.rank:
-            coef, noise = self.project(x / self.input_scale)
-            x = (coef @ self.basis.T.to(x.dtype)) * self.input_scale
+            coef, noise = self.project(x, self.input_scale)
+            x = coef @ self.basis.T.to(x.dtype)
         if self.pad:
             x = nn.functional.pad(x, (0, self.pad))
         # (B, C, S*V) -> (B, S, V*C): each step holds values_per_step consecutive time points

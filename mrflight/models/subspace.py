@@ -123,16 +123,18 @@ class SubspaceBasis:
         mode = "magnitude" if self.in_channels == 1 else "complex"
         self.set_basis(subspace_basis(seq, self.rank, mode, **prior), noise_min)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, C, T)`` unit-norm inputs -> their coordinates ``(B, C, R)`` and the log energy
-        outside the basis ``(B,)`` (clamped below at :meth:`set_basis`'s floor)."""
+    def project(self, x: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, T)`` inputs, ``scale`` times unit-norm ones -> their coordinates ``(B, C, R)``
+        (of ``x`` as given) and the log energy outside the basis ``(B,)`` of the unit-norm input
+        (clamped below at :meth:`set_basis`'s floor)."""
         if not self.has_basis:
             raise RuntimeError(f"{type(self).__name__} has no basis yet: train it (the basis is "
                                "fitted when training starts), load a trained checkpoint, or "
                                "call fit_basis(sequence)")
         coef = x @ self.basis.to(x.dtype)
         outside = (x * x).sum(dim=(1, 2)) - (coef * coef).sum(dim=(1, 2))
-        return coef, torch.log(outside.clamp_min(1e-10)).clamp_min(self.log_outside_floor)
+        log_outside = torch.log(outside.clamp_min(1e-10 * scale * scale)) - 2 * math.log(scale)
+        return coef, log_outside.clamp_min(self.log_outside_floor)
 
 
 class SubspaceRegressor(SubspaceBasis, Regressor):
