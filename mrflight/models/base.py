@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["Regressor", "build_net", "net_config", "allowed_targets"]
+__all__ = ["Regressor", "hidden_layers", "build_net", "net_config", "allowed_targets"]
 
 
 class Regressor(nn.Module):
@@ -55,6 +55,18 @@ class Regressor(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def hidden_layers(width: int, sizes, dropout: float = 0.0) -> tuple[list[nn.Module], int]:
+    """``Linear -> ReLU (-> Dropout)`` for every width in ``sizes``, from ``width`` inputs: the
+    layers and the width they end with (the caller adds its output layer)."""
+    layers: list[nn.Module] = []
+    for h in sizes:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    return layers, width
 
 
 def net_config(net: nn.Module) -> dict:

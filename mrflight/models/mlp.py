@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Regressor
+from .base import Regressor, hidden_layers
 
 __all__ = ["ANNRegressor"]
 
@@ -34,15 +34,9 @@ class ANNRegressor(Regressor):
             raise ValueError(f"hidden_sizes must be a non-empty list of positive widths, got "
                              f"{hidden_sizes}")
         self.dropout = float(dropout)
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = self.input_length * self.in_channels
-        for h in self.hidden_sizes:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            if self.dropout > 0:
-                layers.append(nn.Dropout(self.dropout))
-            width = h
-        layers.append(nn.Linear(width, self.n_outputs))
-        self.net = nn.Sequential(*layers)
+        layers, width = hidden_layers(self.input_length * self.in_channels, self.hidden_sizes,
+                                      self.dropout)
+        self.net = nn.Sequential(nn.Flatten(), *layers, nn.Linear(width, self.n_outputs))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

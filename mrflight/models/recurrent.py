@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Regressor
+from .base import Regressor, hidden_layers
 from .fused_gru import fused_gru_available, run_fused_gru
 from .subspace import SubspaceBasis
 
@@ -87,11 +87,9 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
             num_layers=self.num_layers, batch_first=True, bidirectional=self.bidirectional,
             dropout=self.dropout if self.num_layers > 1 else 0.0,
         )
-        width = self.hidden_size * (2 if self.bidirectional else 1) + (1 if self.rank else 0)
-        layers: list[nn.Module] = []
-        for h in self.head_sizes:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
+        layers, width = hidden_layers(
+            self.hidden_size * (2 if self.bidirectional else 1) + (1 if self.rank else 0),
+            self.head_sizes)
         self.head = nn.Sequential(*layers)  # empty: no parameters, the paper's read-out
         self.fc = nn.Linear(width, self.n_outputs)
 

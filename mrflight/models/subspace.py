@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Regressor
+from .base import Regressor, hidden_layers
 
 __all__ = ["SubspaceBasis", "SubspaceRegressor", "subspace_basis"]
 
@@ -168,13 +168,8 @@ class SubspaceRegressor(SubspaceBasis, Regressor):
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ValueError(f"hidden_sizes must be a non-empty list of positive widths, got "
                              f"{hidden_sizes}")
-        layers: list[nn.Module] = []
-        width = self.in_channels * self.rank + 1
-        for h in self.hidden_sizes:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, self.n_outputs))
-        self.net = nn.Sequential(*layers)
+        layers, width = hidden_layers(self.in_channels * self.rank + 1, self.hidden_sizes)
+        self.net = nn.Sequential(*layers, nn.Linear(width, self.n_outputs))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, T)`` unit-norm inputs -> ``(B, C * R + 1)`` features."""
