@@ -68,16 +68,19 @@ def test_write_result_is_atomic_and_creates_folder(tmp_path):
 
 
 def test_flops_per_signal_counts_what_the_nets_compute():
-    # GRU, hidden 100, 35 steps of 50 values: 3 gates x (50 + 100) x 100 x 2 per step + fc
-    gru = inference_speed.default_net("gru", rank=0, head_sizes=[])
+    # the paper's GRU, hidden 100, 35 steps of 50 values: 3 gates x (50 + 100) x 100 x 2 per step
+    # + fc
+    gru = inference_speed.default_net("gru", rank=0, head_sizes=[], values_per_step=50)
     assert inference_speed.flops_per_signal(gru) == 35 * 2 * 3 * 100 * 150 + 2 * 100 * 2
-    # the default: + the projection on the rank-48 basis and back, + the read-out layers (the
-    # last state and the noise level: 101 inputs)
+    # the default: 18 steps of 100 values, + the projection on the rank-48 basis and back, + the
+    # read-out layers (the last state and the noise level: 101 inputs)
+    head = 2 * (101 * 256 + 256 * 256 + 256 * 2)
     gru = inference_speed.default_net("gru")
     assert inference_speed.flops_per_signal(gru) == (
-        35 * 2 * 3 * 100 * 150 + 2 * 2 * 1750 * 48 + 2 * (101 * 256 + 256 * 256 + 256 * 2))
+        18 * 2 * 3 * 100 * 200 + 2 * 2 * 1750 * 48 + head)
     lstm = inference_speed.default_net("lstm")
-    assert inference_speed.flops_per_signal(lstm) == 35 * 2 * 4 * 100 * 150 + 2 * 100 * 2
+    assert inference_speed.flops_per_signal(lstm) == (
+        18 * 2 * 4 * 100 * 200 + 2 * 2 * 1750 * 48 + head)
     ann = inference_speed.default_net("ann")
     assert inference_speed.flops_per_signal(ann) == 2 * (1750 * 300 + 300 * 300 + 300 * 2)
 
