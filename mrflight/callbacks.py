@@ -1,6 +1,7 @@
 """Lightning callbacks: the paper's relative early stopping, predicted-vs-true figures (test and,
-per epoch, validation), a one-line summary per epoch in the log, and the global random states
-in checkpoints (:class:`RandomState`, added to every training run by the pipeline)."""
+per epoch, validation), a one-line summary per epoch in the log, an exponential moving average
+of the weights (:class:`WeightEMA`) and the global random states in checkpoints
+(:class:`RandomState`, added to every training run by the pipeline)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging
 
 from mrflight.loggers import is_wandb
 
 __all__ = ["RelativeEarlyStopping", "ScatterPlot", "ValidationScatter", "EpochSummary",
-           "RandomState"]
+           "WeightEMA", "RandomState"]
 
 
 class RelativeEarlyStopping(EarlyStopping):
@@ -263,6 +264,51 @@ class EpochSummary(L.Callback):
             log_to_file(logging.INFO, "%s", line)
         else:
             log.info("%s", line)
+
+
+class WeightEMA(EMAWeightAveraging):
+    """An exponential moving average of the weights, for validation, checkpoints and the result.
+
+    Lightning's :class:`~lightning.pytorch.callbacks.EMAWeightAveraging` (``decay`` per
+    training step; the checkpoints' ``state_dict`` holds the average, the raw weights travel
+    under ``current_model_state`` so that a resumed run goes on from both), with the average
+    made when training starts rather than at setup: a network fits data-dependent buffers (the
+    subspace basis) in ``on_fit_start``, after the callbacks' setup, and the average must copy
+    them. Until then (the sanity check) validation uses the raw weights.
+
+    Args:
+        decay: weight of the old average per step (0.999: about the last 1000 steps).
+        **kwargs: passed to :class:`~lightning.pytorch.callbacks.EMAWeightAveraging`.
+    """
+
+    def __init__(self, decay: float = 0.999, **kwargs) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"callbacks.ema.decay must be in (0, 1), got {decay}")
+        super().__init__(decay=decay, **kwargs)
+        self._pending: dict | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # the average is made in on_train_start (see the class docstring)
+        pass
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().setup(trainer, pl_module, "fit")
+        if self._pending is not None:
+            super().on_load_checkpoint(trainer, pl_module, self._pending)
+            self._pending = None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if trainer.state.fn != "fit":
+            # testing or predicting with a checkpoint: its state_dict, the average
+            return
+        if self._average_model is not None:
+            return super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        if "current_model_state" in checkpoint and "averaging_state" in checkpoint:
+            # a resumed run: the module goes on from its raw weights now (the average is
+            # restored once it exists)
+            pl_module.load_state_dict(checkpoint["current_model_state"])
+            self._pending = {k: checkpoint[k] for k in
+                             ("state_dict", "current_model_state", "averaging_state")}
 
 
 class RandomState(L.Callback):

@@ -260,9 +260,11 @@ def test_align_phase_removes_any_global_phase():
     assert inp.shape == (4, 2, len(seq)) and inp[:, 1].abs().max() < 1e-6
 
 
-def test_simulated_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("callbacks", ["default", "[default,ema]"])
+def test_simulated_run_resumes_to_the_same_result(tmp_path, monkeypatch, callbacks):
     """A batch is a function of (seed, epoch, index, rank): an interrupted run resumed from
-    last.ckpt ends with the weights of an uninterrupted one, with a loader worker too."""
+    last.ckpt ends with the weights of an uninterrupted one, with a loader worker too, and
+    with the moving average of the weights (callbacks=[default,ema]) the average as well."""
     import json
 
     from mrflight.pipeline import compose_config, train
@@ -272,7 +274,7 @@ def test_simulated_run_resumes_to_the_same_result(tmp_path, monkeypatch):
             "data.n_val=32", "data.n_test=32", "data.batch_size=16", "data.num_workers=1",
             "model.hidden_size=8", "logger=none", "~callbacks.rich_progress_bar",
             "++trainer.enable_progress_bar=false", "~callbacks.scatter_plot",
-            "trainer.max_epochs=3", "test=false"]
+            "trainer.max_epochs=3", "test=false", f"callbacks={callbacks}"]
 
     def run(out, *extra):
         train(compose_config([*base, *extra], output_dir=out))
@@ -284,6 +286,14 @@ def test_simulated_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert part["global_step"] == 3
     resumed, m_res = run(tmp_path / "cut", "ckpt_path=last")
     assert resumed["global_step"] == full["global_step"] == 9
-    for k in full["state_dict"]:
-        assert torch.equal(full["state_dict"][k], resumed["state_dict"][k]), k
+    states = ["state_dict"]
+    if callbacks != "default":
+        # the checkpoint holds the average; the raw weights differ from it and resume too
+        states.append("current_model_state")
+        assert full["averaging_state"]["n_averaged"].item() == 9
+        assert not all(torch.equal(full["state_dict"][k], full["current_model_state"][k])
+                       for k in full["state_dict"])
+    for state in states:
+        for k in full[state]:
+            assert torch.equal(full[state][k], resumed[state][k]), (state, k)
     assert m_res["val/loss"] == m_full["val/loss"]

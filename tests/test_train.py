@@ -108,6 +108,14 @@ def test_resume_from_last(tmp_path):
         run(tmp_path, "ckpt_path=/nonexistent/x.ckpt")
 
 
+def test_weight_ema_refuses_a_decay_outside_0_1():
+    from mrflight.callbacks import WeightEMA
+
+    for decay in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="callbacks.ema.decay"):
+            WeightEMA(decay=decay)
+
+
 def test_wandb_offline_writes_a_run_directory(tmp_path):
     _, out, _ = run(tmp_path, "logger=default", "model=ann")
     runs = list((out / "wandb").glob("offline-run-*"))
