@@ -364,6 +364,76 @@ def test_network_reconstructor_least_squares_m0(seq, phantoms, matcher_complex):
     _check_maps(res.t1_ms, res.t2_ms, res.m0, t1, t2, m0, mask, m0_tol=0.01)
 
 
+class _TruthNet:
+    """predict_parameters = one tissue's true T1/T2 for every voxel; trained (it says) on
+    relative noise ``noise_std``."""
+
+    def __init__(self, seq, t1_t2, noise_std):
+        self.hparams = {"sequence": seq.to_dict(), "noise_std": noise_std}
+        self.t1_t2 = torch.tensor([t1_t2], dtype=torch.float32)
+
+    def predict_parameters(self, signals):
+        return self.t1_t2.expand(len(signals), 2)
+
+
+def _noisy_tissue(seq, rel_noise, seed=0):
+    """``(N, T)`` complex64 fingerprints of T1 1000 / T2 80 ms with unit norm, a random phase
+    each, and complex noise ``rel_noise[i]`` on the real and on the imaginary part."""
+    g = torch.Generator().manual_seed(seed)
+    d = simulate(seq, [1000.0], [80.0], dtype=torch.float64)
+    d = d / torch.linalg.vector_norm(d)
+    sig = torch.as_tensor(rel_noise, dtype=torch.float64)[:, None]
+    phase = torch.polar(torch.ones(len(sig), dtype=torch.float64),
+                        2 * np.pi * torch.rand(len(sig), generator=g, dtype=torch.float64))
+    noise = torch.complex(torch.randn(len(sig), len(seq), generator=g, dtype=torch.float64),
+                          torch.randn(len(sig), len(seq), generator=g, dtype=torch.float64))
+    return (d * phase[:, None] + sig * noise).to(torch.complex64)
+
+
+def test_relative_noise_measures_the_noise_of_a_unit_norm_fingerprint(seq):
+    d = simulate(seq, [1000.0], [80.0])
+    levels = np.repeat([0.005, 0.02, 0.05], 200)
+    est = maps.relative_noise(_noisy_tissue(seq, levels), d.expand(len(levels), -1)).numpy()
+    for lev in (0.005, 0.02, 0.05):
+        e = est[levels == lev]
+        # the mean within 1.5 %; the spread that of 2T = 400 squared samples (5 %)
+        assert abs(e.mean() / lev - 1) < 0.015, (lev, e.mean())
+        assert 0.03 < e.std() / lev < 0.07, (lev, e.std())
+    # proton density 0.5 under noise 0.01 (0.5 x a unit-norm one under 0.02) reads as 0.02
+    half = (0.5 * _noisy_tissue(seq, np.full(200, 0.02))).to(torch.complex64)
+    assert abs(maps.relative_noise(half, d.expand(200, -1)).mean().item() / 0.02 - 1) < 0.015
+    with pytest.raises(ValueError, match="complex"):
+        maps.relative_noise(_noisy_tissue(seq, levels[:3]).abs(), d.expand(3, -1))
+
+
+def test_maps_warn_where_the_data_is_noisier_than_the_network_was_trained(tmp_path, seq):
+    # half the voxels inside the training range [0.005, 0.01], half at 3x its top
+    levels = np.repeat([0.008, 0.03], 32)
+    np.save(tmp_path / "noisy.npy", _noisy_tissue(seq, levels).reshape(8, 8, -1).numpy())
+    rec = maps.NetworkReconstructor(_TruthNet(seq, (1000.0, 80.0), [0.005, 0.01]))
+    with pytest.warns(UserWarning, match=r"50 % of the 64 voxels are noisier than the "
+                                         r"network's training range.*data.noise_std=\[0.005,"):
+        files = maps.make_maps(tmp_path / "noisy.npy", rec, tmp_path / "out", options=OPTS,
+                               mask=np.ones((8, 8), bool))
+    side = json.loads(files["T1map.json"].read_text())
+    rn = side["RelativeNoise"]
+    assert rn["TrainingRange"] == [0.005, 0.01] and rn["Voxels"] == 64
+    assert rn["FractionAboveTrainingRange"] == 0.5 and rn["FractionBelowTrainingRange"] == 0
+    assert 0.0075 < rn["Percentile5"] < 0.0085 and 0.028 < rn["Percentile95"] < 0.032
+    assert "noisier" in side["Warnings"][0]
+    # a series inside the range (the same reconstructor: the count starts again)
+    np.save(tmp_path / "clean.npy", _noisy_tissue(seq, np.full(64, 0.008)).reshape(8, 8, -1))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        files = maps.make_maps(tmp_path / "clean.npy", rec, tmp_path / "out2", options=OPTS,
+                               mask=np.ones((8, 8), bool))
+    side = json.loads(files["T1map.json"].read_text())
+    assert "Warnings" not in side and side["RelativeNoise"]["Voxels"] == 64
+    assert side["RelativeNoise"]["FractionAboveTrainingRange"] == 0
+
+
 def _tiny_checkpoint(path, seq):
     import lightning as L
 

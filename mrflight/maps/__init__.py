@@ -77,6 +77,7 @@ from mrflight.maps.reconstructors import (
     MatchingReconstructor,
     NetworkReconstructor,
     least_squares_m0,
+    relative_noise,
 )
 from mrflight.maps.writers import write_maps
 
@@ -91,6 +92,7 @@ __all__ = [
     "auto_mask",
     "load_mask",
     "least_squares_m0",
+    "relative_noise",
     "reconstruct_series",
     "write_maps",
     "make_maps",

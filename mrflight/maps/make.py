@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from mrflight.maps.options import MapOptions
@@ -41,12 +42,18 @@ def make_maps(input_path, reconstructor, out_dir, *, options: MapOptions | None 
         ``{name: path}`` of the files written.
     """
     opt = options or MapOptions()
+    if hasattr(reconstructor, "reset_noise"):
+        reconstructor.reset_noise()
     with open_series(input_path, dataset=opt.dataset, length=reconstructor.length) as src:
         result = reconstruct_series(src, reconstructor, time_axis=opt.time_axis, mask=mask,
                                     mask_method=opt.mask_method, mask_fraction=opt.mask_fraction,
                                     chunk_voxels=opt.chunk_voxels, block_mb=opt.block_mb,
                                     progress=opt.progress, b1map=b1map)
         meta = dict(reconstructor.describe())
+        warning = getattr(reconstructor, "noise_warning", lambda: None)()
+        if warning:
+            warnings.warn(warning, stacklevel=2)
+            meta["Warnings"] = [warning]
         meta.update(_sequence_meta(getattr(reconstructor, "sequence", None),
                                    reconstructor.length))
         meta["InputShape"] = list(src.shape)
