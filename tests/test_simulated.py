@@ -125,9 +125,9 @@ def test_noise_free_batch_is_the_normalised_simulation(seq):
     ref = simulate(seq, p[:, 0], p[:, 1], p[:, 2], dtype=torch.float64)
     ref = ref.abs() / ref.abs().norm(dim=1, keepdim=True)
     assert torch.allclose(batch.signal.double(), ref, atol=2e-4)
-    # targets: T1, T2 in ms, B1 as a ratio, scaled by 4000 / 500 / 1
+    # targets: T1, T2 in ms, B1 as a ratio, scaled by the default 2000 / 500 / 2
     assert torch.allclose(batch.params_ms, p.float())
-    assert torch.allclose(batch.target, p.float() / torch.tensor([4000.0, 500.0, 1.0]))
+    assert torch.allclose(batch.target, p.float() / torch.tensor([2000.0, 500.0, 2.0]))
 
 
 def test_random_phase_and_realisations(seq):
