@@ -35,7 +35,10 @@ def least_squares_m0(measured: torch.Tensor, simulated: torch.Tensor) -> torch.T
         ``(N,)`` float32, ``M0 = |sum conj(d) s| / sum |d|^2`` (the magnitude of the complex
         least-squares factor: a global receive phase does not change it); NaN where ``d = 0``.
     """
-    num, den, _ = _fit_terms(measured, simulated)
+    return _m0(*_fit_terms(measured, simulated))
+
+
+def _m0(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     out = num / den
     return torch.where(den > 0, out, torch.full_like(out, float("nan"))).float()
 
@@ -48,19 +51,20 @@ def _energy(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fit_terms(measured: torch.Tensor, simulated: torch.Tensor):
-    """``|<d, s>|``, ``<d, d>`` and ``<s, s>`` of the least-squares fit of ``d`` to ``s``
-    (``d`` in magnitude for a real ``s``)."""
+    """``|<d, s>|`` and ``<d, d>`` of the least-squares fit of ``d`` to ``s`` (``d`` in
+    magnitude for a real ``s``)."""
     d = simulated
     if not measured.is_complex():
         d = d.abs() if d.is_complex() else d
     d = d.to(device=measured.device, dtype=measured.dtype)
-    num = torch.linalg.vecdot(d, measured).abs()
-    return num, _energy(d), _energy(measured)
+    return torch.linalg.vecdot(d, measured).abs(), _energy(d)
 
 
-def _noise_from_terms(num, den, ss, length: int) -> torch.Tensor:
+def _noise_from_terms(measured: torch.Tensor, num, den) -> torch.Tensor:
+    """:func:`relative_noise` from the fit terms of complex ``measured``."""
     fit = num / torch.sqrt(den)
-    out = torch.sqrt((ss - fit ** 2).clamp_min(0.0) / (2 * length)) / fit
+    resid = (_energy(measured) - fit ** 2).clamp_min(0.0)
+    out = torch.sqrt(resid / (2 * measured.shape[-1])) / fit
     return torch.where(fit > 0, out, torch.full_like(out, float("nan"))).float()
 
 
@@ -91,7 +95,7 @@ def relative_noise(measured: torch.Tensor, simulated: torch.Tensor) -> torch.Ten
                          "magnitude fit does not measure its (Rician) noise")
     # single precision is enough: the residual is 2 T sigma^2 / ||s||^2 of the energy, 1e-2
     # at sigma = 0.0017 for T = 1750, far above float32's rounding
-    return _noise_from_terms(*_fit_terms(measured, simulated), measured.shape[-1])
+    return _noise_from_terms(measured, *_fit_terms(measured, simulated))
 
 
 class MatchingReconstructor:
@@ -294,10 +298,10 @@ class NetworkReconstructor:
             b1 = pred[ok, 2] if pred.shape[1] > 2 else None
             sim = simulate(self.sequence, pred[ok, 0], pred[ok, 1], b1)
             measured = s[ok.to(s.device)].cpu()
-            num, den, ss = _fit_terms(measured, sim)
-            m0[ok] = torch.where(den > 0, num / den, float("nan")).float()
-            if measured.is_complex():
-                self._noise.append(_noise_from_terms(num, den, ss, measured.shape[-1]).numpy())
+            num, den = _fit_terms(measured, sim)
+            m0[ok] = _m0(num, den)
+            if measured.is_complex():  # the same fit gives the noise (relative_noise)
+                self._noise.append(_noise_from_terms(measured, num, den).numpy())
         return params, m0.numpy()
 
     def describe(self) -> dict:
