@@ -379,15 +379,10 @@ class _TruthNet:
 def _noisy_tissue(seq, rel_noise, seed=0):
     """``(N, T)`` complex64 fingerprints of T1 1000 / T2 80 ms with unit norm, a random phase
     each, and complex noise ``rel_noise[i]`` on the real and on the imaginary part."""
-    g = torch.Generator().manual_seed(seed)
+    from mrflight.efficiency import _measure
+
     d = simulate(seq, [1000.0], [80.0], dtype=torch.float64)
-    d = d / torch.linalg.vector_norm(d)
-    sig = torch.as_tensor(rel_noise, dtype=torch.float64)[:, None]
-    phase = torch.polar(torch.ones(len(sig), dtype=torch.float64),
-                        2 * np.pi * torch.rand(len(sig), generator=g, dtype=torch.float64))
-    noise = torch.complex(torch.randn(len(sig), len(seq), generator=g, dtype=torch.float64),
-                          torch.randn(len(sig), len(seq), generator=g, dtype=torch.float64))
-    return (d * phase[:, None] + sig * noise).to(torch.complex64)
+    return _measure(d.expand(len(rel_noise), -1), np.ones(1), np.asarray(rel_noise), seed)
 
 
 def test_relative_noise_measures_the_noise_of_a_unit_norm_fingerprint(seq):

@@ -297,3 +297,17 @@ def test_simulated_run_resumes_to_the_same_result(tmp_path, monkeypatch, callbac
         for k in full[state]:
             assert torch.equal(full[state][k], resumed[state][k]), (state, k)
     assert m_res["val/loss"] == m_full["val/loss"]
+    if callbacks != "default":
+        # testing a checkpoint keeps its averaged weights; a resumed fit goes on from the raw
+        from types import SimpleNamespace
+
+        import mrflight
+        from mrflight.callbacks import WeightEMA
+
+        ck_path = tmp_path / "full" / "checkpoints" / "last.ckpt"
+        for fn, state in (("test", "state_dict"), ("fit", "current_model_state")):
+            module = mrflight.load_checkpoint(ck_path)
+            cb = WeightEMA()
+            cb.on_load_checkpoint(SimpleNamespace(state=SimpleNamespace(fn=fn)), module, full)
+            for k, v in module.state_dict().items():
+                assert torch.equal(v, full[state][k]), (fn, k)

@@ -77,9 +77,9 @@ def relative_noise(measured: torch.Tensor, simulated: torch.Tensor) -> torch.Ten
     parameters, so ``sigma / A``, the noise of a unit-norm fingerprint, is in the unit of
     ``data.noise_std`` (a voxel of proton density ``rho`` under noise ``sigma`` reads as
     ``sigma / rho``). The fit's own error (an estimate within its bound) adds the energy of a
-    few noise samples out of ``T``: negligible for ``T`` in the hundreds (measured with the
-    default GRU on tissues: within 0.6 % of the true level from 0.005 to 0.03, 2.3 % at 0.06,
-    twice the top of its training range). Complex data only: a
+    few noise samples out of ``T``: negligible for ``T`` in the hundreds (``tests/test_maps.py``
+    checks the mean against the true level within 1.5 % from 0.005 to 0.05). Complex data
+    only: a
     magnitude's Rician noise is not additive (at the per-sample SNR of MRF, about 1, the
     residual of a magnitude fit underestimates the noise by up to 3x).
 
