@@ -48,10 +48,11 @@ class Deployable(nn.Module):
 
     def __init__(self, module) -> None:
         super().__init__()
-        # the network and the output scale of MRFRegressor.forward (net(x) * target_scale), not
+        # the network and the output map of MRFRegressor.forward (MRFRegressor.to_params), not
         # the LightningModule itself, whose trainer-bound properties break tracing
         self.net = module.net.eval()
         self.register_buffer("target_scale", module.target_scale.detach().clone().float())
+        self.log_output = bool(module.log_output)
         self.complex_input = module.hparams.get("input_mode", "magnitude") == "complex"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,8 @@ class Deployable(nn.Module):
         x = x / torch.where(norm > 0, norm, torch.ones_like(norm))
         if self.complex_input:
             x = _align_phase_channels(x)
-        out = self.net(x) * self.target_scale
+        out = self.net(x)
+        out = (torch.exp(out) if self.log_output else out) * self.target_scale
         return torch.where(ok, out, torch.full_like(out, float("nan")))  # all-zero: NaN
 
 

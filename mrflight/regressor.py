@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # the batch type only; the inference API does not import the 
 __all__ = ["MRFRegressor", "load_checkpoint", "LOSSES", "PARAMETER_UNITS"]
 
 #: per-sample error normalisations of the loss (see :meth:`MRFRegressor.loss`)
-LOSSES = ("mse", "relative", "crb")
+LOSSES = ("mse", "relative", "crb", "log")
 #: name and unit of every parameter a model can estimate, in output order
 PARAMETER_UNITS = {"t1": ("t1_ms", "ms"), "t2": ("t2_ms", "ms"), "b1": ("b1", "ratio to nominal")}
 
@@ -84,7 +84,12 @@ class MRFRegressor(L.LightningModule):
             ``["t1", "t2", "b1"]`` (the net has one output per target).
         loss: ``"mse"`` (squared error of the scaled targets), ``"relative"`` (squared relative
             error), ``"crb"`` (squared error divided by the per-sample Cramér–Rao bound: each
-            parameter of each sample weighs as its precision allows; Zhang et al. 2022).
+            parameter of each sample weighs as its precision allows; Zhang et al. 2022), ``"log"``
+            (squared error of the logarithms: the net predicts ``log(params / target_scale)``
+            and :meth:`forward` returns ``exp(net(x)) * target_scale``; it learns the posterior
+            mean of ``log T1``, ``log T2``, ``log B1``, whose exponential is close to
+            median-unbiased where the prior is log-uniform and weighs every parameter by its
+            relative error).
         bias_weight: extra weight of the squared *bias*: with ``K > 1`` noise realisations of
             each fingerprint in a batch (``data.realizations``), the loss adds
             ``bias_weight * (mean_k e_k)^2`` to the mean of ``e_k^2`` (variance + bias^2), which
@@ -141,6 +146,7 @@ class MRFRegressor(L.LightningModule):
         self.net = net_module
         self.targets = tuple(targets)
         self.register_buffer("target_scale", torch.tensor(target_scale_ms), persistent=False)
+        self.log_output = loss == "log"
         self.loss_fn = nn.MSELoss()
         self.metrics = nn.ModuleDict({_key(split): self._metric_set()
                                       for split in ("train", "val", "test")})
@@ -223,7 +229,12 @@ class MRFRegressor(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed inputs ``(B, T)`` / ``(B, 2, T)`` -> parameters ``(B, P)`` (ms, ratio)."""
-        return self.net(x) * self.target_scale
+        return self.to_params(self.net(x))
+
+    def to_params(self, raw: torch.Tensor) -> torch.Tensor:
+        """The net's outputs ``(B, P)`` as parameters (ms, ratio): ``raw * target_scale``, or
+        ``exp(raw) * target_scale`` for ``loss="log"``."""
+        return (raw.exp() if self.log_output else raw) * self.target_scale
 
     @torch.no_grad()
     def predict_parameters(self, signals, batch_size: int | None = None, *,
@@ -332,7 +343,8 @@ class MRFRegressor(L.LightningModule):
 
         ``R = K * B`` rows for ``K`` noise realisations of each of the ``B`` fingerprints
         (grouped). The per-sample error ``e`` is the scaled error (``mse``), the relative error
-        (``relative``) or the error in units of the sample's Cramér–Rao bound (``crb``); the loss
+        (``relative``), the error in units of the sample's Cramér–Rao bound (``crb``) or the
+        error of the logarithms (``log``, ``pred`` being the log of the scaled estimate); the loss
         is the mean of ``e^2`` plus ``bias_weight`` times the mean squared bias over the
         realisations.
         """
@@ -343,6 +355,8 @@ class MRFRegressor(L.LightningModule):
             return self.loss_fn(pred, target)
         if k > 1:
             target = target.repeat_interleave(k, dim=0)
+        if kind == "log":
+            target = target.clamp_min(1e-6).log()
         err = pred - target
         if kind == "relative":
             err = err / target.clamp_min(1e-6)
@@ -372,7 +386,7 @@ class MRFRegressor(L.LightningModule):
                      add_dataloader_idx=False)
         else:
             loss = None
-        pred_ms = pred.detach() * self.target_scale
+        pred_ms = self.to_params(pred.detach())
         if k > 1:  # metrics of the first realisation of each fingerprint
             pred_ms = pred_ms[::k]
         for i, (p, u) in enumerate(zip(self.targets, self._units)):

@@ -76,9 +76,11 @@ def test_torchscript_matches_predict_parameters(gru_ckpt, tmp_path):
     assert json.loads(extra["metadata.json"])["units"] == "ms,ms"
 
 
-def test_complex_input_model_takes_real_and_imaginary_parts(tmp_path):
-    ckpt = _train(tmp_path / "run", "model=ann", "data.input_mode=complex")
+def test_complex_input_log_output_model_takes_real_and_imaginary_parts(tmp_path):
+    # module.loss=log: the net predicts logarithms, the exported graph applies exp as forward
+    ckpt = _train(tmp_path / "run", "model=ann", "data.input_mode=complex", "module.loss=log")
     module = mrflight.load_checkpoint(ckpt)
+    assert module.log_output
     sess = ort.InferenceSession(str(export_onnx(module, tmp_path / "ann.onnx")))
     x = _signals(module) * (0.3 - 0.7j)
     inp = torch.stack([x.real, x.imag], dim=1).float().numpy() * 1e25

@@ -178,6 +178,11 @@ def test_losses_by_hand():
                           (((pred - target) / target) ** 2).mean())
     assert torch.allclose(_module("crb").loss(pred, batch),
                           (((pred - target) / bound_units) ** 2).mean())
+    # log: the net's outputs are the logs of the scaled targets, mapped back by exp
+    log_module = _module("log")
+    assert torch.allclose(log_module.loss(pred, batch), ((pred - target.log()) ** 2).mean())
+    assert torch.allclose(log_module.to_params(target.log()), batch.params_ms)
+    assert torch.allclose(_module("mse").to_params(target), batch.params_ms)
     # K = 3 realisations per fingerprint: mean e^2 + w * mean(bias^2)
     k = 3
     pk = target.repeat_interleave(k, 0) + 0.1 * torch.randn(15, 3)
