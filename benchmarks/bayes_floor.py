@@ -10,11 +10,14 @@ likelihood of every atom with the complex scale integrated out (flat prior) at t
 level, atoms compressed to a rank-60 SVD basis. Its RMSE over the RMS bound is the best a
 network trained on this prior can reach on that set (the "oracle" knows the noise level;
 networks infer it from the data); ``--efficiency K`` adds its medians over eval.py's efficiency
-grid.
+grid. ``--log`` adds the floor of ``module.loss=log`` (the exponential of the posterior mean of
+the logarithms), ``--tissues V`` the largest tissue-median error of eval.py's robustness table
+(BrainWeb tissues at proton density 0.5, 0.75 and 1.0, noise 0.01, ``V`` voxels each).
 
     python benchmarks/bayes_floor.py            # ~3 min on 2 CPU cores, ~3 GB
     python benchmarks/bayes_floor.py --efficiency 60   # + eval.py's efficiency grid, 60 draws
                                                        #   per point (~7 min)
+    python benchmarks/bayes_floor.py --log --efficiency 60 --tissues 500   # both floors (~25 min)
     python benchmarks/bayes_floor.py --smoke    # seconds: a coarse grid, 50 signals
 """
 
@@ -29,6 +32,7 @@ from common import machine_line, markdown_table, publish
 
 from mrflight import efficiency as eff
 from mrflight.models.subspace import subspace_basis
+from mrflight.phantoms import tissue_values
 from mrflight.physics import oksuz2019, simulate
 from mrflight.transforms import preprocess
 
@@ -44,10 +48,13 @@ def prior_grid(n_t1: int, n_t2: int, n_b1: int) -> np.ndarray:
 
 
 class PosteriorMean:
-    """The posterior mean of (T1, T2, B1) of complex signals at known noise ``sigma``."""
+    """The posterior mean of (T1, T2, B1) of complex signals at known noise ``sigma``; with
+    ``log=True`` the exponential of the posterior mean of (log T1, log T2, log B1)."""
 
-    def __init__(self, seq, grid: np.ndarray, rank: int, sigma: float, block: int = 20000):
-        self.grid = torch.from_numpy(grid)
+    def __init__(self, seq, grid: np.ndarray, rank: int, sigma: float, block: int = 20000,
+                 log: bool = False):
+        self.log = log
+        self.grid = torch.from_numpy(np.log(grid) if log else grid)
         self.sigma2 = float(sigma) ** 2
         # the subspace model's basis of the same prior (phase-aligned FISP fingerprints are real)
         self.basis = subspace_basis(seq, rank, "complex", t1_range=(50.0, 5000.0),
@@ -82,7 +89,34 @@ class PosteriorMean:
             z = z * shrink + w.sum(1)
             acc = acc * shrink[:, None] + w @ self.grid[i:i + 50000]
             top = new_top
-        return (acc / z[:, None]).numpy()
+        mean = acc / z[:, None]
+        return (mean.exp() if self.log else mean).numpy()
+
+    def with_log(self, log: bool) -> PosteriorMean:
+        """The same atoms and likelihood, the other estimator (no second simulation)."""
+        other = object.__new__(PosteriorMean)
+        other.__dict__.update(self.__dict__, log=log,
+                              grid=self.grid.exp() if self.log else self.grid.log())
+        return other
+
+
+def worst_tissues(seq, estimators: dict, voxels: int) -> list[list[str]]:
+    """Per estimator the largest |tissue median error| of T1 and T2 (eval.py's robustness
+    table: BrainWeb tissues with T2 in [10, 500] ms, proton density 0.5, 0.75, 1.0, noise 0.01)."""
+    tissues = {k: v for k, v in tissue_values().items()
+               if 10 <= v["t2_ms"] <= 500 and v["t1_ms"] <= 4000}
+    rows = [r for r in eff.robustness_report(seq, estimators, {}, tissues, n=100, seed=0,
+                                             voxels=voxels)
+            if r["condition"] == "tissue_pd"]
+    out = []
+    for name in estimators:
+        mine = [r for r in rows if r["method"] == name]
+        cells = []
+        for q in ("t1", "t2"):
+            r = max(mine, key=lambda r: abs(r[f"{q}_median_error_pct"]))
+            cells.append(f"{r[f'{q}_median_error_pct']:+.1f} % ({r['tissue']}, PD {r['pd']})")
+        out.append([name, *cells])
+    return out
 
 
 def main(argv=None) -> str:
@@ -90,12 +124,19 @@ def main(argv=None) -> str:
     ap.add_argument("--smoke", action="store_true", help="a coarse grid and 50 signals")
     ap.add_argument("--efficiency", type=int, default=0, metavar="K",
                     help="also the medians over eval.py's efficiency grid, K draws per point")
+    ap.add_argument("--log", action="store_true",
+                    help="also the floor of module.loss=log (exp of the posterior mean of logs)")
+    ap.add_argument("--tissues", type=int, default=0, metavar="V",
+                    help="also the largest tissue-median errors, V voxels per tissue and PD")
     args = ap.parse_args(argv)
     seq = oksuz2019(n_pulses=200, lobe_length=40) if args.smoke else oksuz2019()
     sizes, n = ((20, 16, 5), 50) if args.smoke else ((140, 120, 41), 2000)
     t0 = time.perf_counter()
     pm = PosteriorMean(seq, prior_grid(*sizes), rank=20 if args.smoke else 60, sigma=0.01)
-    rows = eff.offgrid_report(seq, {"posterior mean": pm}, n, 0.01, seed=11)
+    est = {"posterior mean": pm}
+    if args.log:
+        est["exp of the posterior mean of log"] = pm.with_log(True)
+    rows = eff.offgrid_report(seq, est, n, 0.01, seed=11)
     table = [[r["method"], f"{r['t1_rmse_ms']:.1f}", f"{r['t1_rmse_over_crb']:.3f}",
               f"{r['t2_rmse_ms']:.1f}", f"{r['t2_rmse_over_crb']:.3f}",
               f"{r['b1_rmse_pct']:.2f}", f"{r['b1_rmse_over_crb']:.3f}"] for r in rows]
@@ -106,16 +147,21 @@ def main(argv=None) -> str:
                               "B1 RMSE %", "B1 x CRB"], table))
     if args.efficiency:
         pts = eff.efficiency_grid(b1=(0.8, 1.0, 1.2))
-        summ = eff.summarise(eff.efficiency_report(seq, {"posterior mean": pm}, pts, 0.01,
-                                                   args.efficiency, seed=7))[0]
+        summ = eff.summarise(eff.efficiency_report(seq, est, pts, 0.01, args.efficiency,
+                                                   seed=7))
         text += ("\n\nEfficiency grid (eval.py's 192 points, noise 0.01, "
                  f"{args.efficiency} draws per point), median over the grid\n\n"
                  + markdown_table(["method", "T1 std/CRB", "T1 RMSE/CRB", "T2 std/CRB",
                                    "T2 RMSE/CRB", "B1 std/CRB", "B1 RMSE/CRB"],
-                                  [[summ["method"]] + [f"{summ[f'{q}_{m}_median']:.3f}"
-                                                       for q in ("t1", "t2", "b1")
-                                                       for m in ("std_over_crb",
-                                                                 "rmse_over_crb")]]))
+                                  [[r["method"]] + [f"{r[f'{q}_{m}_median']:.3f}"
+                                                    for q in ("t1", "t2", "b1")
+                                                    for m in ("std_over_crb", "rmse_over_crb")]
+                                   for r in summ]))
+    if args.tissues:
+        text += (f"\n\nLargest tissue-median errors ({args.tissues} voxels per tissue and "
+                 "proton density 0.5 / 0.75 / 1.0, noise 0.01)\n\n"
+                 + markdown_table(["method", "T1", "T2"],
+                                  worst_tissues(seq, est, args.tissues)))
     return publish("bayes_floor_smoke.md" if args.smoke else "bayes_floor.md", text)
 
 

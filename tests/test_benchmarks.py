@@ -166,12 +166,35 @@ def test_bayes_floor_posterior_mean_is_near_the_bound_on_a_coarse_grid(monkeypat
 
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(bayes_floor, "publish", lambda name, text: text)
-    text = bayes_floor.main(["--smoke", "--efficiency", "3"])
-    assert "Efficiency grid" in text
-    row = next(line for line in text.splitlines() if line.startswith("| posterior mean"))
-    t1_ratio, t2_ratio = float(row.split("|")[3]), float(row.split("|")[5])
-    # a coarse grid and 200 pulses: not efficient, but a posterior mean, not noise
-    assert 0.3 < t1_ratio < 3 and 0.3 < t2_ratio < 3
+    text = bayes_floor.main(["--smoke", "--efficiency", "3", "--log", "--tissues", "5"])
+    assert "Efficiency grid" in text and "Largest tissue-median errors" in text
+    for name in ("| posterior mean", "| exp of the posterior mean of log"):
+        row = next(line for line in text.splitlines() if line.startswith(name))
+        t1_ratio, t2_ratio = float(row.split("|")[3]), float(row.split("|")[5])
+        # a coarse grid and 200 pulses: not efficient, but a posterior mean, not noise
+        assert 0.3 < t1_ratio < 3 and 0.3 < t2_ratio < 3
+
+
+def test_bayes_floor_log_estimator_is_the_geometric_posterior_mean():
+    """exp(E[log p]) <= E[p] for every signal and parameter (Jensen), and the shared-atom view
+    gives what a log estimator built from scratch gives."""
+    import bayes_floor
+    import numpy as np
+
+    from mrflight import efficiency as eff
+    from mrflight.physics import oksuz2019, simulate
+
+    seq = oksuz2019(n_pulses=100, lobe_length=20)
+    grid = bayes_floor.prior_grid(8, 7, 3)
+    pm = bayes_floor.PosteriorMean(seq, grid, rank=10, sigma=0.02)
+    p = torch.tensor([[900.0, 80.0, 1.1], [300.0, 30.0, 0.9]], dtype=torch.float64)
+    y = eff._measure(simulate(seq, p[:, 0], p[:, 1], p[:, 2], dtype=torch.float64), np.ones(1),
+                     0.02, 0)
+    mean, geo = pm(y), pm.with_log(True)(y)
+    assert np.all(geo <= mean * (1 + 1e-9)) and np.all(geo > 0)
+    own = bayes_floor.PosteriorMean(seq, grid, rank=10, sigma=0.02, log=True)
+    np.testing.assert_allclose(own(y), geo, rtol=1e-5)
+    np.testing.assert_allclose(own.with_log(False)(y), mean, rtol=1e-5)
 
 
 def test_match_kernels_speed_counts_pairs_on_tiny_sizes():
