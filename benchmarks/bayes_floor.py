@@ -17,7 +17,7 @@ the logarithms), ``--tissues V`` the largest tissue-median error of eval.py's ro
     python benchmarks/bayes_floor.py            # ~3 min on 2 CPU cores, ~3 GB
     python benchmarks/bayes_floor.py --efficiency 60   # + eval.py's efficiency grid, 60 draws
                                                        #   per point (~7 min)
-    python benchmarks/bayes_floor.py --log --efficiency 60 --tissues 500   # both floors (~25 min)
+    python benchmarks/bayes_floor.py --log --efficiency 60 --tissues 500   # both floors (~16 min)
     python benchmarks/bayes_floor.py --smoke    # seconds: a coarse grid, 50 signals
 """
 
@@ -93,7 +93,9 @@ class PosteriorMean:
         return (mean.exp() if self.log else mean).numpy()
 
     def with_log(self, log: bool) -> PosteriorMean:
-        """The same atoms and likelihood, the other estimator (no second simulation)."""
+        """The same atoms and likelihood, the estimator of ``log`` (no second simulation)."""
+        if log == self.log:
+            return self
         other = object.__new__(PosteriorMean)
         other.__dict__.update(self.__dict__, log=log,
                               grid=self.grid.exp() if self.log else self.grid.log())

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mrflight.regressor import outputs_to_params
+
 __all__ = ["Deployable", "export_onnx", "export_torchscript", "export_metadata", "FORMATS",
            "export_checkpoints"]
 
@@ -67,8 +69,7 @@ class Deployable(nn.Module):
         x = x / torch.where(norm > 0, norm, torch.ones_like(norm))
         if self.complex_input:
             x = _align_phase_channels(x)
-        out = self.net(x)
-        out = (torch.exp(out) if self.log_output else out) * self.target_scale
+        out = outputs_to_params(self.net(x), self.target_scale, self.log_output)
         return torch.where(ok, out, torch.full_like(out, float("nan")))  # all-zero: NaN
 
 

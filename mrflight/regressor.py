@@ -45,6 +45,14 @@ PARAMETER_UNITS = {"t1": ("t1_ms", "ms"), "t2": ("t2_ms", "ms"), "b1": ("b1", "r
 _PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
+def outputs_to_params(raw: torch.Tensor, target_scale: torch.Tensor,
+                      log_output: bool) -> torch.Tensor:
+    """A net's outputs as parameters: ``raw * target_scale``, or ``exp(raw) * target_scale``
+    for a net trained with ``loss="log"`` (shared by :class:`MRFRegressor` and the exported
+    graph)."""
+    return (torch.exp(raw) if log_output else raw) * target_scale
+
+
 @contextlib.contextmanager
 def _precision(precision: str, device: torch.device):
     """The numeric mode of :meth:`MRFRegressor.predict_parameters` (restored on exit)."""
@@ -232,9 +240,8 @@ class MRFRegressor(L.LightningModule):
         return self.to_params(self.net(x))
 
     def to_params(self, raw: torch.Tensor) -> torch.Tensor:
-        """The net's outputs ``(B, P)`` as parameters (ms, ratio): ``raw * target_scale``, or
-        ``exp(raw) * target_scale`` for ``loss="log"``."""
-        return (raw.exp() if self.log_output else raw) * self.target_scale
+        """The net's outputs ``(B, P)`` as parameters (ms, ratio): :func:`outputs_to_params`."""
+        return outputs_to_params(raw, self.target_scale, self.log_output)
 
     @torch.no_grad()
     def predict_parameters(self, signals, batch_size: int | None = None, *,

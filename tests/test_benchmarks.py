@@ -190,6 +190,7 @@ def test_bayes_floor_log_estimator_is_the_geometric_posterior_mean():
     p = torch.tensor([[900.0, 80.0, 1.1], [300.0, 30.0, 0.9]], dtype=torch.float64)
     y = eff._measure(simulate(seq, p[:, 0], p[:, 1], p[:, 2], dtype=torch.float64), np.ones(1),
                      0.02, 0)
+    assert pm.with_log(False) is pm
     mean, geo = pm(y), pm.with_log(True)(y)
     assert np.all(geo <= mean * (1 + 1e-9)) and np.all(geo > 0)
     own = bayes_floor.PosteriorMean(seq, grid, rank=10, sigma=0.02, log=True)
