@@ -34,7 +34,7 @@ log = logging.getLogger("mrflight")
 if TYPE_CHECKING:  # the batch type only; the inference API does not import the data modules
     from mrflight.data.batches import Batch
 
-__all__ = ["MRFRegressor", "load_checkpoint", "LOSSES", "PARAMETER_UNITS"]
+__all__ = ["MRFRegressor", "load_checkpoint", "outputs_to_params", "LOSSES", "PARAMETER_UNITS"]
 
 #: per-sample error normalisations of the loss (see :meth:`MRFRegressor.loss`)
 LOSSES = ("mse", "relative", "crb", "log")
