@@ -15,7 +15,8 @@ written to ``OUT/gpu_check.md`` and ``OUT/gpu_check.json``):
 * exhaustive matching: exact noise-free atoms and time against a plain float32 GEMM, and the
   atoms re-scored in float64 per signal (mean and max);
 * SVD (rank 25) matching of a 256 x 256 slice against the paper grid;
-* GRU inference (values_per_step 50, hidden 100; briefly trained here) in fp32/TF32/bf16/fp16
+* GRU inference (the default model of ``configs/model/gru.yaml`` on complex fingerprints with
+  B1; briefly trained here on fresh simulated batches) in fp32/TF32/bf16/fp16
   at batches of 1024, 16 384 and 65 536 through the fused path (``mrflight.models.fused_gru``:
   eval mode, inference_mode, Triton gates) and through cuDNN's GRU for comparison, with the test
   RMSE of each;
@@ -467,44 +468,53 @@ def main() -> int:
                 f"noise-free atoms {100 * exact:.2f} %; atoms re-scored in float64 per signal "
                 f"{float(c.mean()):.1f} mean, {int(c.max())} max")
 
-    @row("GRU inference (values_per_step 50, hidden 100), fused path vs cuDNN, fp32 / tf32 / "
-         "bf16 / fp16", ">= 10 M/s", 60)
+    @row("GRU inference (the default model: gru.yaml, complex input, T1/T2/B1), fused path vs "
+         "cuDNN, fp32 / tf32 / bf16 / fp16", ">= 10 M/s", 60)
     def _():
+        from omegaconf import OmegaConf
+
+        from mrflight.data.simulated import DEFAULT_SCALES, BatchSimulator, ParameterPrior
+
         torch.manual_seed(0)
-        T = len(seq)
-        net = GRURegressor(input_length=T, values_per_step=50, hidden_size=100).to(dev)
-        scale = torch.tensor([4000.0, 500.0], device=dev)
+        cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "mrflight/configs/model/gru.yaml"))
+        cfg.pop("_target_")
+        if ctx.smoke:  # 40 pulses: a rank below the train's length
+            cfg["rank"] = min(cfg.get("rank", 0), 8)
+        targets = ("t1", "t2", "b1")
+        prior = ParameterPrior()
+        net = GRURegressor(input_length=len(seq), in_channels=2, n_outputs=3, **cfg)
+        if net.rank:
+            net.fit_basis(seq, noise_min=0.005, t1_range=prior.t1_range,
+                          t2_range=prior.t2_range, b1_range=prior.b1_range)
+        net = net.to(dev)
+        scale = torch.tensor([DEFAULT_SCALES[t] for t in targets], device=dev)
+        sim = BatchSimulator(seq, prior, targets, scale.cpu(), ctx.train_batch, "complex",
+                             True, 1)
 
-        def batch(pool, idx, seed):
-            x, p = pool
-            g = torch.Generator(device=dev).manual_seed(seed)
-            x = add_noise(x[idx], 0.01, generator=g).abs()
-            return x / x.norm(dim=1, keepdim=True), p[idx]
+        def realised(batch):  # drawn on the CPU (a function of its indices), realised on dev
+            batch = batch._replace(**{f: getattr(batch, f).to(dev) for f in
+                                      ("target", "params_ms", "noise_std", "sim_params",
+                                       "key")})
+            b = sim.realise(batch)
+            return b.signal, b.params_ms
 
-        def simulated(n, seed):
-            p = torch.tensor(random_params(n, seed=seed), dtype=torch.float32, device=dev)
-            return fused(seq, p[:, 0], p[:, 1])[0], p
-
-        # a short training (fresh noise on a simulated pool) so that the RMSE comparison means
-        # something
-        pool = simulated(ctx.n_pool, 100)
+        # a short training on fresh simulated batches of the default prior (B1 0.7-1.3, noise
+        # 0.005-0.03, random phase) so that the RMSE comparison means something
         opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-        t0, steps, seed = time.perf_counter(), 0, 100
-        gen = torch.Generator(device=dev).manual_seed(0)
+        t0, steps = time.perf_counter(), 0
         while time.perf_counter() - t0 < ctx.train_s:
-            idx = torch.randint(0, ctx.n_pool, (ctx.train_batch,), device=dev, generator=gen)
-            x, p = batch(pool, idx, seed)
-            seed += 1
+            x, p = realised(sim.draw(0, 0, steps, 0))
             loss = torch.nn.functional.mse_loss(net(x), p / scale)
             opt.zero_grad()
             loss.backward()
             opt.step()
             steps += 1
         net.eval()
-        test = simulated(ctx.n_test, 7)
-        xt, pt = batch(test, torch.arange(ctx.n_test, device=dev), 7)
+        test = [realised(sim.draw(1, 0, j, 0))
+                for j in range(max(1, ctx.n_test // ctx.train_batch))]
+        xt, pt = torch.cat([t[0] for t in test]), torch.cat([t[1] for t in test])
         big = max(ctx.gru_batches)
-        xb = xt[:big].repeat(max(1, big // len(xt) + 1), 1)[:big]
+        xb = xt[:big].repeat(max(1, big // len(xt) + 1), 1, 1)[:big]
         modes = ("fp32", "tf32", "bf16", "fp16")
 
         def run(x, mode, path):
@@ -526,7 +536,7 @@ def main() -> int:
                     os.environ["MRFLIGHT_NO_TRITON"] = prev
 
         with torch.inference_mode():
-            used = fused_gru_available(net.rnn, xb[:, None])  # the input's device, eval, no grad
+            used = fused_gru_available(net.rnn, xb)  # the input's device, eval, no grad
         rates, rmse = {}, {}
         for path, mode in [("fused", m) for m in modes] + [("cudnn", m) for m in modes]:
             for bs in sorted({min(1024, big), *ctx.gru_batches}):  # 1024: launch-bound?
