@@ -11,13 +11,16 @@ level, atoms compressed to a rank-60 SVD basis. Its RMSE over the RMS bound is t
 network trained on this prior can reach on that set (the "oracle" knows the noise level;
 networks infer it from the data); ``--efficiency K`` adds its medians over eval.py's efficiency
 grid. ``--log`` adds the floor of ``module.loss=log`` (the exponential of the posterior mean of
-the logarithms), ``--tissues V`` the largest tissue-median error of eval.py's robustness table
-(BrainWeb tissues at proton density 0.5, 0.75 and 1.0, noise 0.01, ``V`` voxels each).
+the logarithms), ``--median`` the floor of ``module.loss=l1`` (the posterior median, the same
+for every monotone transform of the parameters), ``--tissues V`` the largest tissue-median
+error of eval.py's robustness table (BrainWeb tissues at proton density 0.5, 0.75 and 1.0,
+noise 0.01, ``V`` voxels each).
 
     python benchmarks/bayes_floor.py            # ~3 min on 2 CPU cores, ~3 GB
     python benchmarks/bayes_floor.py --efficiency 60   # + eval.py's efficiency grid, 60 draws
                                                        #   per point (~7 min)
     python benchmarks/bayes_floor.py --log --efficiency 60 --tissues 500   # both floors (~16 min)
+    python benchmarks/bayes_floor.py --median --tissues 500   # the posterior median (~11 min)
     python benchmarks/bayes_floor.py --smoke    # seconds: a coarse grid, 50 signals
 """
 
@@ -49,8 +52,12 @@ def prior_grid(n_t1: int, n_t2: int, n_b1: int) -> np.ndarray:
 
 
 class PosteriorMean:
-    """The posterior mean of (T1, T2, B1) of complex signals at known noise ``sigma``; called
-    with ``log=True``, the exponential of the posterior mean of (log T1, log T2, log B1)."""
+    """Posterior estimates of (T1, T2, B1) of complex signals at known noise ``sigma``: the
+    mean (``stat="mean"``), the exponential of the posterior mean of (log T1, log T2, log B1)
+    (``"log"``) or the posterior median of each parameter (``"median"``: the marginal's CDF over
+    the grid's values, each value's weight spread over its cell between log-midpoints)."""
+
+    STATS = ("mean", "log", "median")
 
     def __init__(self, seq, grid: np.ndarray, rank: int, sigma: float, block: int = 20000):
         self.grid = torch.from_numpy(grid)
@@ -61,6 +68,17 @@ class PosteriorMean:
                                     n_atoms=min(20000, 4 * len(grid))).to(torch.complex128)
         self.atoms = torch.cat([self._project(self._atoms(seq, grid[i:i + block]))
                                 for i in range(0, len(grid), block)])
+        # per parameter: its distinct values, each atom's index among them, the cells' log edges
+        self.values, self.index, self.edges = [], [], []
+        for j in range(grid.shape[1]):
+            v, idx = np.unique(grid[:, j], return_inverse=True)
+            lv = np.log(v)
+            mid = (lv[1:] + lv[:-1]) / 2
+            first = lv[:1] - (mid[:1] - lv[:1]) if len(v) > 1 else lv[:1]
+            last = lv[-1:] + (lv[-1:] - mid[-1:]) if len(v) > 1 else lv[-1:]
+            self.values.append(v)
+            self.index.append(torch.from_numpy(idx.reshape(-1)))
+            self.edges.append(np.concatenate([first, mid, last]))
 
     @staticmethod
     def _atoms(seq, p: np.ndarray) -> torch.Tensor:
@@ -71,26 +89,49 @@ class PosteriorMean:
         a = z.to(torch.complex128) @ self.basis
         return (a / torch.linalg.vector_norm(a, dim=1, keepdim=True)).to(torch.complex64)
 
-    def __call__(self, y: torch.Tensor, rows: int = 1000, log: bool = False) -> np.ndarray:
-        return np.concatenate([self._mean(y[i:i + rows], log) for i in range(0, len(y), rows)])
+    def __call__(self, y: torch.Tensor, rows: int = 1000, stat: str = "mean") -> np.ndarray:
+        if stat not in self.STATS:
+            raise ValueError(f"stat must be one of {self.STATS}, got {stat!r}")
+        return np.concatenate([self._estimate(y[i:i + rows], stat)
+                               for i in range(0, len(y), rows)])
 
-    def _mean(self, y: torch.Tensor, log: bool) -> np.ndarray:
-        grid = self.grid.log() if log else self.grid
+    def _log_likelihoods(self, y: torch.Tensor):
+        """Blocks of ``(n, atoms)`` log-likelihoods up to a constant: |<a, y>|^2 / (2 sigma^2),
+        the complex scale integrated out, with the block's first atom index."""
         yp = (y.to(torch.complex128) @ self.basis.conj()).to(torch.complex64)
+        for i in range(0, len(self.atoms), 50000):
+            ll = ((yp @ self.atoms[i:i + 50000].mH).abs() ** 2).to(torch.float64)
+            yield i, ll / (2 * self.sigma2)
+
+    def _estimate(self, y: torch.Tensor, stat: str) -> np.ndarray:
         n = len(y)
         top = torch.full((n,), -1e30, dtype=torch.float64)
-        z, acc = torch.zeros(n, dtype=torch.float64), torch.zeros(n, 3, dtype=torch.float64)
-        for i in range(0, len(self.atoms), 50000):
-            # log-likelihood up to a constant: |<a, y>|^2 / (2 sigma^2), the scale integrated out
-            ll = ((yp @ self.atoms[i:i + 50000].mH).abs() ** 2).to(torch.float64)
-            ll = ll / (2 * self.sigma2)
+        z = torch.zeros(n, dtype=torch.float64)
+        if stat == "median":  # the posterior mass of every distinct value of every parameter
+            acc = [torch.zeros(n, len(v), dtype=torch.float64) for v in self.values]
+        else:
+            grid = self.grid.log() if stat == "log" else self.grid
+            acc = [torch.zeros(n, 3, dtype=torch.float64)]
+        for i, ll in self._log_likelihoods(y):
             new_top = torch.maximum(top, ll.max(1).values)
             w, shrink = torch.exp(ll - new_top[:, None]), torch.exp(top - new_top)
             z = z * shrink + w.sum(1)
-            acc = acc * shrink[:, None] + w @ grid[i:i + 50000]
+            for j, a in enumerate(acc):
+                a *= shrink[:, None]
+                if stat == "median":
+                    a.index_add_(1, self.index[j][i:i + w.shape[1]], w)
+                else:
+                    a += w @ grid[i:i + w.shape[1]]
             top = new_top
-        mean = acc / z[:, None]
-        return (mean.exp() if log else mean).numpy()
+        if stat != "median":
+            mean = acc[0] / z[:, None]
+            return (mean.exp() if stat == "log" else mean).numpy()
+        out = np.empty((n, len(acc)))
+        for j, a in enumerate(acc):
+            cdf = np.concatenate([np.zeros((n, 1)), np.cumsum((a / z[:, None]).numpy(), 1)], 1)
+            for r in range(n):  # the CDF is piecewise linear in log p across each value's cell
+                out[r, j] = np.exp(np.interp(0.5, cdf[r], self.edges[j]))
+        return out
 
 
 def worst_tissues(seq, estimators: dict, voxels: int) -> list[list[str]]:
@@ -119,6 +160,8 @@ def main(argv=None) -> str:
                     help="also the medians over eval.py's efficiency grid, K draws per point")
     ap.add_argument("--log", action="store_true",
                     help="also the floor of module.loss=log (exp of the posterior mean of logs)")
+    ap.add_argument("--median", action="store_true",
+                    help="also the floor of module.loss=l1 (the posterior median)")
     ap.add_argument("--tissues", type=int, default=0, metavar="V",
                     help="also the largest tissue-median errors, V voxels per tissue and PD")
     args = ap.parse_args(argv)
@@ -128,7 +171,9 @@ def main(argv=None) -> str:
     pm = PosteriorMean(seq, prior_grid(*sizes), rank=20 if args.smoke else 60, sigma=0.01)
     est = {"posterior mean": pm}
     if args.log:
-        est["exp of the posterior mean of log"] = functools.partial(pm, log=True)
+        est["exp of the posterior mean of log"] = functools.partial(pm, stat="log")
+    if args.median:
+        est["posterior median"] = functools.partial(pm, rows=200, stat="median")
     rows = eff.offgrid_report(seq, est, n, 0.01, seed=11)
     table = [[r["method"], f"{r['t1_rmse_ms']:.1f}", f"{r['t1_rmse_over_crb']:.3f}",
               f"{r['t2_rmse_ms']:.1f}", f"{r['t2_rmse_over_crb']:.3f}",

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # the batch type only; the inference API does not import the 
 __all__ = ["MRFRegressor", "load_checkpoint", "outputs_to_params", "LOSSES", "PARAMETER_UNITS"]
 
 #: per-sample error normalisations of the loss (see :meth:`MRFRegressor.loss`)
-LOSSES = ("mse", "relative", "crb", "log")
+LOSSES = ("mse", "relative", "crb", "log", "l1")
 #: name and unit of every parameter a model can estimate, in output order
 PARAMETER_UNITS = {"t1": ("t1_ms", "ms"), "t2": ("t2_ms", "ms"), "b1": ("b1", "ratio to nominal")}
 
@@ -97,7 +97,8 @@ class MRFRegressor(L.LightningModule):
             and :meth:`forward` returns ``exp(net(x)) * target_scale``; it learns the posterior
             mean of ``log T1``, ``log T2``, ``log B1``, whose exponential is close to
             median-unbiased where the prior is log-uniform and weighs every parameter by its
-            relative error).
+            relative error), ``"l1"`` (absolute error of the scaled targets: it learns the posterior
+            median of each parameter, which, unlike the mean, is the same for T1 or log T1).
         bias_weight: extra weight of the squared *bias*: with ``K > 1`` noise realisations of
             each fingerprint in a batch (``data.realizations``), the loss adds
             ``bias_weight * (mean_k e_k)^2`` to the mean of ``e_k^2`` (variance + bias^2), which
@@ -352,8 +353,8 @@ class MRFRegressor(L.LightningModule):
         (grouped). The per-sample error ``e`` is the scaled error (``mse``), the relative error
         (``relative``), the error in units of the sample's Cramér–Rao bound (``crb``) or the
         error of the logarithms (``log``, ``pred`` being the log of the scaled estimate); the loss
-        is the mean of ``e^2`` plus ``bias_weight`` times the mean squared bias over the
-        realisations.
+        is the mean of ``e^2`` (of ``|e|`` for ``l1``) plus ``bias_weight`` times the mean squared
+        bias over the realisations.
         """
         kind = self.hparams.get("loss", "mse")
         target = batch.target
@@ -373,7 +374,7 @@ class MRFRegressor(L.LightningModule):
                                  "data module did not provide it (set its with_bound)")
             bound = batch.bound / self.target_scale
             err = err / bound.clamp_min(1e-6).repeat_interleave(k, dim=0)
-        loss = (err ** 2).mean()
+        loss = err.abs().mean() if kind == "l1" else (err ** 2).mean()
         w = float(self.hparams.get("bias_weight", 0.0))
         if k > 1 and w > 0:
             bias = err.view(-1, k, err.shape[-1]).mean(dim=1)

@@ -166,9 +166,10 @@ def test_bayes_floor_posterior_mean_is_near_the_bound_on_a_coarse_grid(monkeypat
 
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(bayes_floor, "publish", lambda name, text: text)
-    text = bayes_floor.main(["--smoke", "--efficiency", "3", "--log", "--tissues", "5"])
+    text = bayes_floor.main(["--smoke", "--efficiency", "3", "--log", "--median", "--tissues",
+                             "5"])
     assert "Efficiency grid" in text and "Largest tissue-median errors" in text
-    for name in ("| posterior mean", "| exp of the posterior mean of log"):
+    for name in ("| posterior mean", "| exp of the posterior mean of log", "| posterior median"):
         row = next(line for line in text.splitlines() if line.startswith(name))
         t1_ratio, t2_ratio = float(row.split("|")[3]), float(row.split("|")[5])
         # a coarse grid and 200 pulses: not efficient, but a posterior mean, not noise
@@ -176,8 +177,9 @@ def test_bayes_floor_posterior_mean_is_near_the_bound_on_a_coarse_grid(monkeypat
 
 
 def test_bayes_floor_log_estimator_is_the_geometric_posterior_mean():
-    """exp(E[log p]) <= E[p] for every signal and parameter (Jensen), and both agree with a
-    weighted average computed here from the same atoms' likelihoods."""
+    """exp(E[log p]) <= E[p] for every signal and parameter (Jensen), both agree with a
+    weighted average computed here from the same atoms' likelihoods, and the posterior median
+    lies in the cell of their weighted median."""
     import bayes_floor
     import numpy as np
 
@@ -190,13 +192,35 @@ def test_bayes_floor_log_estimator_is_the_geometric_posterior_mean():
     p = torch.tensor([[900.0, 80.0, 1.1], [300.0, 30.0, 0.9]], dtype=torch.float64)
     y = eff._measure(simulate(seq, p[:, 0], p[:, 1], p[:, 2], dtype=torch.float64), np.ones(1),
                      0.02, 0)
-    mean, geo = pm(y), pm(y, log=True)
+    mean, geo = pm(y), pm(y, stat="log")
     assert np.all(geo <= mean * (1 + 1e-9)) and np.all(geo > 0)
     yp = (y.to(torch.complex128) @ pm.basis.conj()).to(torch.complex64)
     ll = (yp @ pm.atoms.mH).abs().to(torch.float64) ** 2 / (2 * pm.sigma2)
     w = torch.softmax(ll, dim=1)
     np.testing.assert_allclose(mean, (w @ pm.grid).numpy(), rtol=1e-5)
     np.testing.assert_allclose(geo, (w @ pm.grid.log()).exp().numpy(), rtol=1e-5)
+    # the posterior median lies in the cell of the discrete weighted median of each marginal
+    # (at noise 0.3 the posteriors spread over many atoms)
+    pm = bayes_floor.PosteriorMean(seq, grid, rank=10, sigma=0.3)
+    p = torch.tensor([[900.0, 80.0, 1.1], [300.0, 30.0, 0.9], [2000.0, 200.0, 1.0]],
+                     dtype=torch.float64)
+    y = eff._measure(simulate(seq, p[:, 0], p[:, 1], p[:, 2], dtype=torch.float64), np.ones(1),
+                     0.3, 1)
+    yp = (y.to(torch.complex128) @ pm.basis.conj()).to(torch.complex64)
+    w = torch.softmax((yp @ pm.atoms.mH).abs().to(torch.float64) ** 2 / (2 * pm.sigma2), dim=1)
+    assert (w.max(1).values < 0.5).all()
+    med = pm(y, stat="median")
+    for j in range(3):
+        values = np.unique(grid[:, j])
+        mass = np.array([w[:, grid[:, j] == v].sum(1).numpy() for v in values]).T
+        lv = np.log(values)
+        edges = np.concatenate([[1.5 * lv[0] - 0.5 * lv[1]], (lv[1:] + lv[:-1]) / 2,
+                                [1.5 * lv[-1] - 0.5 * lv[-2]]])
+        for r in range(len(y)):
+            u = int(np.argmax(np.cumsum(mass[r]) >= 0.5))
+            assert edges[u] - 1e-9 <= np.log(med[r, j]) <= edges[u + 1] + 1e-9
+    with pytest.raises(ValueError, match="stat"):
+        pm(y, stat="mode")
 
 
 def test_match_kernels_speed_counts_pairs_on_tiny_sizes():

@@ -183,6 +183,7 @@ def test_losses_by_hand():
     assert torch.allclose(log_module.loss(pred, batch), ((pred - target.log()) ** 2).mean())
     assert torch.allclose(log_module.to_params(target.log()), batch.params_ms)
     assert torch.allclose(_module("mse").to_params(target), batch.params_ms)
+    assert torch.allclose(_module("l1").loss(pred, batch), (pred - target).abs().mean())
     # K = 3 realisations per fingerprint: mean e^2 + w * mean(bias^2)
     k = 3
     pk = target.repeat_interleave(k, 0) + 0.1 * torch.randn(15, 3)
@@ -198,7 +199,7 @@ def test_module_validates_targets():
     with pytest.raises(ValueError, match="targets"):
         _module(targets=("t2", "t1"))
     with pytest.raises(ValueError, match="loss"):
-        _module(loss="l1")
+        _module(loss="mae")
     net = {"_target_": "mrflight.models.ANNRegressor", "input_length": 10, "n_outputs": 2}
     with pytest.raises(ValueError, match="outputs"):
         MRFRegressor(net, target_scale_ms=[1, 1, 1], targets=["t1", "t2", "b1"])
