@@ -20,7 +20,8 @@ noise 0.01, ``V`` voxels each).
     python benchmarks/bayes_floor.py --efficiency 60   # + eval.py's efficiency grid, 60 draws
                                                        #   per point (~7 min)
     python benchmarks/bayes_floor.py --log --efficiency 60 --tissues 500   # both floors (~16 min)
-    python benchmarks/bayes_floor.py --median --tissues 500   # the posterior median (~11 min)
+    python benchmarks/bayes_floor.py --median --tissues 500       # the posterior median (~11 min)
+    python benchmarks/bayes_floor.py --median --efficiency 60     # (~10 min)
     python benchmarks/bayes_floor.py --smoke    # seconds: a coarse grid, 50 signals
 """
 
