@@ -69,15 +69,15 @@ class PosteriorMean:
                                     n_atoms=min(20000, 4 * len(grid))).to(torch.complex128)
         self.atoms = torch.cat([self._project(self._atoms(seq, grid[i:i + block]))
                                 for i in range(0, len(grid), block)])
-        # per parameter: its distinct values, each atom's index among them, the cells' log edges
-        self.values, self.index, self.edges = [], [], []
+        # per parameter: each atom's index among its distinct values, and the log edges of
+        # those values' cells (one more edge than values)
+        self.index, self.edges = [], []
         for j in range(grid.shape[1]):
             v, idx = np.unique(grid[:, j], return_inverse=True)
             lv = np.log(v)
             mid = (lv[1:] + lv[:-1]) / 2
             first = lv[:1] - (mid[:1] - lv[:1]) if len(v) > 1 else lv[:1]
             last = lv[-1:] + (lv[-1:] - mid[-1:]) if len(v) > 1 else lv[-1:]
-            self.values.append(v)
             self.index.append(torch.from_numpy(idx.reshape(-1)))
             self.edges.append(np.concatenate([first, mid, last]))
 
@@ -109,7 +109,7 @@ class PosteriorMean:
         top = torch.full((n,), -1e30, dtype=torch.float64)
         z = torch.zeros(n, dtype=torch.float64)
         if stat == "median":  # the posterior mass of every distinct value of every parameter
-            acc = [torch.zeros(n, len(v), dtype=torch.float64) for v in self.values]
+            acc = [torch.zeros(n, len(e) - 1, dtype=torch.float64) for e in self.edges]
         else:
             grid = self.grid.log() if stat == "log" else self.grid
             acc = [torch.zeros(n, 3, dtype=torch.float64)]
