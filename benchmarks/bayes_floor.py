@@ -62,6 +62,7 @@ class PosteriorMean:
 
     def __init__(self, seq, grid: np.ndarray, rank: int, sigma: float, block: int = 20000):
         self.grid = torch.from_numpy(grid)
+        self.log_grid = self.grid.log()
         self.sigma2 = float(sigma) ** 2
         # the subspace model's basis of the same prior (phase-aligned FISP fingerprints are real)
         self.basis = subspace_basis(seq, rank, "complex", t1_range=(50.0, 5000.0),
@@ -111,7 +112,7 @@ class PosteriorMean:
         if stat == "median":  # the posterior mass of every distinct value of every parameter
             acc = [torch.zeros(n, len(e) - 1, dtype=torch.float64) for e in self.edges]
         else:
-            grid = self.grid.log() if stat == "log" else self.grid
+            grid = self.log_grid if stat == "log" else self.grid
             acc = [torch.zeros(n, 3, dtype=torch.float64)]
         for i, ll in self._log_likelihoods(y):
             new_top = torch.maximum(top, ll.max(1).values)

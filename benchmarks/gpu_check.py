@@ -90,7 +90,6 @@ class Ctx:
         self.n_cpu_match = 10 if s else 1000
         self.n_slice = 64 if s else 256 * 256
         self.train_s = 2.0 if s else 25.0
-        self.n_pool = 64 if s else 100_000
         self.n_test = 64 if s else 20_000
         self.train_batch = 32 if s else 1024
         self.sim_launch = 64 if s else 32768
@@ -484,7 +483,7 @@ def main() -> int:
         prior = ParameterPrior()
         net = GRURegressor(input_length=len(seq), in_channels=2, n_outputs=3, **cfg)
         if net.rank:
-            net.fit_basis(seq, noise_min=0.005, t1_range=prior.t1_range,
+            net.fit_basis(seq, noise_min=prior.noise_std[0], t1_range=prior.t1_range,
                           t2_range=prior.t2_range, b1_range=prior.b1_range)
         net = net.to(dev)
         scale = torch.tensor([DEFAULT_SCALES[t] for t in targets], device=dev)
@@ -498,8 +497,8 @@ def main() -> int:
             b = sim.realise(batch)
             return b.signal, b.params_ms
 
-        # a short training on fresh simulated batches of the default prior (B1 0.7-1.3, noise
-        # 0.005-0.03, random phase) so that the RMSE comparison means something
+        # a short training on fresh simulated batches of the default prior (B1, noise range,
+        # random phase) so that the RMSE comparison means something
         opt = torch.optim.Adam(net.parameters(), lr=3e-3)
         t0, steps = time.perf_counter(), 0
         while time.perf_counter() - t0 < ctx.train_s:
