@@ -62,6 +62,22 @@ def gru_interp():
     return _interpreted("triton_gru_interp_checks.py")
 
 
+#: the fused noise kernel against realise's torch path on the same draws: float32 rounding of
+#: both (measured 2-3e-7 on simulated fingerprints); random complex fingerprints, whose sum of
+#: squares (the phase alignment's angle) is ~12x smaller than their squared norm, amplify it
+#: (measured 1.3e-6)
+REALISE_TOL = 1e-5
+
+
+@needs_triton
+def test_interpreted_noise_kernel_matches_torch_path():
+    got = _interpreted("triton_realise_interp_checks.py")
+    assert got["cases"] == 16
+    for key in ("simulated_magnitude", "simulated_complex", "random_magnitude",
+                "random_complex"):
+        assert got[key] < REALISE_TOL, key
+
+
 @needs_triton
 def test_interpreted_forward_matches_c_kernel(interp):
     assert interp["k_range"][0] < interp["k_range"][1]  # atoms of different state counts
@@ -230,6 +246,34 @@ def test_cuda_predict_parameters_keeps_gpu_input_on_the_gpu(monkeypatch):
     assert got.device.type == "cpu" and got.shape == ref.shape
     assert torch.equal(torch.isnan(got), torch.isnan(ref)) and bool(torch.isnan(got[3]).all())
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3, equal_nan=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["complex", "magnitude"])
+def test_cuda_noise_kernel_is_used_and_matches_torch_path(mode, monkeypatch):
+    """Training inputs realised on CUDA: the fused kernel (no fallback warning) against the
+    torch path on the same CUDA draws, at the bound of the interpreter check."""
+    import warnings
+
+    from mrflight.data import simulated
+    from mrflight.physics import oksuz2019, simulate
+
+    p = torch.linspace(0, 1, 2000, dtype=torch.float64)
+    clean = simulate(oksuz2019(), (100 + 3000 * p).cuda(), (10 + 290 * p).cuda(),
+                     (0.7 + 0.6 * p).cuda())
+    std = torch.logspace(-3, -1, 2000).cuda()
+
+    def run():
+        g = torch.Generator(device="cuda").manual_seed(7)
+        return simulated.realise(clean, std, g, True, mode, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = run()
+    assert simulated._FUSED[0] is not None and got.device.type == "cuda"
+    monkeypatch.setenv("MRFLIGHT_NO_TRITON", "1")
+    ref = run()
+    err = ((got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max()
+    assert float(err) < REALISE_TOL, float(err)
 
 
 def test_jacobian_wrt_selects_and_orders_columns():
