@@ -26,9 +26,9 @@ Every row runs under ``try``: a failure prints its error in its row and the chec
 global time budget skips the rows that no longer fit. Kernel times are medians of CUDA-event
 timings after a warm-up; the first call (Triton JIT compilation included) is reported apart.
 
-Usage (from the repository root; needs only torch, triton and numpy)::
+Usage (from the repository root; needs torch, triton, numpy and, for the GRU row, omegaconf)::
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py            # about 2 minutes on an H200
+    PYTHONPATH=. python3 benchmarks/gpu_check.py            # 2.5 min on an H100 (--no-tests)
     PYTHONPATH=. python3 benchmarks/gpu_check.py --smoke    # every row on the CPU, tiny sizes,
                                                             # kernels through TRITON_INTERPRET=1
 """
@@ -559,7 +559,7 @@ def main() -> int:
 
     if not args.no_tests:
         @row("CUDA tests: pytest -k cuda (test_epg, test_matching, test_triton, "
-             "test_match_kernels)", "all pass", 60)
+             "test_match_kernels, test_checkpoints)", "all pass", 120)
         def _():
             try:
                 import pytest  # noqa: F401
@@ -567,7 +567,7 @@ def main() -> int:
                 return "not run", None, "pytest is not installed here"
             cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                    "tests/test_epg.py", "tests/test_matching.py", "tests/test_triton.py",
-                   "tests/test_match_kernels.py", "-k", "cuda"]
+                   "tests/test_match_kernels.py", "tests/test_checkpoints.py", "-k", "cuda"]
             env = dict(os.environ, PYTHONPATH=str(ROOT))
             env.pop("TRITON_INTERPRET", None)
             r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
