@@ -262,14 +262,20 @@ def _use_fused(monkeypatch, gates=None):
 @pytest.mark.parametrize("kwargs", [
     dict(in_channels=2, values_per_step=7, hidden_size=12),
     dict(in_channels=1, values_per_step=4, hidden_size=9, num_layers=2, bidirectional=True),
+    # a subspace basis: the first layer's projections folded from the coordinates
+    dict(in_channels=2, values_per_step=7, hidden_size=12, rank=5),
+    dict(in_channels=1, values_per_step=4, hidden_size=9, num_layers=2, bidirectional=True,
+         rank=6),
 ])
 def test_regressor_runs_the_fused_gru_as_nn_gru(monkeypatch, kwargs):
-    """The regressor's fused path (padded steps, channels, stacked and reversed layers) gives
-    the outputs of its nn.GRU path."""
+    """The regressor's fused path (padded steps, channels, stacked and reversed layers, the
+    folded projection of a basis) gives the outputs of its nn.GRU path."""
     from mrflight.models.fused_gru import gru_gates_torch
 
     torch.manual_seed(5)
     net = GRURegressor(input_length=30, **kwargs).double().eval()
+    if net.rank:
+        net.set_basis(torch.linalg.qr(torch.randn(30, net.rank, dtype=torch.float64))[0])
     x = torch.randn(3, kwargs["in_channels"], 30, dtype=torch.float64)
     calls = []
 

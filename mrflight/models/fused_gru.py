@@ -5,7 +5,8 @@ cuDNN's GRU reaches about 3.2 M fingerprints/s on an H200 for the default regres
 50 values, 100 units). This path organises the work as large GEMMs instead:
 
 1. the input projections of all steps of a layer, ``(B*S, I) @ W_ih^T``, in one GEMM (both
-   directions at once: their weights are stacked);
+   directions at once: their weights are stacked); for a regressor with a subspace basis, the
+   first layer's come from the coordinates through :func:`folded_projection`;
 2. per step ``gh = h @ W_hh^T`` (one GEMM; none on the first step, where ``h = 0``), then one
    gate kernel that reads the step's slice of the projections (a strided view, no copy), ``gh``
    and ``h``, adds the biases and writes the new state (:mod:`mrflight.models._gru_triton` on
@@ -29,7 +30,8 @@ from torch import nn
 
 from mrflight.physics._triton_glue import guarded_kernel, triton_disabled
 
-__all__ = ["fused_gru", "gru_gates_torch", "triton_gates", "fused_gru_available"]
+__all__ = ["fused_gru", "folded_projection", "gru_gates_torch", "triton_gates",
+           "fused_gru_available"]
 
 
 def gru_gates_torch(gi: torch.Tensor, gh: torch.Tensor | None, h: torch.Tensor | None,
@@ -84,22 +86,28 @@ def _direction(gi: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor, reverse
     return h
 
 
-def fused_gru(rnn: nn.GRU, x: torch.Tensor, gates=gru_gates_torch) -> torch.Tensor:
+def fused_gru(rnn: nn.GRU, x: torch.Tensor, gates=gru_gates_torch,
+              projected: bool = False) -> torch.Tensor:
     """The final hidden states ``(num_layers * D, B, H)`` of ``rnn`` (``batch_first``, eval mode,
     zero initial state) on ``x`` ``(B, S, I)``, as ``nn.GRU`` returns them.
 
     ``gates`` is the gate function (:func:`gru_gates_torch`, or the Triton kernel from
-    :func:`triton_gates`). Run it without autograd (inference only).
+    :func:`triton_gates`). With ``projected``, ``x`` holds the first layer's input projections
+    ``(B, S, D*3H)`` (``input @ W_ih^T`` of both directions, no bias) instead of its input, e.g.
+    from :func:`folded_projection`. Run it without autograd (inference only).
     """
     if not rnn.batch_first or x.ndim != 3:
         raise ValueError("fused_gru needs a batch_first nn.GRU and input (B, S, I)")
     b, s, _ = x.shape
     hid, d = rnn.hidden_size, 2 if rnn.bidirectional else 1
+    if projected and x.shape[2] != d * 3 * hid:
+        raise ValueError(f"projected input must be (B, S, {d * 3 * hid}), got {tuple(x.shape)}")
     state = torch.float64 if x.dtype == torch.float64 else torch.float32
     inp, finals = x, []
     for layer in range(rnn.num_layers):
         w_ih, per_dir = _weights(rnn, layer, state)
-        gi = torch.mm(inp.reshape(b * s, -1), w_ih.t()).view(b, s, d * 3 * hid)
+        gi = (x if projected and layer == 0 else
+              torch.mm(inp.reshape(b * s, -1), w_ih.t()).view(b, s, d * 3 * hid))
         top = layer == rnn.num_layers - 1
         out = None if top else torch.empty(b, s, d * hid, dtype=state, device=x.device)
         for k, (w_hh, bias) in enumerate(per_dir):
@@ -107,6 +115,32 @@ def fused_gru(rnn: nn.GRU, x: torch.Tensor, gates=gru_gates_torch) -> torch.Tens
                                      None if top else out[..., k * hid:(k + 1) * hid], gates))
         inp = out
     return torch.stack(finals)
+
+
+def folded_projection(rnn: nn.GRU, coef: torch.Tensor, basis: torch.Tensor,
+                      values_per_step: int) -> torch.Tensor:
+    """The first layer's input projections ``(B, S, D*3H)`` of a fingerprint given by its
+    subspace coordinates, without rebuilding it.
+
+    The recurrent regressors feed ``rnn`` the fingerprint ``coef @ basis^T`` (``coef`` ``(B, C,
+    R)``, ``basis`` ``(T, R)``), zero-padded to ``S * V`` time points and cut into ``S`` steps of
+    ``V = values_per_step`` points, channels fastest. Each step's projection is linear in
+    ``coef``, so ``W_ih`` and the basis fold into one ``(C*R, S*D*3H)`` matrix and the
+    projections of all steps are one GEMM on the ``C*R`` coordinates: the ``(B, C, S*V)``
+    fingerprint, its padded and permuted copies are never written.
+    """
+    b, c, r = coef.shape
+    w_ih = torch.cat([getattr(rnn, "weight_ih_l0" + s) for s in
+                      ("", "_reverse")[: 2 if rnn.bidirectional else 1]])
+    j = w_ih.shape[0]
+    t = basis.shape[0]
+    steps = -(-t // values_per_step)
+    padded = nn.functional.pad(basis.to(w_ih.dtype), (0, 0, 0, steps * values_per_step - t))
+    with torch.autocast(coef.device.type, enabled=False):  # the fold in the weights' precision
+        m = torch.einsum("jvc,svr->crsj", w_ih.view(j, values_per_step, c),
+                         padded.view(steps, values_per_step, r))
+    return torch.mm(coef.reshape(b, c * r), m.reshape(c * r, steps * j).to(coef.dtype)
+                    ).view(b, steps, j)
 
 
 _KERNEL = False  # False: not imported yet; None: unavailable
@@ -135,12 +169,12 @@ def fused_gru_available(rnn: nn.Module, x: torch.Tensor) -> bool:
             and triton_gates() is not None)
 
 
-def run_fused_gru(rnn: nn.GRU, x: torch.Tensor) -> torch.Tensor | None:
+def run_fused_gru(rnn: nn.GRU, x: torch.Tensor, projected: bool = False) -> torch.Tensor | None:
     """:func:`fused_gru` with the Triton gates, or ``None`` (the caller runs ``nn.GRU``) after a
     kernel failure (e.g. a GPU Triton cannot compile for), which warns once and disables it."""
     global _KERNEL
-    out = guarded_kernel(lambda: fused_gru(rnn, x, triton_gates()), "the fused GRU kernel",
-                         "using nn.GRU (cuDNN)")
+    out = guarded_kernel(lambda: fused_gru(rnn, x, triton_gates(), projected),
+                         "the fused GRU kernel", "using nn.GRU (cuDNN)")
     if out is None:
         _KERNEL = None
     return out

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import Regressor, hidden_layers
-from .fused_gru import fused_gru_available, run_fused_gru
+from .fused_gru import folded_projection, fused_gru_available, run_fused_gru
 from .subspace import SubspaceBasis
 
 __all__ = ["RecurrentRegressor", "LSTMRegressor", "GRURegressor"]
@@ -95,18 +95,16 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        noise = None
+        noise = h = None
         if self.rank:
             coef, noise = self.project(x, self.input_scale)
-            x = coef @ self.basis.T.to(x.dtype)
-        if self.pad:
-            x = nn.functional.pad(x, (0, self.pad))
-        # (B, C, S*V) -> (B, S, V*C): each step holds values_per_step consecutive time points
-        x = x.reshape(b, self.in_channels, self.n_steps, self.values_per_step)
-        x = x.permute(0, 2, 3, 1).reshape(b, self.n_steps, self.values_per_step * self.in_channels)
-        h = run_fused_gru(self.rnn, x) if fused_gru_available(self.rnn, x) else None
+            if fused_gru_available(self.rnn, x):  # first projections from the coordinates
+                h = run_fused_gru(self.rnn, folded_projection(
+                    self.rnn, coef, self.basis, self.values_per_step), projected=True)
+            if h is None:
+                x = coef @ self.basis.T.to(x.dtype)
         if h is None:
-            _, h = self.rnn(x)
+            h = self._recurrence(x)
         if isinstance(h, tuple):  # LSTM: (h_n, c_n)
             h = h[0]
         h = h.view(self.num_layers, 2 if self.bidirectional else 1, b, self.hidden_size)[-1]
@@ -114,6 +112,18 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
         if noise is not None:
             h = torch.cat([h, noise[:, None].to(h.dtype)], dim=1)
         return self.fc(self.head(h))
+
+    def _recurrence(self, x: torch.Tensor):
+        """The final states of the recurrence over ``x`` ``(B, C, T)`` (``nn.GRU``/``nn.LSTM``'s
+        ``h_n``, or ``(h_n, c_n)``)."""
+        b = x.shape[0]
+        if self.pad:
+            x = nn.functional.pad(x, (0, self.pad))
+        # (B, C, S*V) -> (B, S, V*C): each step holds values_per_step consecutive time points
+        x = x.reshape(b, self.in_channels, self.n_steps, self.values_per_step)
+        x = x.permute(0, 2, 3, 1).reshape(b, self.n_steps, self.values_per_step * self.in_channels)
+        h = run_fused_gru(self.rnn, x) if fused_gru_available(self.rnn, x) else None
+        return self.rnn(x)[1] if h is None else h
 
 
 class LSTMRegressor(RecurrentRegressor):
