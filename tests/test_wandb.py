@@ -26,7 +26,7 @@ def test_flat_config_is_short_and_has_what_a_dashboard_filters_by(tmp_path):
     flat = flat_config(cfg)
     assert {"model": "gru", "hidden_size": 100, "lr": 0.003, "batch_size": 256,
             "noise_std": 0.02, "sequence": "oksuz2019", "seed": 12345, "targets": "t1,t2,b1",
-            "loss": "mse", "rank": 48, "head_sizes": "256x256"}.items() <= flat.items()
+            "loss": "l1", "rank": 48, "head_sizes": "256x256"}.items() <= flat.items()
     assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
     assert len(json.dumps(flat)) < 1000
     cfg = compose_config(["model=ann"], output_dir=tmp_path)
