@@ -32,7 +32,8 @@ def test_default_config_and_sequence(tmp_path):
     assert list(cfg.data.noise_std) == [0.005, 0.03] and list(cfg.data.b1_range) == [0.7, 1.3]
     assert list(cfg.data.targets) == ["t1", "t2", "b1"]
     assert cfg.paths.cache_dir.startswith(str(tmp_path / "cache"))
-    assert cfg.callbacks.early_stopping.min_delta_rel == 0.005
+    # no early stopping on fresh data (it cannot be overfitted; the cosine decay ends the run)
+    assert "early_stopping" not in cfg.callbacks
     assert set(cfg.logger) == {"csv", "wandb"}
 
 
@@ -78,10 +79,12 @@ def test_trainers_instantiate_on_cpu(tmp_path, trainer):
 
 @pytest.mark.parametrize("logger", ["default", "csv", "none"])
 def test_callbacks_and_loggers_instantiate(tmp_path, logger):
-    cfg = compose_config([f"logger={logger}"], output_dir=tmp_path)
+    cfg = compose_config([f"logger={logger}", "callbacks=[default,early_stopping]"],
+                         output_dir=tmp_path)
     loggers = [instantiate(v) for v in (cfg.logger or {}).values()]
     assert len(loggers) == {"default": 2, "csv": 1, "none": 0}[logger]
     cbs = [instantiate(v) for v in cfg.callbacks.values()]
+    assert cfg.callbacks.early_stopping.min_delta_rel == 0.005
     assert {type(c).__name__ for c in cbs} >= {"ModelCheckpoint", "RelativeEarlyStopping",
                                                "LearningRateMonitor", "ScatterPlot",
                                                "RichProgressBar"}
