@@ -1,13 +1,15 @@
 """Fused Triton kernel of :func:`mrflight.data.simulated.realise`: normalisation, global phase,
 noise and preprocessing of a launch of fresh training fingerprints in one pass.
 
-The torch version of the same arithmetic is a chain of about 25 full-size element-wise kernels
+The torch version of the same arithmetic is a chain of full-size element-wise kernels
 (normalise, rotate, add the noise, normalise again, the phase alignment's sums and rotation, the
-sign, the split into real and imaginary channels). Here one program owns one output row: it
-reads the clean fingerprint and the two noise draws once, reduces its norms and phase sums in
-registers and writes the model input once. The noise itself still comes from ``torch.randn`` with
-the batch's generator, in the same order as the torch version, so both give the same inputs up to
-float32 rounding.
+sign, the split into real and imaginary channels): 8.7 ms for a launch of 32 768 fingerprints of
+1750 pulses on an H100, against 1.8 ms for this kernel and the noise draws
+(``benchmarks/gpu_check.py``'s simulation-share row, the launch less its simulation). Here
+one program owns one output row: it reads the clean fingerprint and the two noise draws once,
+reduces its norms and phase sums in registers and writes the model input once. The noise itself
+still comes from ``torch.randn`` with the batch's generator, in the same order as the torch
+version, so both give the same inputs up to float32 rounding.
 
 Per row ``r`` (fingerprint ``r // K`` for ``K`` noise realisations), with ``x`` the clean
 fingerprint, ``phi`` its phase and ``s`` the noise level:

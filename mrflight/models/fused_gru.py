@@ -130,8 +130,7 @@ def folded_projection(rnn: nn.GRU, coef: torch.Tensor, basis: torch.Tensor,
     fingerprint, its padded and permuted copies are never written.
     """
     b, c, r = coef.shape
-    w_ih = torch.cat([getattr(rnn, "weight_ih_l0" + s) for s in
-                      ("", "_reverse")[: 2 if rnn.bidirectional else 1]])
+    w_ih = _weights(rnn, 0, torch.float32)[0]
     j = w_ih.shape[0]
     t = basis.shape[0]
     steps = -(-t // values_per_step)
