@@ -4,7 +4,7 @@ noise and preprocessing of a launch of fresh training fingerprints in one pass.
 The torch version of the same arithmetic is a chain of full-size element-wise kernels
 (normalise, rotate, add the noise, normalise again, the phase alignment's sums and rotation, the
 sign, the split into real and imaginary channels): 8.7 ms for a launch of 32 768 fingerprints of
-1750 pulses on an H100, against 1.8 ms for this kernel and the noise draws
+1750 pulses on an H100, against 1.8 ms for this kernel and the noise draws on another H100
 (``benchmarks/gpu_check.py``'s simulation-share row, the launch less its simulation). Here
 one program owns one output row: it reads the clean fingerprint and the two noise draws once,
 reduces its norms and phase sums in registers and writes the model input once. The noise itself

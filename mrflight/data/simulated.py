@@ -174,8 +174,9 @@ def realise(clean: torch.Tensor, noise_std: torch.Tensor, generator: torch.Gener
         Model inputs of ``K*B`` rows.
 
     On CUDA with Triton the arithmetic after the random draws runs as one fused kernel
-    (:mod:`mrflight.data._realise_triton`: on an H100, 1.8 ms with the draws for a launch of
-    32 768 fingerprints, against 8.7 ms for this chain of full-size element-wise passes), which
+    (:mod:`mrflight.data._realise_triton`: 1.8 ms with the draws for a launch of 32 768
+    fingerprints, against 8.7 ms for this chain of full-size element-wise passes, on two
+    H100s a day apart), which
     gives the same inputs up to float32 rounding.
     """
     dev = clean.device
