@@ -162,7 +162,7 @@ def measure(quick: bool = False, models=MODELS, steps: int | None = None,
     if run_dir:
         tta = time_to_accuracy(run_dir)
     return {"rows": rows, "threads": used, "tta": tta, "run_dir": run_dir,
-            "batch_size": batch_size}
+            "batch_size": batch_size, "models": list(models)}
 
 
 def tta_line(r: dict) -> str:
@@ -196,6 +196,7 @@ def report(r: dict, quick: bool = False) -> str:
         tta_line(r),
         "",
         f"Command: `python benchmarks/training_speed.py{' --quick' if quick else ''}"
+        f"{' --models ' + ' '.join(r['models']) if tuple(r['models']) != MODELS else ''}"
         f"{' --run-dir ' + str(r['run_dir']) if r['run_dir'] else ''}`",
     ]
     return "\n".join(lines) + "\n"

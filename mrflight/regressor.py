@@ -3,10 +3,11 @@
 :class:`MRFRegressor` wraps any regressor of :mod:`mrflight.models` (given as its config
 ``{"_target_": class path, **kwargs}`` so that checkpoints reload with no injected object). It owns
 the loss (see :data:`LOSSES`), Adam, an optional learning-rate scheduler and the metrics
-(torchmetrics MAE and RMSE of T1 and T2 in ms, of B1 in % of nominal), logged as ``train/loss``,
-``val/loss``, ``val/t1_mae_ms``, ``val/t1_rmse_ms``, ``val/t2_mae_ms``, ``val/t2_rmse_ms``,
-``val/b1_mae_pct``, ``val/b1_rmse_pct``, the same under ``test/``, and under ``val@0.01/...``
-for each fixed evaluation noise level of the data module.
+(MAE and RMSE of T1 and T2 in ms, of B1 in % of nominal: torchmetrics for the evaluation sets,
+sums over the epoch for training), logged as ``train/loss``, ``train/t1_mae_ms`` ... (at the
+epoch's end), ``val/loss``, ``val/t1_mae_ms``, ``val/t1_rmse_ms``, ``val/t2_mae_ms``,
+``val/t2_rmse_ms``, ``val/b1_mae_pct``, ``val/b1_rmse_pct``, the same under ``test/``, and under
+``val@0.01/...`` for each fixed evaluation noise level of the data module.
 """
 
 from __future__ import annotations
@@ -158,7 +159,11 @@ class MRFRegressor(L.LightningModule):
         self.log_output = loss == "log"
         self.loss_fn = nn.MSELoss()
         self.metrics = nn.ModuleDict({_key(split): self._metric_set()
-                                      for split in ("train", "val", "test")})
+                                      for split in ("val", "test")})
+        # training errors: per target the sum of |error| and of error^2 over the epoch, and the
+        # count (one update per step: six torchmetrics updates and logs cost ~8 % of a step)
+        self._train_sums = torch.zeros(2, len(self.targets), dtype=torch.float64)
+        self._train_count = 0
 
     def _metric_set(self) -> nn.ModuleDict:
         return nn.ModuleDict({
@@ -397,6 +402,12 @@ class MRFRegressor(L.LightningModule):
         pred_ms = self.to_params(pred.detach())
         if k > 1:  # metrics of the first realisation of each fingerprint
             pred_ms = pred_ms[::k]
+        if split == "train":
+            err = (pred_ms - batch.params_ms).double() * self._percent.to(pred_ms.device)
+            sums = torch.stack([err.abs().sum(0), err.square().sum(0)])
+            self._train_sums = self._train_sums.to(sums.device) + sums
+            self._train_count += err.shape[0]
+            return loss
         for i, (p, u) in enumerate(zip(self.targets, self._units)):
             f = 100.0 if u == "pct" else 1.0
             for m in ("mae", "rmse"):
@@ -408,8 +419,30 @@ class MRFRegressor(L.LightningModule):
         self._last_pred_ms = pred_ms
         return loss
 
+    @property
+    def _percent(self) -> torch.Tensor:
+        """Per target the factor of its metrics' unit (100 for B1 in %, else 1)."""
+        return torch.tensor([100.0 if u == "pct" else 1.0 for u in self._units],
+                            dtype=torch.float64)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
+
+    def on_train_epoch_start(self) -> None:
+        self._train_sums = torch.zeros_like(self._train_sums)
+        self._train_count = 0
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's training MAE and RMSE of every target (summed over DDP ranks)."""
+        if not self._train_count:
+            return
+        strategy = self.trainer.strategy
+        sums = strategy.reduce(self._train_sums, reduce_op="sum")
+        n = float(strategy.reduce(torch.tensor(float(self._train_count), device=sums.device),
+                                  reduce_op="sum"))
+        for i, (p, u) in enumerate(zip(self.targets, self._units)):
+            self.log(f"train/{p}_mae_{u}", float(sums[0, i] / n))
+            self.log(f"train/{p}_rmse_{u}", float((sums[1, i] / n).sqrt()))
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._step(batch, "val", dataloader_idx)

@@ -120,6 +120,7 @@ def test_inference_and_training_scripts_run_on_tiny_sizes(tmp_path):
     tr = training_speed.measure(models=("ann",), steps=2, batch_size=8, input_length=100)
     assert tr["rows"][0]["samples_per_s"] > 0 and tr["threads"] == 1
     assert "n/a (pass --run-dir)" in training_speed.report(tr)
+    assert "`python benchmarks/training_speed.py --models ann`" in training_speed.report(tr)
 
 
 def test_summary_rows_apply_the_targets():

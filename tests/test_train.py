@@ -63,6 +63,40 @@ def test_tiny_model_overfits_a_small_set(tmp_path):
     assert losses[-1] < 0.02 * losses[0]
 
 
+def test_training_metrics_are_the_epochs_mae_and_rmse(tmp_path):
+    """train/t1_mae_ms ... are the MAE and RMSE over every training sample of the epoch (summed
+    per step, batches of unequal size weighted by their samples); lr 1e-30 keeps the net fixed so
+    that they can be recomputed after the fit."""
+    from mrflight.data import FingerprintDataModule
+    from mrflight.dictionary import random_params
+    from mrflight.physics import oksuz2019
+    from mrflight.regressor import MRFRegressor
+
+    torch.manual_seed(0)
+    seq = oksuz2019(n_pulses=100, lobe_length=20)
+    dm = FingerprintDataModule(seq, params=random_params(150, seed=1), n_test=20, batch_size=32,
+                               noise_std=0.0, progress=False)
+    module = MRFRegressor({"_target_": "mrflight.models.ANNRegressor", "input_length": 100,
+                           "hidden_sizes": [16]}, lr=1e-30)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    errs = []
+    with torch.no_grad():
+        for batch in dm.train_dataloader():
+            batch = dm.on_after_batch_transfer(batch, 0)
+            errs.append(module.to_params(module.net(batch.signal)) - batch.params_ms)
+    err = torch.cat(errs).double()
+    assert len(errs) > 1 and err.shape[0] % 32  # a short last batch
+    got = trainer.callback_metrics
+    for i, p in enumerate(("t1", "t2")):
+        assert got[f"train/{p}_mae_ms"].item() == pytest.approx(err[:, i].abs().mean().item(),
+                                                                 rel=1e-5)
+        assert got[f"train/{p}_rmse_ms"].item() == pytest.approx(
+            err[:, i].square().mean().sqrt().item(), rel=1e-5)
+
+
 def test_checkpoint_round_trip_and_predict_parameters(tmp_path):
     _, out, _ = run(tmp_path, "model=gru", "logger=csv")
     ckpts = sorted((out / "checkpoints").glob("epoch_*.ckpt"))
