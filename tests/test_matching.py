@@ -235,8 +235,11 @@ def test_float64_best_found_among_many_float32_ties(complex_matching, rank):
     s, _, _ = m._prepare_signals(torch.from_numpy(x))
     s = s if m.basis is None else s @ m.basis.conj()
     gemm = (s @ (m.atoms.mH if complex_matching else m.atoms.T)).abs()[0]
-    # the case a fixed top-16 of the float32 scores missed: the true atom is not among them
-    assert len(atoms) - 1 not in gemm.topk(16).indices
+    # the case a fixed top-16 of the float32 scores can miss: more than 16 atoms score within
+    # the round-off of a 300-term float32 dot product (~1e-6 relative) of the true atom, so
+    # which of them a top-16 holds is up to rounding and tie-breaking (on one CPU the true atom
+    # was outside it, on another inside)
+    assert int((gemm >= gemm[-1] * (1 - 4e-6)).sum()) > 16
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         idx, _, _ = m.match_indices(torch.from_numpy(x) * 3.0)
