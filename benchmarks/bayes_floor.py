@@ -14,7 +14,11 @@ grid. ``--log`` adds the floor of ``module.loss=log`` (the exponential of the po
 the logarithms), ``--median`` the floor of ``module.loss=l1`` (the posterior median, the same
 for every monotone transform of the parameters), ``--tissues V`` the largest tissue-median
 error of eval.py's robustness table (BrainWeb tissues at proton density 0.5, 0.75 and 1.0,
-noise 0.01, ``V`` voxels each).
+noise 0.01, ``V`` voxels each). ``--mle`` adds what the likelihood alone gives, with no prior:
+the maximum-likelihood estimate (eval.py's (T1, T2, B1) dictionary matching, then
+:func:`mrflight.physics.fit.fit` from the matched atom: the fine grid finds the basin of the
+global minimum) and the fit started at the truth (an oracle: the likelihood's minimum nearest the
+truth, which no estimator can know to pick).
 
     python benchmarks/bayes_floor.py            # ~3 min on 2 CPU cores, ~3 GB
     python benchmarks/bayes_floor.py --efficiency 60   # + eval.py's efficiency grid, 60 draws
@@ -22,6 +26,7 @@ noise 0.01, ``V`` voxels each).
     python benchmarks/bayes_floor.py --log --efficiency 60 --tissues 500   # both floors (~16 min)
     python benchmarks/bayes_floor.py --median --tissues 500       # the posterior median (~11 min)
     python benchmarks/bayes_floor.py --median --efficiency 60     # (~10 min)
+    python benchmarks/bayes_floor.py --mle --efficiency 60        # + the likelihood's (~12 min)
     python benchmarks/bayes_floor.py --smoke    # seconds: a coarse grid, 50 signals
 """
 
@@ -39,6 +44,7 @@ from mrflight import efficiency as eff
 from mrflight.models.subspace import subspace_basis
 from mrflight.phantoms import tissue_values
 from mrflight.physics import oksuz2019, simulate
+from mrflight.physics.fit import fit
 from mrflight.transforms import preprocess
 
 
@@ -136,6 +142,22 @@ class PosteriorMean:
         return out
 
 
+class TruthStart:
+    """The fit started at the truth: an oracle that knows, for each report, the true
+    parameters of its signals (looked up by the number of signals)."""
+
+    def __init__(self, seq, truths: dict[int, np.ndarray]):
+        self.seq, self.truths = seq, truths
+
+    def __call__(self, y: torch.Tensor) -> np.ndarray:
+        return fit(self.seq, y, self.truths[len(y)], max_iter=30).numpy()
+
+
+def maximum_likelihood(seq, y: torch.Tensor, matcher) -> np.ndarray:
+    """(T1, T2, B1) matching, then the fit from the matched atom."""
+    return fit(seq, y, matcher.match(y).double(), max_iter=30).numpy()
+
+
 def worst_tissues(seq, estimators: dict, voxels: int) -> list[list[str]]:
     """Per estimator the largest |tissue median error| of T1 and T2 (eval.py's robustness
     table: BrainWeb tissues with T2 in [10, 500] ms, proton density 0.5, 0.75, 1.0, noise 0.01)."""
@@ -166,6 +188,8 @@ def main(argv=None) -> str:
                     help="also the floor of module.loss=l1 (the posterior median)")
     ap.add_argument("--tissues", type=int, default=0, metavar="V",
                     help="also the largest tissue-median errors, V voxels per tissue and PD")
+    ap.add_argument("--mle", action="store_true",
+                    help="also the maximum-likelihood fit, from matching and from the truth")
     args = ap.parse_args(argv)
     seq = oksuz2019(n_pulses=200, lobe_length=40) if args.smoke else oksuz2019()
     sizes, n = ((20, 16, 5), 50) if args.smoke else ((140, 120, 41), 2000)
@@ -176,6 +200,19 @@ def main(argv=None) -> str:
         est["exp of the posterior mean of log"] = functools.partial(pm, stat="log")
     if args.median:
         est["posterior median"] = functools.partial(pm, rows=200, stat="median")
+    pts = eff.efficiency_grid(b1=(0.8, 1.0, 1.2))
+    if args.mle:
+        from mrflight.evaluation.methods import b1_dictionary
+        from mrflight.matching import DictionaryMatcher
+
+        params, atoms = b1_dictionary(seq)
+        matcher = DictionaryMatcher(atoms, torch.from_numpy(params), rank=25,
+                                    complex_matching=True)
+        est["maximum likelihood (matching + fit)"] = functools.partial(
+            maximum_likelihood, seq, matcher=matcher)
+        est["fit started at the truth (oracle)"] = TruthStart(seq, {
+            n: eff.offgrid_params(n, 11)[0],
+            len(pts) * args.efficiency: np.repeat(pts, args.efficiency, 0)})
     rows = eff.offgrid_report(seq, est, n, 0.01, seed=11)
     table = [[r["method"], f"{r['t1_rmse_ms']:.1f}", f"{r['t1_rmse_over_crb']:.3f}",
               f"{r['t2_rmse_ms']:.1f}", f"{r['t2_rmse_over_crb']:.3f}",
@@ -186,7 +223,6 @@ def main(argv=None) -> str:
             + markdown_table(["method", "T1 RMSE ms", "T1 x CRB", "T2 RMSE ms", "T2 x CRB",
                               "B1 RMSE %", "B1 x CRB"], table))
     if args.efficiency:
-        pts = eff.efficiency_grid(b1=(0.8, 1.0, 1.2))
         summ = eff.summarise(eff.efficiency_report(seq, est, pts, 0.01, args.efficiency,
                                                    seed=7))
         text += ("\n\nEfficiency grid (eval.py's 192 points, noise 0.01, "
@@ -201,7 +237,9 @@ def main(argv=None) -> str:
         text += (f"\n\nLargest tissue-median errors ({args.tissues} voxels per tissue and "
                  "proton density 0.5 / 0.75 / 1.0, noise 0.01)\n\n"
                  + markdown_table(["method", "T1", "T2"],
-                                  worst_tissues(seq, est, args.tissues)))
+                                  worst_tissues(seq, {k: v for k, v in est.items()
+                                                      if not isinstance(v, TruthStart)},
+                                                args.tissues)))
     return publish("bayes_floor_smoke.md" if args.smoke else "bayes_floor.md", text)
 
 

@@ -73,9 +73,23 @@ def map_reconstructor(cfg, options):
     if bool(ckpt) == bool(dic):
         raise ValueError("give exactly one of ckpt_path=CKPT (a trained network) or "
                          "dictionary=PATH (dictionary matching) with input=...")
-    if ckpt:
-        return _network_reconstructor(cfg, ckpt, options)
-    return _matching_reconstructor(cfg, dic, options)
+    rec = (_network_reconstructor(cfg, ckpt, options) if ckpt
+           else _matching_reconstructor(cfg, dic, options))
+    if options.fit_iterations:
+        from mrflight.maps import FittedReconstructor
+        from mrflight.series_io import open_series
+
+        inp = _cfg_get(cfg, "input")
+        with open_series(inp, dataset=options.dataset, length=rec.length) as src:
+            if not src.is_complex:
+                raise ValueError(f"maps.fit_iterations={options.fit_iterations} fits the "
+                                 f"complex signal model, but {inp} is real-valued (a "
+                                 "magnitude, whose Rician noise would bias the fit): pass the "
+                                 "complex series, or set maps.fit_iterations=0")
+        if ckpt:
+            rec.compute_m0 = False  # the fit computes M0 at its own estimate
+        rec = FittedReconstructor(rec, options.fit_iterations)
+    return rec
 
 
 def _network_reconstructor(cfg, ckpt, options):
@@ -152,12 +166,14 @@ def maps_from_config(cfg) -> dict[str, Path]:
         raise ValueError("input=PATH is required: the image series to reconstruct")
     options = map_options(cfg)
     b1map = _cfg_get(cfg, "b1map")
-    if b1map and _cfg_get(cfg, "ckpt_path"):
+    if b1map and _cfg_get(cfg, "ckpt_path") and not options.fit_iterations:
         raise ValueError("b1map=FILE restricts dictionary matching to the measured B1 "
                          "(dictionary=PATH with a B1 column); a network estimates B1 itself "
-                         "(its TB1map): drop b1map, or match with a (T1, T2, B1) dictionary")
+                         "(its TB1map): drop b1map, match with a (T1, T2, B1) dictionary, or "
+                         "add maps.fit_iterations=15 to fit T1 and T2 at the measured B1 from "
+                         "the network's estimates (complex series)")
     rec = map_reconstructor(cfg, options)
-    if b1map:
+    if b1map and not options.fit_iterations:
         rec.b1_values()  # a dictionary without a B1 column fails here, before any reading
     out_dir = _output_dir(cfg)
     files = make_maps(inp, rec, out_dir, options=options, mask=_cfg_get(cfg, "mask"),

@@ -168,9 +168,12 @@ def test_bayes_floor_posterior_mean_is_near_the_bound_on_a_coarse_grid(monkeypat
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(bayes_floor, "publish", lambda name, text: text)
     text = bayes_floor.main(["--smoke", "--efficiency", "3", "--log", "--median", "--tissues",
-                             "5"])
+                             "5", "--mle"])
     assert "Efficiency grid" in text and "Largest tissue-median errors" in text
-    for name in ("| posterior mean", "| exp of the posterior mean of log", "| posterior median"):
+    tissue_part = text.split("Largest tissue-median errors")[1]
+    assert "| maximum likelihood" in tissue_part and "oracle" not in tissue_part
+    for name in ("| posterior mean", "| exp of the posterior mean of log", "| posterior median",
+                 "| maximum likelihood (matching + fit)", "| fit started at the truth"):
         row = next(line for line in text.splitlines() if line.startswith(name))
         t1_ratio, t2_ratio = float(row.split("|")[3]), float(row.split("|")[5])
         # a coarse grid and 200 pulses: not efficient, but a posterior mean, not noise

@@ -127,6 +127,45 @@ def test_rows_are_computed_not_copied(tiny_run, tmp_path):
             assert a[key]["t2_rmse_ms"] == b[key]["t2_rmse_ms"]
 
 
+def test_fit_adds_each_estimator_refined_by_the_likelihood(tiny_run, tmp_path):
+    """evaluation.fit=true: every estimator of the bound reports also followed by the
+    maximum-likelihood fit (its arithmetic is tested in test_fit.py)."""
+    from mrflight.evaluation.methods import B1_MATCHING, FIT_SUFFIX
+
+    small = [*FAST, "evaluation.phantoms=[]", "evaluation.plots=false",
+             "evaluation.test_sets=[paper]", "evaluation.bound=false", "evaluation.fit=true",
+             "evaluation.efficiency_realizations=4", "evaluation.offgrid_b1_signals=300",
+             "evaluation.tissue_voxels=20"]
+    out = tmp_path / "fit"
+    evaluate(_cfg([f"ckpt_path={tiny_run}", *small], out, "eval"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = {"ann [0]", B1_MATCHING}
+    names |= {n + FIT_SUFFIX for n in names}
+    assert {r["method"] for r in metrics["efficiency_summary"]} == names
+    assert {r["method"] for r in metrics["robustness"]} == names
+    off = {r["method"]: r for r in metrics["offgrid_b1"]}
+    assert set(off) == names | {"crb"}
+    fitted, matched = off[B1_MATCHING + FIT_SUFFIX], off[B1_MATCHING]
+    for q in ("t1", "t2", "b1"):  # computed from the fitted estimates, not the start's
+        assert np.isfinite(fitted[f"{q}_rmse_over_crb"]) and fitted[f"{q}_rmse_over_crb"] > 0
+        assert fitted[f"{q}_rmse_ms" if q != "b1" else "b1_rmse_pct"] != matched[
+            f"{q}_rmse_ms" if q != "b1" else "b1_rmse_pct"]
+    with pytest.raises(ValueError, match="fit_iterations"):
+        EvalSettings(fit_iterations=0)
+
+
+def test_a_fitted_method_starts_from_the_same_calls_estimates():
+    """NAME and then NAME + fit on the same signals estimate once; new signals, again."""
+    from mrflight.evaluation.methods import _Remembered
+
+    calls = []
+    est = _Remembered(lambda s: calls.append(len(s)) or np.asarray(s) * 2)
+    x, y = torch.ones(3), torch.ones(3)
+    assert est(x) is est(x) and calls == [3]
+    est(y)
+    assert calls == [3, 3]
+
+
 def _rows_of(rows):
     return {(r["method"], r["test_set"], r["noise_std"]): r for r in rows}
 

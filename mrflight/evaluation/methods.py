@@ -4,6 +4,7 @@ exhaustive and SVD dictionary matching; their errors against the truth."""
 from __future__ import annotations
 
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from mrflight.evaluation.settings import EvalSettings
 from mrflight.evaluation.testdata import Group
 
 __all__ = ["Predictor", "predictors", "estimators", "noisy", "errors", "method_key",
-           "b1_dictionary", "B1_MATCHING"]
+           "b1_dictionary", "B1_MATCHING", "FIT_SUFFIX"]
 
 #: the name of (T1, T2, B1) dictionary matching in the bound reports
 B1_MATCHING = "matching (T1, T2, B1)"
@@ -122,7 +123,9 @@ def _b1_matcher(group: Group, settings: EvalSettings, cache_dir=None):
 
 def estimators(group: Group, settings: EvalSettings, cache_dir=None) -> tuple[dict, dict]:
     """Networks of a group as estimators ``(N, T) -> (N, P)``, and their training noise; with
-    ``settings.matching_b1`` also (T1, T2, B1) dictionary matching (noise: 0.01)."""
+    ``settings.matching_b1`` also (T1, T2, B1) dictionary matching (noise: 0.01); with
+    ``settings.fit`` also each of them followed by the maximum-likelihood fit
+    (``NAME + fit``)."""
     est, noise = {}, {}
     for r in group.runs:
         name = method_key(r.method, r.label)
@@ -137,4 +140,40 @@ def estimators(group: Group, settings: EvalSettings, cache_dir=None) -> tuple[di
     if settings.matching_b1 and est:
         est[B1_MATCHING] = _b1_matcher(group, settings, cache_dir)
         noise[B1_MATCHING] = (0.01, 0.01)
+    if settings.fit:
+        for name in list(est):
+            est[name] = _Remembered(est[name])  # the fit starts from the same call's estimates
+            est[name + FIT_SUFFIX] = _fitted(est[name], group.seq, settings.fit_iterations)
+            noise[name + FIT_SUFFIX] = noise[name]
     return est, noise
+
+
+class _Remembered:
+    """An estimator that remembers its last answer: called again with the same signals (the
+    reports call ``NAME`` and then ``NAME + fit`` on one tensor) it does not estimate twice."""
+
+    def __init__(self, estimator):
+        self.estimator, self._last, self._out = estimator, None, None
+
+    def __call__(self, s):
+        if self._last is None or self._last() is not s:
+            self._out = self.estimator(s)
+            self._last = weakref.ref(s)
+        return self._out
+
+
+#: appended to a method's name for its estimates refined by the maximum-likelihood fit
+FIT_SUFFIX = " + fit"
+
+
+def _fitted(estimator, seq, iterations: int):
+    """``estimator`` followed by the maximum-likelihood fit (:func:`mrflight.physics.fit.fit`)
+    started at its estimates; B1 is fitted where the estimator gives it, else held at 1."""
+    from mrflight.physics.fit import fit
+
+    def fn(s):
+        start = np.asarray(estimator(s), dtype=np.float64)
+        return fit(seq, s, start, estimate_b1=start.shape[1] > 2,
+                   max_iter=iterations).numpy()
+
+    return fn

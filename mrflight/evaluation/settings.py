@@ -62,6 +62,10 @@ class EvalSettings:
             (:func:`mrflight.evaluation.methods.b1_dictionary`: T1 100 log-spaced values in
             80-5000 ms, T2 80 in 8-600 ms, B1 0.70-1.30 in steps of 0.05; complex matching in a
             rank-``svd_rank`` SVD basis, or exhaustive when ``svd_rank`` is null).
+        fit: in these three reports, also every network (and the (T1, T2, B1) matching)
+            followed by the maximum-likelihood fit of T1, T2 (and B1) started at its estimates
+            (:func:`mrflight.physics.fit.fit`), as the method ``NAME + fit``.
+        fit_iterations: Levenberg-Marquardt iterations of that fit.
     """
 
     n_test: int = 1000
@@ -92,6 +96,8 @@ class EvalSettings:
     tissue_voxels: int = 2000
     tissue_noise_std: float | None = 0.01
     matching_b1: bool = True
+    fit: bool = False
+    fit_iterations: int = 15
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -138,6 +144,9 @@ class EvalSettings:
         if not (self.efficiency_noise_std > 0 and math.isfinite(self.efficiency_noise_std)):
             raise ValueError(f"evaluation.efficiency_noise_std must be > 0, got "
                              f"{self.efficiency_noise_std}")
+        if not _is_int(self.fit_iterations, 1):
+            raise ValueError(f"evaluation.fit_iterations must be an integer >= 1, got "
+                             f"{self.fit_iterations!r}")
         if int(self.offgrid_b1_signals) < 2:
             raise ValueError(f"evaluation.offgrid_b1_signals must be >= 2, got "
                              f"{self.offgrid_b1_signals}")

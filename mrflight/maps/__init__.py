@@ -35,7 +35,10 @@ The pipeline, for a series of shape ``space + (T,)`` in any axis order (2-D or 3
    of the best atom) or a :class:`NetworkReconstructor` (a trained regressor's
    ``predict_parameters``; M0 is the least-squares scale between the measured fingerprint and
    the fingerprint simulated with :func:`mrflight.physics.simulate` at the predicted T1 and T2,
-   ``M0 = |<d, s>| / <d, d>``).
+   ``M0 = |<d, s>| / <d, d>``). With ``maps.fit_iterations=K`` (complex series) either is
+   followed by a :class:`FittedReconstructor`: the maximum-likelihood fit of T1, T2 (and B1, or
+   at the measured B1 of ``b1map=FILE``) started at its estimates, ``K`` Levenberg-Marquardt
+   iterations per voxel (:func:`mrflight.physics.fit.fit`), M0 at the fitted parameters.
 5. **Write** (:func:`write_maps`) into the output folder, for an input ``<stem>.<ext>``:
    ``<stem>_T1map.nii.gz`` and ``<stem>_T2map.nii.gz`` in **seconds** (the BIDS unit),
    ``<stem>_M0map.nii.gz`` (input intensity per unit of simulated fingerprint, i.e. arbitrary
@@ -74,6 +77,7 @@ from mrflight.maps.masks import auto_mask, detect_time_axis, load_mask, otsu_thr
 from mrflight.maps.options import MASK_METHODS, MapOptions, MapResult
 from mrflight.maps.reconstruct import reconstruct_series
 from mrflight.maps.reconstructors import (
+    FittedReconstructor,
     MatchingReconstructor,
     NetworkReconstructor,
     least_squares_m0,
@@ -85,6 +89,7 @@ __all__ = [
     "MASK_METHODS",
     "MapOptions",
     "MapResult",
+    "FittedReconstructor",
     "MatchingReconstructor",
     "NetworkReconstructor",
     "detect_time_axis",

@@ -36,6 +36,10 @@ class MapOptions:
         previews: write PNG previews.
         progress: show a per-slice progress bar.
         device: where the matcher or network runs (``"cpu"``, ``"cuda"``; ``None``: CPU).
+        fit_iterations: refine every voxel's estimate by the maximum-likelihood fit of T1, T2
+            (and B1) started there, with this many Levenberg-Marquardt iterations
+            (:class:`~mrflight.maps.reconstructors.FittedReconstructor`; complex series only);
+            0: no fit.
     """
 
     time_axis: int | None = None
@@ -50,8 +54,14 @@ class MapOptions:
     previews: bool = True
     progress: bool = True
     device: str | None = None
+    fit_iterations: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.fit_iterations, bool) or not float(self.fit_iterations).is_integer() \
+                or int(self.fit_iterations) < 0:
+            raise ValueError(f"maps.fit_iterations must be an integer >= 0 (0: no fit), got "
+                             f"{self.fit_iterations!r}")
+        self.fit_iterations = int(self.fit_iterations)
         if self.mask_method not in MASK_METHODS:
             raise ValueError(f"mask_method must be one of {MASK_METHODS}, got "
                              f"{self.mask_method!r}")

@@ -1,8 +1,9 @@
 """Voxel reconstructors: ``(N, T)`` fingerprints -> T1, T2 (ms)[, B1] and M0.
 
 :class:`MatchingReconstructor` (dictionary matching; M0 is the matcher's least-squares scale of
-the best atom) and :class:`NetworkReconstructor` (a trained regressor's ``predict_parameters``;
-M0 is :func:`least_squares_m0` against the fingerprint simulated at the prediction). The network
+the best atom), :class:`NetworkReconstructor` (a trained regressor's ``predict_parameters``;
+M0 is :func:`least_squares_m0` against the fingerprint simulated at the prediction) and
+:class:`FittedReconstructor` (either, refined by the maximum-likelihood fit). The network
 reconstructor also estimates every voxel's noise relative to its fingerprint
 (:func:`relative_noise`) and compares it with the noise range the network was trained on: a
 network is biased outside it (see :meth:`NetworkReconstructor.noise_warning`).
@@ -16,7 +17,8 @@ import torch
 from mrflight.checkpoints import checkpoint_sequence
 from mrflight.physics import Sequence, simulate
 
-__all__ = ["MatchingReconstructor", "NetworkReconstructor", "least_squares_m0", "relative_noise"]
+__all__ = ["MatchingReconstructor", "NetworkReconstructor", "FittedReconstructor",
+           "least_squares_m0", "relative_noise"]
 
 
 def _to_torch(signals: np.ndarray, device) -> torch.Tensor:
@@ -193,7 +195,55 @@ class MatchingReconstructor:
                 "M0Method": "least-squares scale of the best-matching atom: <d, s> / <d, d>"}
 
 
-class NetworkReconstructor:
+class _NoiseRecord:
+    """The relative noise of the voxels reconstructed so far (``self._noise``, a list of arrays)
+    against ``self.training_noise`` (``None``: no training range)."""
+
+    training_noise: tuple[float, float] | None = None
+
+    def reset_noise(self) -> None:
+        """Forget the relative noise of the voxels reconstructed so far (a new series)."""
+        self._noise = []
+
+    def noise_summary(self) -> dict | None:
+        """Quantiles of the voxels' relative noise (:func:`relative_noise`) since the last
+        :meth:`reset_noise`, and the fractions outside the training range; ``None`` without
+        M0 (no fit, no residual), complex data (:func:`relative_noise`) or voxels."""
+        v = np.concatenate(self._noise) if self._noise else np.zeros(0, np.float32)
+        v = v[np.isfinite(v)]
+        if not len(v):
+            return None
+        q = np.quantile(v, [0.05, 0.5, 0.95])
+        lo, hi = self.training_noise or (None, None)
+        out = {"Definition": "noise std (of the real and of the imaginary part) / norm of the "
+                             "fitted fingerprint, from the fit residual: the unit of the "
+                             "training data.noise_std",
+               "Voxels": int(len(v)), "Percentile5": round(float(q[0]), 5),
+               "Median": round(float(q[1]), 5), "Percentile95": round(float(q[2]), 5)}
+        if hi is not None:
+            out.update({"TrainingRange": [lo, hi],
+                        "FractionBelowTrainingRange": round(float((v < lo).mean()), 4),
+                        "FractionAboveTrainingRange": round(float((v > hi).mean()), 4),
+                        "FractionAbove1.1xTrainingRange": round(float((v > 1.1 * hi).mean()), 4)})
+        return out
+
+    def _m0_and_noise(self, measured: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """M0 of every voxel with finite ``params`` (T1, T2[, B1]) from the least-squares fit
+        of the fingerprint simulated there, recording the relative noise of complex data."""
+        ok = torch.isfinite(params).all(1)
+        m0 = torch.full((len(params),), float("nan"))
+        if bool(ok.any()):
+            b1 = params[ok, 2] if params.shape[1] > 2 else None
+            sim = simulate(self.sequence, params[ok, 0], params[ok, 1], b1)
+            measured = measured[ok.to(measured.device)].cpu()
+            num, den = _fit_terms(measured, sim)
+            m0[ok] = _m0(num, den)
+            if measured.is_complex():  # the same fit gives the noise (relative_noise)
+                self._noise.append(_noise_from_terms(measured, num, den).numpy())
+        return m0
+
+
+class NetworkReconstructor(_NoiseRecord):
     """A trained regressor (``predict_parameters``) plus the least-squares M0.
 
     Args:
@@ -227,32 +277,6 @@ class NetworkReconstructor:
         self.training_noise = None if not noise else (float(min(noise)), float(max(noise)))
         self._noise: list[np.ndarray] = []
 
-    def reset_noise(self) -> None:
-        """Forget the relative noise of the voxels reconstructed so far (a new series)."""
-        self._noise = []
-
-    def noise_summary(self) -> dict | None:
-        """Quantiles of the voxels' relative noise (:func:`relative_noise`) since the last
-        :meth:`reset_noise`, and the fractions outside the training range; ``None`` without
-        M0 (no fit, no residual), complex data (:func:`relative_noise`) or voxels."""
-        v = np.concatenate(self._noise) if self._noise else np.zeros(0, np.float32)
-        v = v[np.isfinite(v)]
-        if not len(v):
-            return None
-        q = np.quantile(v, [0.05, 0.5, 0.95])
-        lo, hi = self.training_noise or (None, None)
-        out = {"Definition": "noise std (of the real and of the imaginary part) / norm of the "
-                             "fitted fingerprint, from the fit residual: the unit of the "
-                             "training data.noise_std",
-               "Voxels": int(len(v)), "Percentile5": round(float(q[0]), 5),
-               "Median": round(float(q[1]), 5), "Percentile95": round(float(q[2]), 5)}
-        if hi is not None:
-            out.update({"TrainingRange": [lo, hi],
-                        "FractionBelowTrainingRange": round(float((v < lo).mean()), 4),
-                        "FractionAboveTrainingRange": round(float((v > hi).mean()), 4),
-                        "FractionAbove1.1xTrainingRange": round(float((v > 1.1 * hi).mean()), 4)})
-        return out
-
     def noise_warning(self, threshold: float = 0.05) -> str | None:
         """A message when more than ``threshold`` of the voxels are noisier than 1.1x the top
         of the training noise range (the margin covers the estimate's spread at the edge),
@@ -269,7 +293,8 @@ class NetworkReconstructor:
                 f"network's training range (noise relative to the fingerprint norm: median "
                 f"{s['Median']:.3g}, 95th percentile {s['Percentile95']:.3g}; trained on "
                 f"{lo:g} to {hi:g}): their T1/T2 are biased. Train with a noise range that "
-                f"covers them (data.noise_std=[{lo:g},{s['Percentile95']:.2g}]) or use "
+                f"covers them (data.noise_std=[{lo:g},{s['Percentile95']:.2g}]), refine the "
+                "estimates by the maximum-likelihood fit (maps.fit_iterations=15), or use "
                 "dictionary matching")
 
     def _device(self):
@@ -292,17 +317,7 @@ class NetworkReconstructor:
         params = pred.numpy()
         if not self.compute_m0:
             return params, np.full(len(params), np.nan, np.float32)
-        ok = torch.isfinite(pred).all(1)
-        m0 = torch.full((len(pred),), float("nan"))
-        if bool(ok.any()):
-            b1 = pred[ok, 2] if pred.shape[1] > 2 else None
-            sim = simulate(self.sequence, pred[ok, 0], pred[ok, 1], b1)
-            measured = s[ok.to(s.device)].cpu()
-            num, den = _fit_terms(measured, sim)
-            m0[ok] = _m0(num, den)
-            if measured.is_complex():  # the same fit gives the noise (relative_noise)
-                self._noise.append(_noise_from_terms(measured, num, den).numpy())
-        return params, m0.numpy()
+        return params, self._m0_and_noise(s, pred).numpy()
 
     def describe(self) -> dict:
         return {"EstimationMethod": self.method,
@@ -312,6 +327,78 @@ class NetworkReconstructor:
                              "fingerprint s and the EPG fingerprint d simulated at the predicted "
                              "T1, T2" if self.compute_m0 else "not computed"),
                 "RelativeNoise": self.noise_summary()}
+
+
+class FittedReconstructor(_NoiseRecord):
+    """Another reconstructor's estimates refined voxel by voxel by the maximum-likelihood fit
+    (:func:`mrflight.physics.fit.fit`): T1, T2 and B1 where the first estimate has B1, T1 and
+    T2 at the measured B1 where a B1 map is given (``b1=`` of :meth:`__call__`), else at B1 = 1.
+    Complex series only (a magnitude's Rician noise would bias a least-squares fit).
+
+    Args:
+        base: a :class:`NetworkReconstructor` or :class:`MatchingReconstructor` (its sequence
+            is the one fitted).
+        iterations: Levenberg-Marquardt iterations per voxel (one value-and-Jacobian
+            simulation each).
+    """
+
+    def __init__(self, base, iterations: int) -> None:
+        if getattr(base, "sequence", None) is None:
+            raise ValueError("the fit simulates fingerprints, so it needs the sequence: the "
+                             "dictionary carries none; pass sequence=... or a dictionary saved "
+                             "with its sequence")
+        if isinstance(iterations, bool) or int(iterations) < 1:
+            raise ValueError(f"maps.fit_iterations must be an integer >= 1 (0 leaves the fit "
+                             f"out), got {iterations!r}")
+        self.base, self.iterations = base, int(iterations)
+        self.sequence, self.length = base.sequence, base.length
+        self.method = f"{base.method} refined by a maximum-likelihood fit"
+        self._b1 = "fitted"
+        self._noise = []
+
+    def _dictionary_has_b1(self) -> bool:
+        """Whether the base matches against a (T1, T2, B1) dictionary (then a measured B1
+        restricts its matching as well)."""
+        params = getattr(getattr(self.base, "matcher", None), "params", None)
+        return params is not None and params.shape[1] > 2
+
+    def __call__(self, signals: np.ndarray, b1: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, T)`` complex fingerprints -> (``(N, P)`` T1, T2 in ms[, B1], ``(N,)`` M0),
+        float32 numpy, as :meth:`MatchingReconstructor.__call__`."""
+        from mrflight.physics.fit import fit
+
+        if not np.iscomplexobj(signals):
+            raise ValueError("maps.fit_iterations needs a complex series: a magnitude's Rician "
+                             "noise would bias a least-squares fit. Pass the complex series, or "
+                             "set maps.fit_iterations=0")
+        with_dict_b1 = b1 is not None and self._dictionary_has_b1()
+        start, _ = self.base(signals, b1=b1) if with_dict_b1 else self.base(signals)
+        y = _to_torch(signals, "cpu")
+        if b1 is not None:
+            b1 = torch.as_tensor(np.asarray(b1, dtype=np.float64))
+            est = fit(self.sequence, y, start[:, :2], estimate_b1=False, b1=b1,
+                      max_iter=self.iterations)
+            est = torch.cat([est, b1[:, None]], 1)
+            self._b1 = "measured (b1map): held at the measured B1"
+        else:
+            est = fit(self.sequence, y, start, estimate_b1=start.shape[1] > 2,
+                      max_iter=self.iterations)
+            self._b1 = "fitted with T1 and T2" if start.shape[1] > 2 else "not modelled (1)"
+        return est.float().numpy(), self._m0_and_noise(y, est).numpy()
+
+    def describe(self) -> dict:
+        meta = dict(self.base.describe())
+        meta.update({
+            "EstimationMethod": self.method,
+            "Fit": {"Method": "maximum likelihood of the complex fingerprint: variable-"
+                              "projection Levenberg-Marquardt over log T1, log T2 (and B1) "
+                              "started at the first estimate, the complex scale eliminated",
+                    "Iterations": self.iterations, "B1": self._b1},
+            "M0Method": "least-squares scale |<d, s>| / <d, d> of the fingerprint d simulated "
+                        "at the fitted parameters",
+            "RelativeNoise": self.noise_summary()})
+        return meta
 
 
 def _network(module):
