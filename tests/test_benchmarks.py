@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,6 +179,23 @@ def test_bayes_floor_posterior_mean_is_near_the_bound_on_a_coarse_grid(monkeypat
         t1_ratio, t2_ratio = float(row.split("|")[3]), float(row.split("|")[5])
         # a coarse grid and 200 pulses: not efficient, but a posterior mean, not noise
         assert 0.3 < t1_ratio < 3 and 0.3 < t2_ratio < 3
+
+
+def test_fit_speed_smoke_counts_the_simulations(monkeypatch):
+    import fit_speed
+
+    import mrflight.physics.fit as fitmod
+
+    jac = fitmod.simulate_jacobian
+    monkeypatch.setattr(fit_speed, "publish", lambda name, text: text)
+    text = fit_speed.main(["--smoke"])
+    assert fitmod.simulate_jacobian is jac  # the counter is taken out again
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| 0.0025")]
+    assert [r[2].strip() for r in rows] == ["start", "fit, max_iter 2", "fit, max_iter 5"]
+    sims = [float(r[3]) for r in rows[1:]]
+    # one simulation at the start and at most one per iteration
+    assert 1 < sims[0] <= 3 and sims[0] <= sims[1] <= 6
+    assert all(np.isfinite(float(r[c])) for r in rows for c in (4, 5, 6, 7))
 
 
 def test_bayes_floor_log_estimator_is_the_geometric_posterior_mean():

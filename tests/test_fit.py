@@ -30,7 +30,7 @@ def _signals(atoms, sigma, n, seed, pd=1.0):
 def test_noise_free_fit_recovers_the_truth_from_a_distant_start():
     y, truth, phase = _signals(ATOMS, 0.0, 1, 0, pd=0.7)
     start = truth * torch.tensor([1.3, 0.75, 1.1], dtype=F64)
-    est, scale = fit(SEQ, y, start, tol=1e-10, max_iter=60, return_scale=True)
+    est, scale = fit(SEQ, y, start, tol=1e-10, xtol=1e-10, max_iter=60, return_scale=True)
     assert torch.allclose(est, truth, rtol=1e-6), (est, truth)
     # the scale of the unit-norm fingerprint: the proton density and the global phase
     assert torch.allclose(scale.abs(), torch.full((3,), 0.7, dtype=F64), rtol=1e-6)
@@ -41,11 +41,12 @@ def test_noise_free_fit_recovers_the_truth_from_a_distant_start():
 def test_fixed_b1_is_used_and_not_fitted():
     y, truth, _ = _signals(ATOMS, 0.0, 1, 1)
     start = truth[:, :2] * 1.2
-    est = fit(SEQ, y, start, estimate_b1=False, b1=truth[:, 2], tol=1e-10, max_iter=60)
+    est = fit(SEQ, y, start, estimate_b1=False, b1=truth[:, 2], tol=1e-10, xtol=1e-10,
+              max_iter=60)
     assert est.shape == (3, 2)
     assert torch.allclose(est, truth[:, :2], rtol=1e-6)
     # a wrong fixed B1 moves T1 and T2 away from the truth: B1 is really held
-    wrong = fit(SEQ, y, start, estimate_b1=False, b1=1.0, tol=1e-10, max_iter=60)
+    wrong = fit(SEQ, y, start, estimate_b1=False, b1=1.0, tol=1e-10, xtol=1e-10, max_iter=60)
     assert (wrong[:2] - truth[:2, :2]).abs().max() > 1.0
 
 
@@ -57,7 +58,7 @@ def test_agrees_with_an_independent_finite_difference_gauss_newton():
     y, truth, _ = _signals(ATOMS, 0.004, 4, 2)
     ref = _gauss_newton(SEQ, y, truth[:, 0], truth[:, 1], truth[:, 2], iters=10,
                         estimate_b1=True, complex_scale=True)
-    est = fit(SEQ, y, truth, tol=1e-10, max_iter=60)
+    est = fit(SEQ, y, truth, tol=1e-10, xtol=1e-10, max_iter=60)
     assert torch.allclose(est, ref, rtol=2e-5), (est - ref) / ref
 
 
@@ -102,7 +103,7 @@ def test_non_finite_starts_give_nan_rows_and_the_rest_is_fitted():
     y, truth, _ = _signals(ATOMS, 0.0, 1, 5)
     start = truth.clone()
     start[1, 0] = float("nan")
-    est = fit(SEQ, y, start, tol=1e-10)
+    est = fit(SEQ, y, start, tol=1e-10, xtol=1e-10)
     assert torch.isnan(est[1]).all()
     assert torch.allclose(est[[0, 2]], truth[[0, 2]], rtol=1e-6)
 

@@ -92,7 +92,7 @@ def _clamp(u, lo, hi):
 
 def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
         max_iter: int = 20, bounds: dict | None = None, chunk_size: int = 1024,
-        tol: float = 1e-4, return_scale: bool = False):
+        tol: float = 1e-4, xtol: float = 1e-4, return_scale: bool = False):
     """Maximum-likelihood T1, T2 (and B1) of complex fingerprints, started from ``init``.
 
     Args:
@@ -106,8 +106,9 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
         estimate_b1: fit B1 as well (from ``init``'s third column, else from ``b1`` or 1);
             ``False`` keeps B1 fixed at ``b1`` (default 1), e.g. a measured B1 map.
         b1: B1 (ratio to nominal), a scalar or ``(N,)``.
-        max_iter: Levenberg-Marquardt iterations (one value-and-Jacobian simulation each); a
-            signal stops earlier once its step falls below 1e-6 (relative).
+        max_iter: Levenberg-Marquardt iterations (one value-and-Jacobian simulation each).
+        xtol: a signal stops once a kept step changes no parameter by more than this (relative
+            for T1 and T2, absolute for B1): 1e-4 is far below any bound at MRF's SNR.
         bounds: ``{"t1": (lo, hi), "t2": (lo, hi), "b1": (lo, hi)}`` replacing entries of
             :data:`DEFAULT_FIT_BOUNDS`; the estimate stays inside them and at T2 <= T1.
         chunk_size: signals fitted at once (memory: about 100 kB per signal for 1750 pulses).
@@ -167,7 +168,7 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
         u = _clamp(u, lo, hi).to(dev)
         fixed = None if estimate_b1 else b1_in[rows].to(dev)
         u, c = _levenberg_marquardt(seq, y, u, fixed, wrt, tol, truncation, lo.to(dev),
-                                    hi.to(dev), int(max_iter))
+                                    hi.to(dev), int(max_iter), float(xtol))
         est = u.cpu().clone()
         est[:, :2] = est[:, :2].exp()
         out[rows] = est
@@ -175,7 +176,7 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
     return (out, scale_out) if return_scale else out
 
 
-def _levenberg_marquardt(seq, y, u, b1_fixed, wrt, tol, truncation, lo, hi, max_iter):
+def _levenberg_marquardt(seq, y, u, b1_fixed, wrt, tol, truncation, lo, hi, max_iter, xtol):
     """Per-signal Levenberg-Marquardt: a step is kept only where it lowers the cost."""
     cost, g, a, c = _projected(seq, y, u, b1_fixed, wrt, tol, truncation)
     lam = torch.full_like(cost, 1e-3)
@@ -199,6 +200,6 @@ def _levenberg_marquardt(seq, y, u, b1_fixed, wrt, tol, truncation, lo, hi, max_
         lam[keep] = (lam[keep] / 3).clamp_min(1e-9)
         worse = act[~better]
         lam[worse] = lam[worse] * 4
-        active[keep[moved < 1e-6]] = False
+        active[keep[moved < xtol]] = False
         active[worse[lam[worse] > 1e6]] = False
     return u, c
