@@ -652,8 +652,9 @@ def test_fit_refines_maps_at_the_measured_b1(tmp_path, seq, phantoms, dictionary
     cfg.input, cfg.maps.fit_iterations = str(tmp_path / "mag.npy"), 20
     with pytest.raises(ValueError, match="real-valued .* Rician"):
         eval_entry.maps_from_config(cfg)
-    with pytest.raises(ValueError, match="fit_iterations"):
-        maps.MapOptions(fit_iterations=-1)
+    for bad in (-1, 2.5, "many", True):
+        with pytest.raises(ValueError, match="fit_iterations must be an integer"):
+            maps.MapOptions(fit_iterations=bad)
 
 
 def test_fitted_network_reconstructor_recovers_parameters_and_m0(seq):

@@ -57,8 +57,12 @@ class MapOptions:
     fit_iterations: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.fit_iterations, bool) or not float(self.fit_iterations).is_integer() \
-                or int(self.fit_iterations) < 0:
+        try:
+            whole = (not isinstance(self.fit_iterations, bool)
+                     and float(self.fit_iterations).is_integer() and self.fit_iterations >= 0)
+        except (TypeError, ValueError, OverflowError):
+            whole = False
+        if not whole:
             raise ValueError(f"maps.fit_iterations must be an integer >= 0 (0: no fit), got "
                              f"{self.fit_iterations!r}")
         self.fit_iterations = int(self.fit_iterations)
