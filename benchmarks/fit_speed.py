@@ -9,6 +9,7 @@ thread), the value-and-Jacobian simulations per signal, and the RMSE of T1, T2 a
 row is the start itself.
 
     python benchmarks/fit_speed.py --ckpt RUN_OR_CKPT   # ~3 min on one core
+    python benchmarks/fit_speed.py --ckpt RUN_OR_CKPT --xtol 1e-6   # a stricter stop
     python benchmarks/fit_speed.py --smoke              # seconds: 200 pulses, 40 signals
 """
 
@@ -56,6 +57,8 @@ def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", default=None, help="a checkpoint or run dir to start from")
     ap.add_argument("--smoke", action="store_true", help="200 pulses, 40 signals")
+    ap.add_argument("--xtol", type=float, default=1e-4,
+                    help="the fit's stopping step (relative; default the fit's own, 1e-4)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     seq = oksuz2019(n_pulses=200, lobe_length=40) if args.smoke else oksuz2019()
@@ -76,7 +79,8 @@ def main(argv=None) -> str:
             for it in iters:
                 counted.atoms = 0
                 t = time.perf_counter()
-                est = fitmod.fit(seq, y, start, estimate_b1=start.shape[1] > 2, max_iter=it)
+                est = fitmod.fit(seq, y, start, estimate_b1=start.shape[1] > 2, max_iter=it,
+                                 xtol=args.xtol)
                 runs.append((f"fit, max_iter {it}", counted.atoms / n, time.perf_counter() - t,
                              est.numpy()))
             for label, sims, dt, est in runs:
@@ -89,7 +93,7 @@ def main(argv=None) -> str:
         fitmod.simulate_jacobian = counted.fn
     text = (f"# The maximum-likelihood fit: cost and accuracy against its iterations\n\n"
             f"{machine_line()}; {n} signals of eval.py's continuous B1/proton-density set, "
-            f"started from {name}\n\n"
+            f"started from {name}, stopping step (xtol) {args.xtol:g}\n\n"
             + markdown_table(["noise", "estimate", "simulations per signal", "ms per signal",
                               "T1 RMSE ms", "T2 RMSE ms", "B1 RMSE %"], rows))
     return publish("fit_speed_smoke.md" if args.smoke else "fit_speed.md", text)

@@ -74,14 +74,12 @@ def _projected(seq, y, u, b1_fixed, wrt, tol, bounds):
     c = (x.conj() * y).sum(1) / xx
     r = y - c[:, None] * x
     cost = (r.conj() * r).real.sum(1)
-    c = c * xx.sqrt()  # the scale of the unit-norm fingerprint
     # Kaufman: the residual's Jacobian is -c P_perp J, P_perp projecting out x
     xj = (x.conj()[:, :, None] * jac).sum(1) / xx[:, None]
     jperp = jac - x[:, :, None] * xj[:, None, :]
-    cn = c / xx.sqrt()
-    a = (cn.abs() ** 2)[:, None, None] * (jperp.conj().transpose(1, 2) @ jperp).real
-    g = (cn.conj()[:, None] * (jac.conj().transpose(1, 2) @ r[:, :, None])[:, :, 0]).real
-    return cost, g, a, c
+    a = (c.abs() ** 2)[:, None, None] * (jperp.conj().transpose(1, 2) @ jperp).real
+    g = (c.conj()[:, None] * (jac.conj().transpose(1, 2) @ r[:, :, None])[:, :, 0]).real
+    return cost, g, a, c * xx.sqrt()  # the scale of the unit-norm fingerprint
 
 
 def _clamp(u, lo, hi):
