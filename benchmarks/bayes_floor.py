@@ -155,7 +155,7 @@ class TruthStart:
 
 def maximum_likelihood(seq, y: torch.Tensor, matcher) -> np.ndarray:
     """(T1, T2, B1) matching, then the fit from the matched atom."""
-    return fit(seq, y, matcher.match(y).double(), max_iter=30).numpy()
+    return fit(seq, y, matcher(y), max_iter=30).numpy()
 
 
 def worst_tissues(seq, estimators: dict, voxels: int) -> list[list[str]]:
@@ -202,14 +202,10 @@ def main(argv=None) -> str:
         est["posterior median"] = functools.partial(pm, rows=200, stat="median")
     pts = eff.efficiency_grid(b1=(0.8, 1.0, 1.2))
     if args.mle:
-        from mrflight.evaluation.methods import b1_dictionary
-        from mrflight.matching import DictionaryMatcher
+        from mrflight.evaluation.methods import b1_matching
 
-        params, atoms = b1_dictionary(seq)
-        matcher = DictionaryMatcher(atoms, torch.from_numpy(params), rank=25,
-                                    complex_matching=True)
         est["maximum likelihood (matching + fit)"] = functools.partial(
-            maximum_likelihood, seq, matcher=matcher)
+            maximum_likelihood, seq, matcher=b1_matching(seq))
         est["fit started at the truth (oracle)"] = TruthStart(seq, {
             n: eff.offgrid_params(n, 11)[0],
             len(pts) * args.efficiency: np.repeat(pts, args.efficiency, 0)})

@@ -45,12 +45,10 @@ def _start(seq, args):
 
         module = load_checkpoint(single_checkpoint(args.ckpt))
         return f"the network of {args.ckpt}", lambda y: module.predict_parameters(y).double()
-    from mrflight.evaluation.methods import b1_dictionary
-    from mrflight.matching import DictionaryMatcher
+    from mrflight.evaluation.methods import b1_matching
 
-    params, atoms = b1_dictionary(seq)
-    matcher = DictionaryMatcher(atoms, torch.from_numpy(params), rank=25, complex_matching=True)
-    return "(T1, T2, B1) matching", lambda y: matcher.match(y).double()
+    matcher = b1_matching(seq)
+    return "(T1, T2, B1) matching", lambda y: torch.from_numpy(matcher(y)).double()
 
 
 def main(argv=None) -> str:

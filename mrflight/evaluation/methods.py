@@ -13,7 +13,7 @@ from mrflight.evaluation.settings import EvalSettings
 from mrflight.evaluation.testdata import Group
 
 __all__ = ["Predictor", "predictors", "estimators", "noisy", "errors", "method_key",
-           "b1_dictionary", "B1_MATCHING", "FIT_SUFFIX"]
+           "b1_dictionary", "b1_matching", "B1_MATCHING", "FIT_SUFFIX"]
 
 #: the name of (T1, T2, B1) dictionary matching in the bound reports
 B1_MATCHING = "matching (T1, T2, B1)"
@@ -109,13 +109,15 @@ def b1_dictionary(seq, cache_dir=None) -> tuple[np.ndarray, torch.Tensor]:
     return params, torch.from_numpy(np.ascontiguousarray(d.atoms)).to(torch.complex64)
 
 
-def _b1_matcher(group: Group, settings: EvalSettings, cache_dir=None):
+def b1_matching(seq, rank: int | None = 25, device="cpu", cache_dir=None):
+    """Complex matching against :func:`b1_dictionary` as an estimator ``(N, T) -> (N, 3)``
+    numpy (T1 ms, T2 ms, B1), in a rank-``rank`` SVD basis (``None``: exhaustive)."""
     from mrflight.matching import DictionaryMatcher
 
-    dev = torch.device(settings.device)
-    params, atoms = b1_dictionary(group.seq, cache_dir)
-    rank = None if settings.svd_rank is None else int(settings.svd_rank)
-    m = DictionaryMatcher(atoms, torch.from_numpy(params), rank=rank, complex_matching=True,
+    dev = torch.device(device)
+    params, atoms = b1_dictionary(seq, cache_dir)
+    m = DictionaryMatcher(atoms, torch.from_numpy(params),
+                          rank=None if rank is None else int(rank), complex_matching=True,
                           device=dev)
     del atoms
     return lambda s: m.match(torch.as_tensor(s).to(dev)).cpu().numpy()
@@ -138,7 +140,7 @@ def estimators(group: Group, settings: EvalSettings, cache_dir=None) -> tuple[di
         lo, hi = (ns, ns) if not isinstance(ns, (list, tuple)) else ns
         noise[name] = (float(lo or 0.01), float(hi or 0.01))
     if settings.matching_b1 and est:
-        est[B1_MATCHING] = _b1_matcher(group, settings, cache_dir)
+        est[B1_MATCHING] = b1_matching(group.seq, settings.svd_rank, settings.device, cache_dir)
         noise[B1_MATCHING] = (0.01, 0.01)
     if settings.fit:
         for name in list(est):
