@@ -194,6 +194,34 @@ def test_recurrent_reads_the_projected_fingerprint(cls):
         GRURegressor(t).set_basis(basis)
 
 
+@pytest.mark.parametrize("cls", [GRURegressor, LSTMRegressor])
+def test_recurrent_head_reads_the_coordinates(cls):
+    """head_coordinates: the read-out gets the unit-norm fingerprint's coordinates in the basis
+    (the subspace model's features) beside the last state and the noise feature."""
+    torch.manual_seed(6)
+    t, r = 40, 6
+    net = cls(input_length=t, in_channels=2, n_outputs=3, hidden_size=5, values_per_step=8,
+              head_sizes=[4], rank=r, head_coordinates=True)
+    assert net.head[0].in_features == 5 + 1 + 2 * r
+    net.set_basis(torch.linalg.qr(torch.randn(t, r, dtype=torch.float64))[0].float())
+    x = torch.randn(3, 2, t)
+    x = x / torch.linalg.vector_norm(x.flatten(1), dim=1)[:, None, None]
+    v = net.basis
+    coef = x @ v
+    outside = torch.log((x - coef @ v.T).square().sum((1, 2)))
+    steps = ((coef @ v.T) * t ** 0.5).reshape(3, 2, 5, 8).permute(0, 2, 3, 1).reshape(3, 5, 16)
+    h = net.rnn(steps)[1]
+    h = h[0] if isinstance(h, tuple) else h
+    features = torch.cat([h[-1], outside[:, None], coef.flatten(1)], dim=1)
+    assert torch.allclose(net(x), net.fc(net.head(features)), atol=1e-5)
+    twin = build_net(net_config(net))
+    twin.load_state_dict(net.state_dict())
+    assert twin.head_coordinates and torch.equal(twin(x), net(x))
+    # the paper's unprojected net (rank 0) has no coordinates: the option does nothing there
+    plain = cls(input_length=t, hidden_size=5, head_coordinates=True)
+    assert not plain.head_coordinates and plain.fc.in_features == 5
+
+
 # --------------------------------------------------------------------------------------------
 # the fused inference GRU (mrflight.models.fused_gru), with the pure-torch gates on the CPU; the
 # Triton gate kernel is checked through the interpreter in tests/test_triton.py
@@ -264,6 +292,7 @@ def _use_fused(monkeypatch, gates=None):
     dict(in_channels=1, values_per_step=4, hidden_size=9, num_layers=2, bidirectional=True),
     # a subspace basis: the first layer's projections folded from the coordinates
     dict(in_channels=2, values_per_step=7, hidden_size=12, rank=5),
+    dict(in_channels=2, values_per_step=7, hidden_size=12, rank=5, head_coordinates=True),
     dict(in_channels=1, values_per_step=4, hidden_size=9, num_layers=2, bidirectional=True,
          rank=6),
 ])

@@ -59,7 +59,8 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
     def __init__(self, input_length: int, in_channels: int = 1, n_outputs: int = 2,
                  hidden_size: int = 100, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, values_per_step: int = 50,
-                 head_sizes: tuple[int, ...] | list[int] = (), rank: int = 0) -> None:
+                 head_sizes: tuple[int, ...] | list[int] = (), rank: int = 0,
+                 head_coordinates: bool = False) -> None:
         super().__init__(input_length, in_channels, n_outputs)
         if values_per_step < 1:
             raise ValueError(f"values_per_step must be >= 1, got {values_per_step}")
@@ -80,6 +81,7 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
             raise ValueError(f"rank must be 0 (no projection) or in [1, {self.input_length}], "
                              f"got {rank}")
         self._init_basis(rank)
+        self.head_coordinates = bool(head_coordinates) and self.rank > 0  # rank 0: none
         self.n_steps = math.ceil(self.input_length / self.values_per_step)
         self.pad = self.n_steps * self.values_per_step - self.input_length
         self.rnn = self.rnn_class(
@@ -88,14 +90,14 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
             dropout=self.dropout if self.num_layers > 1 else 0.0,
         )
         layers, width = hidden_layers(
-            self.hidden_size * (2 if self.bidirectional else 1) + (1 if self.rank else 0),
-            self.head_sizes)
+            self.hidden_size * (2 if self.bidirectional else 1) + (1 if self.rank else 0)
+            + (self.in_channels * self.rank if self.head_coordinates else 0), self.head_sizes)
         self.head = nn.Sequential(*layers)  # empty: no parameters, the paper's read-out
         self.fc = nn.Linear(width, self.n_outputs)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        noise = h = None
+        noise = h = coef = None
         if self.rank:
             coef, noise = self.project(x, self.input_scale)
             if fused_gru_available(self.rnn, x):  # first projections from the coordinates
@@ -111,6 +113,8 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
         h = h.permute(1, 0, 2).reshape(b, -1)
         if noise is not None:
             h = torch.cat([h, noise[:, None].to(h.dtype)], dim=1)
+        if self.head_coordinates:
+            h = torch.cat([h, (coef.flatten(1) / self.input_scale).to(h.dtype)], dim=1)
         return self.fc(self.head(h))
 
     def _recurrence(self, x: torch.Tensor):
