@@ -74,8 +74,9 @@ def test_flops_per_signal_counts_what_the_nets_compute():
     gru = inference_speed.default_net("gru", rank=0, head_sizes=[], values_per_step=50)
     assert inference_speed.flops_per_signal(gru) == 35 * 2 * 3 * 100 * 150 + 2 * 100 * 2
     # the default: 18 steps of 100 values, + the projection on the rank-48 basis and back, + the
-    # read-out layers (the last state and the noise level: 101 inputs)
-    head = 2 * (101 * 256 + 256 * 256 + 256 * 2)
+    # read-out layers (the last state, the noise level and the 48 coordinates of this one-channel
+    # net: 149 inputs)
+    head = 2 * ((101 + 48) * 256 + 256 * 256 + 256 * 2)
     gru = inference_speed.default_net("gru")
     assert inference_speed.flops_per_signal(gru) == (
         18 * 2 * 3 * 100 * 200 + 2 * 2 * 1750 * 48 + head)
