@@ -154,6 +154,11 @@ class MRFRegressor(L.LightningModule):
             "loss": loss, "bias_weight": float(bias_weight),
         }, logger=False)  # loggers get a flat config from the pipeline, not the pulse arrays
         self.net = net_module
+        if noise_std is not None and getattr(net_module, "rank", 0):
+            # inputs noisier than the training noise are read as at its top (a checkpoint
+            # written before this ceiling existed gets it from here when loaded)
+            net_module.set_noise_ceiling(max(noise_std) if isinstance(noise_std, (list, tuple))
+                                         else noise_std)
         self.targets = tuple(targets)
         self.register_buffer("target_scale", torch.tensor(target_scale_ms), persistent=False)
         self.log_output = loss == "log"

@@ -1,5 +1,6 @@
 """The regressors: one contract, correct step reshaping, config round trips."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -152,6 +153,79 @@ def test_subspace_basis_captures_fresh_fingerprints(mode, channels):
         net.set_basis(2 * net.basis)
     with pytest.raises(ValueError, match="rank must be"):
         SubspaceRegressor(50, 2, 3, rank=60)
+
+
+def test_noise_ceiling_reads_noisier_inputs_as_at_the_top_training_noise():
+    """Complex inputs noisier than the training noise: the noise feature stops at what noise a
+    quarter above the top leaves outside the basis (the formula checked against simulated
+    noise), the coordinates are scaled to the energy a unit-norm input then keeps, their
+    direction unchanged; inputs at the training noise are left exactly as they were."""
+    import math
+
+    from mrflight.efficiency import _measure
+    from mrflight.physics import oksuz2019, simulate
+    from mrflight.transforms import preprocess
+
+    seq = oksuz2019(n_pulses=200, lobe_length=40)
+    net = SubspaceRegressor(200, 2, 3, rank=24, hidden_sizes=[16])
+    net.fit_basis(seq, noise_min=0.005, t1_range=(100.0, 3000.0), t2_range=(10.0, 300.0),
+                  b1_range=(0.8, 1.2))
+    assert float(net.log_outside_ceiling) == math.inf  # no ceiling unless asked for
+    g = torch.Generator().manual_seed(5)
+    t1 = 100 + 2900 * torch.rand(400, generator=g, dtype=torch.float64)
+    t2 = 10 + (t1.clamp(max=300) - 10) * torch.rand(400, generator=g, dtype=torch.float64)
+    clean = simulate(seq, t1, t2, 0.8 + 0.4 * torch.rand(400, generator=g, dtype=torch.float64),
+                     dtype=torch.float64)
+
+    def inputs(std):
+        return preprocess(_measure(clean, np.ones(1), std, 7), "complex")
+
+    at_top, beyond = inputs(0.03), inputs(0.08)
+    free_top, free_beyond = net.project(at_top), net.project(beyond)
+    o_sim = 1 - (net.project(inputs(1.25 * 0.03))[0] ** 2).sum((1, 2))
+    net.set_noise_ceiling(0.03)
+    ceiling = float(net.log_outside_ceiling)
+    # the formula is the mean of what simulated noise leaves outside the basis
+    assert math.exp(ceiling) == pytest.approx(float(o_sim.mean()), rel=0.01)
+    # at the top training noise nothing is touched
+    coef, log_out = net.project(at_top)
+    assert torch.equal(coef, free_top[0]) and torch.equal(log_out, free_top[1])
+    assert float(free_top[1].max()) < ceiling
+    # beyond it: the ceiling, and coordinates of the energy 1 - o, in the same direction
+    coef, log_out = net.project(beyond)
+    assert (free_beyond[1] > ceiling).all()
+    assert torch.allclose(log_out, torch.full_like(log_out, ceiling))
+    energy = (coef.double() ** 2).sum((1, 2))
+    assert torch.allclose(energy, torch.full_like(energy, 1 - math.exp(ceiling)), rtol=1e-4)
+    cos = torch.nn.functional.cosine_similarity(coef.flatten(1), free_beyond[0].flatten(1))
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
+    # magnitude inputs (rectified noise: the formula does not hold) get none
+    mag = SubspaceRegressor(200, 1, 3, rank=24, hidden_sizes=[16])
+    mag.set_noise_ceiling(0.03)
+    assert float(mag.log_outside_ceiling) == math.inf
+
+
+def test_a_checkpoint_without_the_noise_ceiling_gets_it_from_its_training_noise():
+    """State dicts written before the ceiling existed load strictly; the module sets the
+    ceiling from the run's recorded training noise (the same value a new run saves)."""
+    from mrflight.regressor import MRFRegressor
+
+    cfg = {"_target_": "mrflight.models.GRURegressor", "input_length": 60, "in_channels": 2,
+           "n_outputs": 3, "hidden_size": 4, "values_per_step": 20, "rank": 5,
+           "head_coordinates": True}
+    kw = dict(net=cfg, input_mode="complex", noise_std=[0.005, 0.03],
+              targets=["t1", "t2", "b1"], target_scale_ms=[2000.0, 500.0, 2.0])
+    module = MRFRegressor(**kw)
+    module.net.set_basis(torch.linalg.qr(torch.randn(60, 5, dtype=torch.float64))[0])
+    expected = float(module.net.log_outside_ceiling)
+    assert expected < 0
+    old = {k: v for k, v in module.state_dict().items() if "ceiling" not in k}
+    loaded = MRFRegressor(**kw)
+    loaded.load_state_dict(old)  # strict
+    assert float(loaded.net.log_outside_ceiling) == expected
+    assert loaded.net.has_basis and torch.equal(loaded.net.basis, module.net.basis)
+    # a run without a recorded noise level has no ceiling
+    assert float(MRFRegressor(**{**kw, "noise_std": None}).net.log_outside_ceiling) > 1e30
 
 
 @pytest.mark.parametrize("cls", [GRURegressor, LSTMRegressor])
