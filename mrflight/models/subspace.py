@@ -128,7 +128,7 @@ class SubspaceBasis:
         on average the fraction ``o(s) = 2 (T - R) s^2 / (1 + 2 T s^2)`` of a unit-norm input's
         energy outside the basis (the fingerprint itself lies in it). Where an input has more
         than ``o(1.25 noise_max)`` outside (training inputs stay below it: at the top training
-        noise the largest of 2000 default-prior inputs had 1.06 times the mean), its noise
+        noise the largest of 2000 default-prior inputs had 1.05 times the mean), its noise
         feature is set to that ceiling and its coordinates are scaled to the energy
         ``1 - o(1.25 noise_max)``: so an input noisier than any training sample is shown to the
         network as a training-like one of that noise, with its coordinates' direction kept. An
