@@ -117,3 +117,31 @@ def test_every_default_model_exports(tmp_path, model):
     out = sess.run(None, {"fingerprints": x.numpy()})[0]
     ref = module.predict_parameters(x).numpy()
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_onnx_keeps_the_noise_ceiling_of_a_complex_subspace_net(tmp_path):
+    """A complex GRU with a basis and a training noise range: inputs beyond the ceiling (read as
+    at the top training noise) and inside it give predict_parameters' outputs in ONNX too."""
+    from mrflight.models import GRURegressor
+    from mrflight.regressor import MRFRegressor
+    from mrflight.transforms import preprocess
+
+    torch.manual_seed(2)
+    net = GRURegressor(350, 2, 3, hidden_size=8, values_per_step=50, head_sizes=[8], rank=6,
+                       head_coordinates=True)
+    basis = torch.linalg.qr(torch.randn(350, 6, dtype=torch.float64))[0]
+    net.set_basis(basis)
+    module = MRFRegressor(net, input_mode="complex", noise_std=[0.005, 0.03],
+                          targets=["t1", "t2", "b1"], target_scale_ms=[2000.0, 500.0, 2.0]).eval()
+    clean = torch.complex(basis[:, :3].sum(1), basis[:, 3:].sum(1))[None].repeat(6, 1)
+    clean = clean / torch.linalg.vector_norm(clean, dim=1, keepdim=True)
+    noise = torch.complex(torch.randn(6, 350, dtype=torch.float64),
+                          torch.randn(6, 350, dtype=torch.float64))
+    stds = torch.tensor([0.002, 0.01, 0.03, 0.06, 0.2, 1.0], dtype=torch.float64)
+    x = clean + stds[:, None] * noise
+    _, log_out = net.project(preprocess(x, "complex") * net.input_scale, net.input_scale)
+    at_ceiling = torch.isclose(log_out, net.log_outside_ceiling.expand_as(log_out))
+    assert at_ceiling[3:].all() and not at_ceiling[:3].any()
+    sess = ort.InferenceSession(str(export_onnx(module, tmp_path / "gru.onnx")))
+    inp = torch.stack([x.real, x.imag], dim=1).float().numpy()
+    _close(sess.run(None, {"fingerprints": inp})[0], module.predict_parameters(x).numpy())
