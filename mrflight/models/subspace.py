@@ -113,7 +113,7 @@ class SubspaceBasis:
             # noise of std s per real channel leaves C (T - R) s^2 outside the basis on average
             # before the normalisation; after it, the fraction of set_noise_ceiling's o(s) is a
             # little less, so this floor reads some inputs at the lowest training noise as at it
-            # (complex, s = 0.005, the default prior: 0.98 of the mean, 19 % of such inputs).
+            # (complex, s = 0.005, 1750 time points, rank 48: 0.98 of the mean).
             # For magnitudes (rectified noise) the formula overestimates: at a fixed training
             # noise every input may lie below the floor and the noise feature is then constant
             dof = self.in_channels * (self.input_length - self.rank)
@@ -127,9 +127,8 @@ class SubspaceBasis:
         unit-norm fingerprint (``None`` or 0: no ceiling). Complex noise of std ``s`` leaves
         on average the fraction ``o(s) = 2 (T - R) s^2 / (1 + 2 T s^2)`` of a unit-norm input's
         energy outside the basis (the fingerprint itself lies in it). Where an input has more
-        than ``o(1.25 noise_max)`` outside (training inputs stay below it: at the top training
-        noise the largest of 2000 inputs, T1 100-4000 ms, T2 10-500 ms, B1 0.8-1.2, had 1.05
-        times the mean), its noise
+        than ``o(1.25 noise_max)`` outside (1.095 times the mean at noise_max = 0.03 for 1750
+        time points and rank 48: training inputs stay below it, as the tests check), its noise
         feature is set to that ceiling and its coordinates are scaled to the energy
         ``1 - o(1.25 noise_max)``: so an input noisier than any training sample is shown to the
         network as a training-like one of that noise, with its coordinates' direction kept. An
