@@ -262,10 +262,12 @@ def read_offline_run(run_dir) -> dict:
 
     Returns:
         ``{"name", "group", "tags", "job_type", "config": {key: value}, "summary": {...},
-        "history_keys": set}`` (values decoded from JSON; later updates win).
+        "history_keys": set}`` (values decoded from JSON; later updates win). A file W&B is
+        still writing is read up to its last whole record.
     """
     import json
     import struct
+    import zlib
 
     from wandb.proto import wandb_internal_pb2 as pb
 
@@ -276,15 +278,22 @@ def read_offline_run(run_dir) -> dict:
         raise ValueError(f"no .wandb file in {run_dir} (an offline W&B run directory)")
     data = files[-1].read_bytes()
     out: dict = {"config": {}, "summary": {}, "history_keys": set()}
-    block, pos, buf = 32768, 7, b""  # 7-byte file header, then 32 KiB blocks of chunks
+    # A LevelDB-style log: a 7-byte file header, then 32 KiB blocks of chunks, each with a 7-byte
+    # header (CRC-32 seeded with the chunk type, length, type: 1 full record, 2 first, 3 middle,
+    # 4 last piece of one). W&B's service may still be writing the file (finish() can return
+    # first), so reading stops at the first chunk that is cut short or fails its checksum.
+    block, pos, buf = 32768, 7, b""
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # block trailer
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        buf += data[pos + 7:pos + 7 + length]
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
+            break
         pos += 7 + length
-        if kind not in (1, 4):  # FIRST/MIDDLE chunks of a longer record
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind not in (1, 4):  # the first or a middle piece of a longer record
             continue
         rec = pb.Record()
         rec.ParseFromString(buf)

@@ -109,6 +109,29 @@ def test_sweep_runs_have_a_flat_config_names_a_group_and_a_summary(sweep_dir):
     assert hp["model"] == "ann" and "sequence" in hp and not isinstance(hp["sequence"], dict)
 
 
+def test_a_run_file_still_being_written_reads_up_to_its_last_whole_record(sweep_dir, tmp_path):
+    """W&B's service may still be writing when the file is read: a chunk cut short or torn (its
+    checksum fails) ends the reading there instead of raising a protobuf DecodeError."""
+    full_file = next((sweep_dir / "0" / "wandb").glob("offline-run-*/*.wandb"))
+    data = full_file.read_bytes()
+    full = read_offline_run(full_file.parent)
+    cut_dir = tmp_path / "offline-run-cut"
+    cut_dir.mkdir()
+    seen_name = False
+    for cut in [*range(7, len(data), max(1, len(data) // 300)), len(data) - 1]:
+        (cut_dir / "run-cut.wandb").write_bytes(data[:cut])
+        r = read_offline_run(cut_dir)
+        assert r["config"].items() <= full["config"].items(), cut
+        assert r["history_keys"] <= full["history_keys"], cut
+        seen_name |= r.get("name") == full["name"]
+    assert seen_name  # the early records are read from a file cut short
+    # a torn chunk (a byte of the first record never reached the disk) ends the reading at it
+    torn = bytearray(data)
+    torn[7 + 7] ^= 0xFF
+    (cut_dir / "run-cut.wandb").write_bytes(bytes(torn))
+    assert read_offline_run(cut_dir) == {"config": {}, "summary": {}, "history_keys": set()}
+
+
 def test_eval_run_joins_the_group_of_the_runs_it_evaluates(sweep_dir, tmp_path):
     out = tmp_path / "eval"
     cfg = compose_config([f"ckpt_path={sweep_dir}", "logger=wandb", "evaluation.n_test=30",
