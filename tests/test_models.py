@@ -145,7 +145,8 @@ def test_subspace_basis_captures_fresh_fingerprints(mode, channels):
     assert (net.features(noisy)[:, -1] > net.features(x)[:, -1] + 2).all()
     # with a training noise floor: cleaner inputs read as at that noise, noisier ones untouched
     free = net.features(x)[:, -1]
-    net.set_basis(net.basis, noise_min=0.01)
+    net.set_basis(net.basis, noise_min=0.01,
+                  fingerprints=simulate(seq, t1, t2, b1, dtype=torch.float64))
     floor = float(net.log_outside_floor)
     assert torch.allclose(net.features(x)[:, -1], torch.full_like(free, floor))
     assert (net.features(noisy)[:, -1] > floor).all()
@@ -153,6 +154,41 @@ def test_subspace_basis_captures_fresh_fingerprints(mode, channels):
         net.set_basis(2 * net.basis)
     with pytest.raises(ValueError, match="rank must be"):
         SubspaceRegressor(50, 2, 3, rank=60)
+
+
+@pytest.mark.parametrize("mode,channels", [("complex", 2), ("magnitude", 1)])
+@pytest.mark.parametrize("noise_min", [0.005, 0.02])
+def test_noise_floor_reads_cleaner_inputs_as_at_the_lowest_training_noise(mode, channels,
+                                                                          noise_min):
+    """The floor lies just below the mean noise feature at the lowest training noise, for complex
+    inputs (the formula) and magnitudes (measured: their rectified noise leaves far less outside
+    the basis than the complex formula says, which once put the floor above every training
+    input at a fixed noise of 0.01 and left the noise feature constant)."""
+    from mrflight.efficiency import _measure
+    from mrflight.physics import oksuz2019, simulate
+    from mrflight.transforms import preprocess
+
+    seq = oksuz2019(n_pulses=200, lobe_length=40)
+    net = SubspaceRegressor(200, channels, 3, rank=24, hidden_sizes=[16])
+    prior = dict(t1_range=(100.0, 3000.0), t2_range=(10.0, 300.0), b1_range=(0.8, 1.2))
+    net.fit_basis(seq, noise_min=noise_min, **prior)
+    g = torch.Generator().manual_seed(11)
+    t1 = 100 + 2900 * torch.rand(1000, generator=g, dtype=torch.float64)
+    t2 = 10 + (t1.clamp(max=300) - 10) * torch.rand(1000, generator=g, dtype=torch.float64)
+    clean = simulate(seq, t1, t2, 0.8 + 0.4 * torch.rand(1000, generator=g, dtype=torch.float64),
+                     dtype=torch.float64)
+
+    def at_floor(std):
+        z = preprocess(_measure(clean, np.ones(1), std, 3), mode)
+        _, log_out = net.project(z if z.ndim == 3 else z[:, None])
+        return float((log_out <= net.log_outside_floor).double().mean())
+
+    assert 0.05 < at_floor(noise_min) < 0.5  # some inputs at the lowest noise, not all
+    assert at_floor(noise_min / 2) == 1.0  # every cleaner one
+    assert at_floor(1.5 * noise_min) < 0.01
+    if mode == "magnitude":
+        with pytest.raises(ValueError, match="fingerprints"):
+            net.set_basis(net.basis, noise_min=noise_min)
 
 
 def test_noise_ceiling_reads_noisier_inputs_as_at_the_top_training_noise():

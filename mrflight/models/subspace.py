@@ -28,6 +28,20 @@ from .base import Regressor, hidden_layers
 __all__ = ["SubspaceBasis", "SubspaceRegressor", "subspace_basis"]
 
 
+def _prior_fingerprints(seq, n_atoms: int, seed: int, t1_range, t2_range, b1_range):
+    """``(n_atoms, T)`` complex128 noise-free fingerprints: T1 and T2 log-uniform in their
+    ranges (T2 <= T1), B1 uniform in ``b1_range`` (``None``: B1 = 1)."""
+    from mrflight.physics import simulate
+
+    rng = np.random.default_rng(seed)
+    t1 = np.exp(rng.uniform(np.log(t1_range[0]), np.log(t1_range[1]), n_atoms))
+    t2_hi = np.minimum(t2_range[1], t1)
+    t2 = np.exp(rng.uniform(np.log(t2_range[0]), np.log(t2_hi)))
+    b1 = np.ones(n_atoms) if b1_range is None else rng.uniform(*b1_range, n_atoms)
+    return simulate(seq, torch.from_numpy(t1), torch.from_numpy(t2), torch.from_numpy(b1),
+                    dtype=torch.float64)
+
+
 def subspace_basis(seq, rank: int, input_mode: str = "complex", t1_range=(50.0, 5000.0),
                    t2_range=(5.0, 600.0), b1_range=(0.7, 1.3), n_atoms: int = 20000,
                    seed: int = 0) -> torch.Tensor:
@@ -41,22 +55,38 @@ def subspace_basis(seq, rank: int, input_mode: str = "complex", t1_range=(50.0, 
     Returns:
         float32 ``(T, rank)`` with orthonormal columns, by decreasing singular value.
     """
-    from mrflight.physics import simulate
     from mrflight.transforms import preprocess
 
-    rng = np.random.default_rng(seed)
-    t1 = np.exp(rng.uniform(np.log(t1_range[0]), np.log(t1_range[1]), n_atoms))
-    t2_hi = np.minimum(t2_range[1], t1)
-    t2 = np.exp(rng.uniform(np.log(t2_range[0]), np.log(t2_hi)))
-    b1 = np.ones(n_atoms) if b1_range is None else rng.uniform(*b1_range, n_atoms)
-    x = simulate(seq, torch.from_numpy(t1), torch.from_numpy(t2), torch.from_numpy(b1),
-                 dtype=torch.float64)
+    x = _prior_fingerprints(seq, n_atoms, seed, t1_range, t2_range, b1_range)
     z = preprocess(x, input_mode).to(torch.float64)
     z = z[:, 0] if z.ndim == 3 else z
     if not 1 <= int(rank) <= z.shape[1]:
         raise ValueError(f"rank must be in [1, {z.shape[1]}] (the sequence length), got {rank}")
     _, evecs = torch.linalg.eigh(z.T @ z)  # the Gram matrix: T x T, cheap for T ~ 2000
     return evecs[:, -int(rank):].flip(1).to(torch.float32).contiguous()
+
+
+_PRIOR_DEFAULTS = {"t1_range": (50.0, 5000.0), "t2_range": (5.0, 600.0), "b1_range": (0.7, 1.3)}
+
+
+def _measured_outside_fraction(fingerprints: torch.Tensor, basis: torch.Tensor,
+                               noise_std: float, seed: int = 0) -> float:
+    """The mean fraction of a unit-norm magnitude input's energy outside ``basis`` ``(T, R)``
+    when complex noise of std ``noise_std`` (relative to the unit-norm fingerprint) is added
+    to ``fingerprints`` ``(N, T)`` (noise-free, complex) before the magnitude is taken."""
+    from mrflight.physics import normalize
+    from mrflight.transforms import preprocess
+
+    x = normalize(torch.as_tensor(fingerprints).to(torch.complex128))
+    if x.ndim != 2 or x.shape[1] != basis.shape[0]:
+        raise ValueError(f"fingerprints must be (N, {basis.shape[0]}) complex, got "
+                         f"{tuple(x.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.complex(torch.randn(x.shape, generator=g, dtype=torch.float64),
+                          torch.randn(x.shape, generator=g, dtype=torch.float64))
+    z = preprocess(x + noise_std * noise, "magnitude").to(torch.float64)
+    inside = ((z @ basis.to(torch.float64)) ** 2).sum(1)
+    return float((1 - inside).mean())
 
 
 class SubspaceBasis:
@@ -91,11 +121,17 @@ class SubspaceBasis:
     def has_basis(self) -> bool:
         return self.rank == 0 or bool(self.basis_fitted)
 
-    def set_basis(self, basis: torch.Tensor, noise_min: float | None = None) -> None:
-        """Use ``basis`` ``(T, R)`` (orthonormal columns) from now on; ``noise_min``: the
-        lowest training noise std (relative to the unit-norm fingerprint), below which inputs
-        are read as at that noise (``None``: no floor). The highest is
-        :meth:`set_noise_ceiling`'s."""
+    def set_basis(self, basis: torch.Tensor, noise_min: float | None = None,
+                  fingerprints: torch.Tensor | None = None) -> None:
+        """Use ``basis`` ``(T, R)`` (orthonormal columns) from now on.
+
+        ``noise_min``: the lowest training noise std (relative to the unit-norm fingerprint),
+        below which inputs are read as at that noise (``None``: no floor; the highest is
+        :meth:`set_noise_ceiling`'s). The floor is 0.98 of the mean fraction of a unit-norm
+        input's energy that noise ``noise_min`` leaves outside the basis: for complex inputs
+        the formula of :meth:`outside_fraction`; magnitudes (rectified noise, no closed form)
+        need ``fingerprints``, noise-free complex ``(N, T)`` ones of the prior, on which it is
+        measured (:meth:`fit_basis` passes them)."""
         if self.rank == 0:
             raise ValueError(f"this {type(self).__name__} was built without a subspace basis "
                              "(rank 0)")
@@ -106,27 +142,40 @@ class SubspaceBasis:
         gram = b.T.double() @ b.double()
         if not torch.allclose(gram, torch.eye(self.rank, dtype=torch.float64), atol=1e-4):
             raise ValueError("basis columns must be orthonormal (see subspace_basis)")
-        self.basis.copy_(b.to(self.basis.device))
-        self.basis_fitted.fill_(True)
         floor = -math.inf
         if noise_min is not None and noise_min > 0:
-            # noise of std s per real channel leaves C (T - R) s^2 outside the basis on average
-            # before the normalisation; after it, the fraction of set_noise_ceiling's o(s) is a
-            # little less, so this floor reads some inputs at the lowest training noise as at it
-            # (complex, s = 0.005, 1750 time points, rank 48: 0.98 of the mean).
-            # For magnitudes (rectified noise) the formula overestimates: at a fixed training
-            # noise every input may lie below the floor and the noise feature is then constant
-            dof = self.in_channels * (self.input_length - self.rank)
-            floor = math.log(0.9 * dof * float(noise_min) ** 2) if dof > 0 else -math.inf
+            if self.in_channels == 2:
+                mean = self.outside_fraction(float(noise_min))
+            elif fingerprints is None:
+                raise ValueError("the noise floor of a magnitude network is measured on "
+                                 "fingerprints: pass fingerprints=(N, T) noise-free complex "
+                                 "fingerprints of the prior, or call fit_basis(sequence, "
+                                 "noise_min)")
+            else:
+                mean = _measured_outside_fraction(fingerprints, b, float(noise_min))
+            # 0.98 of the mean: the inputs at the lowest training noise below it (a fifth to a
+            # quarter in the tests) and every less noisy one are read as at this floor
+            floor = math.log(0.98 * mean)
+        self.basis.copy_(b.to(self.basis.device))
+        self.basis_fitted.fill_(True)
         self.log_outside_floor.fill_(floor)
+
+    def outside_fraction(self, noise_std: float) -> float:
+        """``o(s) = 2 (T - R) s^2 / (1 + 2 T s^2)``: the mean fraction of a unit-norm complex
+        input's energy that complex noise of std ``s`` per real channel leaves outside the
+        basis (the fingerprint itself lies in it; the normalisation spreads the unit norm over
+        the noise). Within 0.1 % of simulated noise, as the tests check."""
+        s2 = float(noise_std) ** 2
+        t = self.input_length
+        return 2 * (t - self.rank) * s2 / (1 + 2 * t * s2)
 
     def set_noise_ceiling(self, noise_max: float | None) -> None:
         """Read complex inputs noisier than the training noise as if at its top.
 
         ``noise_max``: the highest training noise std per real channel, relative to the
         unit-norm fingerprint (``None`` or 0: no ceiling). Complex noise of std ``s`` leaves
-        on average the fraction ``o(s) = 2 (T - R) s^2 / (1 + 2 T s^2)`` of a unit-norm input's
-        energy outside the basis (the fingerprint itself lies in it). Where an input has more
+        on average the fraction ``o(s)`` (:meth:`outside_fraction`) of a unit-norm input's
+        energy outside the basis. Where an input has more
         than ``o(1.25 noise_max)`` outside (1.095 times the mean at noise_max = 0.03 for 1750
         time points and rank 48: training inputs stay below it, as the tests check), its noise
         feature is set to that ceiling and its coordinates are scaled to the energy
@@ -140,9 +189,7 @@ class SubspaceBasis:
         and the formula does not hold for them)."""
         ceiling = math.inf
         if self.rank and self.in_channels == 2 and noise_max is not None and noise_max > 0:
-            s2 = (1.25 * float(noise_max)) ** 2
-            t = self.input_length
-            ceiling = math.log(2 * (t - self.rank) * s2 / (1 + 2 * t * s2))
+            ceiling = math.log(self.outside_fraction(1.25 * float(noise_max)))
         self.log_outside_ceiling.fill_(ceiling)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -161,7 +208,11 @@ class SubspaceBasis:
             raise ValueError(f"the sequence has {len(seq)} time points, the network expects "
                              f"{self.input_length}")
         mode = "magnitude" if self.in_channels == 1 else "complex"
-        self.set_basis(subspace_basis(seq, self.rank, mode, **prior), noise_min)
+        basis = subspace_basis(seq, self.rank, mode, **prior)
+        fingerprints = None
+        if mode == "magnitude" and noise_min is not None and noise_min > 0:
+            fingerprints = _prior_fingerprints(seq, 2000, 1, **{**_PRIOR_DEFAULTS, **prior})
+        self.set_basis(basis, noise_min, fingerprints)
 
     def project(self, x: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, T)`` inputs, ``scale`` times unit-norm ones -> their coordinates ``(B, C, R)``
