@@ -45,6 +45,8 @@ from typing import NamedTuple
 
 import torch
 
+from mrflight.physics._triton_glue import LazyKernel
+
 __all__ = ["PRECISIONS", "error_bound", "row_max", "candidates", "candidate_pairs",
            "CandidatePairs", "pair_scores", "triton_available"]
 
@@ -86,23 +88,12 @@ def _check_precision(precision: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- dispatch
-_TRITON = False  # False: not imported yet; None: unavailable
+_TRITON = LazyKernel("mrflight._match_triton")
 
 
 def _kernels():
     """The Triton kernels module, or ``None`` (no triton, or ``MRFLIGHT_NO_TRITON=1``)."""
-    from mrflight.physics._triton_glue import triton_disabled
-
-    global _TRITON
-    if triton_disabled():
-        return None
-    if _TRITON is False:
-        try:
-            from . import _match_triton
-        except Exception:  # no triton or no usable backend: the torch reference serves
-            _match_triton = None
-        _TRITON = _match_triton
-    return _TRITON
+    return _TRITON.get()
 
 
 def triton_available(device) -> bool:

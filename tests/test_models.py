@@ -156,6 +156,23 @@ def test_subspace_basis_captures_fresh_fingerprints(mode, channels):
         SubspaceRegressor(50, 2, 3, rank=60)
 
 
+def _fitted_subspace_net(channels: int, noise_min: float, n: int, seed: int):
+    """A rank-24 subspace net fitted to a 200-pulse train's prior (T1 100-3000 ms, T2 10-300 ms,
+    B1 0.8-1.2) with the lowest training noise ``noise_min``, and ``n`` noise-free complex
+    fingerprints of other draws from that prior."""
+    from mrflight.physics import oksuz2019, simulate
+
+    seq = oksuz2019(n_pulses=200, lobe_length=40)
+    net = SubspaceRegressor(200, channels, 3, rank=24, hidden_sizes=[16])
+    net.fit_basis(seq, noise_min=noise_min, t1_range=(100.0, 3000.0), t2_range=(10.0, 300.0),
+                  b1_range=(0.8, 1.2))
+    g = torch.Generator().manual_seed(seed)
+    t1 = 100 + 2900 * torch.rand(n, generator=g, dtype=torch.float64)
+    t2 = 10 + (t1.clamp(max=300) - 10) * torch.rand(n, generator=g, dtype=torch.float64)
+    b1 = 0.8 + 0.4 * torch.rand(n, generator=g, dtype=torch.float64)
+    return net, simulate(seq, t1, t2, b1, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("mode,channels", [("complex", 2), ("magnitude", 1)])
 @pytest.mark.parametrize("noise_min", [0.005, 0.02])
 def test_noise_floor_reads_cleaner_inputs_as_at_the_lowest_training_noise(mode, channels,
@@ -165,18 +182,9 @@ def test_noise_floor_reads_cleaner_inputs_as_at_the_lowest_training_noise(mode, 
     the basis than the complex formula says, which once put the floor above every training
     input at a fixed noise of 0.01 and left the noise feature constant)."""
     from mrflight.efficiency import _measure
-    from mrflight.physics import oksuz2019, simulate
     from mrflight.transforms import preprocess
 
-    seq = oksuz2019(n_pulses=200, lobe_length=40)
-    net = SubspaceRegressor(200, channels, 3, rank=24, hidden_sizes=[16])
-    prior = dict(t1_range=(100.0, 3000.0), t2_range=(10.0, 300.0), b1_range=(0.8, 1.2))
-    net.fit_basis(seq, noise_min=noise_min, **prior)
-    g = torch.Generator().manual_seed(11)
-    t1 = 100 + 2900 * torch.rand(1000, generator=g, dtype=torch.float64)
-    t2 = 10 + (t1.clamp(max=300) - 10) * torch.rand(1000, generator=g, dtype=torch.float64)
-    clean = simulate(seq, t1, t2, 0.8 + 0.4 * torch.rand(1000, generator=g, dtype=torch.float64),
-                     dtype=torch.float64)
+    net, clean = _fitted_subspace_net(channels, noise_min, 1000, seed=11)
 
     def at_floor(std):
         z = preprocess(_measure(clean, np.ones(1), std, 3), mode)
@@ -199,19 +207,10 @@ def test_noise_ceiling_reads_noisier_inputs_as_at_the_top_training_noise():
     import math
 
     from mrflight.efficiency import _measure
-    from mrflight.physics import oksuz2019, simulate
     from mrflight.transforms import preprocess
 
-    seq = oksuz2019(n_pulses=200, lobe_length=40)
-    net = SubspaceRegressor(200, 2, 3, rank=24, hidden_sizes=[16])
-    net.fit_basis(seq, noise_min=0.005, t1_range=(100.0, 3000.0), t2_range=(10.0, 300.0),
-                  b1_range=(0.8, 1.2))
+    net, clean = _fitted_subspace_net(2, 0.005, 400, seed=5)
     assert float(net.log_outside_ceiling) == math.inf  # no ceiling unless asked for
-    g = torch.Generator().manual_seed(5)
-    t1 = 100 + 2900 * torch.rand(400, generator=g, dtype=torch.float64)
-    t2 = 10 + (t1.clamp(max=300) - 10) * torch.rand(400, generator=g, dtype=torch.float64)
-    clean = simulate(seq, t1, t2, 0.8 + 0.4 * torch.rand(400, generator=g, dtype=torch.float64),
-                     dtype=torch.float64)
 
     def inputs(std):
         return preprocess(_measure(clean, np.ones(1), std, 7), "complex")
@@ -393,7 +392,7 @@ def _use_fused(monkeypatch, gates=None):
     """Make RecurrentRegressor take the fused path on the CPU (with ``gates`` as the kernel)."""
     from mrflight.models import fused_gru, recurrent
 
-    monkeypatch.setattr(fused_gru, "_KERNEL", gates or fused_gru.gru_gates_torch)
+    monkeypatch.setattr(fused_gru._KERNEL, "value", gates or fused_gru.gru_gates_torch)
     monkeypatch.setattr(recurrent, "fused_gru_available", lambda rnn, x: type(rnn) is nn.GRU)
 
 
@@ -446,14 +445,14 @@ def test_fused_gru_failure_warns_and_falls_back(monkeypatch):
         _use_fused(monkeypatch, broken)
         with pytest.warns(RuntimeWarning, match="fused GRU kernel failed"):
             got = net(x)
-        assert fused_gru._KERNEL is None  # disabled for the rest of the process
+        assert fused_gru._KERNEL.value is None  # disabled for the rest of the process
     assert torch.equal(got, ref)
 
 
 def test_fused_gru_is_off_where_it_does_not_apply(monkeypatch):
     from mrflight.models import fused_gru
 
-    monkeypatch.setattr(fused_gru, "_KERNEL", fused_gru.gru_gates_torch)
+    monkeypatch.setattr(fused_gru._KERNEL, "value", fused_gru.gru_gates_torch)
     gru, x = nn.GRU(4, 3, batch_first=True).eval(), torch.randn(2, 3, 4)
     with torch.no_grad():
         assert not fused_gru.fused_gru_available(gru, x)  # CPU input

@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mrflight.physics import Sequence, normalize
-from mrflight.physics._triton_glue import guarded_kernel, triton_disabled
+from mrflight.physics._triton_glue import LazyKernel, guarded_kernel
 from mrflight.transforms import INPUT_MODES, preprocess
 
 from .batches import Batch, ModelInputs, collate, stream_seed
@@ -192,7 +192,7 @@ def realise(clean: torch.Tensor, noise_std: torch.Tensor, generator: torch.Gener
                              "the fused noise kernel", "using the torch element-wise path")
         if out is not None:
             return out
-        _FUSED[0] = None
+        _FUSED.disable()
     x = normalize(clean.to(torch.complex64))
     if phi is not None:
         x = x * torch.polar(torch.ones_like(phi), phi)[:, None]
@@ -203,21 +203,13 @@ def realise(clean: torch.Tensor, noise_std: torch.Tensor, generator: torch.Gener
     return preprocess(noisy, input_mode)
 
 
+_FUSED = LazyKernel("mrflight.data._realise_triton", "realise_fused")
+
+
 def _fused_realise():
     """:func:`mrflight.data._realise_triton.realise_fused`, or ``None`` without Triton (or with
     ``MRFLIGHT_NO_TRITON=1``, or after it failed once in this process)."""
-    if triton_disabled():
-        return None
-    if _FUSED[0] is False:
-        try:
-            from ._realise_triton import realise_fused
-        except Exception:  # no triton, or no usable backend: the torch path serves
-            realise_fused = None
-        _FUSED[0] = realise_fused
-    return _FUSED[0]
-
-
-_FUSED: list = [False]  # False: not imported yet; None: unavailable
+    return _FUSED.get()
 
 
 class _EpochKeys(Sampler):

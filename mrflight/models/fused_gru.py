@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mrflight.physics._triton_glue import guarded_kernel, triton_disabled
+from mrflight.physics._triton_glue import LazyKernel, guarded_kernel
 
 __all__ = ["fused_gru", "folded_projection", "gru_gates_torch", "triton_gates",
            "fused_gru_available"]
@@ -142,22 +142,13 @@ def folded_projection(rnn: nn.GRU, coef: torch.Tensor, basis: torch.Tensor,
                     ).view(b, steps, j)
 
 
-_KERNEL = False  # False: not imported yet; None: unavailable
+_KERNEL = LazyKernel("mrflight.models._gru_triton", "gates")
 
 
 def triton_gates():
     """The Triton gate kernel (:func:`mrflight.models._gru_triton.gates`), or ``None`` when Triton
     is not installed, failed before, or ``MRFLIGHT_NO_TRITON=1`` asks for ``nn.GRU``."""
-    global _KERNEL
-    if triton_disabled():
-        return None
-    if _KERNEL is False:
-        try:
-            from ._gru_triton import gates
-        except Exception:  # no triton, or no usable backend: nn.GRU serves
-            gates = None
-        _KERNEL = gates
-    return _KERNEL
+    return _KERNEL.get()
 
 
 def fused_gru_available(rnn: nn.Module, x: torch.Tensor) -> bool:
@@ -171,9 +162,8 @@ def fused_gru_available(rnn: nn.Module, x: torch.Tensor) -> bool:
 def run_fused_gru(rnn: nn.GRU, x: torch.Tensor, projected: bool = False) -> torch.Tensor | None:
     """:func:`fused_gru` with the Triton gates, or ``None`` (the caller runs ``nn.GRU``) after a
     kernel failure (e.g. a GPU Triton cannot compile for), which warns once and disables it."""
-    global _KERNEL
     out = guarded_kernel(lambda: fused_gru(rnn, x, triton_gates(), projected),
                          "the fused GRU kernel", "using nn.GRU (cuDNN)")
     if out is None:
-        _KERNEL = None
+        _KERNEL.disable()
     return out

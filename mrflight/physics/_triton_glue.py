@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -30,22 +31,41 @@ def guarded_kernel(call, what: str, fallback: str):
         return None
 
 
+class LazyKernel:
+    """A Triton kernel module (or one of its attributes) imported at its first use.
+
+    :meth:`get` returns it, or ``None`` (the caller's fallback serves) when
+    ``MRFLIGHT_NO_TRITON`` asks for the non-Triton paths, when Triton is missing or has no usable
+    backend, or after :meth:`disable` (a kernel that failed at run time stays off for the rest of
+    the process). ``value``: ``False`` before the first import, then the kernel or ``None``.
+    """
+
+    def __init__(self, module: str, attr: str | None = None):
+        self.module, self.attr = module, attr
+        self.value = False
+
+    def get(self):
+        if triton_disabled():
+            return None
+        if self.value is False:
+            try:
+                mod = importlib.import_module(self.module)
+                self.value = getattr(mod, self.attr) if self.attr else mod
+            except Exception:  # no triton, or no usable backend: the fallback serves
+                self.value = None
+        return self.value
+
+    def disable(self) -> None:
+        self.value = None
+
+
+_TRITON = LazyKernel("mrflight.physics._triton")
+
+
 def _gpu_kernel():
     """The fused GPU kernel module (:mod:`mrflight.physics._triton`), or ``None`` when Triton is
     not installed, failed before, or ``MRFLIGHT_NO_TRITON=1`` asks for the pure-torch path."""
-    global _TRITON
-    if triton_disabled():
-        return None
-    if _TRITON is False:
-        try:
-            from . import _triton
-        except Exception:  # no triton, or no usable backend: the torch path serves
-            _triton = None
-        _TRITON = _triton
-    return _TRITON
-
-
-_TRITON = False  # False: not imported yet; None: unavailable
+    return _TRITON.get()
 
 
 def _run_gpu_kernel(seq, t1, t2, b1, k_atom, wrt, lanes, chunk_size=None, progress=None):
@@ -56,7 +76,6 @@ def _run_gpu_kernel(seq, t1, t2, b1, k_atom, wrt, lanes, chunk_size=None, progre
     up to rounding. A kernel that fails to compile or launch (an unsupported GPU) warns once and
     leaves this process on the pure-torch path.
     """
-    global _TRITON
     gk = _gpu_kernel()
     if gk is None:
         return None
@@ -65,5 +84,5 @@ def _run_gpu_kernel(seq, t1, t2, b1, k_atom, wrt, lanes, chunk_size=None, progre
                                             chunk_size=chunk_size, progress=progress),
                              "the fused GPU EPG kernel", "using the slower pure-torch path")
     if out is None:
-        _TRITON = None
+        _TRITON.disable()
     return out
