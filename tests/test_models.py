@@ -199,6 +199,20 @@ def test_noise_floor_reads_cleaner_inputs_as_at_the_lowest_training_noise(mode, 
             net.set_basis(net.basis, noise_min=noise_min)
 
 
+def test_a_full_rank_basis_has_no_noise_floor_or_ceiling():
+    """With rank = T nothing lies outside the basis: no floor or ceiling, and no log(0)."""
+    import math
+
+    from mrflight.physics import oksuz2019
+
+    net = SubspaceRegressor(30, 2, 3, rank=30, hidden_sizes=[8])
+    net.fit_basis(oksuz2019(n_pulses=30, lobe_length=10), noise_min=0.01)
+    net.set_noise_ceiling(0.03)
+    assert float(net.log_outside_floor) == -math.inf
+    assert float(net.log_outside_ceiling) == math.inf
+    assert torch.isfinite(net(torch.randn(2, 2, 30))).all()
+
+
 def test_noise_ceiling_reads_noisier_inputs_as_at_the_top_training_noise():
     """Complex inputs noisier than the training noise: the noise feature stops at what noise a
     quarter above the top leaves outside the basis (the formula checked against simulated

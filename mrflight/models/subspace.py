@@ -155,7 +155,7 @@ class SubspaceBasis:
                 mean = _measured_outside_fraction(fingerprints, b, float(noise_min))
             # 0.98 of the mean: the inputs at the lowest training noise below it (a fifth to a
             # quarter in the tests) and every less noisy one are read as at this floor
-            floor = math.log(0.98 * mean)
+            floor = math.log(0.98 * mean) if mean > 0 else -math.inf  # (rank T: none)
         self.basis.copy_(b.to(self.basis.device))
         self.basis_fitted.fill_(True)
         self.log_outside_floor.fill_(floor)
@@ -189,7 +189,8 @@ class SubspaceBasis:
         and the formula does not hold for them)."""
         ceiling = math.inf
         if self.rank and self.in_channels == 2 and noise_max is not None and noise_max > 0:
-            ceiling = math.log(self.outside_fraction(1.25 * float(noise_max)))
+            o_max = self.outside_fraction(1.25 * float(noise_max))
+            ceiling = math.log(o_max) if o_max > 0 else math.inf  # (rank T: nothing outside)
         self.log_outside_ceiling.fill_(ceiling)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
