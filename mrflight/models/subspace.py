@@ -28,6 +28,9 @@ from .base import Regressor, hidden_layers
 __all__ = ["SubspaceBasis", "SubspaceRegressor", "subspace_basis"]
 
 
+_PRIOR_DEFAULTS = {"t1_range": (50.0, 5000.0), "t2_range": (5.0, 600.0), "b1_range": (0.7, 1.3)}
+
+
 def _prior_fingerprints(seq, n_atoms: int, seed: int, t1_range, t2_range, b1_range):
     """``(n_atoms, T)`` complex128 noise-free fingerprints: T1 and T2 log-uniform in their
     ranges (T2 <= T1), B1 uniform in ``b1_range`` (``None``: B1 = 1)."""
@@ -42,8 +45,9 @@ def _prior_fingerprints(seq, n_atoms: int, seed: int, t1_range, t2_range, b1_ran
                     dtype=torch.float64)
 
 
-def subspace_basis(seq, rank: int, input_mode: str = "complex", t1_range=(50.0, 5000.0),
-                   t2_range=(5.0, 600.0), b1_range=(0.7, 1.3), n_atoms: int = 20000,
+def subspace_basis(seq, rank: int, input_mode: str = "complex",
+                   t1_range=_PRIOR_DEFAULTS["t1_range"], t2_range=_PRIOR_DEFAULTS["t2_range"],
+                   b1_range=_PRIOR_DEFAULTS["b1_range"], n_atoms: int = 20000,
                    seed: int = 0) -> torch.Tensor:
     """The ``rank`` leading right singular vectors of model inputs drawn from a prior.
 
@@ -64,9 +68,6 @@ def subspace_basis(seq, rank: int, input_mode: str = "complex", t1_range=(50.0, 
         raise ValueError(f"rank must be in [1, {z.shape[1]}] (the sequence length), got {rank}")
     _, evecs = torch.linalg.eigh(z.T @ z)  # the Gram matrix: T x T, cheap for T ~ 2000
     return evecs[:, -int(rank):].flip(1).to(torch.float32).contiguous()
-
-
-_PRIOR_DEFAULTS = {"t1_range": (50.0, 5000.0), "t2_range": (5.0, 600.0), "b1_range": (0.7, 1.3)}
 
 
 def _measured_outside_fraction(fingerprints: torch.Tensor, basis: torch.Tensor,
@@ -212,7 +213,10 @@ class SubspaceBasis:
         basis = subspace_basis(seq, self.rank, mode, **prior)
         fingerprints = None
         if mode == "magnitude" and noise_min is not None and noise_min > 0:
-            fingerprints = _prior_fingerprints(seq, 2000, 1, **{**_PRIOR_DEFAULTS, **prior})
+            # (other draws than the basis's: the floor is measured on fingerprints it was
+            # not fitted to, as the network will meet them)
+            ranges = {k: prior.get(k, v) for k, v in _PRIOR_DEFAULTS.items()}
+            fingerprints = _prior_fingerprints(seq, 2000, 1, **ranges)
         self.set_basis(basis, noise_min, fingerprints)
 
     def project(self, x: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
