@@ -191,7 +191,7 @@ def test_noise_floor_reads_cleaner_inputs_as_at_the_lowest_training_noise(mode, 
         _, log_out = net.project(z if z.ndim == 3 else z[:, None])
         return float((log_out <= net.log_outside_floor).double().mean())
 
-    assert 0.05 < at_floor(noise_min) < 0.5  # some inputs at the lowest noise, not all
+    assert 0.05 < at_floor(noise_min) < 0.6  # some inputs at the lowest noise (37-49 %), not all
     assert at_floor(noise_min / 2) == 1.0  # every cleaner one
     assert at_floor(1.5 * noise_min) < 0.01
     if mode == "magnitude":
