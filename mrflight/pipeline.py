@@ -73,6 +73,15 @@ def check_config(cfg: DictConfig) -> None:
         v = trainer.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < -1):
             raise ValueError(f"trainer.{key} must be an integer (-1: no limit), got {v!r}")
+    sched = cfg.module.get("scheduler")
+    if sched and str(sched.get("_target_", "")).endswith(".CosineAnnealingLR"):
+        t_max = sched.get("T_max")
+        if not isinstance(t_max, int) or isinstance(t_max, bool) or t_max <= 0:
+            raise ValueError(
+                f"module.scheduler.T_max must be a positive number of epochs for the cosine "
+                f"learning-rate schedule, got {t_max!r} (it follows trainer.max_epochs, where "
+                "-1 means no limit): set trainer.max_epochs=N, or module.scheduler.T_max=N, or "
+                "module.scheduler=null for a constant learning rate")
     if not _number(cfg.module.get("lr", 1.0)) > 0:
         raise ValueError(f"module.lr must be a positive number, got {cfg.module.get('lr')!r}")
 

@@ -232,6 +232,21 @@ class MRFRegressor(L.LightningModule):
         log.info("subspace basis of rank %d fitted in %.1f s", self.net.rank,
                  time.perf_counter() - t0)
 
+    def on_train_start(self) -> None:
+        """The configured schedule's settings win over a resumed checkpoint's. Lightning
+        restores the scheduler's whole state, its settings (``T_max``, ``eta_min``, ...) with
+        it, so a run resumed with a longer ``trainer.max_epochs`` (which ``T_max`` follows, see
+        :func:`mrflight.resume.resume_config`) would keep the old ``T_max``, and the cosine
+        schedule, periodic past it, would raise the learning rate again."""
+        cfg = self.hparams.get("scheduler") or {}
+        for sc in self.trainer.lr_scheduler_configs:
+            for key, value in cfg.items():
+                old = getattr(sc.scheduler, key, None)
+                if _is_number(value) and _is_number(old) and old != value:
+                    setattr(sc.scheduler, key, value)
+                    log.info("learning-rate schedule: %s %s (the checkpoint's: %s)", key,
+                             value, old)
+
     def metric_names(self, eval_set_names=("",)) -> list[str]:
         """Every metric name this module logs (``split/quantity``): the losses (``train/loss``
         also as ``train/loss_step`` and ``train/loss_epoch``) and each metric under its split
@@ -470,6 +485,10 @@ class MRFRegressor(L.LightningModule):
         sched = scheduler_class(sched_cfg.pop("_target_"))(opt, **sched_cfg)
         return {"optimizer": opt,
                 "lr_scheduler": {"scheduler": sched, "interval": interval, "monitor": monitor}}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def load_checkpoint(path, map_location="cpu") -> MRFRegressor:

@@ -115,6 +115,8 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
     old_out = str((saved.get("paths") or {}).get("output_dir") or "")
     saved = OmegaConf.create(_reroot(saved, old_out, str(cfg.paths.output_dir)))
     merged = cfg.copy() if overrides is None else _with_overrides(saved, cfg, overrides)
+    if overrides is not None:
+        _schedule_spans_the_run(saved, merged, overrides)
     with open_dict(merged):
         for k in RUNTIME_DATA_KEYS:
             if merged.get("data") is not None and cfg.get("data") is not None \
@@ -151,6 +153,30 @@ def _with_overrides(saved: DictConfig, cfg: DictConfig, overrides) -> DictConfig
         merged.paths = to_plain(cfg.paths)
         merged.ckpt_path = cfg.get("ckpt_path")
     return merged
+
+
+def _schedule_spans_the_run(saved: DictConfig, merged: DictConfig, overrides) -> None:
+    """A schedule that spanned the saved run (``module.scheduler.T_max`` equal to its
+    ``trainer.max_epochs``: the default ``T_max: ${trainer.max_epochs}``, saved resolved) spans
+    the resumed run's new ``trainer.max_epochs`` too, unless the command sets the scheduler
+    itself. The cosine schedule goes on from the learning rate the run has reached and ends at
+    its ``eta_min`` with the new last epoch (instead of rising again past the old ``T_max``)."""
+    old = OmegaConf.select(saved, "trainer.max_epochs", default=None)
+    new = OmegaConf.select(merged, "trainer.max_epochs", default=None)
+    sched = OmegaConf.select(merged, "module.scheduler", default=None)
+    set_here = any(k in ("module", "module.scheduler") or k.startswith("module.scheduler.")
+                   for k, _ in _override_keys(overrides))
+    if (old == new or set_here or not isinstance(sched, DictConfig) or "T_max" not in sched
+            or OmegaConf.select(saved, "module.scheduler.T_max", default=None) != old):
+        return
+    if not isinstance(new, int) or new <= 0:
+        raise ValueError(f"trainer.max_epochs={new} leaves the learning-rate schedule, whose "
+                         f"T_max follows it (it was {old}), without an end: give a number of "
+                         "epochs, or module.scheduler.T_max=N as well")
+    with open_dict(merged):
+        merged.module.scheduler.T_max = new
+    log.info("resumed with trainer.max_epochs=%s (was %s): the learning-rate schedule's T_max "
+             "follows it", new, old)
 
 
 def _fixed_node_changes(saved: DictConfig, merged: DictConfig) -> list[str]:

@@ -96,6 +96,13 @@ def test_resume_without_the_original_overrides_uses_the_runs_config(cli_run, tmp
     assert last["hyper_parameters"]["net"]["_target_"].endswith("ANNRegressor")
     saved = yaml.safe_load((run / "checkpoints" / "config.yaml").read_text())
     assert saved["trainer"]["max_epochs"] == 2  # the new override on top of the run's config
+    # the cosine schedule spanned the run (T_max 1): it spans the longer one and goes on from
+    # eta_min, instead of rising again past its old T_max (to 3e-3 after epoch 1)
+    first_sched = read_checkpoint(cli_run / "checkpoints" / "last.ckpt")["lr_schedulers"][0]
+    assert first_sched["T_max"] == 1 and first_sched["_last_lr"][0] == pytest.approx(1e-5)
+    assert saved["module"]["scheduler"]["T_max"] == 2
+    assert last["lr_schedulers"][0]["T_max"] == 2
+    assert last["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(1e-5)
     assert saved["data"]["params"]["n"] == 600 and saved["sequence"]["n_pulses"] == 100
     assert saved["model"]["_target_"].endswith("ANNRegressor")
     assert (run / ".hydra" / "config.yaml").read_bytes() == hydra_cfg  # how it was started
@@ -106,6 +113,11 @@ def test_resume_without_the_original_overrides_uses_the_runs_config(cli_run, tmp
     assert rows[:len(rows_before) - 1] == rows_before[:len(rows_before) - 1]
     steps = [int(r["step"]) for r in rows if r["train/loss_step"]]
     assert steps == sorted(steps) and len(steps) == len(set(steps))
+    # a T_max the command sets is the one the resumed schedule uses
+    r = _cli("train.py", [f"hydra.run.dir={run}", "ckpt_path=last", "trainer.max_epochs=3",
+                          "module.scheduler.T_max=7", "test=false"], tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["lr_schedulers"][0]["T_max"] == 7
 
 
 def test_resume_refuses_overrides_that_change_the_model_and_writes_nothing(cli_run, tmp_path):

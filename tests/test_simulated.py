@@ -159,6 +159,44 @@ def test_fixed_sets_are_seeded_and_reported_at_levels(seq):
     assert not torch.equal(t["params"][:32], v1["params"])
 
 
+def test_fixed_sets_draw_distinct_noise_at_every_level(seq, monkeypatch):
+    """Every validation and test set has its own noise stream, with more than ten noise levels
+    too (the first ten keep the seeds of the published results)."""
+    from mrflight.data import simulated
+
+    seeds, realise = [], simulated.realise
+
+    def spy(clean, std, g, *args, **kw):
+        seeds.append(g.initial_seed())
+        return realise(clean, std, g, *args, **kw)
+
+    monkeypatch.setattr(simulated, "realise", spy)
+    levels = [0.001 * (i + 1) for i in range(12)]
+    dm = SimulatedDataModule(seq, **{**SMALL, "n_val": 4, "n_test": 4,
+                                     "eval_noise_levels": levels})
+    dm.fixed_sets("val"), dm.fixed_sets("test")
+    assert len(seeds) == 2 * 13 and len(set(seeds)) == len(seeds)
+    assert seeds[:3] == [1_000_003 + 10, 1_000_003 + 11, 1_000_003 + 12]
+
+
+def test_ddp_ranks_each_train_every_batch_of_their_own_stream(seq):
+    """Under DDP Lightning shares a training loader's keys out among the ranks unless its
+    sampler is a DistributedSampler. Each rank draws its own batches (its rank is in every
+    draw), so the keys must reach every rank whole and in order: shared out, each rank would
+    train a random part of the epoch (and on a GPU simulate whole launches to use a part)."""
+    import lightning as L
+    from lightning.pytorch.trainer.states import RunningStage
+
+    dm = SimulatedDataModule(seq, **SMALL)
+    dm.setup("fit")
+    trainer = L.Trainer(strategy="ddp", devices=2, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False)
+    assert trainer._accelerator_connector.is_distributed
+    loader = trainer._data_connector._prepare_dataloader(dm.train_dataloader(), shuffle=True,
+                                                         mode=RunningStage.TRAINING)
+    assert list(loader.sampler) == [(0, 0), (0, 1), (0, 2)]
+
+
 def _module(loss="mse", bias_weight=0.0, targets=("t1", "t2", "b1")):
     net = {"_target_": "mrflight.models.ANNRegressor", "input_length": 10,
            "n_outputs": len(targets), "hidden_sizes": [8]}
@@ -264,6 +302,27 @@ def test_align_phase_removes_any_global_phase():
         assert torch.allclose(align_phase(y), ref, atol=1e-10)
     inp = preprocess(x * 1j, "complex")
     assert inp.shape == (4, 2, len(seq)) and inp[:, 1].abs().max() < 1e-6
+
+
+def test_a_run_without_seed_resumes_with_its_own_training_stream(tmp_path, monkeypatch):
+    """seed=null: the training stream's seed is drawn at setup and kept in the checkpoint, so
+    the resumed run trains on the stream it started on, not on a new random one."""
+    from mrflight.pipeline import compose_config, train
+
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    base = ["sequence.n_pulses=100", "sequence.lobe_length=20", "data.batches_per_epoch=2",
+            "data.n_val=16", "data.n_test=16", "data.batch_size=8", "data.num_workers=0",
+            "model.hidden_size=8", "logger=none", "~callbacks.rich_progress_bar",
+            "++trainer.enable_progress_bar=false", "~callbacks.scatter_plot",
+            "trainer.max_epochs=2", "test=false", "seed=null"]
+    out = tmp_path / "run"
+    seeds = []
+    for extra in ("+trainer.max_steps=2", "ckpt_path=last"):
+        train(compose_config([*base, extra], output_dir=out))
+        ck = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+        seeds.append(ck["SimulatedDataModule"]["seed"])
+    assert ck["global_step"] == 4
+    assert seeds[0] == seeds[1]
 
 
 @pytest.mark.parametrize("callbacks", ["default", "[default,ema]"])

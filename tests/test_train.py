@@ -165,6 +165,7 @@ def test_wandb_offline_writes_a_run_directory(tmp_path):
     ("data.batch_size=0", "batch_size"),
     ("data.n_test=5000", "only"),
     ("module.lr=0", "lr"),
+    ("trainer.max_epochs=-1", "T_max must be a positive number"),  # the cosine schedule's end
 ])
 def test_bad_config_values_fail_clearly(tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
@@ -281,15 +282,24 @@ def test_multirun_four_models_and_sweeps(tmp_path):
     assert (optuna / "optimization_results.yaml").is_file()
 
 
+SIM_SMALL = ["data=simulated", "sequence.n_pulses=100", "sequence.lobe_length=20",
+             "data.batches_per_epoch=4", "data.n_val=32", "data.n_test=32", "data.batch_size=16",
+             "data.num_workers=0", "model.hidden_size=8", "trainer.max_epochs=2",
+             "~callbacks.rich_progress_bar", "++trainer.enable_progress_bar=false"]
+
+
 @pytest.mark.slow
-def test_ddp_on_cpu_two_processes(tmp_path):
+@pytest.mark.parametrize("data", [TINY, SIM_SMALL], ids=["stored", "simulated"])
+def test_ddp_on_cpu_two_processes(tmp_path, data):
     out = tmp_path / "ddp"
-    r = _sub(["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", *TINY,
+    r = _sub(["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", *data,
               "logger=csv", f"hydra.run.dir={out}"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "metrics.json").is_file()
     ck = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert ck["epoch"] == 1
+    if data is SIM_SMALL:  # every rank trains every batch of its own stream: 4 steps per epoch
+        assert ck["global_step"] == 8
 
 
 def test_predict_parameters_precision_modes():

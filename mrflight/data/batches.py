@@ -1,6 +1,7 @@
 """What both data modules share: the :class:`Batch` they yield, its collation, the seeds of
 their training streams (:func:`stream_seed`) and what the pipeline reads from a data module to
-build the network (:class:`ModelInputs`)."""
+build the network (:class:`ModelInputs`), the seed of the training stream kept in the checkpoint
+(:class:`TrainingSeed`) and the epoch a training loader serves (:func:`training_epoch`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from mrflight.physics import Sequence
 
-__all__ = ["Batch", "collate", "stream_seed", "ModelInputs"]
+__all__ = ["Batch", "collate", "stream_seed", "training_epoch", "ModelInputs", "TrainingSeed"]
 
 
 class Batch(NamedTuple):
@@ -52,6 +53,14 @@ def stream_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+def training_epoch(trainer) -> int:
+    """The epoch that a training loader's new iterator serves: the count Lightning passes to
+    ``set_epoch``. A resumed run creates the iterator (and loader workers draw their first
+    batches' indices or keys from the sampler) before it calls ``set_epoch`` and before
+    ``trainer.current_epoch`` reaches the resumed epoch, but after it has restored this count."""
+    return int(trainer.fit_loop.epoch_progress.current.processed)
+
+
 def collate(items: list[Batch]) -> Batch:
     """Stack a list of single-sample :class:`Batch` es into one (``None`` fields stay None)."""
     return Batch(*(None if x[0] is None else torch.stack(x) for x in zip(*items)))
@@ -72,3 +81,29 @@ class ModelInputs:
     def input_length(self) -> int:
         """``T``: the number of time points of the fingerprints."""
         return len(self.sequence)
+
+
+class TrainingSeed:
+    """The seed of a data module's training stream, kept in the checkpoint (a mixin).
+
+    Without ``seed`` the module takes ``torch.initial_seed()`` at setup: the run's ``seed``
+    after ``seed_everything``, or a random one with ``seed: null``. Lightning saves
+    :meth:`state_dict` in the checkpoint and calls :meth:`load_state_dict` after ``setup`` on a
+    resume, so a resumed run goes on with the stream it was trained on even when its seed was
+    random; a configured ``seed`` is kept.
+    """
+
+    seed: int | None
+    _seed_drawn: bool = False
+
+    def _training_seed(self) -> int:
+        if self.seed is None:
+            self.seed, self._seed_drawn = int(torch.initial_seed()), True
+        return self.seed
+
+    def state_dict(self) -> dict:
+        return {} if self.seed is None else {"seed": int(self.seed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._seed_drawn and state.get("seed") is not None:
+            self.seed = int(state["seed"])

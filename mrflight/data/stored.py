@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from mrflight.physics import Sequence, add_noise, normalize
 from mrflight.transforms import DEFAULT_TARGET_SCALE_MS, INPUT_MODES, preprocess, split_indices
 
-from .batches import Batch, ModelInputs, collate, stream_seed
+from .batches import Batch, ModelInputs, TrainingSeed, collate, stream_seed, training_epoch
 
 __all__ = ["FingerprintDataset", "FingerprintDataModule", "EpochShuffleSampler"]
 
@@ -73,22 +73,28 @@ class FingerprintDataset(Dataset):
 class EpochShuffleSampler(torch.utils.data.RandomSampler):
     """Shuffles ``data_source`` with a permutation that depends only on ``(seed, epoch)``.
 
-    Lightning calls :meth:`set_epoch` at the start of every epoch (also after a resume), so a
-    resumed run visits the training samples in the same order as an uninterrupted one. Under DDP
+    The epoch is read when an iterator starts: from ``epoch_fn`` (the trainer's, see
+    :func:`~mrflight.data.batches.training_epoch`) where given, else from :meth:`set_epoch`,
+    which Lightning calls at the start of every epoch. Loader workers fetch their first indices
+    as soon as the iterator exists, which a resumed run creates before it sets the epoch: only
+    ``epoch_fn`` gives them the resumed epoch's order, so that a resumed run visits the
+    training samples in the same order as an uninterrupted one with workers too. Under DDP
     Lightning replaces it (it is a ``RandomSampler``) by a ``DistributedSampler``, which is
     epoch-seeded too.
     """
 
-    def __init__(self, data_source, seed: int) -> None:
+    def __init__(self, data_source, seed: int, epoch_fn=None) -> None:
         super().__init__(data_source)
         self.seed = int(seed)
         self.epoch = 0
+        self.epoch_fn = epoch_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(stream_seed(self.seed, 0, self.epoch))
+        epoch = int(self.epoch_fn()) if self.epoch_fn is not None else self.epoch
+        g = torch.Generator().manual_seed(stream_seed(self.seed, 0, epoch))
         yield from torch.randperm(len(self.data_source), generator=g).tolist()
 
 
@@ -140,7 +146,7 @@ def _check_settings(batch_size, eval_batch_size, noise_std, input_mode, val_frac
     return scale
 
 
-class FingerprintDataModule(ModelInputs, L.LightningDataModule):
+class FingerprintDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
     """Fingerprints for training, validation and test with the project's noise model.
 
     Args:
@@ -161,7 +167,7 @@ class FingerprintDataModule(ModelInputs, L.LightningDataModule):
         seed: seed of the training shuffle and the training noise (both functions of ``(seed,
             epoch, batch index)``, so resumed runs reproduce uninterrupted ones); ``None``: the
             global torch seed when :meth:`setup` runs (``torch.initial_seed()``, i.e. the run's
-            ``seed`` after ``seed_everything``).
+            ``seed`` after ``seed_everything``), kept in the checkpoint for a resume.
         cache_dir: dictionary cache folder passed to :func:`mrflight.dictionary.generate`
             (``None``: no cache).
         num_workers: DataLoader workers (0 is fastest for in-memory tensors).
@@ -280,8 +286,7 @@ class FingerprintDataModule(ModelInputs, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if self.seed is None:
-            self.seed = int(torch.initial_seed())
+        self._training_seed()
         atoms, params, _, splits = self.load_splits()
         train_idx, val_idx, test_idx = splits["train"], splits["val"], splits["test"]
         scale = torch.tensor(self.target_scale_ms, dtype=torch.float32)
@@ -316,8 +321,10 @@ class FingerprintDataModule(ModelInputs, L.LightningDataModule):
                           persistent_workers=self.num_workers > 0, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        epoch_fn = (lambda: training_epoch(trainer)) if trainer is not None else None
         return self._loader(self.train_set, self.batch_size,
-                            EpochShuffleSampler(self.train_set, self.seed))
+                            EpochShuffleSampler(self.train_set, self.seed, epoch_fn))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size)
@@ -333,7 +340,7 @@ class FingerprintDataModule(ModelInputs, L.LightningDataModule):
             rank = int(trainer.global_rank) if trainer is not None else 0
             if epoch != self._noise_epoch:
                 self._noise_epoch, self._noise_batch = epoch, 0
-            seed = self.seed if self.seed is not None else int(torch.initial_seed())
+            seed = self._training_seed()
             g = torch.Generator(device=batch.signal.device)
             g.manual_seed(stream_seed(seed, 1, epoch, self._noise_batch, rank))
             self._noise_batch += 1
