@@ -159,6 +159,7 @@ def maps_from_config(cfg) -> dict[str, Path]:
     Returns:
         ``{name: path}`` of the files written.
     """
+    from mrflight.fileio import output_folder
     from mrflight.maps import make_maps
 
     inp = _cfg_get(cfg, "input")
@@ -175,7 +176,7 @@ def maps_from_config(cfg) -> dict[str, Path]:
     rec = map_reconstructor(cfg, options)
     if b1map and not options.fit_iterations:
         rec.b1_values()  # a dictionary without a B1 column fails here, before any reading
-    out_dir = _output_dir(cfg)
+    out_dir = output_folder(_output_dir(cfg))
     files = make_maps(inp, rec, out_dir, options=options, mask=_cfg_get(cfg, "mask"),
                       b1map=b1map)
     print(f"maps written to {out_dir}:")
@@ -188,9 +189,10 @@ def maps_from_config(cfg) -> dict[str, Path]:
 def export_from_config(cfg) -> list[Path]:
     """Body of ``python eval.py export=FORMAT ckpt_path=PATH``."""
     from mrflight.export import export_checkpoints
+    from mrflight.fileio import output_folder
 
     files = export_checkpoints(cfg.get("ckpt_path"), str(cfg.export),
-                               Path(str(cfg.paths.output_dir)))
+                               output_folder(str(cfg.paths.output_dir)))
     for f in files:
         log.info("exported %s", f)
     return files
@@ -211,6 +213,7 @@ def evaluation_from_config(cfg) -> list[dict]:
 
     from mrflight import evaluation
     from mrflight.checkpoints import find_checkpoints
+    from mrflight.fileio import RUN_RESULTS, output_folder
     from mrflight.loggers import build_eval_loggers, eval_runs
 
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -218,8 +221,7 @@ def evaluation_from_config(cfg) -> list[dict]:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     settings = eval_settings(cfg.get("evaluation"))
-    out_dir = Path(str(cfg.paths.output_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(str(cfg.paths.output_dir), RUN_RESULTS)
     cache_dir = cfg.paths.get("cache_dir") if cfg.get("paths") else None
 
     def cfg_sequence():

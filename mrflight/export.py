@@ -245,13 +245,17 @@ def export_checkpoints(ckpt_path, fmt: str, out_dir) -> list[Path]:
         raise ValueError("export needs a trained model: add ckpt_path=CHECKPOINT_OR_RUN_DIR")
     root = Path(str(ckpt_path)).expanduser()
     out_dir = Path(out_dir)
-    written = []
+    jobs = []
     for ck in find_checkpoints(root):
         module = mrflight.load_checkpoint(str(ck))
         run = run_dir_of(ck)
         rel = run.relative_to(root) if run.is_relative_to(root) else Path(run.name)
         stem = "_".join([type(module.net).__name__.removesuffix("Regressor").lower(),
                          *rel.parts])
-        fn = export_onnx if fmt == "onnx" else export_torchscript
-        written.append(fn(module, out_dir / f"{stem}{FORMATS[fmt]}"))
-    return written
+        jobs.append((module, out_dir / f"{stem}{FORMATS[fmt]}"))
+    there = [str(dest) for _, dest in jobs if dest.exists()]
+    if there:
+        raise ValueError(f"export would overwrite {', '.join(there)}: give another "
+                         "paths.output_dir (each eval.py run gets a new one by default)")
+    fn = export_onnx if fmt == "onnx" else export_torchscript
+    return [fn(module, dest) for module, dest in jobs]

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "remove_stale_temp_files", "load_mat", "save_mat", "is_mat_v73",
-           "file_mode", "damaged_error", "Digest"]
+__all__ = ["atomic_path", "remove_stale_temp_files", "output_folder", "held_results",
+           "RUN_RESULTS", "load_mat", "save_mat", "is_mat_v73", "file_mode", "damaged_error",
+           "Digest"]
 
 #: root attribute of a v7.3 file holding the SHA-256 checksum of its variables
 _CHECKSUM_ATTR = "mrflight_sha256"
@@ -174,6 +175,44 @@ def remove_stale_temp_files(folder: str | os.PathLike, max_age_s: float = 3600.0
         except OSError:
             continue
     return removed
+
+
+#: what a training run leaves in its folder (another run there would overwrite it)
+RUN_RESULTS = ("metrics.json", "checkpoints")
+
+
+def held_results(folder: str | os.PathLike, names: tuple[str, ...] = RUN_RESULTS) -> list[str]:
+    """Those of ``names`` that ``folder`` holds (a folder counts when it holds a file)."""
+    out = Path(folder).expanduser()
+    return [n for n in names if (out / n).is_file()
+            or ((out / n).is_dir() and any(p.is_file() for p in (out / n).rglob("*")))]
+
+
+def output_folder(path: str | os.PathLike, results: tuple[str, ...] = (),
+                  option: str = "paths.output_dir", fix: str | None = None) -> Path:
+    """``path`` made (with its parents) as the folder a command writes into, after checks:
+    it is not a file, it can be made, and none of ``results`` (names of an earlier run's
+    results, e.g. ``metrics.json``, ``checkpoints``; a folder counts when it holds a file) is
+    in it, so that nothing there is overwritten.
+
+    Raises:
+        ValueError: naming ``option`` and the fix (``fix``, else to give another folder).
+    """
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option}={out} is a file, not a folder: give a folder to write into")
+    found = held_results(out, results)
+    if found:
+        raise ValueError(f"{option}={out} already holds the results of another run "
+                         f"({', '.join(found)}), which this command would overwrite: "
+                         + (fix or f"give another {option} (each run gets a new one by "
+                                   "default)"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{option}={out} cannot be made ({e.strerror or e}): give a folder "
+                         "you can write into") from None
+    return out
 
 
 def is_mat_v73(path: str | os.PathLike) -> bool:

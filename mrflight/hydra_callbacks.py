@@ -82,12 +82,17 @@ class FailureReport(Callback):
 
 
 class KeepRunConfig(Callback):
-    """A single run with ``ckpt_path`` set (a resume) does not save ``.hydra/*.yaml``."""
+    """A single run with ``ckpt_path`` set (a resume), or one in a folder holding another run's
+    results (which it will refuse to overwrite), does not save ``.hydra/*.yaml``: those of the
+    run already there stay as they were."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from omegaconf import open_dict, read_write
 
-        if config.get("ckpt_path") in (None, "") or not config.get("train", True):
+        from mrflight.fileio import held_results
+
+        resume = config.get("ckpt_path") not in (None, "") and config.get("train", True)
+        if not resume and not held_results(str(config.hydra.run.dir)):
             return
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.output_subdir = None

@@ -73,6 +73,10 @@ def check_config(cfg: DictConfig) -> None:
         v = trainer.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < -1):
             raise ValueError(f"trainer.{key} must be an integer (-1: no limit), got {v!r}")
+    if trainer.get("overfit_batches") and "SimulatedDataModule" in str(data.get("_target_")):
+        raise ValueError("trainer.overfit_batches (debug=overfit) repeats a few stored batches, "
+                         "but data=simulated draws fresh ones every step: add data=random or "
+                         "data=paper")
     sched = cfg.module.get("scheduler")
     if sched and str(sched.get("_target_", "")).endswith(".CosineAnnealingLR"):
         t_max = sched.get("T_max")
@@ -192,13 +196,14 @@ def _log_model_size(module) -> None:
              f"{n:,}", f"{trainable:,}", 4 * n / 2**20)
 
 
-def _prepare_run(cfg: DictConfig) -> Path:
-    """Logging, W&B offline, seed and threads; the output dir made and cleared of the temporary
-    files of killed writers. Returns the output dir."""
+def _prepare_run(cfg: DictConfig, resuming: bool) -> Path:
+    """Logging, W&B offline, seed and threads; the output dir made (refused where it holds
+    another run's results and this is no resume of it) and cleared of the temporary files of
+    killed writers. Returns the output dir."""
     import lightning as L
     import torch
 
-    from mrflight.fileio import remove_stale_temp_files
+    from mrflight.fileio import RUN_RESULTS, output_folder, remove_stale_temp_files
 
     configure_logging()
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -207,8 +212,10 @@ def _prepare_run(cfg: DictConfig) -> Path:
         L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = output_folder(
+        cfg.paths.output_dir, () if resuming else RUN_RESULTS,
+        fix="resume that run with ckpt_path=last, or start this one in another hydra.run.dir "
+            "(each run gets a new one by default)")
     for folder in (output_dir, output_dir / "checkpoints"):
         remove_stale_temp_files(folder)
     return output_dir
@@ -292,7 +299,7 @@ def _train(cfg: DictConfig) -> float | None:
     hc = hydra_config()
     cfg, resume_from = _resume(cfg, hc)  # checks the checkpoint loads: nothing written yet
     check_config(cfg)
-    output_dir = _prepare_run(cfg)
+    output_dir = _prepare_run(cfg, resuming=resume_from is not None)
     datamodule, module = _build_data_and_module(cfg)
     check_metric(cfg, module, getattr(datamodule, "eval_set_names", [""]))
     if resume_from is not None:
@@ -336,8 +343,23 @@ def evaluate(cfg: DictConfig):
     from mrflight import eval_entry
 
     check_runtime(cfg)
+    _check_eval_mode(cfg)
     if cfg.get("input"):
         return eval_entry.maps_from_config(cfg)
     if cfg.get("export"):
         return eval_entry.export_from_config(cfg)
     return eval_entry.evaluation_from_config(cfg)
+
+
+def _check_eval_mode(cfg: DictConfig) -> None:
+    """``eval.py`` does one of three things; options of another are refused, not ignored."""
+    if cfg.get("input") and cfg.get("export"):
+        raise ValueError("input= (maps of a series) and export= (a model file) are separate "
+                         "commands: run eval.py once with each")
+    if not cfg.get("input"):
+        given = [k for k in ("dictionary", "mask", "b1map") if cfg.get(k)]
+        if given:
+            raise ValueError(f"{'= and '.join(given)}= appl{'y' if len(given) > 1 else 'ies'} "
+                             "to maps of an image series: add "
+                             "input=SERIES, or drop them (the evaluation of ckpt_path= matches "
+                             "against its own test dictionaries)")

@@ -120,6 +120,7 @@ def test_late_or_raw_errors_are_one_line_before_any_work(tmp_path, args, expect)
     ("train", ["seed=abc"], "seed must be an integer .*got 'abc'"),
     ("train", ["data=file"], "debug=tiny sets data.params .*data=paper or data=random"),
     ("train", ["data=file", "data.path=d.h5"], "debug=tiny sets data.params"),
+    ("train", ["trainer.max_epochs=-1"], "T_max must be a positive number .*scheduler=null"),
 ])
 def test_config_checks_name_the_setting(tmp_path, name, overrides, expect):
     from mrflight.pipeline import check_config, check_runtime, compose_config
@@ -171,3 +172,53 @@ def test_failed_run_writes_the_error_into_its_log(tmp_path):
     line = _one_error_line(r)
     log = (out / "train.log").read_text()
     assert line in log and "Traceback" in log  # the traceback in the log, not on the console
+
+
+def test_a_run_folder_is_never_overwritten_by_another_command(tmp_path):
+    """Another training run (without ckpt_path) or an evaluation in a run's folder would
+    overwrite its checkpoints, metrics and logs: refused, and the folder stays as it was; an
+    output folder that is a file, and an export over an earlier export, are refused too."""
+    run = tmp_path / "run"
+    r = _run("train.py", [*TINY, "model=ann", "trainer.max_epochs=1", "test=false",
+                          f"hydra.run.dir={run}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix != ".log"}
+    assert (run / ".hydra" / "config.yaml") in files
+    for script, args in (("train.py", [*TINY, f"hydra.run.dir={run}"]),
+                         ("eval.py", [f"ckpt_path={run}", f"hydra.run.dir={run}"])):
+        line = _one_error_line(_run(script, args, tmp_path))
+        for piece in (str(run), "already holds the results of another run", "checkpoints"):
+            assert piece in line, line
+    assert files == {p: p.read_bytes() for p in run.rglob("*")
+                     if p.is_file() and p.suffix != ".log"}
+    (tmp_path / "afile").write_text("mine")
+    line = _one_error_line(_run("eval.py", ["export=onnx", f"ckpt_path={run}",
+                                            f"paths.output_dir={tmp_path / 'afile'}"], tmp_path))
+    assert "is a file, not a folder" in line and (tmp_path / "afile").read_text() == "mine"
+    export = ["export=onnx", f"ckpt_path={run}", f"paths.output_dir={tmp_path / 'exp'}"]
+    r = _run("eval.py", export, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (onnx,) = (tmp_path / "exp").glob("*.onnx")
+    before = onnx.read_bytes()
+    assert "would overwrite" in _one_error_line(_run("eval.py", export, tmp_path))
+    assert onnx.read_bytes() == before
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["input=scan.npy", "export=onnx"], "separate commands"),
+    (["dictionary=d.h5", "mask=m.npy"], "dictionary= and mask= apply to maps"),
+    (["b1map=b1.nii.gz"], "b1map= applies to maps of an image series: add input="),
+])
+def test_eval_refuses_options_it_would_ignore(tmp_path, args, expect):
+    assert expect in _one_error_line(_run("eval.py", args, tmp_path))
+
+
+def test_overfit_debug_runs_on_stored_data_and_refuses_fresh_batches(tmp_path):
+    from mrflight.pipeline import check_config, compose_config
+
+    cfg = compose_config(["debug=overfit"], output_dir=tmp_path)
+    check_config(cfg)
+    assert cfg.data._target_.endswith("FingerprintDataModule") and cfg.data.noise_std == 0
+    cfg = compose_config(["debug=overfit", "data=simulated"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match="overfit_batches .*data=random or data=paper"):
+        check_config(cfg)
