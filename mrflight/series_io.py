@@ -31,11 +31,12 @@ is not a magnitude) and asks for the complex series or its magnitude.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from mrflight.fileio import is_mat_v73, load_mat
+from mrflight.fileio import damaged_error, is_mat_v73, load_mat
 
 __all__ = ["SeriesSource", "open_series", "series_stem", "SERIES_SUFFIXES"]
 
@@ -80,11 +81,12 @@ class SeriesSource:
             the slice axis that gives contiguous reads).
         closer: called by :meth:`close` (closes an HDF5 file).
         name: the variable/dataset name inside the file, if any.
+        option: the option that named the file (``input``, ``mask``, ``b1map``), for errors.
     """
 
     def __init__(self, array, *, path=None, affine=None, header=None, image_class=None,
                  reversed_axes: bool = False, order: str = "C", closer=None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, option: str = "input") -> None:
         self._array = array
         self.path = None if path is None else Path(path)
         self.affine = None if affine is None else np.asarray(affine, dtype=np.float64)
@@ -94,6 +96,7 @@ class SeriesSource:
         self.order = order
         self._closer = closer
         self.name = name
+        self.option = option
         shape = tuple(int(s) for s in array.shape)
         self.shape = shape[::-1] if self._reversed else shape
         dt = np.dtype(array.dtype)
@@ -132,17 +135,19 @@ class SeriesSource:
 
         Returns:
             The block; integer indices drop their axis, as in numpy.
+
+        Raises:
+            ValueError: the file is truncated or damaged (naming the file and its option).
         """
         index = tuple(index)
         if len(index) != self.ndim:
             raise ValueError(f"index needs {self.ndim} entries, got {len(index)}")
-        if self._reversed:
-            raw = np.asarray(self._array[index[::-1]])
-            raw = _complex_from_compound(raw) if raw.dtype.names else raw
-            raw = raw.T
-        else:
-            raw = np.asarray(self._array[index])
-            raw = _complex_from_compound(raw) if raw.dtype.names else raw
+        try:  # a cut-short file fails only here: nibabel and h5py read lazily
+            raw = np.asarray(self._array[index[::-1] if self._reversed else index])
+        except (OSError, EOFError, ValueError, zlib.error) as e:
+            raise damaged_error(f"{self.option}={self.describe()}", e) from None
+        raw = _complex_from_compound(raw) if raw.dtype.names else raw
+        raw = raw.T if self._reversed else raw
         target = np.complex64 if raw.dtype.kind == "c" else np.float32
         return np.asarray(raw, dtype=target)
 
@@ -164,12 +169,13 @@ class SeriesSource:
 
 # ---------------------------------------------------------------------------------- choosing
 def _choose(candidates: dict[str, tuple[int, ...]], dataset: str | None, path: Path,
-            length: int | None) -> str:
-    """Pick the variable holding the series among ``name -> shape``."""
+            length: int | None, option: str = "input") -> str:
+    """Pick the variable holding the series (or the ``option=`` file's array) among
+    ``name -> shape``."""
     if dataset is not None:
         if dataset not in candidates:
-            raise ValueError(f"dataset={dataset!r} is not in {path}; it holds "
-                             f"{_listing(candidates)}")
+            raise ValueError(f"dataset={dataset!r} (maps.dataset on the command line) is not in "
+                             f"{path}; it holds {_listing(candidates)}")
         return dataset
     multi = {k: s for k, s in candidates.items() if len(s) >= 2}
     if length is not None and len(multi) > 1:
@@ -177,11 +183,17 @@ def _choose(candidates: dict[str, tuple[int, ...]], dataset: str | None, path: P
         multi = with_t or multi
     if len(multi) == 1:
         return next(iter(multi))
+    series = option == "input"
     if not multi:
-        raise ValueError(f"{path} holds no array with at least 2 dimensions "
-                         f"({_listing(candidates)}); an image series needs space and time axes")
-    raise ValueError(f"{path} holds several arrays ({_listing(multi)}); choose the image series "
-                     f"with dataset=NAME (maps.dataset=NAME on the command line)")
+        raise ValueError(f"{option}={path} holds no array with at least 2 dimensions "
+                         f"({_listing(candidates)}); "
+                         + ("an image series needs space and time axes" if series
+                            else "give an array of the image grid"))
+    raise ValueError(f"{option}={path} holds several arrays ({_listing(multi)}); "
+                     + ("choose the image series with dataset=NAME (maps.dataset=NAME on the "
+                        "command line)" if series else
+                        f"save the one meant alone (e.g. np.save('{option}.npy', arr), or as "
+                        f"NIfTI) and pass that file as {option}="))
 
 
 def _listing(c: dict[str, tuple[int, ...]]) -> str:
@@ -213,8 +225,9 @@ def _h5_datasets(f) -> dict:
 
 # ---------------------------------------------------------------------------------- opening
 def open_series(path: str | os.PathLike, *, dataset: str | None = None,
-                length: int | None = None) -> SeriesSource:
-    """Open an image series file lazily.
+                length: int | None = None, option: str = "input",
+                what: str = "image series") -> SeriesSource:
+    """Open an image series file (or another array file on its grid) lazily.
 
     Args:
         path: ``.nii``, ``.nii.gz``, ``.npy``, ``.npz``, ``.mat`` (v7 or v7.3), ``.h5``/``.hdf5``.
@@ -222,63 +235,68 @@ def open_series(path: str | os.PathLike, *, dataset: str | None = None,
             docstring); ignored for NIfTI and ``.npy``.
         length: the expected number of time points (the sequence length), used only to choose
             among several candidate arrays.
+        option, what: the option that names the file and what it holds, for error messages
+            (``"input"``, ``"image series"``; ``"b1map"``, ``"B1 map"``).
 
     Returns:
         A :class:`SeriesSource` (close it, or use it as a context manager, to release HDF5 files).
 
     Raises:
-        ValueError: missing file, unknown suffix, unreadable file, or no/ambiguous variable.
+        ValueError: missing file, unknown suffix, unreadable (truncated or damaged) file, or
+            no/ambiguous variable; each names ``option``.
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"input={str(path)!r} does not exist; pass the image series file")
+        raise ValueError(f"{option}={str(path)!r} does not exist; pass the {what} file")
     name = path.name.lower()
+    given = f"{option}={path}"
     if name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
 
         try:
             img = nib.load(str(path))
         except Exception as e:
-            raise ValueError(f"{path} is not a readable NIfTI file: {e}") from None
+            raise damaged_error(given, e, "NIfTI file") from None
         return SeriesSource(img.dataobj, path=path, affine=img.affine, header=img.header,
-                            image_class=type(img), order="F")
+                            image_class=type(img), order="F", option=option)
     if name.endswith(".npy"):
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:
-            raise ValueError(f"{path} is not a readable .npy file: {e}") from None
+            raise damaged_error(given, e, ".npy file") from None
         order = "F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C"
-        return SeriesSource(arr, path=path, order=order)
+        return SeriesSource(arr, path=path, order=order, option=option)
     if name.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as z:
                 shapes = {k: z[k].shape for k in z.files}
-                key = _choose(shapes, dataset, path, length)
+                key = _choose(shapes, dataset, path, length, option)
                 arr = z[key]
         except ValueError:
             raise
         except Exception as e:
-            raise ValueError(f"{path} is not a readable .npz file: {e}") from None
-        return SeriesSource(arr, path=path, name=key)
+            raise damaged_error(given, e, ".npz file") from None
+        return SeriesSource(arr, path=path, name=key, option=option)
     if name.endswith(".mat") and path.is_file() and is_mat_v73(path):
-        return _open_h5(path, dataset, length, matlab=True)
+        return _open_h5(path, dataset, length, option, matlab=True)
     if name.endswith(".mat"):
         data = _flatten(load_mat(path))
-        key = _choose({k: v.shape for k, v in data.items()}, dataset, path, length)
-        return SeriesSource(data[key], path=path, name=key)
+        key = _choose({k: v.shape for k, v in data.items()}, dataset, path, length, option)
+        return SeriesSource(data[key], path=path, name=key, option=option)
     if name.endswith((".h5", ".hdf5")):
-        return _open_h5(path, dataset, length, matlab=False)
-    raise ValueError(f"input={str(path)!r} has an unknown suffix; use one of "
+        return _open_h5(path, dataset, length, option, matlab=False)
+    raise ValueError(f"{option}={str(path)!r} has an unknown suffix; use one of "
                      f"{', '.join(SERIES_SUFFIXES)}")
 
 
-def _open_h5(path: Path, dataset: str | None, length: int | None, matlab: bool) -> SeriesSource:
+def _open_h5(path: Path, dataset: str | None, length: int | None, option: str,
+             matlab: bool) -> SeriesSource:
     import h5py
 
     try:
         f = h5py.File(path, "r")
     except Exception as e:
-        raise ValueError(f"{path} is not a readable HDF5 file: {e}") from None
+        raise damaged_error(f"{option}={path}", e, "HDF5 file") from None
     try:
         dsets = _h5_datasets(f)
         if matlab:
@@ -287,9 +305,10 @@ def _open_h5(path: Path, dataset: str | None, length: int | None, matlab: bool) 
             shapes = {k: tuple(v.shape[::-1]) for k, v in dsets.items()}
         else:
             shapes = {k: tuple(v.shape) for k, v in dsets.items()}
-        key = _choose(shapes, dataset.lstrip("/") if dataset else None, path, length)
+        key = _choose(shapes, dataset.lstrip("/") if dataset else None, path, length, option)
         return SeriesSource(dsets[key], path=path, reversed_axes=matlab,
-                            order="F" if matlab else "C", closer=f.close, name=key)
+                            order="F" if matlab else "C", closer=f.close, name=key,
+                            option=option)
     except Exception:
         f.close()
         raise

@@ -126,6 +126,34 @@ def test_truncated_files_name_the_file(small, seq, tmp_path, kind):
             dm.load_splits()
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_nifti_names_the_file_and_its_option(seq, tmp_path, suffix):
+    """A cut-short NIfTI series, mask or B1 map: one ValueError naming the option, the file and
+    the damage (not gzip's EOFError nor nibabel's 'not enough data')."""
+    import nibabel as nib
+
+    from mrflight import maps
+
+    class Unused:
+        length = len(seq)
+
+        def __call__(self, signals, b1=None):
+            raise AssertionError("a damaged file was reconstructed")
+
+    rng = np.random.default_rng(0)
+    series = (rng.standard_normal((6, 6, 1, len(seq)))
+              + 1j * rng.standard_normal((6, 6, 1, len(seq)))).astype(np.complex64)
+    grid_map = rng.uniform(0.8, 1.2, (6, 6, 1)).astype(np.float32)
+    for option, arr in (("input", series), ("mask", grid_map), ("b1map", grid_map)):
+        whole, cut = tmp_path / f"{option}{suffix}", tmp_path / f"cut_{option}{suffix}"
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), str(whole))
+        raw = whole.read_bytes()
+        cut.write_bytes(raw[: len(raw) * 3 // 4])
+        files = {"series": cut} if option == "input" else {"series": series, option: cut}
+        with pytest.raises(ValueError, match=rf"^{option}=\S*cut_{option}.* truncated or damaged"):
+            maps.reconstruct_series(reconstructor=Unused(), **files)
+
+
 def test_mat_checksum_covers_every_variable(tmp_path):
     path = tmp_path / "s.mat"
     save_mat(path, {"x": np.arange(200.0), "s": {"name": "abc", "y": np.ones((3, 4))}}, v73=True)

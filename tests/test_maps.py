@@ -298,6 +298,108 @@ def test_mask_file_and_explicit_time_axis(tmp_path, seq, phantoms, matcher_compl
         maps.reconstruct_series(ser, matcher_complex, mask=np.ones((5, 5)))
 
 
+class _NeverCalled:
+    """A reconstructor that fails the test when asked to reconstruct anything."""
+
+    length = N_PULSES
+
+    def __call__(self, signals, b1=None):
+        raise AssertionError("reconstruction started")
+
+
+def test_maps_never_overwrite_files_in_the_output_folder(tmp_path, seq, phantoms,
+                                                         matcher_complex):
+    """``paths.output_dir`` = the data folder: a mask or B1 map with the BIDS names the maps
+    use (``<stem>_mask.nii.gz``, ``<stem>_TB1map.nii.gz``), or an earlier run's maps, are
+    refused before any reconstruction, listing the files; nothing is written."""
+    t1, t2, m0, mask = phantoms["brain"]
+    np.save(tmp_path / "scan.npy", _series(t1, t2, m0, mask, seq))
+    mine = {"scan_mask.nii.gz": nib.Nifti1Image(mask.astype(np.uint8), np.eye(4)),
+            "scan_TB1map.nii.gz": nib.Nifti1Image(np.ones(t1.shape, np.float32), np.eye(4))}
+    for name, img in mine.items():
+        nib.save(img, str(tmp_path / name))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"paths.output_dir=.* already holds scan_TB1map.nii.gz, "
+                                         r"scan_mask.nii.gz.*give another paths.output_dir"):
+        maps.make_maps(tmp_path / "scan.npy", _NeverCalled(), tmp_path, options=OPTS,
+                       mask=tmp_path / "scan_mask.nii.gz", b1map=tmp_path / "scan_TB1map.nii.gz")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # an earlier run's maps in the same folder: refused too, by make_maps and by write_maps
+    files = maps.make_maps(tmp_path / "scan.npy", matcher_complex, tmp_path / "out",
+                           options=OPTS)
+    with pytest.raises(ValueError, match="already holds scan_T1map.nii.gz"):
+        maps.make_maps(tmp_path / "scan.npy", _NeverCalled(), tmp_path / "out", options=OPTS)
+    result = maps.reconstruct_series(tmp_path / "scan.npy", matcher_complex)
+    with pytest.raises(ValueError, match="already holds scan_T1map.nii.gz"):
+        maps.write_maps(result, tmp_path / "out", "scan", previews=False)
+    assert sorted(tmp_path.joinpath("out").iterdir()) == sorted(files.values())
+
+
+def test_mask_and_b1map_file_errors_name_their_option(tmp_path, seq, phantoms):
+    """A missing mask or B1 map names ``mask=``/``b1map=`` (not ``input=``, not nibabel's
+    words); a file of several arrays says how to make one the mask; one array is read."""
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq)
+    for option, name in (("mask", "m.npy"), ("mask", "m.nii.gz"), ("b1map", "b.nii.gz")):
+        with pytest.raises(ValueError, match=rf"^{option}='.*{name}' does not exist"):
+            maps.reconstruct_series(ser, _NeverCalled(), **{option: tmp_path / name})
+    np.savez(tmp_path / "two.npz", mask=mask, other=mask)
+    with pytest.raises(ValueError, match=r"mask=.*two.npz holds several arrays.*np.save"
+                                         r"\('mask.npy', arr\).*pass that file as mask=") as e:
+        maps.reconstruct_series(ser, _NeverCalled(), mask=tmp_path / "two.npz")
+    assert "dataset" not in str(e.value)  # maps.dataset chooses the series, not the mask
+    np.savez(tmp_path / "one.npz", mask=mask, spacing=np.ones(2))
+    np.testing.assert_array_equal(maps.load_mask(tmp_path / "one.npz", mask.shape), mask)
+
+
+def test_mask_must_be_binary_and_select_a_voxel(tmp_path, seq, phantoms):
+    """An all-zero mask and a mask of fractions (``!= 0`` would keep every voxel) are refused
+    with the fix, before any reconstruction."""
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq)
+    np.save(tmp_path / "zero.npy", np.zeros(t1.shape, np.uint8))
+    with pytest.raises(ValueError, match=r"mask=.*zero.npy selects no voxel.*leave mask= out"):
+        maps.reconstruct_series(ser, _NeverCalled(), mask=tmp_path / "zero.npy")
+    prob = np.where(mask, 0.9, 0.05).astype(np.float32)
+    with pytest.raises(ValueError, match=r"values between 0 and 1 .*0/1 or boolean mask"):
+        maps.reconstruct_series(ser, _NeverCalled(), mask=prob)
+    # a series whose automatic mask selects nothing (noise only) is refused the same way
+    rng = np.random.default_rng(0)
+    noise = (rng.standard_normal(ser.shape) + 1j * rng.standard_normal(ser.shape)) * 1e-3
+    with pytest.raises(ValueError, match=r"automatic mask \(maps.mask_method=snr\) selects no"):
+        maps.reconstruct_series(noise.astype(ser.dtype), _NeverCalled())
+    # 0/1 floats, booleans and labels (non-zero = reconstruct) are masks
+    for good in (mask.astype(np.float32), mask, 3 * mask.astype(np.int16)):
+        np.testing.assert_array_equal(maps.load_mask(good, mask.shape), mask)
+
+
+def test_automatic_mask_warns_about_non_finite_fingerprints(seq, phantoms, matcher_complex):
+    """A voxel with a NaN time point is left out of the automatic mask with the same warning
+    (a count of voxels) that a mask file gives."""
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq)
+    bad = tuple(np.argwhere(mask)[:2].T)
+    ser[bad + (50,)] = np.nan
+    for user_mask in (None, mask):
+        with pytest.warns(RuntimeWarning, match="^2 .*voxel\\(s\\) had .*non-finite"):
+            res = maps.reconstruct_series(ser, matcher_complex, mask=user_mask)
+        assert not res.mask[bad].any() and np.isnan(res.t1_ms[bad]).all()
+
+
+@pytest.mark.parametrize("key,value", [("mask_method", "otsu2"), ("mask_fraction", 1.5),
+                                       ("chunk_voxels", 0), ("chunk_voxels", "many"),
+                                       ("block_mb", -1), ("rank", 0), ("rank", 2.5),
+                                       ("device", "nonsense")])
+def test_map_option_errors_name_the_config_key(key, value):
+    with pytest.raises(ValueError, match=rf"^maps\.{key}"):
+        maps.MapOptions(**{key: value})
+
+
+def test_matching_rank_beyond_the_fingerprint_names_maps_rank(dictionary):
+    with pytest.raises(ValueError, match=r"maps.rank.*\[1, 200\]"):
+        maps.MatchingReconstructor.from_dictionary(dictionary, rank=500)
+
+
 def test_blocks_bound_memory_and_match_whole_read(tmp_path, seq, phantoms, matcher_complex,
                                                   monkeypatch):
     """Tiny blocks: every read stays within the budget and the maps do not change."""
@@ -524,7 +626,7 @@ def test_signed_real_series_is_refused(tmp_path, seq, phantoms, dictionary, matc
                             "maps": {"previews": False, "progress": False}})
     with pytest.raises(ValueError, match="negative values.*not a magnitude.*np.abs"):
         eval_entry.maps_from_config(cfg)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
     # with a mask file (no first pass over the norms) too
     with pytest.raises(ValueError, match="negative values"):
         maps.reconstruct_series(tmp_path / "real.npy", matcher_magnitude, mask=mask)
@@ -595,7 +697,7 @@ def test_b1map_restricts_matching_to_the_measured_b1(tmp_path, seq, phantoms, di
     # without a B1 map the atoms live in the matcher only (not a second copy in the dictionary)
     assert maps.MatchingReconstructor.from_dictionary(b1dict).dictionary is None
     # a map in percent, a dictionary without B1, a network: clear errors
-    cfg.b1map = str(tmp_path / "pct.npy")
+    cfg.b1map, cfg.paths.output_dir = str(tmp_path / "pct.npy"), str(tmp_path / "pct")
     np.save(tmp_path / "pct.npy", 100 * field)
     with pytest.raises(ValueError, match="ratio to nominal.*divide a map in percent"):
         eval_entry.maps_from_config(cfg)

@@ -13,7 +13,8 @@ The pipeline, for a series of shape ``space + (T,)`` in any axis order (2-D or 3
 2. **Time axis**: the axis whose length equals the sequence length ``T`` (or ``time_axis`` when
    given). No axis of that length, or several, stops the run with a message naming ``T`` and
    the shape found.
-3. **Mask**: a file (non-zero voxels), or automatic, from a first pass that computes for every
+3. **Mask**: a file (non-zero voxels of a 0/1, boolean or label mask; values between 0 and 1
+   and an all-zero mask are refused), or automatic, from a first pass that computes for every
    voxel the fingerprint norm ``||s||`` and the norm of its temporal differences ``||Δs||``:
    ``"snr"`` (default) keeps voxels whose temporal SNR ratio ``r = 2 ||s||^2 / ||Δs||^2``
    exceeds ``1 + 5 sqrt(3 / T)``. For white noise ``r`` is 1 (the differences of white noise
@@ -29,7 +30,8 @@ The pipeline, for a series of shape ``space + (T,)`` in any axis order (2-D or 3
    instead of tissue from background);
    ``"fraction"`` keeps ``||s|| > mask_fraction * p99`` (``p99``: the 99th percentile of the
    norms, a robust maximum); ``"none"`` keeps every voxel. All-zero and non-finite fingerprints
-   are always excluded. Voxels outside the mask are NaN in every map.
+   are always excluded (a warning counts the non-finite ones). Voxels outside the mask are NaN
+   in every map.
 4. **Reconstruct** the masked voxels in chunks of ``chunk_voxels`` fingerprints with a
    :class:`MatchingReconstructor` (dictionary matching; M0 is the matcher's least-squares scale
    of the best atom) or a :class:`NetworkReconstructor` (a trained regressor's
@@ -39,7 +41,9 @@ The pipeline, for a series of shape ``space + (T,)`` in any axis order (2-D or 3
    followed by a :class:`FittedReconstructor`: the maximum-likelihood fit of T1, T2 (and B1, or
    at the measured B1 of ``b1map=FILE``) started at its estimates, ``K`` Levenberg-Marquardt
    iterations per voxel (:func:`mrflight.physics.fit.fit`), M0 at the fitted parameters.
-5. **Write** (:func:`write_maps`) into the output folder, for an input ``<stem>.<ext>``:
+5. **Write** (:func:`write_maps`) into the output folder, which must hold none of the files
+   below (checked before any reconstruction, so a mask or B1 map named like an output, e.g.
+   ``<stem>_mask.nii.gz``, is never overwritten), for an input ``<stem>.<ext>``:
    ``<stem>_T1map.nii.gz`` and ``<stem>_T2map.nii.gz`` in **seconds** (the BIDS unit),
    ``<stem>_M0map.nii.gz`` (input intensity per unit of simulated fingerprint, i.e. arbitrary
    units), ``<stem>_mask.nii.gz``, a JSON sidecar beside every map (method, checkpoint or

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mrflight.maps.options import MapOptions
 from mrflight.maps.reconstruct import reconstruct_series
-from mrflight.maps.writers import write_maps
+from mrflight.maps.writers import check_outputs_free, write_maps
 from mrflight.physics import Sequence
 from mrflight.series_io import open_series, series_stem
 
@@ -40,8 +40,14 @@ def make_maps(input_path, reconstructor, out_dir, *, options: MapOptions | None 
 
     Returns:
         ``{name: path}`` of the files written.
+
+    Raises:
+        ValueError: bad input, or ``out_dir`` already holds a file the maps would be written to
+            (checked before any work: nothing is overwritten).
     """
     opt = options or MapOptions()
+    stem = stem or series_stem(input_path)
+    check_outputs_free(out_dir, stem, opt.previews)
     if hasattr(reconstructor, "reset_noise"):
         reconstructor.reset_noise()
     with open_series(input_path, dataset=opt.dataset, length=reconstructor.length) as src:
@@ -58,5 +64,5 @@ def make_maps(input_path, reconstructor, out_dir, *, options: MapOptions | None 
                                    reconstructor.length))
         meta["InputShape"] = list(src.shape)
         meta["InputComplex"] = bool(src.is_complex)
-        return write_maps(result, out_dir, stem or series_stem(input_path), source=src,
-                          metadata=meta, previews=opt.previews)
+        return write_maps(result, out_dir, stem, source=src, metadata=meta,
+                          previews=opt.previews)

@@ -139,33 +139,47 @@ def auto_mask(norm: np.ndarray, method: str = "snr", fraction: float = 0.1,
     return valid & (norm > thr), {"Method": desc, "Threshold": thr}
 
 
-def _spatial(what: str, mask, spatial_shape: tuple[int, ...]) -> np.ndarray:
-    """A file or array of the series' spatial shape (singleton axes may differ)."""
-    if isinstance(mask, (str, os.PathLike)):
-        p = Path(mask)
-        if p.name.lower().endswith((".nii", ".nii.gz")):
-            import nibabel as nib
+def _given(option: str, value) -> str:
+    """How an error names a file (``mask=FILE``) or an array (the argument: ``mask``)."""
+    return f"{option}={value}" if isinstance(value, (str, os.PathLike)) else option
 
-            arr = np.asarray(nib.load(str(p)).dataobj)
-        else:
-            with open_series(p) as src:
-                arr = src.read(tuple(slice(None) for _ in src.shape))
+
+def _spatial(what: str, option: str, value, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    """A file (read as :func:`open_series` reads series, errors naming ``option``) or array of
+    the series' spatial shape (singleton axes may differ)."""
+    if isinstance(value, (str, os.PathLike)):
+        with open_series(Path(value), option=option, what=what) as src:
+            arr = src.read(tuple(slice(None) for _ in src.shape))
     else:
-        arr = np.asarray(mask)
-    arr = np.asarray(arr)
+        arr = np.asarray(value)
     if arr.shape != spatial_shape:
         squeezed = arr.reshape([s for s in arr.shape if s != 1])
         want = [s for s in spatial_shape if s != 1]
         if list(squeezed.shape) != want:
-            raise ValueError(f"{what} has shape {arr.shape} but the series' spatial shape is "
-                             f"{spatial_shape}; give a {what} of the image grid")
+            raise ValueError(f"{_given(option, value)} has shape {arr.shape} but the series' "
+                             f"spatial shape is {spatial_shape}; give a {what} of the image grid")
         arr = squeezed.reshape(spatial_shape)
     return arr.real if np.iscomplexobj(arr) else arr.astype(np.float64)
 
 
 def load_mask(mask, spatial_shape: tuple[int, ...]) -> np.ndarray:
-    """A mask file or array on the series' grid as booleans (non-zero = reconstruct)."""
-    return np.nan_to_num(_spatial("mask", mask, spatial_shape)) != 0
+    """A mask file or array on the series' grid as booleans (non-zero = reconstruct).
+
+    Raises:
+        ValueError: wrong shape, values strictly between 0 and 1 (a probability or an
+            interpolated mask: ``!= 0`` would keep all of it), or no voxel selected.
+    """
+    arr = np.nan_to_num(_spatial("mask", "mask", mask, spatial_shape))
+    frac = arr[(arr > 0) & (arr < 1)]
+    if frac.size:
+        raise ValueError(f"{_given('mask', mask)} holds values between 0 and 1 (e.g. "
+                         f"{frac.flat[0]:g}), not a 0/1 mask: give a 0/1 or boolean mask, e.g. "
+                         "thresholded (np.save('mask.npy', m > 0.5))")
+    if not arr.any():
+        raise ValueError(f"{_given('mask', mask)} selects no voxel (it is all zero): give a "
+                         "mask that is 1 where maps are wanted, or leave mask= out for the "
+                         "automatic mask")
+    return arr != 0
 
 
 def load_b1map(b1map, spatial_shape: tuple[int, ...]) -> np.ndarray:
@@ -176,11 +190,12 @@ def load_b1map(b1map, spatial_shape: tuple[int, ...]) -> np.ndarray:
         ValueError: wrong shape, or values that are not ratios (median outside 0.2-3: a map in
             percent or in degrees must be converted first).
     """
-    arr = _spatial("B1 map", b1map, spatial_shape)
+    arr = _spatial("B1 map", "b1map", b1map, spatial_shape)
     arr = np.where(np.isfinite(arr) & (arr > 0), arr, np.nan)
     med = float(np.nanmedian(arr)) if np.isfinite(arr).any() else float("nan")
     if not 0.2 <= med <= 3.0:
-        raise ValueError(f"b1map should hold the flip-angle scale as a ratio to nominal (about "
-                         f"0.5-1.5), but its median is {med:g}: divide a map in percent by 100 "
-                         "(or convert a map of flip angles by the nominal angle)")
+        raise ValueError(f"{_given('b1map', b1map)} should hold the flip-angle scale as a "
+                         f"ratio to nominal (about 0.5-1.5), but its median is {med:g}: divide a "
+                         "map in percent by 100 (or convert a map of flip angles by the nominal "
+                         "angle)")
     return arr

@@ -81,25 +81,34 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
     try:
         if mask is None:
             norm, dnorm = _norm_pass(src, plan, cache, bar)
+            n_bad = int(np.count_nonzero(~np.isfinite(norm)))  # never in the automatic mask
             mask_arr, info = auto_mask(norm, mask_method, mask_fraction, diff_norm=dnorm,
                                        length=length,
                                        magnitude=not src.is_complex)  # Rician background
         else:
-            norm = None
+            norm, n_bad = None, 0
             mask_arr = load_mask(mask, plan.spatial_shape)
             info = {"Method": "file" if isinstance(mask, (str, os.PathLike)) else "array",
                     "Source": str(mask) if isinstance(mask, (str, os.PathLike)) else None}
         maps = _Maps(plan.spatial_shape, norm)
         b1 = None if b1map is None else load_b1map(b1map, plan.spatial_shape)
+        if mask is None and not mask_arr.any():
+            raise ValueError(f"the automatic mask (maps.mask_method={mask_method}) selects no "
+                             "voxel of the series: try maps.mask_method=otsu or "
+                             "maps.mask_method=none, or give mask=FILE")
         if b1 is not None:
             mask_arr = mask_arr & np.isfinite(b1)
-        n_bad = _reconstruct_pass(src, rec, plan, mask_arr, maps, cache, chunk_voxels, bar, b1)
+            if not mask_arr.any():
+                raise ValueError("b1map= is NaN in every voxel of the mask: give a B1 map that "
+                                 "covers the tissue")
+        n_bad += _reconstruct_pass(src, rec, plan, mask_arr, maps, cache, chunk_voxels, bar, b1)
     finally:
         if bar is not None:
             bar.stop()
     if n_bad:
-        warnings.warn(f"{n_bad} masked voxel(s) had all-zero or non-finite fingerprints; their "
-                      "maps are NaN", RuntimeWarning, stacklevel=3)
+        which = "voxel(s) had" if mask is None else "masked voxel(s) had all-zero or"
+        warnings.warn(f"{n_bad} {which} non-finite fingerprints; their maps are NaN",
+                      RuntimeWarning, stacklevel=3)
     return maps.result(mask_arr, plan.time_axis, info)
 
 

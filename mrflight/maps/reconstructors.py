@@ -131,6 +131,11 @@ class MatchingReconstructor:
         ``b1_restricted``: matching at a measured B1 builds one matcher per B1 value)."""
         from mrflight.matching import DictionaryMatcher
 
+        length = np.shape(dictionary.atoms)[-1]
+        if isinstance(rank, (int, np.integer)) and not 1 <= rank <= length:
+            raise ValueError(f"rank={rank} (maps.rank on the command line) must lie in [1, "
+                             f"{length}] (the dictionary's fingerprint length), or be null for "
+                             "exhaustive matching")
         matcher = DictionaryMatcher(dictionary.atoms, dictionary.params, rank=rank,
                                     complex_matching=complex_matching, device=device)
         seq = dictionary.get_sequence() if hasattr(dictionary, "get_sequence") else None

@@ -13,7 +13,7 @@ from mrflight.fileio import atomic_path
 from mrflight.maps.options import MapResult
 from mrflight.series_io import SeriesSource
 
-__all__ = ["write_maps", "PREVIEW_LEVELS_MS"]
+__all__ = ["write_maps", "check_outputs_free", "PREVIEW_LEVELS_MS"]
 
 
 def _write_bytes(dest: Path, data: bytes) -> None:
@@ -121,9 +121,46 @@ def _save_preview(dest: Path, vol: np.ndarray, kind: str, unit: str, title: str,
     plt.close(fig)
 
 
+#: the maps: (NIfTI unit, scale from the map to it, ``.npy`` unit, ``.npy`` name after the stem)
+_MAPS = {"T1map": ("s", 1e-3, "ms", "T1map_ms.npy"),
+         "T2map": ("s", 1e-3, "ms", "T2map_ms.npy"),
+         "M0map": ("arbitrary", 1.0, "arbitrary", "M0map.npy"),
+         "TB1map": ("1", 1.0, "ratio", "TB1map.npy")}  # BIDS: flip-angle scale, ratio to nominal
+
+
+def _map_names(stem: str, suffix: str, previews: bool) -> dict[str, str]:
+    """``{key: file name}`` of one map (``suffix``: a key of ``_MAPS``, or ``"mask"``)."""
+    if suffix == "mask":
+        return {"mask.nii.gz": f"{stem}_mask.nii.gz", "mask.npy": f"{stem}_mask.npy"}
+    names = {f"{suffix}.nii.gz": f"{stem}_{suffix}.nii.gz",
+             f"{suffix}.npy": f"{stem}_{_MAPS[suffix][3]}",
+             f"{suffix}.json": f"{stem}_{suffix}.json"}
+    if previews:
+        names[f"{suffix}.png"] = f"{stem}_{suffix}.png"
+    return names
+
+
+def check_outputs_free(out_dir, stem: str, previews: bool = True) -> None:
+    """Refuse an output folder that already holds a file the maps of ``stem`` could be written
+    to (a B1 map or mask of the same name given as input, an earlier run's maps): nothing is
+    overwritten.
+
+    Raises:
+        ValueError: listing those files, naming ``paths.output_dir`` and the fix.
+    """
+    out = Path(out_dir)
+    taken = [name for suffix in (*_MAPS, "mask")
+             for name in _map_names(stem, suffix, previews).values() if (out / name).exists()]
+    if taken:
+        raise ValueError(f"paths.output_dir={out} already holds {', '.join(taken)}, which the "
+                         "maps would overwrite: give another paths.output_dir (each run gets a "
+                         "new one by default)")
+
+
 def write_maps(result: MapResult, out_dir, stem: str, *, source: SeriesSource | None = None,
                metadata: dict | None = None, previews: bool = True) -> dict[str, Path]:
-    """Write the maps as NIfTI (seconds), ``.npy`` (ms), JSON sidecars and PNG previews.
+    """Write the maps as NIfTI (seconds), ``.npy`` (ms), JSON sidecars and PNG previews, into
+    a folder that holds none of their files (:func:`check_outputs_free`).
 
     Args:
         result: the maps from :func:`reconstruct_series`.
@@ -136,6 +173,7 @@ def write_maps(result: MapResult, out_dir, stem: str, *, source: SeriesSource | 
     Returns:
         ``{name: path}`` of every file written (keys like ``"T1map.nii.gz"``).
     """
+    check_outputs_free(out_dir, stem, previews)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     affine = header = image_class = None
@@ -153,22 +191,15 @@ def write_maps(result: MapResult, out_dir, stem: str, *, source: SeriesSource | 
     }
     base.update(metadata or {})
     written: dict[str, Path] = {}
-    maps = {
-        "T1map": (result.t1_ms, "s", 1e-3, "ms", f"{stem}_T1map_ms.npy"),
-        "T2map": (result.t2_ms, "s", 1e-3, "ms", f"{stem}_T2map_ms.npy"),
-        "M0map": (result.m0, "arbitrary", 1.0, "arbitrary", f"{stem}_M0map.npy"),
-    }
-    if result.b1 is not None:  # BIDS TB1map: the flip-angle scale, ratio to nominal
-        maps["TB1map"] = (result.b1, "1", 1.0, "ratio", f"{stem}_TB1map.npy")
-    for suffix, spec in maps.items():
-        written.update(_write_map(out, stem, suffix, spec, base, nifti, previews))
-    mask_nii = out / f"{stem}_mask.nii.gz"
-    _save_nifti(mask_nii, result.mask, *nifti)
-    written["mask.nii.gz"] = mask_nii
-    mask_npy = out / f"{stem}_mask.npy"
-    _save_npy(mask_npy, result.mask)
-    written["mask.npy"] = mask_npy
-    return written
+    arrays = {"T1map": result.t1_ms, "T2map": result.t2_ms, "M0map": result.m0,
+              "TB1map": result.b1}
+    for suffix, arr in arrays.items():
+        if arr is not None:
+            written.update(_write_map(out, stem, suffix, arr, base, nifti, previews))
+    names = {k: out / n for k, n in _map_names(stem, "mask", previews).items()}
+    _save_nifti(names["mask.nii.gz"], result.mask, *nifti)
+    _save_npy(names["mask.npy"], result.mask)
+    return {**written, **names}
 
 
 _DESCRIPTIONS = {"T1map": "longitudinal relaxation time T1",
@@ -178,29 +209,22 @@ _DESCRIPTIONS = {"T1map": "longitudinal relaxation time T1",
                  "TB1map": "flip-angle scale B1 (actual / nominal flip angle)"}
 
 
-def _write_map(out: Path, stem: str, suffix: str, spec: tuple, base: dict, nifti: tuple,
-               previews: bool) -> dict[str, Path]:
-    """One map as NIfTI, ``.npy``, JSON sidecar and preview; ``spec`` = (map in ms or its own
-    unit, NIfTI unit, scale to it, ``.npy`` unit, ``.npy`` file name)."""
-    arr_ms, unit, scale, npy_unit, npy_name = spec
-    written = {}
-    nii = out / f"{stem}_{suffix}.nii.gz"
-    _save_nifti(nii, arr_ms * scale, *nifti)
-    written[f"{suffix}.nii.gz"] = nii
-    npy = out / npy_name
-    _save_npy(npy, arr_ms.astype(np.float32))
-    written[f"{suffix}.npy"] = npy
+def _write_map(out: Path, stem: str, suffix: str, arr_ms: np.ndarray, base: dict,
+               nifti: tuple, previews: bool) -> dict[str, Path]:
+    """One map (in ms, or its own unit: see ``_MAPS``) as NIfTI, ``.npy``, JSON sidecar and
+    preview."""
+    unit, scale, npy_unit, _ = _MAPS[suffix]
+    written = {k: out / n for k, n in _map_names(stem, suffix, previews).items()}
+    _save_nifti(written[f"{suffix}.nii.gz"], arr_ms * scale, *nifti)
+    _save_npy(written[f"{suffix}.npy"], arr_ms.astype(np.float32))
     side = dict(base)
-    side.update({"MapType": suffix, "Units": unit, "NumpyFile": npy_name,
+    side.update({"MapType": suffix, "Units": unit,
+                 "NumpyFile": written[f"{suffix}.npy"].name,
                  "NumpyUnits": npy_unit, "Description": _DESCRIPTIONS[suffix],
                  "BackgroundValue": "NaN"})
-    js = out / f"{stem}_{suffix}.json"
-    _save_json(js, side)
-    written[f"{suffix}.json"] = js
+    _save_json(written[f"{suffix}.json"], side)
     if previews:
-        png = out / f"{stem}_{suffix}.png"
         kind = {"M0map": "M0", "TB1map": "B1"}.get(suffix, suffix[:2])
-        _save_preview(png, arr_ms, kind, npy_unit, f"{stem} {suffix[:2]} ({npy_unit})",
-                      nifti[1] is not None)
-        written[f"{suffix}.png"] = png
+        _save_preview(written[f"{suffix}.png"], arr_ms, kind, npy_unit,
+                      f"{stem} {suffix[:2]} ({npy_unit})", nifti[1] is not None)
     return written
