@@ -35,7 +35,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 __all__ = ["read_checkpoint", "best_checkpoint", "find_checkpoints", "find_runs",
            "single_checkpoint", "resume_checkpoint", "run_dir_of", "run_config_path",
-           "read_run_config", "checkpoint_sequence", "checkpoint_score",
+           "read_run_config", "checkpoint_sequence", "checkpoint_score", "state_dict_mismatch",
            "AtomicCheckpointIO", "scheduler_class", "CHECKPOINT_DIR", "MAX_SEARCH_DEPTH"]
 
 log = logging.getLogger("mrflight")
@@ -79,13 +79,17 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         raise ValueError(_directory_message(p))
     if not p.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    if not _is_torch_file(p):
+        raise ValueError(f"file {str(path)!r} is not a PyTorch checkpoint (neither the zip archive "
+                         "nor the pickle that torch.save writes): give a .ckpt file written by "
+                         "train.py (RUN/checkpoints/*.ckpt)")
     try:
         ck = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {str(path)!r} holds objects other than tensors and plain "
-                         f"values and was refused (unpickling them could run code): {first}. "
-                         "Load only checkpoints you trust and that mrflight wrote") from None
+                         "values and was refused (unpickling them could run code): "
+                         f"{_refused_reason(e)}. Load only checkpoints you trust and that "
+                         "mrflight wrote") from None
     except Exception as e:  # noqa: BLE001 - zip/EOF/key errors of a damaged or foreign file
         raise ValueError(f"checkpoint {str(path)!r} is not a readable mrflight checkpoint "
                          f"({type(e).__name__}: {_first_line(e)}); is it truncated (a full disk "
@@ -96,9 +100,66 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     return ck
 
 
+#: how the files ``torch.save`` writes begin: a zip archive, or (``_use_new_zipfile_serialization
+#: =False``) a pickle whose first object is torch's magic number (a pickled 10-byte long)
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _is_torch_file(p: Path) -> bool:
+    """Whether ``p`` begins as a file of ``torch.save`` does (an empty or unreadable file
+    counts: torch.load reports it)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return True
+    return not head or head.startswith(_ZIP_MAGIC) or (head[:1] == b"\x80"
+                                                       and _LEGACY_MAGIC in head)
+
+
+def _refused_reason(e: BaseException) -> str:
+    """What torch's restricted unpickler refused (the object it names), without torch's advice
+    to load the file with ``weights_only=False`` or to allowlist the object."""
+    text = str(e)
+    named = re.search(r"GLOBAL (\S+)", text)
+    if named:
+        return f"it names {named.group(1)}"
+    lines = [ln.split("WeightsUnpickler error:")[-1].strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and "weights_only" not in ln
+             and not ln.startswith(("Weights only load failed", "Check the documentation"))]
+    return lines[-1] if lines else type(e).__name__
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape "
+                            r"torch\.Size\((\[.*?\])\) from checkpoint, the shape in current "
+                            r"model is torch\.Size\((\[.*?\])\)")
+
+
+def state_dict_mismatch(e: BaseException, n: int = 3) -> str:
+    """The ``RuntimeError`` of ``load_state_dict(strict=True)`` in one line: the first ``n``
+    missing and unexpected keys and the first size mismatch (else the error's first line)."""
+    text, parts = str(e), []
+    for kind in ("Missing", "Unexpected"):
+        found = re.search(kind + r" key\(s\) in state_dict: (.*)", text)
+        keys = re.findall(r'"([^"]+)"', found.group(1)) if found else []
+        if keys:
+            parts.append(f"{kind.lower()} keys {', '.join(keys[:n])}{_more(len(keys) - n)}")
+    sizes = _SIZE_MISMATCH.findall(text)
+    if sizes:
+        key, saved, model = sizes[0]
+        parts.append(f"{key} has shape {saved} in the checkpoint, {model} in the model"
+                     f"{_more(len(sizes) - 1, ' size mismatches')}")
+    return "; ".join(parts) or _first_line(e)
+
+
+def _more(count: int, what: str = "") -> str:
+    return f" (+{count} more{what})" if count > 0 else ""
 
 
 def _directory_message(p: Path) -> str:

@@ -511,7 +511,7 @@ def load_checkpoint(path, map_location="cpu") -> MRFRegressor:
         ValueError: a missing file or a directory, a truncated or foreign file, pickled objects,
             a network that is not an mrflight regressor, or an unusable device.
     """
-    from mrflight.checkpoints import read_checkpoint
+    from mrflight.checkpoints import read_checkpoint, state_dict_mismatch
     from mrflight.physics._device import check_device
 
     if isinstance(map_location, (str, torch.device)):
@@ -523,9 +523,8 @@ def load_checkpoint(path, map_location="cpu") -> MRFRegressor:
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 - missing keys or shapes of a foreign checkpoint
-        first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"checkpoint {str(path)!r} is not a readable mrflight checkpoint "
-                         f"({type(e).__name__}: {first}); is it from another program or "
-                         "version?") from None
+                         f"({type(e).__name__}: {state_dict_mismatch(e)}); is it from another "
+                         "program or version?") from None
     module.eval()
     return module

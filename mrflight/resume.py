@@ -203,13 +203,15 @@ def check_fits(module, found) -> None:
     Raises:
         ValueError: the weights do not fit the configured network.
     """
+    from mrflight.checkpoints import state_dict_mismatch
+
     path, ck = found
     try:
         module.load_state_dict(ck["state_dict"], strict=True)
     except RuntimeError as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"checkpoint {path} does not fit the configured model ({first}): "
-                         "resume with the config the run was trained with") from None
+        raise ValueError(f"checkpoint {path} does not fit the configured model "
+                         f"({state_dict_mismatch(e)}): resume with the config the run was "
+                         "trained with") from None
 
 
 def continue_csv_logs(loggers, found) -> None:

@@ -91,6 +91,7 @@ def test_resume_without_the_original_overrides_uses_the_runs_config(cli_run, tmp
     r = _cli("train.py", [f"hydra.run.dir={run}", "ckpt_path=last", "trainer.max_epochs=2",
                           "test=false"], tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "exists and is not empty" not in r.stdout + r.stderr  # its own checkpoints
     last = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert last["epoch"] == 1
     assert last["hyper_parameters"]["net"]["_target_"].endswith("ANNRegressor")
@@ -381,6 +382,46 @@ def test_a_pickled_payload_in_a_checkpoint_is_not_run(real_ckpt, tmp_path):
     with pytest.warns(RuntimeWarning, match="epoch_009"):
         assert best_checkpoint(run) == run / "epoch_001.ckpt"
     assert not marker.exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such_not_refused(real_ckpt, tmp_path):
+    """Random bytes or a .npy array: 'not a PyTorch checkpoint'; a real checkpoint holding a
+    pickled object: refused, naming the object. Never torch's advice to load unsafely."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "random.ckpt").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    np.save(tmp_path / "array.npy", np.zeros(10))
+    for name in ("random.ckpt", "array.npy"):
+        with pytest.raises(ValueError) as err:
+            mrflight.load_checkpoint(tmp_path / name)
+        msg = str(err.value)
+        assert f"{name}' is not a PyTorch checkpoint" in msg and "refused" not in msg, msg
+        assert "weights_only" not in msg and "Re-running" not in msg, msg
+    marker = tmp_path / "pwned"
+    ck = torch.load(real_ckpt, weights_only=True)
+    ck["hyper_parameters"]["noise_std"] = _Payload(marker)
+    for legacy in (False, True):  # the zip archive, and the old pickle format of torch.save
+        bad = tmp_path / f"payload_{legacy}.ckpt"
+        torch.save(ck, bad, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(ValueError, match=r"refused .*: it names \S+\.system\. ") as err:
+            read_checkpoint(bad)
+        assert "weights_only" not in str(err.value) and "allowlist" not in str(err.value)
+    assert not marker.exists()
+    line = _error_line(_cli("eval.py", [f"ckpt_path={tmp_path / 'array.npy'}"], tmp_path))
+    assert "array.npy' is not a PyTorch checkpoint" in line and "weights_only" not in line
+
+
+def test_resume_into_a_model_the_checkpoint_does_not_fit_names_the_keys(real_ckpt, tmp_path):
+    lone = tmp_path / "lone.ckpt"  # no saved config beside it: resumed with the given config
+    shutil.copy(real_ckpt, lone)
+    with pytest.raises(ValueError, match=r"does not fit the configured model \(missing keys "
+                                         r"net\.\S+, .* \(\+\d+ more\); unexpected keys net\."):
+        train(compose_config([*TINY, "model=gru", f"ckpt_path={lone}"],
+                             output_dir=tmp_path / "gru"))
+    with pytest.raises(ValueError, match=r"does not fit the configured model \(net\.\S+ has "
+                                         r"shape \[\d+, 100\] in the checkpoint, \[\d+, 120\] "
+                                         r"in the model"):
+        train(compose_config([*TINY, "model=ann", "sequence.n_pulses=120", f"ckpt_path={lone}"],
+                             output_dir=tmp_path / "longer"))
 
 
 def test_every_checkpoint_mrflight_writes_loads_with_weights_only(real_ckpt):

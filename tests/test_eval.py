@@ -170,6 +170,48 @@ def _rows_of(rows):
     return {(r["method"], r["test_set"], r["noise_std"]): r for r in rows}
 
 
+def test_a_network_is_evaluated_on_its_own_sequence_when_the_schedule_file_changed(tmp_path,
+                                                                                 caplog):
+    """A run trained with sequence=from_file: the sequence stored in its checkpoint is the one
+    evaluated, with one warning naming the file, when the file is edited or moved since."""
+    import logging
+
+    sched = tmp_path / "sched.csv"
+    fa = 5 + 40 * np.abs(np.sin(np.arange(100) / 12))
+    np.savetxt(sched, np.c_[fa, np.full(100, 5.0)], delimiter=",",
+               header="flip_angle_deg,tr_ms", comments="")
+    cfg = _cfg(["debug=tiny", "model=ann", "logger=none", "trainer.max_epochs=1", "test=false"],
+               tmp_path / "runs" / "a", "train")
+    with open_dict(cfg):
+        cfg.sequence = {"_target_": "mrflight.sequence_files.from_file", "path": str(sched)}
+    train(cfg)
+    shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "b")  # a sweep of two runs
+    small = [*FAST, "evaluation.phantoms=[]", "evaluation.plots=false", "evaluation.bound=false",
+             "evaluation.test_sets=[paper]", "evaluation.noise_levels=[0.01]",
+             "evaluation.efficiency=false", "evaluation.offgrid_b1=false",
+             "evaluation.robustness=false", f"ckpt_path={tmp_path / 'runs'}"]
+
+    def errors(out):
+        rows = evaluate(_cfg(small, tmp_path / out, "eval"))
+        return {(r["method"], r["run"]): (r["t1_mae_ms"], r["t2_rmse_ms"]) for r in rows}
+
+    caplog.set_level(logging.WARNING, logger="mrflight")
+    before = errors("e0")
+    assert {("ann", "a"), ("ann", "b"), ("matching", "")} <= set(before)
+    assert "sched.csv" not in caplog.text
+    np.savetxt(sched, np.c_[fa / 2, np.full(100, 5.0)], delimiter=",",
+               header="flip_angle_deg,tr_ms", comments="")  # flip angles halved after training
+    caplog.clear()
+    assert errors("e1") == before
+    warned = [r.getMessage() for r in caplog.records if str(sched) in r.getMessage()]
+    assert len(warned) == 1 and "flip_angle_deg" in warned[0], caplog.text  # once per sweep
+    sched.rename(tmp_path / "moved.csv")
+    caplog.clear()
+    assert errors("e2") == before
+    warned = [r.getMessage() for r in caplog.records if str(sched) in r.getMessage()]
+    assert len(warned) == 1 and "does not exist" in warned[0], caplog.text
+
+
 def test_no_checkpoint_evaluates_matching_and_bound(tmp_path):
     out = tmp_path / "nockpt"
     rows = evaluate(_cfg(["sequence.n_pulses=100", "sequence.lobe_length=20", *FAST,

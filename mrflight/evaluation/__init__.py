@@ -4,8 +4,10 @@
 calls :func:`evaluate` (through :func:`mrflight.eval_entry.evaluation_from_config`, which
 builds the typed inputs from the Hydra config). ``PATH`` may be a checkpoint file, a training
 run directory or a multirun directory: every run found is evaluated (its best checkpoint by
-the recorded validation score, see :mod:`mrflight.checkpoints`) with the run's own saved
-``config.yaml`` (sequence, data grid and split). Without a checkpoint, dictionary matching and
+the recorded validation score, see :mod:`mrflight.checkpoints`) with the sequence stored in
+the checkpoint (the one its network was trained on; a differing or unbuildable ``sequence`` of
+the run's saved config is warned about) and the data grid and split of the run's own saved
+``config.yaml``. Without a checkpoint, dictionary matching and
 the bound are evaluated for ``cfg.sequence`` and the paper's grid.
 
 Protocol (per group of runs that share sequence, data and split):

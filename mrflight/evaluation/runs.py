@@ -1,5 +1,6 @@
-"""The checkpoints an evaluation covers: each loaded with its run's saved config (sequence and
-data split, see :func:`mrflight.checkpoints.read_run_config`) and grouped by what they share."""
+"""The checkpoints an evaluation covers: each loaded with the sequence stored in it and its
+run's saved config (data split, see :func:`mrflight.checkpoints.read_run_config`), and grouped
+by what they share."""
 
 from __future__ import annotations
 
@@ -49,20 +50,15 @@ def method_of(module) -> str:
 
 
 def _load_run(ck: Path, root: Path, device, default_sequence, cache_dir):
-    """``(run, sequence, data config)`` of a checkpoint: the sequence of the run's saved config,
-    else the checkpoint's, else ``default_sequence()``; the saved data config (an unresolved
-    ``cache_dir`` falls back to ``cache_dir``), else ``None``."""
+    """``(run, sequence, data config, note)`` of a checkpoint: the sequence of
+    :func:`_run_sequence` (and its note); the saved data config (an unresolved ``cache_dir``
+    falls back to ``cache_dir``), else ``None``."""
     import mrflight
-    from mrflight.checkpoints import checkpoint_sequence, read_run_config
+    from mrflight.checkpoints import read_run_config
 
     run_dir, rcfg = read_run_config(ck)
     module = mrflight.load_checkpoint(str(ck), map_location=device)
-    if rcfg is not None and rcfg.get("sequence"):
-        from omegaconf import OmegaConf
-
-        seq = instantiate(OmegaConf.create(rcfg["sequence"]))
-    else:
-        seq = checkpoint_sequence(module) or default_sequence()
+    seq, note = _run_sequence(module, rcfg, default_sequence)
     data_cfg = None
     if rcfg is not None and rcfg.get("data"):
         # the saved config is resolved; an unresolved cache_dir falls back to ours
@@ -73,23 +69,61 @@ def _load_run(ck: Path, root: Path, device, default_sequence, cache_dir):
         log.warning("no config.yaml beside %s: using the eval grid and split", ck)
     rel = run_dir.relative_to(root) if run_dir.is_relative_to(root) else run_dir
     run = Run(ck, rcfg, module, method_of(module), "" if str(rel) == "." else str(rel))
-    return run, seq, data_cfg
+    return run, seq, data_cfg, note
+
+
+def _run_sequence(module, rcfg: dict | None, default_sequence):
+    """``(sequence, note)``: the sequence stored in the checkpoint (the one its network was
+    trained on), else that of the run's saved config, else ``default_sequence()``. ``note`` says
+    how the saved config's sequence setting differs from the checkpoint's (a schedule file
+    edited or moved since training), else ``None``."""
+    from omegaconf import OmegaConf
+
+    from mrflight.checkpoints import checkpoint_sequence
+
+    stored = checkpoint_sequence(module)
+    node = rcfg.get("sequence") if rcfg is not None else None
+    if not node:
+        return stored or default_sequence(), None
+    if stored is None:
+        return instantiate(OmegaConf.create(node)), None
+    setting = (f"sequence.path={node['path']}" if node.get("path")
+               else f"sequence ({node.get('_target_', '?')})")
+    try:
+        built = instantiate(OmegaConf.create(node))
+    except Exception as e:  # noqa: BLE001 - a file moved or edited: the checkpoint's is the truth
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return stored, f"{setting} of the run's config no longer builds ({first})"
+    if built == stored:
+        return stored, None
+    a, b = stored.to_dict(), built.to_dict()
+    changed = [k for k in a if k != "name" and a[k] != b[k]]
+    return stored, (f"{setting} of the run's config now gives another sequence than the "
+                    f"network was trained on ({', '.join(changed)} differ)")
 
 
 def checkpoint_groups(ckpts: list[Path], root: Path, settings: EvalSettings, default_sequence,
                       cache_dir=None) -> list[Group]:
     """The checkpoints ``ckpts`` found under ``root``, loaded (on ``settings.device``) and
-    grouped by sequence, data config and split.
+    grouped by sequence (:func:`_run_sequence`; one warning per saved sequence setting that
+    differs from the checkpoints'), data config and split.
 
     Args:
         default_sequence: a callable giving the sequence of a run that records none.
         cache_dir: the dictionary cache of a run whose saved ``cache_dir`` is unresolved.
     """
     groups: dict[str, Group] = {}
+    notes: dict[str, list[Path]] = {}
     for ck in ckpts:
-        run, seq, data_cfg = _load_run(ck, root, settings.device, default_sequence, cache_dir)
+        run, seq, data_cfg, note = _load_run(ck, root, settings.device, default_sequence,
+                                             cache_dir)
+        if note:
+            notes.setdefault(note, []).append(ck)
         key = data_key(seq, data_cfg, settings.split_seed)
         groups.setdefault(key, Group(seq, key, [], data_cfg)).runs.append(run)
+    for note, cks in notes.items():  # once per setting, not per run of a sweep
+        log.warning("%s: evaluating %s with the sequence stored in the checkpoint instead",
+                    note, cks[0] if len(cks) == 1 else f"{len(cks)} checkpoints ({cks[0]}, ...)")
     return list(groups.values())
 
 
