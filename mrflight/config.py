@@ -13,6 +13,7 @@ Checkpoints are different: :func:`mrflight.load_checkpoint` never instantiates a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def _moved(node):
 
 
 def instantiate(node, **kwargs):
-    """``hydra.utils.instantiate(node, **kwargs)``; a constructor's ValueError is raised as is."""
+    """``hydra.utils.instantiate(node, **kwargs)``; a constructor's ValueError is raised as is,
+    and a setting the constructor does not take becomes a ValueError naming it."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
@@ -60,7 +62,23 @@ def instantiate(node, **kwargs):
         cause = e.__cause__
         if isinstance(cause, ValueError):
             raise cause from None
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(cause or ""))
+        if isinstance(cause, TypeError) and unknown:
+            where = getattr(e, "full_key", "") or _node_key(node)
+            key = ".".join(k for k in (where, unknown.group(1)) if k)
+            raise ValueError(f"{key} is not a setting of {node.get('_target_')}: remove it "
+                             f"(~{key} on the command line where a config group sets it: "
+                             "debug=tiny sets sequence.n_pulses and sequence.lobe_length, "
+                             "which only sequence=oksuz2019 takes)") from None
         raise
+
+
+def _node_key(node) -> str:
+    """The dotted key of a config node within its config (``""`` for a plain dict)."""
+    try:
+        return str(node._get_full_key("")) if isinstance(node, DictConfig) else ""
+    except Exception:  # noqa: BLE001 - OmegaConf internals: the name is a courtesy
+        return ""
 
 
 def hydra_config():

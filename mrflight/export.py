@@ -220,7 +220,7 @@ def export_torchscript(module, path) -> Path:
     from mrflight.fileio import atomic_path
 
     module = _cpu_copy(module)
-    graph = Deployable(module).eval()
+    graph = Deployable(module).eval().requires_grad_(False)  # outputs without autograd history
     path = Path(path)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)

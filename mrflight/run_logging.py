@@ -84,13 +84,11 @@ def log_to_file(level: int, msg: str, *args, exc_info=None, logger: logging.Logg
 
 
 def quiet_fresh_checkpoint_dir(ckpt_dir) -> None:
-    """Silence Lightning's "checkpoint directory exists and is not empty" warning for a fresh
-    run, whose ``checkpoints/`` holds only the ``config.yaml`` mrflight wrote there first; a
-    directory with earlier checkpoints (a reused run dir) still warns."""
+    """Silence Lightning's "checkpoint directory exists and is not empty" warning, which the
+    user cannot act on: ``checkpoints/`` holds the ``config.yaml`` mrflight wrote there first,
+    and on a resume the run's own checkpoints (a run is never started in another run's folder,
+    see :func:`mrflight.fileio.output_folder`)."""
     import re
-    from pathlib import Path
 
-    d = Path(ckpt_dir)
-    if d.is_dir() and {p.name for p in d.iterdir()} <= {"config.yaml"}:
-        warnings.filterwarnings(
-            "ignore", message=rf"Checkpoint directory {re.escape(str(d))} exists and is not empty")
+    warnings.filterwarnings("ignore", message=rf"Checkpoint directory "
+                            rf"{re.escape(str(ckpt_dir))} exists and is not empty")

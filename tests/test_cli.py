@@ -222,3 +222,15 @@ def test_overfit_debug_runs_on_stored_data_and_refuses_fresh_batches(tmp_path):
     cfg = compose_config(["debug=overfit", "data=simulated"], output_dir=tmp_path)
     with pytest.raises(ValueError, match="overfit_batches .*data=random or data=paper"):
         check_config(cfg)
+
+
+def test_a_setting_its_constructor_does_not_take_is_named_with_the_fix(tmp_path):
+    """debug=tiny shortens the built-in train (sequence.n_pulses): with a schedule file that
+    setting is named, with how to remove it, instead of a TypeError from deep in Hydra."""
+    (tmp_path / "s.csv").write_text("flip_angle_deg,tr_ms\n10,12\n20,12\n")
+    r = _run("train.py", [*TINY, "sequence=from_file", f"sequence.path={tmp_path / 's.csv'}",
+                          f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    line = _one_error_line(r)
+    for piece in ("sequence.n_pulses is not a setting of mrflight.sequence_files.from_file",
+                  "~sequence.n_pulses"):
+        assert piece in line, line

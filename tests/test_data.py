@@ -92,6 +92,20 @@ def test_file_source(tmp_path):
         bad.setup()
 
 
+def test_file_source_with_b1_says_that_b1_is_not_learnt(tmp_path, caplog):
+    import logging
+
+    b1 = np.linspace(0.8, 1.2, 120)
+    d = dictionary.generate(SEQ, PARAMS[:120], b1=b1, progress=False)
+    dictionary.save(d, tmp_path / "dict_b1.npz")
+    dm = FingerprintDataModule(sequence=SEQ, path=str(tmp_path / "dict_b1.npz"), n_test=20,
+                               batch_size=8)
+    with caplog.at_level(logging.WARNING, logger="mrflight"):
+        dm.setup()
+    assert dm.train_set.params_ms.shape[1] == 2
+    assert "B1 column (0.80 to 1.20)" in caplog.text and "data=simulated" in caplog.text
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"noise_std": -0.1}, "noise_std"),
     ({"batch_size": 0}, "batch_size"),

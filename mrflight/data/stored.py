@@ -36,6 +36,7 @@ in [0, 1]); batches also carry the parameters in ms for the metrics.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -244,6 +245,12 @@ class FingerprintDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
                 )
             if self.sequence is None and d.sequence is not None:
                 self.sequence = Sequence.from_dict(d.sequence)
+            b1 = np.asarray(d.params)[:, 2] if np.shape(d.params)[1] > 2 else None
+            if b1 is not None and np.ptp(b1) > 0:
+                logging.getLogger("mrflight").warning(
+                    "the dictionary %s has a B1 column (%.2f to %.2f): data=file trains on T1 and "
+                    "T2 only, so the network learns to ignore B1 (data=simulated estimates it)",
+                    self.path, float(b1.min()), float(b1.max()))
             return d
         return dictionary.generate(self.sequence, self.params, cache_dir=self.cache_dir,
                                    progress=self.progress)
