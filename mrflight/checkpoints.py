@@ -78,7 +78,8 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     if p.is_dir():
         raise ValueError(_directory_message(p))
     if not p.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+        raise ValueError(f"checkpoint {str(path)!r} does not exist; give a .ckpt file "
+                         "written by train.py (RUN/checkpoints/*.ckpt)")
     if not _is_torch_file(p):
         raise ValueError(f"file {str(path)!r} is not a PyTorch checkpoint (neither the zip archive "
                          "nor the pickle that torch.save writes): give a .ckpt file written by "
@@ -379,7 +380,8 @@ def find_checkpoints(path) -> list[Path]:
     if p.is_file():
         return [p]
     if not p.is_dir():
-        raise ValueError(f"ckpt_path={path}: no such file or directory")
+        raise ValueError(f"ckpt_path={path}: no such file or directory; give a .ckpt file, "
+                         "a run folder (outputs/DATE/TIME) or a multirun folder")
     if _checkpoint_files(_ckpt_folder(p)):
         return [best_checkpoint(p)]
     runs = find_runs(p)

@@ -358,7 +358,7 @@ class MRFRegressor(L.LightningModule):
                               "ones: a magnitude has lost the sign changes of the signal, so "
                               "its estimates are biased; pass the complex series, or use a "
                               "model trained with data.input_mode=magnitude", RuntimeWarning,
-                              stacklevel=3)
+                              stacklevel=4)  # past torch.no_grad's wrapper
             if x.dtype != torch.float64:
                 x = x.to(torch.float32)
         # validate everything first so that a bad voxel fails before any work is done. On the
@@ -371,7 +371,7 @@ class MRFRegressor(L.LightningModule):
         n_zero = int(zero.sum())
         if n_zero:
             warnings.warn(f"{n_zero} all-zero fingerprints cannot be normalised; "
-                          "their T1/T2 are NaN", RuntimeWarning, stacklevel=3)
+                          "their T1/T2 are NaN", RuntimeWarning, stacklevel=4)
         return x, zero
 
     # -- training -----------------------------------------------------------------------------

@@ -248,6 +248,9 @@ def open_series(path: str | os.PathLike, *, dataset: str | None = None,
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{option}={str(path)!r} does not exist; pass the {what} file")
+    if path.is_dir():
+        raise ValueError(f"{option}={str(path)!r} is a folder: give the {what} file in it "
+                         f"({', '.join(SERIES_SUFFIXES)})")
     name = path.name.lower()
     given = f"{option}={path}"
     if name.endswith((".nii", ".nii.gz")):

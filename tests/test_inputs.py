@@ -377,3 +377,12 @@ def test_complex_normalize_matches_the_definition_on_views():
         torch.testing.assert_close(normalize(v), ref, rtol=1e-14, atol=1e-15)
         torch.testing.assert_close(normalize(v.to(torch.complex64)), ref.to(torch.complex64),
                                    rtol=1e-6, atol=1e-7)
+
+
+def test_a_folder_given_as_a_series_is_named_as_a_folder(tmp_path):
+    from mrflight.series_io import open_series
+
+    (tmp_path / "scan.nii.gz").mkdir()  # a DICOM-export-like folder with a series-like name
+    for p in (tmp_path, tmp_path / "scan.nii.gz"):
+        with pytest.raises(ValueError, match=r"input=.* is a folder: give the image series file"):
+            open_series(p)

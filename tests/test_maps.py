@@ -778,3 +778,27 @@ def test_fitted_network_reconstructor_recovers_parameters_and_m0(seq):
     assert rec.noise_summary()["Voxels"] == 3
     with pytest.raises(ValueError, match="complex series"):
         rec(np.abs(fp))
+
+
+def test_a_magnitude_series_into_a_complex_network_is_warned_and_the_sidecars_keep_it(
+        tmp_path, seq):
+    """The warning of predict_parameters points at the caller (not at torch's no_grad wrapper)
+    and the maps' sidecars record it."""
+    import warnings
+
+    from mrflight.regressor import MRFRegressor
+
+    net = {"_target_": "mrflight.models.ANNRegressor", "input_length": len(seq),
+           "in_channels": 2, "n_outputs": 2, "hidden_sizes": [8]}
+    module = MRFRegressor(net, target_scale_ms=[4000.0, 500.0], input_mode="complex",
+                          sequence=seq.to_dict()).eval()
+    series = simulate(seq, [800.0, 1200.0, 400.0, 2000.0], [60.0, 90.0, 40.0, 200.0]).abs()
+    np.save(tmp_path / "mag.npy", series.reshape(2, 2, -1).numpy())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        files = maps.make_maps(tmp_path / "mag.npy", maps.NetworkReconstructor(module),
+                               tmp_path / "out", options=OPTS, mask=np.ones((2, 2), bool))
+    said = [w for w in caught if "trained on complex fingerprints" in str(w.message)]
+    assert said and all("_contextlib" not in w.filename for w in said)
+    side = json.loads(files["T1map.json"].read_text())
+    assert any("trained on complex fingerprints" in w for w in side["Warnings"])

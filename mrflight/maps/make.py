@@ -51,15 +51,24 @@ def make_maps(input_path, reconstructor, out_dir, *, options: MapOptions | None 
     if hasattr(reconstructor, "reset_noise"):
         reconstructor.reset_noise()
     with open_series(input_path, dataset=opt.dataset, length=reconstructor.length) as src:
-        result = reconstruct_series(src, reconstructor, time_axis=opt.time_axis, mask=mask,
-                                    mask_method=opt.mask_method, mask_fraction=opt.mask_fraction,
-                                    chunk_voxels=opt.chunk_voxels, block_mb=opt.block_mb,
-                                    progress=opt.progress, b1map=b1map)
+        with warnings.catch_warnings(record=True) as caught:  # kept in the sidecars too
+            warnings.simplefilter("always")
+            result = reconstruct_series(src, reconstructor, time_axis=opt.time_axis, mask=mask,
+                                        mask_method=opt.mask_method,
+                                        mask_fraction=opt.mask_fraction,
+                                        chunk_voxels=opt.chunk_voxels, block_mb=opt.block_mb,
+                                        progress=opt.progress, b1map=b1map)
+        said = list(dict.fromkeys(str(w.message) for w in caught
+                                  if issubclass(w.category, RuntimeWarning)))
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         meta = dict(reconstructor.describe())
         warning = getattr(reconstructor, "noise_warning", lambda: None)()
         if warning:
             warnings.warn(warning, stacklevel=2)
-            meta["Warnings"] = [warning]
+            said.append(warning)
+        if said:
+            meta["Warnings"] = said
         meta.update(_sequence_meta(getattr(reconstructor, "sequence", None),
                                    reconstructor.length))
         meta["InputShape"] = list(src.shape)

@@ -37,18 +37,21 @@ def detect_time_axis(shape: tuple[int, ...], length: int, time_axis: int | None 
     if time_axis is not None:
         ax = int(time_axis)
         if not -len(shape) <= ax < len(shape):
-            raise ValueError(f"time_axis={time_axis} is out of range for shape {shape}")
+            raise ValueError(f"maps.time_axis={time_axis} is out of range for shape {shape}")
         ax %= len(shape)
         if shape[ax] != length:
-            raise ValueError(f"time_axis={time_axis} has {shape[ax]} points but the sequence has "
-                             f"{length}; the series (shape {shape}) does not match the sequence "
-                             f"-- use the sequence the series was acquired with")
+            raise ValueError(f"maps.time_axis={time_axis} has {shape[ax]} points but the "
+                             f"sequence has {length}; the series (shape {shape}) does not match "
+                             "the sequence -- use the checkpoint or dictionary (or, for "
+                             "dictionary=paper, the sequence=) of the train the series was "
+                             "acquired with")
         return ax
     hits = [i for i, s in enumerate(shape) if s == length]
     if not hits:
         raise ValueError(f"no axis of the series (shape {shape}) has the sequence length "
-                         f"{length}: the series does not match the sequence -- use the sequence "
-                         f"(or checkpoint/dictionary) the series was acquired with")
+                         f"{length}: the series does not match the sequence -- use the "
+                         "checkpoint or dictionary (or, for dictionary=paper, the sequence=) of "
+                         "the train the series was acquired with")
     if len(hits) > 1:
         raise ValueError(f"several axes {hits} of the series (shape {shape}) have the sequence "
                          f"length {length}; set the time axis explicitly (maps.time_axis=N)")
