@@ -252,6 +252,8 @@ class DictionaryMatcher:
         a = a.to(self.device)
         if not bool(torch.isfinite(a).all()):
             raise ValueError("atoms contain NaN or Inf values; regenerate the dictionary")
+        if not a.is_complex() and a.numel():  # real atoms are matched as magnitudes
+            check_magnitude(float(a.min()), "the real-valued atoms")
         pf = p.to(self.device, torch.float64 if p.dtype == torch.float64 else torch.float32)
         if not bool(torch.isfinite(pf).all()):
             raise ValueError("params contain NaN or Inf values")

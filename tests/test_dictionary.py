@@ -181,6 +181,48 @@ def test_generate_rejects_bad_params(seq):
         generate(seq, np.ones((4, 2)), b1=np.ones(3), progress=False)
 
 
+def test_b1_in_percent_becomes_a_ratio_and_other_units_are_refused(tmp_path):
+    a = np.ones((2, 5), complex)
+    d = Dictionary(a, [[800, 60, 100], [1200, 90, 57]], ("t1", "t2", "b1"), ("ms", "ms", "%"))
+    assert d.units == ("ms", "ms", "1")
+    assert d.params[:, 2].tolist() == [1.0, 0.57]  # divided by 100: exactly 0.57
+    named = Dictionary(a, [[800, 60, 90], [1200, 90, 110]], ("t1", "t2", "B1 (%)"),
+                       ("ms", "ms", ""))
+    assert named.param_names[2] == "b1" and named.params[:, 2].tolist() == [0.9, 1.1]
+    for unit in ("1", "ratio", "", "unknown"):
+        ratio = Dictionary(a, [[800, 60, 0.9], [1200, 90, 1.1]], ("t1", "t2", "b1"),
+                           ("ms", "ms", unit))
+        assert ratio.params[:, 2].tolist() == [0.9, 1.1]
+    with pytest.raises(ValueError, match="'deg'.*B1 must be a ratio.*units"):
+        Dictionary(a, [[800, 60, 1], [1200, 90, 1]], ("t1", "t2", "b1"), ("ms", "ms", "deg"))
+    # a foreign file in percent is read as a ratio
+    np.savez(tmp_path / "pct.npz", atoms=a, params=np.array([[800, 60, 80], [1200, 90, 120]]),
+             param_names=np.array(["T1", "T2", "B1"]), units=np.array(["ms", "ms", "%"]))
+    assert load(tmp_path / "pct.npz").params[:, 2].tolist() == [0.8, 1.2]
+
+
+@pytest.mark.parametrize("names, units, bad", [
+    (("t1_s", "t2"), ("ms", "ms"), "'t1_s' has unit 'ms' but its name says 's'"),
+    (("t1", "T2 (ms)"), ("ms", "s"), r"'T2 \(ms\)' has unit 's' but its name says 'ms'"),
+    (("t1", "t2", "b1_pct"), ("ms", "ms", "1"), "'b1_pct' has unit '1' but its name says 'pct'"),
+])
+def test_a_unit_in_the_name_must_agree_with_the_given_unit(names, units, bad):
+    p = np.array([[800, 60, 90], [1200, 90, 110]])[:, :len(names)]
+    with pytest.raises(ValueError, match=bad + ".*make param_names and units agree"):
+        Dictionary(np.ones((2, 5), complex), p, names, units)
+
+
+def test_the_unit_in_the_name_applies_when_the_unit_agrees_or_is_left_out():
+    a = np.ones((2, 5), complex)
+    for unit in ("", "unknown", "sec", "s"):
+        d = Dictionary(a, [[0.8, 60], [1.2, 90]], ("t1_s", "t2"), (unit, "ms"))
+        assert d.t1_ms.tolist() == [800.0, 1200.0]
+    for unit in ("", "%", "percent"):
+        d = Dictionary(a, [[800, 60, 90], [1200, 90, 110]], ("t1", "t2", "b1_pct"),
+                       ("ms", "ms", unit))
+        assert d.params[:, 2].tolist() == [0.9, 1.1]
+
+
 # ---------------------------------------------------------------------------------- I/O
 
 FORMATS = [("d.h5", {}), ("d.npz", {}), ("d.mat", {}), ("d73.mat", {"mat_version": "7.3"})]
@@ -268,6 +310,84 @@ def test_load_and_save_errors(tmp_path, small):
     (tmp_path / "bad.h5").write_bytes(b"not hdf5 at all")
     with pytest.raises(ValueError, match="not a readable"):
         load(tmp_path / "bad.h5")
+
+
+@pytest.mark.parametrize("fmt, kwargs", [("h5", {}), ("npz", {}), ("mat", {}),
+                                         ("mat", {"mat_version": "7.3"})])
+def test_load_reads_the_format_from_the_file_not_its_name(tmp_path, small, fmt, kwargs):
+    save(small, tmp_path / "plain", format=fmt, **kwargs)  # no extension
+    np.testing.assert_allclose(load(tmp_path / "plain").atoms, small.atoms, rtol=1e-6)
+    save(small, tmp_path / f"d.{fmt}", **kwargs)
+    for wrong in ("h5", "npz", "mat"):  # renamed to another extension
+        moved = tmp_path / f"moved.{wrong}"
+        moved.write_bytes((tmp_path / f"d.{fmt}").read_bytes())
+        e = load(moved)
+        np.testing.assert_allclose(e.atoms, small.atoms, rtol=1e-6)
+        np.testing.assert_array_equal(e.params, small.params)
+    # a .mat file that is HDF5 without MATLAB's header is still read as MATLAB v7.3
+    with h5py.File(tmp_path / "bare.mat", "w") as f:
+        f["D"], f["lut"] = small.atoms.real.T, small.params.T
+    np.testing.assert_array_equal(load(tmp_path / "bare.mat").params, small.params)
+
+
+def test_open_h5_reads_an_h5_file_by_its_content(tmp_path, small):
+    from mrflight.dictionary import open_h5
+
+    save(small, tmp_path / "plain", format="h5")
+    with open_h5(tmp_path / "plain", verify=True) as (atoms, params, _):
+        np.testing.assert_array_equal(atoms[:3], small.atoms[:3])
+    save(small, tmp_path / "plain2", format="npz")
+    with pytest.raises(ValueError, match="npz file: use mrflight.dictionary.load"):
+        open_h5(tmp_path / "plain2")
+
+
+def test_format_errors_suggest_what_exists(tmp_path, small):
+    with pytest.raises(ValueError, match="format='npz' disagrees.*x.h5: name the file x.npz"):
+        save(small, tmp_path / "x.h5", format="npz")
+    assert not (tmp_path / "x.h5").exists()
+    (tmp_path / "notes").write_text("hello")
+    with pytest.raises(ValueError, match="notes is not a dictionary file") as e:
+        load(tmp_path / "notes")
+    assert "format=" not in str(e.value)  # load has no such argument
+    with pytest.raises(ValueError, match="pass format="):  # save has
+        save(small, tmp_path / "y")
+
+
+def test_save_never_replaces_a_file_unasked(tmp_path, small):
+    mine = tmp_path / "mine.h5"
+    mine.write_text("a user's unrelated file")
+    with pytest.raises(ValueError, match=f"{mine} already exists: pass overwrite=True"):
+        save(small, mine)
+    with pytest.raises(ValueError, match="already exists"):
+        small.save(mine)
+    assert mine.read_text() == "a user's unrelated file"
+    save(small, mine, overwrite=True)
+    np.testing.assert_array_equal(load(mine).atoms, small.atoms)
+    small.save(mine, overwrite=True)
+    # read-only: refused even with overwrite=True (os.replace would replace it regardless)
+    locked = tmp_path / "locked.npz"
+    save(small, locked)
+    before = locked.read_bytes()
+    locked.chmod(0o444)
+    with pytest.raises(ValueError, match="locked.npz is read-only.*chmod u\\+w"):
+        save(Dictionary(small.atoms[:3], small.params[:3]), locked, overwrite=True)
+    assert locked.read_bytes() == before
+    # a dangling link is not replaced either
+    (tmp_path / "link.h5").symlink_to(tmp_path / "elsewhere.h5")
+    with pytest.raises(ValueError, match="already exists"):
+        save(small, tmp_path / "link.h5")
+
+
+def test_save_refuses_a_folder_and_a_missing_folder(tmp_path, small):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path / 'out'} is a folder: give a file in it"):
+        save(small, tmp_path / "out")
+    with pytest.raises(ValueError, match="its folder .*ouy does not exist"):
+        save(small, tmp_path / "ouy" / "d.h5")  # mistyped: not made
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="its folder .*f is a file"):
+        save(small, tmp_path / "f" / "d.h5")
 
 
 # ---------------------------------------------------------------------------------- cache
@@ -423,7 +543,7 @@ def test_failed_write_leaves_the_old_file(tmp_path, small, monkeypatch):
     monkeypatch.setattr(scipy.io, "savemat", boom)
     for name in ("d.h5", "d.npz", "d.mat"):
         with pytest.raises(OSError, match="disk full"):
-            save(small, tmp_path / name)
+            save(small, tmp_path / name, overwrite=True)
     monkeypatch.undo()
     for name in ("d.h5", "d.npz", "d.mat"):
         e = load(tmp_path / name)
@@ -447,7 +567,7 @@ def test_killed_writer_process_leaves_the_old_file(tmp_path, small):
         os.fsync = stall
         m = 20000
         d = Dictionary(np.ones((m, 250), np.complex64), np.ones((m, 2)))
-        save(d, {str(target)!r})
+        save(d, {str(target)!r}, overwrite=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])
     try:

@@ -106,6 +106,12 @@ def test_non_finite_starts_give_nan_rows_and_the_rest_is_fitted():
     est = fit(SEQ, y, start, tol=1e-10, xtol=1e-10)
     assert torch.isnan(est[1]).all()
     assert torch.allclose(est[[0, 2]], truth[[0, 2]], rtol=1e-6)
+    # an all-zero signal (image background) gets NaN with a warning, the others their fit
+    y0 = y.clone()
+    y0[2] = 0
+    with pytest.warns(RuntimeWarning, match="1 all-zero signal"):
+        est0 = fit(SEQ, y0, truth, tol=1e-10, xtol=1e-10)
+    assert torch.isnan(est0[2]).all() and torch.allclose(est0[0], truth[0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -118,12 +124,18 @@ def test_non_finite_starts_give_nan_rows_and_the_rest_is_fitted():
     ({"signals": "short"}, "time points"),
     ({"b1": [1.0, 0.9]}, "one value per signal"),
     ({"chunk_size": 0}, "chunk_size"),
+    # one NaN sample: named up front, not as a NaN T1 of a Levenberg-Marquardt step
+    ({"signals": "nan"}, r"signals hold NaN or Inf values \(1 signal\(s\), e.g. rows \[1\]"),
 ])
 def test_bad_input_is_named(kwargs, match):
     y, truth, _ = _signals(ATOMS, 0.0, 1, 6)
     args = {"signals": y, "init": truth}
     args.update(kwargs)
     if isinstance(args["signals"], str):
-        args["signals"] = y.abs() if args["signals"] == "magnitude" else y[:, :100]
+        kind, args["signals"] = args["signals"], y.clone()
+        if kind == "nan":
+            args["signals"][1, 5] = float("nan")
+        else:
+            args["signals"] = y.abs() if kind == "magnitude" else y[:, :100]
     with pytest.raises(ValueError, match=match):
         fit(SEQ, args.pop("signals"), args.pop("init"), **args)

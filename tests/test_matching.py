@@ -154,6 +154,9 @@ def test_bad_input(small_dict):
         DictionaryMatcher(atoms, params, energy=1.5)
     with pytest.raises(ValueError, match="complex"):
         DictionaryMatcher(atoms.abs(), params, complex_matching=True)
+    # signed real atoms (the real part of a 0/180-degree train) are not magnitudes either
+    with pytest.raises(ValueError, match="negative values in the real-valued atoms"):
+        DictionaryMatcher(atoms.real if atoms.is_complex() else -atoms, params)
     bad = atoms.clone()
     bad[3, 4] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

@@ -194,3 +194,19 @@ def test_hydra_sequence_configs(name, tmp_path):
         seq = instantiate(cfg)
         assert seq == {"oksuz2019": oksuz2019, "jiang2015": jiang2015}[name]()
     assert isinstance(seq, Sequence)
+
+
+def test_a_sequence_keeps_its_own_arrays_and_checks_a_train_changed_in_place():
+    fa = np.linspace(10, 60, 50)
+    seq = Sequence(fa, tr_ms=10.0)
+    fa *= 0.8  # the caller's array: not the sequence's
+    assert seq == Sequence(np.linspace(10, 60, 50), tr_ms=10.0)
+    seq.flip_angle_deg[0] = np.nan  # its own, changed in place: checked before simulating
+    with pytest.raises(ValueError, match="changed since it was made.*flip_angle_deg contains NaN"):
+        simulate(seq, 800.0, 60.0)
+    seq = oksuz2019(n_pulses=100)
+    seq.tr_ms[:] = -1.0
+    with pytest.raises(ValueError, match="tr_ms must be positive"):
+        simulate(seq, 800.0, 60.0)
+    with pytest.raises(ValueError, match="zero for every pulse"):
+        Sequence(np.zeros(20))

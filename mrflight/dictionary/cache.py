@@ -95,10 +95,12 @@ def load_cached(path: Path, key: str, p: np.ndarray) -> Dictionary | None:
 
 
 def store(d: Dictionary, path: Path, key: str) -> None:
-    """Write ``d`` to the cache under ``key``; a failed write is only warned about."""
+    """Write ``d`` to the cache under ``key`` (making the folder, replacing a damaged file); a
+    failed write is only warned about."""
     d.meta["cache_key"] = key
     try:
-        save(d, path, format="h5")
-    except OSError as e:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(d, path, format="h5", overwrite=True)
+    except (OSError, ValueError) as e:  # ValueError: a read-only file
         warnings.warn(f"could not write the dictionary cache {path}: {e}", RuntimeWarning,
                       stacklevel=3)

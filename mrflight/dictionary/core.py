@@ -34,14 +34,17 @@ class Dictionary:
             are reordered by name to T1, T2 (ms)[, B1][, others]: ``("T2", "T1")`` columns are
             swapped, names are made canonical (``t1_ms``, ``t2_ms``, ``b1``; case-insensitive,
             ``T1``/``t1``/``t1_ms`` understood, ``t1_s`` or unit ``"s"`` converted to ms).
-        units: units of the ``P`` columns (default ``("ms", "ms")``; ``"1"`` for a B1 factor).
+        units: units of the ``P`` columns (default ``("ms", "ms")``; ``"1"`` for a B1 factor,
+            ``"%"`` for B1 in percent, converted to a factor). A unit in a name (``t1_s``) and
+            the unit given must agree.
         sequence: the pulse train as ``Sequence.to_dict()`` (``None`` if unknown).
         meta: JSON-serialisable metadata (simulation settings, source file, ...).
         basis: optional temporal SVD basis, shape ``(T, k)`` (written as ``V`` in ``.mat``).
 
     Raises:
         ValueError: empty, non-finite or mismatched arrays, names or units; no column named
-            T1 or T2.
+            T1 or T2; a unit that is not a time (T1, T2), a ratio or percent (B1), or that
+            disagrees with the name.
     """
 
     atoms: np.ndarray

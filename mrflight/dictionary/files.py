@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from mrflight.dictionary.layout import (
     file_format,
     header_json,
     payload_checksum,
+    stored_format,
     stored_header,
     to_json,
 )
@@ -26,11 +28,13 @@ __all__ = ["save", "load"]
 
 
 def save(dictionary: Dictionary, path, format: str | None = None, *,
-         mat_version: str = "7") -> None:
+         mat_version: str = "7", overwrite: bool = False) -> None:
     """Write a dictionary to ``.h5``, ``.npz`` or ``.mat``, atomically.
 
     The file appears complete or not at all (written beside ``path`` and renamed): a killed
-    write leaves any older file at ``path`` untouched.
+    write leaves any older file at ``path`` untouched. An existing file is replaced only with
+    ``overwrite=True`` (and never a read-only one); the folder must exist (a mistyped folder is
+    an error, not made).
 
     Layouts:
 
@@ -51,16 +55,21 @@ def save(dictionary: Dictionary, path, format: str | None = None, *,
 
     Args:
         dictionary: the :class:`Dictionary`.
-        path: destination; the extension picks the format unless ``format`` is given.
-        format: ``"h5"``, ``"npz"`` or ``"mat"`` (default: from the extension).
+        path: destination file, in an existing folder; the extension picks the format.
+        format: ``"h5"``, ``"npz"`` or ``"mat"``, for a path without one of their extensions
+            (default: from the extension; it must agree with a known extension).
         mat_version: ``"7"`` or ``"7.3"`` (``.mat`` only).
+        overwrite: replace a file already at ``path`` (default: refuse).
 
     Raises:
-        ValueError: unknown extension/format or version, or metadata that is not JSON.
+        ValueError: unknown extension/format or version, a format that disagrees with the
+            extension, metadata that is not JSON; ``path`` is a folder, its folder does not
+            exist, or it exists (without ``overwrite=True``, or read-only).
     """
     if not isinstance(dictionary, Dictionary):
         raise ValueError(f"dictionary must be a Dictionary, got {type(dictionary).__name__}")
     path = Path(path)
+    _check_destination(path, overwrite)
     fmt = file_format(path, format)
     if str(mat_version) not in ("7", "7.3"):
         raise ValueError(f"mat_version must be '7' or '7.3', got {mat_version!r}")
@@ -72,6 +81,25 @@ def save(dictionary: Dictionary, path, format: str | None = None, *,
         _save_npz(d, path, header)
     else:
         save_mat_dictionary(d, path, header, v73=str(mat_version) == "7.3")
+
+
+def _check_destination(path: Path, overwrite: bool) -> None:
+    """Refuse a ``path`` whose writing would lose what is there or make a mistyped folder."""
+    if path.is_dir():
+        raise ValueError(f"path {path} is a folder: give a file in it, e.g. "
+                         f"{path / ('dictionary' + (path.suffix or '.h5'))}")
+    if not path.parent.is_dir():
+        what = "is a file" if path.parent.exists() else "does not exist"
+        raise ValueError(f"path {path}: its folder {path.parent} {what}; correct the path, or "
+                         "make the folder first")
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not overwrite:
+        raise ValueError(f"path {path} already exists: pass overwrite=True to replace it, or "
+                         "give another path")
+    if path.exists() and (not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222):
+        raise ValueError(f"path {path} is read-only: give another path, or make it writable "
+                         "(chmod u+w) to replace it")
 
 
 def _save_h5(d: Dictionary, path: Path, header: dict[str, str]) -> None:
@@ -112,7 +140,8 @@ def load(path, *, verify: bool = True, require_checksum: bool = False) -> Dictio
     count. A MATLAB v7.3 file written by mrflight is checked against its SHA-256 checksum.
 
     Args:
-        path: a ``.h5``, ``.npz`` or ``.mat`` file.
+        path: a ``.h5``, ``.npz`` or ``.mat`` file (the format is told by the file's first
+            bytes, so a file saved under another extension or none is read too).
         verify: check the SHA-256 checksum when the file has one (``.h5``/``.npz``).
         require_checksum: fail if the file has no checksum (used for the cache).
 
@@ -120,14 +149,15 @@ def load(path, *, verify: bool = True, require_checksum: bool = False) -> Dictio
         The :class:`Dictionary`.
 
     Raises:
-        ValueError: missing file, unknown extension, truncated or damaged file (the message
-            names it), checksum mismatch, missing/empty/mismatched arrays, or parameter names
-            without T1 and T2.
+        ValueError: missing file, unknown format, truncated or damaged file (the message
+            names it), checksum mismatch, missing/empty/mismatched arrays, parameter names
+            without T1 and T2, or units not understood or at odds with the names.
     """
     path = Path(path)
-    fmt = file_format(path, None)
     if not path.is_file():
-        raise ValueError(f"dictionary file {path} does not exist")
+        raise ValueError(f"dictionary file {path} "
+                         + ("is not a file" if path.exists() else "does not exist"))
+    fmt = stored_format(path)
     if fmt == "mat":
         return load_mat_dictionary(path)
     try:

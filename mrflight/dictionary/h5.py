@@ -19,7 +19,7 @@ from mrflight.dictionary.layout import (
     HEADER_KEYS,
     LAYOUT_VERSION,
     check_checksum,
-    file_format,
+    stored_format,
     stored_header,
 )
 from mrflight.fileio import damaged_error
@@ -67,10 +67,12 @@ def open_h5(path, *, verify: bool = False):
         ValueError: missing or unreadable file, missing datasets, or a checksum mismatch.
     """
     path = Path(path)
-    if file_format(path, None) != "h5":
-        raise ValueError(f"open_h5 reads .h5 dictionaries, got {path}")
     if not path.is_file():
         raise ValueError(f"dictionary file {path} does not exist")
+    fmt = stored_format(path)
+    if fmt != "h5":
+        raise ValueError(f"open_h5 reads .h5 dictionaries and {path} is a .{fmt} file: use "
+                         "mrflight.dictionary.load")
     return _opened(path, verify)
 
 

@@ -1,4 +1,5 @@
-"""The layout of dictionary files: the format of each extension and, besides the arrays of an
+"""The layout of dictionary files: the format of each extension and of each file's first bytes
+and, besides the arrays of an
 ``.h5``/``.npz`` file, its JSON header (parameter names, units, sequence, meta), its layout
 version and the SHA-256 checksum of its payload.
 
@@ -21,9 +22,12 @@ from mrflight.dictionary.core import blocks
 from mrflight.fileio import Digest
 
 #: file formats understood by :func:`~mrflight.dictionary.save` / :func:`~mrflight.dictionary.load`
-#: (by extension)
 FORMATS = ("h5", "npz", "mat")
 _EXT = {".h5": "h5", ".hdf5": "h5", ".hdf": "h5", ".npz": "npz", ".mat": "mat"}
+#: the first bytes of each format: HDF5, zip (``.npz``), MATLAB v5/v7 and v7.3 (HDF5 behind a
+#: 512-byte text header)
+_SIGNATURES = ((b"\x89HDF\r\n\x1a\n", "h5"), (b"PK\x03\x04", "npz"), (b"MATLAB 5.0", "mat"),
+               (b"MATLAB 7.3", "mat"))
 #: layout version written into .h5/.npz files (bump when the layout changes)
 LAYOUT_VERSION = 1
 #: the header entries, each stored as a JSON string
@@ -31,20 +35,62 @@ HEADER_KEYS = ("param_names", "units", "sequence", "meta")
 
 
 def file_format(path: Path, format: str | None) -> str:
-    """``"h5"``, ``"npz"`` or ``"mat"``: ``format`` if given, else from ``path``'s extension."""
+    """``"h5"``, ``"npz"`` or ``"mat"`` of a file to write: ``format`` if given, else from
+    ``path``'s extension.
+
+    Raises:
+        ValueError: an unknown format or extension, or a format that disagrees with the
+            extension (``format="npz"`` for ``x.h5``).
+    """
+    ext = _EXT.get(path.suffix.lower())
     if format is not None:
         f = str(format).lower().lstrip(".")
         f = {"hdf5": "h5", "hdf": "h5"}.get(f, f)
         if f not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if ext is not None and ext != f:
+            raise ValueError(f"format={format!r} disagrees with the extension of {path}: name "
+                             f"the file {path.with_suffix('.' + f).name} or leave out format=")
         return f
-    f = _EXT.get(path.suffix.lower())
-    if f is None:
+    if ext is None:
         raise ValueError(
             f"unknown dictionary file extension {path.suffix!r} in {path}: use .h5, .npz or "
             ".mat, or pass format="
         )
-    return f
+    return ext
+
+
+def stored_format(path: Path) -> str:
+    """``"h5"``, ``"npz"`` or ``"mat"`` of the existing file ``path``, told by its first bytes
+    (a file saved with another extension or none is read by what it holds), else by its
+    extension (a damaged file: its reader reports it). An HDF5 ``.mat`` file without an
+    ``atoms`` dataset is MATLAB v7.3 (written without MATLAB's 512-byte header).
+
+    Raises:
+        ValueError: neither the first bytes nor the extension tell a format.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    found = next((f for sig, f in _SIGNATURES if head.startswith(sig)), None)
+    ext = _EXT.get(path.suffix.lower())
+    if found == "h5" and ext == "mat" and not _holds_atoms(path):
+        return "mat"
+    if found is None and ext is None:
+        raise ValueError(f"{path} is not a dictionary file: its extension {path.suffix!r} is "
+                         "none of .h5, .npz, .mat and it holds no HDF5, npz or MATLAB data; "
+                         "give a file written by mrflight.dictionary.save or a MATLAB .mat file")
+    return found or ext
+
+
+def _holds_atoms(path: Path) -> bool:
+    """True when the HDF5 file ``path`` has an ``atoms`` dataset (False when unreadable)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "atoms" in f
+    except OSError:
+        return False
 
 
 def to_json(obj, what: str) -> str:

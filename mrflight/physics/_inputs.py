@@ -110,6 +110,10 @@ def _seq_arrays(seq: Sequence) -> _SeqArrays:
     if hit is not None and hit.scalars == scalars and all(
             np.array_equal(a, b) for a, b in zip(hit.raw, raw)):
         return hit
+    try:  # a train changed in place is checked again, as its constructor checks it
+        type(seq)(*raw, seq.te_ms, seq.inversion, seq.ti_ms, seq.inversion_efficiency)
+    except ValueError as e:
+        raise ValueError(f"the sequence {seq.name!r} (changed since it was made): {e}") from None
     hit = _SeqArrays(
         tuple(np.array(a, copy=True) for a in raw), scalars, seq.fingerprint(),
         np.ascontiguousarray(np.deg2rad(seq.flip_angle_deg)),

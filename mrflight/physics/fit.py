@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -119,14 +120,23 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
         B1]); with ``return_scale`` also complex128 ``(N,)``.
 
     Raises:
-        ValueError: real (magnitude) signals, shapes that do not match, bad bounds or
-            ``max_iter < 1``.
+        ValueError: real (magnitude) signals, NaN or Inf in them, shapes that do not match,
+            bad bounds or ``max_iter < 1``. All-zero signals get NaN, with a warning.
     """
     y_all = _as_complex(signals)
     if y_all.shape[1] != len(seq):
         raise ValueError(f"signals have {y_all.shape[1]} time points but the sequence "
                          f"{seq.name!r} has {len(seq)}")
     n = y_all.shape[0]
+    bad = ~torch.isfinite(torch.view_as_real(y_all)).all(-1).all(1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()[:5].tolist()
+        raise ValueError(f"signals hold NaN or Inf values ({int(bad.sum())} signal(s), e.g. rows "
+                         f"{rows}): leave those voxels out (a mask) before fitting")
+    zero = ~(y_all != 0).any(1).cpu()
+    if bool(zero.any()):
+        warnings.warn(f"{int(zero.sum())} all-zero signal(s) cannot be fitted: their parameters "
+                      "are NaN", RuntimeWarning, stacklevel=2)
     p0 = torch.as_tensor(np.asarray(init) if not torch.is_tensor(init) else init)
     p0 = p0.detach().to("cpu", torch.float64)
     if p0.ndim == 1:
@@ -155,7 +165,7 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
     truncation = {"t1_max": box["t1"][1], "t2_max": box["t2"][1], "b1_range": box["b1"]}
     out = torch.full((n, len(wrt)), float("nan"), dtype=torch.float64)
     scale_out = torch.full((n,), complex("nan"), dtype=torch.complex128)
-    ok = torch.isfinite(p0).all(1) & torch.isfinite(b1_in) & (p0[:, :2] > 0).all(1)
+    ok = torch.isfinite(p0).all(1) & torch.isfinite(b1_in) & (p0[:, :2] > 0).all(1) & ~zero
     idx = ok.nonzero().flatten()
     dev = y_all.device
     for s in range(0, idx.numel(), int(chunk_size)):

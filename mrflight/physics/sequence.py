@@ -27,7 +27,7 @@ SCHEDULE_DIR = Path(str(resources.files("mrflight.physics") / "schedules"))
 
 
 def _as_train(name: str, value, n: int | None) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.float64)
+    arr = np.array(value, dtype=np.float64)  # a copy: the caller's array may change later
     if arr.ndim == 0:
         if n is None:
             raise ValueError(f"{name} must be a 1-D train when the length is not known")
@@ -75,6 +75,9 @@ class Sequence:
     ) -> None:
         self.flip_angle_deg = _as_train("flip_angle_deg", flip_angle_deg, None)
         n = self.flip_angle_deg.size
+        if not np.any(self.flip_angle_deg):
+            raise ValueError("flip_angle_deg is zero for every pulse: such a train excites no "
+                             "signal (flip angles are in degrees)")
         self.phase_deg = _as_train("phase_deg", phase_deg, n)
         self.tr_ms = _as_train("tr_ms", tr_ms, n)
         if np.any(self.tr_ms <= 0):
