@@ -349,7 +349,8 @@ class MRFRegressor(L.LightningModule):
         return x
 
     def _checked_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Real input as float32 (float64 kept), NaN/Inf refused; returns ``(x, all-zero rows)``
+        """Real input as float32 (float64 kept), NaN/Inf and negative real values (not a
+        magnitude) refused; returns ``(x, all-zero rows)``
         and warns (at the caller of :meth:`predict_parameters`) of real input to a complex
         model and of all-zero fingerprints."""
         if not x.is_complex():
@@ -365,8 +366,14 @@ class MRFRegressor(L.LightningModule):
         # real view, by min and max (NaN propagates, so both are finite iff every value is):
         # isfinite() goes through abs() and cost more than an ANN's forward pass
         xr = torch.view_as_real(x).flatten(1) if x.is_complex() else x
-        if xr.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(xr))).all()):
-            raise ValueError("signals contain NaN or Inf values: remove or mask those voxels")
+        if xr.numel():
+            low_high = torch.stack(torch.aminmax(xr))
+            if not bool(torch.isfinite(low_high).all()):
+                raise ValueError("signals contain NaN or Inf values: remove or mask those voxels")
+            if not x.is_complex():  # real input is read as a magnitude, as the matcher reads it
+                from mrflight.matching import check_magnitude
+
+                check_magnitude(float(low_high[0]), "the real-valued signals")
         zero = ~(xr != 0).any(dim=1)
         n_zero = int(zero.sum())
         if n_zero:

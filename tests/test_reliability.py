@@ -159,7 +159,7 @@ def _signals(atoms, length, dtype, scale, special):
     if np.dtype(dtype).kind != "c":
         sig = np.abs(sig)
     if dtype is np.int32:
-        sig = np.clip(np.round(sig * 1000), 0, 2**31 - 1)
+        sig = np.clip(np.round(sig * 1000), 0, 2**30)  # 2**31 - 1 rounds up in float32
     sig = sig.astype(dtype)
     if special and len(sig):
         if special == "zero":

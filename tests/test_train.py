@@ -319,3 +319,16 @@ def test_predict_parameters_precision_modes():
         module.predict_parameters(sig, precision="fp8")
     with pytest.raises(ValueError, match="needs the model on a CUDA GPU"):
         module.predict_parameters(sig, precision="fp16")
+
+
+def test_predict_parameters_refuses_a_signed_real_signal_as_the_matcher_does():
+    """Real input is read as a magnitude: the real part of complex data (negative values) is
+    refused with the advice, not silently made a magnitude."""
+    from mrflight.regressor import MRFRegressor
+
+    module = MRFRegressor({"_target_": "mrflight.models.ANNRegressor", "input_length": 100,
+                           "hidden_sizes": [8]})
+    sig = torch.randn(4, 100, dtype=torch.complex64)
+    assert torch.isfinite(module.predict_parameters(sig.abs())).all()
+    with pytest.raises(ValueError, match="negative values in the real-valued signals.*np.abs"):
+        module.predict_parameters(sig.real)
