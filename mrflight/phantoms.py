@@ -163,7 +163,7 @@ def brain_phantom(size: int = 128) -> Phantom:
         :class:`Phantom` with regions ``["white matter", "grey matter", "CSF", "fat"]``.
     """
     if int(size) != size or size < 16:
-        raise ValueError(f"size must be an integer >= 16, got {size}")
+        raise ValueError(f"size must be an integer >= 16, got {size!r}")
     n = int(size)
     yy, xx = np.mgrid[0:n, 0:n] / n * 2 - 1 + 1.0 / n  # pixel centres in [-1, 1]
     regions = ["white matter", "grey matter", "CSF", "fat"]
@@ -190,7 +190,8 @@ def brain_phantom(size: int = 128) -> Phantom:
 
 
 def nist_phantom(size: int = 128, field_t: float = 3.0, array: str = "T2") -> Phantom:
-    """A NIST-like phantom: 14 uniform spheres (disks) on a ring, in an empty (masked-out) housing.
+    """A NIST-like phantom: 14 uniform spheres (disks), 10 on a ring and 4 in its centre, in an
+    empty (masked-out) housing.
 
     Default: the 3 T MnCl2 "T2 array" (T1 91-2480 ms, T2 5.6-581 ms). Sphere 1 (T2 = 581 ms)
     lies above the paper's training range (T2 <= 500 ms). Spheres are numbered clockwise from

@@ -97,8 +97,16 @@ def _load_table(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     if suffix == ".npy":
         arr = np.load(path, allow_pickle=False)
         labels = [f"row {i}" for i in range(len(arr))] if arr.ndim else []
+        if np.iscomplexobj(arr) or arr.dtype.kind not in "biuf":
+            raise ValueError(f"{path}: expected real numbers (degrees, ms), got dtype "
+                             f"{arr.dtype}")
         if arr.ndim == 1:
             return {"flip_angle_deg": arr.astype(np.float64)}, labels
+        if arr.ndim == 2 and arr.shape[1] in (2, 3):  # as for a text file without a header
+            raise ValueError(
+                f"{path} has {arr.shape[1]} columns, which a .npy cannot name: is the second "
+                "the RF phase or the TR? Save 1 column (the flip angles) or all 4 "
+                f"({', '.join(_COLUMNS)}), or write a .csv with a header")
         if arr.ndim == 2 and arr.shape[1] <= 4:
             return ({n: arr[:, i].astype(np.float64) for i, n in
                      enumerate(_COLUMNS[: arr.shape[1]])}, labels)
@@ -146,8 +154,8 @@ def from_file(
     name: str | None = None,
 ) -> Sequence:
     """Load a pulse train from ``.csv``/``.txt`` (columns flip_angle_deg, phase_deg, tr_ms,
-    te_ms; header optional), ``.npy`` (``(T,)`` flip angles or ``(T, <=4)`` columns) or ``.mat``
-    (variables ``FA``/``flip_angle_deg``, ``PH``, ``TR``, ``TE``; v7 or v7.3).
+    te_ms; header optional), ``.npy`` (``(T,)`` flip angles, ``(T, 1)`` or ``(T, 4)`` columns)
+    or ``.mat`` (variables ``FA``/``flip_angle_deg``, ``PH``, ``TR``, ``TE``; v7 or v7.3).
 
     Args:
         path: the file (UTF-8 or ASCII; a byte-order mark is ignored). Angles in degrees,
@@ -158,13 +166,14 @@ def from_file(
         tr_ms: TR used when the file has no TR column (required then).
         te_ms: TE (one value: mrflight simulates one echo time); default the file's TE column,
             which must then be constant, else 2 ms.
-
-    Raises:
-        ValueError: a missing, undecodable, ragged or non-numeric file, a headerless file with
-            2 or 3 columns, a duplicated column, empty/NaN/infinite entries (the row is named),
-            a varying TE column, or no flip-angle column (the columns found are listed).
         inversion, ti_ms, inversion_efficiency: the inversion preparation (not in the file).
         name: label; default the file stem.
+
+    Raises:
+        ValueError: a missing, undecodable, ragged or non-numeric file, a headerless file or
+            a ``.npy`` with 2 or 3 columns, a complex ``.npy``, a duplicated column,
+            empty/NaN/infinite entries (the row is named), a varying TE column, or no
+            flip-angle column (the columns found are listed).
     """
     path = Path(path)
     if not path.exists():

@@ -124,6 +124,10 @@ def test_non_finite_starts_give_nan_rows_and_the_rest_is_fitted():
     ({"signals": "short"}, "time points"),
     ({"b1": [1.0, 0.9]}, "one value per signal"),
     ({"chunk_size": 0}, "chunk_size"),
+    ({"tol": 0}, r"tol must be a number in \(0, 1\)"),
+    ({"xtol": -1e-4}, "xtol must be a number"),
+    ({"bounds": {"t1": 3000.0}}, r"bounds\['t1'\] must be a pair"),
+    ({"seq": "dict"}, "seq must be a Sequence"),
     # one NaN sample: named up front, not as a NaN T1 of a Levenberg-Marquardt step
     ({"signals": "nan"}, r"signals hold NaN or Inf values \(1 signal\(s\), e.g. rows \[1\]"),
 ])
@@ -137,5 +141,6 @@ def test_bad_input_is_named(kwargs, match):
             args["signals"][1, 5] = float("nan")
         else:
             args["signals"] = y.abs() if kind == "magnitude" else y[:, :100]
+    seq = SEQ.to_dict() if args.pop("seq", None) == "dict" else SEQ
     with pytest.raises(ValueError, match=match):
-        fit(SEQ, args.pop("signals"), args.pop("init"), **args)
+        fit(seq, args.pop("signals"), args.pop("init"), **args)

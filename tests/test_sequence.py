@@ -125,6 +125,13 @@ def test_from_file_npy(tmp_path):
     np.save(p, np.zeros((3, 3, 3)))
     with pytest.raises(ValueError):
         from_file(p, tr_ms=9.0)
+    # 2 or 3 unnamed columns are ambiguous (phase or TR?), as in a text file without a header
+    np.save(p, np.column_stack([fa, tr, np.full_like(fa, te)]))
+    with pytest.raises(ValueError, match="3 columns, which a .npy cannot name"):
+        from_file(p)
+    np.save(p, fa * (1 + 1j))
+    with pytest.raises(ValueError, match="expected real numbers"):
+        from_file(p, tr_ms=9.0)
 
 
 @pytest.mark.parametrize("v73", [False, True])
@@ -210,3 +217,7 @@ def test_a_sequence_keeps_its_own_arrays_and_checks_a_train_changed_in_place():
         simulate(seq, 800.0, 60.0)
     with pytest.raises(ValueError, match="zero for every pulse"):
         Sequence(np.zeros(20))
+    with pytest.raises(ValueError, match="n_pulses must be a positive integer, got 100.5"):
+        oksuz2019(n_pulses=100.5)
+    with pytest.raises(ValueError, match="tol must be a number in"):
+        simulate(oksuz2019(n_pulses=100), 800.0, 60.0, tol="1e-3")

@@ -75,9 +75,9 @@ def _prepare(seq, t1_ms, t2_ms, b1, device, dtype):
     return t1.expand(n), t2.expand(n), b.expand(n), device
 
 
-def _check_tol(tol) -> None:
-    if not (0 < tol < 1):
-        raise ValueError(f"tol must lie in (0, 1), got {tol}")
+def _check_tol(tol, name: str = "tol") -> None:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not 0 < tol < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {tol!r}")
 
 
 def _check_chunk_size(chunk_size) -> None:

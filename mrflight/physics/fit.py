@@ -52,7 +52,10 @@ def _check_bounds(bounds) -> dict:
     for k, v in (bounds or {}).items():
         if k not in out:
             raise ValueError(f"fit bounds take the keys {sorted(out)}, got {k!r}")
-        lo, hi = (float(a) for a in v)
+        try:
+            lo, hi = (float(a) for a in v)
+        except (TypeError, ValueError):
+            raise ValueError(f"fit bounds[{k!r}] must be a pair (low, high), got {v!r}") from None
         if not (0 < lo < hi and math.isfinite(hi)):
             raise ValueError(f"fit bounds[{k!r}] must be (low, high) with 0 < low < high, "
                              f"got {v!r}")
@@ -123,6 +126,12 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
         ValueError: real (magnitude) signals, NaN or Inf in them, shapes that do not match,
             bad bounds or ``max_iter < 1``. All-zero signals get NaN, with a warning.
     """
+    if not isinstance(seq, Sequence):
+        raise ValueError(f"seq must be a Sequence (Sequence.from_dict(d) for a dict), got "
+                         f"{type(seq).__name__}")
+    for name, v in (("tol", tol), ("xtol", xtol)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ValueError(f"{name} must be a number in (0, 1), got {v!r}")
     y_all = _as_complex(signals)
     if y_all.shape[1] != len(seq):
         raise ValueError(f"signals have {y_all.shape[1]} time points but the sequence "

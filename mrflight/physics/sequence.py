@@ -173,8 +173,9 @@ def oksuz2019(
         Oksuz et al., Magnetic resonance fingerprinting using recurrent neural networks, ISBI 2019
         (1750 time points, TR 4.3 ms); Jiang et al., MRM 2015 (sinusoidal lobes, FISP readout).
     """
-    if n_pulses < 1 or lobe_length < 1:
-        raise ValueError("n_pulses and lobe_length must be positive")
+    for key, v in (("n_pulses", n_pulses), ("lobe_length", lobe_length)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{key} must be a positive integer, got {v!r}")
     peaks = np.asarray(lobe_peaks_deg, dtype=np.float64)
     if peaks.size == 0 or np.any(peaks < min_flip_deg):
         raise ValueError("lobe_peaks_deg must be non-empty and not below min_flip_deg")
