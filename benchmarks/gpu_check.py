@@ -1,7 +1,8 @@
 """One GPU check: fused EPG and Jacobian kernels, exact matching, GRU inference, CUDA tests.
 
 Measures on one CUDA GPU, with the CPU baseline in the same run, and prints one table (also
-written to ``OUT/gpu_check.md`` and ``OUT/gpu_check.json``):
+written to ``OUT/gpu_check.md`` and ``OUT/gpu_check.json``; a ``--smoke`` run to
+``OUT/gpu_check_smoke.*``, so that it never replaces a GPU run's record):
 
 * the paper grid (114 650 atoms x the 1750-pulse oksuz2019 train, float32) through
   ``simulate`` (the fused Triton kernel), against the CPU C kernel (on a subset, extrapolated)
@@ -582,10 +583,11 @@ def main() -> int:
     text = f"# GPU check\n\n{head}\n- total {total:.0f} s\n\n{table()}\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, body in (("gpu_check.md", text), ("gpu_check.json", json.dumps(ROWS, indent=1))):
+    stem = "gpu_check_smoke" if ctx.smoke else "gpu_check"  # a smoke run keeps the GPU record
+    for name, body in ((f"{stem}.md", text), (f"{stem}.json", json.dumps(ROWS, indent=1))):
         with atomic_path(out / name) as tmp:
             Path(tmp).write_text(body)
-    print(f"\n{text}\nwritten to {out / 'gpu_check.md'}", flush=True)
+    print(f"\n{text}\nwritten to {out / (stem + '.md')}", flush=True)
     return 0
 
 
