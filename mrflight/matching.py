@@ -164,8 +164,10 @@ def _check_inputs(a: torch.Tensor, p: torch.Tensor, dtype, complex_matching: boo
             and max_candidates >= 1):
         raise ValueError(f"max_candidates must be a positive integer (atoms re-scored in float64 "
                          f"per signal and atom block), e.g. 1024; got {max_candidates!r}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of atoms, got {chunk_size}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
+            chunk_size, (int, np.integer)) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer (atoms per block) or None, got "
+                         f"{chunk_size!r}")
     return p
 
 

@@ -284,6 +284,9 @@ def test_noise_std_must_be_finite(value, tmp_path):
                               noise_std=float(value), n_test=2)
     with pytest.raises(ValueError, match="noise_std"):
         add_noise(torch.ones(2, 5, dtype=torch.complex64), float(value))
+    with pytest.raises(ValueError, match=r"noise must have the shape of the signals \(2, 5\)"):
+        add_noise(torch.ones(2, 5, dtype=torch.complex64), 0.01,
+                  noise=torch.zeros(5, 2, dtype=torch.complex64))
 
 
 # --------------------------------------------------------------------------- real signals

@@ -155,6 +155,8 @@ def test_bad_input(small_dict):
     with pytest.raises(ValueError, match="complex"):
         DictionaryMatcher(atoms.abs(), params, complex_matching=True)
     # signed real atoms (the real part of a 0/180-degree train) are not magnitudes either
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        DictionaryMatcher(atoms, params, chunk_size="5")
     with pytest.raises(ValueError, match="negative values in the real-valued atoms"):
         DictionaryMatcher(atoms.real if atoms.is_complex() else -atoms, params)
     bad = atoms.clone()

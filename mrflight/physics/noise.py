@@ -89,4 +89,7 @@ def add_noise(signals: torch.Tensor, noise_std: float, generator: torch.Generato
         nr = torch.randn(real.shape, generator=generator, dtype=real.dtype, device=real.device)
         ni = torch.randn(real.shape, generator=generator, dtype=real.dtype, device=real.device)
         noise = torch.complex(nr, ni)
+    elif tuple(noise.shape) != tuple(x.shape):
+        raise ValueError(f"noise must have the shape of the signals {tuple(x.shape)}, got "
+                         f"{tuple(noise.shape)}")
     return x + noise_std * noise
