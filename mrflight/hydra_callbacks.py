@@ -2,9 +2,9 @@
 
 Inside a multirun, :func:`mrflight.pipeline.train` does not let one job's exception end the sweep:
 it writes ``FAILED.txt`` (the error and its traceback) into that job's directory, atomically, and
-returns ``nan`` to the sweeper (Optuna records the trial as failed). At the end of the sweep,
-:class:`FailureReport` collects those files into ``<sweep dir>/failures.json`` and prints a
-summary; ``train.py`` then exits with status 3 (:data:`mrflight.errors.EXIT_FAILED_JOBS`).
+returns ``None`` to the sweeper (Optuna records the trial as failed and goes on). At the end of
+the sweep, :class:`FailureReport` collects those files into ``<sweep dir>/failures.json`` and
+prints a summary; ``train.py`` then exits with status 3 (:data:`mrflight.errors.EXIT_FAILED_JOBS`).
 
 :class:`KeepRunConfig` keeps Hydra from writing over the ``.hydra/*.yaml`` of a run that is
 resumed (``ckpt_path=...``): they describe how the run was started, and the resumed run's merged
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,19 @@ FAILURES_FILE = "failures.json"
 LAST_FAILURES: list[dict] = []
 
 
-def collect_failures(sweep_dir) -> list[dict]:
-    """``[{"job": subdir, "dir": path, "overrides": [...], "error": first line}]`` of a sweep."""
+#: when the current multirun started (its jobs' ``FAILED.txt`` are newer)
+_STARTED: float | None = None
+
+
+def collect_failures(sweep_dir, since: float | None = None) -> list[dict]:
+    """``[{"job": subdir, "dir": path, "overrides": [...], "error": first line}]`` of a sweep;
+    with ``since`` (a time), only the ``FAILED.txt`` written since (a sweep dir used again
+    keeps the files of its earlier jobs, which are not this multirun's failures)."""
     out = []
     root = Path(sweep_dir)
     for f in sorted(root.glob(f"**/{FAILED_FILE}"), key=lambda p: str(p)):
+        if since is not None and f.stat().st_mtime < since - 1.0:
+            continue
         try:
             info = json.loads(f.read_text())
         except (OSError, ValueError):
@@ -61,13 +70,15 @@ class FailureReport(Callback):
     """Write ``failures.json`` in the sweep dir and print which jobs failed."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _STARTED
         LAST_FAILURES.clear()
+        _STARTED = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mrflight.fileio import atomic_path
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        failures = collect_failures(sweep_dir) if sweep_dir.is_dir() else []
+        failures = collect_failures(sweep_dir, since=_STARTED) if sweep_dir.is_dir() else []
         LAST_FAILURES[:] = failures
         if sweep_dir.is_dir():
             with atomic_path(sweep_dir / FAILURES_FILE) as tmp:

@@ -10,6 +10,7 @@ the optimised metric (``cfg.optimized_metric``) for sweepers. Everything it writ
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -127,8 +128,9 @@ def train(cfg: DictConfig) -> float | None:
     """Train and test one model from a composed config; returns ``cfg.optimized_metric``.
 
     Inside a Hydra multirun a failing job does not end the sweep: the error and its traceback
-    are written to ``<output_dir>/FAILED.txt`` (atomically) and ``nan`` is returned, so the
-    other jobs run; :class:`mrflight.hydra_callbacks.FailureReport` lists the failed jobs in
+    are written to ``<output_dir>/FAILED.txt`` (atomically) and ``None`` is returned (also for
+    a non-finite metric: an Optuna trial is then marked failed), so the other jobs run;
+    :class:`mrflight.hydra_callbacks.FailureReport` lists the failed jobs in
     ``<sweep dir>/failures.json`` and ``train.py`` exits non-zero. Outside a multirun errors
     propagate.
 
@@ -142,10 +144,15 @@ def train(cfg: DictConfig) -> float | None:
     if not _in_multirun(hc):
         return _train(cfg)
     try:
-        return _train(cfg)
+        metric = _train(cfg)
     except Exception as e:  # noqa: BLE001 - recorded, reported at the end of the sweep
         _record_failure(cfg, hc, e)
-        return float("nan")
+        return None  # Optuna records a trial without a value as failed; nan would end the study
+    if metric is not None and not math.isfinite(metric):
+        log.warning("job %s: %s is %s: the sweeper gets no value (a failed trial)",
+                    hc.job.num, cfg.get("optimized_metric"), metric)
+        return None
+    return metric
 
 
 def _record_failure(cfg: DictConfig, hc, e: BaseException) -> None:

@@ -234,3 +234,35 @@ def test_a_setting_its_constructor_does_not_take_is_named_with_the_fix(tmp_path)
     for piece in ("sequence.n_pulses is not a setting of mrflight.sequence_files.from_file",
                   "~sequence.n_pulses"):
         assert piece in line, line
+
+
+def test_optuna_sweep_goes_on_past_a_failing_trial(tmp_path):
+    """A failed trial is a failed Optuna trial, not the end of the study (a nan return value
+    made Optuna raise and end the sweep)."""
+    sweep = tmp_path / "sweep"
+    r = _run("train.py", ["hparams_search=optuna", *TINY, "trainer.max_epochs=1",
+                          "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=3",
+                          "data.noise_std=choice(-1,0.01)", f"hydra.sweep.dir={sweep}"],
+             tmp_path)
+    assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]
+    report = json.loads((sweep / "failures.json").read_text())
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == ["0", "1", "2"] and 1 <= report["n_failed"] <= 2  # every trial ran
+    assert "data.noise_std=-1" in report["failed"][0]["overrides"]
+    assert (sweep / "optimization_results.yaml").is_file()
+
+
+def test_a_sweep_folder_used_again_reports_only_its_own_failures(tmp_path):
+    """A job folder that holds results is refused (nothing overwritten); an earlier job's
+    FAILED.txt is not counted as a failure of the new multirun."""
+    sweep = tmp_path / "sweep"
+    base = ["-m", *TINY, "trainer.max_epochs=1", "model=ann", f"hydra.sweep.dir={sweep}"]
+    assert _run("train.py", [*base, "data.noise_std=0.01,-1"], tmp_path).returncode == 3
+    ckpt = (sweep / "0" / "checkpoints" / "last.ckpt").read_bytes()
+    r = _run("train.py", [*base, "data.noise_std=0.02,0.01"], tmp_path)
+    assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]
+    report = json.loads((sweep / "failures.json").read_text())
+    assert [f["job"] for f in report["failed"]] == ["0"]  # refused: it holds job 0's results
+    assert "already holds the results of another run" in report["failed"][0]["error"]
+    assert (sweep / "0" / "checkpoints" / "last.ckpt").read_bytes() == ckpt
+    assert (sweep / "1" / "metrics.json").is_file()  # the earlier failure's folder ran
