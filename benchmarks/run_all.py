@@ -20,8 +20,8 @@ Usage::
     python benchmarks/run_all.py --quick              # smoke run (< 2 minutes)
     python benchmarks/run_all.py --run-dir outputs/2026-11-25/19-15-38-525824
 
-Prints the summary table and writes ``benchmarks/results/summary.md``; every section's own table
-is appended below the summary.
+Prints the summary table and writes ``benchmarks/results/summary.md`` (``summary_quick.md`` with
+``--quick``); every section's own table is appended below the summary.
 """
 
 from __future__ import annotations
@@ -157,8 +157,12 @@ def main(argv=None) -> str:
     ap.add_argument("--skip", nargs="*", default=[], help="sections to leave out",
                     choices=["epg", "matching", "inference", "training", "memory"])
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
-    ap.add_argument("--out", default=str(RESULTS_DIR / "summary.md"))
+    ap.add_argument("--out", default=None,
+                    help="default results/summary.md (--quick: results/summary_quick.md, so "
+                         "that a smoke run never replaces a full run's table)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = str(RESULTS_DIR / ("summary_quick.md" if args.quick else "summary.md"))
     q = args.quick
     t0 = time.perf_counter()
     load_before = machine_line()

@@ -360,3 +360,20 @@ def test_table_states_threads_and_machine_load(tmp_path):
            "end, on 2 cores (more runnable threads than cores" in text
     # measured default (benchmarks/eval_threads.py): one thread
     assert compose_config(output_dir=tmp_path, config_name="eval").threads == 1
+
+
+def test_runs_of_a_sweep_over_training_settings_share_one_group():
+    """A sweep over the training noise (or batch size, loader workers) has one test split: one
+    group, so matching and the bound are evaluated once, not once per run with the same rows."""
+    from mrflight.evaluation.testdata import data_key
+    from mrflight.physics import oksuz2019
+
+    seq = oksuz2019(n_pulses=100)
+    run = {"_target_": "mrflight.data.FingerprintDataModule", "params": {"n": 600},
+           "split_seed": 0, "n_test": 100, "noise_std": 0.005, "batch_size": 32}
+    other = {**run, "noise_std": 0.02, "batch_size": 64, "num_workers": 2}
+    assert data_key(seq, run, 0) == data_key(seq, other, 0)
+    assert data_key(seq, run, 0) != data_key(seq, {**run, "split_seed": 1}, 0)
+    assert data_key(seq, run, 0) != data_key(oksuz2019(n_pulses=120), run, 0)
+    sim = {"_target_": "mrflight.data.SimulatedDataModule", "noise_std": [0.005, 0.03]}
+    assert data_key(seq, sim, 0) == data_key(seq, {**sim, "noise_std": 0.01}, 0)

@@ -41,9 +41,18 @@ class Group:
     description: dict = field(default_factory=dict)
 
 
+#: the data settings that define a stored-data run's test split (what its group shares)
+SPLIT_KEYS = ("_target_", "params", "path", "split_seed", "n_test", "n_train", "val_fraction")
+
+
 def data_key(seq, data_cfg: dict | None, split_seed: int) -> str:
-    """What groups runs: their sequence, data config and split."""
-    return json.dumps({"seq": seq.fingerprint(), "data": data_cfg, "split": split_seed},
+    """What groups runs: their sequence and test split (the data settings that define it; the
+    training noise, batch size or loader workers of a sweep do not split it into groups, and
+    runs on fresh simulated data share the eval grid's split)."""
+    if data_cfg is not None and "SimulatedDataModule" in str(data_cfg.get("_target_", "")):
+        data_cfg = None
+    split = None if data_cfg is None else {k: data_cfg.get(k) for k in SPLIT_KEYS}
+    return json.dumps({"seq": seq.fingerprint(), "data": split, "split": split_seed},
                       sort_keys=True, default=str)
 
 
