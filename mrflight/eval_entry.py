@@ -176,7 +176,7 @@ def maps_from_config(cfg) -> dict[str, Path]:
     rec = map_reconstructor(cfg, options)
     if b1map and not options.fit_iterations:
         rec.b1_values()  # a dictionary without a B1 column fails here, before any reading
-    out_dir = output_folder(_output_dir(cfg))
+    out_dir = output_folder(_output_dir(cfg), make=False)
     files = make_maps(inp, rec, out_dir, options=options, mask=_cfg_get(cfg, "mask"),
                       b1map=b1map)
     print(f"maps written to {out_dir}:")

@@ -189,11 +189,13 @@ def held_results(folder: str | os.PathLike, names: tuple[str, ...] = RUN_RESULTS
 
 
 def output_folder(path: str | os.PathLike, results: tuple[str, ...] = (),
-                  option: str = "paths.output_dir", fix: str | None = None) -> Path:
+                  option: str = "paths.output_dir", fix: str | None = None,
+                  make: bool = True) -> Path:
     """``path`` made (with its parents) as the folder a command writes into, after checks:
     it is not a file, it can be made, and none of ``results`` (names of an earlier run's
     results, e.g. ``metrics.json``, ``checkpoints``; a folder counts when it holds a file) is
-    in it, so that nothing there is overwritten.
+    in it, so that nothing there is overwritten. ``make=False`` checks only (the writer makes
+    the folder once its input has passed its own checks).
 
     Raises:
         ValueError: naming ``option`` and the fix (``fix``, else to give another folder).
@@ -208,7 +210,8 @@ def output_folder(path: str | os.PathLike, results: tuple[str, ...] = (),
                          + (fix or f"give another {option} (each run gets a new one by "
                                    "default)"))
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if make:
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"{option}={out} cannot be made ({e.strerror or e}): give a folder "
                          "you can write into") from None

@@ -58,10 +58,12 @@ def make_maps(input_path, reconstructor, out_dir, *, options: MapOptions | None 
                                         mask_fraction=opt.mask_fraction,
                                         chunk_voxels=opt.chunk_voxels, block_mb=opt.block_mb,
                                         progress=opt.progress, b1map=b1map)
-        said = list(dict.fromkeys(str(w.message) for w in caught
-                                  if issubclass(w.category, RuntimeWarning)))
+        once: dict = {}  # each message once, as outside the recording
         for w in caught:
+            once.setdefault((str(w.message), w.category), w)
+        for w in once.values():
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        said = [m for m, cat in once if issubclass(cat, RuntimeWarning)]
         meta = dict(reconstructor.describe())
         warning = getattr(reconstructor, "noise_warning", lambda: None)()
         if warning:
