@@ -24,6 +24,7 @@ import warnings
 import numpy as np
 import torch
 
+from ._inputs import _check_tol
 from .jacobian import simulate_jacobian
 from .sequence import Sequence
 
@@ -129,9 +130,8 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
     if not isinstance(seq, Sequence):
         raise ValueError(f"seq must be a Sequence (Sequence.from_dict(d) for a dict), got "
                          f"{type(seq).__name__}")
-    for name, v in (("tol", tol), ("xtol", xtol)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-            raise ValueError(f"{name} must be a number in (0, 1), got {v!r}")
+    _check_tol(tol)
+    _check_tol(xtol, "xtol")
     y_all = _as_complex(signals)
     if y_all.shape[1] != len(seq):
         raise ValueError(f"signals have {y_all.shape[1]} time points but the sequence "
