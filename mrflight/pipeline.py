@@ -220,12 +220,20 @@ def _prepare_run(cfg: DictConfig, resuming: bool) -> Path:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     output_dir = output_folder(
-        cfg.paths.output_dir, () if resuming else RUN_RESULTS,
+        cfg.paths.output_dir, () if resuming or _launched_rank() > 0 else RUN_RESULTS,
         fix="resume that run with ckpt_path=last, or start this one in another hydra.run.dir "
             "(each run gets a new one by default)")
     for folder in (output_dir, output_dir / "checkpoints"):
         remove_stale_temp_files(folder)
     return output_dir
+
+
+def _launched_rank() -> int:
+    """This process's rank where a launcher set one (Lightning's DDP processes, torchrun,
+    SLURM): only rank 0 checks the run folder, the others find rank 0's files there."""
+    ranks = (os.environ.get(k, "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK",
+                                              "SLURM_PROCID"))
+    return max(int(v) if v.isdigit() else 0 for v in ranks)
 
 
 def _build_data_and_module(cfg: DictConfig):

@@ -266,3 +266,20 @@ def test_a_sweep_folder_used_again_reports_only_its_own_failures(tmp_path):
     assert "already holds the results of another run" in report["failed"][0]["error"]
     assert (sweep / "0" / "checkpoints" / "last.ckpt").read_bytes() == ckpt
     assert (sweep / "1" / "metrics.json").is_file()  # the earlier failure's folder ran
+
+
+def test_only_rank_0_checks_the_run_folder(tmp_path, monkeypatch):
+    """Under DDP the other processes start in the folder rank 0 has begun writing (its
+    checkpoints/config.yaml): they must not refuse it (the slow two-process DDP test runs it)."""
+    from mrflight import pipeline
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "config.yaml").write_text("seed: 1\n")
+    cfg = pipeline.compose_config(["debug=tiny", "logger=none"], output_dir=out)
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ValueError, match="already holds the results of another run"):
+        pipeline._prepare_run(cfg, resuming=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pipeline._prepare_run(cfg, resuming=False) == out
