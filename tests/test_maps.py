@@ -626,7 +626,7 @@ def test_signed_real_series_is_refused(tmp_path, seq, phantoms, dictionary, matc
                             "maps": {"previews": False, "progress": False}})
     with pytest.raises(ValueError, match="negative values.*not a magnitude.*np.abs"):
         eval_entry.maps_from_config(cfg)
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()
     # with a mask file (no first pass over the norms) too
     with pytest.raises(ValueError, match="negative values"):
         maps.reconstruct_series(tmp_path / "real.npy", matcher_magnitude, mask=mask)
