@@ -86,7 +86,8 @@ def file_mode(dest: str | os.PathLike) -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(dest: str | os.PathLike, suffix: str | None = None, *,
+                replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it is fsynced and renamed to ``dest``.
 
     On an exception the temporary file is removed and ``dest`` is left untouched; a full disk
@@ -96,6 +97,9 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
         dest: the final file.
         suffix: suffix of the temporary file (default: that of ``dest``, so libraries that infer
             the format from the name keep working).
+        replace: replace a file at ``dest``; with ``False`` a file that appeared there while
+            this one was written (another process) is kept and ``FileExistsError`` raised, the
+            new file being discarded (the check and the rename are one step: a hard link).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +112,10 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp_path, file_mode(dest))
-        os.replace(tmp_path, dest)
+        if replace:
+            os.replace(tmp_path, dest)
+        else:
+            _move_no_replace(tmp_path, dest)
     except OSError as e:
         if e.errno == errno.ENOSPC and e.filename != str(dest):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest)) from e
@@ -116,6 +123,22 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _move_no_replace(src: Path, dest: Path) -> None:
+    """Rename ``src`` to ``dest`` unless ``dest`` exists (``FileExistsError`` naming it)."""
+    try:
+        os.link(src, dest)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "another process wrote this file meanwhile; it was "
+                              "kept and this one discarded", str(dest)) from None
+    except OSError:  # no hard links on this file system: check, then rename
+        if dest.exists() or dest.is_symlink():
+            raise FileExistsError(errno.EEXIST, "another process wrote this file meanwhile; it "
+                                  "was kept and this one discarded", str(dest)) from None
+        os.replace(src, dest)
+        return
+    src.unlink()
 
 
 def _host() -> str:
@@ -301,15 +324,17 @@ def _from_scipy(v):
     return v
 
 
-def save_mat(path: str | os.PathLike, data: dict, v73: bool = False) -> None:
+def save_mat(path: str | os.PathLike, data: dict, v73: bool = False, *,
+             replace: bool = True) -> None:
     """Write ``data`` (name -> array, str, or dict for a struct) as a ``.mat`` file, atomically.
 
     Args:
         path: destination.
         data: variables; nested dicts become MATLAB structs.
         v73: write the HDF5-based v7.3 format (needed above 2 GB), else v7 via scipy.
+        replace: as in :func:`atomic_path`.
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=replace) as tmp:
         if not v73:
             import scipy.io
 

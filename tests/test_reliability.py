@@ -29,6 +29,7 @@ from mrflight import dictionary
 from mrflight.data import FingerprintDataModule
 from mrflight.data.batches import stream_seed
 from mrflight.data.stored import EpochShuffleSampler
+from mrflight.fileio import atomic_path
 from mrflight.matching import DictionaryMatcher
 from mrflight.physics import simulate
 from mrflight.physics.sequence import oksuz2019
@@ -404,7 +405,8 @@ def test_killed_generate_to_file_keeps_the_old_file(tmp_path, seq, small):
         print("go", flush=True)
         dictionary.generate_to_file(oksuz2019(n_pulses=100, lobe_length=20),
                                     dictionary.random_params(n=200000, seed=2),
-                                    {str(target)!r}, chunk_atoms=2000, progress=False)
+                                    {str(target)!r}, chunk_atoms=2000, progress=False,
+                                    overwrite=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     proc.stdout.readline()
@@ -418,6 +420,34 @@ def test_killed_generate_to_file_keeps_the_old_file(tmp_path, seq, small):
     assert tmp and proc.returncode == -signal.SIGKILL
     old = dictionary.load(target, require_checksum=True)
     np.testing.assert_array_equal(old.atoms, small.atoms)
+
+
+def test_generate_to_file_refuses_an_existing_file_before_simulating(tmp_path, seq, small):
+    target = tmp_path / "mine.h5"
+    dictionary.save(small, target)
+    before = target.read_bytes()
+    p = dictionary.random_params(n=50, seed=4)
+    with pytest.raises(ValueError, match="already exists: pass overwrite=True"):
+        dictionary.generate_to_file(seq, p, target, progress=False)
+    assert target.read_bytes() == before and sorted(tmp_path.iterdir()) == [target]
+    dictionary.generate_to_file(seq, p, target, progress=False, overwrite=True)
+    assert len(dictionary.load(target, require_checksum=True)) == 50
+
+
+def test_a_file_written_meanwhile_by_another_process_is_kept(tmp_path, small):
+    """The existence check and the rename are one step: a file that appears at the destination
+    while ours is being written (another job saving to the same name) is not replaced."""
+    target = tmp_path / "race.npz"
+    with pytest.raises(FileExistsError, match="another process wrote this file meanwhile") as e:
+        with atomic_path(target, replace=False) as tmp:
+            tmp.write_bytes(b"ours")
+            target.write_bytes(b"theirs")  # the other job finishes first
+    assert str(target) in str(e.value)
+    assert target.read_bytes() == b"theirs" and sorted(tmp_path.iterdir()) == [target]
+    with atomic_path(tmp_path / "free.npz", replace=False) as tmp:
+        tmp.write_bytes(b"ours")
+    assert (tmp_path / "free.npz").read_bytes() == b"ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["free.npz", "race.npz"]
 
 
 def test_generate_to_file_streams_the_same_dictionary(tmp_path, seq):

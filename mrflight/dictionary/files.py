@@ -69,22 +69,24 @@ def save(dictionary: Dictionary, path, format: str | None = None, *,
     if not isinstance(dictionary, Dictionary):
         raise ValueError(f"dictionary must be a Dictionary, got {type(dictionary).__name__}")
     path = Path(path)
-    _check_destination(path, overwrite)
+    check_destination(path, overwrite)
     fmt = file_format(path, format)
     if str(mat_version) not in ("7", "7.3"):
         raise ValueError(f"mat_version must be '7' or '7.3', got {mat_version!r}")
     d = dictionary
     header = header_json(d.param_names, d.units, d.sequence, d.meta)
     if fmt == "h5":
-        _save_h5(d, path, header)
+        _save_h5(d, path, header, overwrite)
     elif fmt == "npz":
-        _save_npz(d, path, header)
+        _save_npz(d, path, header, overwrite)
     else:
-        save_mat_dictionary(d, path, header, v73=str(mat_version) == "7.3")
+        save_mat_dictionary(d, path, header, v73=str(mat_version) == "7.3", replace=overwrite)
 
 
-def _check_destination(path: Path, overwrite: bool) -> None:
-    """Refuse a ``path`` whose writing would lose what is there or make a mistyped folder."""
+def check_destination(path: Path, overwrite: bool) -> None:
+    """Refuse a ``path`` whose writing would lose what is there or make a mistyped folder
+    (a file that appears there while the new one is written is kept too: the writers pass
+    ``replace=overwrite`` to :func:`~mrflight.fileio.atomic_path`)."""
     if path.is_dir():
         raise ValueError(f"path {path} is a folder: give a file in it, e.g. "
                          f"{path / ('dictionary' + (path.suffix or '.h5'))}")
@@ -102,11 +104,11 @@ def _check_destination(path: Path, overwrite: bool) -> None:
                          "(chmod u+w) to replace it")
 
 
-def _save_h5(d: Dictionary, path: Path, header: dict[str, str]) -> None:
+def _save_h5(d: Dictionary, path: Path, header: dict[str, str], replace: bool) -> None:
     import h5py
 
     digest = payload_checksum(d.atoms, d.params, d.basis, header)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=replace) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("atoms", data=d.atoms)
             f.create_dataset("params", data=d.params)
@@ -115,7 +117,7 @@ def _save_h5(d: Dictionary, path: Path, header: dict[str, str]) -> None:
             write_header(f, header, digest)
 
 
-def _save_npz(d: Dictionary, path: Path, header: dict[str, str]) -> None:
+def _save_npz(d: Dictionary, path: Path, header: dict[str, str], replace: bool) -> None:
     digest = payload_checksum(d.atoms, d.params, d.basis, header)
     arrays = {"atoms": d.atoms, "params": d.params,
               "param_names": np.array(d.param_names, dtype=str),
@@ -124,7 +126,7 @@ def _save_npz(d: Dictionary, path: Path, header: dict[str, str]) -> None:
               "layout_version": np.array(LAYOUT_VERSION), "sha256": np.array(digest)}
     if d.basis is not None:
         arrays["basis"] = d.basis
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(path, replace=replace) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from mrflight.dictionary.cache import cache_file, check_b1, check_params, load_cached, store
 from mrflight.dictionary.core import Dictionary
+from mrflight.dictionary.files import check_destination
 from mrflight.dictionary.h5 import write_header
 from mrflight.dictionary.layout import PayloadDigest, file_format, header_json
 from mrflight.fileio import atomic_path
@@ -91,6 +92,7 @@ def generate_to_file(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
     tol: float = DEFAULT_TOL,
+    overwrite: bool = False,
 ) -> Path:
     """Simulate a dictionary chunk by chunk straight into an ``.h5`` file (bounded memory).
 
@@ -104,7 +106,8 @@ def generate_to_file(
     may keep a few more states than in one big call, never fewer). The HDF5 dataset ``atoms`` is
     pre-allocated and filled chunk by chunk in a temporary file beside ``path`` that is renamed
     to ``path`` at the end (:func:`mrflight.fileio.atomic_path`): a killed run leaves any older
-    file at ``path`` untouched and never a partial one.
+    file at ``path`` untouched and never a partial one. As :func:`save`, it refuses an existing
+    ``path`` unless ``overwrite=True``, before simulating anything.
 
     Args:
         seq: the pulse train.
@@ -116,12 +119,15 @@ def generate_to_file(
         progress: show a progress bar.
         dtype: ``torch.float32`` (complex64 atoms) or ``torch.float64``.
         tol: EPG truncation tolerance.
+        overwrite: replace a file already at ``path`` (default: refuse).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ValueError: bad sequence, parameters, B1, chunk size, dtype or a non-``.h5`` path.
+        ValueError: bad sequence, parameters, B1, chunk size, dtype or a non-``.h5`` path; a
+            ``path`` that exists (without ``overwrite=True``), is a folder or is in a folder
+            that does not exist.
     """
     import h5py
 
@@ -132,6 +138,7 @@ def generate_to_file(
     path = Path(path)
     if file_format(path, None) != "h5":
         raise ValueError(f"generate_to_file writes HDF5: give a .h5 path, got {path}")
+    check_destination(path, overwrite)
     p = check_params(params)
     b = check_b1(b1, len(p))
     m, t = len(p), len(seq)
@@ -144,7 +151,7 @@ def generate_to_file(
     rate = truncation_rate(seq, tol, float(p[:, 1].max()), float(p[:, 0].max()),
                            (1.0, 1.0) if b is None else (float(b.min()), float(b.max())))
     digest = PayloadDigest(cdtype, (m, t), out_params.shape)
-    with atomic_path(path) as tmp, _progress_bar(m, progress) as cb:
+    with atomic_path(path, replace=overwrite) as tmp, _progress_bar(m, progress) as cb:
         with h5py.File(tmp, "w") as f:
             ds = f.create_dataset("atoms", shape=(m, t), dtype=cdtype)
             chunks = _simulate_chunks(seq, p, b, int(chunk_atoms), cdtype,

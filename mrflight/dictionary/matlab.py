@@ -21,8 +21,10 @@ from mrflight.dictionary.core import Dictionary, blocks
 from mrflight.fileio import load_mat, save_mat
 
 
-def save_mat_dictionary(d: Dictionary, path: Path, header: dict[str, str], v73: bool) -> None:
-    """Write ``d`` as the struct ``dict`` (``header``: the JSON strings of sequence and meta)."""
+def save_mat_dictionary(d: Dictionary, path: Path, header: dict[str, str], v73: bool,
+                        replace: bool) -> None:
+    """Write ``d`` as the struct ``dict`` (``header``: the JSON strings of sequence and meta;
+    ``replace``: replace a file at ``path``)."""
     norms = d.norms()
     safe = np.where(norms > 0, norms, 1).astype(norms.dtype)
     normalised = np.empty_like(d.atoms)
@@ -33,7 +35,7 @@ def save_mat_dictionary(d: Dictionary, path: Path, header: dict[str, str], v73: 
          "sequence": header["sequence"], "meta": header["meta"]}
     if d.basis is not None:
         s["V"] = d.basis
-    save_mat(path, {"dict": s}, v73=v73)
+    save_mat(path, {"dict": s}, v73=v73, replace=replace)
 
 
 def load_mat_dictionary(path: Path) -> Dictionary:
