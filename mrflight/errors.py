@@ -237,7 +237,8 @@ def run_cli(main: Callable[[], object], config_name: str | None = None) -> None:
 
     Hydra is asked to re-raise (``HYDRA_FULL_ERROR=1`` in this process) so that composition
     errors reach this handler instead of Hydra's multi-line report. A multirun in which some
-    jobs failed (see :mod:`mrflight.hydra_callbacks`) exits with status 3 after all jobs ran.
+    jobs failed (see :mod:`mrflight.hydra_callbacks`) exits with status 3 after all jobs ran,
+    or once its sweeper stopped because they failed.
 
     Args:
         main: the ``@hydra.main`` function.
@@ -247,14 +248,21 @@ def run_cli(main: Callable[[], object], config_name: str | None = None) -> None:
     debug = _DEBUG_AT_START = _debug()
     _CONFIG_NAME = config_name
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from mrflight import hydra_callbacks
+
     try:
         main()
     except Exception as e:
+        failed = hydra_callbacks.end_stopped_multirun()
+        if failed and not debug:  # the sweeper gave up because its jobs failed
+            print(f"error: the sweep stopped after {len(failed)} failed job(s), listed above "
+                  f"(the sweeper: {one_line(e)}); fix what they report and run it again",
+                  file=sys.stderr)
+            sys.exit(EXIT_FAILED_JOBS)
         if debug or not _is_usage(_root(e)):
             raise
         _report(e)
         sys.exit(EXIT_USAGE)
-    from mrflight import hydra_callbacks
 
     if hydra_callbacks.LAST_FAILURES:
         sys.exit(EXIT_FAILED_JOBS)

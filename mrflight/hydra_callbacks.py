@@ -5,6 +5,8 @@ it writes ``FAILED.txt`` (the error and its traceback) into that job's directory
 returns ``None`` to the sweeper (Optuna records the trial as failed and goes on). At the end of
 the sweep, :class:`FailureReport` collects those files into ``<sweep dir>/failures.json`` and
 prints a summary; ``train.py`` then exits with status 3 (:data:`mrflight.errors.EXIT_FAILED_JOBS`).
+A sweeper that gives up because its jobs failed (Optuna raises "No trials are completed yet" when
+every trial failed) gets the same report, from :func:`end_stopped_multirun`, and status 3.
 
 :class:`KeepRunConfig` keeps Hydra from writing over the ``.hydra/*.yaml`` of a run that is
 resumed (``ckpt_path=...``): they describe how the run was started, and the resumed run's merged
@@ -33,7 +35,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 __all__ = ["FailureReport", "KeepRunConfig", "FAILED_FILE", "FAILURES_FILE", "LAST_FAILURES",
-           "collect_failures"]
+           "collect_failures", "end_stopped_multirun"]
 
 #: written into a job's output dir when the job failed
 FAILED_FILE = "FAILED.txt"
@@ -45,6 +47,8 @@ LAST_FAILURES: list[dict] = []
 
 #: when the current multirun started (its jobs' ``FAILED.txt`` are newer)
 _STARTED: float | None = None
+#: the sweep dir of a multirun under way (``None`` once it has ended)
+_SWEEP_DIR: Path | None = None
 
 
 def collect_failures(sweep_dir, since: float | None = None) -> list[dict]:
@@ -70,26 +74,39 @@ class FailureReport(Callback):
     """Write ``failures.json`` in the sweep dir and print which jobs failed."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _STARTED
+        global _STARTED, _SWEEP_DIR
         LAST_FAILURES.clear()
-        _STARTED = time.time()
+        _STARTED, _SWEEP_DIR = time.time(), Path(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from mrflight.fileio import atomic_path
+        _report_failures(Path(config.hydra.sweep.dir))
 
-        sweep_dir = Path(config.hydra.sweep.dir)
-        failures = collect_failures(sweep_dir, since=_STARTED) if sweep_dir.is_dir() else []
-        LAST_FAILURES[:] = failures
-        if sweep_dir.is_dir():
-            with atomic_path(sweep_dir / FAILURES_FILE) as tmp:
-                tmp.write_text(json.dumps({"n_failed": len(failures), "failed": failures},
-                                          indent=2))
-        if failures:
-            lines = [f"{len(failures)} job(s) of the multirun failed (details in "
-                     f"{sweep_dir / FAILURES_FILE}):"]
-            for r in failures:
-                lines.append(f"  job {r['job']} [{' '.join(r['overrides'])}]: {r['error']}")
-            print("\n".join(lines), file=sys.stderr)
+
+def end_stopped_multirun() -> list[dict]:
+    """The failed jobs of a multirun whose sweeper raised before its end (Optuna's "No trials
+    are completed yet" when every trial failed), reported as at a normal end (``failures.json``
+    and the summary on stderr); ``[]`` when no multirun was under way."""
+    return [] if _SWEEP_DIR is None else _report_failures(_SWEEP_DIR)
+
+
+def _report_failures(sweep_dir: Path) -> list[dict]:
+    global _SWEEP_DIR
+    from mrflight.fileio import atomic_path
+
+    _SWEEP_DIR = None
+    failures = collect_failures(sweep_dir, since=_STARTED) if sweep_dir.is_dir() else []
+    LAST_FAILURES[:] = failures
+    if sweep_dir.is_dir():
+        with atomic_path(sweep_dir / FAILURES_FILE) as tmp:
+            tmp.write_text(json.dumps({"n_failed": len(failures), "failed": failures},
+                                      indent=2))
+    if failures:
+        lines = [f"{len(failures)} job(s) of the multirun failed (details in "
+                 f"{sweep_dir / FAILURES_FILE}):"]
+        for r in failures:
+            lines.append(f"  job {r['job']} [{' '.join(r['overrides'])}]: {r['error']}")
+        print("\n".join(lines), file=sys.stderr)
+    return failures
 
 
 class KeepRunConfig(Callback):

@@ -252,6 +252,26 @@ def test_optuna_sweep_goes_on_past_a_failing_trial(tmp_path):
     assert (sweep / "optimization_results.yaml").is_file()
 
 
+def test_optuna_sweep_whose_every_trial_failed_lists_them(tmp_path):
+    """With no completed trial Optuna's sweeper raises "No trials are completed yet" before the
+    multirun ends: the failed jobs are still reported (failures.json, the summary, status 3)
+    and the last line says why the sweep stopped, not only Optuna's words."""
+    sweep = tmp_path / "sweep"
+    r = _run("train.py", ["hparams_search=optuna", *TINY, "trainer.max_epochs=1",
+                          "hydra.sweeper.n_trials=2", "data.batch_size=-5",
+                          f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    report = json.loads((sweep / "failures.json").read_text())
+    assert report["n_failed"] == 2
+    assert all("data.batch_size must be a positive integer" in f["error"]
+               for f in report["failed"])
+    last = r.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("error: the sweep stopped after 2 failed job(s), listed above"), last
+    assert "No trials are completed yet" in last
+    assert "job 1 [" in r.stderr
+
+
 def test_a_sweep_folder_used_again_reports_only_its_own_failures(tmp_path):
     """A job folder that holds results is refused (nothing overwritten); an earlier job's
     FAILED.txt is not counted as a failure of the new multirun."""
