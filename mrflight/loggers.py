@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict
 from mrflight.config import instantiate, to_plain
 
 __all__ = ["flat_config", "run_name", "run_group", "run_tags", "build_loggers",
-           "log_flat_config", "finish_loggers", "run_summary", "log_best_checkpoint", "is_wandb",
+           "log_flat_config", "finish_loggers", "run_summary", "is_wandb",
            "choices", "read_offline_run", "eval_runs", "build_eval_loggers"]
 
 log = logging.getLogger("mrflight")
@@ -233,24 +233,6 @@ def run_summary(trainer, metrics: dict) -> dict:
     out["epochs"] = int(trainer.current_epoch)
     out["global_step"] = int(trainer.global_step)
     return out
-
-
-def log_best_checkpoint(loggers, trainer, best) -> None:
-    """The best checkpoint (and the ``config.yaml`` beside it) as a W&B model artifact."""
-    if not best or not trainer.is_global_zero:
-        return
-    for lg in loggers:
-        if is_wandb(lg):
-            import wandb
-
-            art = wandb.Artifact(f"model-{lg.experiment.id}", type="model",
-                                 metadata={"best_model_score": float(
-                                     trainer.checkpoint_callback.best_model_score or float("nan"))})
-            art.add_file(best, name="best.ckpt")
-            cfg_file = Path(best).parent / "config.yaml"
-            if cfg_file.is_file():
-                art.add_file(str(cfg_file), name="config.yaml")
-            lg.experiment.log_artifact(art, aliases=["best"])
 
 
 def read_offline_run(run_dir) -> dict:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from mrflight.physics._device import check_device
+from mrflight.physics.checks import count
 
 __all__ = ["DictionaryMatcher", "svd_basis", "float32_matmul", "check_magnitude",
            "NOT_A_MAGNITUDE"]
@@ -160,14 +161,10 @@ def _check_inputs(a: torch.Tensor, p: torch.Tensor, dtype, complex_matching: boo
                          "dictionary or use magnitude matching")
     if rank is not None and energy is not None:
         raise ValueError("give either rank or energy, not both")
-    if not (isinstance(max_candidates, (int, np.integer)) and not isinstance(max_candidates, bool)
-            and max_candidates >= 1):
-        raise ValueError(f"max_candidates must be a positive integer (atoms re-scored in float64 "
-                         f"per signal and atom block), e.g. 1024; got {max_candidates!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
-            chunk_size, (int, np.integer)) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer (atoms per block) or None, got "
-                         f"{chunk_size!r}")
+    count(max_candidates, "max_candidates", hint=" (atoms re-scored in float64 per signal and "
+          "atom block), e.g. 1024")
+    if chunk_size is not None:
+        count(chunk_size, "chunk_size", hint=" (atoms per block) or None")
     return p
 
 

@@ -20,10 +20,10 @@ from mrflight.config import compose_config, hydra_config, instantiate, to_plain
 from mrflight.loggers import (
     build_loggers,
     finish_loggers,
-    log_best_checkpoint,
     log_flat_config,
     run_summary,
 )
+from mrflight.physics.checks import is_number
 from mrflight.run_logging import (
     configure_logging,
     interactive,
@@ -33,16 +33,6 @@ from mrflight.run_logging import (
 __all__ = ["train", "evaluate", "check_config", "compose_config"]
 
 log = logging.getLogger("mrflight")
-
-
-def _number(v) -> float:
-    """``float(v)``, or NaN (which fails every comparison) for non-numbers."""
-    if isinstance(v, bool):
-        return float("nan")
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -63,7 +53,7 @@ def check_config(cfg: DictConfig) -> None:
                          "trainer.max_epochs=2 data.n_train=1000 data.n_test=100")
     noise = data.get("noise_std")
     values = list(noise) if OmegaConf.is_list(noise) else [noise]
-    if not values or len(values) > 2 or not all(0 <= _number(v) < float("inf") for v in values):
+    if not values or len(values) > 2 or not all(is_number(v) and v >= 0 for v in values):
         raise ValueError(f"data.noise_std must be a finite number >= 0 or a range [low, high] "
                          f"(e.g. 0.01 or [0.005, 0.03]), got {noise!r}")
     bs = data.get("batch_size")
@@ -87,7 +77,7 @@ def check_config(cfg: DictConfig) -> None:
                 f"learning-rate schedule, got {t_max!r} (it follows trainer.max_epochs, where "
                 "-1 means no limit): set trainer.max_epochs=N, or module.scheduler.T_max=N, or "
                 "module.scheduler=null for a constant learning rate")
-    if not _number(cfg.module.get("lr", 1.0)) > 0:
+    if not (is_number(lr := cfg.module.get("lr", 1.0)) and lr > 0):
         raise ValueError(f"module.lr must be a positive number, got {cfg.module.get('lr')!r}")
 
 
@@ -279,7 +269,7 @@ def _save_run_config(cfg: DictConfig, trainer, output_dir: Path) -> None:
     quiet_fresh_checkpoint_dir(ckpt_dir)
 
 
-def _fit_and_test(cfg: DictConfig, trainer, module, datamodule, resume_from, loggers,
+def _fit_and_test(cfg: DictConfig, trainer, module, datamodule, resume_from,
                   metrics: dict) -> None:
     """Fit (from the resumed checkpoint), then test with the best checkpoint; the trainer's
     metrics after each step go into ``metrics`` (also when the next step fails)."""
@@ -294,7 +284,6 @@ def _fit_and_test(cfg: DictConfig, trainer, module, datamodule, resume_from, log
         # ckpt_path=None: the module's current weights
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-        log_best_checkpoint(loggers, trainer, best)
 
 
 def _optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
@@ -330,7 +319,7 @@ def _train(cfg: DictConfig) -> float | None:
 
     metrics: dict = {}
     try:
-        _fit_and_test(cfg, trainer, module, datamodule, resume_from, loggers, metrics)
+        _fit_and_test(cfg, trainer, module, datamodule, resume_from, metrics)
         metric = _optimized_metric(cfg, metrics)
         log.info("metrics: %s", {k: round(v, 3) for k, v in sorted(metrics.items())})
         if trainer.is_global_zero:

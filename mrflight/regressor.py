@@ -28,6 +28,7 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError
 from mrflight.config import to_plain
 from mrflight.matching import float32_matmul
 from mrflight.models import build_net, net_config
+from mrflight.physics.checks import is_number
 from mrflight.transforms import DEFAULT_TARGET_SCALE_MS, INPUT_MODES, preprocess
 
 log = logging.getLogger("mrflight")
@@ -242,7 +243,7 @@ class MRFRegressor(L.LightningModule):
         for sc in self.trainer.lr_scheduler_configs:
             for key, value in cfg.items():
                 old = getattr(sc.scheduler, key, None)
-                if _is_number(value) and _is_number(old) and old != value:
+                if is_number(value) and is_number(old) and old != value:
                     setattr(sc.scheduler, key, value)
                     log.info("learning-rate schedule: %s %s (the checkpoint's: %s)", key,
                              value, old)
@@ -492,10 +493,6 @@ class MRFRegressor(L.LightningModule):
         sched = scheduler_class(sched_cfg.pop("_target_"))(opt, **sched_cfg)
         return {"optimizer": opt,
                 "lr_scheduler": {"scheduler": sched, "interval": interval, "monitor": monitor}}
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def load_checkpoint(path, map_location="cpu") -> MRFRegressor:

@@ -150,7 +150,11 @@ def test_weight_ema_refuses_a_decay_outside_0_1():
             WeightEMA(decay=decay)
 
 
-def test_wandb_offline_writes_a_run_directory(tmp_path):
+def test_wandb_offline_writes_a_run_directory(tmp_path, monkeypatch):
+    """... and nothing outside it: no copy of the checkpoint in W&B's artifact staging folder
+    (a model artifact only with logger.wandb.log_model=true, as in Lightning)."""
+    data = tmp_path / "wandb_data"
+    monkeypatch.setenv("WANDB_DATA_DIR", str(data))
     _, out, _ = run(tmp_path, "logger=default", "model=ann")
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
@@ -158,6 +162,8 @@ def test_wandb_offline_writes_a_run_directory(tmp_path):
 
     assert wandb.run is None  # finished at the end of the job
     assert (out / "csv" / "metrics.csv").is_file()
+    staged = [p for p in data.rglob("*") if p.is_file()] if data.exists() else []
+    assert not staged, staged
 
 
 @pytest.mark.parametrize("override,match", [

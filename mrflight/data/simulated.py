@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mrflight.physics import Sequence, normalize
 from mrflight.physics._triton_glue import LazyKernel, guarded_kernel
+from mrflight.physics.checks import count
 from mrflight.transforms import INPUT_MODES, preprocess
 
 from .batches import Batch, ModelInputs, TrainingSeed, collate, stream_seed, training_epoch
@@ -362,8 +363,7 @@ class _TrainBatches(Dataset):
 def _check_counts(**counts) -> None:
     """Every count (``data.<name>``) is a positive integer (``num_workers`` is passed + 1)."""
     for name, v in counts.items():
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"data.{name} must be a positive integer, got {v!r}")
+        count(v, f"data.{name}")
 
 
 def _sequence_and_targets(sequence, targets) -> tuple[Sequence, tuple[str, ...]]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mrflight.physics.checks import count, is_number
+
 __all__ = ["paper_grid", "regular_grid", "random_params"]
 
 
@@ -66,12 +68,6 @@ def _positive(name: str, value, allow_zero: bool = False) -> float:
     return v
 
 
-def _count(name: str, value) -> int:
-    if isinstance(value, bool) or not float(value).is_integer() or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def regular_grid(
     t1_min: float = 10.0,
     t1_max: float = 4000.0,
@@ -107,7 +103,7 @@ def regular_grid(
     t1_max = _positive("t1_max", t1_max, allow_zero=not log)
     t2_min = _positive("t2_min", t2_min)
     t2_max = _positive("t2_max", t2_max)
-    n_t1, n_t2 = _count("n_t1", n_t1), _count("n_t2", n_t2)
+    n_t1, n_t2 = count(n_t1, "n_t1"), count(n_t2, "n_t2")
     for lo, hi, a, b in ((t1_min, t1_max, "t1_min", "t1_max"), (t2_min, t2_max, "t2_min",
                                                                  "t2_max")):
         if hi < lo:
@@ -166,12 +162,12 @@ def random_params(
     Raises:
         ValueError: a bad argument, or ranges with no (or almost no) pair with T2 <= T1.
     """
-    n = _count("n", n)
+    n = count(n, "n")
     if distribution not in ("uniform", "log-uniform"):
         raise ValueError(f"distribution must be 'uniform' or 'log-uniform', got {distribution!r}")
     log = distribution == "log-uniform"
     r1, r2 = _range("t1_range", t1_range, log), _range("t2_range", t2_range, log)
-    if isinstance(seed, bool) or not float(seed).is_integer():
+    if not is_number(seed, whole=True):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if t2_le_t1 and r2[0] >= r1[1] and not (r2[0] == r2[1] == r1[1]):
         raise ValueError(

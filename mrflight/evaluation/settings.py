@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mrflight.physics.checks import is_number
+
 __all__ = ["EvalSettings"]
 
 #: bytes per pixel of one phantom that stay in memory until the outputs are written: 128 for
@@ -173,13 +175,8 @@ class EvalSettings:
 
 
 def _is_int(v, low: int) -> bool:
-    """``v`` is an integer (not a bool) >= ``low``."""
-    if isinstance(v, bool):
-        return False
-    try:
-        return float(v).is_integer() and int(v) >= low
-    except (TypeError, ValueError, OverflowError):
-        return False
+    """``v`` is a whole number (not a bool) >= ``low``."""
+    return is_number(v, whole=True) and v >= low
 
 
 def _available_memory() -> int | None:

@@ -7,21 +7,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mrflight.physics.checks import is_number
+
 __all__ = ["MASK_METHODS", "MapOptions", "MapResult"]
 
 MASK_METHODS = ("snr", "otsu", "fraction", "none")
 
 
 # ============================================================================ options
-def _is_number(value, whole: bool = False) -> bool:
-    """``value`` is a finite number (a whole one when ``whole``), not a bool."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return False
-    return not isinstance(value, bool) and np.isfinite(x) and (not whole or x.is_integer())
-
-
 @dataclass
 class MapOptions:
     """How a series is read, masked and reconstructed (``mrflight/configs/maps/default.yaml``).
@@ -78,14 +71,14 @@ class MapOptions:
         if self.mask_method not in MASK_METHODS:
             raise ValueError(f"maps.mask_method must be one of {', '.join(MASK_METHODS)}, got "
                              f"{self.mask_method!r}")
-        if not (_is_number(self.mask_fraction) and 0 < float(self.mask_fraction) < 1):
+        if not (is_number(self.mask_fraction) and 0 < float(self.mask_fraction) < 1):
             raise ValueError(f"maps.mask_fraction must lie in (0, 1), got {self.mask_fraction!r}")
-        if not (_is_number(self.chunk_voxels, whole=True) and float(self.chunk_voxels) >= 1):
+        if not (is_number(self.chunk_voxels, whole=True) and float(self.chunk_voxels) >= 1):
             raise ValueError(f"maps.chunk_voxels must be a positive integer, got "
                              f"{self.chunk_voxels!r}")
-        if not (_is_number(self.block_mb) and float(self.block_mb) > 0):
+        if not (is_number(self.block_mb) and float(self.block_mb) > 0):
             raise ValueError(f"maps.block_mb must be positive (MB), got {self.block_mb!r}")
-        if self.rank is not None and not (_is_number(self.rank, whole=True)
+        if self.rank is not None and not (is_number(self.rank, whole=True)
                                           and float(self.rank) >= 1):
             raise ValueError(f"maps.rank must be a positive integer (the SVD rank for matching) "
                              f"or null for exhaustive matching, got {self.rank!r}")

@@ -16,6 +16,7 @@ import torch
 
 from mrflight.checkpoints import checkpoint_sequence
 from mrflight.physics import Sequence, simulate
+from mrflight.physics.checks import count
 
 __all__ = ["MatchingReconstructor", "NetworkReconstructor", "FittedReconstructor",
            "least_squares_m0", "relative_noise"]
@@ -352,10 +353,8 @@ class FittedReconstructor(_NoiseRecord):
             raise ValueError("the fit simulates fingerprints, so it needs the sequence: the "
                              "dictionary carries none; pass sequence=... or a dictionary saved "
                              "with its sequence")
-        if isinstance(iterations, bool) or int(iterations) < 1:
-            raise ValueError(f"maps.fit_iterations must be an integer >= 1 (0 leaves the fit "
-                             f"out), got {iterations!r}")
-        self.base, self.iterations = base, int(iterations)
+        self.base = base
+        self.iterations = count(iterations, "maps.fit_iterations", hint=" (0 leaves the fit out)")
         self.sequence, self.length = base.sequence, base.length
         self.method = f"{base.method} refined by a maximum-likelihood fit"
         self._b1 = "fitted"

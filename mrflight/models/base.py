@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from mrflight.physics.checks import count
+
 __all__ = ["Regressor", "hidden_layers", "build_net", "net_config", "allowed_targets"]
 
 
@@ -31,10 +33,7 @@ class Regressor(nn.Module):
         if int(in_channels) < 1:
             raise ValueError(f"in_channels must be >= 1 (1 magnitude, 2 real/imag), got "
                              f"{in_channels}")
-        if isinstance(n_outputs, bool) or int(n_outputs) != n_outputs or n_outputs < 1:
-            raise ValueError(f"n_outputs must be a positive integer (2: T1, T2; 3: with B1), got "
-                             f"{n_outputs}")
-        self.n_outputs = int(n_outputs)
+        self.n_outputs = count(n_outputs, "n_outputs", hint=" (2: T1, T2; 3: with B1)")
         self.input_length = int(input_length)
         self.in_channels = int(in_channels)
         self.input_scale = math.sqrt(self.input_length)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mrflight.physics.checks import count
+
 from .base import Regressor
 
 __all__ = ["CNNRegressor"]
@@ -56,9 +58,7 @@ class CNNRegressor(Regressor):
         self.pooled_length = int(pooled_length)
         self.fc_size = int(fc_size)
         self.dropout = float(dropout)
-        if isinstance(stem_stride, bool) or int(stem_stride) != stem_stride or stem_stride < 1:
-            raise ValueError(f"stem_stride must be a positive integer, got {stem_stride}")
-        self.stem_stride = int(stem_stride)
+        self.stem_stride = count(stem_stride, "stem_stride")
         blocks: list[nn.Module] = []
         c_in = self.in_channels
         for i, c in enumerate(self.channels):

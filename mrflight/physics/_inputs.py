@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ._device import check_device
+from .checks import count
 from .sequence import Sequence
 
 
@@ -81,10 +82,8 @@ def _check_tol(tol, name: str = "tol") -> None:
 
 
 def _check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
-            chunk_size, (int, np.integer)) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer (atoms per chunk) or None, "
-                         f"got {chunk_size!r}")
+    if chunk_size is not None:
+        count(chunk_size, "chunk_size", hint=" (atoms per chunk) or None")
 
 
 class _SeqArrays(NamedTuple):

@@ -44,6 +44,7 @@ import math
 import torch
 
 from ._inputs import _prepare
+from .checks import count
 from .jacobian import simulate_jacobian
 from .sequence import Sequence
 
@@ -115,8 +116,7 @@ def fisher_information(seq: Sequence, t1_ms, t2_ms, b1=None, magnitude: bool = F
     """
     t1, t2, b, device = _prepare(seq, t1_ms, t2_ms, b1, device, torch.float64)
     t1, t2, b = (x.detach() for x in (t1, t2, b))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    chunk_size = count(chunk_size, "chunk_size")
     nuisance, params = _names(magnitude, estimate_b1, phase_nuisance)
     out = []
     n = t1.numel()

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ._inputs import _check_tol
+from .checks import count
 from .jacobian import simulate_jacobian
 from .sequence import Sequence
 
@@ -153,8 +154,7 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
     if p0.ndim != 2 or p0.shape[0] != n or p0.shape[1] not in (2, 3):
         raise ValueError(f"init must have shape (N, 2) or (N, 3) with N = {n} signals, got "
                          f"{tuple(p0.shape)}")
-    if isinstance(max_iter, bool) or int(max_iter) < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    max_iter = count(max_iter, "max_iter")
     box = _check_bounds(bounds)
     wrt = ("t1", "t2", "b1") if estimate_b1 else ("t1", "t2")
     b1_in = torch.ones(n, dtype=torch.float64) if b1 is None else \
@@ -163,8 +163,7 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
         raise ValueError(f"b1 must be a scalar or have one value per signal ({n}), got "
                          f"{b1_in.numel()} values")
     b1_in = b1_in.expand(n).clone()
-    if isinstance(chunk_size, bool) or int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    chunk_size = count(chunk_size, "chunk_size")
     if estimate_b1 and p0.shape[1] == 3:
         b1_in = p0[:, 2].clone()
     lo = torch.tensor([math.log(box["t1"][0]), math.log(box["t2"][0]), box["b1"][0]],

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import count
+
 __all__ = ["Sequence", "oksuz2019", "jiang2015", "SCHEDULE_DIR"]
 
 SCHEDULE_DIR = Path(str(resources.files("mrflight.physics") / "schedules"))
@@ -173,9 +175,7 @@ def oksuz2019(
         Oksuz et al., Magnetic resonance fingerprinting using recurrent neural networks, ISBI 2019
         (1750 time points, TR 4.3 ms); Jiang et al., MRM 2015 (sinusoidal lobes, FISP readout).
     """
-    for key, v in (("n_pulses", n_pulses), ("lobe_length", lobe_length)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{key} must be a positive integer, got {v!r}")
+    n_pulses, lobe_length = count(n_pulses, "n_pulses"), count(lobe_length, "lobe_length")
     peaks = np.asarray(lobe_peaks_deg, dtype=np.float64)
     if peaks.size == 0 or np.any(peaks < min_flip_deg):
         raise ValueError("lobe_peaks_deg must be non-empty and not below min_flip_deg")
