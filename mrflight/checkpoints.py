@@ -35,8 +35,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 __all__ = ["read_checkpoint", "best_checkpoint", "find_checkpoints", "find_runs",
            "single_checkpoint", "resume_checkpoint", "run_dir_of", "run_config_path",
-           "read_run_config", "checkpoint_sequence", "checkpoint_score", "state_dict_mismatch",
-           "AtomicCheckpointIO", "scheduler_class", "CHECKPOINT_DIR", "MAX_SEARCH_DEPTH"]
+           "read_run_config", "run_config_targets", "checkpoint_sequence", "checkpoint_score",
+           "state_dict_mismatch", "AtomicCheckpointIO", "scheduler_class", "CHECKPOINT_DIR",
+           "MAX_SEARCH_DEPTH"]
 
 log = logging.getLogger("mrflight")
 
@@ -194,10 +195,12 @@ def run_config_path(run_dir) -> Path | None:
 def read_run_config(ckpt) -> tuple[Path, dict | None]:
     """The run directory of a checkpoint and its saved config (:func:`run_config_path`, as an
     unresolved dict), or ``None``. The ``_target_``s of its ``sequence`` and ``data`` (what
-    evaluation builds from it) must be mrflight's.
+    evaluation builds from it) must be among :func:`run_config_targets`: a run folder may come
+    from anywhere, and a prefix check is not enough (``mrflight.fileio.np.load`` resolves to
+    ``numpy.load``, and ``mrflight.fileio.save_mat`` writes any file).
 
     Raises:
-        ValueError: a ``sequence`` or ``data`` node names a ``_target_`` outside mrflight.
+        ValueError: a ``sequence`` or ``data`` node names another ``_target_``.
     """
     from omegaconf import OmegaConf
 
@@ -208,22 +211,52 @@ def read_run_config(ckpt) -> tuple[Path, dict | None]:
     if c is None:
         return run_dir, None
     rcfg = to_plain(OmegaConf.load(c), resolve=False)
+    allowed = run_config_targets()
     for node in ("sequence", "data"):
-        _check_targets(rcfg.get(node), f"{c}: {node}")
+        _check_targets(rcfg.get(node), f"{c}: {node}", allowed[node])
     return run_dir, rcfg
 
 
-def _check_targets(node, where: str) -> None:
+def run_config_targets() -> dict[str, frozenset[str]]:
+    """``{node: the _target_ paths a run's saved node may name}``: the sequence builders
+    (``sequence``), the data modules and their grids (``data``), under their public path, their
+    module path and any path of earlier versions (:data:`mrflight.config._MOVED`)."""
+    from mrflight import data, dictionary, sequence_files
+    from mrflight.config import _MOVED
+    from mrflight.physics import sequence
+
+    objects = {
+        "sequence": {"mrflight.physics.sequence.oksuz2019": sequence.oksuz2019,
+                     "mrflight.physics.sequence.jiang2015": sequence.jiang2015,
+                     "mrflight.physics.oksuz2019": sequence.oksuz2019,
+                     "mrflight.physics.jiang2015": sequence.jiang2015,
+                     "mrflight.sequence_files.from_file": sequence_files.from_file},
+        "data": {"mrflight.data.FingerprintDataModule": data.FingerprintDataModule,
+                 "mrflight.data.SimulatedDataModule": data.SimulatedDataModule,
+                 "mrflight.dictionary.paper_grid": dictionary.paper_grid,
+                 "mrflight.dictionary.regular_grid": dictionary.regular_grid,
+                 "mrflight.dictionary.random_params": dictionary.random_params},
+    }
+    out = {}
+    for node, named in objects.items():
+        paths = set(named) | {f"{o.__module__}.{o.__qualname__}" for o in named.values()}
+        paths |= {old for old, new in _MOVED.items() if new in paths}
+        out[node] = frozenset(paths)
+    return out
+
+
+def _check_targets(node, where: str, allowed: frozenset[str]) -> None:
     if isinstance(node, dict):
         t = node.get("_target_")
-        if t is not None and not str(t).startswith("mrflight."):
-            raise ValueError(f"{where} names {t!r}: only mrflight classes and functions are "
-                             "built from a run's saved config")
+        if t is not None and str(t) not in allowed:
+            raise ValueError(f"{where} names {t!r}: only mrflight's "
+                             f"{where.rpartition(': ')[2]} builders are built from a run's "
+                             f"saved config ({', '.join(sorted(allowed))})")
         for v in node.values():
-            _check_targets(v, where)
+            _check_targets(v, where, allowed)
     elif isinstance(node, list):
         for v in node:
-            _check_targets(v, where)
+            _check_targets(v, where, allowed)
 
 
 def checkpoint_sequence(module):

@@ -253,6 +253,11 @@ def export_checkpoints(ckpt_path, fmt: str, out_dir) -> list[Path]:
         stem = "_".join([type(module.net).__name__.removesuffix("Regressor").lower(),
                          *rel.parts])
         jobs.append((module, out_dir / f"{stem}{FORMATS[fmt]}"))
+    dests = [dest for _, dest in jobs]
+    twice = sorted({str(d) for d in dests if dests.count(d) > 1})
+    if twice:  # run folders whose names join to the same stem: one export would replace another
+        raise ValueError(f"export would write {', '.join(twice)} for more than one checkpoint "
+                         f"under {root}: export those runs one at a time (ckpt_path=RUN)")
     there = [str(dest) for _, dest in jobs if dest.exists()]
     if there:
         raise ValueError(f"export would overwrite {', '.join(there)}: give another "

@@ -115,6 +115,7 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
     old_out = str((saved.get("paths") or {}).get("output_dir") or "")
     saved = OmegaConf.create(_reroot(saved, old_out, str(cfg.paths.output_dir)))
     merged = cfg.copy() if overrides is None else _with_overrides(saved, cfg, overrides)
+    _check_saved_targets(merged, cfg, saved_file)
     if overrides is not None:
         _schedule_spans_the_run(saved, merged, overrides)
     with open_dict(merged):
@@ -132,6 +133,59 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
             "change its model, data or sequence: drop those overrides, or start a new run "
             "(another hydra.run.dir) without ckpt_path")
     return merged, found
+
+
+def _targets(node, key: str = ""):
+    """``(dotted key, _target_)`` of every node of a plain config that names one."""
+    if isinstance(node, dict):
+        if node.get("_target_") is not None:
+            yield key or "<root>", str(node["_target_"])
+        for k, v in node.items():
+            yield from _targets(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{key}[{i}]")
+
+
+def shipped_targets() -> frozenset[str]:
+    """Every ``_target_`` that mrflight's own config files name."""
+    import re
+
+    from mrflight.config import _MOVED, CONFIG_DIR
+
+    found = set(_MOVED)
+    for f in CONFIG_DIR.rglob("*.yaml"):
+        found |= set(re.findall(r"^\s*_target_:\s*([\w.]+)\s*(?:#.*)?$", f.read_text(),
+                                flags=re.M))
+    return frozenset(found)
+
+
+def _check_saved_targets(merged: DictConfig, cfg: DictConfig, saved_file) -> None:
+    """A run folder may come from anywhere (``ckpt_path=`` takes any run, and a copied run
+    resumes with ``hydra.run.dir=RUN ckpt_path=last``): the resumed config builds only the
+    ``_target_``s of mrflight's config files and those the command's own config names
+    (``+callbacks.x._target_=...`` given again), and schedulers of
+    ``torch.optim.lr_scheduler`` (built by :func:`mrflight.checkpoints.scheduler_class`).
+
+    Raises:
+        ValueError: the saved config names another ``_target_``.
+    """
+    from mrflight.checkpoints import scheduler_class
+
+    allowed = shipped_targets() | {t for _, t in _targets(to_plain(cfg, resolve=False))}
+    for key, target in _targets(to_plain(merged, resolve=False)):
+        if target in allowed:
+            continue
+        if key == "module.scheduler":
+            try:
+                scheduler_class(target)
+                continue
+            except ValueError:
+                pass
+        raise ValueError(f"{saved_file}: {key} names {target!r}, which neither mrflight's "
+                         "configs nor this command's name: a resumed run builds only those "
+                         f"(give {key}._target_={target} on the command line if you trust "
+                         "it)")
 
 
 def _with_overrides(saved: DictConfig, cfg: DictConfig, overrides) -> DictConfig:

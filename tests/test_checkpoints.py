@@ -9,6 +9,7 @@ stale temporary files of killed writers are removed; crafted checkpoints are ref
 import csv
 import errno
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -131,6 +132,25 @@ def test_resume_refuses_overrides_that_change_the_model_and_writes_nothing(cli_r
         assert key in line, line
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix != ".log"}
     assert after == files
+
+
+def test_resume_refuses_a_saved_config_that_builds_other_code(cli_run, tmp_path):
+    # a run folder from elsewhere: its saved config must not build what the command does not
+    run = _copy(cli_run, tmp_path / "run")
+    payload = tmp_path / "payload.npy"
+    np.save(payload, np.array([print], dtype=object), allow_pickle=True)
+    saved = yaml.safe_load((run / "checkpoints" / "config.yaml").read_text())
+    saved["callbacks"]["x"] = {"_target_": "mrflight.fileio.np.load", "file": str(payload),
+                               "allow_pickle": True}
+    (run / "checkpoints" / "config.yaml").write_text(yaml.safe_dump(saved))
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix != ".log"}
+    line = _error_line(_cli("train.py", [f"ckpt_path={run}", "trainer.max_epochs=2",
+                                         f"hydra.run.dir={tmp_path / 'new'}", "test=false"],
+                            tmp_path))
+    assert "callbacks.x names 'mrflight.fileio.np.load'" in line, line
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix != ".log"}
+    assert after == files
+    assert not (tmp_path / "new" / "checkpoints").exists()
 
 
 def test_resume_in_python_refuses_another_model(tmp_path):
@@ -443,6 +463,43 @@ def test_eval_refuses_a_run_config_that_builds_other_code(real_ckpt, tmp_path):
     (run / "checkpoints" / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="'os.system'.*only mrflight"):
         read_run_config(run / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize("node, target", [
+    ("sequence", "mrflight.fileio.np.load"),       # resolves to numpy.load (pickles: code)
+    ("sequence", "mrflight.fileio.save_mat"),      # an mrflight function that writes any file
+    ("data", "mrflight.pipeline.os.makedirs"),
+])
+def test_eval_refuses_a_run_config_that_reaches_other_code_through_mrflight(
+        real_ckpt, tmp_path, monkeypatch, node, target):
+    from mrflight.checkpoints import read_run_config
+
+    run = tmp_path / "run"
+    shutil.copytree(real_ckpt.parent.parent, run)
+    payload = tmp_path / "payload.npy"
+    np.save(payload, np.array([print], dtype=object), allow_pickle=True)
+    cfg = yaml.safe_load((run / "checkpoints" / "config.yaml").read_text())
+    cfg[node] = {"_target_": target, "file": str(payload), "allow_pickle": True}
+    (run / "checkpoints" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=f"{node} names '{target}'"):
+        read_run_config(run / "checkpoints" / "last.ckpt")
+    # the shipped configs' targets still load
+    cfg[node] = yaml.safe_load((real_ckpt.parent / "config.yaml").read_text())[node]
+    (run / "checkpoints" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert read_run_config(run / "checkpoints" / "last.ckpt")[1][node] == cfg[node]
+
+
+def test_every_shipped_sequence_and_data_target_is_allowed_in_a_run_config():
+    from mrflight.checkpoints import run_config_targets
+    from mrflight.config import CONFIG_DIR
+
+    allowed = run_config_targets()
+    found = {"sequence": set(), "data": set()}
+    for group, node in (("sequence", "sequence"), ("data", "data"), ("grid", "data")):
+        for f in (CONFIG_DIR / group).glob("*.yaml"):
+            found[node] |= set(re.findall(r"_target_:\s*(\S+)", f.read_text()))
+    for node in found:
+        assert found[node] and found[node] <= allowed[node], (node, found[node] - allowed[node])
 
 
 # --------------------------------------------------------------------------------------------

@@ -145,3 +145,18 @@ def test_onnx_keeps_the_noise_ceiling_of_a_complex_subspace_net(tmp_path):
     sess = ort.InferenceSession(str(export_onnx(module, tmp_path / "gru.onnx")))
     inp = torch.stack([x.real, x.imag], dim=1).float().numpy()
     _close(sess.run(None, {"fingerprints": inp})[0], module.predict_parameters(x).numpy())
+
+
+def test_export_refuses_two_runs_that_would_write_one_file(gru_ckpt, tmp_path):
+    # runs a_b/c and a/b_c both give gru_a_b_c.onnx: the second would replace the first
+    import shutil
+
+    from mrflight.export import export_checkpoints
+
+    run = gru_ckpt.parent.parent
+    root = tmp_path / "runs"
+    shutil.copytree(run, root / "a_b" / "c")
+    shutil.copytree(run, root / "a" / "b_c")
+    with pytest.raises(ValueError, match=r"gru_a_b_c\.onnx for more than one checkpoint"):
+        export_checkpoints(root, "onnx", tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
