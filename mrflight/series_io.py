@@ -260,8 +260,8 @@ def open_series(path: str | os.PathLike, *, dataset: str | None = None,
             img = nib.load(str(path))
         except Exception as e:
             raise damaged_error(given, e, "NIfTI file") from None
-        return SeriesSource(img.dataobj, path=path, affine=img.affine, header=img.header,
-                            image_class=type(img), order="F", option=option)
+        return SeriesSource(_nifti_time_in_4th(img.dataobj), path=path, affine=img.affine,
+                            header=img.header, image_class=type(img), order="F", option=option)
     if name.endswith(".npy"):
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -290,6 +290,19 @@ def open_series(path: str | os.PathLike, *, dataset: str | None = None,
         return _open_h5(path, dataset, length, option, matlab=False)
     raise ValueError(f"{option}={str(path)!r} has an unknown suffix; use one of "
                      f"{', '.join(SERIES_SUFFIXES)}")
+
+
+def _nifti_time_in_4th(proxy):
+    """A NIfTI array of more than 4 dimensions whose axes beyond the third are all singletons
+    but one, e.g. ``(X, Y, Z, 1, T)`` as some converters write a series, seen as
+    ``(X, Y, Z, T)`` (a lazy reshape of nibabel's proxy: nothing is read)."""
+    shape = tuple(int(s) for s in proxy.shape)
+    if len(shape) <= 4 or not hasattr(proxy, "reshape"):
+        return proxy
+    rest = [s for s in shape[3:] if s != 1]
+    if len(rest) != 1:
+        return proxy  # several non-singleton axes beyond space: refused by the time-axis check
+    return proxy.reshape(shape[:3] + (rest[0],))
 
 
 def _open_h5(path: Path, dataset: str | None, length: int | None, option: str,

@@ -802,3 +802,112 @@ def test_a_magnitude_series_into_a_complex_network_is_warned_and_the_sidecars_ke
     assert said and all("_contextlib" not in w.filename for w in said)
     side = json.loads(files["T1map.json"].read_text())
     assert any("trained on complex fingerprints" in w for w in side["Warnings"])
+
+
+# ------------------------------------------------------------------------------- real-world files
+def test_nifti_series_with_time_in_the_fifth_dimension(tmp_path, seq, phantoms, matcher_complex):
+    """A ``(X, Y, Z, 1, T)`` NIfTI (as some converters write a series, with a vector intent)
+    gives the maps of the ``(X, Y, Z, T)`` one; the maps do not inherit the input's intent."""
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq)[:, :, None, None, :]
+    img = nib.Nifti1Image(ser, AFFINE)
+    img.header.set_intent("vector")
+    nib.save(img, str(tmp_path / "five.nii"))
+    files = maps.make_maps(tmp_path / "five.nii", matcher_complex, tmp_path / "out",
+                           options=OPTS)
+    t1_ms = np.load(files["T1map.npy"])
+    assert t1_ms.shape == t1.shape + (1,)
+    _check_maps(t1_ms[..., 0], np.load(files["T2map.npy"])[..., 0],
+                np.load(files["M0map.npy"])[..., 0], t1, t2, m0, mask)
+    out = nib.load(str(files["T1map.nii.gz"]))
+    np.testing.assert_allclose(out.affine, AFFINE)
+    assert out.header.get_intent()[0] == "none"
+    assert json.loads(files["T1map.json"].read_text())["TimeAxis"] == 3
+
+
+def test_mask_and_b1map_on_another_nifti_grid_are_refused(tmp_path, seq, phantoms):
+    """A NIfTI mask or B1 map of the series' array shape but another position or orientation
+    is refused (voxel i would not be voxel i); the same grid, a single slice's other
+    thickness, and files without a stated orientation are accepted."""
+    t1, t2, m0, mask = phantoms["brain"]
+    nib.save(nib.Nifti1Image(_series(t1, t2, m0, mask, seq)[:, :, None], AFFINE),
+             str(tmp_path / "s.nii"))
+    flipped = AFFINE.copy()
+    flipped[:3, 0] *= -1
+    shifted = AFFINE.copy()
+    shifted[2, 3] += 6.0  # two slices higher
+    thick = AFFINE.copy()
+    thick[2, 2] = 5.0  # the one slice's thickness: places nothing
+    for name, affine, ok in (("same", AFFINE, True), ("thick", thick, True),
+                             ("flipped", flipped, False), ("shifted", shifted, False)):
+        for option, values in (("mask", mask.astype(np.uint8)), ("b1map", np.ones(t1.shape))):
+            path = tmp_path / f"{option}_{name}.nii.gz"
+            nib.save(nib.Nifti1Image(values[:, :, None], affine), str(path))
+            if ok:
+                arr = (maps.load_mask(path, t1.shape + (1,), AFFINE) if option == "mask" else
+                       maps.masks.load_b1map(path, t1.shape + (1,), AFFINE))
+                assert arr.shape == t1.shape + (1,)
+            else:
+                with pytest.raises(ValueError, match=rf"^{option}=.*{name}.* not on the series' "
+                                                     r"voxel grid.*Resample"):
+                    maps.reconstruct_series(tmp_path / "s.nii", _NeverCalled(),
+                                            **{option: path})
+    unknown = nib.Nifti1Image(mask.astype(np.uint8), None)  # no qform, no sform
+    unknown.header.set_qform(None, code=0)
+    unknown.header.set_sform(None, code=0)
+    nib.save(unknown, str(tmp_path / "m_unknown.nii"))
+    np.testing.assert_array_equal(
+        maps.load_mask(tmp_path / "m_unknown.nii", t1.shape + (1,), AFFINE)[..., 0], mask)
+
+
+def test_b1map_of_deviations_is_refused_and_b1_beyond_the_dictionary_warns(
+        tmp_path, seq, phantoms, dictionary):
+    """A B1 map of the deviation from nominal (in %, half of it negative) is refused with the
+    conversion, not matched at its positive half; a measured B1 beyond the dictionary's B1
+    values is matched at its edge with a warning (kept in the sidecars)."""
+    t1, t2, m0, mask = phantoms["brain"]
+    np.save(tmp_path / "s.npy", _series(t1, t2, m0, mask, seq))
+    grid = np.asarray(dictionary.params)[:, :2]
+    b1_values = np.array([0.9, 1.0, 1.1])
+    generate(seq, np.repeat(grid, 3, 0), b1=np.tile(b1_values, len(grid)),
+             progress=False).save(tmp_path / "b1dict.h5")
+    deviation = np.broadcast_to(np.linspace(-8.0, 8.0, t1.shape[1]), t1.shape)
+    np.save(tmp_path / "tb1.npy", deviation)
+    cfg = _b1map_config(tmp_path, "s.npy", "b1dict.h5")
+    with pytest.raises(ValueError, match=r"b1map=.*tb1.npy is negative in \d+ % of the voxels"
+                                         r".*ratio = 1 \+ deviation / 100"):
+        eval_entry.maps_from_config(cfg)
+    assert not (tmp_path / "out").exists()
+    np.save(tmp_path / "tb1.npy", np.where(mask, 1.6, 1.0))  # beyond 1.1 in the tissue
+    with pytest.warns(RuntimeWarning, match=r"outside the dictionary's B1 range \[0.9, 1.1\]"):
+        files = eval_entry.maps_from_config(cfg)
+    np.testing.assert_allclose(np.load(files["TB1map.npy"])[mask], 1.1, rtol=1e-6)
+    side = json.loads(files["T1map.json"].read_text())
+    assert any("outside the dictionary's B1 range" in w for w in side["Warnings"])
+    # tissue voxels without a B1 value are left out, and counted
+    holes = np.ones(t1.shape)
+    holes[tuple(np.argwhere(mask)[:3].T)] = np.nan
+    np.save(tmp_path / "tb1.npy", holes)
+    cfg.paths.output_dir = str(tmp_path / "holes")
+    with pytest.warns(RuntimeWarning, match=r"^3 voxel\(s\) of the mask have no finite "
+                                            r"positive B1"):
+        files = eval_entry.maps_from_config(cfg)
+    assert np.load(files["mask.npy"]).sum() == np.isfinite(np.load(files["T1map.npy"])).sum()
+
+
+def test_nifti_spatial_axis_of_the_sequence_length_is_not_taken_for_time(tmp_path, seq,
+                                                                        phantoms):
+    """A NIfTI series of more time points (its last axis) than the sequence, with a spatial
+    axis of the sequence length, is refused (not reconstructed along space); an explicit
+    ``maps.time_axis`` is obeyed."""
+    rng = np.random.default_rng(0)
+    ser = (rng.standard_normal((N_PULSES, 3, 1, 250))
+           + 1j * rng.standard_normal((N_PULSES, 3, 1, 250))).astype(np.complex64)
+    nib.save(nib.Nifti1Image(ser, AFFINE), str(tmp_path / "long.nii"))
+    with pytest.raises(ValueError, match=r"250 time points in its last axis.*sequence has 200"
+                                         r".*maps.time_axis=0"):
+        maps.reconstruct_series(tmp_path / "long.nii", _NeverCalled())
+    with pytest.warns(RuntimeWarning, match="time axis at 0, not last"), \
+            pytest.raises(AssertionError, match="reconstruction started"):
+        maps.reconstruct_series(tmp_path / "long.nii", _NeverCalled(), time_axis=0,
+                                mask=np.ones((3, 1, 250), bool))

@@ -147,11 +147,49 @@ def _given(option: str, value) -> str:
     return f"{option}={value}" if isinstance(value, (str, os.PathLike)) else option
 
 
-def _spatial(what: str, option: str, value, spatial_shape: tuple[int, ...]) -> np.ndarray:
+def _coded(header) -> bool:
+    """Whether a NIfTI header states its orientation (a qform or sform code above 0)."""
+    try:
+        return int(header["sform_code"]) > 0 or int(header["qform_code"]) > 0
+    except (KeyError, TypeError, ValueError):
+        return True  # not a NIfTI-1/2 header: trust its affine
+
+
+def _check_grid(what: str, option: str, value, src, affine, header) -> None:
+    """Refuse a NIfTI ``src`` (mask or B1 map) whose affine places its voxels elsewhere than
+    the NIfTI series' (``affine``, ``header``): equal array shapes do not make equal grids (a
+    B1 map of another slab, orientation or field of view). Files without a stated orientation
+    (qform and sform codes 0) cannot be compared and are taken as they are."""
+    if affine is None or not src.is_nifti or not (_coded(src.header) and
+                                                  (header is None or _coded(header))):
+        return
+    try:  # voxel of the series -> voxel of the file: the identity on the same grid
+        between = np.linalg.inv(src.affine) @ np.asarray(affine, dtype=np.float64)
+    except np.linalg.LinAlgError:
+        between = None
+    # only the axes along which the file has more than one voxel (and the origin) count: the
+    # spacing of a single slice (or the time column of an (X, Y, T) series) places nothing
+    extent = tuple(src.shape[:3]) + (1,) * max(0, 3 - len(src.shape))
+    cols = [a for a in range(3) if extent[a] > 1] + [3]
+    if between is None or not np.allclose(between[:, cols], np.eye(4)[:, cols], rtol=0.0,
+                                          atol=1e-3):
+        shift = (float("nan") if between is None
+                 else float(np.abs(between[:3, 3]).max()))
+        raise ValueError(f"{option}={value} is not on the series' voxel grid: its NIfTI affine "
+                         f"differs from the input's (up to {shift:.3g} voxels apart, or another "
+                         f"orientation or voxel size), so voxel i of the {what} is not voxel i "
+                         f"of the series. Resample it onto the series' grid first (e.g. "
+                         f"nibabel.processing.resample_from_to, FSL flirt -applyxfm, ANTs)")
+
+
+def _spatial(what: str, option: str, value, spatial_shape: tuple[int, ...],
+             affine=None, header=None) -> np.ndarray:
     """A file (read as :func:`open_series` reads series, errors naming ``option``) or array of
-    the series' spatial shape (singleton axes may differ)."""
+    the series' spatial shape (singleton axes may differ). With the NIfTI series' ``affine``
+    (and ``header``), a NIfTI file must lie on the same voxel grid (:func:`_check_grid`)."""
     if isinstance(value, (str, os.PathLike)):
         with open_series(Path(value), option=option, what=what) as src:
+            _check_grid(what, option, value, src, affine, header)
             arr = src.read(tuple(slice(None) for _ in src.shape))
     else:
         arr = np.asarray(value)
@@ -165,14 +203,19 @@ def _spatial(what: str, option: str, value, spatial_shape: tuple[int, ...]) -> n
     return arr.real if np.iscomplexobj(arr) else arr.astype(np.float64)
 
 
-def load_mask(mask, spatial_shape: tuple[int, ...]) -> np.ndarray:
+def load_mask(mask, spatial_shape: tuple[int, ...], affine=None, header=None) -> np.ndarray:
     """A mask file or array on the series' grid as booleans (non-zero = reconstruct).
 
+    Args:
+        affine, header: the NIfTI series' affine and header (``None`` otherwise): a NIfTI mask
+            must then lie on the same voxel grid.
+
     Raises:
-        ValueError: wrong shape, values strictly between 0 and 1 (a probability or an
-            interpolated mask: ``!= 0`` would keep all of it), or no voxel selected.
+        ValueError: wrong shape, another NIfTI grid, values strictly between 0 and 1 (a
+            probability or an interpolated mask: ``!= 0`` would keep all of it), or no voxel
+            selected.
     """
-    arr = np.nan_to_num(_spatial("mask", "mask", mask, spatial_shape))
+    arr = np.nan_to_num(_spatial("mask", "mask", mask, spatial_shape, affine, header))
     frac = arr[(arr > 0) & (arr < 1)]
     if frac.size:
         raise ValueError(f"{_given('mask', mask)} holds values between 0 and 1 (e.g. "
@@ -185,16 +228,39 @@ def load_mask(mask, spatial_shape: tuple[int, ...]) -> np.ndarray:
     return arr != 0
 
 
-def load_b1map(b1map, spatial_shape: tuple[int, ...]) -> np.ndarray:
+#: largest fraction of the reconstructed voxels whose measured B1 may be negative
+B1_NEGATIVE_TOLERANCE = 0.1
+
+
+def load_b1map(b1map, spatial_shape: tuple[int, ...], affine=None, header=None,
+               mask: np.ndarray | None = None) -> np.ndarray:
     """A measured B1 map (file or array; the flip-angle scale, ratio to nominal, BIDS
     ``TB1map``) on the series' grid, float64; NaN where it is not finite or not positive.
 
+    Args:
+        affine, header: the NIfTI series' affine and header (``None`` otherwise): a NIfTI B1
+            map must then lie on the same voxel grid.
+        mask: the voxels to be reconstructed: a ratio is never negative there, so more than
+            :data:`B1_NEGATIVE_TOLERANCE` of them below 0 is a map of the deviation from
+            nominal (in % or as a fraction), refused.
+
     Raises:
-        ValueError: wrong shape, or values that are not ratios (median outside 0.2-3: a map in
-            percent or in degrees must be converted first).
+        ValueError: wrong shape, another NIfTI grid, or values that are not ratios (median
+            outside 0.2-3: a map in percent or in degrees must be converted first; negative in
+            the tissue: a deviation from nominal).
     """
-    arr = _spatial("B1 map", "b1map", b1map, spatial_shape)
-    arr = np.where(np.isfinite(arr) & (arr > 0), arr, np.nan)
+    raw = _spatial("B1 map", "b1map", b1map, spatial_shape, affine, header)
+    if mask is not None:
+        with np.errstate(invalid="ignore"):
+            vals = raw[np.asarray(mask, bool) & np.isfinite(raw) & (raw != 0)]
+        neg = float((vals < 0).mean()) if vals.size else 0.0
+        if neg > B1_NEGATIVE_TOLERANCE:
+            raise ValueError(f"{_given('b1map', b1map)} is negative in {100 * neg:.0f} % of the "
+                             "voxels to reconstruct, but the flip-angle scale (ratio to "
+                             "nominal) is positive: a map of the deviation from nominal must be "
+                             "converted first (ratio = 1 + deviation / 100 for one in percent, "
+                             "1 + deviation for a fraction)")
+    arr = np.where(np.isfinite(raw) & (raw > 0), raw, np.nan)
     med = float(np.nanmedian(arr)) if np.isfinite(arr).any() else float("nan")
     if not 0.2 <= med <= 3.0:
         raise ValueError(f"{_given('b1map', b1map)} should hold the flip-angle scale as a "

@@ -70,10 +70,24 @@ def reconstruct_series(series, reconstructor, *, time_axis: int | None = None, m
 def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, chunk_voxels,
                  block_mb, progress, b1map=None) -> MapResult:
     plan = plan_series(src, length, time_axis, block_mb)
-    if src.is_nifti and plan.time_axis != len(src.shape) - 1:
+    last = len(src.shape) - 1
+    if src.is_nifti and time_axis is None and plan.time_axis != last:
+        # NIfTI keeps time in its last (4th) dimension: a spatial axis of the sequence length
+        # beside a last axis of another length is a series that does not match the sequence
+        raise ValueError(f"the NIfTI series {src.describe()} (shape {src.shape}) has "
+                         f"{src.shape[last]} time points in its last axis, where NIfTI keeps "
+                         f"time, but the sequence has {length}; only its spatial axis "
+                         f"{plan.time_axis} has that length. Use the checkpoint or dictionary "
+                         f"of the train the series was acquired with, or, if axis "
+                         f"{plan.time_axis} really is time, set maps.time_axis={plan.time_axis}")
+    if src.is_nifti and plan.time_axis != last:
         warnings.warn(f"the NIfTI series has its time axis at {plan.time_axis}, not last: the "
                       "affine of the maps may not describe their axes", RuntimeWarning,
                       stacklevel=3)
+    # the series' voxel grid, that NIfTI masks and B1 maps must share (unknown when its
+    # affine does not describe the spatial axes: not NIfTI, or time not last)
+    grid = ((src.affine, src.header) if src.is_nifti and plan.time_axis == len(src.shape) - 1
+            else (None, None))
     cache: dict[int, np.ndarray] | None = {} if plan.fits_one_block else None
     bar = _progress(progress)
     if bar is not None:
@@ -87,20 +101,27 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
                                        magnitude=not src.is_complex)  # Rician background
         else:
             norm, n_bad = None, 0
-            mask_arr = load_mask(mask, plan.spatial_shape)
+            mask_arr = load_mask(mask, plan.spatial_shape, *grid)
             info = {"Method": "file" if isinstance(mask, (str, os.PathLike)) else "array",
                     "Source": str(mask) if isinstance(mask, (str, os.PathLike)) else None}
         maps = _Maps(plan.spatial_shape, norm)
-        b1 = None if b1map is None else load_b1map(b1map, plan.spatial_shape)
+        b1 = None if b1map is None else load_b1map(b1map, plan.spatial_shape, *grid,
+                                                   mask=mask_arr)
         if mask is None and not mask_arr.any():
             raise ValueError(f"the automatic mask (maps.mask_method={mask_method}) selects no "
                              "voxel of the series: try maps.mask_method=otsu or "
                              "maps.mask_method=none, or give mask=FILE")
         if b1 is not None:
-            mask_arr = mask_arr & np.isfinite(b1)
-            if not mask_arr.any():
+            covered = mask_arr & np.isfinite(b1)
+            if not covered.any():
                 raise ValueError("b1map= is NaN in every voxel of the mask: give a B1 map that "
                                  "covers the tissue")
+            lost = int(mask_arr.sum() - covered.sum())
+            if lost:
+                warnings.warn(f"{lost} voxel(s) of the mask have no finite positive B1 in "
+                              "b1map=; they are left out of the maps (NaN)", RuntimeWarning,
+                              stacklevel=3)
+            mask_arr = covered
         n_bad += _reconstruct_pass(src, rec, plan, mask_arr, maps, cache, chunk_voxels, bar, b1)
     finally:
         if bar is not None:

@@ -11,6 +11,8 @@ network is biased outside it (see :meth:`NetworkReconstructor.noise_warning`).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -176,7 +178,9 @@ class MatchingReconstructor:
             return self._match(self.matcher, signals)
         values = self.b1_values()
         self.b1_restricted = True
-        which = np.abs(np.asarray(b1, dtype=np.float64)[:, None] - values[None]).argmin(1)
+        b1 = np.asarray(b1, dtype=np.float64)
+        _warn_outside_b1_range(b1, values)
+        which = np.abs(b1[:, None] - values[None]).argmin(1)
         params = np.full((len(signals), 3), np.nan, np.float32)
         m0 = np.full(len(signals), np.nan, np.float32)
         for j in np.unique(which):
@@ -199,6 +203,19 @@ class MatchingReconstructor:
                        if self.b1_restricted else "estimated with T1 and T2"
                        if self.matcher.params.shape[1] > 2 else "not modelled (1)"),
                 "M0Method": "least-squares scale of the best-matching atom: <d, s> / <d, d>"}
+
+
+def _warn_outside_b1_range(b1: np.ndarray, values: np.ndarray) -> None:
+    """Warn when measured B1 values lie beyond the dictionary's B1 values by more than half
+    their edge spacing: matched at the nearest (edge) B1, their T1 and T2 are biased."""
+    lo_gap = (values[1] - values[0]) / 2 if len(values) > 1 else 0.05
+    hi_gap = (values[-1] - values[-2]) / 2 if len(values) > 1 else 0.05
+    if np.any((b1 < values[0] - lo_gap - 1e-9) | (b1 > values[-1] + hi_gap + 1e-9)):
+        warnings.warn(f"b1map: the measured B1 of some voxels lies outside the dictionary's "
+                      f"B1 range [{values[0]:g}, {values[-1]:g}]; they were matched at its "
+                      "nearest B1 (TB1map holds it), so their T1 and T2 are biased: use a "
+                      "dictionary whose B1 values cover the measured map", RuntimeWarning,
+                      stacklevel=3)
 
 
 class _NoiseRecord:

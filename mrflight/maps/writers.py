@@ -34,6 +34,7 @@ def _save_nifti(dest: Path, data: np.ndarray, affine, header, image_class) -> No
     if header is not None:
         hdr = header.copy()
         hdr.set_data_dtype(vol.dtype)
+        hdr.set_intent("none", (), "")  # a map: not the input's vector/time-series intent
         cls = image_class or nib.Nifti1Image
         img = cls(vol, affine, header=hdr)
         img.header.set_slope_inter(1.0, 0.0)
