@@ -179,8 +179,9 @@ class DictionaryMatcher:
         atoms: dictionary fingerprints ``(M, T)``, numpy or torch, complex or real.
         params: their parameters ``(M, P)``; T1 and T2 in ms first (more columns, e.g. B1, are
             carried along).
-        rank: ``None`` for exhaustive matching, or an integer ``k`` to match in the rank-``k``
-            SVD basis of the dictionary.
+        rank: ``None`` for exhaustive matching, or an integer ``k >= 2`` to match in the
+            rank-``k`` SVD basis of the dictionary (in one renormalised coordinate all atoms
+            tie, so rank 1 is refused).
         energy: alternatively choose the rank as the smallest one retaining this fraction of the
             dictionary's energy (sum of squared singular values), e.g. ``0.999``.
         complex_matching: use ``|<d, s>|`` with complex normalised atoms instead of the inner
@@ -221,7 +222,8 @@ class DictionaryMatcher:
         last_candidates: ``(N,)`` atoms re-scored in float64 per signal in the last call.
 
     Raises:
-        ValueError: empty or mismatched dictionary, non-finite atoms or parameters, a bad rank.
+        ValueError: empty or mismatched dictionary, non-finite atoms or parameters, a bad rank
+            (rank 1, given or chosen by ``energy``, for more than one atom).
 
     References:
         Ma et al., Magnetic resonance fingerprinting, Nature 2013;495:187 (matching);
@@ -294,6 +296,13 @@ class DictionaryMatcher:
     def _compressed(self, store: torch.Tensor, rank, energy) -> torch.Tensor:
         """The atoms' unit-norm coefficients in their SVD basis (``basis``, ``rank``)."""
         basis, sv2 = svd_basis(store, rank=None if rank is None else int(rank), energy=energy)
+        if basis.shape[1] == 1 and self.n_atoms > 1:
+            # one coordinate, renormalised: every atom is the same point (magnitude) or differs
+            # only by a phase (complex), so every score ties and atom 0 would win for all
+            what = "rank=1" if energy is None else f"energy={energy} chose rank 1 and"
+            raise ValueError(f"{what} cannot tell atoms apart (each normalised atom has one "
+                             "coordinate, of unit size): use rank >= 2, a higher energy, or "
+                             "exhaustive matching")
         self.basis, self.singular_values2 = basis, sv2
         self.rank = int(basis.shape[1])
         coeffs = torch.empty(self.n_atoms, self.rank, dtype=store.dtype, device=self.device)

@@ -114,19 +114,34 @@ def _load_table(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
                          f"{_COLUMNS}, got {arr.shape}")
     if suffix == ".mat":
         data = load_mat(path)
-        out = {}
-        lower = {k.lower(): k for k in data}
-        for col, names in _ALIASES.items():
-            for n in names:
-                if n in lower:
-                    out[col] = np.asarray(data[lower[n]], dtype=np.float64).ravel()
-                    break
+        out = _mat_columns(data)
+        if "flip_angle_deg" not in out:
+            # a struct holding the train (imr-framework's method.VariableFlip, ...)
+            inner = {k: _mat_columns(v) for k, v in data.items() if isinstance(v, dict)}
+            inner = {k: v for k, v in inner.items() if "flip_angle_deg" in v}
+            if len(inner) > 1:
+                raise ValueError(f"{path}: the structs {sorted(inner)} each hold a flip-angle "
+                                 "field; keep the train in one of them")
+            out = next(iter(inner.values()), out)
         if "flip_angle_deg" not in out:
             raise ValueError(f"{path}: no flip-angle variable found; expected one of "
-                             f"{_ALIASES['flip_angle_deg']} (any case), found {sorted(data)}")
+                             f"{_ALIASES['flip_angle_deg']} (any case), at top level or in a "
+                             f"struct, found {sorted(data)}")
         return out, [f"element {i + 1}" for i in range(len(out["flip_angle_deg"]))]
     raise ValueError(f"unsupported schedule file type {suffix!r} for {path}; "
                      "use .csv, .txt, .npy or .mat")
+
+
+def _mat_columns(data: dict) -> dict[str, np.ndarray]:
+    """The train's columns among the variables (or struct fields) of a ``.mat`` file."""
+    out = {}
+    lower = {k.lower(): k for k in data}
+    for col, names in _ALIASES.items():
+        for n in names:
+            if n in lower and not isinstance(data[lower[n]], dict):
+                out[col] = np.asarray(data[lower[n]], dtype=np.float64).ravel()
+                break
+    return out
 
 
 def _column(path: Path, cols: dict, name: str, labels: list[str]) -> np.ndarray | None:
@@ -155,7 +170,8 @@ def from_file(
 ) -> Sequence:
     """Load a pulse train from ``.csv``/``.txt`` (columns flip_angle_deg, phase_deg, tr_ms,
     te_ms; header optional), ``.npy`` (``(T,)`` flip angles, ``(T, 1)`` or ``(T, 4)`` columns)
-    or ``.mat`` (variables ``FA``/``flip_angle_deg``, ``PH``, ``TR``, ``TE``; v7 or v7.3).
+    or ``.mat`` (variables ``FA``/``flip_angle_deg``, ``PH``, ``TR``, ``TE``, at top level or
+    as the fields of one struct, e.g. imr-framework's ``method.VariableFlip``; v7 or v7.3).
 
     Args:
         path: the file (UTF-8 or ASCII; a byte-order mark is ignored). Angles in degrees,

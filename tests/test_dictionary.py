@@ -288,6 +288,31 @@ def test_load_reads_foreign_mat_files(tmp_path, small, v73):
     np.testing.assert_allclose(b.atoms, D, rtol=1e-5, atol=1e-7)
 
 
+def test_a_dictionary_in_seconds_or_with_swapped_columns_is_warned_about(tmp_path, small):
+    """A foreign lut in seconds (no units) or with T2 before T1 (no names) was taken as T1, T2
+    in ms: every match 1000x too small, or T1 and T2 swapped, without a word."""
+    from mrflight.fileio import save_mat
+
+    D, lut = small.atoms, small.params
+    save_mat(tmp_path / "s.mat", {"D": D, "lut": lut / 1000}, v73=False)
+    with pytest.warns(UserWarning, match="at most 3 ms: are they in seconds"):
+        load(tmp_path / "s.mat")
+    save_mat(tmp_path / "w.mat", {"D": D, "lut": lut[:, ::-1].copy()}, v73=False)
+    with pytest.warns(UserWarning, match="T2 exceeds T1 in 100 % .* swapped"):
+        load(tmp_path / "w.mat")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # units or names given: converted or reordered, silent
+        save_mat(tmp_path / "u.mat", {"dict": {"D": D, "lut": lut / 1000, "units": "s,s"}},
+                 v73=False)
+        np.testing.assert_allclose(load(tmp_path / "u.mat").params, lut)
+        save_mat(tmp_path / "n.mat", {"dict": {"D": D, "lut": lut[:, ::-1].copy(),
+                                               "param_names": "T2,T1"}}, v73=False)
+        np.testing.assert_array_equal(load(tmp_path / "n.mat").params, lut)
+        Dictionary(D, lut)
+    with pytest.warns(UserWarning, match="in seconds"):
+        Dictionary(D, lut / 1000)
+
+
 def test_load_and_save_errors(tmp_path, small):
     with pytest.raises(ValueError, match="does not exist"):
         load(tmp_path / "nope.h5")

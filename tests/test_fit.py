@@ -3,6 +3,8 @@ finite-difference Gauss-Newton and the Cramér–Rao bound."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,22 @@ def test_non_finite_starts_give_nan_rows_and_the_rest_is_fitted():
     assert torch.isnan(est0[2]).all() and torch.allclose(est0[0], truth[0], rtol=1e-6)
 
 
+def test_starts_in_seconds_are_warned_about():
+    """A start in seconds (T1 0.8 'ms') is clamped to the box and fitted from there: warned."""
+    y, truth, _ = _signals(ATOMS, 0.0, 1, 7)
+    start = truth.clone()
+    start[:, :2] /= 1000
+    with pytest.warns(UserWarning, match="every start T1 in init is below 20 ms"):
+        fit(SEQ, y, start, max_iter=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(SEQ, y, truth, max_iter=1)
+        # a held B1 from init's column, as the error message advises
+        est = fit(SEQ, y, truth * 1.1, estimate_b1=False, b1=truth[:, 2], tol=1e-10,
+                  xtol=1e-10, max_iter=60)
+    assert torch.allclose(est, truth[:, :2], rtol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"signals": "magnitude"}, "complex fingerprints"),
     ({"init": np.ones((3, 4))}, "init must have shape"),
@@ -130,6 +148,8 @@ def test_non_finite_starts_give_nan_rows_and_the_rest_is_fitted():
     ({"seq": "dict"}, "seq must be a Sequence"),
     # one NaN sample: named up front, not as a NaN T1 of a Levenberg-Marquardt step
     ({"signals": "nan"}, r"signals hold NaN or Inf values \(1 signal\(s\), e.g. rows \[1\]"),
+    # a B1 column that a held B1 would silently replace by 1
+    ({"estimate_b1": False}, r"init has a B1 column but estimate_b1=False.*b1=init\[:, 2\]"),
 ])
 def test_bad_input_is_named(kwargs, match):
     y, truth, _ = _signals(ATOMS, 0.0, 1, 6)

@@ -110,6 +110,22 @@ def test_energy_chosen_rank(small_dict):
     assert lower.rank < k
 
 
+@pytest.mark.parametrize("complex_matching", [False, True])
+def test_rank_one_is_refused_as_it_cannot_tell_atoms_apart(small_dict, complex_matching):
+    """In one renormalised coordinate every atom is +-1 (magnitude) or a unit phase (complex):
+    all scores tie and atom 0 won for every signal, with a misleading max_candidates warning."""
+    _, atoms, params = small_dict
+    with pytest.raises(ValueError, match="rank=1 cannot tell atoms apart"):
+        DictionaryMatcher(atoms, params, rank=1, complex_matching=complex_matching)
+    with pytest.raises(ValueError, match="energy=0.5 chose rank 1"):
+        DictionaryMatcher(atoms, params, energy=0.5, complex_matching=complex_matching)
+    # rank 2 already matches noise-free atoms
+    dm = DictionaryMatcher(atoms, params, rank=2, complex_matching=complex_matching,
+                           dtype=torch.float64)
+    x = atoms if complex_matching else atoms.abs()
+    assert (dm.match(x[::7]).to(params.dtype) == params[::7]).all(1).double().mean() > 0.9
+
+
 def test_svd_basis_matches_numpy_svd():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((300, 20)) @ np.diag(np.geomspace(10, 0.01, 20))

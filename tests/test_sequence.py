@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -143,6 +144,46 @@ def test_from_file_mat(tmp_path, v73):
     save_mat(p, {"something": fa}, v73=v73)
     with pytest.raises(ValueError, match="flip"):
         from_file(p, tr_ms=9.0)
+
+
+@pytest.mark.parametrize("v73", [False, True])
+def test_from_file_mat_reads_a_train_inside_a_struct(tmp_path, v73):
+    """imr-framework keeps its train as the fields of a struct (``method.VariableFlip``, ...),
+    the names the aliases list: they are found there as at top level."""
+    fa, ph, tr, _ = _train()
+    p = tmp_path / f"m{int(v73)}.mat"
+    save_mat(p, {"method": {"VariableFlip": fa, "VariablePhase": ph, "VariableTR": tr,
+                            "VariableTE": np.full(50, 2.5)}}, v73=v73)
+    _check(from_file(p), fa, ph, tr)
+    save_mat(p, {"a": {"FA": fa, "TR": tr}, "b": {"FA": fa, "TR": tr}}, v73=v73)
+    with pytest.raises(ValueError, match="each hold a flip-angle"):
+        from_file(p)
+
+
+@pytest.mark.parametrize("change, slip", [
+    ({"flip_angle_deg": "rad"}, "radians"),
+    ({"phase_deg": "rad"}, "every RF phase is within 3.142 degrees"),
+    ({"tr_ms": 0.0043, "te_ms": 0.002}, "the longest TR is 0.0043 ms"),
+    ({"ti_ms": 0.02}, "TI is 0.02 ms"),
+])
+def test_a_train_in_radians_or_seconds_is_warned_about(change, slip):
+    """Flip angles in radians (57x too small), TR or TI in seconds (1000x too short) would be
+    simulated without a word; a train whose numbers are impossible in degrees and ms warns."""
+    base = oksuz2019(n_pulses=100)
+    args = {"flip_angle_deg": base.flip_angle_deg, "phase_deg": 0.0, "tr_ms": 4.3,
+            "te_ms": 2.0, "ti_ms": 20.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the train in degrees and ms is silent
+        Sequence(**args)
+        Sequence(base.flip_angle_deg, 180.0 * (np.arange(100) % 2), 4.3, 2.0, ti_ms=0.0)
+    for k, v in change.items():
+        args[k] = v
+    if change.get("flip_angle_deg") == "rad":
+        args["flip_angle_deg"] = np.deg2rad(base.flip_angle_deg)
+    if change.get("phase_deg") == "rad":
+        args["phase_deg"] = np.pi * (np.arange(100) % 2)
+    with pytest.warns(UserWarning, match=slip):
+        Sequence(**args)
 
 
 def test_bad_files_raise(tmp_path):

@@ -72,11 +72,16 @@ def default_names(p: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def names_and_units(names, units, p: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The names and units a file gives for its ``p`` columns, defaults filled in.
 
-    No names: :func:`default_names`. No units: the default ones when the names count ``p``
-    columns, else empty units (the :class:`~mrflight.dictionary.Dictionary` then reports the
-    mismatch).
+    No names: :func:`default_names` (without the unit in the name when units are given, so
+    that units ``("s", "s")`` alone convert seconds). No units: the default ones when the names
+    count ``p`` columns, else empty units (the :class:`~mrflight.dictionary.Dictionary` then
+    reports the mismatch).
     """
-    names = tuple(names) if names else default_names(p)[0]
+    if names:
+        names = tuple(names)
+    else:  # units without names (a lut in s with dict.units = 's,s'): the names carry none
+        names = tuple(n[:-3] if n.endswith("_ms") else n for n in default_names(p)[0]) \
+            if units else default_names(p)[0]
     if units:
         return names, tuple(units)
     return names, default_names(p)[1] if len(names) == p else ("",) * len(names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +69,7 @@ class Dictionary:
             )
         self.param_names, self.units, self.params = canonical_columns(
             self.param_names, self.units, self.params)
+        _warn_unit_slips(self.t1_ms, self.t2_ms)
         for sl in blocks(len(self.atoms)):
             if not np.all(np.isfinite(self.atoms[sl])):
                 raise ValueError("atoms contains NaN or Inf values")
@@ -123,6 +125,28 @@ class Dictionary:
         from mrflight.dictionary.files import load
 
         return load(path, **kwargs)
+
+
+#: a T1 column whose largest value is below this many ms is almost surely in seconds (no ms
+#: dictionary stops at 20 ms; no seconds dictionary goes past 20 s)
+_SECONDS_T1_MAX_MS = 20.0
+
+
+def _warn_unit_slips(t1: np.ndarray, t2: np.ndarray) -> None:
+    """Warn (``UserWarning``) where the T1/T2 columns look like seconds or like each other's:
+    matching would silently return T1 and T2 1000x too small, or swapped."""
+    t1_max = float(t1.max())
+    if 0 < t1_max < _SECONDS_T1_MAX_MS:
+        warnings.warn(
+            f"the dictionary's T1 values are at most {t1_max:.4g} ms: are they in seconds? "
+            "Give their units (units=('s', 's'), or names 't1_s', 't2_s'; a .mat file's "
+            "dict.units = 's,s') and they are converted to ms", UserWarning, stacklevel=4)
+    swapped = float(np.mean(t2 > t1))
+    if swapped > 0.5:
+        warnings.warn(
+            f"T2 exceeds T1 in {100 * swapped:.0f} % of the dictionary's atoms: are the T1 and "
+            "T2 columns swapped? Name them (param_names, e.g. ('t2_ms', 't1_ms')) and they are "
+            "put in order", UserWarning, stacklevel=4)
 
 
 def _as_atoms(atoms) -> np.ndarray:

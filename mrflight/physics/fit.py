@@ -65,6 +65,17 @@ def _check_bounds(bounds) -> dict:
     return out
 
 
+def _warn_start_in_seconds(p0: torch.Tensor) -> None:
+    """Warn when every finite start has T1 below the fit's lowest T1: starts in seconds (or
+    swapped columns) would be clamped to the box and fitted from there without a word."""
+    t1 = p0[:, 0][torch.isfinite(p0[:, 0]) & (p0[:, 0] > 0)]
+    low = DEFAULT_FIT_BOUNDS["t1"][0]
+    if t1.numel() and float(t1.max()) < low:
+        warnings.warn(f"every start T1 in init is below {low:g} ms (the largest is "
+                      f"{float(t1.max()):.4g}): init is T1, T2 in ms (seconds? multiply by "
+                      "1000)", UserWarning, stacklevel=3)
+
+
 def _projected(seq, y, u, b1_fixed, wrt, tol, bounds):
     """Cost, gradient and Gauss-Newton matrix of the variable-projection problem at ``u``
     (``log T1, log T2[, B1]``), and the complex scale."""
@@ -108,7 +119,8 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
             network's :meth:`~mrflight.regressor.MRFRegressor.predict_parameters`. Rows with a
             non-finite value are returned as NaN.
         estimate_b1: fit B1 as well (from ``init``'s third column, else from ``b1`` or 1);
-            ``False`` keeps B1 fixed at ``b1`` (default 1), e.g. a measured B1 map.
+            ``False`` keeps B1 fixed at ``b1`` (default 1), e.g. a measured B1 map (an
+            ``init`` with a B1 column then needs ``b1``: its column is not used).
         b1: B1 (ratio to nominal), a scalar or ``(N,)``.
         max_iter: Levenberg-Marquardt iterations (one value-and-Jacobian simulation each).
         xtol: a signal stops once a kept step changes no parameter by more than this (relative
@@ -126,7 +138,9 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
 
     Raises:
         ValueError: real (magnitude) signals, NaN or Inf in them, shapes that do not match,
-            bad bounds or ``max_iter < 1``. All-zero signals get NaN, with a warning.
+            bad bounds or ``max_iter < 1``; an ``(N, 3)`` ``init`` with ``estimate_b1=False``
+            and no ``b1``. All-zero signals get NaN, with a warning; starts whose T1 are all
+            below 20 ms (seconds?) get a warning.
     """
     if not isinstance(seq, Sequence):
         raise ValueError(f"seq must be a Sequence (Sequence.from_dict(d) for a dict), got "
@@ -166,6 +180,11 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
     chunk_size = count(chunk_size, "chunk_size")
     if estimate_b1 and p0.shape[1] == 3:
         b1_in = p0[:, 2].clone()
+    if not estimate_b1 and p0.shape[1] == 3 and b1 is None:
+        raise ValueError("init has a B1 column but estimate_b1=False and no b1 was given: "
+                         "pass b1=init[:, 2] to hold B1 at those values, or init[:, :2] to "
+                         "hold it at 1 (the third column would otherwise be ignored)")
+    _warn_start_in_seconds(p0)
     lo = torch.tensor([math.log(box["t1"][0]), math.log(box["t2"][0]), box["b1"][0]],
                       dtype=torch.float64)[:len(wrt)]
     hi = torch.tensor([math.log(box["t1"][1]), math.log(box["t2"][1]), box["b1"][1]],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -101,6 +102,7 @@ class Sequence:
                 f"inversion_efficiency must lie in [0, 1], got {inversion_efficiency}"
             )
         self.name = str(name)
+        _warn_unit_slips(self)
 
     def __len__(self) -> int:
         return int(self.flip_angle_deg.size)
@@ -150,6 +152,37 @@ class Sequence:
         return isinstance(other, Sequence) and self.fingerprint() == other.fingerprint()
 
     __hash__ = None  # mutable arrays inside
+
+
+#: below these, a train's values look like radians (flip, phase) or seconds (TR, TI), not the
+#: degrees and ms a Sequence takes: no MRF train has every flip within 3.2 degrees, every RF
+#: phase within 6.3 degrees, a TR under 0.5 ms, or an inversion delay under 0.5 ms (0 is the
+#: idealised limit, not a slip)
+_RADIAN_FLIP_DEG = 3.2
+_RADIAN_PHASE_DEG = 6.3
+_SECONDS_MS = 0.5
+
+
+def _warn_unit_slips(seq: Sequence) -> None:
+    """Warn (``UserWarning``) where a train's numbers look like radians or seconds: the
+    simulator would silently run a train with flips 57x too small or TRs 1000x too short."""
+    slips = []
+    fa = float(np.abs(seq.flip_angle_deg).max())
+    if fa <= _RADIAN_FLIP_DEG:
+        slips.append(f"every flip angle is within {fa:.4g} degrees (radians? "
+                     "np.rad2deg converts them)")
+    ph = float(np.abs(seq.phase_deg).max())
+    if 0 < ph <= _RADIAN_PHASE_DEG:
+        slips.append(f"every RF phase is within {ph:.4g} degrees (radians? np.rad2deg "
+                     "converts them)")
+    tr = float(seq.tr_ms.max())
+    if tr < _SECONDS_MS:
+        slips.append(f"the longest TR is {tr:.4g} ms (seconds? TR and TE are in ms)")
+    if seq.inversion and 0 < seq.ti_ms < _SECONDS_MS:
+        slips.append(f"TI is {seq.ti_ms:.4g} ms (seconds? TI is in ms)")
+    if slips:
+        warnings.warn(f"sequence {seq.name!r}: {'; '.join(slips)}. Flip angles and phases are "
+                      "in degrees, times in ms", UserWarning, stacklevel=3)
 
 
 def oksuz2019(
