@@ -389,3 +389,30 @@ def test_a_folder_given_as_a_series_is_named_as_a_folder(tmp_path):
     for p in (tmp_path, tmp_path / "scan.nii.gz"):
         with pytest.raises(ValueError, match=r"input=.* is a folder: give the image series file"):
             open_series(p)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda s, p: dictionary.random_params(n=2.5), "n must be a positive integer, got 2.5"),
+    (lambda s, p: dictionary.random_params(n=True), "n must be a positive integer, got True"),
+    (lambda s, p: dictionary.random_params(n="100"), "n must be a positive integer, got '100'"),
+    (lambda s, p: DictionaryMatcher(p.atoms, p.params, chunk_size=0), "chunk_size must be a positive integer"),
+    (lambda s, p: DictionaryMatcher(p.atoms, p.params, max_candidates=64.5), "max_candidates must be a pos"),
+    (lambda s, p: oksuz2019(n_pulses=np.float64(12.5)), "n_pulses must be a positive integer"),
+])
+def test_counts_are_whole_numbers_never_truncated(small, seq, call, match):
+    """Every count argument goes through one check: bools, strings and fractions are refused
+    with the argument's name (a fit of 2.5 iterations was run with 2), whole floats such as
+    1e5 from a command line are taken."""
+    with pytest.raises(ValueError, match=match):
+        call(seq, small)
+
+
+def test_whole_float_counts_are_taken_as_integers(seq):
+    from mrflight.physics.checks import count, is_number
+
+    assert len(dictionary.random_params(n=1e2, seed=0)) == 100
+    assert len(oksuz2019(n_pulses=40.0, lobe_length=20)) == 40
+    assert count(np.int64(3), "x") == 3 and type(count(3.0, "x")) is int
+    assert not any(is_number(v) for v in (True, "1", None, float("nan"), float("inf"), 1j))
+    with pytest.raises(ValueError, match=r"x must be an integer >= 0 \(rows\), got -1"):
+        count(-1, "x", low=0, hint=" (rows)")
