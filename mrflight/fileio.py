@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "remove_stale_temp_files", "output_folder", "held_results",
+__all__ = ["atomic_path", "remove_stale_temp_files", "output_folder", "held_results", "lock_folder",
            "RUN_RESULTS", "load_mat", "save_mat", "is_mat_v73", "file_mode", "damaged_error",
            "Digest"]
 
@@ -239,6 +239,48 @@ def output_folder(path: str | os.PathLike, results: tuple[str, ...] = (),
         raise ValueError(f"{option}={out} cannot be made ({e.strerror or e}): give a folder "
                          "you can write into") from None
     return out
+
+
+#: the lock file a training run holds in its folder while it runs (:func:`lock_folder`)
+LOCK_FILE = ".mrflight.lock"
+
+
+def lock_folder(folder: str | os.PathLike, option: str = "paths.output_dir",
+                fix: str | None = None):
+    """Hold an exclusive lock on ``folder`` while a run writes into it: the open lock file
+    (``<folder>/.mrflight.lock``, empty), to be closed when the run ends; ``None``
+    where the file system has no locks. The operating system releases the lock when its
+    process dies, so a killed run never leaves the folder locked.
+
+    :func:`output_folder` refuses a folder holding an earlier run's results, but two runs that
+    start in the same folder at once (the same ``hydra.run.dir`` given twice, a job started
+    again while it still runs, two jobs of an array started in the same microsecond) both find
+    it empty: the second to lock it is refused here instead of both writing the same
+    checkpoints, ``metrics.csv`` and ``metrics.json``. ``flock`` also locks across the hosts of
+    an NFS mount where the mount has locking (Linux emulates it with NFS byte-range locks).
+
+    Raises:
+        ValueError: another process holds the lock (naming ``option`` and ``fix``).
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return None
+    path = Path(folder).expanduser() / LOCK_FILE
+    try:  # an empty file: only its lock matters, nothing is written into it
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return None  # ENOLCK, EOPNOTSUPP ...: a file system without locks
+        raise ValueError(f"{option}={Path(folder).expanduser()} is being written by another "
+                         "run that started in the same folder and is still running: "
+                         + (fix or f"give another {option}")) from None
+    return os.fdopen(fd, "rb")
 
 
 def is_mat_v73(path: str | os.PathLike) -> bool:

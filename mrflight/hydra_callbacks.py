@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +44,39 @@ FAILURES_FILE = "failures.json"
 LAST_FAILURES: list[dict] = []
 
 
-#: when the current multirun started (its jobs' ``FAILED.txt`` are newer)
-_STARTED: float | None = None
+#: the ``FAILED.txt`` already in the sweep dir when the current multirun started
+_BEFORE: dict | None = None
 #: the sweep dir of a multirun under way (``None`` once it has ended)
 _SWEEP_DIR: Path | None = None
 
 
-def collect_failures(sweep_dir, since: float | None = None) -> list[dict]:
+def _failed_files(sweep_dir) -> dict[str, tuple[int, int, int, int]]:
+    """Every ``FAILED.txt`` under ``sweep_dir`` and its identity (device, inode, size,
+    modification time in ns): a file written again (atomically: a new inode) differs."""
+    out = {}
+    for f in Path(sweep_dir).glob(f"**/{FAILED_FILE}"):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out[str(f)] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def collect_failures(sweep_dir, before: dict | None = None) -> list[dict]:
     """``[{"job": subdir, "dir": path, "overrides": [...], "error": first line}]`` of a sweep;
-    with ``since`` (a time), only the ``FAILED.txt`` written since (a sweep dir used again
-    keeps the files of its earlier jobs, which are not this multirun's failures)."""
+    a sweep dir used again keeps the files of its earlier jobs, which are not this multirun's
+    failures: with ``before`` (:func:`_failed_files` of the sweep dir when the multirun
+    started), only the ``FAILED.txt`` written since, told by their identity and not by a clock
+    (the modification time of a file on a network file system is the file server's clock,
+    and the jobs' hosts' clocks need not agree with this host's)."""
     out = []
     root = Path(sweep_dir)
-    for f in sorted(root.glob(f"**/{FAILED_FILE}"), key=lambda p: str(p)):
-        if since is not None and f.stat().st_mtime < since - 1.0:
+    before = before or {}
+    now = _failed_files(root)
+    for name in sorted(now):
+        f = Path(name)
+        if before.get(name) == now[name]:
             continue
         try:
             info = json.loads(f.read_text())
@@ -74,9 +92,10 @@ class FailureReport(Callback):
     """Write ``failures.json`` in the sweep dir and print which jobs failed."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _STARTED, _SWEEP_DIR
+        global _BEFORE, _SWEEP_DIR
         LAST_FAILURES.clear()
-        _STARTED, _SWEEP_DIR = time.time(), Path(config.hydra.sweep.dir)
+        _SWEEP_DIR = Path(config.hydra.sweep.dir)
+        _BEFORE = _failed_files(_SWEEP_DIR)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         _report_failures(Path(config.hydra.sweep.dir))
@@ -94,7 +113,7 @@ def _report_failures(sweep_dir: Path) -> list[dict]:
     from mrflight.fileio import atomic_path
 
     _SWEEP_DIR = None
-    failures = collect_failures(sweep_dir, since=_STARTED) if sweep_dir.is_dir() else []
+    failures = collect_failures(sweep_dir, before=_BEFORE) if sweep_dir.is_dir() else []
     LAST_FAILURES[:] = failures
     if sweep_dir.is_dir():
         with atomic_path(sweep_dir / FAILURES_FILE) as tmp:

@@ -327,6 +327,34 @@ def test_stale_temporary_files_are_removed_when_the_cache_is_opened(tmp_path):
     assert remove_stale_temp_files(cache, max_age_s=0) != []  # the fresh ones are old now
 
 
+def test_two_runs_started_at_once_in_one_folder_do_not_both_write_it(tmp_path):
+    """Two runs started in the same folder at the same time (the same hydra.run.dir twice, a
+    job started again while it still runs) both found it without results and both wrote it:
+    one's test metrics came from the other's checkpoint, their rows interleaved in
+    metrics.csv. A run holds a lock on its folder while it runs: the second is refused before
+    writing anything, and once the first has ended (or died) the folder is free again."""
+    from mrflight.fileio import LOCK_FILE, lock_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    first = lock_folder(out)  # a run under way in this folder (another process, another host)
+    assert first is not None
+    try:
+        cfg = compose_config([*TINY, "model=ann", "trainer.max_epochs=1", "test=false"],
+                             output_dir=out)
+        with pytest.raises(ValueError, match="being written by another run") as e:
+            train(cfg)
+        assert str(out) in str(e.value) and "hydra.run.dir" in str(e.value)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+    finally:
+        first.close()
+    train(cfg)  # the folder is free once that run has ended
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    again = lock_folder(out)  # and the finished run holds no lock (a joblib worker goes on)
+    assert again is not None
+    again.close()
+
+
 def test_atomic_path_names_the_file_when_the_disk_is_full(tmp_path):
     from mrflight.fileio import atomic_path
 

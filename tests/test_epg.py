@@ -505,3 +505,21 @@ def test_kernel_cache_is_keyed_on_cpu_features(monkeypatch):
     assert other != here and other.parent == here.parent
     monkeypatch.setattr(_ckernel, "cpu_features", lambda: features)
     assert _ckernel.kernel_path() == here
+
+
+@pytest.mark.skipif(_ckernel._compiler() is None, reason="needs a C compiler")
+def test_a_kernel_another_process_compiled_meanwhile_is_kept(tmp_path):
+    """Processes started together (a joblib multirun, jobs sharing a home directory) all find
+    no kernel and compile it. The first library to arrive is kept: the others may have loaded
+    it, and a library replaced under a process that maps it on a network file system can fail
+    there (stale file handle). No build folder is left behind."""
+    import ctypes
+
+    dest = tmp_path / "kernels" / "epg_test.so"
+    _ckernel._compile(dest)
+    assert ctypes.CDLL(str(dest)).epg_fisp_f64  # a loadable library
+    first = dest.stat()
+    _ckernel._compile(dest)  # another process's build arriving second
+    second = dest.stat()
+    assert (second.st_ino, second.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["epg_test.so"]

@@ -197,6 +197,37 @@ def test_ddp_ranks_each_train_every_batch_of_their_own_stream(seq):
     assert list(loader.sampler) == [(0, 0), (0, 1), (0, 2)]
 
 
+def _loader_batches(num_workers: int) -> list:
+    """The training batches of a small data module through a DataLoader with workers."""
+    seq = oksuz2019(n_pulses=100, lobe_length=20)
+    dm = SimulatedDataModule(seq, **{**SMALL, "num_workers": num_workers})
+    dm.setup("fit")
+    dm.train_set.simulate_here = True
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(0)
+    return [b.signal for b in loader]
+
+
+def test_loader_workers_start_in_a_joblib_launcher_job():
+    """Hydra's joblib launcher (hydra/launcher=parallel) runs each job in a loky worker,
+    whose default multiprocessing start method is "loky": a DataLoader left to it could not
+    start its workers ("'Process' object has no attribute 'env'"), so every data=simulated job
+    (one loader worker by default) failed. In such a job the loader workers start with the
+    platform's method and yield the batches of a run without workers, each batch once."""
+    from joblib import Parallel, delayed
+
+    from mrflight.data.batches import loader_context
+
+    assert loader_context(0) is None and loader_context(1) is None  # here: the default
+    out = Parallel(n_jobs=2, backend="loky")(delayed(_loader_batches)(w) for w in (1, 2))
+    expected = _loader_batches(0)
+    assert len(expected) == SMALL["batches_per_epoch"]
+    for got in out:
+        assert len(got) == len(expected)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert not torch.equal(expected[0], expected[1])
+
+
 def _module(loss="mse", bias_weight=0.0, targets=("t1", "t2", "b1")):
     net = {"_target_": "mrflight.models.ANNRegressor", "input_length": 10,
            "n_outputs": len(targets), "hidden_sizes": [8]}

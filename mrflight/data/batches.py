@@ -12,7 +12,8 @@ import torch
 
 from mrflight.physics import Sequence
 
-__all__ = ["Batch", "collate", "stream_seed", "training_epoch", "ModelInputs", "TrainingSeed"]
+__all__ = ["Batch", "collate", "stream_seed", "training_epoch", "ModelInputs", "TrainingSeed",
+           "loader_context"]
 
 
 class Batch(NamedTuple):
@@ -59,6 +60,21 @@ def training_epoch(trainer) -> int:
     batches' indices or keys from the sampler) before it calls ``set_epoch`` and before
     ``trainer.current_epoch`` reaches the resumed epoch, but after it has restored this count."""
     return int(trainer.fit_loop.epoch_progress.current.processed)
+
+
+def loader_context(num_workers: int) -> str | None:
+    """The ``multiprocessing_context`` of a DataLoader with ``num_workers`` worker processes:
+    ``None`` (the process's default start method) unless that method is not one of the
+    platform's own, as in a job of Hydra's joblib launcher, whose loky worker processes make
+    ``"loky"`` the default: its ``Process`` cannot start a loader worker (``AttributeError:
+    'Process' object has no attribute 'env'``), so the platform's default method is used."""
+    import multiprocessing as mp
+
+    if num_workers <= 0:
+        return None
+    methods = mp.get_all_start_methods()  # the platform's default first
+    current = mp.get_start_method(allow_none=True)
+    return None if current is None or current in methods else methods[0]
 
 
 def collate(items: list[Batch]) -> Batch:

@@ -54,7 +54,15 @@ from mrflight.physics._triton_glue import LazyKernel, guarded_kernel
 from mrflight.physics.checks import count
 from mrflight.transforms import INPUT_MODES, preprocess
 
-from .batches import Batch, ModelInputs, TrainingSeed, collate, stream_seed, training_epoch
+from .batches import (
+    Batch,
+    ModelInputs,
+    TrainingSeed,
+    collate,
+    loader_context,
+    stream_seed,
+    training_epoch,
+)
 
 __all__ = ["ParameterPrior", "SimulatedDataModule", "TARGETS", "DEFAULT_SCALES"]
 
@@ -579,7 +587,8 @@ class SimulatedDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
         epoch_fn = (lambda: training_epoch(trainer)) if trainer is not None else None
         return DataLoader(self.train_set, batch_size=None, sampler=_EpochKeys(
             self.batches_per_epoch, epoch_fn), num_workers=workers,
-            persistent_workers=workers > 0, collate_fn=_identity)
+            persistent_workers=workers > 0, collate_fn=_identity,
+            multiprocessing_context=loader_context(workers))
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         return [DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False,

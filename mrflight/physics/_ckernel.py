@@ -107,11 +107,29 @@ def _compile(dest: Path) -> None:
                 so_tmp = os.path.join(tmp, "k.so")
                 subprocess.run([cc, "-shared", "-pthread"] + objs + ["-o", so_tmp, "-lm"],
                                check=True, capture_output=True, text=True)
-                os.replace(so_tmp, dest)  # atomic: a reader sees no half-written library
+                _publish(so_tmp, dest)
                 return
             except subprocess.CalledProcessError as e:
                 last = e.stderr
         raise RuntimeError(f"compiling {_SRC.name} failed:\n{last}")
+
+
+def _publish(built: str, dest: Path) -> None:
+    """Move the finished library to ``dest`` unless another process put one there meanwhile.
+
+    Processes that start together (a joblib multirun, the jobs of an array on a shared home
+    directory) all compile; the first library to arrive is kept, as the others may have
+    loaded it already: replacing a mapped library on a network file system can leave its
+    pages unreadable on the other hosts (stale file handle, SIGBUS). The check and the move
+    are one step (a hard link), so a reader never sees a half-written library either.
+    """
+    try:
+        os.link(built, dest)
+    except FileExistsError:
+        pass  # built the same sources for the same CPU: theirs is as good
+    except OSError:  # no hard links on this file system: rename, atomically
+        if not dest.exists():
+            os.replace(built, dest)
 
 
 def kernel() -> ctypes.CDLL | None:
