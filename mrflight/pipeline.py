@@ -60,6 +60,7 @@ def check_config(cfg: DictConfig) -> None:
     if not isinstance(bs, int) or bs <= 0:
         raise ValueError(f"data.batch_size must be a positive integer, got {bs}")
     trainer = cfg.get("trainer") or {}
+    check_accelerator(trainer)
     for key in ("max_epochs", "min_epochs"):
         v = trainer.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < -1):
@@ -81,6 +82,22 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"module.lr must be a positive number, got {cfg.module.get('lr')!r}")
 
 
+def check_accelerator(trainer) -> None:
+    """``trainer=gpu`` / ``trainer=ddp`` (``trainer.accelerator`` gpu, cuda or mps) needs that
+    device: one line naming the fix, not Lightning's "No supported gpu backend found!" raised from
+    inside the Trainer with a traceback."""
+    import torch
+
+    acc = str(trainer.get("accelerator") or "auto").lower()
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if {"gpu": cuda or mps, "cuda": cuda, "mps": mps}.get(acc, True):
+        return
+    raise ValueError(f"trainer.accelerator={acc} (trainer=gpu, trainer=ddp) needs a GPU, but torch "
+                     f"sees none here (torch.cuda.is_available() is False): use trainer=cpu "
+                     f"(with trainer=ddp: trainer.accelerator=cpu)")
+
+
 def check_runtime(cfg: DictConfig) -> None:
     """Settings of ``train.py`` and ``eval.py`` alike: ``seed`` and ``threads``."""
     seed = cfg.get("seed")
@@ -96,6 +113,10 @@ def check_runtime(cfg: DictConfig) -> None:
 def check_metric(cfg: DictConfig, module, eval_set_names=("",)) -> None:
     """``optimized_metric`` must be a metric the module logs (checked before training)."""
     name = cfg.get("optimized_metric")
+    if name and str(name).split("/", 1)[0].split("@", 1)[0] == "test":
+        raise ValueError(f"optimized_metric={name!r} is a test metric: a sweep would choose its "
+                         "settings on the test set; choose a validation metric (val/loss, the "
+                         "default, or another val/...)")
     names = module.metric_names(eval_set_names) if hasattr(module, "metric_names") else None
     if name and names is not None and name not in names:
         raise ValueError(f"optimized_metric={name!r} is not a metric this module logs: choose "
@@ -298,12 +319,32 @@ def _optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
 
 
 def _train(cfg: DictConfig) -> float | None:
-    from mrflight.resume import check_fits, continue_csv_logs
-
     hc = hydra_config()
     cfg, resume_from = _resume(cfg, hc)  # checks the checkpoint loads: nothing written yet
     check_config(cfg)
     output_dir = _prepare_run(cfg, resuming=resume_from is not None)
+    lock = _lock_run_folder(output_dir)
+    try:
+        return _train_in(cfg, hc, resume_from, output_dir)
+    finally:
+        if lock is not None:
+            lock.close()  # a joblib launcher's worker process goes on with other jobs
+
+
+def _lock_run_folder(output_dir: Path):
+    """Rank 0's lock on the run folder (:func:`mrflight.fileio.lock_folder`), held until the
+    run ends: a second run started in the same folder at the same time is refused."""
+    from mrflight.fileio import lock_folder
+
+    if _launched_rank() > 0:
+        return None  # the other DDP processes write into rank 0's folder
+    return lock_folder(output_dir, fix="each run needs its own hydra.run.dir (each run gets "
+                                        "a new one by default)")
+
+
+def _train_in(cfg: DictConfig, hc, resume_from, output_dir: Path) -> float | None:
+    from mrflight.resume import check_fits, continue_csv_logs
+
     datamodule, module = _build_data_and_module(cfg)
     check_metric(cfg, module, getattr(datamodule, "eval_set_names", [""]))
     if resume_from is not None:

@@ -15,7 +15,7 @@ import torch
 from mrflight.physics import normalize
 
 __all__ = ["INPUT_MODES", "DEFAULT_TARGET_SCALE_MS", "align_phase", "preprocess",
-           "split_indices"]
+           "split_indices", "label_groups"]
 
 DEFAULT_TARGET_SCALE_MS = (4000.0, 500.0)
 INPUT_MODES = ("magnitude", "complex")
@@ -61,14 +61,46 @@ def preprocess(noisy: torch.Tensor, input_mode: str = "magnitude") -> torch.Tens
     raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
 
 
+def label_groups(labels: np.ndarray) -> np.ndarray:
+    """The group of every row of ``labels`` ``(N, P)``: rows with equal labels share a group;
+    groups are numbered ``0 .. G-1`` in the order of their first row (so with every label
+    distinct, row ``i`` is group ``i``)."""
+    labels = np.asarray(labels)
+    _, first, inverse = np.unique(labels.reshape(len(labels), -1), axis=0, return_index=True,
+                                  return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[np.asarray(inverse).reshape(-1)]
+
+
 def split_indices(candidates: np.ndarray, seed: int, n_test: int, n_val: int = 0,
-                  n_train: int | None = None) -> dict[str, np.ndarray]:
+                  n_train: int | None = None, groups: np.ndarray | None = None
+                  ) -> dict[str, np.ndarray]:
     """The seeded split of ``candidates`` (atom indices): the test atoms, then validation, train.
 
     ``candidates`` are shuffled with ``numpy.random.default_rng(seed)``; the first ``n_test``
     form the test split, the next ``n_val`` the validation split and the next ``n_train`` (all the
     rest when None) the train split. Test and validation come back sorted, train in shuffled order.
+
+    ``groups`` (one integer per candidate, see :func:`label_groups`): candidates of one group
+    (atoms with the same T1/T2, e.g. a dictionary's B1 column or duplicated rows) always land
+    in the same split; the groups are shuffled and the sizes count groups. With every group of
+    one candidate numbered as :func:`label_groups` numbers them, the split is the ungrouped one.
     """
+    candidates = np.asarray(candidates)
+    if groups is not None:
+        groups = np.asarray(groups).reshape(-1)
+        n_groups = int(groups.max()) + 1 if len(groups) else 0
+        if n_groups < len(candidates):
+            g = split_indices(np.arange(n_groups), seed, n_test, n_val, n_train)
+            out = {}
+            for k in ("test", "val", "train"):
+                pos = np.full(n_groups, -1, dtype=np.int64)
+                pos[g[k]] = np.arange(len(g[k]))
+                sel = np.nonzero(pos[groups] >= 0)[0]
+                sel = sel[np.argsort(pos[groups[sel]], kind="stable")]
+                out[k] = np.sort(candidates[sel]) if k != "train" else candidates[sel]
+            return out
     perm = candidates[np.random.default_rng(seed).permutation(len(candidates))]
     end = None if n_train is None else n_test + n_val + n_train
     return {"test": np.sort(perm[:n_test]), "val": np.sort(perm[n_test:n_test + n_val]),

@@ -131,6 +131,44 @@ def test_config_checks_name_the_setting(tmp_path, name, overrides, expect):
         (check_config if name == "train" else check_runtime)(cfg)
 
 
+@pytest.mark.parametrize("metric", ["test/loss", "test/t1_mae_ms", "test@0.01/t2_rmse_ms"])
+def test_a_sweep_cannot_optimise_a_test_metric(tmp_path, metric):
+    """Hyperparameters chosen on the test set would make its numbers optimistic."""
+    from mrflight.pipeline import check_metric, compose_config
+
+    cfg = compose_config(["debug=tiny", f"optimized_metric={metric}"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match="test metric.*validation metric"):
+        check_metric(cfg, None)
+    check_metric(compose_config(["debug=tiny"], output_dir=tmp_path), None)  # val/loss
+
+
+def test_a_gpu_trainer_without_a_gpu_is_refused_before_the_run(tmp_path, monkeypatch):
+    """trainer=gpu (the README's GPU commands) on a machine whose torch sees no GPU: one line
+    naming trainer=cpu, from the config checks (not Lightning's MisconfigurationException with
+    a traceback and exit status 1)."""
+    import torch
+
+    from mrflight.pipeline import check_config, compose_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for extra in (["trainer=gpu"], ["trainer=ddp"], ["trainer.accelerator=cuda"]):
+        cfg = compose_config(["debug=tiny", *extra], output_dir=tmp_path)
+        with pytest.raises(ValueError, match="needs a GPU, but torch sees none.*trainer=cpu"):
+            check_config(cfg)
+    for extra in ([], ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]):
+        check_config(compose_config(["debug=tiny", *extra], output_dir=tmp_path))
+
+
+def test_a_gpu_trainer_without_a_gpu_is_one_error_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("this machine has a GPU: trainer=gpu would train")
+    line = _one_error_line(_run("train.py", [*TINY, "trainer=gpu"], tmp_path))
+    assert "needs a GPU" in line and "trainer=cpu" in line, line
+
+
 @pytest.mark.parametrize("script,override,expect", [
     ("train.py", "trainer.max_epoch=3", "did you mean trainer.max_epochs?"),
     ("eval.py", "ckpt_paht=x", "did you mean ckpt_path?"),
@@ -303,3 +341,33 @@ def test_only_rank_0_checks_the_run_folder(tmp_path, monkeypatch):
         pipeline._prepare_run(cfg, resuming=False)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert pipeline._prepare_run(cfg, resuming=False) == out
+
+
+def test_failures_are_reported_whatever_the_clocks_of_the_jobs_hosts(tmp_path):
+    """A job on another host (the slurm launcher) writes FAILED.txt on a shared file system,
+    whose modification time is the file server's clock: one a few seconds behind this host's
+    dropped the failure (failures.json empty, exit status 0). The multirun's failures are the
+    files that were not there, as they are, when it started; an earlier multirun's are not."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    from mrflight.hydra_callbacks import FAILED_FILE, LAST_FAILURES, FailureReport
+
+    sweep = tmp_path / "sweep"
+    for job in ("0", "1", "2"):
+        (sweep / job).mkdir(parents=True)
+    old = sweep / "2" / FAILED_FILE  # an earlier multirun's failure in the same sweep dir
+    old.write_text(json.dumps({"error": "earlier", "overrides": ["x=2"]}))
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    report = FailureReport()
+    report.on_multirun_start(cfg)
+    skewed = time.time() - 30  # the file server's clock 30 s behind this host's
+    for job in ("0", "1"):
+        f = sweep / job / FAILED_FILE
+        f.write_text(json.dumps({"error": f"boom {job}", "overrides": [f"x={job}"]}))
+        os.utime(f, (skewed, skewed))
+    report.on_multirun_end(cfg)
+    assert [(r["job"], r["error"]) for r in LAST_FAILURES] == [("0", "boom 0"), ("1", "boom 1")]
+    saved = json.loads((sweep / "failures.json").read_text())
+    assert saved["n_failed"] == 2 and [r["job"] for r in saved["failed"]] == ["0", "1"]

@@ -38,6 +38,54 @@ def test_splits_are_seeded_disjoint_and_sized():
     assert torch.allclose(b.target, true / torch.tensor([4000.0, 500.0]))
 
 
+def test_unique_pairs_split_as_the_atoms_are():
+    """With every T1/T2 pair once (the grids, random params) the split is the atom split."""
+    from mrflight.transforms import split_indices
+
+    dm = make(n_train=300, val_fraction=0.1)
+    old = split_indices(np.arange(len(PARAMS)), 0, 50, 30, 270)
+    assert all(np.array_equal(old[k], dm.split_indices[k].numpy()) for k in old)
+
+
+@pytest.mark.parametrize("kind", ["b1", "duplicates"])
+def test_atoms_sharing_a_t1_t2_pair_never_straddle_splits(tmp_path, kind):
+    """A dictionary file with a B1 column (each pair at several B1) or with duplicated rows:
+    no test pair is trained on or validated on, under another B1 or as a copy."""
+    pairs = PARAMS[:150]
+    if kind == "b1":
+        b1 = np.array([0.9, 1.0, 1.1])
+        p = np.column_stack([np.repeat(pairs, 3, axis=0), np.tile(b1, len(pairs))])
+        d = dictionary.generate(SEQ, p[:, :2], b1=p[:, 2], progress=False)
+    else:
+        d0 = dictionary.generate(SEQ, pairs, progress=False)
+        d = dictionary.Dictionary(np.concatenate([d0.atoms, d0.atoms]),
+                                  np.concatenate([d0.params, d0.params]),
+                                  sequence=SEQ.to_dict())
+    path = tmp_path / "d.npz"
+    dictionary.save(d, path)
+    dm = FingerprintDataModule(sequence=SEQ, path=str(path), n_test=20, batch_size=16,
+                               progress=False)
+    dm.setup()
+    labels = {k: {tuple(x) for x in np.asarray(d.params)[v.numpy(), :2]}
+              for k, v in dm.split_indices.items()}
+    assert not (labels["test"] & labels["train"]) and not (labels["test"] & labels["val"])
+    assert not (labels["val"] & labels["train"])
+    assert len(labels["test"]) == 20  # n_test counts pairs; every atom of a pair is in
+    copies = 3 if kind == "b1" else 2
+    assert len(dm.split_indices["test"]) == 20 * copies
+    assert sum(len(v) for v in dm.split_indices.values()) == len(d.atoms)
+    # eval.py's matching dictionary (the atoms outside the test split) has no test pair either
+    from mrflight.evaluation import Group, build_group_data
+    from mrflight.evaluation.settings import EvalSettings
+
+    g = Group(SEQ, "k", [])
+    build_group_data(g, {"_target_": "mrflight.data.FingerprintDataModule", "path": str(path),
+                         "n_test": 20, "progress": False},
+                     EvalSettings(n_test=1000, test_sets=["paper"], phantoms=[]), None)
+    assert not ({tuple(x) for x in g.test["paper"][0]}
+                & {tuple(x) for x in g.dictionary_params.numpy()})
+
+
 def test_val_and_test_noise_fixed_per_seed_and_at_the_right_level():
     dm = make(noise_std=0.01)
     again = make(noise_std=0.01)

@@ -212,6 +212,29 @@ def test_a_network_is_evaluated_on_its_own_sequence_when_the_schedule_file_chang
     assert len(warned) == 1 and "does not exist" in warned[0], caplog.text
 
 
+def test_failed_estimates_are_not_dropped_from_the_errors():
+    """A method that returns NaN on its hardest signals must not get smaller errors than
+    on all of them: its errors and RMSE/bound ratios become NaN, with the count."""
+    from mrflight.evaluation.methods import errors
+    from mrflight.evaluation.protocol import _Bound
+
+    rng = np.random.default_rng(0)
+    true = rng.uniform(100, 1000, (50, 2))
+    pred = true + rng.normal(0, 10, (50, 2))
+    pred[:5] += 500.0  # five bad estimates
+    full = errors(pred, true)
+    assert full["n_nonfinite"] == 0
+    np.testing.assert_allclose(full["t1_mae_ms"], np.abs(pred - true)[:, 0].mean())
+    np.testing.assert_allclose(full["t2_rmse_ms"], np.sqrt(((pred - true)[:, 1] ** 2).mean()))
+    failed = pred.copy()
+    failed[:5, 0] = np.nan  # the same method failing there instead
+    e = errors(failed, true)
+    assert e["n_nonfinite"] == 5
+    assert all(np.isnan(e[k]) for k in ("t1_mae_ms", "t1_rmse_ms", "t2_mae_ms", "t2_rmse_ms"))
+    b = _Bound(np.arange(50), np.ones((50, 2)), 10.0)
+    assert np.isfinite(b.ratio(pred, true, 0)) and np.isnan(b.ratio(failed, true, 0))
+
+
 def test_no_checkpoint_evaluates_matching_and_bound(tmp_path):
     out = tmp_path / "nockpt"
     rows = evaluate(_cfg(["sequence.n_pulses=100", "sequence.lobe_length=20", *FAST,

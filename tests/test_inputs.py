@@ -395,8 +395,10 @@ def test_a_folder_given_as_a_series_is_named_as_a_folder(tmp_path):
     (lambda s, p: dictionary.random_params(n=2.5), "n must be a positive integer, got 2.5"),
     (lambda s, p: dictionary.random_params(n=True), "n must be a positive integer, got True"),
     (lambda s, p: dictionary.random_params(n="100"), "n must be a positive integer, got '100'"),
-    (lambda s, p: DictionaryMatcher(p.atoms, p.params, chunk_size=0), "chunk_size must be a positive integer"),
-    (lambda s, p: DictionaryMatcher(p.atoms, p.params, max_candidates=64.5), "max_candidates must be a pos"),
+    (lambda s, p: DictionaryMatcher(p.atoms, p.params, chunk_size=0),
+     "chunk_size must be a positive integer"),
+    (lambda s, p: DictionaryMatcher(p.atoms, p.params, max_candidates=64.5),
+     "max_candidates must be a positive integer"),
     (lambda s, p: oksuz2019(n_pulses=np.float64(12.5)), "n_pulses must be a positive integer"),
 ])
 def test_counts_are_whole_numbers_never_truncated(small, seq, call, match):

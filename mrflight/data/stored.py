@@ -14,6 +14,9 @@ shuffled with ``numpy.random.default_rng(split_seed)``; the first ``n_test`` for
 split, the next ``n_train`` the **training part** (all the rest when ``n_train`` is null), and the
 first ``round(val_fraction * n_train)`` of the training part form the **validation** split, the
 remainder the **train** split. The paper's protocol is ``n_train=100000, n_test=5000``.
+Atoms that share a T1/T2 pair (a dictionary file with a B1 column, or duplicated rows) are
+split as one: the pairs are shuffled instead of the atoms, the sizes count pairs, and every
+atom of a pair lands in the pair's split (with every pair once, the split is the same).
 
 Noise (:func:`mrflight.physics.add_noise`, the model used everywhere): the complex fingerprint is
 L2-normalised and complex Gaussian noise of std ``noise_std`` is added to its real and imaginary
@@ -46,9 +49,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mrflight.physics import Sequence, add_noise, normalize
-from mrflight.transforms import DEFAULT_TARGET_SCALE_MS, INPUT_MODES, preprocess, split_indices
+from mrflight.transforms import (
+    DEFAULT_TARGET_SCALE_MS,
+    INPUT_MODES,
+    label_groups,
+    preprocess,
+    split_indices,
+)
 
-from .batches import Batch, ModelInputs, TrainingSeed, collate, stream_seed, training_epoch
+from .batches import (
+    Batch,
+    ModelInputs,
+    TrainingSeed,
+    collate,
+    loader_context,
+    stream_seed,
+    training_epoch,
+)
 
 __all__ = ["FingerprintDataset", "FingerprintDataModule", "EpochShuffleSampler"]
 
@@ -285,8 +302,17 @@ class FingerprintDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
         del d
         keep = torch.linalg.vector_norm(atoms, dim=-1) > 0
         idx_ok = torch.nonzero(keep).squeeze(1).numpy()
-        n_tr, n_val, n_te = self._split_sizes(len(idx_ok))
-        idx = split_indices(idx_ok, self.split_seed, n_te, n_val, n_tr)
+        # atoms sharing a T1/T2 label (a B1 column, duplicated rows) stay in one split: a test
+        # label must not be trained on (or matched against) under another B1 or as a copy
+        groups = label_groups(params.numpy()[idx_ok])
+        n_groups = int(groups.max()) + 1 if len(groups) else 0
+        if n_groups < len(idx_ok):
+            logging.getLogger("mrflight").warning(
+                "%d usable atoms share %d distinct T1/T2 pairs (a B1 column or duplicated "
+                "rows): every pair is held out whole, and data.n_test / data.n_train count "
+                "pairs", len(idx_ok), n_groups)
+        n_tr, n_val, n_te = self._split_sizes(n_groups)
+        idx = split_indices(idx_ok, self.split_seed, n_te, n_val, n_tr, groups=groups)
         splits = {k: torch.from_numpy(idx[k]) for k in ("train", "val", "test")}
         return atoms, params, keep, splits
 
@@ -325,7 +351,8 @@ class FingerprintDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
         """Batches of ``ds`` in order, or in the order of ``sampler``."""
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+                          persistent_workers=self.num_workers > 0, drop_last=False,
+                          multiprocessing_context=loader_context(self.num_workers))
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)

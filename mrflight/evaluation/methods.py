@@ -32,15 +32,22 @@ def noisy(clean: torch.Tensor, std: float, seed: int) -> torch.Tensor:
 
 
 def errors(pred: np.ndarray, true: np.ndarray) -> dict:
-    """MAE and RMSE of T1 and T2 (ms) over the finite predictions."""
+    """MAE and RMSE of T1 and T2 (ms) over every test signal, and ``n_nonfinite``: the signals
+    whose T1 or T2 estimate is NaN or infinite. A method with such estimates gets NaN errors
+    (``None`` in ``metrics.json``, "–" in the tables) rather than errors over the signals it
+    did estimate, which would leave out its failures and rank it above methods that estimated
+    every signal."""
     from torchmetrics.functional import mean_absolute_error, mean_squared_error
 
-    out = {}
     p, t = torch.as_tensor(pred, dtype=torch.float64), torch.as_tensor(true, dtype=torch.float64)
+    bad = ~torch.isfinite(p[:, :2]).all(dim=1)
+    out = {"n_nonfinite": int(bad.sum())}
     for i, name in enumerate(("t1", "t2")):
-        ok = torch.isfinite(p[:, i])
-        out[f"{name}_mae_ms"] = float(mean_absolute_error(p[ok, i], t[ok, i]))
-        out[f"{name}_rmse_ms"] = float(mean_squared_error(p[ok, i], t[ok, i], squared=False))
+        if out["n_nonfinite"]:
+            out[f"{name}_mae_ms"] = out[f"{name}_rmse_ms"] = float("nan")
+            continue
+        out[f"{name}_mae_ms"] = float(mean_absolute_error(p[:, i], t[:, i]))
+        out[f"{name}_rmse_ms"] = float(mean_squared_error(p[:, i], t[:, i], squared=False))
     return out
 
 

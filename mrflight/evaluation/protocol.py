@@ -79,7 +79,8 @@ class _Bound:
         if not self.rms[i] > 0:
             return None
         e = pred[self.sel][self.fin, i] - params[self.sel][self.fin, i]
-        return float(np.sqrt(np.nanmean(e**2)) / self.rms[i])
+        # a NaN estimate makes the ratio NaN (nanmean would drop the method's failures)
+        return float(np.sqrt(np.mean(e**2)) / self.rms[i])
 
 
 @dataclass
@@ -105,8 +106,12 @@ def _level_rows(group, settings, preds, level: _Level, signals, figures: dict,
         estimates[p.key] = pred
         log.info("%s: %s test set, noise %g, %d signals in %.2f s", p.key, level.set_name,
                  level.std, n, dt)
-        row = {"method": p.method, "run": p.run, "checkpoint": p.checkpoint, **base,
-               **errors(pred, level.params),
+        err = errors(pred, level.params)
+        if err["n_nonfinite"]:
+            log.warning("%s: %d of %d estimates on the %s test set at noise %g are not finite: "
+                        "its errors there are NaN (not computed over the rest)", p.key,
+                        err["n_nonfinite"], n, level.set_name, level.std)
+        row = {"method": p.method, "run": p.run, "checkpoint": p.checkpoint, **base, **err,
                "ms_per_signal": 1e3 * dt / n,
                "latency_ms_mean": p.latency[0], "latency_ms_std": p.latency[1],
                "latency_repeats": settings.latency_repeats}
