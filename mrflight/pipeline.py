@@ -293,11 +293,15 @@ def _save_run_config(cfg: DictConfig, trainer, output_dir: Path) -> None:
 def _fit_and_test(cfg: DictConfig, trainer, module, datamodule, resume_from,
                   metrics: dict) -> None:
     """Fit (from the resumed checkpoint), then test with the best checkpoint; the trainer's
-    metrics after each step go into ``metrics`` (also when the next step fails)."""
+    metrics after each step go into ``metrics`` (also when the next step fails), and the best
+    checkpoint's score as ``best/<monitor>``."""
     if cfg.get("train", True):
         ckpt = str(resume_from[0]) if resume_from is not None else None
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    cb = trainer.checkpoint_callback
+    if cb is not None and cb.monitor and cb.best_model_score is not None:
+        metrics[f"best/{cb.monitor}"] = float(cb.best_model_score)
     if cfg.get("test", True):
         best = None
         if trainer.checkpoint_callback is not None and not trainer.fast_dev_run:
@@ -308,10 +312,14 @@ def _fit_and_test(cfg: DictConfig, trainer, module, datamodule, resume_from,
 
 
 def _optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
-    """``metrics[cfg.optimized_metric]`` (None when no metric is optimised)."""
+    """``metrics[cfg.optimized_metric]`` (None when no metric is optimised): the best
+    checkpoint's score where the metric is the one checkpoints are chosen by (the sweep then
+    ranks the model that is tested and evaluated, not the last epoch's)."""
     name = cfg.get("optimized_metric")
     if not name:
         return None
+    if f"best/{name}" in metrics:
+        return metrics[f"best/{name}"]
     if name not in metrics:
         raise ValueError(f"optimized_metric={name!r} was not logged; available: "
                          f"{', '.join(sorted(metrics))}")

@@ -166,3 +166,39 @@ def test_bad_values_fail_clearly(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         FingerprintDataModule(**args)
+
+
+def test_eval_bound_of_a_b1_dictionary_is_at_its_atoms_b1(tmp_path):
+    """A run's dictionary file with a B1 column: eval's bound for its held-out atoms is at
+    their B1, unknown (as to the networks and to matching), not at B1 = 1 known, which made
+    the RMSE/CRB ratios about 10 % too small."""
+    from mrflight.evaluation import Group, build_group_data
+    from mrflight.evaluation.protocol import _unit_bound
+    from mrflight.evaluation.settings import EvalSettings
+    from mrflight.physics import crb
+
+    pairs = PARAMS[:60]
+    b1 = np.array([0.8, 1.0, 1.2])
+    p = np.column_stack([np.repeat(pairs, 3, axis=0), np.tile(b1, len(pairs))])
+    path = tmp_path / "d.npz"
+    dictionary.save(dictionary.generate(SEQ, p[:, :2], b1=p[:, 2], progress=False), path)
+    settings = EvalSettings(n_test=1000, test_sets=["paper"], phantoms=[])
+    g = Group(SEQ, "k", [])
+    build_group_data(g, {"_target_": "mrflight.data.FingerprintDataModule", "path": str(path),
+                         "n_test": 10, "progress": False}, settings, None)
+    params, _ = g.test["paper"]
+    atom_b1 = g.test_b1["paper"]
+    assert len(atom_b1) == len(params) == 30 and set(np.round(atom_b1, 6)) == {0.8, 1.0, 1.2}
+    sel, unit = _unit_bound(g, settings, "paper", 0, params)
+    expect = crb(SEQ, torch.from_numpy(params[sel, 0]), torch.from_numpy(params[sel, 1]), 1.0,
+                 torch.from_numpy(atom_b1[sel]), estimate_b1=True).numpy()[:, :2]
+    np.testing.assert_allclose(unit, expect, rtol=1e-10)
+    at_1 = crb(SEQ, torch.from_numpy(params[sel, 0]), torch.from_numpy(params[sel, 1]),
+               1.0).numpy()
+    assert not np.allclose(unit, at_1, rtol=0.02)
+    # without a B1 column nothing changes: the bound at B1 = 1 known
+    g2 = Group(SEQ, "k", [])
+    build_group_data(g2, None, EvalSettings(n_test=50, test_sets=["paper"], phantoms=[],
+                                            grid={"_target_": "mrflight.dictionary.regular_grid",
+                                                  "n_t1": 8, "n_t2": 8}), None)
+    assert g2.test_b1 == {}

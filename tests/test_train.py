@@ -1,5 +1,6 @@
 """Training end to end on tiny data: pipeline, checkpoints, early stopping, W&B, multirun."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -338,3 +339,18 @@ def test_predict_parameters_refuses_a_signed_real_signal_as_the_matcher_does():
     assert torch.isfinite(module.predict_parameters(sig.abs())).all()
     with pytest.raises(ValueError, match="negative values in the real-valued signals.*np.abs"):
         module.predict_parameters(sig.real)
+
+
+def test_sweep_score_is_the_best_checkpoints_not_the_last_epochs(tmp_path):
+    """With an lr high enough for val/loss to rise again, the sweeper gets the score of the
+    checkpoint that is tested and evaluated (the best), not the last epoch's."""
+    import json
+
+    metric, out, _ = run(tmp_path, "model=ann", "module.lr=0.05", "module.scheduler=null",
+                         "trainer.max_epochs=4", "optimized_metric=val/loss", logger="csv")
+    saved = json.loads((out / "metrics.json").read_text())
+    scores = [float(r["val/loss"]) for r in csv.DictReader(open(out / "csv" / "metrics.csv"))
+              if r.get("val/loss")]
+    assert len(scores) == 4 and scores[-1] > min(scores)  # the case the test is about
+    assert metric == saved["best/val/loss"] == pytest.approx(min(scores), rel=1e-6)
+    assert saved["val/loss"] == pytest.approx(scores[-1], rel=1e-6)

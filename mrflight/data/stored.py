@@ -290,6 +290,8 @@ class FingerprintDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
             ``(atoms, params, keep, splits)``: complex64 atoms ``(M, T)``, float64 parameters
             ``(M, 2)`` in ms, the bool mask ``(M,)`` of atoms that can be normalised (all-zero
             atoms are never used), and ``{"train", "val", "test"}`` index tensors into ``atoms``.
+            A dictionary file's B1 column, which training leaves out, is kept in
+            ``self.atom_b1`` (``(M,)`` float64, else ``None``): its atoms' bound needs it.
         """
         d = getattr(self, "_prepared", None)
         self._prepared = None
@@ -299,6 +301,8 @@ class FingerprintDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
                 d = self._dictionary()
         atoms = torch.from_numpy(np.ascontiguousarray(d.atoms)).to(torch.complex64)
         params = torch.from_numpy(np.asarray(d.params[:, :2], dtype=np.float64))
+        self.atom_b1 = (np.asarray(d.params[:, 2], dtype=np.float64) if np.shape(d.params)[1] > 2
+                        else None)
         del d
         keep = torch.linalg.vector_norm(atoms, dim=-1) > 0
         idx_ok = torch.nonzero(keep).squeeze(1).numpy()

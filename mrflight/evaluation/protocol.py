@@ -50,7 +50,9 @@ def evaluate_group(group: Group, settings: EvalSettings, figures: dict,
 def _unit_bound(group: Group, settings: EvalSettings, set_name: str, si: int,
                 params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(signals, bound)``: the test signals the bound is computed on (all, or a seeded subset
-    of ``bound_signals``) and their Cramér–Rao bound on std(T1), std(T2) at unit noise."""
+    of ``bound_signals``) and their Cramér–Rao bound on std(T1), std(T2) at unit noise; where
+    the set's atoms have their own B1 (:attr:`Group.test_b1`), the bound at that B1 with B1
+    unknown, as it is to the networks and to matching."""
     from mrflight.physics.crb import crb
 
     n = len(params)
@@ -58,8 +60,11 @@ def _unit_bound(group: Group, settings: EvalSettings, set_name: str, si: int,
     nb = n if settings.bound_signals is None else min(int(settings.bound_signals), n)
     bsel = np.sort(rng.choice(n, size=nb, replace=False)) if nb < n else np.arange(n)
     t0 = time.perf_counter()
+    b1 = group.test_b1.get(set_name)
     unit = crb(group.seq, torch.from_numpy(params[bsel, 0]), torch.from_numpy(params[bsel, 1]),
-               1.0, magnitude=settings.bound_magnitude).cpu().numpy()
+               1.0, None if b1 is None else torch.from_numpy(b1[bsel]),
+               magnitude=settings.bound_magnitude,
+               estimate_b1=b1 is not None).cpu().numpy()[:, :2]
     log.info("bound on %d %s signals: %.1f s", len(bsel), set_name, time.perf_counter() - t0)
     return bsel, unit
 

@@ -28,6 +28,8 @@ class Group:
         data_cfg: the runs' saved ``data`` config (their split), or ``None`` (the eval grid).
         dictionary_atoms, dictionary_params: the training dictionary (grid minus test split).
         test: ``{set: (params (N, 2) float64, clean complex (N, T))}``.
+        test_b1: ``{set: (N,) float64}``, the B1 of a set's atoms where it is not 1 (a run's
+            dictionary file with a B1 column): the bound is computed at it, B1 unknown.
         description: what the test data is (``metrics.json``'s ``info.groups``).
     """
 
@@ -38,6 +40,7 @@ class Group:
     dictionary_atoms: torch.Tensor = None
     dictionary_params: torch.Tensor = None
     test: dict = field(default_factory=dict)
+    test_b1: dict = field(default_factory=dict)
     description: dict = field(default_factory=dict)
 
 
@@ -58,17 +61,17 @@ def data_key(seq, data_cfg: dict | None, split_seed: int) -> str:
 
 def _run_split(seq, data_cfg: dict):
     """The run's own split, reproduced by its data module: ``(atoms, params, keep, test_idx,
-    source)``."""
+    source, b1)`` (``b1``: the B1 of every atom, or ``None`` when the dictionary has none)."""
     dm = instantiate(data_cfg, sequence=seq, progress=False)
     atoms, params, keep, splits = dm.load_splits()  # one load, no training datasets
     source = (f"run data config ({data_cfg.get('_target_', '?')}, split_seed "
               f"{data_cfg.get('split_seed')}, n_test {data_cfg.get('n_test')})")
-    return atoms, params.numpy(), keep.numpy(), splits["test"].numpy(), source
+    return atoms, params.numpy(), keep.numpy(), splits["test"].numpy(), source, dm.atom_b1
 
 
 def _grid_split(seq, settings: EvalSettings, cache_dir):
     """The eval grid (``settings.grid``, else the paper's) and a seeded test split of
-    ``n_test`` atoms: ``(atoms, params, keep, test_idx, source)``."""
+    ``n_test`` atoms: ``(atoms, params, keep, test_idx, source, None)``."""
     from mrflight.dictionary import generate, paper_grid
 
     grid = paper_grid() if settings.grid is None else instantiate(settings.grid)
@@ -81,7 +84,7 @@ def _grid_split(seq, settings: EvalSettings, cache_dir):
     test_idx = split_indices(ok, settings.split_seed, settings.n_test)["test"]
     gname = "paper grid" if settings.grid is None else settings.grid["_target_"]
     source = f"{gname}, split_seed {settings.split_seed}, {len(test_idx)} held out"
-    return atoms, params, keep, test_idx, source
+    return atoms, params, keep, test_idx, source, None
 
 
 def build_group_data(group: Group, data_cfg: dict | None, settings: EvalSettings,
@@ -94,7 +97,7 @@ def build_group_data(group: Group, data_cfg: dict | None, settings: EvalSettings
     seq = group.seq
     if data_cfg is not None and "SimulatedDataModule" in str(data_cfg.get("_target_", "")):
         data_cfg = None  # trained on fresh simulated data: no stored grid to hold out from
-    atoms, params, keep, test_idx, source = (
+    atoms, params, keep, test_idx, source, b1 = (
         _grid_split(seq, settings, cache_dir) if data_cfg is None else _run_split(seq, data_cfg))
     train_mask = keep.copy()
     train_mask[test_idx] = False
@@ -107,6 +110,8 @@ def build_group_data(group: Group, data_cfg: dict | None, settings: EvalSettings
     lo2, hi2 = params[keep, 1].min(), params[keep, 1].max()
     if "paper" in settings.test_sets:
         group.test["paper"] = (params[pick], atoms[torch.from_numpy(pick)])
+        if b1 is not None and np.any(b1[pick] != 1):
+            group.test_b1["paper"] = b1[pick]
     if "offgrid" in settings.test_sets:
         p_off = random_params(settings.n_test, t1_range=(max(lo1, 1e-3), hi1),
                               t2_range=(max(lo2, 1e-3), hi2), seed=settings.offgrid_seed)
