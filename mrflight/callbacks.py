@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging
 
@@ -88,12 +89,18 @@ class ScatterPlot(L.Callback):
         if not self._pred or not trainer.is_global_zero:
             return
         pred, true = torch.cat(self._pred).numpy(), torch.cat(self._true).numpy()
+        n_all = len(pred)
+        k = min(pred.shape[1], true.shape[1])
+        mae = np.abs(pred[:, :k] - true[:, :k]).mean(0)  # every test signal, as test/*_mae
         if len(pred) > self.max_points:
             keep = torch.randperm(len(pred), generator=torch.Generator().manual_seed(0))
             keep = keep[: self.max_points].numpy()
             pred, true = pred[keep], true[keep]
         n = min(pred.shape[1], true.shape[1])
-        fig = _scatter_figure(pred[:, :n], true[:, :n], _param_names(pl_module, n))
+        shown = f", {len(pred)} shown" if len(pred) < n_all else ""
+        fig = _scatter_figure(pred[:, :n], true[:, :n], _param_names(pl_module, n),
+                              title=f"test split (training noise), {n_all} signals{shown}",
+                              mae=mae[:n])
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "figures")
         folder.mkdir(parents=True, exist_ok=True)
         from mrflight.fileio import atomic_path
@@ -114,8 +121,11 @@ def _param_names(pl_module, n: int) -> list[str]:
     return (names + [f"p{i}" for i in range(len(names), n)])[:n]
 
 
-def _scatter_figure(pred, true, names=("T1", "T2"), title: str = ""):
-    """Predicted against true, one panel per parameter (ms; B1 as a ratio)."""
+def _scatter_figure(pred, true, names=("T1", "T2"), title: str = "", mae=None):
+    """Predicted against true, one panel per parameter (ms; B1 as a ratio, its MAE in %).
+
+    ``mae``: per-parameter MAE to print (e.g. over every signal when only a subset is drawn);
+    ``None``: that of the points drawn."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -125,15 +135,26 @@ def _scatter_figure(pred, true, names=("T1", "T2"), title: str = ""):
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.2), constrained_layout=True,
                              squeeze=False)
     for ax, i, name in zip(axes[0], range(n), names):
-        unit = "" if name == "B1" else " ms"
-        lim = float(max(true[:, i].max(), pred[:, i].max()))
-        ax.plot([0, lim], [0, lim], color="0.4", lw=1)
-        ax.scatter(true[:, i], pred[:, i], s=2, alpha=0.4, color="tab:blue")
-        mae = float(abs(pred[:, i] - true[:, i]).mean())
-        axis_unit = f" ({unit.strip()})" if unit else ""
+        t, p = true[:, i], pred[:, i]
+        fin = np.isfinite(t) & np.isfinite(p)
+        if mae is not None:
+            err = float(mae[i])
+        else:
+            err = float(np.abs(p - t).mean())
+        if name == "B1":  # a ratio to nominal near 1: not from 0, MAE in % as b1_mae_pct
+            lo = float(min(t[fin].min(), p[fin].min())) if fin.any() else 0.0
+            hi = float(max(t[fin].max(), p[fin].max())) if fin.any() else 1.0
+            pad = 0.03 * (hi - lo or 1.0)
+            lo, hi = lo - pad, hi + pad
+            axis_unit, mae_text = " (ratio to nominal)", f"MAE {100 * err:.3g} %"
+        else:
+            hi = float(max(t[fin].max(), p[fin].max())) if fin.any() else 1.0
+            lo, hi = 0.0, 1.02 * hi
+            axis_unit, mae_text = " (ms)", f"MAE {err:.3g} ms"
+        ax.plot([lo, hi], [lo, hi], color="0.4", lw=1)
+        ax.scatter(t, p, s=2, alpha=0.4, color="tab:blue")
         ax.set(xlabel=f"true {name}{axis_unit}", ylabel=f"predicted {name}{axis_unit}",
-               title=f"{name}: MAE {mae:.3g}{unit}",
-               xlim=(0, lim), ylim=(0, lim))
+               title=f"{name}: {mae_text}", xlim=(lo, hi), ylim=(lo, hi))
         ax.set_aspect("equal")
     if title:
         fig.suptitle(title)

@@ -191,6 +191,19 @@ def _label(m: str) -> str:
     return METHOD_LABELS.get(m, m)
 
 
+def _plain_log_ticks(axis) -> None:
+    """Plain numbers (600, 0.5) on a log axis instead of 6x10^2, 5x10^-1 (minor ticks labelled
+    only where the axis spans less than a decade or so)."""
+    from matplotlib.ticker import LogFormatter
+
+    class _Plain(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):
+            return f"{x:g}"
+
+    axis.set_major_formatter(_Plain())
+    axis.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+
+
 def scatter_true_vs_pred(truth, predictions: dict, title: str = "",
                          max_points: int = 5000) -> Figure:
     """Predicted versus true T1 and T2, one column per method.
@@ -202,7 +215,8 @@ def scatter_true_vs_pred(truth, predictions: dict, title: str = "",
         max_points: at most this many points are drawn per panel (evenly strided).
 
     Returns:
-        Figure with 2 rows (T1, T2) x one column per method.
+        Figure with 2 rows (T1, T2) x one column per method; each panel's title holds the RMSE
+        over all ``N`` signals (the ``t1_rmse_ms`` / ``t2_rmse_ms`` of ``metrics.json``).
     """
     truth = np.asarray(truth, dtype=np.float64)
     methods = list(predictions)
@@ -220,7 +234,9 @@ def scatter_true_vs_pred(truth, predictions: dict, title: str = "",
             ax.set_xlabel(f"true {unit} (ms)")
             if j == 0:
                 ax.set_ylabel(f"predicted {unit} (ms)")
-            ax.set_title(f"{_label(m)}: {unit}", fontsize=9)
+            e = pred[:, i] - truth[:, i]  # every signal, as metrics.json (NaN -> NaN)
+            ax.set_title(f"{_label(m)}: {unit}, RMSE {np.sqrt(np.mean(e ** 2)):.3g} ms",
+                         fontsize=9)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -286,7 +302,8 @@ def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
             be NaN where the bound was not computed (a subset). The top row then shows the RMS
             bound per bin, the bottom row ``RMSE / RMS(bound)`` per bin on the signals with a
             bound (1 = efficient), in coarser bins when the subset is small.
-        n_bins: bins along each true parameter.
+        n_bins: bins along each true parameter (at most; fewer where the test set is small, so
+            that a bin holds about ``2 * min_count`` signals).
         title: figure title.
         min_count: bins with fewer signals are not drawn.
     """
@@ -294,6 +311,10 @@ def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
     rows = 2 if bound is not None else 1
     fig, axes = plt.subplots(rows, 2, figsize=(10.5, 3.8 * rows), squeeze=False)
     rms = lambda v: float(np.sqrt(np.nanmean(v**2)))
+    # as many bins as keep about 2 x min_count signals in each: with fixed n_bins a small test
+    # set (a few hundred signals) left every bin sparse and the methods' curves empty
+    n_all = int(np.isfinite(truth).all(1).sum())
+    n_bins = int(max(2, min(n_bins, n_all // (2 * min_count))))
     if bound is not None:
         bound = np.asarray(bound, dtype=np.float64)
         has = np.isfinite(bound).all(1)
@@ -318,11 +339,13 @@ def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
                 axes[1, i].plot(cb, ratio, label=_label(m), **_style(k))
             axes[1, i].axhline(1.0, color="k", ls="--", lw=0.8)
             axes[1, i].set_yscale("log")
+            _plain_log_ticks(axes[1, i].yaxis)
             axes[1, i].set_xlabel(f"true {unit} (ms)")
             axes[1, i].set_ylabel(f"{unit} RMSE / bound" + (
                 f" ({int(has.sum())} signals)" if not has.all() else ""))
             _count_bars(axes[1, i], eb, _counts(x[has], eb), min_count)
         ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis)
         ax.set_xlabel(f"true {unit} (ms)")
         ax.set_ylabel(f"{unit} RMSE (ms)")
         _count_bars(ax, edges, _counts(x, edges), min_count)
@@ -339,7 +362,12 @@ def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
 #: caption of the map figures (the colour-map jargon, out of the title)
 MAP_CAPTION = ("Colour maps: lipari (T1) and navia (T2), Crameri's scientific colour maps, with "
                "the log-like processing recommended by Fuderer et al. 2024; black = no estimate. "
-               "Error maps: (predicted - true) / true.")
+               "Error maps: (predicted - true) / true, vik colour map; grey = background or no "
+               "estimate.")
+
+#: colour of voxels without a relative error (background, no estimate): vik's centre is near
+#: white, so a white background would read as zero error
+ERROR_BAD_COLOUR = (0.62, 0.62, 0.62, 1.0)
 
 
 def parameter_maps(truth: dict, maps: dict, mask=None, t1_range=(0.0, 3000.0),
@@ -367,8 +395,10 @@ def parameter_maps(truth: dict, maps: dict, mask=None, t1_range=(0.0, 3000.0),
     """
     from cmcrameri import cm
     from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import PercentFormatter
 
     rows = [("truth", truth)] + list(maps.items())
+    ecmap = cm.vik.with_extremes(bad=ERROR_BAD_COLOUR)
     c1 = relaxation_colormap("T1", *t1_range)
     c2 = relaxation_colormap("T2", *t2_range)
     elim = error_range or (-0.5, 0.5)
@@ -410,9 +440,10 @@ def parameter_maps(truth: dict, maps: dict, mask=None, t1_range=(0.0, 3000.0),
             t = np.asarray(truth[key], dtype=np.float64)
             with np.errstate(invalid="ignore", divide="ignore"):
                 rel = (v - t) / t
-            im = ax.imshow(rel, cmap=cm.vik, vmin=elim[0], vmax=elim[1],
+            im = ax.imshow(rel, cmap=ecmap, vmin=elim[0], vmax=elim[1],
                            interpolation="nearest")
-            fig.colorbar(im, ax=ax, shrink=0.85, label="(pred - true) / true")
+            fig.colorbar(im, ax=ax, shrink=0.85, label="(pred - true) / true", extend="both",
+                         format=PercentFormatter(1.0, decimals=0))
             ax.set_title(f"{_label(name)}: {key[:2].upper()} rel. error", fontsize=9)
             outline(ax)
     for ax in axes.ravel():
@@ -432,17 +463,19 @@ def parameter_maps(truth: dict, maps: dict, mask=None, t1_range=(0.0, 3000.0),
     return fig
 
 
-def efficiency_map(rows: list[dict], b1: float = 1.0) -> Figure:
+def efficiency_map(rows: list[dict], b1: float = 1.0, title: str | None = None) -> Figure:
     """RMSE/CRB of T1 and T2 over the T1-T2 plane, one row of panels per method.
 
     Args:
         rows: rows of :func:`mrflight.efficiency.efficiency_report`; those at ``b1`` are drawn.
         b1: the B1 value of the points drawn.
+        title: figure title (``None``: the noise level and realisations per point, from rows).
 
     Returns:
         The figure: each cell is a test point, coloured and labelled by RMSE/CRB (1 = the bound;
-        the colour scale is logarithmic from 0.5 to 4).
+        the colour scale is logarithmic from 1/4 to 4, centred on 1, colour-blind safe).
     """
+    from cmcrameri import cm
     from matplotlib.colors import LogNorm
 
     rows = [r for r in rows if abs(r["b1"] - b1) < 1e-9]
@@ -451,7 +484,8 @@ def efficiency_map(rows: list[dict], b1: float = 1.0) -> Figure:
     t2 = sorted({r["t2_ms"] for r in rows})
     fig = Figure(figsize=(8.5, 3.6 * max(1, len(methods))), layout="constrained")
     axes = fig.subplots(max(1, len(methods)), 2, squeeze=False)
-    norm = LogNorm(0.5, 4.0)
+    norm = LogNorm(0.25, 4.0)  # symmetric about 1 in log: the bound is the neutral colour
+    cmap = cm.vik
     for i, m in enumerate(methods):
         for j, q in enumerate(("t1", "t2")):
             grid = np.full((len(t2), len(t1)), np.nan)
@@ -459,14 +493,25 @@ def efficiency_map(rows: list[dict], b1: float = 1.0) -> Figure:
                 if r["method"] == m and r.get(f"{q}_rmse_over_crb") is not None:
                     grid[t2.index(r["t2_ms"]), t1.index(r["t1_ms"])] = r[f"{q}_rmse_over_crb"]
             ax = axes[i, j]
-            im = ax.imshow(grid, origin="lower", cmap="RdYlGn_r", norm=norm, aspect="auto")
+            im = ax.imshow(grid, origin="lower", cmap=cmap, norm=norm, aspect="auto")
             for (yy, xx), v in np.ndenumerate(grid):
                 if np.isfinite(v):
-                    ax.text(xx, yy, f"{v:.2g}", ha="center", va="center", fontsize=7)
+                    # short labels that fit a cell (155, not 1.6e+02); white on dark cells
+                    txt = f"{v:.2g}" if v < 10 else f"{v:.0f}"
+                    dark = abs(np.log(max(v, 1e-12)) / np.log(4.0)) > 0.55
+                    ax.text(xx, yy, txt, ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
             ax.set_xticks(range(len(t1)), [f"{v:.0f}" for v in t1], rotation=45, fontsize=7)
             ax.set_yticks(range(len(t2)), [f"{v:.0f}" for v in t2], fontsize=7)
-            ax.set_xlabel("T1 (ms)")
-            ax.set_ylabel("T2 (ms)")
+            ax.set_xlabel("true T1 (ms)")
+            ax.set_ylabel("true T2 (ms)")
             ax.set_title(f"{_label(m)}: {q.upper()} RMSE / CRB (B1 = {b1:g})", fontsize=9)
-            fig.colorbar(im, ax=ax, shrink=0.8)
+            cb = fig.colorbar(im, ax=ax, shrink=0.8, extend="both",
+                              label=f"{q.upper()} RMSE / CRB")
+            _plain_log_ticks(cb.ax.yaxis)
+    if title is None and rows:
+        title = (f"RMSE / Cramér–Rao bound, noise std {rows[0]['noise_std']:g}, "
+                 f"{rows[0]['n']} noise draws per point")
+    if title:
+        fig.suptitle(title)
     return fig

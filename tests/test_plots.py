@@ -140,3 +140,75 @@ def test_phantom_figure_flags_out_of_range_tissue_and_keeps_jargon_in_the_captio
     texts = " ".join(t.get_text() for t in fig.texts)
     assert "Fuderer" in texts and "outside the training range" in texts
     assert "Fuderer" not in fig._suptitle.get_text()
+
+
+def test_small_test_set_still_draws_every_method_curve():
+    # 200 signals: 15 fixed bins of ~13 signals were all below MIN_BIN_COUNT, so the figure
+    # showed the bound and no method at all
+    rng = np.random.default_rng(2)
+    truth = rng.uniform([100, 10], [4000, 500], (200, 2))
+    preds = {"gru": truth * 1.1, "matching": truth * 0.95}
+    fig = error_vs_parameter(truth, preds, bound=np.full_like(truth, 10.0))
+    for ax in fig.axes[:4]:
+        for line in ax.lines[:2]:
+            y = np.asarray(line.get_ydata(), dtype=float)
+            assert np.isfinite(y).sum() >= 2, line.get_label()
+    # plain numbers on the log axes, not 6x10^2
+    fig.canvas.draw()
+    labels = [t.get_text() for ax in fig.axes[:4] for t in ax.get_yticklabels()]
+    assert labels and not any("times" in s or "^" in s or "e+" in s for s in labels)
+
+
+def test_scatter_titles_hold_the_rmse_of_every_signal():
+    rng = np.random.default_rng(3)
+    truth = rng.uniform([100, 10], [3000, 300], (400, 2))
+    pred = truth + rng.normal(0, [50, 5], truth.shape)
+    fig = scatter_true_vs_pred(truth, {"gru": pred}, max_points=100)
+    rmse = np.sqrt(np.mean((pred - truth) ** 2, 0))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert f"RMSE {rmse[0]:.3g} ms" in titles[0] and f"RMSE {rmse[1]:.3g} ms" in titles[1]
+
+
+def test_error_map_background_is_not_the_zero_error_colour():
+    img = np.full((8, 8), 1000.0)
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True
+    fig = parameter_maps({"t1_ms": img, "t2_ms": img / 10},
+                         {"gru": {"t1_ms": img, "t2_ms": img / 10}}, mask=mask)
+    err_axes = [ax for ax in fig.axes if "rel. error" in ax.get_title()]
+    assert err_axes
+    for ax in err_axes:
+        im = ax.images[0]
+        rgba = im.to_rgba(im.get_array())
+        inside, outside = rgba[4, 4], rgba[0, 0]  # zero error / background (NaN)
+        assert np.abs(inside[:3] - outside[:3]).max() > 0.15
+        assert outside[3] == 1.0  # opaque, not the figure's white
+
+
+def test_efficiency_map_labels_fit_and_colour_bar_says_what_it_shows():
+    from mrflight.plots import efficiency_map
+
+    rows = [{"method": "gru", "t1_ms": t1, "t2_ms": t2, "b1": 1.0, "noise_std": 0.01, "n": 200,
+             "t1_rmse_over_crb": 155.0 if t1 == 300 else 1.1, "t2_rmse_over_crb": 0.9}
+            for t1 in (300.0, 1000.0) for t2 in (20.0, 80.0)]
+    fig = efficiency_map(rows)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert "155" in texts and not any("e+" in s for s in texts)
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert "T1 RMSE / CRB" in labels and "T2 RMSE / CRB" in labels
+    assert "noise std 0.01" in fig._suptitle.get_text()
+
+
+def test_training_scatter_b1_panel_is_a_ratio_with_mae_in_percent():
+    from mrflight.callbacks import _scatter_figure
+
+    rng = np.random.default_rng(4)
+    true = np.c_[rng.uniform(100, 4000, 300), rng.uniform(10, 500, 300), rng.uniform(0.8, 1.2, 300)]
+    pred = true + rng.normal(0, [50, 5, 0.02], true.shape)
+    fig = _scatter_figure(pred, true, ["T1", "T2", "B1"])
+    ax = fig.axes[2]
+    assert "ratio" in ax.get_xlabel() and ax.get_title().endswith("%")
+    assert ax.get_xlim()[0] > 0.5  # B1 ~ 0.8-1.2 is not drawn from 0
+    mae_pct = 100 * np.abs(pred[:, 2] - true[:, 2]).mean()
+    assert f"{mae_pct:.3g} %" in ax.get_title()
+    assert fig.axes[0].get_title().endswith(" ms") and "(ms)" in fig.axes[0].get_xlabel()

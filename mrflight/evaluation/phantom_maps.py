@@ -48,7 +48,7 @@ def phantom_maps(group, predictors, settings, figures: dict, arrays: dict, tag: 
             figures[f"phantom_{name}{tag}"] = plots.parameter_maps(
                 {"t1_ms": phantom.t1_ms, "t2_ms": phantom.t2_ms}, maps, mask=phantom.mask,
                 t1_range=t1r, t2_range=t2r, outside=phantom.outside_range,
-                title=f"{name} phantom, noise std {std:g}")
+                title=f"{'NIST' if name == 'nist' else name} phantom, noise std {std:g}")
 
 
 def _estimates(seq, phantom, predictors, std: float, gen: torch.Generator) -> dict:

@@ -146,7 +146,8 @@ def _level_figures(group, level: _Level, estimates: dict, figures: dict, tag: st
     from mrflight import plots
 
     set_name, std, params = level.set_name, level.std, level.params
-    title = f"{set_name} test set, noise std {std:g}, {group.seq.name} ({len(group.seq)} points)"
+    title = (f"{set_name} test set ({len(params)} signals), noise std {std:g}, "
+             f"{group.seq.name} ({len(group.seq)} time points)")
     figures[f"scatter_{set_name}_noise{std:g}{tag}"] = plots.scatter_true_vs_pred(
         params, estimates, title=title)
     bound = None

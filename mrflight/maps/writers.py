@@ -116,9 +116,11 @@ def _save_preview(dest: Path, vol: np.ndarray, kind: str, unit: str, title: str,
         if len(picks) > 1:
             ax.set_title(f"slice {z}", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=unit)
+    # values above the display range are drawn in the top colour: say so with an arrow
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=unit,
+                 extend="both" if kind == "B1" else "max")
     with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=150)
     plt.close(fig)
 
 
@@ -226,6 +228,10 @@ def _write_map(out: Path, stem: str, suffix: str, arr_ms: np.ndarray, base: dict
     _save_json(written[f"{suffix}.json"], side)
     if previews:
         kind = {"M0map": "M0", "TB1map": "B1"}.get(suffix, suffix[:2])
+        how = base.get("EstimationMethod", "")
+        what = base.get("Network") or base.get("Dictionary")
+        how = f"{how} ({what})" if how and what else how
         _save_preview(written[f"{suffix}.png"], arr_ms, kind, npy_unit,
-                      f"{stem} {suffix[:2]} ({npy_unit})", nifti[1] is not None)
+                      f"{stem} {suffix[:2]} ({npy_unit})" + (f"\n{how}" if how else ""),
+                      nifti[1] is not None)
     return written
