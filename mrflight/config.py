@@ -64,13 +64,33 @@ def instantiate(node, **kwargs):
             raise cause from None
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(cause or ""))
         if isinstance(cause, TypeError) and unknown:
-            where = getattr(e, "full_key", "") or _node_key(node)
+            # Hydra names the failing node in its message ("full_key: data.params"), and the
+            # failing target ("Error in call to target '...'"): a nested node (data.params) is
+            # not the node instantiated (data)
+            nested = re.search(r"full_key: ([\w.]+)", str(e))
+            called = re.search(r"Error in call to target '([\w.]+)'", str(e))
+            where = (getattr(e, "full_key", "") or (nested.group(1) if nested else "")
+                     or _node_key(node))
             key = ".".join(k for k in (where, unknown.group(1)) if k)
-            raise ValueError(f"{key} is not a setting of {node.get('_target_')}: remove it "
-                             f"(~{key} on the command line where a config group sets it: "
-                             "debug=tiny sets sequence.n_pulses and sequence.lobe_length, "
-                             "which only sequence=oksuz2019 takes)") from None
+            target = called.group(1) if called else node.get("_target_")
+            raise ValueError(f"{key} is not a setting of {target}: remove it "
+                             f"(~{key} on the command line){_setting_hint(key)}") from None
         raise
+
+
+def _setting_hint(key: str) -> str:
+    """Where a setting its constructor does not take usually comes from."""
+    if key in ("sequence.n_pulses", "sequence.lobe_length"):
+        return ("; debug=tiny sets sequence.n_pulses and sequence.lobe_length, which only "
+                "sequence=oksuz2019 takes: with another sequence add ~sequence.n_pulses "
+                "~sequence.lobe_length")
+    if key == "data.targets":
+        return ("; stored data (data=random, paper, file) trains T1 and T2 only, also on a "
+                "dictionary with a B1 column: data=simulated estimates B1")
+    if key.startswith("data.params."):
+        return ("; debug=tiny sets data.params to 600 random atoms (random_params), merged "
+                "into the grid chosen with grid@data.params: use one or the other")
+    return ""
 
 
 def _node_key(node) -> str:

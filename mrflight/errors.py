@@ -157,8 +157,11 @@ def override_hint(e: BaseException, config_name: str | None, argv=None) -> str |
     argv = sys.argv[1:] if argv is None else list(argv)
     others = [a for a in argv if "=" in a and not a.startswith("-")
               and a.split("=", 1)[0].lstrip("+~") != key]
+    # the config as chosen: with the other overrides, else with their group choices alone (a
+    # second bad key), else the defaults (where the key may exist under another data option)
+    groups_only = [a for a in others if "." not in a.split("=", 1)[0]]
     cfg = None
-    for attempt in (others, []):
+    for attempt in (others, groups_only, []):
         try:
             cfg = compose_config(attempt, config_name=config_name)
             break
@@ -172,6 +175,12 @@ def override_hint(e: BaseException, config_name: str | None, argv=None) -> str |
     close = [by_leaf[c] for c in difflib.get_close_matches(leaf, list(by_leaf), n=2, cutoff=0.75)]
     if not close:  # misplaced in another node: compare whole dotted keys
         close = difflib.get_close_matches(key, keys, n=2, cutoff=0.85)
+    if not close:  # misplaced: the same name one level elsewhere (scheduler=null)
+        close = sorted(k for k in keys if k.rpartition(".")[2] == leaf)[:2]
+    # the key itself is never its own suggestion (the fallback config may have it under
+    # another config-group option than the one chosen)
+    # (nor a _target_: data.targets -> data._target_ is a near spelling, never the intent)
+    close = [c for c in close if c != key and not c.endswith("_target_")]
     value = next((a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] == key), "VALUE")
     msg = f"unknown key {key!r}"
     if close:

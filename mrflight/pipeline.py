@@ -35,12 +35,66 @@ __all__ = ["train", "evaluate", "check_config", "compose_config"]
 log = logging.getLogger("mrflight")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Fail fast, with one clear line, on config values that cannot work."""
+#: the settings of a short run on fresh simulated batches (debug=tiny is for stored data)
+_SHORT_SIMULATED = ("sequence.n_pulses=100 sequence.lobe_length=20 data.batches_per_epoch=10 "
+                    "data.n_val=200 data.n_test=200 trainer.max_epochs=1")
+
+
+def _choices(choices=None) -> dict:
+    """The config-group choices of the running Hydra job (``{}`` outside one)."""
+    if choices is None:
+        hc = hydra_config()
+        choices = dict(hc.runtime.choices) if hc is not None else {}
+    return {str(k): v for k, v in dict(choices).items()}
+
+
+def check_debug_data(cfg: DictConfig, choices=None) -> None:
+    """``debug=tiny`` (600 stored random atoms: ``override /data: random`` plus ``data.params``
+    and ``data.n_train``) against the data a command or an experiment chose: one line naming
+    the conflict and a short run that works, not a setting error from deep inside Hydra."""
+    choices = _choices(choices)
+    debug, exp, data_choice = (choices.get(k) for k in ("debug", "experiment", "data"))
+    if debug and exp:
+        import yaml
+
+        from mrflight.config import CONFIG_DIR
+
+        path = CONFIG_DIR / "experiment" / f"{exp}.yaml"
+        defaults = yaml.safe_load(path.read_text()).get("defaults", []) if path.is_file() else []
+        wanted = next((d["override /data"] for d in defaults
+                       if isinstance(d, dict) and "override /data" in d), None)
+        def module_of(name):
+            f = CONFIG_DIR / "data" / f"{name}.yaml"
+            return yaml.safe_load(f.read_text()).get("_target_") if f.is_file() else name
+
+        # data=paper -> data=random (debug=tiny) keeps the data module: only its atoms change
+        if wanted is not None and data_choice is not None \
+                and module_of(wanted) != module_of(data_choice):
+            short = (f"; a short run of it: python train.py experiment={exp} {_SHORT_SIMULATED}"
+                     if wanted == "simulated" else "")
+            raise ValueError(f"experiment={exp} trains on data={wanted}, but debug={debug} "
+                             f"replaces it with data={data_choice}: leave out debug={debug}"
+                             f"{short}")
+    data = cfg.get("data") or {}
+    if "SimulatedDataModule" in str(data.get("_target_")):
+        stored = [k for k in ("params", "n_train") if k in data.keys()]
+        if stored:
+            via = " (set by debug=tiny: 600 stored random atoms)" if debug == "tiny" else ""
+            raise ValueError(
+                f"{' and '.join('data.' + k for k in stored)}{via} belong to stored data "
+                f"(data=random, data=paper), not to data=simulated, which draws fresh batches: "
+                f"for a short run on fresh batches leave out debug=tiny and add "
+                f"{_SHORT_SIMULATED}")
+
+
+def check_config(cfg: DictConfig, choices=None) -> None:
+    """Fail fast, with one clear line, on config values that cannot work (``choices``: the
+    config-group choices, by default the running Hydra job's)."""
     from mrflight.models import REGISTRY
     from mrflight.models.base import allowed_targets
 
     check_runtime(cfg)
+    check_debug_data(cfg, choices)
     target = cfg.model.get("_target_") if cfg.get("model") else None
     if target not in allowed_targets():
         raise ValueError(f"unknown model {target!r}: choose model= one of "

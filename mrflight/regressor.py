@@ -148,6 +148,14 @@ class MRFRegressor(L.LightningModule):
             raise ValueError(f"module.bias_weight must be a finite number >= 0, got "
                              f"{bias_weight!r}")
         noise_std = to_plain(noise_std)
+        if loss == "crb" and noise_std is not None and not max(
+                noise_std if isinstance(noise_std, (list, tuple)) else [noise_std]) > 0:
+            # the bound of noise-free data is 0: every error would be divided by the clamp
+            # (1e-6), a loss of about 1e11 that trains nothing meaningful
+            raise ValueError(f"module.loss=crb divides each error by the sample's Cramér–Rao "
+                             f"bound, which is 0 without noise (data.noise_std={noise_std!r}, "
+                             "also set by debug=overfit): give data.noise_std > 0 or choose "
+                             "another module.loss (l1, mse, relative, log)")
         self.save_hyperparameters({
             "net": net, "lr": float(lr), "weight_decay": float(weight_decay),
             "scheduler": scheduler, "target_scale_ms": target_scale_ms, "sequence": sequence,

@@ -121,6 +121,7 @@ def test_late_or_raw_errors_are_one_line_before_any_work(tmp_path, args, expect)
     ("train", ["data=file"], "debug=tiny sets data.params .*data=paper or data=random"),
     ("train", ["data=file", "data.path=d.h5"], "debug=tiny sets data.params"),
     ("train", ["trainer.max_epochs=-1"], "T_max must be a positive number .*scheduler=null"),
+    ("train", ["data=simulated"], "data.params and data.n_train .*not to data=simulated"),
 ])
 def test_config_checks_name_the_setting(tmp_path, name, overrides, expect):
     from mrflight.pipeline import check_config, check_runtime, compose_config
@@ -173,6 +174,7 @@ def test_a_gpu_trainer_without_a_gpu_is_one_error_line(tmp_path):
     ("train.py", "trainer.max_epoch=3", "did you mean trainer.max_epochs?"),
     ("eval.py", "ckpt_paht=x", "did you mean ckpt_path?"),
     ("eval.py", "model=gru", "model= is a train.py option"),
+    ("train.py", "scheduler=null", "did you mean module.scheduler?"),
 ])
 def test_mistyped_key_suggests_the_close_name(tmp_path, script, override, expect):
     line = _one_error_line(_run(script, [override], tmp_path))
@@ -371,3 +373,60 @@ def test_failures_are_reported_whatever_the_clocks_of_the_jobs_hosts(tmp_path):
     assert [(r["job"], r["error"]) for r in LAST_FAILURES] == [("0", "boom 0"), ("1", "boom 1")]
     saved = json.loads((sweep / "failures.json").read_text())
     assert saved["n_failed"] == 2 and [r["job"] for r in saved["failed"]] == ["0", "1"]
+
+
+@pytest.mark.parametrize("experiment", ["bound", "bound_cpu"])
+def test_debug_tiny_does_not_silently_replace_an_experiments_simulated_data(tmp_path, experiment):
+    """debug=tiny's data=random wins over the experiment's data=simulated: named, with a short
+    run of the experiment that works (it failed on a setting of the other data module)."""
+    from mrflight.pipeline import check_config, compose_config
+
+    cfg = compose_config([f"experiment={experiment}", "debug=tiny"], output_dir=tmp_path)
+    choices = {"experiment": experiment, "debug": "tiny", "data": "random"}
+    with pytest.raises(ValueError, match=f"experiment={experiment} trains on data=simulated, "
+                                         "but debug=tiny replaces it with data=random"):
+        check_config(cfg, choices)
+    cfg = compose_config(["experiment=oksuz2019", "debug=tiny"], output_dir=tmp_path)
+    check_config(cfg, {"experiment": "oksuz2019", "debug": "tiny", "data": "random"})
+
+
+def test_an_unknown_key_is_never_its_own_suggestion(tmp_path):
+    """data.batches_per_epoch under debug=tiny (data=random) with a second unknown key: the
+    suggestion came from the default data=simulated, where the key exists."""
+    line = _one_error_line(_run("train.py", ["experiment=bound_cpu", "debug=tiny",
+                                             "data.batches_per_epoch=10", "data.n_val=200"],
+                                tmp_path))
+    assert "did you mean data.batches_per_epoch" not in line, line
+    assert "data has: batch_size" in line, line
+
+
+def test_a_nested_setting_is_named_with_its_own_target(tmp_path):
+    from mrflight.pipeline import _build_data_and_module, compose_config
+
+    cfg = compose_config(["debug=tiny", "data=paper", "grid@data.params=regular"],
+                         output_dir=tmp_path)
+    with pytest.raises(ValueError, match="data.params.t1_min is not a setting of "
+                                         "mrflight.dictionary.grids.random_params"):
+        _build_data_and_module(cfg)
+
+
+def test_the_crb_loss_refuses_noise_free_data(tmp_path):
+    """The bound of noise-free data is 0: the loss was divided by the clamp (about 1e11)."""
+    from mrflight.pipeline import _build_data_and_module, compose_config
+
+    cfg = compose_config(["debug=tiny", "module.loss=crb", "data.noise_std=0"],
+                         output_dir=tmp_path)
+    with pytest.raises(ValueError, match="module.loss=crb .*0 without noise"):
+        _build_data_and_module(cfg)
+
+
+def test_a_b1_target_needs_a_b1_range(tmp_path):
+    """data.b1_range=null with the default targets [t1, t2, b1] trained a constant B1 output."""
+    from mrflight.data import SimulatedDataModule
+    from mrflight.physics import oksuz2019
+
+    seq = oksuz2019(n_pulses=100, lobe_length=20)
+    with pytest.raises(ValueError, match="data.targets includes b1 but data.b1_range=null"):
+        SimulatedDataModule(sequence=seq, b1_range=None)
+    assert SimulatedDataModule(sequence=seq, b1_range=None, targets=["t1", "t2"]).targets == \
+        ("t1", "t2")

@@ -469,6 +469,12 @@ class SimulatedDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
         super().__init__()
         sequence, targets = _sequence_and_targets(sequence, targets)
         self.targets = targets
+        if "b1" in targets and b1_range is None:
+            # B1 fixed at 1: the b1 output would learn a constant and report its error as if
+            # B1 were estimated
+            raise ValueError("data.targets includes b1 but data.b1_range=null fixes B1 at 1: "
+                             "set data.targets=[t1,t2] (B1 = 1) or give data.b1_range, e.g. "
+                             "[0.7, 1.3]")
         self.prior = ParameterPrior(t1_range, t2_range, distribution,
                                     b1_range if "b1" in targets else None, noise_std)
         _check_counts(batch_size=batch_size, batches_per_epoch=batches_per_epoch,
