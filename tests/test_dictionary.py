@@ -608,3 +608,24 @@ def test_killed_writer_process_leaves_the_old_file(tmp_path, small):
     e = load(target)
     assert len(e) == 5
     np.testing.assert_array_equal(e.atoms, old.atoms)
+
+
+def test_a_cache_file_another_process_stored_meanwhile_is_kept(tmp_path, seq, monkeypatch):
+    """Two processes building one cache entry: the second to finish keeps the first's file
+    (the same dictionary) instead of replacing it under its readers; a damaged file is still
+    replaced (test_corrupt_cache_is_detected_warned_and_rebuilt)."""
+    p = regular_grid(50, 2000, 4, 10, 300, 4)
+    first = generate(seq, p, cache_dir=tmp_path, progress=False)
+    (path,) = tmp_path.glob("*.h5")
+    inode, before = path.stat().st_ino, path.read_bytes()
+    # the second process looked before the first had stored: it found no cache
+    monkeypatch.setattr(md.generation, "load_cached", lambda *a: None)
+    monkeypatch.setattr(Path, "exists", lambda self: False if self == path else
+                        os.path.lexists(self))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not write the cache" warning either
+        second = generate(seq, p, cache_dir=tmp_path, progress=False)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(first.atoms, second.atoms)
+    assert path.stat().st_ino == inode and path.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == [path]  # no temporary file left

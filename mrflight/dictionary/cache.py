@@ -94,13 +94,19 @@ def load_cached(path: Path, key: str, p: np.ndarray) -> Dictionary | None:
     return None
 
 
-def store(d: Dictionary, path: Path, key: str) -> None:
-    """Write ``d`` to the cache under ``key`` (making the folder, replacing a damaged file); a
-    failed write is only warned about."""
+def store(d: Dictionary, path: Path, key: str, damaged: bool = False) -> None:
+    """Write ``d`` to the cache under ``key`` (making the folder); a failed write is only warned
+    about. A file at ``path`` is replaced only when it was found ``damaged``: one that another
+    process stored meanwhile (the same dictionary, by its key) is kept, so no reader on another
+    host of a shared cache sees it replaced."""
     d.meta["cache_key"] = key
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save(d, path, format="h5", overwrite=True)
+        if not damaged and path.exists():
+            return  # stored by another process since we looked
+        save(d, path, format="h5", overwrite=damaged)
+    except FileExistsError:
+        pass  # stored by another process while we wrote: theirs is kept
     except (OSError, ValueError) as e:  # ValueError: a read-only file
         warnings.warn(f"could not write the dictionary cache {path}: {e}", RuntimeWarning,
                       stacklevel=3)

@@ -67,6 +67,7 @@ def generate(
         cached = load_cached(path, key, p)
         if cached is not None:
             return cached
+        damaged = path.exists()  # there but not usable: rebuilt and replaced
     with _progress_bar(len(p), progress) as cb:
         t1 = torch.from_numpy(p[:, 0].astype(np.float64))
         t2 = torch.from_numpy(p[:, 1].astype(np.float64))
@@ -78,7 +79,7 @@ def generate(
     d = Dictionary(atoms, out_params.astype(np.float64), names, units, seq.to_dict(), meta)
     _warn_zero_atoms(int(np.sum(d.norms() == 0)), len(d))
     if path is not None:
-        store(d, path, key)
+        store(d, path, key, damaged)
     return d
 
 
