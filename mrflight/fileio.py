@@ -142,8 +142,16 @@ def _move_no_replace(src: Path, dest: Path) -> None:
 
 
 def _host() -> str:
-    """This machine's short host name (no dots: it is part of temporary file names)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+    """This machine's short host name, and the id of this process's PID namespace where the
+    system has them (``node-pid4026531836``): a process id names a writer only within its
+    namespace, and containers sharing a cache folder can share a host name. No dots: it is part
+    of temporary file names."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+    try:
+        ns = re.search(r"\[(\d+)\]", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        ns = None
+    return f"{host}-pid{ns.group(1)}" if ns else host
 
 
 #: the temporary files of :func:`atomic_path` (old ones have no ``<pid>@<host>.`` part)
@@ -167,9 +175,10 @@ def remove_stale_temp_files(folder: str | os.PathLike, max_age_s: float = 3600.0
     """Delete the temporary files that killed :func:`atomic_path` writers left in ``folder``.
 
     A temporary file is stale when its writer process (named in the file name) is gone on this
-    host, or when nothing wrote to it for ``max_age_s`` seconds (writers on other hosts of a
-    shared folder, and files of older versions whose names carry no writer). Other files are
-    never touched. Errors (a file removed meanwhile, no permission) are ignored.
+    host and PID namespace (:func:`_host`), or when nothing wrote to it for ``max_age_s``
+    seconds (writers on other hosts or in other containers of a shared folder, and files of
+    older versions whose names carry no writer). Other files are never touched. Errors (a file
+    removed meanwhile, no permission) are ignored.
 
     Args:
         folder: a cache or output folder (not searched recursively).

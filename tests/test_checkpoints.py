@@ -301,7 +301,13 @@ def test_stale_temporary_files_are_removed_when_the_cache_is_opened(tmp_path):
 
     cache = tmp_path / "cache2"
     cache.mkdir()
-    host = socket.gethostname().split(".")[0]
+    from mrflight.fileio import _host
+
+    host = _host()  # the host name and PID namespace writers put in the name
+    bare = socket.gethostname().split(".")[0]
+    if os.path.exists("/proc/self/ns/pid"):  # Linux: a pid names a writer in its namespace
+        ns = os.readlink("/proc/self/ns/pid").split("[")[1].rstrip("]")
+        assert host == f"{bare}-pid{ns}"
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     dead = p.pid
@@ -310,6 +316,9 @@ def test_stale_temporary_files_are_removed_when_the_cache_is_opened(tmp_path):
         ".OLD.h5.abcd_123.h5.tmp": False,                       # no writer, 2 h old: removed
         f".RUN.h5.{os.getpid()}@{host}.zzzz9999.h5.tmp": True,  # this process: kept
         f".FAR.h5.{dead}@otherhost.qqqq0000.h5.tmp": True,      # another host, fresh: kept
+        # the same host name in another PID namespace (a container sharing the folder): its
+        # process ids are not ours, so a fresh file is kept
+        f".BOX.h5.{dead}@{bare}-pid1.rrrr1111.h5.tmp": True,
         ".NEW.h5.abcd_123.h5.tmp": True,                        # no writer, fresh: kept
         "KEY.h5": True,                                         # not a temporary file
         ".hidden_user_file": True,
