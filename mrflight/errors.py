@@ -25,7 +25,9 @@ import os
 import sys
 from collections.abc import Callable
 
-__all__ = ["run_cli", "guard", "one_line", "override_hint", "EXIT_USAGE", "EXIT_FAILED_JOBS"]
+__all__ = [
+    "run_cli", "guard", "one_line", "root_cause", "override_hint", "EXIT_USAGE", "EXIT_FAILED_JOBS",
+]
 
 #: exit status of a run stopped by bad input (a config value, an option, a file)
 EXIT_USAGE = 2
@@ -49,14 +51,27 @@ def _disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno == errno.ENOSPC
 
 
-def _root(e: BaseException) -> BaseException:
-    """Hydra wraps constructor errors (InstantiationException): report the constructor's own."""
+def _lightning_teardown(e: BaseException) -> bool:
+    """Lightning's teardown after a fit that failed before its data loader started raises its
+    own error ("Please call `iter(combined_loader)` first.") while handling the real one."""
+    return (isinstance(e, RuntimeError) and "iter(combined_loader)` first" in str(e)
+            and e.__context__ is not None)
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The error to report: a constructor's own error rather than Hydra's wrapper
+    (InstantiationException), the failure itself rather than Lightning's teardown error."""
     from hydra.errors import InstantiationException
 
     seen = set()
-    while isinstance(e, InstantiationException) and e.__cause__ is not None and id(e) not in seen:
+    while id(e) not in seen:
         seen.add(id(e))
-        e = e.__cause__
+        if isinstance(e, InstantiationException) and e.__cause__ is not None:
+            e = e.__cause__
+        elif _lightning_teardown(e):
+            e = e.__context__
+        else:
+            break
     return e
 
 
@@ -64,7 +79,7 @@ def one_line(e: BaseException) -> str:
     """The message of ``e`` as one line (config-group errors rephrased with their options)."""
     from hydra.errors import MissingConfigException
 
-    e = _root(e)
+    e = root_cause(e)
     if _disk_full(e):
         where = f" writing {e.filename}" if e.filename else ""
         return f"no space left on device{where}: free space or set paths.output_dir"
@@ -136,7 +151,7 @@ def override_hint(e: BaseException, config_name: str | None, argv=None) -> str |
     import difflib
     import re
 
-    m = re.match(r"Could not override '([^']+)'\.", str(_root(e)))
+    m = re.match(r"Could not override '([^']+)'\.", str(root_cause(e)))
     if not m or not config_name:
         return None
     key = m.group(1)
@@ -230,12 +245,13 @@ def guard(task: Callable) -> Callable:
         try:
             return task(cfg)
         except (Exception, KeyboardInterrupt) as e:
-            usage = isinstance(e, Exception) and _is_usage(_root(e))
+            usage = isinstance(e, Exception) and _is_usage(root_cause(e))
             if usage and not _debug():  # bad input or a full disk: one line, exit 2
                 _report(e)
                 raise SystemExit(EXIT_USAGE) from None
             # a bug or an interrupt (or --debug): logged, re-raised
-            _to_log_file(e, one_line(e) if usage else f"{type(e).__name__}: {one_line(e)}")
+            _to_log_file(e, one_line(e) if usage
+                         else f"{type(root_cause(e)).__name__}: {one_line(e)}")
             raise
 
     return wrapped
@@ -268,7 +284,7 @@ def run_cli(main: Callable[[], object], config_name: str | None = None) -> None:
                   f"(the sweeper: {one_line(e)}); fix what they report and run it again",
                   file=sys.stderr)
             sys.exit(EXIT_FAILED_JOBS)
-        if debug or not _is_usage(_root(e)):
+        if debug or not _is_usage(root_cause(e)):
             raise
         _report(e)
         sys.exit(EXIT_USAGE)

@@ -224,7 +224,7 @@ def _record_failure(cfg: DictConfig, hc, e: BaseException) -> None:
     import json
     import traceback
 
-    from mrflight.errors import one_line
+    from mrflight.errors import one_line, root_cause
     from mrflight.fileio import atomic_path
     from mrflight.hydra_callbacks import FAILED_FILE
 
@@ -237,7 +237,7 @@ def _record_failure(cfg: DictConfig, hc, e: BaseException) -> None:
     log.error("job %s failed: %s", hc.job.num if hc is not None else "?", msg)
     with atomic_path(out / FAILED_FILE) as tmp:
         tmp.write_text(json.dumps({
-            "error": msg, "type": type(e).__name__, "overrides": overrides,
+            "error": msg, "type": type(root_cause(e)).__name__, "overrides": overrides,
             "traceback": "".join(traceback.format_exception(e)),
         }, indent=2))
 

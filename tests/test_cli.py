@@ -430,3 +430,36 @@ def test_a_b1_target_needs_a_b1_range(tmp_path):
         SimulatedDataModule(sequence=seq, b1_range=None)
     assert SimulatedDataModule(sequence=seq, b1_range=None, targets=["t1", "t2"]).targets == \
         ("t1", "t2")
+
+
+def test_a_data_error_is_reported_not_lightnings_teardown_error_after_it():
+    """A fit whose data fails before the loader starts: Lightning's teardown then raises "Please
+    call `iter(combined_loader)` first." while handling it; the user is told the data's error."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from mrflight.errors import _is_usage, one_line, root_cause
+
+    class Failing(IterableDataset):
+        def __iter__(self):
+            raise ValueError("noise_std must be >= 0: got -1")
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), 0.1)
+
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(Exception) as info:
+        trainer.fit(Tiny(), DataLoader(Failing(), batch_size=None))
+    assert isinstance(root_cause(info.value), ValueError)
+    assert one_line(info.value) == "noise_std must be >= 0: got -1"
+    assert _is_usage(root_cause(info.value))
