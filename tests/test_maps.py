@@ -911,3 +911,18 @@ def test_nifti_spatial_axis_of_the_sequence_length_is_not_taken_for_time(tmp_pat
             pytest.raises(AssertionError, match="reconstruction started"):
         maps.reconstruct_series(tmp_path / "long.nii", _NeverCalled(), time_axis=0,
                                 mask=np.ones((3, 1, 250), bool))
+
+
+@pytest.mark.parametrize("unit", [1e-25, 1e21])
+def test_maps_do_not_depend_on_the_unit_the_series_is_stored_in(seq, phantoms, matcher_complex,
+                                                                unit):
+    """float32 sums of squares overflow from values of about 1e19 and underflow below 1e-19: a
+    series in such a unit gets the same mask and T1/T2 maps, and M0 in its unit."""
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq)
+    ref = maps.reconstruct_series(ser, matcher_complex)
+    res = maps.reconstruct_series((ser * np.float32(unit)).astype(np.complex64), matcher_complex)
+    assert np.array_equal(res.mask, ref.mask)
+    assert np.array_equal(res.t1_ms, ref.t1_ms, equal_nan=True)
+    assert np.array_equal(res.t2_ms, ref.t2_ms, equal_nan=True)
+    np.testing.assert_allclose(res.m0[ref.mask] / unit, ref.m0[ref.mask], rtol=1e-5)

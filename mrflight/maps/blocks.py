@@ -10,7 +10,7 @@ from mrflight.maps.masks import detect_time_axis
 from mrflight.series_io import SeriesSource
 
 __all__ = ["BlockPlan", "plan_series", "plan_blocks", "iter_blocks", "block_signals",
-           "check_real_block"]
+           "check_real_block", "unit_scaled", "row_norms"]
 
 
 @dataclass
@@ -93,3 +93,27 @@ def check_real_block(src: SeriesSource, sig: np.ndarray) -> None:
     finite = np.isfinite(sig)  # non-finite voxels are excluded from the maps anyway
     low = sig.min() if finite.all() else (sig[finite].min() if finite.any() else 0.0)
     check_magnitude(float(low), f"the series {src.describe()}")
+
+
+def unit_scaled(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every fingerprint (row) divided by the power of two just above its largest magnitude,
+    and the powers' exponents ``e`` (undo with ``np.ldexp(x, e)``).
+
+    Exact in floating point, and a scaled fingerprint's values are below 1 in magnitude: sums
+    of squares in single precision neither overflow (values from about 1e19 on) nor underflow
+    (below about 1e-19), whatever unit the series is stored in. Non-finite rows are unscaled.
+    """
+    with np.errstate(invalid="ignore"):
+        _, e = np.frexp(np.abs(sig).max(axis=1, initial=0.0))
+    sig = np.ascontiguousarray(sig)
+    real = sig.view(sig.real.dtype) if np.iscomplexobj(sig) else sig
+    return np.ldexp(real, -e[:, None]).view(sig.dtype), e
+
+
+def row_norms(sig: np.ndarray) -> np.ndarray:
+    """float32 L2 norm of every row of ``sig``, exact for values of any magnitude (see
+    :func:`unit_scaled`); NaN or inf for a row with such a value."""
+    scaled, e = unit_scaled(sig)
+    with np.errstate(invalid="ignore", over="ignore"):
+        n = np.linalg.norm(scaled, axis=1).astype(np.float64)
+        return np.ldexp(n, e).astype(np.float32)

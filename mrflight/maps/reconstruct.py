@@ -12,7 +12,8 @@ import warnings
 
 import numpy as np
 
-from mrflight.maps.blocks import BlockPlan, block_signals, check_real_block, plan_series
+from mrflight.maps.blocks import (BlockPlan, block_signals, check_real_block, plan_series,
+                                  row_norms, unit_scaled)
 from mrflight.maps.masks import auto_mask, load_b1map, load_mask
 from mrflight.maps.options import MapResult
 from mrflight.series_io import SeriesSource, open_series
@@ -150,9 +151,7 @@ def _norm_pass(src: SeriesSource, plan: BlockPlan, cache: dict | None, bar):
         sig = block_signals(src, idx, plan.time_axis)
         if cache is not None:
             cache[i] = sig
-        with np.errstate(invalid="ignore", over="ignore"):
-            nb = np.linalg.norm(sig, axis=1).astype(np.float32)
-            db = np.linalg.norm(np.diff(sig, axis=1), axis=1).astype(np.float32)
+        nb, db = row_norms(sig), row_norms(np.diff(sig, axis=1))
         norm[sp] = nb.reshape(norm[sp].shape)
         dnorm[sp] = db.reshape(norm[sp].shape)
         check_real_block(src, sig)
@@ -220,8 +219,7 @@ def _usable(src: SeriesSource, sig: np.ndarray, mblk: np.ndarray):
     sel = np.flatnonzero(mblk)
     sig = sig[sel]
     finite = np.isfinite(sig).all(axis=1)
-    with np.errstate(invalid="ignore", over="ignore"):
-        nrm = np.linalg.norm(np.where(finite[:, None], sig, 0), axis=1)
+    nrm = row_norms(np.where(finite[:, None], sig, 0))
     good = finite & (nrm > 0)
     sel, sig = sel[good], sig[good]
     check_real_block(src, sig)
@@ -236,10 +234,11 @@ def _estimate(rec, sig: np.ndarray, sel: np.ndarray, size: int, chunk_voxels: in
     out = [np.full(size, np.nan, np.float32) for _ in range(4)]
     has_b1 = False
     for c in range(0, len(sel), chunk_voxels):
-        chunk = sig[c: c + chunk_voxels]
+        chunk, e = unit_scaled(sig[c: c + chunk_voxels])  # M0 in the series' unit below
         p, a = rec(chunk) if b1 is None else rec(chunk, b1=b1[c: c + chunk_voxels])
         j = sel[c: c + chunk_voxels]
-        out[0][j], out[1][j], out[2][j] = p[:, 0], p[:, 1], a
+        out[0][j], out[1][j] = p[:, 0], p[:, 1]
+        out[2][j] = np.ldexp(np.asarray(a, np.float64), e)
         if p.shape[1] > 2:
             has_b1 = True
             out[3][j] = p[:, 2]
