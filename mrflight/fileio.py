@@ -324,10 +324,13 @@ def damaged_error(path: Path, e: BaseException, what: str = "file") -> ValueErro
                       f"({type(e).__name__}: {e}); copy or export it again")
 
 
-def load_mat(path: str | os.PathLike) -> dict:
+def load_mat(path: str | os.PathLike, squeeze: bool = True) -> dict:
     """Read a ``.mat`` file (v7 or v7.3) into a dict of numpy arrays / nested dicts (structs).
 
     A v7.3 file written by :func:`save_mat` is verified against its SHA-256 checksum.
+    ``squeeze=False`` keeps the singleton axes of a v7 file's arrays (scipy drops them by
+    default: a ``(X, Y, 1, T)`` series would read as ``(X, Y, T)``), as they are in MATLAB
+    and in a v7.3 file.
 
     Raises:
         ValueError: if the file does not exist, is not a MATLAB file, is truncated or damaged
@@ -356,7 +359,7 @@ def load_mat(path: str | os.PathLike) -> dict:
     import scipy.io
 
     try:
-        raw = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+        raw = scipy.io.loadmat(path, squeeze_me=squeeze, struct_as_record=False)
     except Exception as e:  # scipy raises several types for damaged files
         with open(path, "rb") as fh:
             head = fh.read(128)
@@ -370,6 +373,8 @@ def load_mat(path: str | os.PathLike) -> dict:
 def _from_scipy(v):
     import scipy.io.matlab as sm
 
+    if isinstance(v, np.ndarray) and v.dtype == object and v.size == 1:
+        v = v.flat[0]  # unsqueezed: a struct (or cell) in a 1 x 1 array
     if isinstance(v, sm.mat_struct):
         return {f: _from_scipy(getattr(v, f)) for f in v._fieldnames}
     return v

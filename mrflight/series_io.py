@@ -283,7 +283,7 @@ def open_series(path: str | os.PathLike, *, dataset: str | None = None,
     if name.endswith(".mat") and path.is_file() and is_mat_v73(path):
         return _open_h5(path, dataset, length, option, matlab=True)
     if name.endswith(".mat"):
-        data = _flatten(load_mat(path))
+        data = _flatten(load_mat(path, squeeze=False))
         key = _choose({k: v.shape for k, v in data.items()}, dataset, path, length, option)
         return SeriesSource(data[key], path=path, name=key, option=option)
     if name.endswith((".h5", ".hdf5")):

@@ -17,7 +17,7 @@ import torch
 
 from mrflight import eval_entry, maps, pipeline
 from mrflight.dictionary import generate
-from mrflight.fileio import save_mat
+from mrflight.fileio import load_mat, save_mat
 from mrflight.phantoms import brain_phantom, nist_phantom
 from mrflight.physics import oksuz2019, simulate
 from mrflight.series_io import SeriesSource, open_series, series_stem
@@ -926,3 +926,18 @@ def test_maps_do_not_depend_on_the_unit_the_series_is_stored_in(seq, phantoms, m
     assert np.array_equal(res.t1_ms, ref.t1_ms, equal_nan=True)
     assert np.array_equal(res.t2_ms, ref.t2_ms, equal_nan=True)
     np.testing.assert_allclose(res.m0[ref.mask] / unit, ref.m0[ref.mask], rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["mat", "mat73"])
+def test_mat_series_keeps_its_singleton_axes(tmp_path, seq, fmt):
+    """A (X, Y, 1, T) series (one slice of a 3-D protocol) reads as it is in MATLAB, from a
+    v7 file as from a v7.3 file (scipy's default squeeze would make it (X, Y, T))."""
+    arr = np.ones((4, 5, 1, len(seq)), np.complex64)
+    path = tmp_path / "series.mat"
+    _write(path, arr, fmt)
+    src = open_series(path, length=len(seq))
+    try:
+        assert tuple(src.shape) == arr.shape
+    finally:
+        src.close()
+    assert load_mat(path)["TR"] == 4.3  # a scalar is still a scalar by default
