@@ -148,7 +148,8 @@ def run_group(flat: dict, hc=None, now: _dt.datetime | None = None) -> str:
     if multirun:
         name = flat.get("hparams_search") or flat.get("experiment") or "multirun"
         sweep = Path(str(hc.sweep.dir))
-        stamp = f"{sweep.parent.name}-{sweep.name[:8]}" if sweep.parent.name else sweep.name
+        # the whole folder name: two multiruns started in one second are two groups
+        stamp = f"{sweep.parent.name}-{sweep.name}" if sweep.parent.name else sweep.name
         return f"{name}-{stamp}"
     return f"{flat.get('experiment') or flat.get('model', 'run')}-{now:%Y-%m-%d}"
 

@@ -46,6 +46,18 @@ def test_run_names_are_readable_and_unique():
     assert run_group(flat, now=now) == "gru-2026-11-26"
 
 
+def test_two_multiruns_started_in_one_second_are_two_groups():
+    from types import SimpleNamespace
+
+    def hc(folder):
+        return SimpleNamespace(mode="RunMode.MULTIRUN", sweep=SimpleNamespace(dir=folder))
+
+    flat = {"model": "gru", "hparams_search": "optuna"}
+    first = run_group(flat, hc("multirun/2026-11-26/03-12-45-123456"))
+    assert first == "optuna-2026-11-26-03-12-45-123456"
+    assert run_group(flat, hc("multirun/2026-11-26/03-12-45-654321")) != first
+
+
 def test_wandb_sweep_config_drives_train_py_with_hydra_overrides(tmp_path):
     sweep = yaml.safe_load((CONFIG_DIR / "wandb_sweep.yaml").read_text())
     assert (ROOT / sweep["program"]).is_file() and sweep["metric"]["name"] == "val/loss"
@@ -95,7 +107,7 @@ def test_sweep_runs_have_a_flat_config_names_a_group_and_a_summary(sweep_dir):
     assert len({r["name"] for r in runs}) == 2
     for r, h in zip(runs, ("8x8", "16x16")):
         assert re.fullmatch(rf"ann-h{h}-lr3e-3-\d{{4}}-\d{{6}}-j\d", r["name"]), r["name"]
-        assert r["group"] == "multirun-2026-11-26-03-12-45"
+        assert r["group"] == "multirun-2026-11-26-03-12-45-123456"
         assert "ann" in r["tags"] and r["job_type"] == "train"
         cfg = r["config"]
         assert cfg["model"] == "ann" and cfg["hidden_sizes"] == h and cfg["lr"] == 0.003
@@ -143,7 +155,7 @@ def test_eval_run_joins_the_group_of_the_runs_it_evaluates(sweep_dir, tmp_path):
         cfg.paths.cache_dir = None
     evaluate(cfg)
     r = _read_when_written(out / "wandb", "eval/paper/0.01/matching/t1_mae_ms")
-    assert r["group"] == "multirun-2026-11-26-03-12-45" and r["job_type"] == "eval"
+    assert r["group"] == "multirun-2026-11-26-03-12-45-123456" and r["job_type"] == "eval"
     assert r["name"].startswith("eval-ann-")
     assert len(r["config"]["checkpoints"]) == 2 and len(r["config"]["evaluated_runs"]) == 2
     assert any(k.startswith("eval/table/") for k in r["history_keys"])  # a wandb.Table
