@@ -6,6 +6,9 @@ steady state, a straightforward per-atom numpy EPG, finite differences); none on
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -523,3 +526,25 @@ def test_a_kernel_another_process_compiled_meanwhile_is_kept(tmp_path):
     second = dest.stat()
     assert (second.st_ino, second.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
     assert sorted(p.name for p in dest.parent.iterdir()) == ["epg_test.so"]
+
+
+def test_a_killed_compiles_build_folder_is_removed_once_it_is_old(tmp_path, monkeypatch):
+    """A compile killed midway leaves its build folder (object files) in the kernel cache; the
+    next process removes it once nothing touched it for an hour, and leaves a recent one (a
+    compile running on another host of a shared cache) and everything else alone."""
+    kernels = tmp_path / "kernels"
+    old_build, old_legacy, live = (kernels / n for n in (".build.abc123", "tmpxyz", ".build.q"))
+    for d in (old_build, old_legacy, live):
+        d.mkdir(parents=True)
+        (d / "epg_fisp_f32.o").write_bytes(b"\0" * 64)
+    (kernels / "notes").mkdir()
+    stale = time.time() - 2 * 3600
+    for d in (old_build, old_legacy, kernels / "notes"):
+        os.utime(d, (stale, stale))
+    monkeypatch.setattr(_ckernel, "_lib", False)
+    monkeypatch.setattr(_ckernel, "kernel_path", lambda: kernels / "epg_missing.so")
+    monkeypatch.setattr(_ckernel, "_compile", lambda dest: (_ for _ in ()).throw(
+        RuntimeError("no compiler in this test")))
+    with pytest.warns(RuntimeWarning, match="no compiler in this test"):
+        assert _ckernel.kernel() is None
+    assert sorted(p.name for p in kernels.iterdir()) == [".build.q", "notes"]

@@ -12,8 +12,14 @@ import warnings
 
 import numpy as np
 
-from mrflight.maps.blocks import (BlockPlan, block_signals, check_real_block, plan_series,
-                                  row_norms, unit_scaled)
+from mrflight.maps.blocks import (
+    BlockPlan,
+    block_signals,
+    check_real_block,
+    plan_series,
+    row_norms,
+    unit_scaled,
+)
 from mrflight.maps.masks import auto_mask, load_b1map, load_mask
 from mrflight.maps.options import MapResult
 from mrflight.series_io import SeriesSource, open_series

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -83,7 +84,7 @@ def _compile(dest: Path) -> None:
     if cc is None:
         raise RuntimeError("no C compiler found (cc/gcc)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=_BUILD_PREFIX, dir=dest.parent) as tmp:
         objs = []
         variants = [("float", 16, "epg_fisp_f32"), ("double", 8, "epg_fisp_f64")]
         base = [cc, "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-std=c11", "-pthread"]
@@ -112,6 +113,28 @@ def _compile(dest: Path) -> None:
             except subprocess.CalledProcessError as e:
                 last = e.stderr
         raise RuntimeError(f"compiling {_SRC.name} failed:\n{last}")
+
+
+#: the build folders of :func:`_compile` (earlier versions: ``tmp...``)
+_BUILD_PREFIX = ".build."
+
+
+def _remove_killed_builds(folder: Path, max_age_s: float = 3600.0) -> None:
+    """Remove the build folders a killed compile left (untouched for ``max_age_s``: a compile
+    takes seconds, and one running on another host sharing the folder is left alone)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    now = time.time()
+    for e in entries:
+        if not e.name.startswith((_BUILD_PREFIX, "tmp")) or not e.is_dir(follow_symlinks=False):
+            continue
+        try:
+            if now - e.stat(follow_symlinks=False).st_mtime > max_age_s:
+                shutil.rmtree(e.path)
+        except OSError:
+            continue
 
 
 def _publish(built: str, dest: Path) -> None:
@@ -144,6 +167,7 @@ def kernel() -> ctypes.CDLL | None:
             _lib = None
             return None
         path = kernel_path()
+        _remove_killed_builds(path.parent)
         try:
             if not path.exists():
                 _compile(path)
