@@ -202,3 +202,25 @@ def test_eval_bound_of_a_b1_dictionary_is_at_its_atoms_b1(tmp_path):
                                             grid={"_target_": "mrflight.dictionary.regular_grid",
                                                   "n_t1": 8, "n_t2": 8}), None)
     assert g2.test_b1 == {}
+
+
+def test_training_bound_of_a_b1_dictionary_is_at_its_atoms_b1(tmp_path):
+    """The per-sample bound the data module gives the crb loss and the validation RMSE/CRB is,
+    for a dictionary file with a B1 column, the one eval uses: at each atom's B1, unknown."""
+    from mrflight.physics import crb
+
+    pairs = PARAMS[:40]
+    p = np.column_stack([np.repeat(pairs, 3, axis=0), np.tile([0.8, 1.0, 1.2], len(pairs))])
+    path = tmp_path / "d.npz"
+    dictionary.save(dictionary.generate(SEQ, p[:, :2], b1=p[:, 2], progress=False), path)
+    dm = FingerprintDataModule(path=str(path), n_test=5, val_fraction=0.2, noise_std=0.01,
+                               progress=False)
+    dm.with_bound = True
+    dm.setup()
+    for name in ("train", "val", "test"):
+        ds, idx = getattr(dm, f"{name}_set"), dm.split_indices[name].numpy()
+        b1 = torch.from_numpy(p[idx, 2])
+        assert ds.params_ms.numpy() == pytest.approx(p[idx, :2])
+        expect = crb(SEQ, ds.params_ms[:, 0].double(), ds.params_ms[:, 1].double(), 0.01, b1,
+                     estimate_b1=True)[:, :2].float()
+        torch.testing.assert_close(ds.bound, expect)

@@ -339,17 +339,23 @@ class FingerprintDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
         self.test_set = FingerprintDataset(fixed(atoms[test_idx], 2), params[test_idx], scale,
                                            std)
         if self.with_bound:
-            for ds in (self.train_set, self.val_set, self.test_set):
-                ds.bound = self._bounds(ds.params_ms)
+            for ds, idx in ((self.train_set, train_idx), (self.val_set, val_idx),
+                            (self.test_set, test_idx)):
+                b1 = None if self.atom_b1 is None else self.atom_b1[idx.numpy()]
+                ds.bound = self._bounds(ds.params_ms, b1)
         self.split_indices = splits
         del atoms  # the full dictionary is freed; only the splits stay in memory
 
-    def _bounds(self, params_ms: torch.Tensor) -> torch.Tensor:
-        """Cramér–Rao bound ``(N, 2)`` (ms) of every sample at ``noise_std`` (B1 = 1 known)."""
+    def _bounds(self, params_ms: torch.Tensor, b1: np.ndarray | None = None) -> torch.Tensor:
+        """Cramér–Rao bound ``(N, 2)`` (ms) of every sample at ``noise_std``: at B1 = 1 known,
+        or, where the dictionary's B1 column ``b1`` has other values, at each atom's B1 with
+        B1 unknown (the network is not told it), as ``eval.py`` bounds them."""
         from mrflight.physics import crb
 
+        at_b1 = b1 is not None and bool(np.any(b1 != 1))
         return crb(self.sequence, params_ms[:, 0].double(), params_ms[:, 1].double(),
-                   self.noise_std).to(torch.float32)
+                   self.noise_std, torch.from_numpy(b1) if at_b1 else None,
+                   estimate_b1=at_b1)[:, :2].to(torch.float32)
 
     def _loader(self, ds, batch_size: int, sampler=None) -> DataLoader:
         """Batches of ``ds`` in order, or in the order of ``sampler``."""
