@@ -43,8 +43,15 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
 
 
 def _is_usage(e: BaseException) -> bool:
-    """Bad input, or a full disk: reported in one line."""
-    return isinstance(e, _usage_errors()) or _disk_full(e)
+    """Bad input, a full disk, or W&B online without a login or its server: one line."""
+    return isinstance(e, _usage_errors()) or _disk_full(e) or _wandb_unreachable(e)
+
+
+def _wandb_unreachable(e: BaseException) -> bool:
+    """W&B's own errors of an online run: no API key, a rejected one, its server unreachable
+    (wandb is not imported for this)."""
+    return (type(e).__module__.startswith("wandb.errors")
+            and type(e).__name__ in ("UsageError", "AuthenticationError", "CommError"))
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -90,6 +97,11 @@ def one_line(e: BaseException) -> str:
             return (f"unknown {label} {name!r}: choose {group}= one of "
                     f"{', '.join(sorted(e.options))}")
     msg = str(e).strip() or type(e).__name__
+    if _wandb_unreachable(e):
+        mode = os.environ.get("WANDB_MODE", "online")
+        msg = (f"W&B (WANDB_MODE={mode}): {msg.rstrip('.')}; log in (wandb login, or "
+               "WANDB_API_KEY), or run offline (WANDB_MODE=offline, the default; wandb sync "
+               "uploads later), or use logger=csv")
     parts = [" ".join(line.split()) for line in msg.splitlines()]
     text = "; ".join(p for p in parts if p)
     text = text.replace("; Set the environment variable HYDRA_FULL_ERROR=1 for a complete "

@@ -463,3 +463,14 @@ def test_a_data_error_is_reported_not_lightnings_teardown_error_after_it():
     assert isinstance(root_cause(info.value), ValueError)
     assert one_line(info.value) == "noise_std must be >= 0: got -1"
     assert _is_usage(root_cause(info.value))
+
+
+def test_wandb_online_without_a_login_is_one_error_line(tmp_path):
+    """WANDB_MODE=online with no API key (or no route to W&B's server) is the user's setting,
+    not a bug: one line naming the mode and the ways out, no traceback."""
+    env = {"WANDB_MODE": "online", "HOME": str(tmp_path), "WANDB_API_KEY": "",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
+    r = _run("train.py", [*TINY, "logger=default", f"hydra.run.dir={tmp_path / 'run'}"],
+             tmp_path, **env)
+    line = _one_error_line(r)
+    assert "WANDB_MODE=online" in line and "wandb login" in line and "WANDB_MODE=offline" in line
