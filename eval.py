@@ -1,23 +1,12 @@
-"""Evaluate trained models against dictionary matching: ``python eval.py`` "
-"(mrflight/configs/eval.yaml).
+"""Evaluate trained models against dictionary matching: ``python eval.py``
+(mrflight/configs/eval.yaml).
 
+The same command as ``mrflight-eval`` of an installed mrflight (:func:`mrflight.cli.evaluate`).
 Bad input (config values, unknown options, missing files) exits with status 2 and one line
 ``error: ...`` on stderr (``MRFLIGHT_DEBUG=1`` shows the traceback).
 """
 
-import hydra
-from omegaconf import DictConfig
-
-from mrflight.errors import guard, run_cli
-
-
-@hydra.main(version_base="1.3", config_path="mrflight/configs", config_name="eval")
-@guard
-def main(cfg: DictConfig):
-    from mrflight.pipeline import evaluate
-
-    return evaluate(cfg)
-
+from mrflight.cli import evaluate
 
 if __name__ == "__main__":
-    run_cli(main, config_name="eval")
+    evaluate()

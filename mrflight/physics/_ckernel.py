@@ -2,7 +2,10 @@
 
 The kernel is compiled once per machine with the system C compiler (``cc``/``gcc``, POSIX threads,
 ``-march=native``) into ``$MRFLIGHT_CACHE_DIR/kernels`` (default ``~/.cache/mrflight/kernels``),
-written atomically, and loaded with ctypes. The file name is a hash of the sources, the
+written atomically, and loaded with ctypes; where that folder cannot be written (a read-only home
+directory), into a private per-user folder of the system's temporary directory instead, with a
+warning naming ``MRFLIGHT_CACHE_DIR`` (:func:`build_path`). ``CC`` may carry arguments
+(``CC="ccache gcc"``). The file name is a hash of the sources, the
 architecture and the CPU's instruction-set features (:func:`cpu_features`), so a cache directory
 shared by machines with different CPUs (a cluster's home directory) never hands one CPU a binary
 built for instructions it lacks. Where no compiler is found, or ``MRFLIGHT_NO_KERNEL=1`` is set,
@@ -16,7 +19,9 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -40,8 +45,48 @@ def cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> list[str] | None:
+    """The compiler command: ``$CC`` split like a shell (``ccache gcc``), else ``cc``/``gcc``."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return shlex.split(cc)
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def private_tmp_dir() -> Path:
+    """``<tmp>/mrflight-<uid>/kernels``, created mode 700; a folder there that another user owns
+    or others may write is refused (``OSError``): a library planted in it would be loaded."""
+    top = Path(tempfile.gettempdir()) / f"mrflight-{os.getuid()}"
+    top.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(top)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f"{top} is not a private folder of this user (a link, another owner, or "
+                      "writable by others); remove it or set MRFLIGHT_CACHE_DIR")
+    folder = top / "kernels"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+def build_path() -> Path:
+    """:func:`kernel_path` when the kernel is there or its folder can be written, else the same
+    file name in :func:`private_tmp_dir` (with a warning naming ``MRFLIGHT_CACHE_DIR``)."""
+    path = kernel_path()
+    if path.exists() or _writable(path.parent):
+        return path
+    alt = private_tmp_dir() / path.name
+    warnings.warn(f"mrflight: {path.parent} cannot be written; the fused EPG kernel is kept in "
+                  f"{alt.parent} instead (set MRFLIGHT_CACHE_DIR to a writable folder to keep it "
+                  "across reboots)", RuntimeWarning, stacklevel=4)
+    return alt
 
 
 def cpu_features() -> str:
@@ -62,7 +107,7 @@ def cpu_features() -> str:
     cc = _compiler()
     if cc is not None:
         try:
-            r = subprocess.run([cc, "-march=native", "-Q", "--help=target"], capture_output=True,
+            r = subprocess.run(cc + ["-march=native", "-Q", "--help=target"], capture_output=True,
                                text=True, timeout=60)
             if r.returncode == 0 and r.stdout:
                 return r.stdout
@@ -82,12 +127,16 @@ def kernel_path() -> Path:
 def _compile(dest: Path) -> None:
     cc = _compiler()
     if cc is None:
-        raise RuntimeError("no C compiler found (cc/gcc)")
+        raise RuntimeError("no C compiler found (cc/gcc on PATH): install one (e.g. gcc) or "
+                           "name it in CC")
+    if shutil.which(cc[0]) is None:
+        raise RuntimeError(f"the C compiler {cc[0]!r} (from CC) cannot be run: set CC to an "
+                           "installed compiler, or unset it to use cc/gcc on PATH")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=_BUILD_PREFIX, dir=dest.parent) as tmp:
         objs = []
         variants = [("float", 16, "epg_fisp_f32"), ("double", 8, "epg_fisp_f64")]
-        base = [cc, "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-std=c11", "-pthread"]
+        base = cc + ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-std=c11", "-pthread"]
         for omp in (["-fopenmp-simd"], []):  # OpenMP SIMD hints when the compiler has them
             try:
                 objs = []
@@ -106,7 +155,7 @@ def _compile(dest: Path) -> None:
                                    check=True, capture_output=True, text=True)
                     objs.append(obj)
                 so_tmp = os.path.join(tmp, "k.so")
-                subprocess.run([cc, "-shared", "-pthread"] + objs + ["-o", so_tmp, "-lm"],
+                subprocess.run(cc + ["-shared", "-pthread"] + objs + ["-o", so_tmp, "-lm"],
                                check=True, capture_output=True, text=True)
                 _publish(so_tmp, dest)
                 return
@@ -166,15 +215,16 @@ def kernel() -> ctypes.CDLL | None:
         if os.environ.get("MRFLIGHT_NO_KERNEL", "") not in ("", "0"):
             _lib = None
             return None
-        path = kernel_path()
-        _remove_killed_builds(path.parent)
         try:
+            path = build_path()
+            _remove_killed_builds(path.parent)
             if not path.exists():
                 _compile(path)
             lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError) as e:
             warnings.warn(f"mrflight: the fused EPG kernel is unavailable ({e}); using the "
-                          "slower pure-torch path", RuntimeWarning, stacklevel=3)
+                          "slower pure-torch path (MRFLIGHT_NO_KERNEL=1 silences this)",
+                          RuntimeWarning, stacklevel=3)
             _lib = None
             return None
         d, i64 = ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_longlong)
