@@ -34,10 +34,10 @@ from pathlib import Path
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 __all__ = ["read_checkpoint", "best_checkpoint", "find_checkpoints", "find_runs",
-           "single_checkpoint", "resume_checkpoint", "run_dir_of", "run_config_path",
-           "read_run_config", "run_config_targets", "checkpoint_sequence", "checkpoint_score",
-           "state_dict_mismatch", "AtomicCheckpointIO", "scheduler_class", "CHECKPOINT_DIR",
-           "MAX_SEARCH_DEPTH"]
+           "single_checkpoint", "resume_checkpoint", "unstarted_run", "run_dir_of",
+           "run_config_path", "read_run_config", "run_config_targets", "checkpoint_sequence",
+           "checkpoint_score", "state_dict_mismatch", "AtomicCheckpointIO", "scheduler_class",
+           "CHECKPOINT_DIR", "MAX_SEARCH_DEPTH"]
 
 log = logging.getLogger("mrflight")
 
@@ -474,11 +474,34 @@ def resume_checkpoint(ckpt_path, output_dir) -> tuple[Path, dict] | None:
                 p = cand
                 break
         else:
-            raise ValueError(f"ckpt_path={ckpt_path}: no last.ckpt in {p} or {p}/{CHECKPOINT_DIR} "
-                             "(to resume, set hydra.run.dir to the interrupted run's directory)")
+            raise ValueError(_no_last_message(ckpt_path, p))
     if not p.is_file():
         raise ValueError(f"ckpt_path={ckpt_path}: {p} does not exist")
     return p, read_checkpoint(p)
+
+
+def _no_last_message(ckpt_path, p: Path) -> str:
+    """Why ``p`` (a folder) has nothing to resume from, and what to do instead."""
+    found = _checkpoint_files(p / CHECKPOINT_DIR)
+    if found:  # the disk filled before last.ckpt was written, or save_last was turned off
+        return (f"ckpt_path={ckpt_path}: no last.ckpt in {p / CHECKPOINT_DIR}: give one of its "
+                f"checkpoints, e.g. ckpt_path={found[-1]}")
+    if (p / RUN_CONFIGS[0]).is_file():
+        return (f"ckpt_path={ckpt_path}: the run in {p} stopped before its first epoch ended "
+                f"and has no checkpoint to resume from: start it again from the beginning with "
+                f"hydra.run.dir={p} ckpt_path=last")
+    return (f"ckpt_path={ckpt_path}: no last.ckpt in {p} or {p}/{CHECKPOINT_DIR} "
+            "(to resume, set hydra.run.dir to the interrupted run's directory)")
+
+
+def unstarted_run(ckpt_path, output_dir) -> Path | None:
+    """The run folder ``output_dir`` when ``ckpt_path=last`` finds its run stopped before its
+    first checkpoint (its ``checkpoints/config.yaml``, no ``.ckpt``; a job preempted in its first
+    epoch and requeued): that run starts again from the beginning, with its saved config."""
+    out = Path(str(output_dir))
+    if str(ckpt_path) != "last" or not (out / RUN_CONFIGS[0]).is_file():
+        return None
+    return None if _checkpoint_files(out / CHECKPOINT_DIR) or _checkpoint_files(out) else out
 
 
 def scheduler_class(target: str):

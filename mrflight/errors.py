@@ -7,7 +7,9 @@ process with exit status 2 and a single line on stderr::
     error: unknown model 'transformer': choose model= one of ann, cnn, gru, lstm
 
 naming the argument and the fix; so does a full disk (``error: no space left on device writing
-PATH: free space or set paths.output_dir``). Any other exception (a real bug) keeps its
+PATH: free space or set paths.output_dir``). A run stopped by Ctrl-C or SIGTERM (a cluster's
+preemption or time limit) ends with one line saying how to resume it, and the exit status of a
+process the signal ended (130, 143), never 0. Any other exception (a real bug) keeps its
 traceback. Set
 ``MRFLIGHT_DEBUG=1`` (or Hydra's own ``HYDRA_FULL_ERROR=1``) to see the full traceback of a bad
 input too.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -55,7 +58,9 @@ def _wandb_unreachable(e: BaseException) -> bool:
 
 
 def _disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno == errno.ENOSPC
+    from mrflight.fileio import DISK_FULL
+
+    return isinstance(e, OSError) and e.errno in DISK_FULL
 
 
 def _lightning_teardown(e: BaseException) -> bool:
@@ -89,7 +94,8 @@ def one_line(e: BaseException) -> str:
     e = root_cause(e)
     if _disk_full(e):
         where = f" writing {e.filename}" if e.filename else ""
-        return f"no space left on device{where}: free space or set paths.output_dir"
+        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        return f"{what}{where}: free space or set paths.output_dir"
     if isinstance(e, MissingConfigException) and e.options and e.missing_cfg_file:
         group, _, name = str(e.missing_cfg_file).rpartition("/")
         if group:
@@ -240,8 +246,56 @@ def _to_log_file(e: BaseException, msg: str) -> None:
     log_to_file(logging.ERROR, "error: %s\n%s", msg, "".join(traceback.format_exception(e)))
 
 
+def _stop_signal(e: BaseException) -> int | None:
+    """The signal that stopped the task, if one did: SIGINT (``KeyboardInterrupt``) or SIGTERM
+    (Lightning's ``SIGTERMException``, raised at the step after the signal: a ``SystemExit``
+    without a code, which would end the process with status 0 as if the run had finished)."""
+    if isinstance(e, KeyboardInterrupt):
+        return int(signal.SIGINT)
+    lightning_errors = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    if lightning_errors is not None and isinstance(e, lightning_errors.SIGTERMException):
+        return int(signal.SIGTERM)
+    return None
+
+
+#: what sends each signal that stops a run
+_SENDERS = {signal.SIGINT: "Ctrl-C",
+            signal.SIGTERM: "kill, or a cluster's preemption or time limit"}
+
+
+def _report_stop(e: BaseException, signum: int, cfg) -> None:
+    """``error: stopped by SIGTERM (...)`` on stderr and in the log file, with how to go on."""
+    msg = (f"stopped by {signal.Signals(signum).name} ({_SENDERS[signum]}): "
+           f"{_how_to_go_on(cfg)}")
+    print(f"error: {msg}", file=sys.stderr)
+    sys.stderr.flush()
+    _to_log_file(e, msg)
+
+
+def _how_to_go_on(cfg) -> str:
+    """A training run resumes from its ``last.ckpt``, or starts again from its saved config;
+    anything else runs again."""
+    from pathlib import Path
+
+    try:
+        out, task = Path(str(cfg.paths.output_dir)), cfg.get("task_name")
+    except Exception:  # noqa: BLE001 - a config without paths: no folder to name
+        return "run the command again"
+    if task != "train":
+        return f"run the command again (the files in {out} are whole, but some may be missing)"
+    from mrflight.checkpoints import CHECKPOINT_DIR, RUN_CONFIGS
+
+    resume = f"with python train.py hydra.run.dir={out} ckpt_path=last"
+    if (out / CHECKPOINT_DIR / "last.ckpt").is_file():
+        return f"resume it from its last finished epoch {resume}"
+    if (out / RUN_CONFIGS[0]).is_file():
+        return f"no epoch had finished: start it again from the beginning {resume}"
+    return "nothing of the run was saved yet: run the same command again"
+
+
 def guard(task: Callable) -> Callable:
-    """Decorate a Hydra task function (under ``@hydra.main``): bad input -> one line, exit 2.
+    """Decorate a Hydra task function (under ``@hydra.main``): bad input -> one line, exit 2;
+    a run stopped by SIGINT or SIGTERM -> one line with how to go on, exit 128 + the signal.
 
     Catching here, inside the job, keeps Hydra from adding its own "Error executing job" report.
     In a multirun, :func:`mrflight.pipeline.train` records failures itself, so nothing reaches
@@ -256,12 +310,18 @@ def guard(task: Callable) -> Callable:
         configure_logging()
         try:
             return task(cfg)
-        except (Exception, KeyboardInterrupt) as e:
+        except (Exception, KeyboardInterrupt, SystemExit) as e:
+            signum = _stop_signal(e)
+            if signum is not None:  # one line, and the status of a process the signal ended
+                _report_stop(e, signum, cfg)
+                raise SystemExit(128 + signum) from None
+            if isinstance(e, SystemExit):
+                raise
             usage = isinstance(e, Exception) and _is_usage(root_cause(e))
             if usage and not _debug():  # bad input or a full disk: one line, exit 2
                 _report(e)
                 raise SystemExit(EXIT_USAGE) from None
-            # a bug or an interrupt (or --debug): logged, re-raised
+            # a bug (or --debug): logged, re-raised
             _to_log_file(e, one_line(e) if usage
                          else f"{type(root_cause(e)).__name__}: {one_line(e)}")
             raise

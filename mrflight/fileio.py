@@ -32,7 +32,11 @@ import numpy as np
 
 __all__ = ["atomic_path", "remove_stale_temp_files", "output_folder", "held_results", "lock_folder",
            "RUN_RESULTS", "load_mat", "save_mat", "is_mat_v73", "file_mode", "damaged_error",
-           "Digest"]
+           "Digest", "DISK_FULL"]
+
+#: the errors of a write that found no room: a full disk, and a user's exhausted quota (the
+#: usual one on a cluster's shared file systems)
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 #: root attribute of a v7.3 file holding the SHA-256 checksum of its variables
 _CHECKSUM_ATTR = "mrflight_sha256"
@@ -91,7 +95,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None, *,
     """Yield a temporary path beside ``dest``; on success it is fsynced and renamed to ``dest``.
 
     On an exception the temporary file is removed and ``dest`` is left untouched; a full disk
-    raises ``OSError(ENOSPC)`` naming ``dest``.
+    or quota raises ``OSError(ENOSPC)`` (``EDQUOT``) naming ``dest``.
 
     Args:
         dest: the final file.
@@ -117,8 +121,8 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None, *,
         else:
             _move_no_replace(tmp_path, dest)
     except OSError as e:
-        if e.errno == errno.ENOSPC and e.filename != str(dest):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest)) from e
+        if e.errno in DISK_FULL and e.filename != str(dest):
+            raise OSError(e.errno, os.strerror(e.errno), str(dest)) from e
         raise
     finally:
         if tmp_path.exists():

@@ -381,10 +381,14 @@ def _optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
 
 
 def _train(cfg: DictConfig) -> float | None:
+    from mrflight.checkpoints import unstarted_run
+
     hc = hydra_config()
+    # the run already in this folder: resumed, or started again where it had no checkpoint yet
+    own_run = unstarted_run(cfg.get("ckpt_path"), cfg.paths.output_dir) is not None
     cfg, resume_from = _resume(cfg, hc)  # checks the checkpoint loads: nothing written yet
     check_config(cfg)
-    output_dir = _prepare_run(cfg, resuming=resume_from is not None)
+    output_dir = _prepare_run(cfg, resuming=own_run or resume_from is not None)
     lock = _lock_run_folder(output_dir)
     try:
         return _train_in(cfg, hc, resume_from, output_dir)

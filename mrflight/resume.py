@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mrflight.checkpoints import resume_checkpoint, run_config_path, run_dir_of
+from mrflight.checkpoints import resume_checkpoint, run_config_path, run_dir_of, unstarted_run
 from mrflight.config import to_plain
 
 __all__ = ["resume_config", "continue_csv_logs", "check_fits", "FIXED_NODES",
@@ -95,7 +95,10 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
             composed in Python): ``cfg`` is used as given and only checked against the run's.
 
     Returns:
-        ``(config, (checkpoint path, checkpoint dict))``; ``(cfg, None)`` when not resuming.
+        ``(config, (checkpoint path, checkpoint dict))``; ``(cfg, None)`` when not resuming;
+        ``(config, None)`` for ``ckpt_path=last`` in a run folder whose run stopped before its
+        first checkpoint (:func:`mrflight.checkpoints.unstarted_run`): it starts again with its
+        saved config.
 
     Raises:
         ValueError: the checkpoint is missing or does not load, or the overrides change the
@@ -103,11 +106,12 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
     """
     if not cfg.get("train", True):
         return cfg, None
-    found = resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
-    if found is None:
+    restart = unstarted_run(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    found = None if restart else resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    if found is None and restart is None:
         return cfg, None
-    path, _ = found
-    saved_file = run_config_path(run_dir_of(path))
+    path = found[0] if found else restart
+    saved_file = run_config_path(restart or run_dir_of(path))
     if saved_file is None:
         log.warning("no saved config beside %s: resuming with the given config", path)
         return cfg, found
@@ -132,6 +136,9 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
             f"with ({saved_file}), but these settings differ: {shown}. A checkpoint cannot "
             "change its model, data or sequence: drop those overrides, or start a new run "
             "(another hydra.run.dir) without ckpt_path")
+    if restart:
+        log.warning("ckpt_path=last: the run in %s stopped before its first epoch ended (no "
+                    "checkpoint yet): it starts again from the beginning with its config", path)
     return merged, found
 
 

@@ -374,6 +374,26 @@ def test_atomic_path_names_the_file_when_the_disk_is_full(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_quota_is_reported_as_a_full_disk_naming_the_file(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from mrflight.errors import guard
+    from mrflight.fileio import atomic_path
+
+    dest = tmp_path / "metrics.json"
+
+    def write(cfg):
+        with atomic_path(dest) as tmp:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(tmp))
+
+    with pytest.raises(SystemExit) as e:
+        guard(write)(OmegaConf.create({}))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: disk quota exceeded writing {dest}: free space or set paths.output_dir")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------
 # checkpoints from untrusted sources
 # --------------------------------------------------------------------------------------------

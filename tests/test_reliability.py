@@ -97,6 +97,89 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, model):
         assert m_res[k] == m_full[k], k
 
 
+def _signal_at(monkeypatch, signum, epoch, batch):
+    """Send ``signum`` to this process at training batch ``batch`` of ``epoch``, as a cluster
+    preempting the job (SIGTERM) or Ctrl-C (SIGINT) would."""
+    real = MRFRegressor.training_step
+
+    def step(self, b, i):
+        if (self.current_epoch, i) == (epoch, batch):
+            os.kill(os.getpid(), signum)
+        return real(self, b, i)
+
+    monkeypatch.setattr(MRFRegressor, "training_step", step)
+
+
+def test_sigterm_mid_epoch_fails_with_one_line_and_resumes_to_the_same_result(
+        tmp_path, monkeypatch, capsys):
+    from mrflight.errors import guard
+
+    args = ["model=ann", "trainer.max_epochs=3", "test=false"]
+    _, full, m_full = _train(tmp_path / "full", *args)
+    out = tmp_path / "cut"
+    _signal_at(monkeypatch, signal.SIGTERM, epoch=1, batch=3)
+    with pytest.raises(SystemExit) as e:  # Lightning's SIGTERMException alone would exit 0
+        guard(train)(compose_config([*TINY, *args], output_dir=out))
+    assert e.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: stopped by SIGTERM (kill, or a cluster's preemption or time "
+                       "limit): resume it from its last finished epoch with python train.py "
+                       f"hydra.run.dir={out} ckpt_path=last")
+    assert not (out / "metrics.json").exists()
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    monkeypatch.undo()
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    _, resumed, m_res = _train(out, *args, "ckpt_path=last")
+    assert resumed["global_step"] == full["global_step"]
+    _same_weights(full["state_dict"], resumed["state_dict"])
+    assert m_res == m_full
+
+
+def test_ctrl_c_before_training_is_one_line_with_the_signals_status(tmp_path, monkeypatch,
+                                                                     capsys):
+    from mrflight import pipeline
+    from mrflight.errors import guard
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_build_data_and_module", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        guard(train)(compose_config([*TINY, "model=ann"], output_dir=out))
+    assert e.value.code == 128 + signal.SIGINT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: stopped by SIGINT (Ctrl-C): nothing of the run was saved yet: "
+                       "run the same command again")
+
+
+def test_a_run_stopped_in_its_first_epoch_starts_again_with_ckpt_path_last(tmp_path,
+                                                                           monkeypatch, capsys):
+    """A job preempted before its first checkpoint and requeued with ``ckpt_path=last`` (no
+    last.ckpt to resume from, and its folder refused to a new run) starts again from the
+    beginning with the run's saved config, and ends as an uninterrupted run."""
+    from mrflight.errors import guard
+
+    args = ["model=ann", "trainer.max_epochs=2", "test=false"]
+    _, full, m_full = _train(tmp_path / "full", *args)
+    out = tmp_path / "run"
+    _signal_at(monkeypatch, signal.SIGTERM, epoch=0, batch=3)
+    with pytest.raises(SystemExit) as e:
+        guard(train)(compose_config([*TINY, *args], output_dir=out))
+    monkeypatch.undo()
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    assert e.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"no epoch had finished: start it again from the beginning with python train.py "
+        f"hydra.run.dir={out} ckpt_path=last")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["config.yaml"]
+    with pytest.raises(ValueError, match="already holds the results"):  # not overwritten
+        train(compose_config([*TINY, "model=gru"], output_dir=out))
+    _, again, m_again = _train(out, *args, "ckpt_path=last")
+    _same_weights(full["state_dict"], again["state_dict"])
+    assert m_again == m_full
+
+
 def test_same_config_and_seed_give_the_same_metrics(tmp_path):
     args = ["model=ann", "trainer.max_epochs=2"]
     _, a, ma = _train(tmp_path / "a", *args)
