@@ -382,8 +382,10 @@ def _optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
 
 def _train(cfg: DictConfig) -> float | None:
     from mrflight.checkpoints import unstarted_run
+    from mrflight.resume import requeued_run
 
     hc = hydra_config()
+    cfg = requeued_run(cfg)
     # the run already in this folder: resumed, or started again where it had no checkpoint yet
     own_run = unstarted_run(cfg.get("ckpt_path"), cfg.paths.output_dir) is not None
     cfg, resume_from = _resume(cfg, hc)  # checks the checkpoint loads: nothing written yet

@@ -19,15 +19,22 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mrflight.checkpoints import resume_checkpoint, run_config_path, run_dir_of, unstarted_run
+from mrflight.checkpoints import (
+    RUN_CONFIGS,
+    resume_checkpoint,
+    run_config_path,
+    run_dir_of,
+    unstarted_run,
+)
 from mrflight.config import to_plain
 
-__all__ = ["resume_config", "continue_csv_logs", "check_fits", "FIXED_NODES",
+__all__ = ["resume_config", "requeued_run", "continue_csv_logs", "check_fits", "FIXED_NODES",
            "RUNTIME_DATA_KEYS"]
 
 log = logging.getLogger("mrflight")
@@ -84,6 +91,25 @@ def _override_keys(overrides) -> list[tuple[str, bool]]:
         else:
             out.append((key, False))
     return out
+
+
+def requeued_run(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``ckpt_path=last`` when this is a job Slurm requeued (``SLURM_RESTART_COUNT``
+    above 0: preempted, or timed out under the submitit launcher's ``max_num_timeout``) into the
+    folder of the run it had started: the job comes back with its first overrides, and its run
+    resumes (or starts again, :func:`mrflight.checkpoints.unstarted_run`) instead of the folder
+    being refused as another run's. Anything else is returned as it is."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "")
+    if cfg.get("ckpt_path") is not None or not restarts.isdigit() or int(restarts) == 0:
+        return cfg
+    if not (Path(str(cfg.paths.output_dir)) / RUN_CONFIGS[0]).is_file():
+        return cfg  # nothing of the run was saved (Hydra's .hydra/ is): it starts as a new run
+    log.warning("requeued job (SLURM_RESTART_COUNT=%s): its run in %s goes on from its last "
+                "checkpoint (ckpt_path=last)", restarts, cfg.paths.output_dir)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.ckpt_path = "last"
+    return cfg
 
 
 def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | None]:

@@ -636,3 +636,32 @@ def test_memory_does_not_grow_across_epochs(seq):
     # after the first two epochs (allocator warm-up) the resident size stays flat
     growth = mb[2:].max() - mb[2]
     assert growth < 20, f"RSS per epoch (MB): {np.round(mb, 1).tolist()}"
+
+
+def test_a_requeued_slurm_job_resumes_its_run(tmp_path, monkeypatch, capsys):
+    """Slurm requeues a preempted job (a submitit multirun's, or ``sbatch --requeue``) with its
+    first command line, no ckpt_path, into the folder of its run: the run resumes from its last
+    checkpoint and ends as an uninterrupted run, instead of the folder being refused."""
+    from mrflight.errors import guard
+
+    args = ["model=ann", "trainer.max_epochs=3", "test=false"]
+    _, full, m_full = _train(tmp_path / "full", *args)
+    out = tmp_path / "job"
+    _signal_at(monkeypatch, signal.SIGTERM, epoch=1, batch=3)
+    with pytest.raises(SystemExit):
+        guard(train)(compose_config([*TINY, *args], output_dir=out))
+    monkeypatch.undo()
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="already holds the results"):  # not requeued
+        train(compose_config([*TINY, *args], output_dir=out))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    _, resumed, m_res = _train(out, *args)
+    assert resumed["global_step"] == full["global_step"]
+    _same_weights(full["state_dict"], resumed["state_dict"])
+    assert m_res == m_full
+    # a requeued job whose first attempt saved nothing yet starts as a new run
+    fresh = tmp_path / "fresh"
+    (fresh / ".hydra").mkdir(parents=True)
+    (fresh / ".hydra" / "config.yaml").write_text("{}")
+    _, started, _ = _train(fresh, *args)
+    assert started["global_step"] == full["global_step"]
