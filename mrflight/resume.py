@@ -41,6 +41,9 @@ log = logging.getLogger("mrflight")
 
 #: config nodes a checkpoint was trained for: a resume may not change them
 FIXED_NODES = ("model", "data", "sequence")
+#: single settings a resume cannot change either: the loss (``val/loss``, which picks the best
+#: checkpoint and stops early, is in its unit; ``log`` changes what the network predicts)
+FIXED_KEYS = ("module.loss", "module.bias_weight")
 #: data settings that do not change the data (where it is cached, how it is loaded)
 RUNTIME_DATA_KEYS = ("cache_dir", "num_workers", "progress", "eval_batch_size")
 
@@ -160,7 +163,7 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
         raise ValueError(
             f"ckpt_path={cfg.get('ckpt_path')} resumes {path} with the config it was trained "
             f"with ({saved_file}), but these settings differ: {shown}. A checkpoint cannot "
-            "change its model, data or sequence: drop those overrides, or start a new run "
+            "change its model, data, sequence or loss: drop those overrides, or start a new run "
             "(another hydra.run.dir) without ckpt_path")
     if restart:
         log.warning("ckpt_path=last: the run in %s stopped before its first epoch ended (no "
@@ -267,8 +270,9 @@ def _schedule_spans_the_run(saved: DictConfig, merged: DictConfig, overrides) ->
 
 
 def _fixed_node_changes(saved: DictConfig, merged: DictConfig) -> list[str]:
-    """``"node.key: old -> new"`` for every setting of :data:`FIXED_NODES` that differs (a
-    changed ``_target_`` alone where the class differs; runtime data keys ignored)."""
+    """``"node.key: old -> new"`` for every setting of :data:`FIXED_NODES` and
+    :data:`FIXED_KEYS` that differs (a changed ``_target_`` alone where the class differs;
+    runtime data keys ignored)."""
     changed = []
     for node in FIXED_NODES:
         a = _flat(to_plain(OmegaConf.select(saved, node, default=None)) or {})
@@ -281,6 +285,10 @@ def _fixed_node_changes(saved: DictConfig, merged: DictConfig) -> list[str]:
                 continue
             if a.get(k, "<unset>") != b.get(k, "<unset>"):
                 changed.append(f"{node}.{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}")
+    for key in FIXED_KEYS:
+        a, b = (OmegaConf.select(c, key, default="<unset>") for c in (saved, merged))
+        if a != b:
+            changed.append(f"{key}: {a!r} -> {b!r}")
     return changed
 
 

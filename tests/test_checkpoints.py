@@ -160,6 +160,10 @@ def test_resume_in_python_refuses_another_model(tmp_path):
     before = (out / "checkpoints" / "config.yaml").read_bytes()
     with pytest.raises(ValueError, match="model._target_.*new run"):
         train(compose_config([*TINY, "model=gru", "ckpt_path=last"], output_dir=out))
+    # another loss: val/loss, which picks the best checkpoint, would change its unit mid-run
+    with pytest.raises(ValueError, match="module.loss: 'l1' -> 'mse'.*or loss"):
+        train(compose_config([*TINY, "model=ann", "module.loss=mse", "ckpt_path=last"],
+                             output_dir=out))
     assert (out / "checkpoints" / "config.yaml").read_bytes() == before
 
 
