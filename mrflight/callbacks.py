@@ -86,9 +86,10 @@ class ScatterPlot(L.Callback):
             self._true.append(outputs["true_ms"].detach().float().cpu())
 
     def on_test_end(self, trainer, pl_module) -> None:
-        if not self._pred or not trainer.is_global_zero:
+        pred, true = _gathered(trainer, self._pred), _gathered(trainer, self._true)
+        if not len(pred) or not trainer.is_global_zero:
             return
-        pred, true = torch.cat(self._pred).numpy(), torch.cat(self._true).numpy()
+        pred, true = pred.numpy(), true.numpy()
         n_all = len(pred)
         k = min(pred.shape[1], true.shape[1])
         mae = np.abs(pred[:, :k] - true[:, :k]).mean(0)  # every test signal, as test/*_mae
@@ -113,6 +114,20 @@ class ScatterPlot(L.Callback):
 
         plt.close(fig)
         self._pred, self._true = [], []
+
+
+def _gathered(trainer, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``tensors`` of every DDP rank, concatenated (under DDP each rank tests its own share of
+    the test set: rank 0's alone would be half the signals). Every rank must call it."""
+    local = torch.cat(tensors) if tensors else torch.zeros(0)
+    if int(getattr(trainer, "world_size", 1) or 1) <= 1:
+        return local
+    import torch.distributed as dist
+
+    parts: list = [None] * int(trainer.world_size)
+    dist.all_gather_object(parts, local)
+    parts = [p for p in parts if p.numel()]
+    return torch.cat(parts) if parts else local
 
 
 def _param_names(pl_module, n: int) -> list[str]:

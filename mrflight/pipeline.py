@@ -98,7 +98,8 @@ def check_config(cfg: DictConfig, choices=None) -> None:
     target = cfg.model.get("_target_") if cfg.get("model") else None
     if target not in allowed_targets():
         raise ValueError(f"unknown model {target!r}: choose model= one of "
-                         f"{', '.join(sorted(REGISTRY))}")
+                         f"{', '.join(sorted(REGISTRY))}, or your own nn.Module class "
+                         "(model._target_=module.Class, its module importable: on PYTHONPATH)")
     data = cfg.data
     if "path" in data.keys() and data.get("params", None) is not None:
         raise ValueError("data.path (a dictionary file, data=file) and data.params (T1/T2 to "
@@ -388,6 +389,7 @@ def _train(cfg: DictConfig) -> float | None:
     cfg = requeued_run(cfg)
     # the run already in this folder: resumed, or started again where it had no checkpoint yet
     own_run = unstarted_run(cfg.get("ckpt_path"), cfg.paths.output_dir) is not None
+    _trust_own_model(cfg)
     cfg, resume_from = _resume(cfg, hc)  # checks the checkpoint loads: nothing written yet
     check_config(cfg)
     output_dir = _prepare_run(cfg, resuming=own_run or resume_from is not None)
@@ -397,6 +399,20 @@ def _train(cfg: DictConfig) -> float | None:
     finally:
         if lock is not None:
             lock.close()  # a joblib launcher's worker process goes on with other jobs
+
+
+def _trust_own_model(cfg: DictConfig) -> None:
+    """The network the command's own config names (``model._target_``, e.g. a user's model
+    from their own config dir) is built like mrflight's (:func:`mrflight.models.trust`); one
+    that cannot be imported is left to :func:`check_config`'s error."""
+    from mrflight.models import trust
+
+    target = cfg.model.get("_target_") if cfg.get("model") else None
+    if isinstance(target, str) and not target.startswith("mrflight."):
+        try:
+            trust(target)
+        except ValueError:
+            pass
 
 
 def _lock_run_folder(output_dir: Path):
@@ -454,9 +470,11 @@ def evaluate(cfg: DictConfig):
     models and dictionary matching (:mod:`mrflight.evaluation`); :mod:`mrflight.eval_entry`
     turns the config into their typed inputs."""
     from mrflight import eval_entry
+    from mrflight.models import trust
 
     check_runtime(cfg)
     _check_eval_mode(cfg)
+    trust(*(cfg.get("trust") or []))
     if cfg.get("input"):
         return eval_entry.maps_from_config(cfg)
     if cfg.get("export"):

@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics import MeanAbsoluteError, MeanSquaredError
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, Metric
 
 from mrflight.config import to_plain
 from mrflight.matching import float32_matmul
@@ -65,6 +65,28 @@ def _precision(precision: str, device: torch.device):
     else:
         with float32_matmul(device, "tf32" if precision == "tf32" else "ieee"):
             yield
+
+
+class WeightedMean(Metric):
+    """The mean of per-batch values weighted by their batch sizes, over every DDP rank: the
+    loss of the evaluation sets. Lightning's ``sync_dist`` averages the summed batch sizes of
+    the ranks as integers (shares of 101 and 100 signals were divided by 200, not 201), and
+    torchmetrics' ``MeanMetric`` drops NaNs or, told not to, its weights; a NaN loss stays
+    NaN here, as a diverged run must show."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: int) -> None:
+        self.total += value.detach().float() * weight
+        self.weight += weight
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.weight
 
 
 def _key(name: str) -> str:
@@ -174,6 +196,7 @@ class MRFRegressor(L.LightningModule):
         self.loss_fn = nn.MSELoss()
         self.metrics = nn.ModuleDict({_key(split): self._metric_set()
                                       for split in ("val", "test")})
+        self.eval_loss = nn.ModuleDict({split: WeightedMean() for split in ("val", "test")})
         # training errors: per target the sum of |error| and of error^2 over the epoch, and the
         # count, in each target's metric unit (x100: B1 in %). One update per step: six
         # torchmetrics updates and logs per step made a default GRU epoch 10 % slower (3-epoch
@@ -434,9 +457,12 @@ class MRFRegressor(L.LightningModule):
         bs = batch.target.shape[0]
         if name == split:
             loss = self.loss(pred, batch)
-            self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True,
-                     prog_bar=True, batch_size=bs, sync_dist=split != "train",
-                     add_dataloader_idx=False)
+            logged = loss
+            if split != "train":
+                logged = self.eval_loss[split]
+                logged.update(loss, bs)
+            self.log(f"{split}/loss", logged, on_step=split == "train", on_epoch=True,
+                     prog_bar=True, batch_size=bs, add_dataloader_idx=False)
         else:
             loss = None
         pred_ms = self.to_params(pred.detach())

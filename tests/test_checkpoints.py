@@ -594,3 +594,55 @@ def test_an_unusable_cuda_device_is_a_clear_error(real_ckpt):
                             "maps": {"device": device, "progress": False}})
     with pytest.raises(ValueError, match=match):
         maps_from_config(cfg)
+
+
+USER_NET = '''
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, input_length, in_channels=1, n_outputs=2, hidden=8):
+        super().__init__()
+        self.input_length, self.in_channels = input_length, in_channels
+        self.n_outputs, self.hidden = n_outputs, hidden
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(input_length * in_channels, hidden),
+                                  nn.ReLU(), nn.Linear(hidden, n_outputs))
+
+    def forward(self, x):
+        return self.body(x)
+'''
+
+
+def test_a_users_own_model_trains_and_loads_once_trusted(tmp_path, monkeypatch):
+    """A model of the user's own (their module, their config dir) trains with train.py; a
+    checkpoint naming it is refused until trusted, with the way to trust it, which works."""
+    from mrflight.models import base, trust
+    from mrflight.pipeline import evaluate
+
+    (tmp_path / "user_nets.py").write_text(USER_NET)
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "tiny.yaml").write_text("_target_: user_nets.TinyNet\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(base, "_TRUSTED", {})
+    out = tmp_path / "run"
+    train(compose_config([*TINY, f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+                          "model=tiny", "trainer.max_epochs=1", "test=false"], output_dir=out))
+    ckpt = out / "checkpoints" / "last.ckpt"
+    monkeypatch.setattr(base, "_TRUSTED", {})  # a new process: eval.py, a notebook
+    with pytest.raises(ValueError, match=re.escape("eval.py trust=[user_nets.TinyNet]")):
+        mrflight.load_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="not an nn.Module class"):
+        trust("os.system")
+    trust("user_nets.TinyNet")
+    assert type(mrflight.load_checkpoint(ckpt).net).__name__ == "TinyNet"
+    monkeypatch.setattr(base, "_TRUSTED", {})
+    cfg = compose_config([f"ckpt_path={out}", "trust=[user_nets.TinyNet]",
+                          "evaluation.test_sets=[paper]", "evaluation.n_test=50",
+                          "evaluation.noise_levels=[0.01]", "evaluation.svd_rank=null",
+                          "evaluation.phantoms=[]", "evaluation.plots=false",
+                          "evaluation.efficiency=false", "evaluation.offgrid_b1=false",
+                          "evaluation.robustness=false", "evaluation.matching_b1=false",
+                          "evaluation.latency_repeats=2"],
+                         output_dir=tmp_path / "eval", config_name="eval")
+    rows = evaluate(cfg)
+    assert any(r.get("method") == "tinynet" for r in rows)

@@ -1,6 +1,8 @@
 """Plots: Fuderer colour-map processing (invalid -> black, clip below the lower level, log remap)
 and the figures (finite content, atomic PNGs)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from cmcrameri import cm
@@ -212,3 +214,39 @@ def test_training_scatter_b1_panel_is_a_ratio_with_mae_in_percent():
     mae_pct = 100 * np.abs(pred[:, 2] - true[:, 2]).mean()
     assert f"{mae_pct:.3g} %" in ax.get_title()
     assert fig.axes[0].get_title().endswith(" ms") and "(ms)" in fig.axes[0].get_xlabel()
+
+
+def _test_scatter_on_rank(rank: int, folder: str) -> None:
+    """One DDP rank of :func:`test_test_scatter_shows_every_ranks_signals`."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from mrflight import callbacks
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
+                            world_size=2)
+    titles = []
+    draw = callbacks._scatter_figure
+    callbacks._scatter_figure = lambda *a, **kw: titles.append(kw["title"]) or draw(*a, **kw)
+    cb = callbacks.ScatterPlot(dirpath=folder)
+    n = 3 - rank  # the shares of 5 signals: 3 and 2
+    cb._pred, cb._true = [torch.full((n, 2), 100.0)], [torch.full((n, 2), 110.0 + rank)]
+    trainer = SimpleNamespace(world_size=2, is_global_zero=rank == 0, loggers=[],
+                              default_root_dir=folder, global_step=0)
+    cb.on_test_end(trainer, SimpleNamespace(hparams={"targets": ["t1", "t2"]}))
+    dist.destroy_process_group()
+    if rank == 0:
+        (Path(folder) / "title.txt").write_text(titles[0])
+
+
+def test_test_scatter_shows_every_ranks_signals(tmp_path):
+    """Under DDP each rank tests its share of the test set; the test figure (drawn by rank 0)
+    shows and titles all of them, so its MAE is the logged test MAE, not that of rank 0's
+    share."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_test_scatter_on_rank, args=(str(tmp_path),), nprocs=2)
+    assert (tmp_path / "scatter_test.png").is_file()
+    assert "5 signals" in (tmp_path / "title.txt").read_text()

@@ -407,3 +407,48 @@ def test_simulated_run_resumes_to_the_same_result(tmp_path, monkeypatch, callbac
             cb.on_load_checkpoint(SimpleNamespace(state=SimpleNamespace(fn=fn)), module, full)
             for k, v in module.state_dict().items():
                 assert torch.equal(v, full[state][k]), (fn, k)
+
+
+def _eval_indices_per_rank(dm, loader_fn, world: int) -> list[list[int]]:
+    """The indices each of ``world`` DDP ranks evaluates, as Lightning prepares the loader."""
+    import lightning as L
+    from lightning.pytorch.trainer.states import RunningStage
+
+    trainer = L.Trainer(strategy="ddp", devices=world, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False)
+    out = []
+    for rank in range(world):
+        trainer.strategy.cluster_environment.set_global_rank(rank)  # as in rank's process
+        dm.trainer = trainer
+        loader = trainer._data_connector._prepare_dataloader(
+            loader_fn(dm), shuffle=False, mode=RunningStage.VALIDATING)
+        out.append(list(loader.sampler))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["simulated", "stored"])
+def test_ddp_evaluates_every_sample_once(seq, kind):
+    """Under DDP the validation and test sets are split across the ranks and the metrics
+    reduced over them: each sample must be scored exactly once. Lightning's default
+    DistributedSampler pads a set to a multiple of the ranks with repeats (201 signals on 2
+    ranks were scored as 202), so the metrics of a run on 2 processes were not those of 1."""
+    from mrflight.data import FingerprintDataModule
+    from mrflight.dictionary import random_params
+
+    if kind == "simulated":
+        dm = SimulatedDataModule(seq, **{**SMALL, "n_val": 33, "n_test": 35})
+        sizes = {"val": 33, "test": 35}
+    else:
+        dm = FingerprintDataModule(sequence=seq, params=random_params(200, seed=3), n_test=35,
+                                   val_fraction=0.2, batch_size=16, progress=False)
+        dm.setup()
+        sizes = {"val": len(dm.val_set), "test": 35}
+    for split, fn in (("val", lambda d: d.val_dataloader()),
+                      ("test", lambda d: d.test_dataloader())):
+        first = lambda d, fn=fn: (lambda ls: ls[0] if isinstance(ls, list) else ls)(fn(d))
+        ranks = _eval_indices_per_rank(dm, first, 2)
+        assert sorted(i for r in ranks for i in r) == list(range(sizes[split])), split
+        assert min(map(len, ranks)) >= 1
+    one = SimulatedDataModule(seq, **{**SMALL, "n_val": 1})
+    with pytest.raises(ValueError, match="data.n_val has 1 samples for 2 DDP processes"):
+        _eval_indices_per_rank(one, lambda d: d.val_dataloader()[0], 2)

@@ -1,6 +1,8 @@
 """Training end to end on tiny data: pipeline, checkpoints, early stopping, W&B, multirun."""
 
 import csv
+import json
+import math
 import os
 import subprocess
 import sys
@@ -308,6 +310,26 @@ def test_ddp_on_cpu_two_processes(tmp_path, data):
         assert ck["global_step"] == 8
 
 
+@pytest.mark.slow
+def test_ddp_metrics_are_those_of_one_process(tmp_path):
+    """A test set split across 2 ranks (201 signals: shares of 101 and 100) gives the metrics
+    of one process on the same weights: each signal scored once (no padding repeats) and the
+    loss weighted by the signals of each share."""
+    args = [*(a for a in SIM_SMALL if not a.startswith("model.")), "model=ann",
+            "data.n_test=201", "train=false", "optimized_metric=null", "logger=csv"]
+    got = {}
+    ddp = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    for n, trainer in ((1, ["trainer=cpu"]), (2, ddp)):
+        out = tmp_path / f"p{n}"
+        r = _sub([*trainer, *args, f"hydra.run.dir={out}"], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[n] = json.loads((out / "metrics.json").read_text())
+    assert "test/loss" in got[1] and "test/t1_mae_ms" in got[1]
+    for k, v in got[1].items():
+        if isinstance(v, float):
+            assert got[2][k] == pytest.approx(v, rel=1e-5), k
+
+
 def test_predict_parameters_precision_modes():
     """bf16 autocast really runs in bfloat16 (outputs differ from fp32 by bf16 rounding, ~1e-2
     relative at most), fp32/tf32 agree on the CPU, and a bad mode names the choices."""
@@ -354,3 +376,16 @@ def test_sweep_score_is_the_best_checkpoints_not_the_last_epochs(tmp_path):
     assert len(scores) == 4 and scores[-1] > min(scores)  # the case the test is about
     assert metric == saved["best/val/loss"] == pytest.approx(min(scores), rel=1e-6)
     assert saved["val/loss"] == pytest.approx(scores[-1], rel=1e-6)
+
+
+def test_evaluation_loss_is_weighted_by_batch_size_and_keeps_nan():
+    """The val/test loss is the mean over signals (batches weighted by their sizes, summed
+    over DDP ranks as floats), and a NaN loss is reported, not dropped."""
+    from mrflight.regressor import WeightedMean
+
+    m = WeightedMean()
+    m.update(torch.tensor(0.5), 3)
+    m.update(torch.tensor(1.0), 2)
+    assert float(m.compute()) == pytest.approx(0.7)
+    m.update(torch.tensor(float("nan")), 1)
+    assert math.isnan(float(m.compute()))

@@ -1,7 +1,8 @@
 """What both data modules share: the :class:`Batch` they yield, its collation, the seeds of
 their training streams (:func:`stream_seed`) and what the pipeline reads from a data module to
 build the network (:class:`ModelInputs`), the seed of the training stream kept in the checkpoint
-(:class:`TrainingSeed`) and the epoch a training loader serves (:func:`training_epoch`)."""
+(:class:`TrainingSeed`), the epoch a training loader serves (:func:`training_epoch`) and the
+sampler of an evaluation loader under DDP (:func:`eval_sampler`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from mrflight.physics import Sequence
 
 __all__ = ["Batch", "collate", "stream_seed", "training_epoch", "ModelInputs", "TrainingSeed",
-           "loader_context"]
+           "loader_context", "eval_sampler"]
 
 
 class Batch(NamedTuple):
@@ -60,6 +61,31 @@ def training_epoch(trainer) -> int:
     batches' indices or keys from the sampler) before it calls ``set_epoch`` and before
     ``trainer.current_epoch`` reaches the resumed epoch, but after it has restored this count."""
     return int(trainer.fit_loop.epoch_progress.current.processed)
+
+
+def eval_sampler(dataset, trainer, option: str = "the evaluation set"):
+    """The sampler of a validation or test loader: ``None`` (in order) in one process; under
+    DDP this rank's share of ``dataset``, every sample on exactly one rank.
+
+    Lightning would otherwise give such a loader a ``DistributedSampler``, which pads the set
+    with repeated samples up to a multiple of the number of processes: a set of 201 signals
+    on 2 ranks was scored as 202, with the first counted twice. The shares differ by at most
+    one sample; validation steps synchronise nothing per batch, so uneven shares are safe as
+    long as every rank has at least one sample.
+
+    Raises:
+        ValueError: ``dataset`` has fewer samples than there are processes.
+    """
+    world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+    if world <= 1:
+        return None
+    if len(dataset) < world:
+        raise ValueError(f"{option} has {len(dataset)} samples for {world} DDP processes: "
+                         f"every process needs at least one, so make it at least {world}")
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world,
+                                        rank=int(trainer.global_rank), shuffle=False)
 
 
 def loader_context(num_workers: int) -> str | None:

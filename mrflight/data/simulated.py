@@ -59,6 +59,7 @@ from .batches import (
     ModelInputs,
     TrainingSeed,
     collate,
+    eval_sampler,
     loader_context,
     stream_seed,
     training_epoch,
@@ -597,8 +598,10 @@ class SimulatedDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
             multiprocessing_context=loader_context(workers))
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
-        return [DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False,
-                           collate_fn=collate) for ds in self.fixed_sets(split)["sets"]]
+        trainer = getattr(self, "trainer", None)
+        return [DataLoader(ds, batch_size=self.eval_batch_size, collate_fn=collate,
+                           sampler=eval_sampler(ds, trainer, f"data.n_{split}"))
+                for ds in self.fixed_sets(split)["sets"]]
 
     def val_dataloader(self):
         return self._eval_loaders("val")

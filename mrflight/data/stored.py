@@ -62,6 +62,7 @@ from .batches import (
     ModelInputs,
     TrainingSeed,
     collate,
+    eval_sampler,
     loader_context,
     stream_seed,
     training_epoch,
@@ -371,10 +372,15 @@ class FingerprintDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
                             EpochShuffleSampler(self.train_set, self.seed, epoch_fn))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size)
+        return self._eval_loader(self.val_set, "the validation split (data.val_fraction)")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size)
+        return self._eval_loader(self.test_set, "data.n_test")
+
+    def _eval_loader(self, ds, option: str) -> DataLoader:
+        """In order; under DDP each rank its share, every sample once (:func:`eval_sampler`)."""
+        return self._loader(ds, self.eval_batch_size,
+                            eval_sampler(ds, getattr(self, "trainer", None), option))
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Add fresh noise to training batches (complex clean fingerprints) on their device."""

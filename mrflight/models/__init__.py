@@ -8,10 +8,11 @@ first so that
 the unit-norm fingerprint has values of order one.
 
 Adding a model is one class here (a subclass of :class:`Regressor`), one YAML file in
-``mrflight/configs/model/`` and one entry in the test parametrisation.
+``mrflight/configs/model/`` and one entry in the test parametrisation. A user's own network
+outside the package is built once trusted (:func:`trust`; see the README, "Your own model").
 """
 
-from .base import Regressor, build_net, net_config
+from .base import Regressor, build_net, net_config, trust
 from .cnn import CNNRegressor
 from .mlp import ANNRegressor
 from .recurrent import GRURegressor, LSTMRegressor, RecurrentRegressor
@@ -28,4 +29,5 @@ REGISTRY = {
 __all__ = [
     "Regressor", "RecurrentRegressor", "LSTMRegressor", "GRURegressor", "ANNRegressor",
     "CNNRegressor", "SubspaceRegressor", "REGISTRY", "build_net", "net_config",
+    "trust",
 ]

@@ -84,12 +84,47 @@ def net_config(net: nn.Module) -> dict:
     return cfg
 
 
+#: class paths of the user's own networks that :func:`trust` allows :func:`build_net` to build
+_TRUSTED: dict[str, type] = {}
+#: how a user allows a network of their own (the end of the error that refuses one)
+TRUST_HINT = ("if you trust it, allow it: eval.py trust=[{t}], in Python "
+              "mrflight.models.trust('{t}') before loading (train.py trusts the model its own "
+              "command names)")
+
+
+def trust(*targets: str) -> None:
+    """Allow :func:`build_net` (so :func:`mrflight.load_checkpoint`, ``eval.py`` and a resume)
+    to build the user's own networks, named by class path (``mymodels.MyNet``): a checkpoint
+    names its network as text, so only registered and trusted classes are ever imported.
+
+    A network takes ``input_length``, ``in_channels`` and ``n_outputs`` (the pipeline passes
+    them), keeps every constructor argument as an attribute of the same name and maps
+    ``(B, T)`` or ``(B, C, T)`` fingerprints to ``(B, n_outputs)`` scaled targets.
+
+    Raises:
+        ValueError: a path that does not name an ``nn.Module`` class.
+    """
+    import importlib
+
+    for target in targets:
+        module, _, name = str(target).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name) if module else None
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot trust network {target!r}: {e} (is its module on "
+                             "PYTHONPATH?)") from None
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ValueError(f"cannot trust network {target!r}: it is not an nn.Module class "
+                             "(give its class path, module.Class)")
+        _TRUSTED[str(target)] = cls
+
+
 def allowed_targets() -> dict[str, type]:
     """``{class path: class}`` of the networks :func:`build_net` may build.
 
-    Only the regressors registered in :data:`mrflight.models.REGISTRY`, under their module path
+    The regressors registered in :data:`mrflight.models.REGISTRY`, under their module path
     (``mrflight.models.recurrent.GRURegressor``) and their package path
-    (``mrflight.models.GRURegressor``).
+    (``mrflight.models.GRURegressor``), and the user's networks given to :func:`trust`.
     """
     from mrflight.models import REGISTRY
 
@@ -97,7 +132,7 @@ def allowed_targets() -> dict[str, type]:
     for cls in REGISTRY.values():
         out[f"{cls.__module__}.{cls.__qualname__}"] = cls
         out[f"mrflight.models.{cls.__name__}"] = cls
-    return out
+    return {**out, **_TRUSTED}
 
 
 def build_net(cfg: dict) -> nn.Module:
@@ -119,7 +154,7 @@ def build_net(cfg: dict) -> nn.Module:
             raise ValueError(f"net config needs a '_target_' class path, one of "
                              f"{', '.join(names)}")
         raise ValueError(f"network {target!r} is not an mrflight regressor: allowed are "
-                         f"{', '.join(names)}")
+                         f"{', '.join(names)}; {TRUST_HINT.format(t=target)}")
     if not all(isinstance(k, str) and k.isidentifier() for k in cfg):
         raise ValueError(f"network config of {target} has invalid argument names: {list(cfg)}")
     try:
