@@ -375,6 +375,9 @@ def _optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
         return None
     if f"best/{name}" in metrics:
         return metrics[f"best/{name}"]
+    if name not in metrics and not cfg.get("train", True):
+        log.info("train=false: no %s to report (optimized_metric)", name)
+        return None
     if name not in metrics:
         raise ValueError(f"optimized_metric={name!r} was not logged; available: "
                          f"{', '.join(sorted(metrics))}")

@@ -240,9 +240,15 @@ class MRFRegressor(L.LightningModule):
                     self.metrics[_key(split + name)] = self._metric_set().to(self.device)
 
     def on_fit_start(self) -> None:
+        self._fit_basis()
+
+    def on_test_start(self) -> None:
+        self._fit_basis()  # a test of the initial weights (train=false)
+
+    def _fit_basis(self) -> None:
         """Fit a network's data-dependent part before its first step (the subspace basis of
         :class:`mrflight.models.SubspaceRegressor` and of a recurrent net with ``rank``) from
-        the run's sequence and the data's prior; a resumed run has it from its checkpoint
+        the run's sequence and the data's prior; a resumed run or a trained checkpoint has it
         already."""
         if getattr(self.net, "has_basis", True):
             return

@@ -103,7 +103,8 @@ def requeued_run(cfg: DictConfig) -> DictConfig:
     resumes (or starts again, :func:`mrflight.checkpoints.unstarted_run`) instead of the folder
     being refused as another run's. Anything else is returned as it is."""
     restarts = os.environ.get("SLURM_RESTART_COUNT", "")
-    if cfg.get("ckpt_path") is not None or not restarts.isdigit() or int(restarts) == 0:
+    if cfg.get("ckpt_path") is not None or not cfg.get("train", True) \
+            or not restarts.isdigit() or int(restarts) == 0:
         return cfg
     if not (Path(str(cfg.paths.output_dir)) / RUN_CONFIGS[0]).is_file():
         return cfg  # nothing of the run was saved (Hydra's .hydra/ is): it starts as a new run
@@ -134,6 +135,11 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
             model, data or sequence the checkpoint was trained with.
     """
     if not cfg.get("train", True):
+        if cfg.get("ckpt_path") is not None:
+            raise ValueError(f"train=false tests the network's initial (seeded) weights and "
+                             f"reads no checkpoint, but ckpt_path={cfg.ckpt_path} is given: to "
+                             "test a trained run use python eval.py ckpt_path=RUN; to resume "
+                             "it leave out train=false")
         return cfg, None
     restart = unstarted_run(cfg.get("ckpt_path"), cfg.paths.output_dir)
     found = None if restart else resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)

@@ -389,3 +389,21 @@ def test_evaluation_loss_is_weighted_by_batch_size_and_keeps_nan():
     assert float(m.compute()) == pytest.approx(0.7)
     m.update(torch.tensor(float("nan")), 1)
     assert math.isnan(float(m.compute()))
+
+
+def test_train_false_tests_the_initial_weights_of_any_model(tmp_path, monkeypatch):
+    """``train=false`` tests the seeded initial weights: with the default GRU (whose basis is
+    fitted when training starts) and the default optimized_metric (a validation metric no fit
+    logged), it writes the test metrics instead of failing; it refuses a ckpt_path it would
+    not read."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    args = [a for a in SIM_SMALL if not a.startswith("model.")]
+    out = tmp_path / "run"
+    assert train(compose_config([*args, "model=gru", "train=false", "logger=none"],
+                                output_dir=out)) is None
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(metrics["test/t1_mae_ms"]) and "val/loss" not in metrics
+    with pytest.raises(ValueError, match="train=false tests the network's initial"):
+        train(compose_config([*args, "train=false", f"ckpt_path={out}", "logger=none"],
+                             output_dir=tmp_path / "again"))
