@@ -456,18 +456,24 @@ def test_default_cache_dir_follows_the_environment(tmp_path, seq, monkeypatch, c
     assert len(counted) == 1 and len(list((tmp_path / "c" / "dictionaries").glob("*.h5"))) == 1
 
 
-@pytest.mark.parametrize("env", ["set", "unset"])
+@pytest.mark.parametrize("env", ["set", "xdg", "both", "unset"])
 def test_paths_config_names_the_default_cache_dir(tmp_path, monkeypatch, env):
+    """MRFLIGHT_CACHE_DIR, else XDG_CACHE_HOME/mrflight (the cache folder users and clusters
+    set for every tool), else ~/.cache/mrflight: the same in Python and in the config."""
     from omegaconf import OmegaConf
 
     from mrflight.physics import _ckernel
 
-    if env == "set":
+    monkeypatch.delenv("MRFLIGHT_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    if env in ("set", "both"):
         monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "c"))
-    else:
-        monkeypatch.delenv("MRFLIGHT_CACHE_DIR", raising=False)
+    if env in ("xdg", "both"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    expect = {"set": tmp_path / "c", "both": tmp_path / "c", "xdg": tmp_path / "xdg" / "mrflight",
+              "unset": Path.home() / ".cache" / "mrflight"}[env]
     cfg = OmegaConf.load(CONFIGS.parent / "paths" / "default.yaml")
-    assert Path(cfg.cache_dir).expanduser() == md.default_cache_dir()
+    assert Path(cfg.cache_dir).expanduser() == md.default_cache_dir() == expect / "dictionaries"
     assert md.default_cache_dir().parent == _ckernel.cache_dir().parent
 
 

@@ -22,8 +22,8 @@ __all__ = ["default_cache_dir", "cache_key"]
 
 
 def default_cache_dir() -> Path:
-    """``$MRFLIGHT_CACHE_DIR/dictionaries`` if that variable is set, else
-    ``~/.cache/mrflight/dictionaries``."""
+    """``dictionaries/`` of :func:`mrflight.physics._cache.cache_root`:
+    ``$MRFLIGHT_CACHE_DIR``, else ``$XDG_CACHE_HOME/mrflight``, else ``~/.cache/mrflight``."""
     return cache_root() / "dictionaries"
 
 
