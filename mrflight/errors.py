@@ -247,15 +247,22 @@ def _to_log_file(e: BaseException, msg: str) -> None:
 
 
 def _stop_signal(e: BaseException) -> int | None:
-    """The signal that stopped the task, if one did: SIGINT (``KeyboardInterrupt``) or SIGTERM
+    """The signal that stopped the task, if one did: SIGINT (``KeyboardInterrupt``, or the
+    ``sys.exit(1)`` Lightning turns it into during a fit or test) or SIGTERM
     (Lightning's ``SIGTERMException``, raised at the step after the signal: a ``SystemExit``
     without a code, which would end the process with status 0 as if the run had finished)."""
-    if isinstance(e, KeyboardInterrupt):
+    if isinstance(e, KeyboardInterrupt) or _lightning_ctrl_c(e):
         return int(signal.SIGINT)
     lightning_errors = sys.modules.get("lightning.pytorch.utilities.exceptions")
     if lightning_errors is not None and isinstance(e, lightning_errors.SIGTERMException):
         return int(signal.SIGTERM)
     return None
+
+
+def _lightning_ctrl_c(e: BaseException) -> bool:
+    """Lightning ends a fit or test stopped by Ctrl-C with its own ``sys.exit(1)``, raised while
+    handling the ``KeyboardInterrupt`` (which is then its context)."""
+    return isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt)
 
 
 #: what sends each signal that stops a run

@@ -418,6 +418,26 @@ def _trust_own_model(cfg: DictConfig) -> None:
             pass
 
 
+def _trusted_paths(value) -> list[str]:
+    """The class paths of ``eval.py trust=``: a list, or one path given alone
+    (``trust=mymodels.MyNet``, which would otherwise be trusted letter by letter).
+
+    Raises:
+        ValueError: anything else (a number, a mapping, a list of non-strings).
+    """
+    from omegaconf import OmegaConf
+
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    items = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+    if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
+        return list(items)
+    raise ValueError(f"trust={value!r}: give the class paths of your networks, e.g. "
+                     "'trust=[mymodels.MyNet]'")
+
+
 def _lock_run_folder(output_dir: Path):
     """Rank 0's lock on the run folder (:func:`mrflight.fileio.lock_folder`), held until the
     run ends: a second run started in the same folder at the same time is refused."""
@@ -477,7 +497,7 @@ def evaluate(cfg: DictConfig):
 
     check_runtime(cfg)
     _check_eval_mode(cfg)
-    trust(*(cfg.get("trust") or []))
+    trust(*_trusted_paths(cfg.get("trust")))
     if cfg.get("input"):
         return eval_entry.maps_from_config(cfg)
     if cfg.get("export"):

@@ -44,6 +44,8 @@ FIXED_NODES = ("model", "data", "sequence")
 #: single settings a resume cannot change either: the loss (``val/loss``, which picks the best
 #: checkpoint and stops early, is in its unit; ``log`` changes what the network predicts)
 FIXED_KEYS = ("module.loss", "module.bias_weight")
+#: the file a finished run has written: a requeued job does not resume such a run
+FINISHED = "metrics.json"
 #: data settings that do not change the data (where it is cached, how it is loaded)
 RUNTIME_DATA_KEYS = ("cache_dir", "num_workers", "progress", "eval_batch_size")
 
@@ -101,13 +103,20 @@ def requeued_run(cfg: DictConfig) -> DictConfig:
     above 0: preempted, or timed out under the submitit launcher's ``max_num_timeout``) into the
     folder of the run it had started: the job comes back with its first overrides, and its run
     resumes (or starts again, :func:`mrflight.checkpoints.unstarted_run`) instead of the folder
-    being refused as another run's. Anything else is returned as it is."""
+    being refused as another run's. A run that has finished (its ``metrics.json``) is not
+    resumed: its folder is refused as any other run's, its results kept (a shell that
+    inherited the variable starts no resume). Anything else is returned as it is."""
     restarts = os.environ.get("SLURM_RESTART_COUNT", "")
     if cfg.get("ckpt_path") is not None or not cfg.get("train", True) \
             or not restarts.isdigit() or int(restarts) == 0:
         return cfg
-    if not (Path(str(cfg.paths.output_dir)) / RUN_CONFIGS[0]).is_file():
+    out = Path(str(cfg.paths.output_dir))
+    if not (out / RUN_CONFIGS[0]).is_file():
         return cfg  # nothing of the run was saved (Hydra's .hydra/ is): it starts as a new run
+    if (out / FINISHED).is_file():  # resuming would test again and rewrite its metrics.json
+        log.warning("SLURM_RESTART_COUNT=%s, but the run in %s has finished (%s): it is not "
+                    "resumed", restarts, out, FINISHED)
+        return cfg
     log.warning("requeued job (SLURM_RESTART_COUNT=%s): its run in %s goes on from its last "
                 "checkpoint (ckpt_path=last)", restarts, cfg.paths.output_dir)
     cfg = cfg.copy()

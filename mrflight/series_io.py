@@ -177,7 +177,7 @@ def _choose(candidates: dict[str, tuple[int, ...]], dataset: str | None, path: P
             raise ValueError(f"dataset={dataset!r} (maps.dataset on the command line) is not in "
                              f"{path}; it holds {_listing(candidates)}")
         return dataset
-    multi = {k: s for k, s in candidates.items() if len(s) >= 2}
+    multi = _images(candidates)
     if length is not None and len(multi) > 1:
         with_t = {k: s for k, s in multi.items() if length in s}
         multi = with_t or multi
@@ -194,6 +194,15 @@ def _choose(candidates: dict[str, tuple[int, ...]], dataset: str | None, path: P
                         "command line)" if series else
                         f"save the one meant alone (e.g. np.save('{option}.npy', arr), or as "
                         f"NIfTI) and pass that file as {option}="))
+
+
+def _images(candidates: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The arrays of at least 2 axes; where some have 2 axes longer than one, only those: a
+    MATLAB file stores a scalar as 1 x 1 and a vector (flip angles, TRs) as 1 x N, which are
+    not images beside the series, mask or B1 map."""
+    multi = {k: s for k, s in candidates.items() if len(s) >= 2}
+    wide = {k: s for k, s in multi.items() if sum(int(n) > 1 for n in s) >= 2}
+    return wide or multi
 
 
 def _listing(c: dict[str, tuple[int, ...]]) -> str:

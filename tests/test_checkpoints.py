@@ -646,3 +646,25 @@ def test_a_users_own_model_trains_and_loads_once_trusted(tmp_path, monkeypatch):
                          output_dir=tmp_path / "eval", config_name="eval")
     rows = evaluate(cfg)
     assert any(r.get("method") == "tinynet" for r in rows)
+
+
+@pytest.mark.parametrize("value, paths", [("user_nets.TinyNet", ["user_nets.TinyNet"]),
+                                          (["a.Net", "b.Net"], ["a.Net", "b.Net"]),
+                                          ([], []), (None, [])])
+def test_trust_takes_a_list_or_one_class_path(value, paths):
+    """``trust=user_nets.TinyNet`` (no brackets) is that one class, not its letters."""
+    from omegaconf import OmegaConf
+
+    from mrflight.pipeline import _trusted_paths
+
+    assert _trusted_paths(OmegaConf.create({"trust": value}).trust) == paths
+
+
+@pytest.mark.parametrize("value", [5, [5], {"a": "b.C"}])
+def test_trust_of_no_class_paths_is_one_error(value):
+    from omegaconf import OmegaConf
+
+    from mrflight.pipeline import _trusted_paths
+
+    with pytest.raises(ValueError, match=r"^trust=.*give the class paths.*trust=\[mymodels"):
+        _trusted_paths(OmegaConf.create({"trust": value}).trust)

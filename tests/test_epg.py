@@ -548,3 +548,13 @@ def test_a_killed_compiles_build_folder_is_removed_once_it_is_old(tmp_path, monk
     with pytest.warns(RuntimeWarning, match="no compiler in this test"):
         assert _ckernel.kernel() is None
     assert sorted(p.name for p in kernels.iterdir()) == [".build.q", "notes"]
+
+
+def test_a_cc_that_is_no_command_leaves_the_torch_path_with_its_name(tmp_path, monkeypatch):
+    """``CC`` with an unclosed quote is named, with the fix, and the simulator falls back to
+    torch, as for a missing compiler (it was a ValueError out of the simulator)."""
+    monkeypatch.setenv("CC", 'gcc "')
+    monkeypatch.setattr(_ckernel, "_lib", False)
+    monkeypatch.setattr(_ckernel, "kernel_path", lambda: tmp_path / "kernels" / "epg_new.so")
+    with pytest.warns(RuntimeWarning, match=r"CC='gcc \"' is not a command.*unset it"):
+        assert _ckernel.kernel() is None

@@ -941,3 +941,21 @@ def test_mat_series_keeps_its_singleton_axes(tmp_path, seq, fmt):
     finally:
         src.close()
     assert load_mat(path)["TR"] == 4.3  # a scalar is still a scalar by default
+
+
+def test_mat_scalars_and_vectors_are_not_taken_for_images(tmp_path, seq, phantoms):
+    """MATLAB stores a scalar as 1 x 1 and a vector as 1 x N, and a v7 file now keeps those
+    axes: a series beside its flip angles (1 x T), or a mask beside a threshold (1 x 1), is
+    still the file's one image, as it was when scipy squeezed them."""
+    import scipy.io
+
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq)
+    scipy.io.savemat(tmp_path / "scan.mat", {"img": ser, "FA": np.ones(len(seq)), "TR": 4.3})
+    src = open_series(tmp_path / "scan.mat", length=len(seq))
+    try:
+        assert src.name == "img" and tuple(src.shape) == ser.shape
+    finally:
+        src.close()
+    scipy.io.savemat(tmp_path / "mask.mat", {"mask": mask.astype(np.uint8), "thr": 0.5})
+    np.testing.assert_array_equal(maps.load_mask(tmp_path / "mask.mat", mask.shape), mask)

@@ -153,6 +153,26 @@ def test_ctrl_c_before_training_is_one_line_with_the_signals_status(tmp_path, mo
                        "run the same command again")
 
 
+def test_ctrl_c_mid_epoch_is_one_line_with_the_signals_status(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a fit, which Lightning ends with its own ``sys.exit(1)``: one line with how
+    to resume, and the status of a process SIGINT ended (130), as before training."""
+    from mrflight.errors import guard
+
+    out = tmp_path / "run"
+    _signal_at(monkeypatch, signal.SIGINT, epoch=1, batch=3)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as e:
+            guard(train)(compose_config([*TINY, "model=ann", "trainer.max_epochs=3"],
+                                        output_dir=out))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C while it shuts down
+    assert e.value.code == 128 + signal.SIGINT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: stopped by SIGINT (Ctrl-C): resume it from its last finished "
+                       f"epoch with python train.py hydra.run.dir={out} ckpt_path=last")
+
+
 def test_a_run_stopped_in_its_first_epoch_starts_again_with_ckpt_path_last(tmp_path,
                                                                            monkeypatch, capsys):
     """A job preempted before its first checkpoint and requeued with ``ckpt_path=last`` (no
@@ -665,3 +685,17 @@ def test_a_requeued_slurm_job_resumes_its_run(tmp_path, monkeypatch, capsys):
     (fresh / ".hydra" / "config.yaml").write_text("{}")
     _, started, _ = _train(fresh, *args)
     assert started["global_step"] == full["global_step"]
+
+
+def test_a_requeued_job_does_not_resume_a_finished_run(tmp_path, monkeypatch):
+    """SLURM_RESTART_COUNT (a requeued job, or a shell that inherited it) in the folder of a
+    finished run: the folder is refused as another run's, its metrics.json kept (a resume
+    would test again and rewrite it without the run's training and validation metrics)."""
+    out = tmp_path / "run"
+    args = ["model=ann", "trainer.max_epochs=1"]
+    _train(out, *args)
+    before = (out / "metrics.json").read_text()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(ValueError, match="already holds the results"):
+        train(compose_config([*TINY, *args], output_dir=out))
+    assert (out / "metrics.json").read_text() == before

@@ -49,7 +49,11 @@ def _compiler() -> list[str] | None:
     """The compiler command: ``$CC`` split like a shell (``ccache gcc``), else ``cc``/``gcc``."""
     cc = os.environ.get("CC", "").strip()
     if cc:
-        return shlex.split(cc)
+        try:
+            return shlex.split(cc)
+        except ValueError as e:  # an unclosed quote: named like a missing compiler
+            raise RuntimeError(f"CC={cc!r} is not a command ({e}): set CC to a compiler, "
+                               "quoted as in a shell, or unset it to use cc/gcc on PATH") from None
     found = shutil.which("cc") or shutil.which("gcc")
     return [found] if found else None
 
@@ -104,7 +108,10 @@ def cpu_features() -> str:
                     return " ".join(sorted(line.split(":", 1)[1].split()))
     except OSError:
         pass
-    cc = _compiler()
+    try:
+        cc = _compiler()
+    except RuntimeError:
+        cc = None
     if cc is not None:
         try:
             r = subprocess.run(cc + ["-march=native", "-Q", "--help=target"], capture_output=True,
