@@ -52,8 +52,12 @@ def test_readme_names_the_kernel_cache_the_code_uses(monkeypatch, tmp_path):
 
     text = " ".join((ROOT / "README.md").read_text().split())
     assert ("`$MRFLIGHT_CACHE_DIR/kernels` when that variable is set, else "
+            "`$XDG_CACHE_HOME/mrflight/kernels` when that one is, else "
             "`~/.cache/mrflight/kernels`") in text
     monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert _ckernel.cache_dir() == tmp_path / "kernels"
     monkeypatch.delenv("MRFLIGHT_CACHE_DIR")
+    assert _ckernel.cache_dir() == tmp_path / "xdg" / "mrflight" / "kernels"
+    monkeypatch.delenv("XDG_CACHE_HOME")
     assert _ckernel.cache_dir() == Path.home() / ".cache" / "mrflight" / "kernels"
