@@ -486,6 +486,9 @@ def _no_last_message(ckpt_path, p: Path) -> str:
     if found:  # the disk filled before last.ckpt was written, or save_last was turned off
         return (f"ckpt_path={ckpt_path}: no last.ckpt in {p / CHECKPOINT_DIR}: give one of its "
                 f"checkpoints, e.g. ckpt_path={found[-1]}")
+    if (p / "metrics.json").is_file():
+        return (f"ckpt_path={ckpt_path}: the run in {p} has finished and its checkpoints are "
+                "gone: there is nothing to resume; start a new run in another hydra.run.dir")
     if (p / RUN_CONFIGS[0]).is_file():
         return (f"ckpt_path={ckpt_path}: the run in {p} stopped before its first epoch ended "
                 f"and has no checkpoint to resume from: start it again from the beginning with "
@@ -499,7 +502,8 @@ def unstarted_run(ckpt_path, output_dir) -> Path | None:
     first checkpoint (its ``checkpoints/config.yaml``, no ``.ckpt``; a job preempted in its first
     epoch and requeued): that run starts again from the beginning, with its saved config."""
     out = Path(str(output_dir))
-    if str(ckpt_path) != "last" or not (out / RUN_CONFIGS[0]).is_file():
+    if str(ckpt_path) != "last" or not (out / RUN_CONFIGS[0]).is_file() \
+            or (out / "metrics.json").is_file():  # a finished run whose checkpoints are gone
         return None
     return None if _checkpoint_files(out / CHECKPOINT_DIR) or _checkpoint_files(out) else out
 

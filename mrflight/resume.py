@@ -180,6 +180,8 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
             f"with ({saved_file}), but these settings differ: {shown}. A checkpoint cannot "
             "change its model, data, sequence or loss: drop those overrides, or start a new run "
             "(another hydra.run.dir) without ckpt_path")
+    if found is not None:
+        _check_not_finished(cfg, found, merged)
     if restart:
         log.warning("ckpt_path=last: the run in %s stopped before its first epoch ended (no "
                     "checkpoint yet): it starts again from the beginning with its config", path)
@@ -282,6 +284,21 @@ def _schedule_spans_the_run(saved: DictConfig, merged: DictConfig, overrides) ->
         merged.module.scheduler.T_max = new
     log.info("resumed with trainer.max_epochs=%s (was %s): the learning-rate schedule's T_max "
              "follows it", new, old)
+
+
+def _check_not_finished(cfg: DictConfig, found: tuple, merged: DictConfig) -> None:
+    """Refuse to resume, into the folder of its results, a run that has finished its epochs:
+    there is nothing to train, and its ``metrics.json`` would be rewritten by a test alone
+    (without the training and validation metrics)."""
+    path, ck = found
+    done = int(ck.get("epoch", -1)) + 1
+    max_epochs = OmegaConf.select(merged, "trainer.max_epochs", default=None)
+    out = Path(str(cfg.paths.output_dir))
+    if (out / FINISHED).is_file() and isinstance(max_epochs, int) and 0 <= max_epochs <= done:
+        raise ValueError(f"ckpt_path={cfg.get('ckpt_path')}: the run in {out} has finished its "
+                         f"{done} epoch(s) ({FINISHED}): to train it further raise "
+                         f"trainer.max_epochs above {done}; to evaluate it use python eval.py "
+                         f"ckpt_path={out}")
 
 
 def _fixed_node_changes(saved: DictConfig, merged: DictConfig) -> list[str]:

@@ -699,3 +699,26 @@ def test_a_requeued_job_does_not_resume_a_finished_run(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="already holds the results"):
         train(compose_config([*TINY, *args], output_dir=out))
     assert (out / "metrics.json").read_text() == before
+
+
+def test_a_finished_run_is_not_resumed_into_its_own_results(tmp_path):
+    """``ckpt_path=last`` on a finished run with nothing left to train would test again and
+    rewrite its metrics.json without the training and validation metrics; with its checkpoints
+    gone it was taken for a run that never started and retrained. Both are refused, with the
+    way on; raising trainer.max_epochs still trains it further."""
+    args = ["model=ann", "trainer.max_epochs=1"]
+    out = tmp_path / "run"
+    _train(out, *args)
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(ValueError, match="has finished its 1 epoch.*trainer.max_epochs above 1"):
+        train(compose_config([*TINY, *args, "ckpt_path=last"], output_dir=out))
+    assert (out / "metrics.json").read_bytes() == before
+    _, ck, metrics = _train(out, "model=ann", "trainer.max_epochs=2", "ckpt_path=last")
+    assert ck["epoch"] == 1 and "val/loss" in metrics
+    for f in (out / "checkpoints").glob("*.ckpt"):
+        f.unlink()
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(ValueError, match="has finished and its checkpoints are gone"):
+        train(compose_config([*TINY, "model=ann", "trainer.max_epochs=2", "ckpt_path=last"],
+                             output_dir=out))
+    assert (out / "metrics.json").read_bytes() == before
