@@ -118,13 +118,16 @@ def one_line(e: BaseException) -> str:
 
 
 _DEBUG_AT_START: bool | None = None
+#: set beside the ``HYDRA_FULL_ERROR=1`` that :func:`run_cli` sets itself, which the processes
+#: it starts inherit (the other DDP ranks run the script again): theirs is not the user's
+_OWN_FULL_ERROR = "MRFLIGHT_SET_HYDRA_FULL_ERROR"
 
 
 def _debug() -> bool:
     if _DEBUG_AT_START is not None:  # run_cli sets HYDRA_FULL_ERROR itself: use the user's
         return _DEBUG_AT_START
-    return any(os.environ.get(v, "") not in ("", "0", "false", "False")
-               for v in ("MRFLIGHT_DEBUG", "HYDRA_FULL_ERROR"))
+    names = ["MRFLIGHT_DEBUG"] + ([] if os.environ.get(_OWN_FULL_ERROR) else ["HYDRA_FULL_ERROR"])
+    return any(os.environ.get(v, "") not in ("", "0", "false", "False") for v in names)
 
 
 _CONFIG_NAME: str | None = None
@@ -351,6 +354,8 @@ def run_cli(main: Callable[[], object], config_name: str | None = None) -> None:
     global _DEBUG_AT_START, _CONFIG_NAME
     debug = _DEBUG_AT_START = _debug()
     _CONFIG_NAME = config_name
+    if os.environ.get("HYDRA_FULL_ERROR", "") in ("", "0", "false", "False"):
+        os.environ[_OWN_FULL_ERROR] = "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     from mrflight import hydra_callbacks
 

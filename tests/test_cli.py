@@ -474,3 +474,20 @@ def test_wandb_online_without_a_login_is_one_error_line(tmp_path):
              tmp_path, **env)
     line = _one_error_line(r)
     assert "WANDB_MODE=online" in line and "wandb login" in line and "WANDB_MODE=offline" in line
+
+
+def test_processes_a_run_starts_keep_its_one_line_errors(monkeypatch):
+    """run_cli sets HYDRA_FULL_ERROR=1 for Hydra; the other DDP ranks, which run the script
+    again, inherit it and took it for the user's --debug: a bad value gave rank 1 a traceback."""
+    from mrflight import errors, hydra_callbacks
+
+    monkeypatch.setattr(hydra_callbacks, "LAST_FAILURES", [])
+    for name in ("HYDRA_FULL_ERROR", "MRFLIGHT_DEBUG", errors._OWN_FULL_ERROR):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(errors, "_DEBUG_AT_START", None)
+    errors.run_cli(lambda: None, "train")
+    assert os.environ["HYDRA_FULL_ERROR"] == "1"
+    monkeypatch.setattr(errors, "_DEBUG_AT_START", None)  # a rank's process, this environment
+    assert not errors._debug()
+    monkeypatch.delenv(errors._OWN_FULL_ERROR)  # the user's own HYDRA_FULL_ERROR=1 still counts
+    assert errors._debug()
