@@ -543,8 +543,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (``plugins``) unless the trainer config sets its own.
     """
 
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """The checkpoint, its ``ModelCheckpoint`` state following a run folder moved or copied
+        since (:func:`_follow_moved_folder`)."""
+        kw = {} if map_location is None else {"map_location": map_location}
+        ck = super().load_checkpoint(path, weights_only=weights_only, **kw)
+        _follow_moved_folder(ck, Path(path).parent)
+        return ck
+
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         from mrflight.fileio import atomic_path
 
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+
+
+def _follow_moved_folder(ck: dict, folder: Path) -> None:
+    """Point the ``ModelCheckpoint`` states of ``ck`` at ``folder`` (the checkpoint's own
+    folder) where they name another folder whose files are in this one: the run folder was
+    moved or copied. Lightning would otherwise keep the old folder's best checkpoint (a
+    resumed test then fails with the file not found, or tests the old copy's file) and reload
+    nothing else of the state (the best score, the kept checkpoints)."""
+    import os
+
+    here = os.path.realpath(folder)
+    for key, state in (ck.get("callbacks") or {}).items():
+        if not (str(key).startswith("ModelCheckpoint") and isinstance(state, dict)):
+            continue
+        old = state.get("dirpath")
+        best = state.get("best_model_path")
+        if not old or os.path.realpath(old) == here or not best \
+                or not (Path(here) / Path(best).name).is_file():
+            continue
+
+        def moved(p, old=old):
+            return str(Path(here) / Path(p).name) if p and Path(p).parent == Path(old) else p
+
+        state["dirpath"] = here
+        for name in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if state.get(name):
+                state[name] = moved(state[name])
+        if isinstance(state.get("best_k_models"), dict):
+            state["best_k_models"] = {moved(k): v for k, v in state["best_k_models"].items()}

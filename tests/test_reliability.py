@@ -722,3 +722,19 @@ def test_a_finished_run_is_not_resumed_into_its_own_results(tmp_path):
         train(compose_config([*TINY, "model=ann", "trainer.max_epochs=2", "ckpt_path=last"],
                              output_dir=out))
     assert (out / "metrics.json").read_bytes() == before
+
+
+def test_a_run_folder_moved_before_its_resume_tests_its_own_best_checkpoint(tmp_path):
+    """Lightning restores the best checkpoint's path as the checkpoint recorded it, in the old
+    folder: a run stopped during its test (all epochs done, no metrics.json) and moved failed
+    its resumed test (file not found) or, with the old folder still there, tested that
+    folder's file."""
+    import shutil
+
+    args = ["model=ann", "trainer.max_epochs=2"]
+    old, new = tmp_path / "old", tmp_path / "new"
+    _, _, first = _train(old, *args)
+    (old / "metrics.json").unlink()  # as if stopped during the test
+    shutil.move(old, new)
+    _, ck, metrics = _train(new, *args, "ckpt_path=last")
+    assert ck["epoch"] == 1 and metrics["test/loss"] == first["test/loss"]
