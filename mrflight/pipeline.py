@@ -269,7 +269,7 @@ def _log_model_size(module) -> None:
              f"{n:,}", f"{trainable:,}", 4 * n / 2**20)
 
 
-def _prepare_run(cfg: DictConfig, resuming: bool) -> Path:
+def _prepare_run(cfg: DictConfig, resuming: bool, fix: str | None = None) -> Path:
     """Logging, W&B offline, seed and threads; the output dir made (refused where it holds
     another run's results and this is no resume of it) and cleared of the temporary files of
     killed writers. Returns the output dir."""
@@ -287,8 +287,8 @@ def _prepare_run(cfg: DictConfig, resuming: bool) -> Path:
         torch.set_num_threads(int(cfg.threads))
     output_dir = output_folder(
         cfg.paths.output_dir, () if resuming or _launched_rank() > 0 else RUN_RESULTS,
-        fix="resume that run with ckpt_path=last, or start this one in another hydra.run.dir "
-            "(each run gets a new one by default)")
+        fix=fix or "resume that run with ckpt_path=last, or start this one in another "
+                   "hydra.run.dir (each run gets a new one by default)")
     for folder in (output_dir, output_dir / "checkpoints"):
         remove_stale_temp_files(folder)
     return output_dir
@@ -395,13 +395,40 @@ def _train(cfg: DictConfig) -> float | None:
     _trust_own_model(cfg)
     cfg, resume_from = _resume(cfg, hc)  # checks the checkpoint loads: nothing written yet
     check_config(cfg)
-    output_dir = _prepare_run(cfg, resuming=own_run or resume_from is not None)
+    output_dir = _prepare_run(cfg, resuming=own_run or _continues_here(cfg, resume_from),
+                              fix=None if resume_from is None or own_run else
+                              f"continue ckpt_path={cfg.get('ckpt_path')} in another "
+                              "hydra.run.dir (each run gets a new one by default)")
     lock = _lock_run_folder(output_dir)
     try:
         return _train_in(cfg, hc, resume_from, output_dir)
     finally:
         if lock is not None:
             lock.close()  # a joblib launcher's worker process goes on with other jobs
+
+
+def _continues_here(cfg: DictConfig, resume_from) -> bool:
+    """Whether the resumed checkpoint continues the run already in the output folder: the
+    checkpoint lies in that folder (``ckpt_path=last``, a moved or copied run), or the folder
+    is an unfinished earlier try of this same command (its saved ``ckpt_path`` is this one: a
+    job restarted after a crash or requeued). A checkpoint of another run continued into a
+    folder that holds a run's results is no resume of that run: its ``metrics.json``,
+    checkpoints and CSV log would be overwritten and mixed with the other run's."""
+    from mrflight.checkpoints import RUN_CONFIGS, run_dir_of
+    from mrflight.resume import FINISHED
+
+    if resume_from is None:
+        return False
+    out = Path(str(cfg.paths.output_dir))
+    if os.path.realpath(run_dir_of(resume_from[0])) == os.path.realpath(out):
+        return True
+    saved = out / RUN_CONFIGS[0]
+    if not saved.is_file() or (out / FINISHED).is_file():
+        return False
+    try:
+        return str(OmegaConf.load(saved).get("ckpt_path")) == str(cfg.get("ckpt_path"))
+    except Exception:  # noqa: BLE001 - an unreadable config is no earlier try of this command
+        return False
 
 
 def _trust_own_model(cfg: DictConfig) -> None:

@@ -738,3 +738,25 @@ def test_a_run_folder_moved_before_its_resume_tests_its_own_best_checkpoint(tmp_
     shutil.move(old, new)
     _, ck, metrics = _train(new, *args, "ckpt_path=last")
     assert ck["epoch"] == 1 and metrics["test/loss"] == first["test/loss"]
+
+
+def test_another_runs_checkpoint_is_not_continued_into_a_finished_runs_folder(tmp_path):
+    """``hydra.run.dir=A ckpt_path=B`` continues run B: where A holds another run's results,
+    they were overwritten (metrics.json, last.ckpt, the CSV log and config.yaml, B's
+    checkpoints mixed with A's) since any resume skipped the check of the folder. It is
+    refused, naming the way on (another hydra.run.dir), which works; B's own folder still
+    resumes, and a second try of the same command in its unfinished folder goes on."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    _train(a, "model=ann", "trainer.max_epochs=1")
+    _train(b, "model=ann", "trainer.max_epochs=1", "seed=5")
+    before = {p: p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    args = ["model=ann", "trainer.max_epochs=2", f"ckpt_path={b}"]
+    with pytest.raises(ValueError, match=f"already holds the results.*continue ckpt_path={b} "
+                                         "in another hydra.run.dir"):
+        train(compose_config([*TINY, *args], output_dir=a))
+    assert {p: p.read_bytes() for p in a.rglob("*") if p.is_file()} == before
+    _, ck, _ = _train(c, *args)  # the way the message names
+    assert ck["epoch"] == 1
+    (c / "metrics.json").unlink()  # as if stopped during the test: the command runs again
+    _, ck, _ = _train(c, *args)
+    assert ck["epoch"] == 1
