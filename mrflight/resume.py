@@ -103,12 +103,13 @@ def requeued_run(cfg: DictConfig) -> DictConfig:
     above 0: preempted, or timed out under the submitit launcher's ``max_num_timeout``) into the
     folder of the run it had started: the job comes back with its first overrides, and its run
     resumes (or starts again, :func:`mrflight.checkpoints.unstarted_run`) instead of the folder
-    being refused as another run's. A run that has finished (its ``metrics.json``) is not
-    resumed: its folder is refused as any other run's, its results kept (a shell that
-    inherited the variable starts no resume). Anything else is returned as it is."""
+    being refused as another run's. A job that continues another run (``ckpt_path=B``) goes on
+    from its own ``last.ckpt`` once it has one, instead of from ``B`` again. A run that has
+    finished (its ``metrics.json``) is not resumed: its folder is refused as any other run's,
+    its results kept (a shell that inherited the variable starts no resume). Anything else is
+    returned as it is."""
     restarts = os.environ.get("SLURM_RESTART_COUNT", "")
-    if cfg.get("ckpt_path") is not None or not cfg.get("train", True) \
-            or not restarts.isdigit() or int(restarts) == 0:
+    if not cfg.get("train", True) or not restarts.isdigit() or int(restarts) == 0:
         return cfg
     out = Path(str(cfg.paths.output_dir))
     if not (out / RUN_CONFIGS[0]).is_file():
@@ -117,12 +118,27 @@ def requeued_run(cfg: DictConfig) -> DictConfig:
         log.warning("SLURM_RESTART_COUNT=%s, but the run in %s has finished (%s): it is not "
                     "resumed", restarts, out, FINISHED)
         return cfg
+    given = cfg.get("ckpt_path")
+    if given is not None and not _own_progress(out, given):
+        return cfg
     log.warning("requeued job (SLURM_RESTART_COUNT=%s): its run in %s goes on from its last "
                 "checkpoint (ckpt_path=last)", restarts, cfg.paths.output_dir)
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.ckpt_path = "last"
     return cfg
+
+
+def _own_progress(out: Path, given) -> bool:
+    """The folder of a job started with ``ckpt_path=given`` (another run's checkpoint) has a
+    ``last.ckpt`` of its own: the job's progress since, to go on from."""
+    if str(given) == "last" or not (out / "checkpoints" / "last.ckpt").is_file():
+        return False
+    try:
+        saved = OmegaConf.load(out / RUN_CONFIGS[0]).get("ckpt_path")
+    except Exception:  # noqa: BLE001 - an unreadable config is no earlier try of this job
+        return False
+    return str(saved) == str(given)
 
 
 def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | None]:

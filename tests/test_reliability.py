@@ -760,3 +760,33 @@ def test_another_runs_checkpoint_is_not_continued_into_a_finished_runs_folder(tm
     (c / "metrics.json").unlink()  # as if stopped during the test: the command runs again
     _, ck, _ = _train(c, *args)
     assert ck["epoch"] == 1
+
+
+def test_a_requeued_job_continuing_another_run_goes_on_from_its_own_progress(tmp_path,
+                                                                            monkeypatch):
+    """A job started with ``ckpt_path=B`` (continuing run B in its own folder), preempted after
+    an epoch and requeued with the same command: it goes on from its own last.ckpt, not from
+    B again (its finished epochs retrained and its last.ckpt overwritten), and ends as an
+    uninterrupted continuation of B."""
+    from mrflight.errors import guard
+
+    b = tmp_path / "b"
+    _train(b, "model=ann", "trainer.max_epochs=1", "test=false")
+    args = ["model=ann", "trainer.max_epochs=3", "test=false", f"ckpt_path={b}"]
+    _, full, m_full = _train(tmp_path / "full", *args)
+    job = tmp_path / "job"
+    _signal_at(monkeypatch, signal.SIGTERM, epoch=2, batch=3)
+    with pytest.raises(SystemExit):
+        guard(train)(compose_config([*TINY, *args], output_dir=job))
+    monkeypatch.undo()
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    seen = []
+    real = MRFRegressor.on_train_start
+    monkeypatch.setattr(MRFRegressor, "on_train_start",
+                        lambda self: (seen.append(self.current_epoch), real(self))[1])
+    _, resumed, m_res = _train(job, *args)
+    assert seen == [2]  # from its own epoch-1 checkpoint, not from B's
+    _same_weights(full["state_dict"], resumed["state_dict"])
+    assert m_res == m_full
