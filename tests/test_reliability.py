@@ -110,25 +110,31 @@ def _signal_at(monkeypatch, signum, epoch, batch):
     monkeypatch.setattr(MRFRegressor, "training_step", step)
 
 
-def test_sigterm_mid_epoch_fails_with_one_line_and_resumes_to_the_same_result(
-        tmp_path, monkeypatch, capsys):
+def _preempted(monkeypatch, tmp_path, out, args, epoch, batch=3) -> int:
+    """Run ``args`` into ``out`` through the command's error handler, stopped by SIGTERM at
+    ``batch`` of ``epoch`` as a cluster preempting the job would; the exit status."""
     from mrflight.errors import guard
 
+    _signal_at(monkeypatch, signal.SIGTERM, epoch=epoch, batch=batch)
+    with pytest.raises(SystemExit) as e:  # Lightning's SIGTERMException alone would exit 0
+        guard(train)(compose_config([*TINY, *args], output_dir=out))
+    monkeypatch.undo()
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    return e.value.code
+
+
+def test_sigterm_mid_epoch_fails_with_one_line_and_resumes_to_the_same_result(
+        tmp_path, monkeypatch, capsys):
     args = ["model=ann", "trainer.max_epochs=3", "test=false"]
     _, full, m_full = _train(tmp_path / "full", *args)
     out = tmp_path / "cut"
-    _signal_at(monkeypatch, signal.SIGTERM, epoch=1, batch=3)
-    with pytest.raises(SystemExit) as e:  # Lightning's SIGTERMException alone would exit 0
-        guard(train)(compose_config([*TINY, *args], output_dir=out))
-    assert e.value.code == 128 + signal.SIGTERM
+    assert _preempted(monkeypatch, tmp_path, out, args, epoch=1) == 128 + signal.SIGTERM
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("error: stopped by SIGTERM (kill, or a cluster's preemption or time "
                        "limit): resume it from its last finished epoch with python train.py "
                        f"hydra.run.dir={out} ckpt_path=last")
     assert not (out / "metrics.json").exists()
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
-    monkeypatch.undo()
-    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
     _, resumed, m_res = _train(out, *args, "ckpt_path=last")
     assert resumed["global_step"] == full["global_step"]
     _same_weights(full["state_dict"], resumed["state_dict"])
@@ -178,17 +184,10 @@ def test_a_run_stopped_in_its_first_epoch_starts_again_with_ckpt_path_last(tmp_p
     """A job preempted before its first checkpoint and requeued with ``ckpt_path=last`` (no
     last.ckpt to resume from, and its folder refused to a new run) starts again from the
     beginning with the run's saved config, and ends as an uninterrupted run."""
-    from mrflight.errors import guard
-
     args = ["model=ann", "trainer.max_epochs=2", "test=false"]
     _, full, m_full = _train(tmp_path / "full", *args)
     out = tmp_path / "run"
-    _signal_at(monkeypatch, signal.SIGTERM, epoch=0, batch=3)
-    with pytest.raises(SystemExit) as e:
-        guard(train)(compose_config([*TINY, *args], output_dir=out))
-    monkeypatch.undo()
-    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
-    assert e.value.code == 128 + signal.SIGTERM
+    assert _preempted(monkeypatch, tmp_path, out, args, epoch=0) == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         f"no epoch had finished: start it again from the beginning with python train.py "
         f"hydra.run.dir={out} ckpt_path=last")
@@ -662,16 +661,10 @@ def test_a_requeued_slurm_job_resumes_its_run(tmp_path, monkeypatch, capsys):
     """Slurm requeues a preempted job (a submitit multirun's, or ``sbatch --requeue``) with its
     first command line, no ckpt_path, into the folder of its run: the run resumes from its last
     checkpoint and ends as an uninterrupted run, instead of the folder being refused."""
-    from mrflight.errors import guard
-
     args = ["model=ann", "trainer.max_epochs=3", "test=false"]
     _, full, m_full = _train(tmp_path / "full", *args)
     out = tmp_path / "job"
-    _signal_at(monkeypatch, signal.SIGTERM, epoch=1, batch=3)
-    with pytest.raises(SystemExit):
-        guard(train)(compose_config([*TINY, *args], output_dir=out))
-    monkeypatch.undo()
-    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    _preempted(monkeypatch, tmp_path, out, args, epoch=1)
     with pytest.raises(ValueError, match="already holds the results"):  # not requeued
         train(compose_config([*TINY, *args], output_dir=out))
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
@@ -768,18 +761,12 @@ def test_a_requeued_job_continuing_another_run_goes_on_from_its_own_progress(tmp
     an epoch and requeued with the same command: it goes on from its own last.ckpt, not from
     B again (its finished epochs retrained and its last.ckpt overwritten), and ends as an
     uninterrupted continuation of B."""
-    from mrflight.errors import guard
-
     b = tmp_path / "b"
     _train(b, "model=ann", "trainer.max_epochs=1", "test=false")
     args = ["model=ann", "trainer.max_epochs=3", "test=false", f"ckpt_path={b}"]
     _, full, m_full = _train(tmp_path / "full", *args)
     job = tmp_path / "job"
-    _signal_at(monkeypatch, signal.SIGTERM, epoch=2, batch=3)
-    with pytest.raises(SystemExit):
-        guard(train)(compose_config([*TINY, *args], output_dir=job))
-    monkeypatch.undo()
-    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    _preempted(monkeypatch, tmp_path, job, args, epoch=2)
     assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     seen = []
