@@ -494,7 +494,8 @@ def _no_last_message(ckpt_path, p: Path) -> str:
                 f"and has no checkpoint to resume from: start it again from the beginning with "
                 f"hydra.run.dir={p} ckpt_path=last")
     return (f"ckpt_path={ckpt_path}: no last.ckpt in {p} or {p}/{CHECKPOINT_DIR} "
-            "(to resume, set hydra.run.dir to the interrupted run's directory)")
+            "(to resume, set hydra.run.dir to the interrupted run's directory; a run stopped "
+            "before it saved anything there starts again without ckpt_path)")
 
 
 def unstarted_run(ckpt_path, output_dir) -> Path | None:

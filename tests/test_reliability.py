@@ -777,3 +777,15 @@ def test_a_requeued_job_continuing_another_run_goes_on_from_its_own_progress(tmp
     assert seen == [2]  # from its own epoch-1 checkpoint, not from B's
     _same_weights(full["state_dict"], resumed["state_dict"])
     assert m_res == m_full
+
+
+def test_a_run_stopped_before_it_saved_anything_is_told_to_start_again(tmp_path):
+    """Killed before its config was saved, a run's folder holds only Hydra's .hydra/:
+    ``ckpt_path=last`` there names the command that works, which does."""
+    out = tmp_path / "run"
+    (out / ".hydra").mkdir(parents=True)
+    (out / ".hydra" / "config.yaml").write_text("{}")
+    with pytest.raises(ValueError, match="starts again without ckpt_path"):
+        train(compose_config([*TINY, "model=ann", "ckpt_path=last"], output_dir=out))
+    _, ck, _ = _train(out, "model=ann", "trainer.max_epochs=1")
+    assert ck["epoch"] == 0
