@@ -414,21 +414,14 @@ def _continues_here(cfg: DictConfig, resume_from) -> bool:
     job restarted after a crash or requeued). A checkpoint of another run continued into a
     folder that holds a run's results is no resume of that run: its ``metrics.json``,
     checkpoints and CSV log would be overwritten and mixed with the other run's."""
-    from mrflight.checkpoints import RUN_CONFIGS, run_dir_of
-    from mrflight.resume import FINISHED
+    from mrflight.checkpoints import run_dir_of
+    from mrflight.resume import started_with
 
     if resume_from is None:
         return False
     out = Path(str(cfg.paths.output_dir))
-    if os.path.realpath(run_dir_of(resume_from[0])) == os.path.realpath(out):
-        return True
-    saved = out / RUN_CONFIGS[0]
-    if not saved.is_file() or (out / FINISHED).is_file():
-        return False
-    try:
-        return str(OmegaConf.load(saved).get("ckpt_path")) == str(cfg.get("ckpt_path"))
-    except Exception:  # noqa: BLE001 - an unreadable config is no earlier try of this command
-        return False
+    return (os.path.realpath(run_dir_of(resume_from[0])) == os.path.realpath(out)
+            or started_with(out, cfg.get("ckpt_path")))
 
 
 def _trust_own_model(cfg: DictConfig) -> None:
@@ -452,8 +445,6 @@ def _trusted_paths(value) -> list[str]:
     Raises:
         ValueError: anything else (a number, a mapping, a list of non-strings).
     """
-    from omegaconf import OmegaConf
-
     if value is None:
         return []
     if isinstance(value, str):

@@ -34,8 +34,8 @@ from mrflight.checkpoints import (
 )
 from mrflight.config import to_plain
 
-__all__ = ["resume_config", "requeued_run", "continue_csv_logs", "check_fits", "FIXED_NODES",
-           "RUNTIME_DATA_KEYS"]
+__all__ = ["resume_config", "requeued_run", "started_with", "continue_csv_logs", "check_fits",
+           "FIXED_NODES", "RUNTIME_DATA_KEYS"]
 
 log = logging.getLogger("mrflight")
 
@@ -129,16 +129,24 @@ def requeued_run(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _own_progress(out: Path, given) -> bool:
-    """The folder of a job started with ``ckpt_path=given`` (another run's checkpoint) has a
-    ``last.ckpt`` of its own: the job's progress since, to go on from."""
-    if str(given) == "last" or not (out / "checkpoints" / "last.ckpt").is_file():
+def started_with(out: Path, given) -> bool:
+    """Whether the run in folder ``out`` is an unfinished earlier try of a command with
+    ``ckpt_path=given`` (its saved config names that checkpoint; no ``metrics.json``): a job
+    restarted after a crash or requeued, continuing another run's checkpoint."""
+    if (out / FINISHED).is_file() or not (out / RUN_CONFIGS[0]).is_file():
         return False
     try:
         saved = OmegaConf.load(out / RUN_CONFIGS[0]).get("ckpt_path")
     except Exception:  # noqa: BLE001 - an unreadable config is no earlier try of this job
         return False
     return str(saved) == str(given)
+
+
+def _own_progress(out: Path, given) -> bool:
+    """The folder of a job started with ``ckpt_path=given`` (another run's checkpoint) has a
+    ``last.ckpt`` of its own: the job's progress since, to go on from."""
+    return (str(given) != "last" and (out / "checkpoints" / "last.ckpt").is_file()
+            and started_with(out, given))
 
 
 def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | None]:
