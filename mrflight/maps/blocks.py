@@ -111,9 +111,14 @@ def unit_scaled(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def row_norms(sig: np.ndarray) -> np.ndarray:
-    """float32 L2 norm of every row of ``sig``, exact for values of any magnitude (see
-    :func:`unit_scaled`); NaN or inf for a row with such a value."""
-    scaled, e = unit_scaled(sig)
-    with np.errstate(invalid="ignore", over="ignore"):
-        n = np.linalg.norm(scaled, axis=1).astype(np.float64)
-        return np.ldexp(n, e).astype(np.float32)
+    """float32 L2 norm of every row of ``sig``, exact for values of any magnitude; NaN or inf
+    for a row with such a value. Rows whose plain norm is outside ``[1e-15, 1e15]`` (where a
+    single-precision sum of squares may have under- or overflowed) are computed again from
+    :func:`unit_scaled` fingerprints; the others, nearly always all, are not copied."""
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        n = np.linalg.norm(sig, axis=1).astype(np.float32)
+        redo = ~((n >= 1e-15) & (n <= 1e15))
+        if redo.any():
+            scaled, e = unit_scaled(sig[redo])
+            n[redo] = np.ldexp(np.linalg.norm(scaled, axis=1).astype(np.float64), e)
+    return n
