@@ -33,6 +33,8 @@ from pathlib import Path
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mrflight.fileio import FINISHED
+
 __all__ = ["read_checkpoint", "best_checkpoint", "find_checkpoints", "find_runs",
            "single_checkpoint", "resume_checkpoint", "unstarted_run", "run_dir_of",
            "run_config_path", "read_run_config", "run_config_targets", "checkpoint_sequence",
@@ -486,7 +488,7 @@ def _no_last_message(ckpt_path, p: Path) -> str:
     if found:  # the disk filled before last.ckpt was written, or save_last was turned off
         return (f"ckpt_path={ckpt_path}: no last.ckpt in {p / CHECKPOINT_DIR}: give one of its "
                 f"checkpoints, e.g. ckpt_path={found[-1]}")
-    if (p / "metrics.json").is_file():
+    if (p / FINISHED).is_file():
         return (f"ckpt_path={ckpt_path}: the run in {p} has finished and its checkpoints are "
                 "gone: there is nothing to resume; start a new run in another hydra.run.dir")
     if (p / RUN_CONFIGS[0]).is_file():
@@ -504,7 +506,7 @@ def unstarted_run(ckpt_path, output_dir) -> Path | None:
     epoch and requeued): that run starts again from the beginning, with its saved config."""
     out = Path(str(output_dir))
     if str(ckpt_path) != "last" or not (out / RUN_CONFIGS[0]).is_file() \
-            or (out / "metrics.json").is_file():  # a finished run whose checkpoints are gone
+            or (out / FINISHED).is_file():  # a finished run whose checkpoints are gone
         return None
     return None if _checkpoint_files(out / CHECKPOINT_DIR) or _checkpoint_files(out) else out
 
@@ -565,8 +567,6 @@ def _follow_moved_folder(ck: dict, folder: Path) -> None:
     moved or copied. Lightning would otherwise keep the old folder's best checkpoint (a
     resumed test then fails with the file not found, or tests the old copy's file) and reload
     nothing else of the state (the best score, the kept checkpoints)."""
-    import os
-
     here = os.path.realpath(folder)
     for key, state in (ck.get("callbacks") or {}).items():
         if not (str(key).startswith("ModelCheckpoint") and isinstance(state, dict)):

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["atomic_path", "remove_stale_temp_files", "output_folder", "held_results", "lock_folder",
-           "RUN_RESULTS", "load_mat", "save_mat", "is_mat_v73", "file_mode", "damaged_error",
-           "Digest", "DISK_FULL"]
+           "RUN_RESULTS", "FINISHED", "load_mat", "save_mat", "is_mat_v73", "file_mode",
+           "damaged_error", "Digest", "DISK_FULL"]
 
 #: the errors of a write that found no room: a full disk, and a user's exhausted quota (the
 #: usual one on a cluster's shared file systems)
@@ -213,8 +213,10 @@ def remove_stale_temp_files(folder: str | os.PathLike, max_age_s: float = 3600.0
     return removed
 
 
+#: the file a finished training run writes last: its metrics
+FINISHED = "metrics.json"
 #: what a training run leaves in its folder (another run there would overwrite it)
-RUN_RESULTS = ("metrics.json", "checkpoints")
+RUN_RESULTS = (FINISHED, "checkpoints")
 
 
 def held_results(folder: str | os.PathLike, names: tuple[str, ...] = RUN_RESULTS) -> list[str]:

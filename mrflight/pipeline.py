@@ -498,9 +498,9 @@ def _train_in(cfg: DictConfig, hc, resume_from, output_dir: Path) -> float | Non
 def _write_metrics(output_dir: Path, metrics: dict) -> None:
     import json
 
-    from mrflight.fileio import atomic_path
+    from mrflight.fileio import FINISHED, atomic_path
 
-    with atomic_path(output_dir / "metrics.json") as tmp:
+    with atomic_path(output_dir / FINISHED) as tmp:
         Path(tmp).write_text(json.dumps({"units": "ms for *_ms, loss on scaled targets",
                                          **metrics}, indent=2))
 

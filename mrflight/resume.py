@@ -26,6 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mrflight.checkpoints import (
+    CHECKPOINT_DIR,
     RUN_CONFIGS,
     resume_checkpoint,
     run_config_path,
@@ -33,6 +34,7 @@ from mrflight.checkpoints import (
     unstarted_run,
 )
 from mrflight.config import to_plain
+from mrflight.fileio import FINISHED
 
 __all__ = ["resume_config", "requeued_run", "started_with", "continue_csv_logs", "check_fits",
            "FIXED_NODES", "RUNTIME_DATA_KEYS"]
@@ -44,8 +46,6 @@ FIXED_NODES = ("model", "data", "sequence")
 #: single settings a resume cannot change either: the loss (``val/loss``, which picks the best
 #: checkpoint and stops early, is in its unit; ``log`` changes what the network predicts)
 FIXED_KEYS = ("module.loss", "module.bias_weight")
-#: the file a finished run has written: a requeued job does not resume such a run
-FINISHED = "metrics.json"
 #: data settings that do not change the data (where it is cached, how it is loaded)
 RUNTIME_DATA_KEYS = ("cache_dir", "num_workers", "progress", "eval_batch_size")
 
@@ -145,7 +145,7 @@ def started_with(out: Path, given) -> bool:
 def _own_progress(out: Path, given) -> bool:
     """The folder of a job started with ``ckpt_path=given`` (another run's checkpoint) has a
     ``last.ckpt`` of its own: the job's progress since, to go on from."""
-    return (str(given) != "last" and (out / "checkpoints" / "last.ckpt").is_file()
+    return (str(given) != "last" and (out / CHECKPOINT_DIR / "last.ckpt").is_file()
             and started_with(out, given))
 
 
@@ -314,8 +314,7 @@ def _check_not_finished(cfg: DictConfig, found: tuple, merged: DictConfig) -> No
     """Refuse to resume, into the folder of its results, a run that has finished its epochs:
     there is nothing to train, and its ``metrics.json`` would be rewritten by a test alone
     (without the training and validation metrics)."""
-    path, ck = found
-    done = int(ck.get("epoch", -1)) + 1
+    done = int(found[1].get("epoch", -1)) + 1
     max_epochs = OmegaConf.select(merged, "trainer.max_epochs", default=None)
     out = Path(str(cfg.paths.output_dir))
     if (out / FINISHED).is_file() and isinstance(max_epochs, int) and 0 <= max_epochs <= done:
