@@ -262,6 +262,17 @@ def _stop_signal(e: BaseException) -> int | None:
     return None
 
 
+def exit_status(e: BaseException) -> int:
+    """The status a command ends with when ``e`` ends it: 128 + the signal for a run stopped by
+    SIGINT or SIGTERM, :data:`EXIT_USAGE` for bad input, a ``SystemExit``'s own code, else 1."""
+    signum = _stop_signal(e)
+    if signum is not None:
+        return 128 + signum
+    if isinstance(e, SystemExit):
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    return EXIT_USAGE if isinstance(e, Exception) and _is_usage(root_cause(e)) else 1
+
+
 def _lightning_ctrl_c(e: BaseException) -> bool:
     """Lightning ends a fit or test stopped by Ctrl-C with its own ``sys.exit(1)``, raised while
     handling the ``KeyboardInterrupt`` (which is then its context)."""
@@ -324,7 +335,7 @@ def guard(task: Callable) -> Callable:
             signum = _stop_signal(e)
             if signum is not None:  # one line, and the status of a process the signal ended
                 _report_stop(e, signum, cfg)
-                raise SystemExit(128 + signum) from None
+                raise SystemExit(exit_status(e)) from None
             if isinstance(e, SystemExit):
                 raise
             usage = isinstance(e, Exception) and _is_usage(root_cause(e))

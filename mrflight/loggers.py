@@ -211,9 +211,10 @@ def log_flat_config(loggers, cfg: DictConfig, hc=None) -> dict:
     return flat
 
 
-def finish_loggers(loggers, summary: dict | None = None) -> None:
+def finish_loggers(loggers, summary: dict | None = None, exit_code: int = 0) -> None:
     """Put ``summary`` (best validation, test metrics) into the W&B run summary, then finish the
-    W&B run (in a multirun every job runs in one process)."""
+    W&B run (in a multirun every job runs in one process) with the status its task ends with
+    (not 0: W&B marks the run failed, not finished)."""
     if not any(is_wandb(lg) for lg in loggers):
         return
     import wandb
@@ -221,7 +222,7 @@ def finish_loggers(loggers, summary: dict | None = None) -> None:
     if wandb.run is not None:
         if summary:
             wandb.run.summary.update({k: v for k, v in summary.items() if v is not None})
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)
 
 
 def run_summary(trainer, metrics: dict) -> dict:
@@ -245,8 +246,9 @@ def read_offline_run(run_dir) -> dict:
 
     Returns:
         ``{"name", "group", "tags", "job_type", "config": {key: value}, "summary": {...},
-        "history_keys": set}`` (values decoded from JSON; later updates win). A file W&B is
-        still writing is read up to its last whole record.
+        "history_keys": set}``, and ``"exit_code"`` once the run is finished (values decoded
+        from JSON; later updates win). A file W&B is still writing is read up to its last whole
+        record.
     """
     import json
     import struct
@@ -294,6 +296,8 @@ def read_offline_run(run_dir) -> dict:
                     out["summary"][u.key] = json.loads(u.value_json)
         elif which == "history":
             out["history_keys"] |= {u.key or "/".join(u.nested_key) for u in rec.history.item}
+        elif which == "exit":
+            out["exit_code"] = rec.exit.exit_code
     return out
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mrflight.config import compose_config, hydra_config, instantiate, to_plain
+from mrflight.errors import exit_status
 from mrflight.loggers import (
     build_loggers,
     finish_loggers,
@@ -484,14 +485,18 @@ def _train_in(cfg: DictConfig, hc, resume_from, output_dir: Path) -> float | Non
     _save_run_config(cfg, trainer, output_dir)
 
     metrics: dict = {}
+    status = 0
     try:
         _fit_and_test(cfg, trainer, module, datamodule, resume_from, metrics)
         metric = _optimized_metric(cfg, metrics)
         log.info("metrics: %s", {k: round(v, 3) for k, v in sorted(metrics.items())})
         if trainer.is_global_zero:
             _write_metrics(output_dir, metrics)
+    except BaseException as e:  # the W&B run is marked failed, with the command's status
+        status = exit_status(e)
+        raise
     finally:
-        finish_loggers(loggers, run_summary(trainer, metrics))
+        finish_loggers(loggers, run_summary(trainer, metrics), status)
     return metric
 
 
