@@ -293,6 +293,14 @@ def _report_stop(e: BaseException, signum: int, cfg) -> None:
     _to_log_file(e, msg)
 
 
+def command(task: str) -> str:
+    """The command line that runs ``task`` (``"train"``, ``"eval"``) the way the user runs this
+    one: ``mrflight-train`` under an installed console script, else ``python train.py``."""
+    scripts = ("mrflight-train", "mrflight-eval")
+    installed = os.path.basename(sys.argv[0] if sys.argv else "") in scripts
+    return f"mrflight-{task}" if installed else f"python {task}.py"
+
+
 def _how_to_go_on(cfg) -> str:
     """A training run resumes from its ``last.ckpt``, or starts again from its saved config;
     anything else runs again."""
@@ -306,7 +314,7 @@ def _how_to_go_on(cfg) -> str:
         return f"run the command again (the files in {out} are whole, but some may be missing)"
     from mrflight.checkpoints import CHECKPOINT_DIR, RUN_CONFIGS
 
-    resume = f"with python train.py hydra.run.dir={out} ckpt_path=last"
+    resume = f"with {command('train')} hydra.run.dir={out} ckpt_path=last"
     if (out / CHECKPOINT_DIR / "last.ckpt").is_file():
         return f"resume it from its last finished epoch {resume}"
     if (out / RUN_CONFIGS[0]).is_file():

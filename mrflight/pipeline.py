@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mrflight.config import compose_config, hydra_config, instantiate, to_plain
-from mrflight.errors import exit_status
+from mrflight.errors import command, exit_status
 from mrflight.loggers import (
     build_loggers,
     finish_loggers,
@@ -71,7 +71,7 @@ def check_debug_data(cfg: DictConfig, choices=None) -> None:
         # data=paper -> data=random (debug=tiny) keeps the data module: only its atoms change
         if wanted is not None and data_choice is not None \
                 and module_of(wanted) != module_of(data_choice):
-            short = (f"; a short run of it: python train.py experiment={exp} {_SHORT_SIMULATED}"
+            short = (f"; a short run of it: {command('train')} experiment={exp} {_SHORT_SIMULATED}"
                      if wanted == "simulated" else "")
             raise ValueError(f"experiment={exp} trains on data={wanted}, but debug={debug} "
                              f"replaces it with data={data_choice}: leave out debug={debug}"

@@ -34,6 +34,7 @@ from mrflight.checkpoints import (
     unstarted_run,
 )
 from mrflight.config import to_plain
+from mrflight.errors import command
 from mrflight.fileio import FINISHED
 
 __all__ = ["resume_config", "requeued_run", "started_with", "continue_csv_logs", "check_fits",
@@ -171,7 +172,7 @@ def resume_config(cfg: DictConfig, overrides=None) -> tuple[DictConfig, tuple | 
         if cfg.get("ckpt_path") is not None:
             raise ValueError(f"train=false tests the network's initial (seeded) weights and "
                              f"reads no checkpoint, but ckpt_path={cfg.ckpt_path} is given: to "
-                             "test a trained run use python eval.py ckpt_path=RUN; to resume "
+                             f"test a trained run use {command('eval')} ckpt_path=RUN; to resume "
                              "it leave out train=false")
         return cfg, None
     restart = unstarted_run(cfg.get("ckpt_path"), cfg.paths.output_dir)
@@ -320,7 +321,7 @@ def _check_not_finished(cfg: DictConfig, found: tuple, merged: DictConfig) -> No
     if (out / FINISHED).is_file() and isinstance(max_epochs, int) and 0 <= max_epochs <= done:
         raise ValueError(f"ckpt_path={cfg.get('ckpt_path')}: the run in {out} has finished its "
                          f"{done} epoch(s) ({FINISHED}): to train it further raise "
-                         f"trainer.max_epochs above {done}; to evaluate it use python eval.py "
+                         f"trainer.max_epochs above {done}; to evaluate it use {command('eval')} "
                          f"ckpt_path={out}")
 
 

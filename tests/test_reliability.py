@@ -707,7 +707,7 @@ def test_a_requeued_job_does_not_resume_a_finished_run(tmp_path, monkeypatch):
     assert (out / "metrics.json").read_text() == before
 
 
-def test_a_finished_run_is_not_resumed_into_its_own_results(tmp_path):
+def test_a_finished_run_is_not_resumed_into_its_own_results(tmp_path, monkeypatch):
     """``ckpt_path=last`` on a finished run with nothing left to train would test again and
     rewrite its metrics.json without the training and validation metrics; with its checkpoints
     gone it was taken for a run that never started and retrained. Both are refused, with the
@@ -716,8 +716,13 @@ def test_a_finished_run_is_not_resumed_into_its_own_results(tmp_path):
     out = tmp_path / "run"
     _train(out, *args)
     before = (out / "metrics.json").read_bytes()
-    with pytest.raises(ValueError, match="has finished its 1 epoch.*trainer.max_epochs above 1"):
+    with pytest.raises(ValueError, match="has finished its 1 epoch.*trainer.max_epochs above 1"
+                       ".*use python eval.py ckpt_path="):
         train(compose_config([*TINY, *args, "ckpt_path=last"], output_dir=out))
+    with monkeypatch.context() as m:  # the installed console script's user is told its name
+        m.setattr(sys, "argv", ["/home/u/.local/bin/mrflight-train", "ckpt_path=last"])
+        with pytest.raises(ValueError, match="to evaluate it use mrflight-eval ckpt_path="):
+            train(compose_config([*TINY, *args, "ckpt_path=last"], output_dir=out))
     assert (out / "metrics.json").read_bytes() == before
     _, ck, metrics = _train(out, "model=ann", "trainer.max_epochs=2", "ckpt_path=last")
     assert ck["epoch"] == 1 and "val/loss" in metrics
