@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from mrflight.physics._device import check_device
-from mrflight.physics.checks import count
+from mrflight.physics.checks import all_finite, count
+from mrflight.physics.noise import row_norms, unit_rows
 
 __all__ = ["DictionaryMatcher", "svd_basis", "float32_matmul", "check_magnitude",
            "NOT_A_MAGNITUDE"]
@@ -176,7 +177,7 @@ class DictionaryMatcher:
     Memory: the paper's grid (115k atoms x 1750 points) is 0.8 GB in float32.
 
     Args:
-        atoms: dictionary fingerprints ``(M, T)``, numpy or torch, complex or real.
+        atoms: dictionary fingerprints ``(M, T)``, numpy or torch, complex or real, at any scale.
         params: their parameters ``(M, P)``; T1 and T2 in ms first (more columns, e.g. B1, are
             carried along).
         rank: ``None`` for exhaustive matching, or an integer ``k >= 2`` to match in the
@@ -251,7 +252,7 @@ class DictionaryMatcher:
         self._cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
         self.n_atoms, self.length = int(a.shape[0]), int(a.shape[1])
         a = a.to(self.device)
-        if not bool(torch.isfinite(a).all()):
+        if not all_finite(a):
             raise ValueError("atoms contain NaN or Inf values; regenerate the dictionary")
         if not a.is_complex() and a.numel():  # real atoms are matched as magnitudes
             check_magnitude(float(a.min()), "the real-valued atoms")
@@ -277,17 +278,18 @@ class DictionaryMatcher:
 
     def _normalised(self, a: torch.Tensor) -> torch.Tensor:
         """Unit-norm atoms in the working dtype (norms kept in ``atom_norms``), normalised block
-        by block: never a second full-size copy in higher precision."""
+        by block in the atoms' own precision, at any scale (:func:`unit_rows`; all-zero atoms
+        stay zero rows): never a second full-size copy in higher precision."""
         work = self._cdtype if self.complex_matching else self.dtype
         norms = torch.empty(self.n_atoms, dtype=torch.float64, device=self.device)
         store = torch.empty(self.n_atoms, self.length, dtype=work, device=self.device)
         for s in range(0, self.n_atoms, self._STEP):
             blk = a[s: s + self._STEP]
-            blk = blk.to(self._cdtype) if self.complex_matching else (
-                blk.abs() if blk.is_complex() else blk).to(self.dtype)
-            n = torch.linalg.vector_norm(blk, dim=1)
-            norms[s: s + self._STEP] = n.to(torch.float64)
-            store[s: s + self._STEP] = blk / torch.where(n > 0, n, torch.ones_like(n))[:, None]
+            if not self.complex_matching and blk.is_complex():
+                blk = blk.abs()
+            unit, n = unit_rows(blk)
+            unit[n == 0] = 0
+            store[s: s + self._STEP], norms[s: s + self._STEP] = unit, n
         if not bool((norms > 0).any()):
             raise ValueError("every atom is all-zero: the dictionary cannot match anything")
         self.atom_norms = norms
@@ -319,7 +321,7 @@ class DictionaryMatcher:
         hi = torch.complex128 if self.atoms.is_complex() else torch.float64
         inv = torch.empty(self.n_atoms, dtype=torch.float64, device=self.device)
         for s in range(0, self.n_atoms, self._STEP):
-            n = torch.linalg.vector_norm(self.atoms[s: s + self._STEP].to(hi), dim=1)
+            n = row_norms(self.atoms[s: s + self._STEP].to(hi))
             inv[s: s + self._STEP] = torch.where(n > 0, 1 / n, 0.0)
         return inv
 
@@ -336,8 +338,9 @@ class DictionaryMatcher:
 
     # ------------------------------------------------------------------ helpers
     def _prepare_signals(self, signals) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Signals in the working dtype, each divided by its peak magnitude (so that no scale
-        under- or overflows), their norms after that division, and the peaks (float64)."""
+        """Signals in the working dtype, each divided by its peak (its largest magnitude, or
+        for complex matching its largest real or imaginary part, so that no scale under- or
+        overflows), their norms after that division, and the peaks (float64)."""
         s = _as_tensor(signals, "signals")
         if s.ndim == 1:
             s = s[None]
@@ -348,23 +351,30 @@ class DictionaryMatcher:
                              f"have {self.length}; simulate both with the same sequence")
         if not (s.is_complex() or s.is_floating_point()):
             s = s.to(self.dtype)
-        if not bool(torch.isfinite(s).all()):
-            raise ValueError("signals contain NaN or Inf values; mask those voxels out first")
-        if not s.is_complex():
-            if self.complex_matching:
-                raise ValueError("complex_matching=True needs complex signals, got real ones: "
-                                 "pass the complex series, or match magnitudes with "
-                                 "complex_matching=False")
-            if s.numel():
-                check_magnitude(float(s.min()), "the real-valued signals")
+        if not s.is_complex() and self.complex_matching:
+            raise ValueError("complex_matching=True needs complex signals, got real ones: "
+                             "pass the complex series, or match magnitudes with "
+                             "complex_matching=False")
         s = s.to(self.device)
+        real_input = not s.is_complex()
         if not self.complex_matching and s.is_complex():
             s = s.abs()
-        peak = (s.abs().amax(dim=1) if s.shape[1] else
-                torch.zeros(s.shape[0], device=self.device)).to(torch.float64)
-        s = s / torch.where(peak > 0, peak, torch.ones_like(peak)).to(s.real.dtype)[:, None]
-        s = s.to(self._cdtype if self.complex_matching else self.dtype)
-        return s, torch.linalg.vector_norm(s, dim=1), peak
+        # on the real view (re, im pairs): torch's complex abs, division and norm cost several
+        # times more on the CPU. The largest |re| or |im| of a signal is its scale here.
+        r = torch.view_as_real(s.resolve_conj()).flatten(1) if s.is_complex() else s
+        if r.shape[1]:
+            lo, hi = torch.aminmax(r, dim=1)  # NaN propagates: both finite iff every value is
+            if not (all_finite(lo) and all_finite(hi)):
+                raise ValueError("signals contain NaN or Inf values; mask those voxels out first")
+            if real_input and lo.numel():
+                check_magnitude(float(lo.min()), "the real-valued signals")
+            peak = torch.maximum(hi, -lo).to(torch.float64)
+        else:
+            peak = torch.zeros(s.shape[0], dtype=torch.float64, device=self.device)
+        r = r / torch.where(peak > 0, peak, torch.ones_like(peak)).to(r.dtype)[:, None]
+        s = (torch.view_as_complex(r.unflatten(1, (-1, 2))) if s.is_complex() else r).to(
+            self._cdtype if self.complex_matching else self.dtype)
+        return s, row_norms(s), peak
 
     def _blocks(self, n_signals: int) -> tuple[int, int]:
         item = torch.empty((), dtype=self.atoms.dtype).element_size()

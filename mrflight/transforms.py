@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mrflight.physics import normalize
+from mrflight.physics.noise import to_complex
 
 __all__ = ["INPUT_MODES", "DEFAULT_TARGET_SCALE_MS", "align_phase", "preprocess",
            "split_indices", "label_groups"]
@@ -54,9 +55,7 @@ def preprocess(noisy: torch.Tensor, input_mode: str = "magnitude") -> torch.Tens
             mag = mag.to(torch.float32)
         return normalize(mag).to(torch.float32)
     if input_mode == "complex":
-        z = noisy if noisy.is_complex() else noisy.to(
-            torch.complex128 if noisy.dtype == torch.float64 else torch.complex64)
-        z = align_phase(normalize(z)).to(torch.complex64)
+        z = align_phase(normalize(to_complex(noisy))).to(torch.complex64)
         return torch.stack([z.real, z.imag], dim=-2)
     raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
 

@@ -289,6 +289,20 @@ def test_noise_std_must_be_finite(value, tmp_path):
                   noise=torch.zeros(5, 2, dtype=torch.complex64))
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-200, 1e200])
+def test_add_noise_keeps_a_real_float64_input_in_double_precision(scale):
+    # a real input is the complex signal with zero imaginary part: complex128 for float64 (was
+    # cast to complex64 first: 1e-200 became 0, NaN after normalising, and float64 was lost)
+    from mrflight.physics import add_noise, normalize
+
+    x = torch.linspace(1.0, 2.0, 7, dtype=torch.float64)[None] * (1 + 1e-12)
+    out = add_noise(x * scale, 0.0)
+    assert out.dtype == torch.complex128
+    torch.testing.assert_close(out.real, normalize(x), rtol=1e-15, atol=0)
+    assert torch.equal(out.imag, torch.zeros_like(x))
+    assert add_noise(x.float() * 1e-30, 0.0).dtype == torch.complex64
+
+
 # --------------------------------------------------------------------------- real signals
 def test_matcher_refuses_signed_real_signals(small):
     m = DictionaryMatcher(small.atoms, small.params)

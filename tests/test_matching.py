@@ -76,6 +76,20 @@ def test_m0_recovered_magnitude_and_svd(small_dict):
         assert torch.allclose(m0, scale, rtol=2e-3)
 
 
+@pytest.mark.parametrize("scale", [1e-25, 1e25])
+def test_atoms_at_any_scale_match_as_at_unit_scale(small_dict, scale):
+    # float32 atoms whose squared norm under- or overflows (was: "every atom is all-zero", or
+    # every signal matched to atom 0), and float64 atoms below float32's range
+    _, atoms, params = small_dict
+    sig = atoms * (2.5 * np.exp(1j * 0.7))
+    for rank in (None, 20):
+        out, m0 = DictionaryMatcher(atoms * scale, params, rank=rank).match(sig, return_m0=True)
+        assert torch.equal(out.to(params.dtype), params)
+        assert torch.allclose(m0, torch.full_like(m0, 2.5 / scale), rtol=2e-3)
+        out = DictionaryMatcher(atoms.to(torch.complex128) * scale ** 8, params, rank=rank)
+        assert torch.equal(out.match(sig).to(params.dtype), params)
+
+
 def test_svd_full_rank_equals_exhaustive(small_dict):
     _, atoms, params = small_dict
     gen = torch.Generator().manual_seed(1)

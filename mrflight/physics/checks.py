@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["is_number", "count"]
+__all__ = ["is_number", "count", "all_finite"]
 
 
 def is_number(value, whole: bool = False) -> bool:
@@ -40,3 +40,18 @@ def count(value, name: str, low: int = 1, hint: str = "") -> int:
         what = "a positive integer" if low == 1 else f"an integer >= {low}"
         raise ValueError(f"{name} must be {what}{hint}, got {value!r}")
     return int(value)
+
+
+def all_finite(x) -> bool:
+    """Every value of the tensor ``x`` (complex: both parts) is finite.
+
+    By its minimum and maximum on the real view (NaN propagates, so both are finite iff every
+    value is): ``torch.isfinite(x).all()`` costs ~15x more on the CPU (it goes through ``abs()``
+    for complex input).
+    """
+    if not (x.is_floating_point() or x.is_complex()) or x.numel() == 0:
+        return True
+    import torch
+
+    lo, hi = torch.aminmax(torch.view_as_real(x.resolve_conj()) if x.is_complex() else x)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
