@@ -890,9 +890,18 @@ def test_b1map_of_deviations_is_refused_and_b1_beyond_the_dictionary_warns(
     np.save(tmp_path / "tb1.npy", holes)
     cfg.paths.output_dir = str(tmp_path / "holes")
     with pytest.warns(RuntimeWarning, match=r"^3 voxel\(s\) of the mask have no finite "
-                                            r"positive B1"):
+                                            r"positive B1 in b1map=\S*tb1.npy: they are left"):
         files = eval_entry.maps_from_config(cfg)
     assert np.load(files["mask.npy"]).sum() == np.isfinite(np.load(files["T1map.npy"])).sum()
+    # a map without a value in the tissue, or without any (was "its median is nan: divide a
+    # map in percent by 100")
+    np.save(tmp_path / "tb1.npy", np.where(mask, np.nan, 1.0))
+    cfg.paths.output_dir = str(tmp_path / "none")
+    with pytest.raises(ValueError, match=r"b1map=\S*tb1.npy is NaN in every voxel of the mask"):
+        eval_entry.maps_from_config(cfg)
+    np.save(tmp_path / "tb1.npy", np.full(t1.shape, np.nan))
+    with pytest.raises(ValueError, match=r"b1map=\S*tb1.npy has no finite positive value"):
+        eval_entry.maps_from_config(cfg)
 
 
 def test_nifti_spatial_axis_of_the_sequence_length_is_not_taken_for_time(tmp_path, seq,

@@ -245,9 +245,9 @@ def load_b1map(b1map, spatial_shape: tuple[int, ...], affine=None, header=None,
             nominal (in % or as a fraction), refused.
 
     Raises:
-        ValueError: wrong shape, another NIfTI grid, or values that are not ratios (median
-            outside 0.2-3: a map in percent or in degrees must be converted first; negative in
-            the tissue: a deviation from nominal).
+        ValueError: wrong shape, another NIfTI grid, no finite positive value, or values
+            that are not ratios (median outside 0.2-3: a map in percent or in degrees must be
+            converted first; negative in the tissue: a deviation from nominal).
     """
     raw = _spatial("B1 map", "b1map", b1map, spatial_shape, affine, header)
     if mask is not None:
@@ -261,7 +261,10 @@ def load_b1map(b1map, spatial_shape: tuple[int, ...], affine=None, header=None,
                              "converted first (ratio = 1 + deviation / 100 for one in percent, "
                              "1 + deviation for a fraction)")
     arr = np.where(np.isfinite(raw) & (raw > 0), raw, np.nan)
-    med = float(np.nanmedian(arr)) if np.isfinite(arr).any() else float("nan")
+    if not np.isfinite(arr).any():
+        raise ValueError(f"{_given('b1map', b1map)} has no finite positive value: give a map of "
+                         "the flip-angle scale (ratio to nominal) that covers the tissue")
+    med = float(np.nanmedian(arr))
     if not 0.2 <= med <= 3.0:
         raise ValueError(f"{_given('b1map', b1map)} should hold the flip-angle scale as a "
                          f"ratio to nominal (about 0.5-1.5), but its median is {med:g}: divide a "

@@ -20,7 +20,7 @@ from mrflight.maps.blocks import (
     row_norms,
     unit_scaled,
 )
-from mrflight.maps.masks import auto_mask, load_b1map, load_mask
+from mrflight.maps.masks import _given, auto_mask, load_b1map, load_mask
 from mrflight.maps.options import MapResult
 from mrflight.series_io import SeriesSource, open_series
 
@@ -119,14 +119,15 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
                              "voxel of the series: try maps.mask_method=otsu or "
                              "maps.mask_method=none, or give mask=FILE")
         if b1 is not None:
+            named = _given("b1map", b1map)
             covered = mask_arr & np.isfinite(b1)
             if not covered.any():
-                raise ValueError("b1map= is NaN in every voxel of the mask: give a B1 map that "
-                                 "covers the tissue")
+                raise ValueError(f"{named} is NaN in every voxel of the mask: give a B1 map "
+                                 "that covers the tissue")
             lost = int(mask_arr.sum() - covered.sum())
             if lost:
                 warnings.warn(f"{lost} voxel(s) of the mask have no finite positive B1 in "
-                              "b1map=; they are left out of the maps (NaN)", RuntimeWarning,
+                              f"{named}: they are left out of the maps (NaN)", RuntimeWarning,
                               stacklevel=3)
             mask_arr = covered
         n_bad += _reconstruct_pass(src, rec, plan, mask_arr, maps, cache, chunk_voxels, bar, b1)

@@ -1,7 +1,8 @@
 """Build and call the fused C kernel of the real-arithmetic EPG (``epg_kernel.c``).
 
 The kernel is compiled once per machine with the system C compiler (``cc``/``gcc``, POSIX threads,
-``-march=native``) into ``$MRFLIGHT_CACHE_DIR/kernels`` (default ``~/.cache/mrflight/kernels``),
+``-march=native``) into ``kernels/`` of :func:`mrflight.physics._cache.cache_root`
+(``$MRFLIGHT_CACHE_DIR``, else ``$XDG_CACHE_HOME/mrflight``, else ``~/.cache/mrflight``),
 written atomically, and loaded with ctypes; where that folder cannot be written (a read-only home
 directory), into a private per-user folder of the system's temporary directory instead, with a
 warning naming ``MRFLIGHT_CACHE_DIR`` (:func:`build_path`). ``CC`` may carry arguments
