@@ -1,7 +1,8 @@
 """Lightning callbacks: the paper's relative early stopping, predicted-vs-true figures (test and,
 per epoch, validation), a one-line summary per epoch in the log, an exponential moving average
-of the weights (:class:`WeightEMA`) and the global random states in checkpoints
-(:class:`RandomState`, added to every training run by the pipeline)."""
+of the weights (:class:`WeightEMA`), the global random states in checkpoints
+(:class:`RandomState`, added to every training run by the pipeline) and ``last.ckpt`` at the end
+of every finished epoch (:class:`EpochEndCheckpoint`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 
 from mrflight.loggers import is_wandb
 
 __all__ = ["RelativeEarlyStopping", "ScatterPlot", "ValidationScatter", "EpochSummary",
-           "WeightEMA", "RandomState"]
+           "WeightEMA", "RandomState", "EpochEndCheckpoint"]
 
 
 class RelativeEarlyStopping(EarlyStopping):
@@ -255,17 +256,24 @@ class EpochSummary(L.Callback):
 
     Written through the ``mrflight`` logger, i.e. to the console and the run's log file
     (``train.log``) under Hydra. While a progress bar owns an interactive terminal (stdout is a
-    TTY and the trainer shows a bar) the line goes to the log file only.
+    TTY and the trainer shows a bar) the line goes to the log file only. The validation metrics
+    appear in the line of an epoch that validated (not an earlier epoch's again, as after
+    ``trainer.check_val_every_n_epoch=2`` or an epoch cut short by ``trainer.max_steps``).
     """
 
     def __init__(self) -> None:
         self._t0: float | None = None
+        self._validated = False
         self.lines: list[str] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         import time
 
         self._t0 = time.perf_counter()
+        self._validated = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._validated = self._validated or not trainer.sanity_checking
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # Lightning 2 runs the epoch-end validation before this hook: both losses are known
@@ -278,7 +286,8 @@ class EpochSummary(L.Callback):
 
         from mrflight.run_logging import interactive, log_to_file
 
-        m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1
+             and (self._validated or not k.startswith("val"))}
         parts = [f"epoch {trainer.current_epoch + 1}"
                  + (f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0
                     else ""), f"step {trainer.global_step}"]
@@ -389,3 +398,30 @@ class RandomState(L.Callback):
         random.setstate(st["python"])
         if "cuda" in st and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class EpochEndCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` written at the end of every training epoch that ran all its batches:
+    what ``ckpt_path=last`` resumes from.
+
+    Lightning's own saves after a validation where validation does not run at every epoch's end
+    (``trainer.val_check_interval`` below an epoch: a checkpoint in the middle of an epoch;
+    ``trainer.check_val_every_n_epoch=2``: none after the other epochs), and at the end of an
+    epoch cut short by ``trainer.max_steps`` or ``trainer.max_time``, which it records as
+    finished: a resumed run then skipped the epoch's other batches and its learning-rate step. A
+    run resumed from the end of its last finished epoch trains the batches of an uninterrupted
+    run (a batch is a function of its seed, epoch and index)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**{**kwargs, "save_on_train_epoch_end": True})
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's key ("ModelCheckpoint{...}"), which mrflight.checkpoints reads
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        batches = trainer.num_training_batches
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if batches == float("inf") or done >= batches:
+            super().on_train_epoch_end(trainer, pl_module)

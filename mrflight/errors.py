@@ -47,7 +47,17 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
 
 def _is_usage(e: BaseException) -> bool:
     """Bad input, a full disk, or W&B online without a login or its server: one line."""
-    return isinstance(e, _usage_errors()) or _disk_full(e) or _wandb_unreachable(e)
+    return (isinstance(e, _usage_errors()) or _disk_full(e) or _wandb_unreachable(e)
+            or _lightning_setting(e))
+
+
+def _lightning_setting(e: BaseException) -> bool:
+    """Lightning's error for a trainer setting it cannot use (``trainer.limit_val_batches=0.5``
+    of a one-batch set, ``trainer.gradient_clip_algorithm=bogus``, ``trainer.max_time=abc``):
+    its message names the setting and the values it takes (Lightning is not imported here)."""
+    return any(c.__name__ == "MisconfigurationException"
+               and c.__module__.startswith(("lightning", "pytorch_lightning"))
+               for c in type(e).__mro__)
 
 
 def _wandb_unreachable(e: BaseException) -> bool:

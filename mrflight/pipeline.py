@@ -121,6 +121,13 @@ def check_config(cfg: DictConfig, choices=None) -> None:
         v = trainer.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < -1):
             raise ValueError(f"trainer.{key} must be an integer (-1: no limit), got {v!r}")
+    acc = trainer.get("accumulate_grad_batches", 1)
+    if not isinstance(acc, int) or isinstance(acc, bool) or acc < 1:
+        raise ValueError(f"trainer.accumulate_grad_batches must be a positive integer (batches "
+                         f"per optimizer step), got {acc!r}")
+    if cfg.get("train", True) and trainer.get("limit_train_batches") == 0:
+        raise ValueError("trainer.limit_train_batches=0 trains nothing (and validates nothing): "
+                         "to test the initial weights use train=false")
     if trainer.get("overfit_batches") and "SimulatedDataModule" in str(data.get("_target_")):
         raise ValueError("trainer.overfit_batches (debug=overfit) repeats a few stored batches, "
                          "but data=simulated draws fresh ones every step: add data=random or "
@@ -166,17 +173,43 @@ def check_runtime(cfg: DictConfig) -> None:
                          f"(torch's default), got {threads!r}")
 
 
+def _split(metric) -> str:
+    """The split of a metric name: ``val@0.01/t1_mae_ms`` -> ``val``."""
+    return str(metric).split("/", 1)[0].split("@", 1)[0]
+
+
 def check_metric(cfg: DictConfig, module, eval_set_names=("",)) -> None:
-    """``optimized_metric`` must be a metric the module logs (checked before training)."""
+    """``optimized_metric`` and the metrics the callbacks monitor (``callbacks.NAME.monitor``:
+    the best checkpoint, early stopping) must be metrics the module logs, and validation
+    metrics need validation (checked before training, not after its first epoch)."""
     name = cfg.get("optimized_metric")
-    if name and str(name).split("/", 1)[0].split("@", 1)[0] == "test":
+    if name and _split(name) == "test":
         raise ValueError(f"optimized_metric={name!r} is a test metric: a sweep would choose its "
                          "settings on the test set; choose a validation metric (val/loss, the "
                          "default, or another val/...)")
     names = module.metric_names(eval_set_names) if hasattr(module, "metric_names") else None
-    if name and names is not None and name not in names:
-        raise ValueError(f"optimized_metric={name!r} is not a metric this module logs: choose "
-                         f"one of {', '.join(names)}")
+    monitors = {"optimized_metric": name} | {
+        f"callbacks.{key}.monitor": node.get("monitor")
+        for key, node in (cfg.get("callbacks") or {}).items() if isinstance(node, DictConfig)}
+    monitors = {k: v for k, v in monitors.items() if v}
+    for key, metric in monitors.items():
+        fit = key != "optimized_metric"  # a callback's: test metrics come after the fit
+        logged = None if names is None else [n for n in names if not fit or _split(n) != "test"]
+        if logged is not None and metric not in logged:
+            raise ValueError(f"{key}={metric!r} is not a metric this module logs"
+                             f"{' while training' if fit else ''}: choose one of "
+                             f"{', '.join(logged)}")
+    trainer = cfg.get("trainer") or {}
+    if cfg.get("train", True) and trainer.get("limit_val_batches") == 0:
+        needing = {k: v for k, v in monitors.items() if _split(v) == "val"}
+        if needing:
+            drop = " ".join("optimized_metric=null" if k == "optimized_metric"
+                            else f"~{k.rsplit('.', 1)[0]}" for k in needing)
+            raise ValueError(
+                f"trainer.limit_val_batches=0 turns validation off, but "
+                f"{', '.join(f'{k}={v}' for k, v in needing.items())} need"
+                f"{'s' if len(needing) == 1 else ''} it: add {drop}, or validate "
+                "(trainer.limit_val_batches above 0)")
 
 
 def _resume(cfg: DictConfig, hc) -> tuple[DictConfig, tuple | None]:
@@ -246,10 +279,15 @@ def _record_failure(cfg: DictConfig, hc, e: BaseException) -> None:
 
 def _callbacks(cfg: DictConfig, loggers) -> tuple[list, dict]:
     """``cfg.callbacks`` instantiated; without a terminal the progress bar is left out (the
-    epoch summaries of :class:`mrflight.callbacks.EpochSummary` report progress instead)."""
+    epoch summaries of :class:`mrflight.callbacks.EpochSummary` report progress instead), and so
+    are the progress bar and the checkpoints that ``trainer.enable_progress_bar=false`` and
+    ``trainer.enable_checkpointing=false`` turn off (Lightning refuses a trainer given both)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+
     from mrflight.callbacks import RandomState
 
     callbacks, trainer_kw = [], {}
+    trainer = cfg.get("trainer") or {}
     for node in (cfg.get("callbacks") or {}).values():
         if not (isinstance(node, DictConfig) and "_target_" in node):
             continue
@@ -258,7 +296,11 @@ def _callbacks(cfg: DictConfig, loggers) -> tuple[list, dict]:
         if "ProgressBar" in node._target_ and not interactive():
             trainer_kw["enable_progress_bar"] = False
             continue
-        callbacks.append(instantiate(node))
+        callback = instantiate(node)
+        if not any(isinstance(callback, kind) and trainer.get(option) is False for kind, option
+                   in ((ProgressBar, "enable_progress_bar"),
+                       (ModelCheckpoint, "enable_checkpointing"))):
+            callbacks.append(callback)
     callbacks.append(RandomState())
     return callbacks, trainer_kw
 

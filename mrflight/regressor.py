@@ -284,6 +284,26 @@ class MRFRegressor(L.LightningModule):
                     setattr(sc.scheduler, key, value)
                     log.info("learning-rate schedule: %s %s (the checkpoint's: %s)", key,
                              value, old)
+        self._warn_of_a_cut_schedule()
+
+    def _warn_of_a_cut_schedule(self) -> None:
+        """A schedule over ``T_max`` epochs (the cosine's follows ``trainer.max_epochs``) that
+        ``trainer.max_steps`` ends in an earlier epoch: its learning rate never decays to the
+        end, and nothing else would say so."""
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if trainer.max_steps < 0 or not 0 < batches < float("inf"):
+            return
+        epochs = -(-trainer.max_steps // -(-int(batches) // trainer.accumulate_grad_batches))
+        for sc in trainer.lr_scheduler_configs:
+            t_max = getattr(sc.scheduler, "T_max", None)
+            if sc.interval == "epoch" and is_number(t_max) and epochs < t_max:
+                log.warning("trainer.max_steps=%d stops training in epoch %d of the %d of the "
+                            "learning-rate schedule (module.scheduler.T_max, which follows "
+                            "trainer.max_epochs): the learning rate does not decay to its end; "
+                            "for the whole schedule give trainer.max_epochs=%d (or "
+                            "module.scheduler.T_max=%d)", trainer.max_steps, epochs, t_max,
+                            epochs, epochs)
 
     def metric_names(self, eval_set_names=("",)) -> list[str]:
         """Every metric name this module logs (``split/quantity``): the losses (``train/loss``

@@ -312,17 +312,23 @@ def _schedule_spans_the_run(saved: DictConfig, merged: DictConfig, overrides) ->
 
 
 def _check_not_finished(cfg: DictConfig, found: tuple, merged: DictConfig) -> None:
-    """Refuse to resume, into the folder of its results, a run that has finished its epochs:
-    there is nothing to train, and its ``metrics.json`` would be rewritten by a test alone
-    (without the training and validation metrics)."""
-    done = int(found[1].get("epoch", -1)) + 1
-    max_epochs = OmegaConf.select(merged, "trainer.max_epochs", default=None)
+    """Refuse to resume, into the folder of its results, a run that has finished its epochs
+    (or its ``trainer.max_steps``): there is nothing to train, and its ``metrics.json`` would be
+    rewritten by a test alone (without the training and validation metrics)."""
     out = Path(str(cfg.paths.output_dir))
-    if (out / FINISHED).is_file() and isinstance(max_epochs, int) and 0 <= max_epochs <= done:
-        raise ValueError(f"ckpt_path={cfg.get('ckpt_path')}: the run in {out} has finished its "
-                         f"{done} epoch(s) ({FINISHED}): to train it further raise "
-                         f"trainer.max_epochs above {done}; to evaluate it use {command('eval')} "
-                         f"ckpt_path={out}")
+    if not (out / FINISHED).is_file():
+        return
+    for key, done, unit, option in (
+            ("max_epochs", int(found[1].get("epoch", -1)) + 1, "epoch(s)", "trainer.max_epochs"),
+            # not a key of the trainer configs: given with +
+            ("max_steps", int(found[1].get("global_step", 0)), "step(s)", "+trainer.max_steps")):
+        limit = OmegaConf.select(merged, f"trainer.{key}", default=None)
+        if isinstance(limit, int) and 0 <= limit <= done:
+            raise ValueError(f"ckpt_path={cfg.get('ckpt_path')}: the run in {out} has finished "
+                             f"its {done} {unit} ({FINISHED}): to train it further raise "
+                             f"{option} above {done}"
+                             f"{' (-1: no limit)' if key == 'max_steps' else ''}; to evaluate "
+                             f"it use {command('eval')} ckpt_path={out}")
 
 
 def _fixed_node_changes(saved: DictConfig, merged: DictConfig) -> list[str]:

@@ -121,6 +121,9 @@ def test_late_or_raw_errors_are_one_line_before_any_work(tmp_path, args, expect)
     ("train", ["data=file"], "debug=tiny sets data.params .*data=paper or data=random"),
     ("train", ["data=file", "data.path=d.h5"], "debug=tiny sets data.params"),
     ("train", ["trainer.max_epochs=-1"], "T_max must be a positive number .*scheduler=null"),
+    ("train", ["+trainer.accumulate_grad_batches=0"],
+     "trainer.accumulate_grad_batches must be a positive integer .*got 0"),
+    ("train", ["+trainer.limit_train_batches=0"], "trains nothing .*use train=false"),
     ("train", ["data=simulated"], "data.params and data.n_train .*not to data=simulated"),
 ])
 def test_config_checks_name_the_setting(tmp_path, name, overrides, expect):
@@ -141,6 +144,34 @@ def test_a_sweep_cannot_optimise_a_test_metric(tmp_path, metric):
     with pytest.raises(ValueError, match="test metric.*validation metric"):
         check_metric(cfg, None)
     check_metric(compose_config(["debug=tiny"], output_dir=tmp_path), None)  # val/loss
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["callbacks=[default,early_stopping]", "callbacks.early_stopping.monitor=val/t1_mae"],
+     r"callbacks.early_stopping.monitor='val/t1_mae' is not a metric this module logs while "
+     r"training: choose one of .*val/t1_mae_ms"),
+    (["callbacks.model_checkpoint.monitor=test/loss"],
+     "callbacks.model_checkpoint.monitor='test/loss' is not a metric this module logs while"),
+    (["+trainer.limit_val_batches=0"],
+     "trainer.limit_val_batches=0 turns validation off, but optimized_metric=val/loss, "
+     "callbacks.model_checkpoint.monitor=val/loss need it: add optimized_metric=null "
+     "~callbacks.model_checkpoint, or validate"),
+])
+def test_monitored_metrics_are_checked_before_training(tmp_path, overrides, expect):
+    """A callback monitoring a metric that is never logged stopped the run with Lightning's
+    traceback after its first epoch (early stopping), and without validation the run trained
+    and tested, then failed without its metrics.json (optimized_metric not logged)."""
+    from mrflight.pipeline import check_metric, compose_config
+    from mrflight.regressor import MRFRegressor
+
+    module = MRFRegressor({"_target_": "mrflight.models.ANNRegressor", "input_length": 10,
+                           "n_outputs": 2})
+    cfg = compose_config(["debug=tiny", *overrides], output_dir=tmp_path)
+    with pytest.raises(ValueError, match=expect):
+        check_metric(cfg, module)
+    fixed = ["debug=tiny", "+trainer.limit_val_batches=0", "optimized_metric=null",
+             "~callbacks.model_checkpoint"]
+    check_metric(compose_config(fixed, output_dir=tmp_path), module)
 
 
 def test_a_gpu_trainer_without_a_gpu_is_refused_before_the_run(tmp_path, monkeypatch):
@@ -463,6 +494,26 @@ def test_a_data_error_is_reported_not_lightnings_teardown_error_after_it():
     assert isinstance(root_cause(info.value), ValueError)
     assert one_line(info.value) == "noise_std must be >= 0: got -1"
     assert _is_usage(root_cause(info.value))
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["+trainer.gradient_clip_val=1", "+trainer.gradient_clip_algorithm=bogus"],
+     "`gradient_clip_algorithm` bogus is invalid. Allowed algorithms: ['value', 'norm']."),
+    (["trainer.max_time=abc"], "`Timer(duration='abc')` is not a valid duration. Expected a "
+                               "string in the format DD:HH:MM:SS."),
+])
+def test_a_trainer_setting_lightning_refuses_is_one_line(tmp_path, overrides, expect):
+    """Lightning's MisconfigurationException names the setting and the values it takes; it
+    was reported as a bug, with a traceback and exit status 1."""
+    from mrflight.config import instantiate
+    from mrflight.errors import _is_usage, one_line, root_cause
+    from mrflight.pipeline import compose_config
+
+    cfg = compose_config(["debug=tiny", *overrides], output_dir=tmp_path)
+    with pytest.raises(Exception) as info:
+        instantiate(cfg.trainer, logger=False)
+    assert _is_usage(root_cause(info.value))
+    assert one_line(info.value) == expect
 
 
 def test_wandb_online_without_a_login_is_one_error_line(tmp_path):

@@ -90,11 +90,21 @@ def test_epoch_summary_goes_to_the_log_file_only_under_a_progress_bar(tmp_path, 
             is_global_zero, sanity_checking = True, False
             progress_bar_callback = object()
 
-        EpochSummary().on_train_epoch_end(T(), None)
+        summary = EpochSummary()
+        summary.on_validation_end(T(), None)
+        summary.on_train_epoch_end(T(), None)
+        # an epoch without validation (check_val_every_n_epoch=2, an epoch cut short by
+        # max_steps) shows no validation metrics: the earlier epoch's are still in the trainer
+        trainer = T()
+        trainer.current_epoch, trainer.global_step = 1, 20
+        summary.on_train_epoch_start(trainer, None)
+        summary.on_train_epoch_end(trainer, None)
     finally:
         logging.getLogger("mrflight").removeHandler(handler)
         root.removeHandler(fh)
         fh.close()
     line = "epoch 1/3, step 10, val loss 0.5, val T1 MAE 9.0 ms"
     assert line in (tmp_path / "train.log").read_text()
+    assert summary.lines[0].startswith(line)
+    assert summary.lines[1].startswith("epoch 2/3, step 20, ") and "val" not in summary.lines[1]
     assert bool(seen) is not interactive  # the console handler sees it only without a bar

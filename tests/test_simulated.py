@@ -356,26 +356,34 @@ def test_a_run_without_seed_resumes_with_its_own_training_stream(tmp_path, monke
     assert seeds[0] == seeds[1]
 
 
+#: three epochs of three batches of fresh fingerprints, in seconds
+_SHORT_RUN = ["sequence.n_pulses=100", "sequence.lobe_length=20", "data.batches_per_epoch=3",
+              "data.n_val=32", "data.n_test=32", "data.batch_size=16", "model.hidden_size=8",
+              "logger=none", "~callbacks.rich_progress_bar",
+              "++trainer.enable_progress_bar=false", "~callbacks.scatter_plot",
+              "trainer.max_epochs=3", "test=false"]
+
+
+def _short_run(out, *extra):
+    """Train :data:`_SHORT_RUN` with ``extra`` into ``out``: its last.ckpt and metrics.json."""
+    import json
+
+    from mrflight.pipeline import compose_config, train
+
+    train(compose_config([*_SHORT_RUN, *extra], output_dir=out))
+    ck = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    return ck, json.loads((out / "metrics.json").read_text())
+
+
 @pytest.mark.parametrize("callbacks", ["default", "[default,ema]"])
 def test_simulated_run_resumes_to_the_same_result(tmp_path, monkeypatch, callbacks):
     """A batch is a function of (seed, epoch, index, rank): an interrupted run resumed from
     last.ckpt ends with the weights of an uninterrupted one, with a loader worker too, and
     with the moving average of the weights (callbacks=[default,ema]) the average as well."""
-    import json
-
-    from mrflight.pipeline import compose_config, train
-
     monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
-    base = ["sequence.n_pulses=100", "sequence.lobe_length=20", "data.batches_per_epoch=3",
-            "data.n_val=32", "data.n_test=32", "data.batch_size=16", "data.num_workers=1",
-            "model.hidden_size=8", "logger=none", "~callbacks.rich_progress_bar",
-            "++trainer.enable_progress_bar=false", "~callbacks.scatter_plot",
-            "trainer.max_epochs=3", "test=false", f"callbacks={callbacks}"]
 
     def run(out, *extra):
-        train(compose_config([*base, *extra], output_dir=out))
-        ck = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-        return ck, json.loads((out / "metrics.json").read_text())
+        return _short_run(out, "data.num_workers=1", f"callbacks={callbacks}", *extra)
 
     full, m_full = run(tmp_path / "full")
     part, _ = run(tmp_path / "cut", "+trainer.max_steps=3")
@@ -407,6 +415,68 @@ def test_simulated_run_resumes_to_the_same_result(tmp_path, monkeypatch, callbac
             cb.on_load_checkpoint(SimpleNamespace(state=SimpleNamespace(fn=fn)), module, full)
             for k, v in module.state_dict().items():
                 assert torch.equal(v, full[state][k]), (fn, k)
+
+
+@pytest.mark.parametrize("options", [
+    [],
+    # validation after every batch, and only in every other epoch (not in the last)
+    ["+trainer.val_check_interval=1", "trainer.check_val_every_n_epoch=2"],
+], ids=["default", "validation_not_at_every_epochs_end"])
+def test_a_run_cut_mid_epoch_resumes_from_its_last_finished_epoch(tmp_path, monkeypatch,
+                                                                   options):
+    """last.ckpt holds the end of every finished epoch and only that: an epoch cut short (by
+    max_steps here, as by max_time) is trained again on resume, batch for batch as in an
+    uninterrupted run; Lightning's checkpoint of the cut epoch recorded it as finished (the
+    resumed run skipped its other batches and its learning-rate step), and where validation
+    does not end every epoch it saved after a validation only (mid-epoch, or not at all in the
+    last epoch)."""
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    options = ["data.num_workers=0", *options]
+    full, m_full = _short_run(tmp_path / "full", *options)
+    assert full["global_step"] == 9
+    part, _ = _short_run(tmp_path / "cut", *options, "+trainer.max_steps=4")
+    assert (part["epoch"], part["global_step"]) == (0, 3)
+    resumed, m_res = _short_run(tmp_path / "cut", *options, "ckpt_path=last")
+    assert resumed["global_step"] == 9
+    for k in full["state_dict"]:
+        assert torch.equal(full["state_dict"][k], resumed["state_dict"][k]), k
+    assert m_res["val/loss"] == m_full["val/loss"]
+
+
+def test_a_run_finished_by_max_steps_is_not_resumed_into_its_own_results(tmp_path,
+                                                                         monkeypatch):
+    """A run stopped by trainer.max_steps has finished (metrics.json): ckpt_path=last with the
+    same limit trained nothing and tested again, rewriting metrics.json without its training
+    and validation metrics. It is refused, naming the way on, which works."""
+    from mrflight.pipeline import compose_config, train
+
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    _short_run(out, "data.num_workers=0", "+trainer.max_steps=3")
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(ValueError, match=r"has finished its 3 step\(s\).*raise "
+                                         r"\+trainer.max_steps above 3 \(-1: no limit\)"):
+        train(compose_config([*_SHORT_RUN, "data.num_workers=0", "+trainer.max_steps=3",
+                              "ckpt_path=last"], output_dir=out))
+    assert (out / "metrics.json").read_bytes() == before
+    ck, metrics = _short_run(out, "data.num_workers=0", "+trainer.max_steps=6", "ckpt_path=last")
+    assert ck["global_step"] == 6 and "val/loss" in metrics
+
+
+def test_max_steps_ending_the_schedule_early_is_warned_about(tmp_path, monkeypatch, caplog):
+    """The cosine schedule runs over trainer.max_epochs: a trainer.max_steps that ends training
+    in an earlier epoch left the learning rate undecayed without a word."""
+    import logging
+
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    caplog.set_level(logging.WARNING, logger="mrflight")
+    _short_run(tmp_path / "run", "data.num_workers=0", "+trainer.max_steps=4")
+    warned = [r.getMessage() for r in caplog.records if "max_steps" in r.getMessage()]
+    assert warned == ["trainer.max_steps=4 stops training in epoch 2 of the 3 of the "
+                      "learning-rate schedule (module.scheduler.T_max, which follows "
+                      "trainer.max_epochs): the learning rate does not decay to its end; for "
+                      "the whole schedule give trainer.max_epochs=2 (or "
+                      "module.scheduler.T_max=2)"]
 
 
 def _eval_indices_per_rank(dm, loader_fn, world: int) -> list[list[int]]:

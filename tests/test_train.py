@@ -145,6 +145,25 @@ def test_resume_from_last(tmp_path):
         run(tmp_path, "ckpt_path=/nonexistent/x.ckpt")
 
 
+@pytest.mark.parametrize("option,kind", [("enable_progress_bar", "ProgressBar"),
+                                         ("enable_checkpointing", "ModelCheckpoint")])
+def test_trainer_options_that_turn_a_callback_off_leave_it_out(tmp_path, monkeypatch, option,
+                                                                kind):
+    """trainer.enable_progress_bar=false (on a terminal) and trainer.enable_checkpointing=false
+    stopped the run with Lightning's MisconfigurationException and its traceback, since the
+    default callbacks hold a progress bar and checkpoints; they now leave them out."""
+    from lightning.pytorch import callbacks
+
+    from mrflight import pipeline
+
+    monkeypatch.setattr(pipeline, "interactive", lambda: True)  # the progress bar is kept
+    cfg = compose_config(["debug=tiny", f"+trainer.{option}=false"], output_dir=tmp_path)
+    trainer = pipeline._build_trainer(cfg, [])
+    assert not any(isinstance(c, getattr(callbacks, kind)) for c in trainer.callbacks)
+    other = callbacks.ModelCheckpoint if kind == "ProgressBar" else callbacks.RichProgressBar
+    assert any(isinstance(c, other) for c in trainer.callbacks)  # the other one is kept
+
+
 def test_weight_ema_refuses_a_decay_outside_0_1():
     from mrflight.callbacks import WeightEMA
 
