@@ -338,9 +338,9 @@ class DictionaryMatcher:
 
     # ------------------------------------------------------------------ helpers
     def _prepare_signals(self, signals) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Signals in the working dtype, each divided by its peak (its largest magnitude, or
-        for complex matching its largest real or imaginary part, so that no scale under- or
-        overflows), their norms after that division, and the peaks (float64)."""
+        """Signals in the working dtype, each divided by its peak (the power of two at or above
+        its largest real or imaginary part: exact, and no scale under- or overflows), their
+        norms after that division, and the peaks (float64)."""
         s = _as_tensor(signals, "signals")
         if s.ndim == 1:
             s = s[None]
@@ -360,18 +360,23 @@ class DictionaryMatcher:
         if not self.complex_matching and s.is_complex():
             s = s.abs()
         # on the real view (re, im pairs): torch's complex abs, division and norm cost several
-        # times more on the CPU. The largest |re| or |im| of a signal is its scale here.
+        # times more on the CPU
         r = torch.view_as_real(s.resolve_conj()).flatten(1) if s.is_complex() else s
+        exp = torch.zeros(s.shape[0], dtype=torch.int32, device=self.device)
+        peak = torch.zeros(s.shape[0], dtype=torch.float64, device=self.device)
         if r.shape[1]:
             lo, hi = torch.aminmax(r, dim=1)  # NaN propagates: both finite iff every value is
             if not (all_finite(lo) and all_finite(hi)):
                 raise ValueError("signals contain NaN or Inf values; mask those voxels out first")
             if real_input and lo.numel():
                 check_magnitude(float(lo.min()), "the real-valued signals")
-            peak = torch.maximum(hi, -lo).to(torch.float64)
-        else:
-            peak = torch.zeros(s.shape[0], dtype=torch.float64, device=self.device)
-        r = r / torch.where(peak > 0, peak, torch.ones_like(peak)).to(r.dtype)[:, None]
+            # the scale of a signal: the power of two at or above its largest |re| or |im|, so
+            # that the scaling is exact and the match is that of the signal as given
+            top = torch.maximum(hi, -lo)
+            most = int(math.log2(torch.finfo(r.dtype).max))  # 2**-exp stays a number
+            exp = torch.where(top > 0, torch.frexp(top).exponent, 0).clamp(-most, most)
+            peak = torch.where(top > 0, torch.ldexp(torch.ones_like(peak), exp), peak)
+        r = r * torch.ldexp(torch.ones_like(exp, dtype=r.dtype), -exp)[:, None]
         s = (torch.view_as_complex(r.unflatten(1, (-1, 2))) if s.is_complex() else r).to(
             self._cdtype if self.complex_matching else self.dtype)
         return s, row_norms(s), peak
@@ -555,7 +560,14 @@ class DictionaryMatcher:
         torch.matmul(si, blk.mH if self.complex_matching else blk.T, out=score)
         if not score.is_complex():
             return score
-        return torch.abs(score, out=bufs["mag"][:size].view(score.shape))
+        mag = bufs["mag"][:size].view(score.shape)
+        if score.device.type != "cpu":
+            return torch.abs(score, out=mag)
+        # on the CPU sqrt(re^2 + im^2) of the real view: 3x faster than torch's complex abs
+        # (within an ulp of it, as the tolerance allows: 0 in 16 M scores measured)
+        pairs = torch.view_as_real(score)
+        re, im = pairs[..., 0], pairs[..., 1]
+        return torch.mul(re, re, out=mag).addcmul_(im, im).sqrt_()
 
     def _cap(self, rows, cols, vals, n, dropped):
         """Keep at most ``max_candidates`` pairs per signal: a signal with more keeps its best
