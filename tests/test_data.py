@@ -119,6 +119,28 @@ def test_training_batches_get_fresh_noise():
     assert torch.equal(dm.on_after_batch_transfer(v, 0).signal, v.signal)
 
 
+def test_training_noise_is_fresh_in_every_epoch():
+    """Batch i of epoch 1 gets other noise than batch i of epoch 0 (the noise stream is a
+    function of (seed, epoch, batch, rank)): the same clean batch at index 0 of two epochs has
+    uncorrelated noise residuals (identical ones if the stream ignored the epoch)."""
+    dm = make(noise_std=0.02)
+    batch = next(iter(dm.train_dataloader()))
+    clean = preprocess(batch.signal).double()
+
+    class T:  # what the data module reads from its trainer
+        current_epoch, global_rank = 0, 0
+
+    dm.trainer = T()
+    res = []
+    for epoch in (0, 1, 2):
+        T.current_epoch = epoch
+        res.append(dm.on_after_batch_transfer(batch, 0).signal.double() - clean)
+    assert float(res[0].std()) > 0.01
+    for other in res[1:]:
+        cos = torch.nn.functional.cosine_similarity(res[0], other, dim=1).abs()
+        assert float(cos.median()) < 0.5, cos
+
+
 def test_complex_input_mode_has_two_channels():
     dm = make(input_mode="complex", noise_std=0.0)
     x = dm.test_set.signals

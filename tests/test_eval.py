@@ -401,3 +401,92 @@ def test_runs_of_a_sweep_over_training_settings_share_one_group():
     assert data_key(seq, run, 0) != data_key(oksuz2019(n_pulses=120), run, 0)
     sim = {"_target_": "mrflight.data.SimulatedDataModule", "noise_std": [0.005, 0.03]}
     assert data_key(seq, sim, 0) == data_key(seq, {**sim, "noise_std": 0.01}, 0)
+
+
+def test_efficiency_reports_are_the_errors_of_estimators_of_known_error():
+    """The bias (estimate - truth: its sign), std, RMSE, their ratios to the bound (std over
+    the std bound, not variances) and B1 in % of the three bound reports, for estimators whose
+    errors are set here, against sums written out and the bound from crb() itself."""
+    from mrflight import efficiency as eff
+    from mrflight.evaluation.protocol import _Bound
+    from mrflight.physics import crb, oksuz2019
+
+    seq = oksuz2019(n_pulses=100, lobe_length=20)
+    approx = lambda v: pytest.approx(v, rel=1e-9, abs=1e-12)  # noqa: E731
+    # efficiency_report: k draws per point, the estimate truth + bias + spread * z
+    pts = np.array([[800.0, 60.0, 1.0], [1500.0, 150.0, 0.9]])
+    k = 6
+    z = np.array([-1.5, -0.5, 0.0, 0.5, 1.0, 0.5])
+    z -= z.mean()
+    bias, spread = np.array([30.0, -4.0, 0.02]), np.array([10.0, 2.0, 0.01])
+
+    def known(signals):
+        assert len(signals) == len(pts) * k  # the points' draws, in order
+        return np.repeat(pts, k, axis=0) + bias + np.tile(z, len(pts))[:, None] * spread
+
+    rows = eff.efficiency_report(seq, {"known": known}, pts, noise_std=0.01, n_realizations=k)
+    bound = crb(seq, pts[:, 0], pts[:, 1], 0.01, b1=pts[:, 2], estimate_b1=True,
+                phase_nuisance=True).numpy()
+    assert len(rows) == len(pts)
+    for g, r in enumerate(rows):
+        for j, q in enumerate(("t1", "t2", "b1")):
+            e = bias[j] + z * spread[j]
+            std, rmse = spread[j] * z.std(ddof=1), np.sqrt(np.mean(e ** 2))
+            assert r[f"{q}_bias"] == approx(bias[j]) and r[f"{q}_std"] == approx(std)
+            assert r[f"{q}_rmse"] == approx(rmse)
+            assert r[f"{q}_crb"] == pytest.approx(bound[g, j], rel=1e-6)
+            assert r[f"{q}_std_over_crb"] == pytest.approx(std / bound[g, j], rel=1e-6)
+            assert r[f"{q}_rmse_over_crb"] == pytest.approx(rmse / bound[g, j], rel=1e-6)
+    # offgrid_report: every signal off by off * w (MAE |off| mean|w|, RMSE |off| rms(w)),
+    # against the RMS of the per-signal bound at the noise relative to its proton density
+    n = 12
+    params, pd = eff.offgrid_params(n, seed=0)
+    w = np.linspace(-1.0, 2.0, n)
+    off = np.array([20.0, -5.0, 0.03])
+    rows = eff.offgrid_report(seq, {"known": lambda s: params + w[:, None] * off}, n=n,
+                              noise_std=0.01, seed=0)
+    b = crb(seq, params[:, 0], params[:, 1], 1.0, b1=params[:, 2], estimate_b1=True,
+            phase_nuisance=True).numpy() * (0.01 / pd)[:, None]
+    assert np.isfinite(b).all()
+    rms_bound = np.sqrt(np.mean(b ** 2, axis=0))
+    mine, bound_row = rows
+    assert mine["method"] == "known" and bound_row["method"] == "crb"
+    for j, (q, unit, f) in enumerate((("t1", "ms", 1.0), ("t2", "ms", 1.0), ("b1", "pct", 100.0))):
+        rmse = abs(off[j]) * np.sqrt(np.mean(w ** 2))
+        assert mine[f"{q}_mae_{unit}"] == approx(f * abs(off[j]) * np.mean(np.abs(w)))
+        assert mine[f"{q}_rmse_{unit}"] == approx(f * rmse)
+        assert mine[f"{q}_rmse_over_crb"] == pytest.approx(rmse / rms_bound[j], rel=1e-6)
+        assert bound_row[f"{q}_rmse_{unit}"] == pytest.approx(f * rms_bound[j], rel=1e-6)
+    # robustness_report: T1 10 % high, T2 5 % low everywhere; B1 0.1 high
+    n, voxels = 16, 4
+    rng = np.random.default_rng(0)  # the report's tissues: drawn as it draws them
+    t1 = rng.uniform(100.0, 4000.0, n)
+    t2 = rng.uniform(10.0, np.minimum(t1, 500.0))
+    tissues = {"wm": {"t1_ms": 800.0, "t2_ms": 70.0}, "csf": {"t1_ms": 3000.0, "t2_ms": 400.0}}
+    tis = np.array([[800.0, 70.0], [3000.0, 400.0]])
+
+    def biased(signals):
+        truth = np.stack([t1, t2], 1) if len(signals) == n else np.repeat(tis, voxels, axis=0)
+        return np.concatenate([truth * [1.1, 0.95], np.full((len(truth), 1), 9.0)], 1)
+
+    rows = eff.robustness_report(seq, {"biased": biased}, {"biased": (0.01, 0.02)}, tissues,
+                                 n=n, pd_values=(1.0,), voxels=voxels)
+    cond = {r["condition"]: r for r in rows if r["condition"] != "tissue_pd"}
+    assert set(cond) == {"noise_low", "noise_high", "b1_0.8", "b1_1.2"}
+    for r in cond.values():
+        assert r["t1_bias_pct"] == approx(10.0) and r["t2_bias_pct"] == approx(-5.0)
+        assert r["t1_rmse_ms"] == approx(np.sqrt(np.mean((0.1 * t1) ** 2)))
+        assert r["t2_rmse_ms"] == approx(np.sqrt(np.mean((0.05 * t2) ** 2)))
+        assert r["b1_rmse_pct"] == approx(100 * abs(9.0 - r["b1"]))
+    tissue = [r for r in rows if r["condition"] == "tissue_pd"]
+    assert [r["tissue"] for r in tissue] == ["wm", "csf"]
+    for r in tissue:
+        assert r["t1_median_error_pct"] == approx(10.0)
+        assert r["t2_median_error_pct"] == approx(-5.0)
+    # eval.py's RMSE/bound: RMSE over the RMS bound, on the finite bound rows, not variances
+    unit = np.array([[1.0, 2.0], [3.0, 4.0], [np.inf, 1.0], [2.0, 2.0]])
+    true = np.zeros((4, 2))
+    pred = np.array([[5.0, 1.0], [-15.0, 2.0], [1e6, 3.0], [30.0, -4.0]])
+    ratio = _Bound(np.arange(4), unit, 10.0).ratio(pred, true, 0)
+    expect = np.sqrt(np.mean([25.0, 225.0, 900.0])) / np.sqrt(np.mean([100.0, 900.0, 400.0]))
+    assert ratio == approx(expect) and abs(expect - 1) > 0.05

@@ -237,6 +237,11 @@ def test_formats_reconstruct_known_values(tmp_path, seq, phantoms, matcher_compl
     t2_img = nib.load(str(files["T2map.nii.gz"]))
     np.testing.assert_allclose(np.asarray(t2_img.dataobj).reshape(t1.shape)[mask],
                                t2[mask] / 1000.0, rtol=1e-6)
+    # M0 in its own unit (input intensity per unit of simulated fingerprint) in both files
+    m0_img = nib.load(str(files["M0map.nii.gz"]))
+    np.testing.assert_allclose(np.asarray(m0_img.dataobj).reshape(t1.shape)[mask],
+                               m0_map[mask], rtol=1e-6)
+    np.testing.assert_allclose(m0_img.affine, img.affine)
     side = json.loads(files["T1map.json"].read_text())
     assert side["Units"] == "s" and side["NumpyUnits"] == "ms"
     assert side["EstimationMethod"] == "dictionary matching"

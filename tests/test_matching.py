@@ -76,6 +76,28 @@ def test_m0_recovered_magnitude_and_svd(small_dict):
         assert torch.allclose(m0, scale, rtol=2e-3)
 
 
+@pytest.mark.parametrize("complex_matching", [False, True])
+def test_m0_at_a_low_rank_is_the_least_squares_scale_in_the_subspace(small_dict,
+                                                                     complex_matching):
+    """At a rank that keeps only part of the atoms (projection norms down to 0.86-0.88 at rank
+    2), M0 is the least-squares scale of the matched atom in the subspace, <P a, P s> /
+    ||P a||^2 (the scale itself for a scaled atom), not that scale times the norm of its
+    projection."""
+    _, atoms, params = small_dict
+    scale = torch.linspace(0.5, 4.0, len(atoms), dtype=torch.float64)
+    dm = DictionaryMatcher(atoms, params, rank=2, complex_matching=complex_matching,
+                           dtype=torch.float64)
+    a = atoms.to(torch.complex128)
+    a = a if complex_matching else a.abs()
+    proj = torch.linalg.vector_norm(a @ dm.basis.conj().to(a.dtype), dim=1)
+    assert float((proj / torch.linalg.vector_norm(a, dim=1)).min()) < 0.9
+    out, m0 = dm.match(a * scale[:, None], return_m0=True)
+    assert torch.equal(out, params)  # noise-free: every atom still found
+    np.testing.assert_allclose(m0.real.numpy(), scale.numpy(), rtol=1e-6)
+    if complex_matching:
+        np.testing.assert_allclose(m0.imag.numpy(), 0.0, atol=1e-6)
+
+
 @pytest.mark.parametrize("scale", [1e-25, 1e25])
 def test_atoms_at_any_scale_match_as_at_unit_scale(small_dict, scale):
     # float32 atoms whose squared norm under- or overflows (was: "every atom is all-zero", or

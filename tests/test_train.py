@@ -100,6 +100,53 @@ def test_training_metrics_are_the_epochs_mae_and_rmse(tmp_path):
             err[:, i].square().mean().sqrt().item(), rel=1e-5)
 
 
+def test_evaluation_metrics_and_b1_in_percent_are_the_errors_of_every_sample(tmp_path):
+    """val/..., val@0.01/... and test/... are the MAE and RMSE over the whole evaluation set
+    (eval batches of unequal size), train/... over every training sample of the epoch, and
+    B1's in % of nominal (100 x the ratio) everywhere; lr 1e-30 keeps the net fixed so that
+    they can be recomputed after the fit (the batches are functions of (seed, epoch, index))."""
+    from mrflight.data import SimulatedDataModule
+    from mrflight.physics import oksuz2019
+    from mrflight.regressor import MRFRegressor
+
+    torch.manual_seed(0)
+    seq = oksuz2019(n_pulses=100, lobe_length=20)
+    dm = SimulatedDataModule(seq, targets=["t1", "t2", "b1"], batch_size=16,
+                             batches_per_epoch=3, n_val=40, n_test=40, eval_noise_levels=[0.01],
+                             eval_batch_size=16, num_workers=0, progress=False, seed=5)
+    module = MRFRegressor({"_target_": "mrflight.models.ANNRegressor", "input_length": 100,
+                           "n_outputs": 3, "hidden_sizes": [16]}, lr=1e-30,
+                          targets=["t1", "t2", "b1"], target_scale_ms=[2000.0, 500.0, 2.0])
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    got = dict(trainer.callback_metrics)
+    for per_set in trainer.test(module, datamodule=dm, verbose=False):  # one per test set
+        got.update(per_set)
+
+    def expect(prefix, err):
+        err = err.double() * torch.tensor([1.0, 1.0, 100.0], dtype=torch.float64)
+        for i, (p, u) in enumerate((("t1", "ms"), ("t2", "ms"), ("b1", "pct"))):
+            assert float(got[f"{prefix}/{p}_mae_{u}"]) == pytest.approx(
+                err[:, i].abs().mean().item(), rel=1e-5), (prefix, p)
+            assert float(got[f"{prefix}/{p}_rmse_{u}"]) == pytest.approx(
+                err[:, i].square().mean().sqrt().item(), rel=1e-5), (prefix, p)
+
+    def errors(signals, params_ms):
+        with torch.no_grad():
+            return module.to_params(module.net(signals)) - params_ms
+
+    train = [dm.train_set[(0, i)] for i in range(3)]
+    expect("train", torch.cat([errors(b.signal, b.params_ms) for b in train]))
+    for split in ("val", "test"):
+        for name, s in zip(("", "@0.01"), dm.fixed_sets(split)["sets"]):
+            err = errors(s.signals, s.params_ms)
+            assert err.shape[0] % 16  # a short last batch
+            assert float(err[:, 2].abs().mean()) > 0.01  # B1 errors not trivially zero
+            expect(split + name, err)
+
+
 def test_checkpoint_round_trip_and_predict_parameters(tmp_path):
     _, out, _ = run(tmp_path, "model=gru", "logger=csv")
     ckpts = sorted((out / "checkpoints").glob("epoch_*.ckpt"))
