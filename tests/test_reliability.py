@@ -141,17 +141,18 @@ def test_sigterm_mid_epoch_fails_with_one_line_and_resumes_to_the_same_result(
     assert m_res == m_full
 
 
-def test_a_preempted_run_is_marked_failed_in_wandb_and_a_finished_one_not(tmp_path, monkeypatch):
+def test_a_preempted_run_is_marked_failed_in_wandb_and_a_finished_one_not(tmp_path, monkeypatch,
+                                                                         wandb_record):
     """W&B must not show a run SIGTERM stopped as finished: its exit record carries the status
     the command ends with."""
-    from mrflight.loggers import read_offline_run
-
     args = ["model=ann", "trainer.max_epochs=2", "test=false", "logger=wandb"]
     out = tmp_path / "cut"
     assert _preempted(monkeypatch, tmp_path, out, args, epoch=1) == 128 + signal.SIGTERM
-    assert read_offline_run(out / "wandb")["exit_code"] == 128 + signal.SIGTERM
+    finished = (lambda r: "exit_code" in r)
+    assert wandb_record(out / "wandb", finished)["exit_code"] == 128 + signal.SIGTERM
     _train(out, *args, "ckpt_path=last")
-    assert read_offline_run(out / "wandb")["exit_code"] == 0  # the resumed run's record
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 2
+    assert wandb_record(out / "wandb", finished)["exit_code"] == 0  # the resumed run's record
 
 
 def test_ctrl_c_before_training_is_one_line_with_the_signals_status(tmp_path, monkeypatch,

@@ -75,19 +75,6 @@ def test_wandb_sweep_config_drives_train_py_with_hydra_overrides(tmp_path):
     assert compose_config(output_dir=tmp_path).optimized_metric == sweep["metric"]["name"]
 
 
-def _read_when_written(path, summary_key: str, timeout_s=30.0):
-    """The offline run once W&B's service has flushed it (finish() may return first)."""
-    import time
-
-    t0 = time.monotonic()
-    while True:
-        r = read_offline_run(path)
-        done = "name" in r and summary_key in r["summary"]
-        if done or time.monotonic() - t0 > timeout_s:
-            return r
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     """A two-job multirun (hidden sizes) with W&B offline."""
@@ -144,7 +131,7 @@ def test_a_run_file_still_being_written_reads_up_to_its_last_whole_record(sweep_
     assert read_offline_run(cut_dir) == {"config": {}, "summary": {}, "history_keys": set()}
 
 
-def test_eval_run_joins_the_group_of_the_runs_it_evaluates(sweep_dir, tmp_path):
+def test_eval_run_joins_the_group_of_the_runs_it_evaluates(sweep_dir, tmp_path, wandb_record):
     out = tmp_path / "eval"
     cfg = compose_config([f"ckpt_path={sweep_dir}", "logger=wandb", "evaluation.n_test=30",
                           "evaluation.noise_levels=[0.01]", "evaluation.phantoms=[]",
@@ -154,7 +141,8 @@ def test_eval_run_joins_the_group_of_the_runs_it_evaluates(sweep_dir, tmp_path):
     with open_dict(cfg):
         cfg.paths.cache_dir = None
     evaluate(cfg)
-    r = _read_when_written(out / "wandb", "eval/paper/0.01/matching/t1_mae_ms")
+    key = "eval/paper/0.01/matching/t1_mae_ms"
+    r = wandb_record(out / "wandb", lambda r: "name" in r and key in r["summary"])
     assert r["group"] == "multirun-2026-11-26-03-12-45-123456" and r["job_type"] == "eval"
     assert r["name"].startswith("eval-ann-")
     assert len(r["config"]["checkpoints"]) == 2 and len(r["config"]["evaluated_runs"]) == 2
