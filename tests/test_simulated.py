@@ -147,8 +147,9 @@ def test_device_simulation_launches_several_batches_at_once(seq, monkeypatch):
     res = torch.cat([g.signal - c.signal for g, c in zip(got, clean)])
     std = torch.cat([g.noise_std for g in got])
     # magnitude of (unit fingerprint + complex noise): residual std ~ noise std per sample
+    # (measured: 0.967; a noise std 1/sqrt(2) too small gave 0.69)
     ratio = res.std(dim=1) / std
-    assert 0.8 < float(ratio.median()) < 1.2
+    assert 0.9 < float(ratio.median()) < 1.05
     assert not torch.allclose(got[0].signal - clean[0].signal, got[1].signal - clean[1].signal)
     _, resumed = _device_batches(seq, first=3)
     assert torch.equal(resumed[0].signal, got[3].signal)
