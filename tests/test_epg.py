@@ -155,8 +155,8 @@ def bloch_isochromats(seq: Sequence, t1: float, t2: float, b1: float = 1.0,
 
 @pytest.mark.parametrize("phase", ["zero", "alternating", "random"])
 def test_matches_bloch_isochromats(phase):
-    """The EPG signal (every path ``simulate`` may take in float64) equals a Bloch simulation of
-    isochromats: RF phase, B1, inversion efficiency, TE and varying TR included."""
+    """The EPG signal (the real-state path for phases 0 and 180, else the complex one) equals
+    a Bloch simulation of isochromats: RF phase, B1, inversion efficiency, TE and varying TR."""
     seq = _short_train(n=120, phase=phase, seed=3)
     t1, t2, b1 = (torch.tensor(c, dtype=F64) for c in zip(*ATOMS))
     got = _exact(seq, t1, t2, b1).numpy()
