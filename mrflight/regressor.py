@@ -45,6 +45,9 @@ PARAMETER_UNITS = {"t1": ("t1_ms", "ms"), "t2": ("t2_ms", "ms"), "b1": ("b1", "r
 
 
 _PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+#: ``MRFRegressor._nonfinite_step`` (the epoch's first step with a NaN or infinite training
+#: loss) while every loss of the epoch was finite
+_ALL_FINITE = torch.iinfo(torch.int64).max
 
 
 def outputs_to_params(raw: torch.Tensor, target_scale: torch.Tensor,
@@ -203,6 +206,8 @@ class MRFRegressor(L.LightningModule):
         # runs alternating on a 2-core CPU: 15.1 against 13.7 s)
         self._train_sums = torch.zeros(2, len(self.targets), dtype=torch.float64)
         self._train_count = 0
+        self._nonfinite_step = torch.tensor(_ALL_FINITE)
+        self._resumed_optimizer = None  # (lr, weight_decay) of a checkpoint resumed from
         self._percent = torch.tensor([100.0 if u == "pct" else 1.0 for u in self._units],
                                      dtype=torch.float64)
 
@@ -275,7 +280,9 @@ class MRFRegressor(L.LightningModule):
         restores the scheduler's whole state, its settings (``T_max``, ``eta_min``, ...) with
         it, so a run resumed with a longer ``trainer.max_epochs`` (which ``T_max`` follows, see
         :func:`mrflight.resume.resume_config`) would keep the old ``T_max``, and the cosine
-        schedule, periodic past it, would raise the learning rate again."""
+        schedule, periodic past it, would raise the learning rate again. So do ``module.lr``
+        (the schedule goes on scaled by new / old: from the learning rate reached, times it)
+        and ``module.weight_decay``, which Lightning would take from the optimizer's state."""
         cfg = self.hparams.get("scheduler") or {}
         for sc in self.trainer.lr_scheduler_configs:
             for key, value in cfg.items():
@@ -284,7 +291,25 @@ class MRFRegressor(L.LightningModule):
                     setattr(sc.scheduler, key, value)
                     log.info("learning-rate schedule: %s %s (the checkpoint's: %s)", key,
                              value, old)
+        old, new = self._resumed_optimizer, (self.hparams.lr, self.hparams.weight_decay)
+        if old is not None and old != new:
+            log.info("module.lr %g, module.weight_decay %g (the checkpoint's: %g, %g)",
+                     *new, *old)
+            ratio = new[0] / old[0]
+            for group in (g for opt in self.trainer.optimizers for g in opt.param_groups):
+                group["lr"] *= ratio
+                group["weight_decay"] = new[1]
+                if "initial_lr" in group:
+                    group["initial_lr"] *= ratio
+            for sc in self.trainer.lr_scheduler_configs:
+                if hasattr(sc.scheduler, "base_lrs"):
+                    sc.scheduler.base_lrs = [lr * ratio for lr in sc.scheduler.base_lrs]
         self._warn_of_a_cut_schedule()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        hp = checkpoint.get("hyper_parameters") or {}
+        if is_number(hp.get("lr")) and is_number(hp.get("weight_decay")):
+            self._resumed_optimizer = (float(hp["lr"]), float(hp["weight_decay"]))
 
     def _warn_of_a_cut_schedule(self) -> None:
         """A schedule over ``T_max`` epochs (the cosine's follows ``trainer.max_epochs``) that
@@ -512,14 +537,50 @@ class MRFRegressor(L.LightningModule):
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        # the first step whose loss is not finite, kept on the device: read (synchronised) only
+        # by _stop_if_diverged, before validation and at the epoch's end
+        self._nonfinite_step = torch.where(torch.isfinite(loss.detach()), self._nonfinite_step,
+                                           self._nonfinite_step.clamp(max=self.global_step + 1))
+        return loss
 
     def on_train_epoch_start(self) -> None:
         self._train_sums = torch.zeros_like(self._train_sums)
         self._train_count = 0
+        self._nonfinite_step = torch.full((), _ALL_FINITE, device=self.device)
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._stop_if_diverged()
+
+    def _stop_if_diverged(self) -> None:
+        """End a fit whose weights are no longer finite (a NaN or infinite loss or gradient)
+        with one error naming the step and the fix, before validation and the checkpoints: the
+        checkpoints keep the last finite epoch, and no epoch is trained on in vain. Once
+        NaN, the weights stay NaN; the loss alone is not enough (under float16 AMP the
+        gradient scaler skips the step of an infinite loss)."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.parameters()]).all()
+        # the step named where the weights are not finite: the first non-finite loss, else the last
+        step = torch.where(finite, _ALL_FINITE, self._nonfinite_step.clamp(max=self.global_step))
+        step = int(self.trainer.strategy.reduce(step, reduce_op="min"))  # every DDP rank stops
+        if step == _ALL_FINITE:
+            return
+        epoch, max_epochs = self.current_epoch + 1, self.trainer.max_epochs
+        where = f"step {step} (epoch {epoch}{f' of {max_epochs}' if (max_epochs or 0) > 0 else ''})"
+        what = (f"the training loss was NaN or infinite in {where}"
+                if int(self._nonfinite_step) != _ALL_FINITE else
+                f"the weights became NaN or infinite in {where}, the loss finite")
+        clip = ("" if self.trainer.gradient_clip_val else
+                ", or clip the gradients (+trainer.gradient_clip_val=1.0)")
+        kept = (f"; the checkpoints up to epoch {epoch - 1} are kept"
+                if epoch > 1 and self.trainer.checkpoint_callbacks else "")
+        raise ValueError(f"training diverged: {what}: train again with a lower module.lr "
+                         f"(this run's: {self.hparams.lr:g}){clip}{kept}")
 
     def on_train_epoch_end(self) -> None:
-        """Log the epoch's training MAE and RMSE of every target (summed over DDP ranks)."""
+        """Log the epoch's training MAE and RMSE of every target (summed over DDP ranks), once
+        its weights are known to be finite (where no validation checked them)."""
+        self._stop_if_diverged()
         if not self._train_count:
             return
         strategy = self.trainer.strategy
@@ -573,7 +634,8 @@ def load_checkpoint(path, map_location="cpu") -> MRFRegressor:
 
     Raises:
         ValueError: a missing file or a directory, a truncated or foreign file, pickled objects,
-            a network that is not an mrflight regressor, or an unusable device.
+            a network that is not an mrflight regressor, NaN or infinite weights (a diverged
+            run's), or an unusable device.
     """
     from mrflight.checkpoints import read_checkpoint, state_dict_mismatch
     from mrflight.physics._device import check_device
@@ -590,5 +652,10 @@ def load_checkpoint(path, map_location="cpu") -> MRFRegressor:
         raise ValueError(f"checkpoint {str(path)!r} is not a readable mrflight checkpoint "
                          f"({type(e).__name__}: {state_dict_mismatch(e)}); is it from another "
                          "program or version?") from None
+    bad = next((n for n, w in module.named_parameters() if not torch.isfinite(w).all()), None)
+    if bad is not None:  # a diverged run's: every estimate would be NaN
+        raise ValueError(f"checkpoint {str(path)!r} has NaN or infinite weights ({bad}): its "
+                         "training diverged; use a checkpoint of an earlier epoch, or train "
+                         "again with a lower module.lr")
     module.eval()
     return module

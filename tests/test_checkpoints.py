@@ -514,6 +514,25 @@ def test_every_checkpoint_mrflight_writes_loads_with_weights_only(real_ckpt):
     assert torch.isfinite(module.predict_parameters(x)).all()
 
 
+def test_a_diverged_checkpoint_is_refused_not_turned_into_nan_estimates(real_ckpt, tmp_path):
+    """NaN weights (a run that diverged) are an error naming the file, for eval.py, maps and
+    export alike (all load through load_checkpoint), not NaN maps or a NaN ONNX model."""
+    from mrflight.export import export_checkpoints
+
+    ck = torch.load(real_ckpt, weights_only=True)
+    name = next(k for k, v in ck["state_dict"].items() if v.is_floating_point())
+    ck["state_dict"][name][0] = float("nan")
+    bad = tmp_path / "run" / "checkpoints" / "epoch_004.ckpt"
+    bad.parent.mkdir(parents=True)
+    torch.save(ck, bad)
+    msg = re.escape(f"'{bad}' has NaN or infinite weights ({name}): its training diverged")
+    with pytest.raises(ValueError, match=msg):
+        mrflight.load_checkpoint(bad)
+    with pytest.raises(ValueError, match=msg):
+        export_checkpoints(bad.parent.parent, "torchscript", tmp_path / "out")
+    assert not list(tmp_path.glob("out/*.pt"))
+
+
 def test_eval_refuses_a_run_config_that_builds_other_code(real_ckpt, tmp_path):
     from mrflight.checkpoints import read_run_config
 

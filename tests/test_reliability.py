@@ -213,6 +213,71 @@ def test_a_run_stopped_in_its_first_epoch_starts_again_with_ckpt_path_last(tmp_p
     assert m_again == m_full
 
 
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_diverging_run_stops_with_one_line_and_keeps_its_finite_checkpoints(
+        tmp_path, monkeypatch, capsys, where):
+    """A loss that turns NaN in epoch 2 (or a NaN gradient at its last step, the loss finite)
+    ends the run before its validation and checkpoints, with one line naming the step and the
+    fix: no epoch trained on NaN weights, no NaN checkpoint, no metrics.json of NaNs (before:
+    exit 0 after every epoch, NaN weights in last.ckpt and "best/val/loss": inf)."""
+    from mrflight.errors import guard
+    from mrflight.regressor import load_checkpoint
+
+    real, at = MRFRegressor._step, {}
+
+    def step(self, batch, split, dataloader_idx=0):
+        loss = real(self, batch, split, dataloader_idx)
+        n = self.trainer.num_training_batches
+        if split == "train" and self.global_step + 1 == (n + 3 if where == "loss" else 2 * n):
+            at["step"] = self.global_step + 1
+            # NaN; or a finite loss whose gradient is infinite: sqrt'(0)
+            loss = loss * float("nan") if where == "loss" else \
+                loss + (loss - loss.detach()).sqrt()
+        return loss
+
+    monkeypatch.setattr(MRFRegressor, "_step", step)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        guard(train)(compose_config([*TINY, "model=ann", "trainer.max_epochs=3"],
+                                    output_dir=out))
+    assert e.value.code == 2
+    what = ("the training loss was NaN or infinite in" if where == "loss" else
+            "the weights became NaN or infinite in")
+    tail = "(epoch 2 of 3)" + ("" if where == "loss" else ", the loss finite")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: training diverged: {what} step {at['step']} {tail}: train again with a lower "
+        "module.lr (this run's: 0.003), or clip the gradients (+trainer.gradient_clip_val=1.0); "
+        "the checkpoints up to epoch 1 are kept")
+    assert not (out / "metrics.json").exists()
+    files = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+    assert files == ["epoch_000.ckpt", "last.ckpt"], files
+    for f in files:
+        ck = torch.load(out / "checkpoints" / f, weights_only=True)
+        assert ck["epoch"] == 0
+        assert all(torch.isfinite(v).all() for v in ck["state_dict"].values()
+                   if v.is_floating_point())
+        load_checkpoint(out / "checkpoints" / f)
+
+
+@pytest.mark.parametrize("schedule", [["module.scheduler=null"], []])
+def test_a_run_resumed_with_another_learning_rate_trains_with_it(tmp_path, schedule):
+    """``ckpt_path=last module.lr=...`` (a run near divergence) goes on with the new learning
+    rate and weight decay, a schedule scaled to it; Lightning restored the checkpoint's
+    optimizer settings, and the overrides were silently ignored."""
+    args = ["model=ann", "test=false", *schedule]
+    out = tmp_path / "run"
+    _train(out, *args, "trainer.max_epochs=1")
+    _, ck, _ = _train(out, *args, "trainer.max_epochs=2", "ckpt_path=last", "module.lr=1e-4",
+                      "module.weight_decay=0.01")
+    group = ck["optimizer_states"][0]["param_groups"][0]
+    assert group["weight_decay"] == 0.01
+    if schedule:  # constant
+        assert group["lr"] == pytest.approx(1e-4)
+    else:
+        assert group["initial_lr"] == pytest.approx(1e-4)
+        assert ck["lr_schedulers"][0]["base_lrs"] == pytest.approx([1e-4])
+
+
 def test_same_config_and_seed_give_the_same_metrics(tmp_path):
     args = ["model=ann", "trainer.max_epochs=2"]
     _, a, ma = _train(tmp_path / "a", *args)
