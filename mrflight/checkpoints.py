@@ -33,10 +33,10 @@ from pathlib import Path
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mrflight.fileio import FINISHED
+from mrflight.fileio import FAILED_FILE, FINISHED, read_failure
 
 __all__ = ["read_checkpoint", "best_checkpoint", "find_checkpoints", "find_runs",
-           "single_checkpoint", "resume_checkpoint", "unstarted_run", "run_dir_of",
+           "single_checkpoint", "run_notes", "resume_checkpoint", "unstarted_run", "run_dir_of",
            "run_config_path", "read_run_config", "run_config_targets", "checkpoint_sequence",
            "checkpoint_score", "state_dict_mismatch", "AtomicCheckpointIO", "scheduler_class",
            "CHECKPOINT_DIR", "MAX_SEARCH_DEPTH"]
@@ -295,8 +295,19 @@ def _ckpt_folder(path: Path) -> Path:
     return path if _checkpoint_files(path) else path / CHECKPOINT_DIR
 
 
-def find_runs(root, max_depth: int = MAX_SEARCH_DEPTH) -> list[Path]:
-    """Training runs under ``root``: folders with ``checkpoints/*.ckpt`` and a saved config.
+#: the log a training job writes into its folder (Hydra's job log, ``hydra.job.name: train``)
+TRAIN_LOG = "train.log"
+
+
+def _is_job(d: Path) -> bool:
+    """``d`` is the folder of a training job (its log, or the ``FAILED.txt`` of a multirun)."""
+    return (d / TRAIN_LOG).is_file() or (d / FAILED_FILE).is_file()
+
+
+def find_runs(root, max_depth: int = MAX_SEARCH_DEPTH, jobs: bool = False) -> list[Path]:
+    """Training runs under ``root``: folders with ``checkpoints/*.ckpt`` and a saved config
+    (with ``jobs=True`` also the folders of training jobs without a checkpoint: failed, or not
+    past their first epoch).
 
     The search does not enter runs, hidden folders or logger folders (``wandb``, ``csv``...),
     goes at most ``max_depth`` levels below ``root`` and stops with a ValueError after
@@ -311,7 +322,8 @@ def find_runs(root, max_depth: int = MAX_SEARCH_DEPTH) -> list[Path]:
                              "finishing; give a run or multirun directory")
         d = Path(here)
         depth = len(d.relative_to(root).parts)
-        if _checkpoint_files(d / CHECKPOINT_DIR) and run_config_path(d) is not None:
+        if ((_checkpoint_files(d / CHECKPOINT_DIR) and run_config_path(d) is not None)
+                or (jobs and _is_job(d))):
             runs.append(d)
             dirs[:] = []
             continue
@@ -421,6 +433,10 @@ def find_checkpoints(path) -> list[Path]:
         return [best_checkpoint(p)]
     runs = find_runs(p)
     if not runs:
+        notes = run_notes(p)  # a sweep whose jobs all failed: say so, not just "no run"
+        if notes:
+            raise ValueError(f"ckpt_path={path}: no training run under {p} has a checkpoint "
+                             f"to evaluate: {'; '.join(notes)}")
         raise ValueError(f"ckpt_path={path}: no training run under {p} (a run is a folder with "
                          f"{CHECKPOINT_DIR}/*.ckpt beside a config.yaml, searched "
                          f"{MAX_SEARCH_DEPTH} levels deep)")
@@ -433,6 +449,40 @@ def find_checkpoints(path) -> list[Path]:
     if not out:
         raise ValueError(f"ckpt_path={path}: no run under {p} has a checkpoint that loads")
     return out
+
+
+def run_notes(path) -> list[str]:
+    """What an evaluation of ``path`` (as :func:`find_checkpoints` takes it) must say about
+    the training jobs under it that did not finish: one line per job without a checkpoint
+    (not evaluated: its ``FAILED.txt`` error, or none yet) and per run whose best checkpoint is
+    evaluated although it failed or has no ``metrics.json`` (still training, or stopped)."""
+    p = Path(str(path)).expanduser()
+    if p.is_file():
+        dirs = [run_dir_of(p)]
+    elif _checkpoint_files(_ckpt_folder(p)):
+        dirs = [run_dir_of(_checkpoint_files(_ckpt_folder(p))[0])]
+    elif p.is_dir():
+        dirs = find_runs(p, jobs=True)
+    else:
+        dirs = []
+    notes = []
+    for d in dirs:
+        if not _is_job(d) or (d / FINISHED).is_file():
+            continue  # a loose checkpoint's folder, or a finished run
+        rel = d.relative_to(p) if d.is_relative_to(p) else d
+        name = d if str(rel) == "." else rel
+        error = (read_failure(d) or {}).get("error")
+        if not _checkpoint_files(d / CHECKPOINT_DIR):
+            why = (f"the job failed ({error})" if error else f"no checkpoint (still in its "
+                   f"first epoch, or it stopped or failed before that ended: see its {TRAIN_LOG})")
+            notes.append(f"run {name}: not evaluated, {why}")
+        elif error:
+            notes.append(f"run {name}: failed ({error}); its best checkpoint before the failure "
+                         "is evaluated")
+        else:
+            notes.append(f"run {name}: not finished (no {FINISHED}: still training, or stopped); "
+                         "its best checkpoint so far is evaluated")
+    return notes
 
 
 def single_checkpoint(path) -> str:

@@ -212,7 +212,7 @@ def evaluation_from_config(cfg) -> list[dict]:
     import torch
 
     from mrflight import evaluation
-    from mrflight.checkpoints import find_checkpoints
+    from mrflight.checkpoints import find_checkpoints, run_notes
     from mrflight.fileio import RUN_RESULTS, output_folder
     from mrflight.loggers import build_eval_loggers, eval_runs
 
@@ -228,10 +228,14 @@ def evaluation_from_config(cfg) -> list[dict]:
         return instantiate(cfg.sequence)
 
     ckpt_path = cfg.get("ckpt_path")
+    notes = []
     if ckpt_path:
         root = Path(str(ckpt_path)).expanduser()
         groups = evaluation.checkpoint_groups(find_checkpoints(root), root, settings,
                                               cfg_sequence, cache_dir)
+        notes = run_notes(root)  # failed or unfinished jobs: said in the log and table.md
+        for note in notes:
+            log.warning("%s", note)
     else:
         groups = []
     if not groups:
@@ -240,4 +244,4 @@ def evaluation_from_config(cfg) -> list[dict]:
     def loggers(groups, settings_dict):
         return build_eval_loggers(cfg, eval_runs(groups), settings_dict)
 
-    return evaluation.evaluate(groups, settings, out_dir, cache_dir, loggers)
+    return evaluation.evaluate(groups, settings, out_dir, cache_dir, loggers, notes)

@@ -217,6 +217,23 @@ def remove_stale_temp_files(folder: str | os.PathLike, max_age_s: float = 3600.0
 FINISHED = "metrics.json"
 #: what a training run leaves in its folder (another run there would overwrite it)
 RUN_RESULTS = (FINISHED, "checkpoints")
+#: written into a job's output dir when a job of a multirun failed (its error and traceback)
+FAILED_FILE = "FAILED.txt"
+
+
+def read_failure(folder: str | os.PathLike) -> dict | None:
+    """The ``FAILED.txt`` of a job's folder (``error``, ``overrides``, ``traceback``), or
+    ``None`` where there is none; an unreadable one gives ``{"error": "unreadable FAILED.txt"}``."""
+    import json
+
+    f = Path(folder) / FAILED_FILE
+    if not f.is_file():
+        return None
+    try:
+        info = json.loads(f.read_text())
+    except (OSError, ValueError):
+        info = None
+    return info if isinstance(info, dict) else {"error": "unreadable FAILED.txt"}
 
 
 def held_results(folder: str | os.PathLike, names: tuple[str, ...] = RUN_RESULTS) -> list[str]:

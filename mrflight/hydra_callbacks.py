@@ -33,11 +33,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from mrflight.fileio import FAILED_FILE, read_failure
+
 __all__ = ["FailureReport", "KeepRunConfig", "FAILED_FILE", "FAILURES_FILE", "LAST_FAILURES",
            "collect_failures", "end_stopped_multirun"]
 
-#: written into a job's output dir when the job failed
-FAILED_FILE = "FAILED.txt"
 #: written into the sweep dir at the end of a multirun
 FAILURES_FILE = "failures.json"
 #: the failed jobs of the last multirun in this process (read by :func:`mrflight.errors.run_cli`)
@@ -78,10 +78,7 @@ def collect_failures(sweep_dir, before: dict | None = None) -> list[dict]:
         f = Path(name)
         if before.get(name) == now[name]:
             continue
-        try:
-            info = json.loads(f.read_text())
-        except (OSError, ValueError):
-            info = {"error": "unreadable FAILED.txt"}
+        info = read_failure(f.parent) or {"error": "unreadable FAILED.txt"}
         job = f.parent.relative_to(root).as_posix()
         out.append({"job": job, "dir": str(f.parent), "overrides": info.get("overrides", []),
                     "error": info.get("error", "")})

@@ -188,7 +188,9 @@ def figure_to_array(fig: Figure, dpi: int = 80) -> np.ndarray:
 
 
 def _label(m: str) -> str:
-    return METHOD_LABELS.get(m, m)
+    """A method's name as the tables write it: ``GRU [run]`` for the key ``gru [run]``."""
+    head, sep, rest = m.partition(" ")
+    return METHOD_LABELS.get(m) or METHOD_LABELS.get(head, head) + sep + rest
 
 
 def _plain_log_ticks(axis) -> None:
@@ -293,7 +295,8 @@ def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
 
     Every panel shows the number of signals per bin (grey bars, right axis); bins with fewer
     than ``min_count`` signals are hatched and their RMSE is not drawn (a handful of signals
-    gives an RMSE that is mostly noise). Methods differ by colour, line style and marker.
+    gives an RMSE that is mostly noise). Methods differ by colour, line style and marker; their
+    legend stands to the right of the panels, never over a curve.
 
     Args:
         truth: ``(N, 2)`` true T1, T2 (ms).
@@ -349,10 +352,13 @@ def error_vs_parameter(truth, predictions: dict, bound=None, n_bins: int = 15,
         ax.set_xlabel(f"true {unit} (ms)")
         ax.set_ylabel(f"{unit} RMSE (ms)")
         _count_bars(ax, edges, _counts(x, edges), min_count)
-    axes[0, 0].legend(fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    # one legend beside the panels, not over their curves (a sweep has many methods)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               frameon=False)
     fig.text(0.01, 0.0, f"Grey bars: signals per bin (right axis); bins with fewer than "
              f"{min_count} signals are hatched and not drawn.", fontsize=7, color="0.35",
              va="top")

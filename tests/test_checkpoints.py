@@ -253,6 +253,24 @@ def test_find_checkpoints_takes_the_best_of_each_run_and_nothing_else(tmp_path):
         find_checkpoints(tmp_path / "empty")
 
 
+def test_a_sweep_whose_jobs_all_failed_is_named_as_such(tmp_path):
+    """eval.py on a multirun in which no job got a checkpoint says why, job by job (it said
+    only that there was no training run under the folder)."""
+    from mrflight.hydra_callbacks import FAILED_FILE
+
+    sweep = tmp_path / "sweep"
+    for job in ("0", "1"):
+        (sweep / job).mkdir(parents=True)
+        (sweep / job / "train.log").write_text("")
+    (sweep / "0" / FAILED_FILE).write_text('{"error": "data.noise_std must be finite"}')
+    with pytest.raises(ValueError, match=re.escape(
+            f"ckpt_path={sweep}: no training run under {sweep} has a checkpoint to evaluate: "
+            "run 0: not evaluated, the job failed (data.noise_std must be finite); run 1: not "
+            "evaluated, no checkpoint (still in its first epoch, or it stopped or failed before "
+            "that ended: see its train.log)")):
+        find_checkpoints(sweep)
+
+
 def test_load_checkpoint_of_a_directory_says_which_file_to_give(tmp_path):
     _fake(tmp_path / "run" / "checkpoints" / "epoch_001.ckpt", 1, 0.2)
     best = _fake(tmp_path / "run" / "checkpoints" / "epoch_002.ckpt", 2, 0.1)

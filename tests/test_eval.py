@@ -490,3 +490,176 @@ def test_efficiency_reports_are_the_errors_of_estimators_of_known_error():
     ratio = _Bound(np.arange(4), unit, 10.0).ratio(pred, true, 0)
     expect = np.sqrt(np.mean([25.0, 225.0, 900.0])) / np.sqrt(np.mean([100.0, 900.0, 400.0]))
     assert ratio == approx(expect) and abs(expect - 1) > 0.05
+
+
+class _ConstantNet:
+    """A stand-in for a trained network: T1 1000 ms, T2 80 ms (B1 1) for every fingerprint."""
+
+    hparams = {"noise_std": 0.01}
+
+    def __init__(self, targets=("t1", "t2")):
+        self.targets = targets
+
+    def predict_parameters(self, signals, batch_size=None):
+        out = torch.tensor([[1000.0, 80.0, 1.0][:len(self.targets)]])
+        return out.expand(len(signals), -1).clone()
+
+
+def _tiny_settings(**kw):
+    return EvalSettings(**{
+        "n_test": 30, "noise_levels": [0.01], "test_sets": ["paper"], "latency_repeats": 2,
+        "phantoms": [], "svd_rank": None, "bound_signals": 5, "efficiency_realizations": 2,
+        "offgrid_b1": False, "robustness": False, "matching_b1": False,
+        "grid": {"_target_": "mrflight.dictionary.regular_grid", "n_t1": 20, "n_t2": 20},
+        **kw})
+
+
+def test_groups_of_one_evaluation_are_told_apart(tmp_path):
+    """Runs on two sequences (or test splits) in one evaluation: each group's rows, matching,
+    bound, figures and report rows say which group they are; nothing of the first group is
+    replaced by the second's (W&B summary keys, the efficiency figure) or mixed into its
+    table blocks."""
+    from mrflight.evaluation import Run, matching_group
+    from mrflight.evaluation import evaluate as run_evaluation
+    from mrflight.evaluation.report import flat_metrics
+    from mrflight.physics import oksuz2019
+
+    s = _tiny_settings()
+    groups = [matching_group(oksuz2019(n_pulses=n, lobe_length=10), s) for n in (50, 80)]
+    for g, label in zip(groups, ("a", "b")):
+        g.runs.append(Run(tmp_path / f"{label}.ckpt", None, _ConstantNet(), "gru", label))
+    out = tmp_path / "eval"
+    rows = run_evaluation(groups, s, out)
+    assert [(r["group"], r["method"]) for r in rows] == [
+        (g, m) for g in (0, 1) for m in ("gru", "matching", "crb")]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["group"] for r in metrics["rows"]] == [r["group"] for r in rows]
+    assert [d["group"] for d in metrics["info"]["groups"]] == [0, 1]
+    # table.md: one block per group, each with its own matching and bound rows
+    md = (out / "table.md").read_text()
+    blocks = md.split("## Group ")[1:]
+    assert [b.split(",")[0] for b in blocks] == ["0", "1"]
+    for g, block in enumerate(blocks):
+        mine = {r["method"]: r for r in rows if r["group"] == g}
+        assert f"| dictionary matching (exhaustive) | {mine['matching']['t1_mae_ms']:.2f} |" \
+               in block
+        assert (f"| Cramér–Rao bound (magnitude data, B1 = 1 known) | "
+                f"{mine['crb']['t1_mae_ms']:.2f} |") in block
+        assert block.count("dictionary matching (exhaustive)") == 1
+    with open(out / "table.csv") as f:
+        table = [r for r in csv.DictReader(f) if r["source"] == "mrflight"]
+    assert [r["group"] for r in table] == ["0", "0", "0", "1", "1", "1"]
+    # the W&B summary keeps every row's errors (the second group's used to replace the first's)
+    flat = flat_metrics(rows)
+    assert len(flat) == 4 * len(rows)
+    assert flat["eval/paper/0.01/matching (group 0)/t1_rmse_ms"] == rows[1]["t1_rmse_ms"]
+    # the bound reports: every row's group, one efficiency figure per group
+    assert sorted(p.name for p in (out / "figures").glob("efficiency_*.png")) == [
+        "efficiency_oksuz2019.png", "efficiency_oksuz2019_1.png"]
+    assert {(r["method"], r["group"]) for r in metrics["efficiency_summary"]} == {
+        ("gru [a]", 0), ("gru [b]", 1)}
+    assert "| gru [a] (group 0) | " in md and "| gru [b] (group 1) | " in md
+    # one group: no group labels
+    one = run_evaluation(groups[:1], s, tmp_path / "one")
+    assert "Group" not in (tmp_path / "one" / "table.md").read_text()
+    assert "eval/paper/0.01/matching/t1_rmse_ms" in flat_metrics(one)
+
+
+def test_jobs_of_a_sweep_that_did_not_finish_are_named(tiny_run, tmp_path, caplog):
+    """A multirun with a failed job (no checkpoint), a job that failed after writing one and a
+    job still training: the first is named as not evaluated, the others as evaluated from
+    their best checkpoint so far, in the log, metrics.json and table.md; a finished run gets
+    no note."""
+    import logging
+
+    from mrflight.hydra_callbacks import FAILED_FILE
+
+    caplog.set_level(logging.WARNING, logger="mrflight")
+    sweep = tmp_path / "sweep"
+    run = find_checkpoints(tiny_run)[0].parent.parent
+    for job in ("0", "2", "3"):
+        shutil.copytree(run, sweep / job)
+        (sweep / job / "train.log").write_text("")
+    (sweep / "1").mkdir()
+    (sweep / "1" / "train.log").write_text("")
+    (sweep / "1" / FAILED_FILE).write_text(json.dumps({"error": "data.noise_std must be "
+                                                       "finite", "overrides": []}))
+    for job in ("2", "3"):
+        (sweep / job / "metrics.json").unlink()
+    (sweep / "3" / FAILED_FILE).write_text(json.dumps({"error": "loss is NaN"}))
+    small = [*FAST, "evaluation.phantoms=[]", "evaluation.plots=false",
+             "evaluation.test_sets=[paper]", "evaluation.bound=false",
+             "evaluation.noise_levels=[0.01]", "evaluation.efficiency=false",
+             "evaluation.offgrid_b1=false", "evaluation.robustness=false"]
+    out = tmp_path / "eval"
+    rows = evaluate(_cfg([f"ckpt_path={sweep}", *small], out, "eval"))
+    assert sorted(r["run"] for r in rows if r["method"] == "ann") == ["0", "2", "3"]
+    notes = json.loads((out / "metrics.json").read_text())["info"]["run_notes"]
+    assert notes == [
+        "run 1: not evaluated, the job failed (data.noise_std must be finite)",
+        "run 2: not finished (no metrics.json: still training, or stopped); its best "
+        "checkpoint so far is evaluated",
+        "run 3: failed (loss is NaN); its best checkpoint before the failure is evaluated"]
+    md = (out / "table.md").read_text()
+    assert all(f"  - {n}" in md for n in notes)
+    assert [r.getMessage() for r in caplog.records if "run " in r.getMessage()] == notes
+    # one run given directly, and a finished one
+    from mrflight.checkpoints import run_notes
+
+    assert run_notes(sweep / "2") == [f"run {sweep / '2'}: " + notes[1].split(": ", 1)[1]]
+    assert run_notes(sweep / "0") == [] and run_notes(find_checkpoints(sweep / "0")[0]) == []
+
+
+def test_table_says_which_bound_its_ratios_are_against(tmp_path):
+    """Table 1's RMSE/CRB holds every method of a block to one bound, with B1 known (B1 = 1):
+    its bound row says so, and a network that estimates B1 (which cannot reach it) is named."""
+    from mrflight.evaluation import Run, matching_group
+    from mrflight.evaluation import evaluate as run_evaluation
+    from mrflight.physics import crb, oksuz2019
+
+    s = _tiny_settings(efficiency=False)
+    g = matching_group(oksuz2019(n_pulses=50, lobe_length=10), s)
+    g.runs += [Run(tmp_path / "a.ckpt", None, _ConstantNet(("t1", "t2", "b1")), "gru", "a"),
+               Run(tmp_path / "b.ckpt", None, _ConstantNet(), "ann", "b")]
+    rows = run_evaluation([g], s, tmp_path / "eval")
+    (bound,) = [r for r in rows if r["method"] == "crb"]
+    assert bound["bound"] == "magnitude data, B1 = 1 known"
+    md = (tmp_path / "eval" / "table.md").read_text()
+    assert "| Cramér–Rao bound (magnitude data, B1 = 1 known) |" in md
+    assert ("- GRU [a] estimates B1 as well, so it is held to a bound with B1 known" in md
+            and "ANN (DRONE) [b] estimate" not in md)
+    # the bound of the row is the one with B1 known: below the bound with B1 unknown in T2
+    params = g.test["paper"][0]
+    sel = np.sort(np.random.default_rng(s.noise_seed + 1000).choice(len(params), 5, False))
+    t1, t2 = torch.from_numpy(params[sel, 0]), torch.from_numpy(params[sel, 1])
+    known = crb(g.seq, t1, t2, 0.01, magnitude=True).numpy()
+    unknown = crb(g.seq, t1, t2, 0.01, magnitude=True, estimate_b1=True).numpy()
+    assert bound["t2_rmse_ms"] == pytest.approx(np.sqrt(np.mean(known[:, 1] ** 2)), rel=1e-6)
+    assert np.sqrt(np.mean(unknown[:, 1] ** 2)) > 1.05 * bound["t2_rmse_ms"]
+
+
+def test_table_says_which_run_of_a_sweep_each_row_is(tiny_run, tmp_path):
+    """The rows of a sweep are named by their job folder (ANN [0], ANN [1]): table.md and
+    metrics.json say what each was trained with (its training noise and the overrides the
+    runs do not share), read from the run's .hydra/overrides.yaml."""
+    run = find_checkpoints(tiny_run)[0].parent.parent
+    sweep = tmp_path / "sweep"
+    for job, noise in (("0", 0.005), ("1", 0.02)):
+        shutil.copytree(run, sweep / job)
+        (sweep / job / ".hydra").mkdir(exist_ok=True)
+        (sweep / job / ".hydra" / "overrides.yaml").write_text(
+            f"- debug=tiny\n- model=ann\n- data.noise_std={noise}\n")
+    small = [*FAST, "evaluation.phantoms=[]", "evaluation.plots=false",
+             "evaluation.test_sets=[paper]", "evaluation.bound=false",
+             "evaluation.noise_levels=[0.01]", "evaluation.efficiency=false",
+             "evaluation.offgrid_b1=false", "evaluation.robustness=false"]
+    out = tmp_path / "eval"
+    evaluate(_cfg([f"ckpt_path={sweep}", *small], out, "eval"))
+    runs = json.loads((out / "metrics.json").read_text())["info"]["runs"]
+    trained = torch.load(find_checkpoints(run)[0], weights_only=True)["hyper_parameters"]
+    noise = trained["noise_std"]
+    assert [(r["run"], r["overrides"][-1], r["training_noise_std"]) for r in runs] == [
+        ("0", "data.noise_std=0.005", noise), ("1", "data.noise_std=0.02", noise)]
+    md = (out / "table.md").read_text()
+    assert f"  - ANN (DRONE) [0]: training noise {noise:g}; `data.noise_std=0.005`\n" in md
+    assert f"  - ANN (DRONE) [1]: training noise {noise:g}; `data.noise_std=0.02`\n" in md

@@ -127,6 +127,25 @@ def test_error_curves_show_counts_hide_sparse_bins_and_differ_in_style():
     assert "fewer than 20 signals" in " ".join(t.get_text() for t in fig.texts)
 
 
+def test_error_curve_legend_covers_no_panel_with_the_methods_of_a_sweep():
+    """A sweep of four models at two noise levels, matching and the bound: eleven legend
+    entries, which inside the first panel covered its curves."""
+    rng = np.random.default_rng(4)
+    truth = rng.uniform([100, 10], [4000, 500], (1000, 2))
+    preds = {f"{m} [{j}]": truth * (1.02 + 0.01 * k) for k, (m, j) in enumerate(
+        (m, j) for m in ("lstm", "gru", "ann", "cnn") for j in (0, 1))}
+    preds |= {"matching": truth * 1.1, "matching_svd": truth * 1.12}
+    fig = error_vs_parameter(truth, preds, bound=np.full_like(truth, 10.0))
+    fig.canvas.draw()
+    (legend,) = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    names = [t.get_text() for t in legend.get_texts()]
+    assert len(names) == len(preds) + 1  # every method and the bound
+    assert names[:2] == ["LSTM [0]", "LSTM [1]"]  # as table.md names them
+    box = legend.get_window_extent()
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent()), ax.get_ylabel()
+
+
 def test_phantom_figure_flags_out_of_range_tissue_and_keeps_jargon_in_the_caption():
     t1 = np.full((16, 16), 1000.0)
     t2 = np.full((16, 16), 80.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
-from mrflight.evaluation.methods import estimators
+from mrflight.evaluation.methods import estimates_b1, estimators
 from mrflight.evaluation.settings import EvalSettings
 from mrflight.evaluation.testdata import Group
 
@@ -17,7 +17,8 @@ log = logging.getLogger("mrflight")
 
 def bound_reports(group: Group, settings: EvalSettings, figures: dict, cache_dir=None) -> dict:
     """The efficiency, off-grid B1 and robustness reports of a group's networks (and of
-    (T1, T2, B1) matching, its dictionary cached in ``cache_dir``)."""
+    (T1, T2, B1) matching, its dictionary cached in ``cache_dir``); every row holds the
+    group's ``index`` as ``group``, its efficiency figure the group's ``tag``."""
     from mrflight import efficiency as eff
     from mrflight.phantoms import tissue_values
 
@@ -25,7 +26,7 @@ def bound_reports(group: Group, settings: EvalSettings, figures: dict, cache_dir
     if not est:
         return {}
     out: dict = {}
-    with_b1 = any("b1" in getattr(r.module, "targets", ()) for r in group.runs)
+    with_b1 = any(estimates_b1(r.module) for r in group.runs)
     if settings.efficiency:
         t0 = time.perf_counter()
         pts = eff.efficiency_grid(b1=(0.8, 1.0, 1.2) if with_b1 else (1.0,))
@@ -36,7 +37,7 @@ def bound_reports(group: Group, settings: EvalSettings, figures: dict, cache_dir
         if settings.plots:
             from mrflight import plots
 
-            figures[f"efficiency_{group.seq.name}"] = plots.efficiency_map(rows)
+            figures[f"efficiency_{group.seq.name}{group.tag}"] = plots.efficiency_map(rows)
         log.info("efficiency report (%d points): %.1f s", len(pts), time.perf_counter() - t0)
     if settings.offgrid_b1:
         t0 = time.perf_counter()
@@ -54,4 +55,7 @@ def bound_reports(group: Group, settings: EvalSettings, figures: dict, cache_dir
             voxels=settings.tissue_voxels, tissue_noise_std=settings.tissue_noise_std)
         log.info("robustness report and tissue medians (%d tissues): %.1f s", len(tis),
                  time.perf_counter() - t0)
+    for section in out.values():  # which group's test data and sequence, as the Table 1 rows
+        for r in section:
+            r["group"] = group.index
     return out

@@ -12,7 +12,7 @@ import torch
 from mrflight.evaluation.settings import EvalSettings
 from mrflight.evaluation.testdata import Group
 
-__all__ = ["Predictor", "predictors", "estimators", "noisy", "errors", "method_key",
+__all__ = ["Predictor", "predictors", "estimators", "estimates_b1", "noisy", "errors", "method_key",
            "b1_dictionary", "b1_matching", "B1_MATCHING", "FIT_SUFFIX"]
 
 #: the name of (T1, T2, B1) dictionary matching in the bound reports
@@ -22,6 +22,11 @@ B1_MATCHING = "matching (T1, T2, B1)"
 def method_key(method: str, run: str = "") -> str:
     """A method's name in figures, phantom maps and reports: ``method`` or ``method [run]``."""
     return method if not run else f"{method} [{run}]"
+
+
+def estimates_b1(module) -> bool:
+    """A network that estimates B1 besides T1 and T2 (its ``targets``)."""
+    return "b1" in getattr(module, "targets", ())
 
 
 def noisy(clean: torch.Tensor, std: float, seed: int) -> torch.Tensor:

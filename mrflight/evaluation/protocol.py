@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mrflight.evaluation.methods import errors, noisy, predictors
+from mrflight.evaluation.methods import errors, estimates_b1, noisy, predictors
 from mrflight.evaluation.phantom_maps import phantom_maps
 from mrflight.evaluation.settings import EvalSettings
 from mrflight.evaluation.testdata import Group
@@ -24,8 +24,9 @@ def evaluate_group(group: Group, settings: EvalSettings, figures: dict,
                    arrays: dict) -> list[dict]:
     """Evaluate every method of a group on every test set and noise level; returns the rows.
 
-    Figures go into ``figures`` (``"_groups"`` lists the groups, whose order tags the names of
-    the second and later groups) and phantom arrays into ``arrays``.
+    Figures go into ``figures`` (``"_groups"`` lists the groups, whose order is the group's
+    :attr:`~mrflight.evaluation.testdata.Group.index`: its rows' ``group`` and the suffix of the
+    names of the second and later groups) and phantom arrays into ``arrays``.
     """
     preds = predictors(group, settings)
     first_set = next(iter(group.test))
@@ -33,14 +34,19 @@ def evaluate_group(group: Group, settings: EvalSettings, figures: dict,
                         settings.noise_seed)
     for p in preds:
         p.measure_latency(lat_signals, settings.latency_repeats)
-    tag = "" if len(figures.get("_groups", [])) == 0 else f"_{len(figures['_groups'])}"
-    figures.setdefault("_groups", []).append(group.key)
+    group.index = len(figures.setdefault("_groups", []))
+    figures["_groups"].append(group.key)
+    tag = group.tag
+    # held to the bound of B1-free methods (B1 = 1 known): said beside the table
+    group.description["b1_networks"] = [[r.method, r.label] for r in group.runs
+                                        if estimates_b1(r.module)]
     rows = []
     for si, (set_name, (params, clean)) in enumerate(group.test.items()):
         unit = _unit_bound(group, settings, set_name, si, params) if settings.bound else None
         for li, std in enumerate(settings.noise_levels):
             signals = noisy(clean, std, settings.noise_seed * 1000 + 10 * si + li)
-            level = _Level(set_name, std, params, None if unit is None else _Bound(*unit, std))
+            level = _Level(set_name, std, params, None if unit is None else _Bound(*unit, std),
+                           _bound_kind(group, settings, set_name))
             rows += _level_rows(group, settings, preds, level, signals, figures, tag)
     if settings.phantoms:
         phantom_maps(group, preds, settings, figures, arrays, tag)
@@ -67,6 +73,14 @@ def _unit_bound(group: Group, settings: EvalSettings, set_name: str, si: int,
                estimate_b1=b1 is not None).cpu().numpy()[:, :2]
     log.info("bound on %d %s signals: %.1f s", len(bsel), set_name, time.perf_counter() - t0)
     return bsel, unit
+
+
+def _bound_kind(group: Group, settings: EvalSettings, set_name: str) -> str:
+    """What the bound of a test set assumes (the ``bound`` of its ``crb`` row)."""
+    data = "magnitude" if settings.bound_magnitude else "complex"
+    b1 = ("B1 unknown, at each atom's B1" if group.test_b1.get(set_name) is not None
+          else "B1 = 1 known")
+    return f"{data} data, {b1}"
 
 
 class _Bound:
@@ -96,15 +110,16 @@ class _Level:
     std: float
     params: np.ndarray
     bound: _Bound | None
+    bound_kind: str = ""
 
 
 def _level_rows(group, settings, preds, level: _Level, signals, figures: dict,
                 tag: str) -> list[dict]:
     """The rows of every method (and of the bound) at one level; its figures."""
     n = len(level.params)
-    base = {"test_set": level.set_name, "noise_std": level.std, "n_signals": n,
-            "sequence": group.seq.name, "dictionary_atoms":
-                group.description["dictionary_atoms"]}
+    base = {"group": group.index, "test_set": level.set_name, "noise_std": level.std,
+            "n_signals": n, "sequence": group.seq.name,
+            "dictionary_atoms": group.description["dictionary_atoms"]}
     rows, estimates = [], {}
     for p in preds:
         pred, dt = p(signals)
@@ -125,14 +140,14 @@ def _level_rows(group, settings, preds, level: _Level, signals, figures: dict,
                                          level.bound.ratio(pred, level.params, i))
         rows.append(row)
     if level.bound is not None:
-        rows.append(_bound_row(base, level.bound))
+        rows.append(_bound_row(base, level.bound, level.bound_kind))
     if settings.plots and level.std == settings.plot_noise_std:
         _level_figures(group, level, estimates, figures, tag)
     return rows
 
 
-def _bound_row(base: dict, b: _Bound) -> dict:
-    return {"method": "crb", "run": "", "checkpoint": None, **base,
+def _bound_row(base: dict, b: _Bound, kind: str) -> dict:
+    return {"method": "crb", "run": "", "checkpoint": None, **base, "bound": kind,
             "n_signals": int(b.fin.sum()),
             "t1_mae_ms": float(b.mae[0]), "t1_rmse_ms": float(b.rms[0]),
             "t2_mae_ms": float(b.mae[1]), "t2_rmse_ms": float(b.rms[1]),

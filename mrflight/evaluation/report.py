@@ -10,7 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mrflight.evaluation.tables import COLUMNS, reports_md, table_csv, table_md
+from mrflight.evaluation.tables import (
+    COLUMNS,
+    group_label,
+    reports_md,
+    several_groups,
+    table_csv,
+    table_md,
+)
 from mrflight.fileio import atomic_path
 
 __all__ = ["write_outputs", "log_to_loggers", "flat_metrics", "clean_json"]
@@ -95,11 +102,13 @@ def log_to_loggers(loggers, rows, figures, table_md) -> None:
 
 
 def flat_metrics(rows) -> dict:
-    """``{"eval/<test set>/<noise>/<method>[run]/<metric>": value}`` of the finite errors."""
+    """``{"eval/<test set>/<noise>/<method>[run]/<metric>": value}`` of the finite errors
+    (``<method>[run] (group N)`` where the rows come from several groups)."""
     flat = {}
+    several = several_groups(rows)
     for r in rows:
         pre = f"eval/{r['test_set']}/{r['noise_std']:g}/{r['method']}"
-        pre += f"[{r['run']}]" if r["run"] else ""
+        pre += (f"[{r['run']}]" if r["run"] else "") + group_label(r, several)
         for q in ("t1_mae_ms", "t1_rmse_ms", "t2_mae_ms", "t2_rmse_ms"):
             if r[q] is not None and math.isfinite(r[q]):
                 flat[f"{pre}/{q}"] = r[q]

@@ -25,7 +25,7 @@ _REPORTS = ("efficiency", "efficiency_summary", "offgrid_b1", "robustness")
 
 
 def evaluate(groups: list, settings: EvalSettings, out_dir: Path, cache_dir=None,
-             make_loggers=None) -> list[dict]:
+             make_loggers=None, notes: list[str] | None = None) -> list[dict]:
     """Evaluate every group (:func:`~mrflight.evaluation.runs.checkpoint_groups` or
     :func:`~mrflight.evaluation.runs.matching_group`) and write the outputs into ``out_dir``.
 
@@ -33,22 +33,28 @@ def evaluate(groups: list, settings: EvalSettings, out_dir: Path, cache_dir=None
         cache_dir: the dictionary cache of the eval grid.
         make_loggers: ``(groups, settings dict) -> loggers`` that receive the table, figures
             and metrics (``None``: no loggers).
+        notes: the training jobs left out or not finished
+            (:func:`mrflight.checkpoints.run_notes`): ``metrics.json``'s ``info.run_notes`` and
+            a list at the top of ``table.md``.
 
     Returns:
         The metric rows written to ``metrics.json``.
     """
     rows, figures, arrays, infos, reports = [], {}, {}, [], []
     load_start = _load_average()
-    for g in groups:
+    for i, g in enumerate(groups):
         t0 = time.perf_counter()
         build_group_data(g, g.data_cfg, settings, cache_dir)
-        log.info("test data for %s: %.1f s", g.seq.name, time.perf_counter() - t0)
+        which = f"group {i} of {len(groups)}, " if len(groups) > 1 else ""
+        log.info("test data for %s%s (%d points; %s): %.1f s", which, g.seq.name, len(g.seq),
+                 g.description["data"], time.perf_counter() - t0)
         rows += evaluate_group(g, settings, figures, arrays)
-        infos.append(g.description)
+        infos.append({"group": g.index, **g.description})
         reports.append(bound_reports(g, settings, figures, cache_dir))
     extra = {k: [r for rep in reports for r in rep.get(k, [])] for k in _REPORTS}
-    files = write_outputs(out_dir, rows, _info(settings, infos, load_start), figures, arrays,
-                          extra)
+    info = {**_info(settings, infos, load_start), "run_notes": list(notes or []),
+            "runs": [r.summary(g.index) for g in groups for r in g.runs]}
+    files = write_outputs(out_dir, rows, info, figures, arrays, extra)
     _log(make_loggers(groups, asdict(settings)) if make_loggers else [], rows, figures,
          out_dir / "table.md")
     log.info("evaluation written to %s (%d files)", out_dir, len(files))

@@ -5,7 +5,7 @@ by what they share."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mrflight.config import instantiate
@@ -28,6 +28,8 @@ class Run:
         module: the loaded LightningModule.
         method: ``lstm``, ``gru``, ``ann``, ``cnn`` (:func:`method_of`).
         label: the run directory relative to the evaluated ``ckpt_path`` (``""`` for itself).
+        overrides: the command-line overrides the run was trained with (Hydra's
+            ``.hydra/overrides.yaml``; none without it): what tells the runs of a sweep apart.
     """
 
     ckpt: Path
@@ -35,6 +37,15 @@ class Run:
     module: object = None
     method: str = ""
     label: str = ""
+    overrides: list = field(default_factory=list)
+
+    def summary(self, group: int = 0) -> dict:
+        """What ``metrics.json``'s ``info.runs`` says of the run: its row's name, checkpoint,
+        training noise and overrides."""
+        noise = (getattr(self.module, "hparams", None) or {}).get("noise_std")
+        return {"method": self.method, "run": self.label, "group": group,
+                "checkpoint": str(self.ckpt), "training_noise_std": noise,
+                "overrides": list(self.overrides)}
 
 
 def method_of(module) -> str:
@@ -68,8 +79,20 @@ def _load_run(ck: Path, root: Path, device, default_sequence, cache_dir):
     else:
         log.warning("no config.yaml beside %s: using the eval grid and split", ck)
     rel = run_dir.relative_to(root) if run_dir.is_relative_to(root) else run_dir
-    run = Run(ck, rcfg, module, method_of(module), "" if str(rel) == "." else str(rel))
+    run = Run(ck, rcfg, module, method_of(module), "" if str(rel) == "." else str(rel),
+              _overrides(run_dir))
     return run, seq, data_cfg, note
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    """The run's command-line overrides (``.hydra/overrides.yaml``), or ``[]``."""
+    import yaml
+
+    try:
+        found = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(o) for o in found] if isinstance(found, list) else []
 
 
 def _run_sequence(module, rcfg: dict | None, default_sequence):

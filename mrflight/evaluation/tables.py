@@ -7,7 +7,8 @@ import csv
 import io
 import math
 
-__all__ = ["PAPER_TABLE1", "COLUMNS", "table_md", "table_csv", "reports_md"]
+__all__ = ["PAPER_TABLE1", "COLUMNS", "table_md", "table_csv", "reports_md", "several_groups",
+           "group_label"]
 
 #: Oksuz et al. 2019, Table 1 (MAE / RMSE in ms, time per signal in ms), as reported
 PAPER_TABLE1 = [
@@ -28,10 +29,22 @@ _LABELS = {"lstm": "LSTM", "gru": "GRU", "ann": "ANN (DRONE)", "cnn": "1D CNN",
            "crb": "Cramér–Rao bound"}
 
 
-COLUMNS = ["method", "run", "test_set", "noise_std", "n_signals", "t1_mae_ms", "t1_rmse_ms",
-         "t2_mae_ms", "t2_rmse_ms", "ms_per_signal", "latency_ms_mean", "latency_ms_std",
-         "latency_repeats", "t1_rmse_over_crb", "t2_rmse_over_crb", "sequence",
-         "dictionary_atoms", "checkpoint"]
+COLUMNS = ["method", "run", "group", "test_set", "noise_std", "n_signals", "t1_mae_ms",
+           "t1_rmse_ms", "t2_mae_ms", "t2_rmse_ms", "ms_per_signal", "latency_ms_mean",
+           "latency_ms_std", "latency_repeats", "t1_rmse_over_crb", "t2_rmse_over_crb",
+           "sequence", "dictionary_atoms", "checkpoint"]
+
+
+def _row_label(method: str, run: str) -> str:
+    """A method's name in Table 1: ``GRU [run]``."""
+    return _LABELS.get(method, method) + (f" [{run}]" if run else "")
+
+
+def _noise(v) -> str:
+    """A training noise level (``0.01``) or range (``0.005-0.03``); ``?`` where not recorded."""
+    if isinstance(v, (list, tuple)):
+        return "-".join(f"{x:g}" for x in v)
+    return "?" if v is None else f"{v:g}"
 
 
 def _fmt(v, nd=2) -> str:
@@ -55,13 +68,52 @@ def _load_note(info: dict) -> str:
     return note
 
 
+def several_groups(rows: list[dict]) -> bool:
+    """Rows of more than one group (runs on other sequences or test data): the tables then name
+    every row's group, since matching, the bound and the test signals differ between them."""
+    return len({r.get("group", 0) for r in rows}) > 1
+
+
+def group_label(r: dict, several: bool) -> str:
+    """`` (group N)`` after a method's name where rows of several groups share a table."""
+    return f" (group {r.get('group', 0)})" if several else ""
+
+
 def _preamble(info: dict) -> list[str]:
     """What the table's numbers are: the groups' data, timing, bound and matching notes."""
     lines = ["# mrflight evaluation", ""]
-    for d in info.get("groups", []):
-        lines.append(f"- sequence `{d['sequence']}` ({d['n_timepoints']} points); data: "
+    groups = info.get("groups", [])
+    for d in groups:
+        which = ""
+        if len(groups) > 1:
+            g = d.get("group", 0)
+            which = (f"group {g} (figures and phantoms without a suffix): " if not g else
+                     f"group {g} (figures and phantoms `*_{g}`): ")
+        lines.append(f"- {which}sequence `{d['sequence']}` ({d['n_timepoints']} points); data: "
                      f"{d['data']}; training dictionary for matching: {d['dictionary_atoms']} "
                      f"atoms (the {d['held_out_atoms']} held-out test atoms removed)")
+    if len(groups) > 1:
+        lines.append("- each group has its own test signals, matching dictionary and bound: "
+                     "compare methods within a group")
+    b1_nets = [_row_label(*m) for d in groups for m in d.get("b1_networks", [])]
+    if b1_nets:
+        lines.append(f"- {', '.join(b1_nets)} estimate{'s' if len(b1_nets) == 1 else ''} B1 "
+                     "as well, so {} held to a bound with B1 known (the same bound for every "
+                     "row of a block) that {} cannot reach; the efficiency and off-grid B1 "
+                     "reports below hold every method to the bound with B1 unknown".format(
+                         *(("it is", "it") if len(b1_nets) == 1 else ("they are", "they"))))
+    runs = info.get("runs") or []
+    if len(runs) > 1:  # a sweep: what tells its rows apart
+        common = set.intersection(*(set(r["overrides"]) for r in runs))
+        lines.append("- the evaluated runs (training noise; the overrides they do not share):")
+        for r in runs:
+            own = " ".join(o for o in r["overrides"] if o not in common)
+            lines.append(f"  - {_row_label(r['method'], r['run'])}"
+                         f"{group_label(r, len(groups) > 1)}: training noise "
+                         f"{_noise(r['training_noise_std'])}" + (f"; `{own}`" if own else ""))
+    if info.get("run_notes"):
+        lines.append("- training jobs that did not finish:")
+        lines += [f"  - {n}" for n in info["run_notes"]]
     lines += [
         "- time/signal: batched wall time of the whole test set divided by its size; latency: "
         "one signal per call, mean ± std over "
@@ -85,24 +137,25 @@ def _preamble(info: dict) -> list[str]:
 
 
 def table_md(rows: list[dict], info: dict) -> str:
-    """``table.md``: one Table 1 block per test set and noise level, then the paper's rows."""
+    """``table.md``: one Table 1 block per test set and noise level (of each group, where
+    there are several), then the paper's rows."""
     lines = _preamble(info)
     header = ("| method | T1 MAE (ms) | T1 RMSE (ms) | T2 MAE (ms) | T2 RMSE (ms) | "
               "time/signal (ms, batched) | latency (ms, single signal, mean ± std) | "
               "T1 RMSE/CRB | T2 RMSE/CRB |")
     sep = "|---|---|---|---|---|---|---|---|---|"
-    keys = []
-    for r in rows:
-        k = (r["test_set"], r["noise_std"])
-        if k not in keys:
-            keys.append(k)
+    several = several_groups(rows)
+    keys = list(dict.fromkeys((r.get("group", 0), r["test_set"], r["noise_std"]) for r in rows))
     names = {"paper": "paper (held-out grid atoms)", "offgrid": "off-grid (continuous random)"}
-    for ts, std in keys:
-        block = [r for r in rows if r["test_set"] == ts and r["noise_std"] == std]
-        lines += [f"## Test set: {names.get(ts, ts)}, noise std {std:g}, "
-                  f"{max(r['n_signals'] for r in block)} signals", "", header, sep]
+    for g, ts, std in keys:
+        block = [r for r in rows if (r.get("group", 0), r["test_set"], r["noise_std"])
+                 == (g, ts, std)]
+        lines += [f"## {f'Group {g}, t' if several else 'T'}est set: {names.get(ts, ts)}, "
+                  f"noise std {std:g}, {max(r['n_signals'] for r in block)} signals", "",
+                  header, sep]
         for r in block:
-            label = _LABELS.get(r["method"], r["method"]) + (f" [{r['run']}]" if r["run"] else "")
+            label = _row_label(r["method"], r["run"]) + (f" ({r['bound']})" if r.get("bound")
+                                                          else "")
             lat = ("–" if r["latency_ms_mean"] is None else
                    f"{r['latency_ms_mean']:.3f} ± {r['latency_ms_std']:.3f}")
             lines.append(f"| {label} | {_fmt(r['t1_mae_ms'])} | {_fmt(r['t1_rmse_ms'])} | "
@@ -135,7 +188,13 @@ def table_csv(rows: list[dict]) -> str:
 
 
 def reports_md(extra: dict) -> str:
-    """Markdown sections of the efficiency, off-grid B1 and robustness reports."""
+    """Markdown sections of the efficiency, off-grid B1 and robustness reports (a method's
+    name followed by its group where rows of several groups are reported)."""
+    several = several_groups([r for v in extra.values() for r in (v or [])])
+
+    def who(r):
+        return r["method"] + group_label(r, several)
+
     parts = []
     if extra.get("efficiency_summary"):
         parts.append("\n## Efficiency: median over the T1-T2(-B1) grid of std/CRB and RMSE/CRB"
@@ -144,13 +203,13 @@ def reports_md(extra: dict) -> str:
         for r in extra["efficiency_summary"]:
             cells = [_fmt(r.get(f"{q}_{m}_median")) for q in ("t1", "t2", "b1")
                      for m in ("std_over_crb", "rmse_over_crb")]
-            parts.append(f"| {r['method']} | {r['points']} | " + " | ".join(cells) + " |")
+            parts.append(f"| {who(r)} | {r['points']} | " + " | ".join(cells) + " |")
     if extra.get("offgrid_b1"):
         parts.append("\n## Continuous tissues with B1 0.8-1.2, proton density 0.5-1.0, random "
                      "phase (noise 0.01)\n\n| method | T1 RMSE ms | T1 RMSE/CRB | T2 RMSE ms | "
                      "T2 RMSE/CRB | B1 RMSE % | B1 RMSE/CRB |\n|---|---|---|---|---|---|---|")
         for r in extra["offgrid_b1"]:
-            parts.append(f"| {r['method']} | {_fmt(r.get('t1_rmse_ms'))} | "
+            parts.append(f"| {who(r)} | {_fmt(r.get('t1_rmse_ms'))} | "
                          f"{_fmt(r.get('t1_rmse_over_crb'))} | {_fmt(r.get('t2_rmse_ms'))} | "
                          f"{_fmt(r.get('t2_rmse_over_crb'))} | {_fmt(r.get('b1_rmse_pct'))} | "
                          f"{_fmt(r.get('b1_rmse_over_crb'))} |")
@@ -161,28 +220,29 @@ def reports_md(extra: dict) -> str:
                      "|\n|---|---|---|---|---|---|---|---|")
         for r in rob:
             if r["condition"] != "tissue_pd":
-                parts.append(f"| {r['method']} | {r['condition']} | {r['noise_std']:.4g} | "
+                parts.append(f"| {who(r)} | {r['condition']} | {r['noise_std']:.4g} | "
                              f"{r['b1']:g} | {_fmt(r['t1_rmse_ms'])} | {_fmt(r['t1_bias_pct'])} "
                              f"| {_fmt(r['t2_rmse_ms'])} | {_fmt(r['t2_bias_pct'])} |")
         tis = [r for r in rob if r["condition"] == "tissue_pd"]
         if tis:
-            parts.append(_tissue_table(tis))
+            parts.append(_tissue_table(tis, who))
     return "\n".join(parts) + ("\n" if parts else "")
 
 
-def _tissue_table(rows: list[dict]) -> str:
-    """The tissue medians at each proton density, then the largest error of each method."""
+def _tissue_table(rows: list[dict], who) -> str:
+    """The tissue medians at each proton density, then the largest error of each method
+    (``who(row)``: its name in the table)."""
     r0 = rows[0]
     lines = [f"\nTissue medians of {r0.get('voxels', '?')} voxels per tissue and proton density "
              f"(B1 1, absolute noise {r0['noise_std']:.4g}, random phase)\n\n| method | tissue "
              "| proton density | T1 median error % | T2 median error % |\n|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['tissue']} | {r['pd']:g} | "
+        lines.append(f"| {who(r)} | {r['tissue']} | {r['pd']:g} | "
                      f"{_fmt(r['t1_median_error_pct'])} | {_fmt(r['t2_median_error_pct'])} |")
     lines.append("\nLargest tissue median error over tissues and proton densities\n\n| method | "
                  "T1 max abs % | T2 max abs % |\n|---|---|---|")
-    for name in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == name]
+    for name in dict.fromkeys(who(r) for r in rows):
+        mine = [r for r in rows if who(r) == name]
         worst = [max((abs(v) for r in mine if math.isfinite(v := r[f"{q}_median_error_pct"])),
                      default=math.nan) for q in ("t1", "t2")]
         lines.append(f"| {name} | {_fmt(worst[0])} | {_fmt(worst[1])} |")

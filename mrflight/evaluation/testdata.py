@@ -31,6 +31,8 @@ class Group:
         test_b1: ``{set: (N,) float64}``, the B1 of a set's atoms where it is not 1 (a run's
             dictionary file with a B1 column): the bound is computed at it, B1 unknown.
         description: what the test data is (``metrics.json``'s ``info.groups``).
+        index: the group's place in the evaluation (0, 1 ...): its rows' ``group``, and the
+            suffix ``_<index>`` of its figures and phantom arrays after the first (:attr:`tag`).
     """
 
     seq: object
@@ -42,6 +44,12 @@ class Group:
     test: dict = field(default_factory=dict)
     test_b1: dict = field(default_factory=dict)
     description: dict = field(default_factory=dict)
+    index: int = 0
+
+    @property
+    def tag(self) -> str:
+        """The suffix of the group's figure and phantom file names: none for the first."""
+        return f"_{self.index}" if self.index else ""
 
 
 #: the data settings that define a stored-data run's test split (what its group shares)
