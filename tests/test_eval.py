@@ -663,3 +663,32 @@ def test_table_says_which_run_of_a_sweep_each_row_is(tiny_run, tmp_path):
     md = (out / "table.md").read_text()
     assert f"  - ANN (DRONE) [0]: training noise {noise:g}; `data.noise_std=0.005`\n" in md
     assert f"  - ANN (DRONE) [1]: training noise {noise:g}; `data.noise_std=0.02`\n" in md
+
+
+def test_an_evaluation_killed_while_writing_its_figures_can_be_run_again(tmp_path, monkeypatch):
+    """``metrics.json`` marks a finished evaluation (a folder holding it is refused), so it is
+    written last: killed while writing a figure, the folder holds no ``metrics.json`` and the
+    same command writes it all (before, it looked finished and a rerun was refused)."""
+    import matplotlib.pyplot as plt
+
+    from mrflight import plots
+    from mrflight.evaluation.report import write_outputs
+    from mrflight.fileio import RUN_RESULTS, output_folder
+
+    save = plots.save_figure
+
+    def killed(fig, path):
+        raise KeyboardInterrupt
+
+    figures = {"scatter": plt.figure()}
+    monkeypatch.setattr(plots, "save_figure", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(tmp_path, [], {}, figures, {})
+    assert not (tmp_path / "metrics.json").exists()
+    output_folder(str(tmp_path), RUN_RESULTS)  # not refused: the rerun goes ahead
+    monkeypatch.setattr(plots, "save_figure", save)
+    files = write_outputs(tmp_path, [], {}, figures, {})
+    assert {"metrics.json", "figures/scatter.png"} <= set(files)
+    with pytest.raises(ValueError, match="metrics.json"):
+        output_folder(str(tmp_path), RUN_RESULTS)
+    plt.close("all")

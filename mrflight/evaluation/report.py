@@ -18,7 +18,7 @@ from mrflight.evaluation.tables import (
     table_csv,
     table_md,
 )
-from mrflight.fileio import atomic_path
+from mrflight.fileio import FINISHED, atomic_path
 
 __all__ = ["write_outputs", "log_to_loggers", "flat_metrics", "clean_json"]
 
@@ -39,8 +39,10 @@ def clean_json(obj):
 
 def write_outputs(out_dir: Path, rows: list[dict], info: dict, figures: dict,
                   arrays: dict, extra: dict | None = None) -> dict[str, Path]:
-    """Write metrics.json, table.md, table.csv, figures/*.png and arrays atomically.
+    """Write table.md, table.csv, figures/*.png, arrays and, last, metrics.json atomically.
 
+    ``metrics.json`` marks a finished evaluation (a folder holding it is not written into
+    again), so it comes last: an evaluation killed while writing its figures can be run again.
     ``extra``: the efficiency, off-grid B1 and robustness reports (lists of rows), written as
     keys of ``metrics.json`` beside ``rows`` and as sections of ``table.md``.
     """
@@ -55,10 +57,6 @@ def write_outputs(out_dir: Path, rows: list[dict], info: dict, figures: dict,
             Path(tmp).write_text(text)
         files[name] = out_dir / name
 
-    write_text("metrics.json", json.dumps(clean_json(
-        {"units": {"*_ms": "ms", "noise_std": "relative to the unit-norm fingerprint",
-                   "latency": "single-signal call, mean and std over latency_repeats calls"},
-         "info": info, "rows": rows, **extra}), indent=2) + "\n")
     write_text("table.md", table_md(rows, info) + reports_md(extra))
     write_text("table.csv", table_csv(rows))
     for name, fig in figures.items():
@@ -73,6 +71,10 @@ def write_outputs(out_dir: Path, rows: list[dict], info: dict, figures: dict,
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, **payload)
         files[name] = path
+    write_text(FINISHED, json.dumps(clean_json(
+        {"units": {"*_ms": "ms", "noise_std": "relative to the unit-norm fingerprint",
+                   "latency": "single-signal call, mean and std over latency_repeats calls"},
+         "info": info, "rows": rows, **extra}), indent=2) + "\n")
     return files
 
 
