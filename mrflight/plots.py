@@ -217,13 +217,15 @@ def scatter_true_vs_pred(truth, predictions: dict, title: str = "",
         max_points: at most this many points are drawn per panel (evenly strided).
 
     Returns:
-        Figure with 2 rows (T1, T2) x one column per method; each panel's title holds the RMSE
-        over all ``N`` signals (the ``t1_rmse_ms`` / ``t2_rmse_ms`` of ``metrics.json``).
+        Figure with 2 rows (T1, T2) x one column per method, the panels of a row on the same
+        axes so that the methods' spreads compare; each panel's title holds the RMSE over all
+        ``N`` signals (the ``t1_rmse_ms`` / ``t2_rmse_ms`` of ``metrics.json``).
     """
     truth = np.asarray(truth, dtype=np.float64)
     methods = list(predictions)
     ncol = max(1, len(methods))
-    fig, axes = plt.subplots(2, ncol, figsize=(3.2 * ncol, 6.2), squeeze=False)
+    fig, axes = plt.subplots(2, ncol, figsize=(3.2 * ncol, 6.2), squeeze=False, sharex="row",
+                             sharey="row")
     stride = max(1, len(truth) // max_points)
     for j, m in enumerate(methods):
         pred = np.asarray(predictions[m], dtype=np.float64)

@@ -190,6 +190,20 @@ def test_scatter_titles_hold_the_rmse_of_every_signal():
     assert f"RMSE {rmse[0]:.3g} ms" in titles[0] and f"RMSE {rmse[1]:.3g} ms" in titles[1]
 
 
+def test_scatter_panels_of_a_row_share_their_axes_so_spreads_compare():
+    """A method with a wider spread must not be drawn on its own, larger scale (each panel
+    scaled itself, so a wild method's panel looked as tight as an accurate one's)."""
+    rng = np.random.default_rng(4)
+    truth = rng.uniform([100, 10], [3000, 300], (400, 2))
+    preds = {"gru": truth + rng.normal(0, [20, 2], truth.shape),
+             "matching": truth * rng.uniform(0.5, 2.0, truth.shape)}
+    fig = scatter_true_vs_pred(truth, preds)
+    axes = np.array(fig.axes).reshape(2, 2)
+    for row in axes:
+        assert row[0].get_ylim() == row[1].get_ylim() and row[0].get_xlim() == row[1].get_xlim()
+    assert axes[0, 0].get_ylim() != axes[1, 0].get_ylim()  # T1 and T2 keep their own scales
+
+
 def test_error_map_background_is_not_the_zero_error_colour():
     img = np.full((8, 8), 1000.0)
     mask = np.zeros((8, 8), bool)
