@@ -219,6 +219,29 @@ def test_fixed_sets_draw_distinct_noise_at_every_level(seq, monkeypatch):
     assert seeds[:3] == [1_000_003 + 10, 1_000_003 + 11, 1_000_003 + 12]
 
 
+def _same_tensors(a: Batch, b: Batch) -> bool:
+    """Every field equal in values, dtype, shape and strides (or None in both)."""
+    return all((x is None and y is None) or (
+        x is not None and y is not None and x.dtype == y.dtype and x.shape == y.shape
+        and x.stride() == y.stride() and torch.equal(x, y)) for x, y in zip(a, b))
+
+
+def test_evaluation_batches_are_the_stacked_samples(seq):
+    """An evaluation loader's batch (taken from the fixed set at once) is the stack of its
+    samples, in the loader's order, the last one short."""
+    from mrflight.data.batches import collate
+
+    dm = SimulatedDataModule(seq, **{**SMALL, "n_val": 37, "eval_batch_size": 16})
+    dm.with_bound = True
+    for loader in dm.val_dataloader():
+        ds, n = loader.dataset, 0
+        for b in loader:
+            items = [ds[i] for i in range(n, n + len(b.signal))]
+            assert _same_tensors(b, collate(items)) and b.bound is not None
+            n += len(b.signal)
+        assert n == 37
+
+
 def test_ddp_ranks_each_train_every_batch_of_their_own_stream(seq):
     """Under DDP Lightning shares a training loader's keys out among the ranks unless its
     sampler is a DistributedSampler. Each rank draws its own batches (its rank is in every

@@ -103,8 +103,11 @@ def loader_context(num_workers: int) -> str | None:
     return None if current is None or current in methods else methods[0]
 
 
-def collate(items: list[Batch]) -> Batch:
-    """Stack a list of single-sample :class:`Batch` es into one (``None`` fields stay None)."""
+def collate(items: list[Batch] | Batch) -> Batch:
+    """Stack a list of single-sample :class:`Batch` es into one (``None`` fields stay None); a
+    :class:`Batch` already made by a dataset's ``__getitems__`` is returned as it is."""
+    if isinstance(items, Batch):
+        return items
     return Batch(*(None if x[0] is None else torch.stack(x) for x in zip(*items)))
 
 

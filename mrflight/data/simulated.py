@@ -667,3 +667,12 @@ class _FixedSet(Dataset):
     def __getitem__(self, i: int) -> Batch:
         return Batch(self.signals[i], self.target[i], self.params_ms[i], self.noise_std[i],
                      bound=None if self.bound is None else self.bound[i])
+
+    def __getitems__(self, indices) -> Batch:
+        """The batch of ``indices`` at once (what :func:`~mrflight.data.batches.collate` makes
+        of their :meth:`__getitem__` items: the same values, contiguous): stacking 1024 items
+        one by one took 20 ms per validation batch."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return Batch(*(None if t is None else t.index_select(0, idx).contiguous()
+                       for t in (self.signals, self.target, self.params_ms, self.noise_std,
+                                 self.bound)))
