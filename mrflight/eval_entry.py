@@ -75,17 +75,27 @@ def map_reconstructor(cfg, options):
                          "dictionary=PATH (dictionary matching) with input=...")
     rec = (_network_reconstructor(cfg, ckpt, options) if ckpt
            else _matching_reconstructor(cfg, dic, options))
-    if options.fit_iterations:
-        from mrflight.maps import FittedReconstructor
+    complex_net = bool(ckpt) and rec.module.hparams.get("input_mode") == "complex"
+    if options.fit_iterations or complex_net:
         from mrflight.series_io import open_series
 
         inp = _cfg_get(cfg, "input")
         with open_series(inp, dataset=options.dataset, length=rec.length) as src:
-            if not src.is_complex:
-                raise ValueError(f"maps.fit_iterations={options.fit_iterations} fits the "
-                                 f"complex signal model, but {inp} is real-valued (a "
-                                 "magnitude, whose Rician noise would bias the fit): pass the "
-                                 "complex series, or set maps.fit_iterations=0")
+            magnitude = not src.is_complex
+        if magnitude and complex_net:  # its maps would be far off (T1 by -95 % in a test)
+            raise ValueError(f"the network {ckpt} was trained on complex fingerprints, but "
+                             f"{inp} is real-valued (a magnitude, which has lost the sign "
+                             "changes and the noise model the network learnt): pass the "
+                             "complex series, match it with a dictionary (dictionary=...), "
+                             "or train a network with data.input_mode=magnitude")
+        if magnitude:
+            raise ValueError(f"maps.fit_iterations={options.fit_iterations} fits the "
+                             f"complex signal model, but {inp} is real-valued (a "
+                             "magnitude, whose Rician noise would bias the fit): pass the "
+                             "complex series, or set maps.fit_iterations=0")
+    if options.fit_iterations:
+        from mrflight.maps import FittedReconstructor
+
         if ckpt:
             rec.compute_m0 = False  # the fit computes M0 at its own estimate
         rec = FittedReconstructor(rec, options.fit_iterations)

@@ -256,3 +256,30 @@ def test_match_kernels_speed_counts_pairs_on_tiny_sizes():
     assert means[0] >= 1
     assert means == sorted(means)  # ieee, tf32x3, tf32: growing margins
     assert "| ieee |" in match_kernels_speed.report(r, smoke=False)
+
+
+def test_maps_accuracy_runs_the_maps_command_on_a_scan_with_known_truth(tmp_path, capsys):
+    """benchmarks/maps_accuracy.py: the scan, the README's maps command (here with a dictionary
+    of the scan's own tissues, so its maps are exact but for noise), the per-tissue table."""
+    import maps_accuracy
+
+    from mrflight import dictionary
+    from mrflight.phantoms import brain_phantom
+    from mrflight.physics import Sequence
+
+    seq = Sequence(10 + 50 * np.abs(np.sin(np.linspace(0, 3, 120))), tr_ms=8.0, te_ms=2.0,
+                   name="short")
+    ph = brain_phantom(16)
+    tissues = np.unique(np.stack([ph.t1_ms[ph.mask], ph.t2_ms[ph.mask]], 1), axis=0)
+    b1 = np.round(np.arange(0.8, 1.2 + 1e-9, 0.01), 2)
+    params = np.array([(a, b, c) for a, b in tissues for c in b1])
+    dictionary.generate(seq, params[:, :2], b1=params[:, 2]).save(tmp_path / "dict.h5")
+    maps_accuracy.main(["--dictionary", str(tmp_path / "dict.h5"), "--size", "16",
+                        "--slices", "2", "--noise", "0.001", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "| white matter |" in out and "| CSF |" in out
+    assert "affine and voxel grid as the input's: yes" in out
+    assert (tmp_path / "run" / "maps" / "scan_T1map.nii.gz").is_file()
+    row = next(line for line in out.splitlines() if line.startswith("| grey matter"))
+    t1_median = float(row.split("|")[4].split()[0])
+    assert abs(t1_median) < 0.5  # % of the truth: the dictionary holds the tissue's values

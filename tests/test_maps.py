@@ -159,6 +159,53 @@ def test_snr_mask_at_low_snr(seq, phantoms, seed):
     assert abs(np.median(r[~mask]) - 1) < 0.05  # white noise: r = 1
 
 
+@pytest.mark.parametrize("magnitude", [False, True])
+def test_snr_mask_warns_of_the_tissue_it_leaves_out(seq, phantoms, matcher_complex,
+                                                     matcher_magnitude, magnitude):
+    """Tissue whose fingerprints stand above the noise but below the temporal-SNR threshold
+    (here the left half of the brain at a quarter of its signal, complex: noise 0.08-0.12
+    relative to the fingerprint, 3.5-8 noise standard deviations of r above white noise) is not
+    left out silently: a warning counts it and names mask=FILE; the same series at full signal
+    gives no warning and its mask is the whole tissue."""
+    import warnings
+
+    t1, t2, m0, mask = phantoms["brain"]
+    clean = _series(t1, t2, m0, mask, seq, noise=0.0)
+    scale = float(np.linalg.norm(clean[mask], axis=1).mean())
+    rng = np.random.default_rng(3)
+    level = 0.008 if magnitude else 0.02  # a magnitude's threshold asks for a higher SNR
+    noise = (level * scale * (rng.standard_normal(clean.shape)
+                             + 1j * rng.standard_normal(clean.shape))).astype(np.complex64)
+    weak = clean.copy()
+    weak[:, :12] *= 0.3 if magnitude else 0.25
+    rec = matcher_magnitude if magnitude else matcher_complex
+    for series, left_out in ((clean + noise, False), (weak + noise, True)):
+        series = np.abs(series) if magnitude else series
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = maps.reconstruct_series(series, rec)
+        said = [str(w.message) for w in caught if "left out about" in str(w.message)]
+        dropped = int((mask & ~res.mask).sum())
+        if not left_out:
+            assert dropped == 0 and not said and res.mask_info["LeftOutAboveNoise"] == 0
+            continue
+        assert dropped > 30 and len(said) == 1 and "mask=FILE" in said[0]
+        assert 0.5 * dropped <= res.mask_info["LeftOutAboveNoise"] <= 1.2 * dropped
+        assert ("RelativeNoise does not see them" in said[0]) is not magnitude
+
+
+def test_snr_mask_noise_spread_is_that_of_white_noise():
+    """The spread of r assumed for the left-out count: sqrt(0.5 / T) for complex white noise,
+    about sqrt(2.3 / T) (relative, mean 4.66) for its magnitude."""
+    rng = np.random.default_rng(0)
+    for length in (200, 1000):
+        n = rng.standard_normal((4000, length)) + 1j * rng.standard_normal((4000, length))
+        for x, mean, rel in ((n, 1.0, 0.5), (np.abs(n), 2 / (2 - np.pi / 2), 2.3)):
+            r = 2 * (np.abs(x) ** 2).sum(1) / (np.abs(np.diff(x, axis=1)) ** 2).sum(1)
+            assert r.mean() == pytest.approx(mean, rel=0.02)
+            assert r.std() / mean == pytest.approx(np.sqrt(rel / length), rel=0.08)
+
+
 def test_least_squares_m0_recovers_scale_and_ignores_phase(seq):
     sim = simulate(seq, torch.tensor([800.0, 1500.0]), torch.tensor([60.0, 100.0]))
     meas = sim * torch.tensor([2.5, 0.3])[:, None].to(sim.dtype) * np.exp(1.1j)
@@ -278,6 +325,22 @@ def test_nifti_header_zooms_and_previews(tmp_path, seq, phantoms, matcher_comple
     for name in ("T1map.png", "T2map.png", "M0map.png"):
         assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "out").glob("*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_preview_titles_name_each_map(tmp_path, monkeypatch):
+    """Every preview's title names its map: TB1 (the B1 map), not a cut-off 'TB'."""
+    from mrflight.maps import writers
+
+    titles = {}
+    monkeypatch.setattr(writers, "_save_preview",
+                        lambda dest, vol, kind, unit, title, nifti: titles.update(
+                            {dest.name: title.split("\n")[0]}))
+    ones = np.ones((2, 2), np.float32)
+    res = maps.MapResult(ones * 800, ones * 60, ones, ones > 0, ones, 2, {}, ones)
+    maps.write_maps(res, tmp_path, "scan", previews=True)
+    assert titles == {"scan_T1map.png": "scan T1 (ms)", "scan_T2map.png": "scan T2 (ms)",
+                      "scan_M0map.png": "scan M0 (arbitrary)",
+                      "scan_TB1map.png": "scan TB1 (ratio)"}
 
 
 def test_wrong_series_length_is_a_clear_error(tmp_path, seq, phantoms, matcher_complex):
@@ -536,15 +599,16 @@ def test_maps_warn_where_the_data_is_noisier_than_the_network_was_trained(tmp_pa
     assert side["RelativeNoise"]["FractionAboveTrainingRange"] == 0
 
 
-def _tiny_checkpoint(path, seq):
+def _tiny_checkpoint(path, seq, input_mode="magnitude"):
     import lightning as L
 
     from mrflight.regressor import MRFRegressor
 
     torch.manual_seed(0)
     module = MRFRegressor({"_target_": "mrflight.models.GRURegressor",
-                           "input_length": len(seq), "hidden_size": 8},
-                          sequence=seq.to_dict())
+                           "input_length": len(seq), "hidden_size": 8,
+                           "in_channels": 2 if input_mode == "complex" else 1},
+                          sequence=seq.to_dict(), input_mode=input_mode)
     # an untrained net predicts about 0 (or negative) ms; steer its output layer to about
     # (1000, 100) ms so that the simulated fingerprint, hence M0, is defined
     last = [m for m in module.net.modules() if isinstance(m, torch.nn.Linear)][-1]
@@ -598,6 +662,35 @@ def test_maps_from_config_with_checkpoint_and_dictionary(tmp_path, seq, phantoms
     cfg.ckpt_path = str(ckpt)
     with pytest.raises(ValueError, match="exactly one of"):
         eval_entry.maps_from_config(cfg)
+
+
+def test_a_magnitude_series_is_refused_by_a_network_trained_on_complex_data(tmp_path, seq,
+                                                                           phantoms):
+    """``python eval.py input=MAGNITUDE ckpt_path=COMPLEX_NET`` is refused before any map is
+    written (the default GRU gave T1 maps off by -95 % from a magnitude series, with only a
+    warning); the complex series of the same scan, and a magnitude network, are mapped."""
+    from omegaconf import OmegaConf
+
+    t1, t2, m0, mask = phantoms["brain"]
+    ser = _series(t1, t2, m0, mask, seq)
+    np.save(tmp_path / "mag.npy", np.abs(ser))
+    np.save(tmp_path / "cplx.npy", ser)
+    ckpt = _tiny_checkpoint(tmp_path / "complex.ckpt", seq, input_mode="complex")
+    cfg = OmegaConf.create({"input": str(tmp_path / "mag.npy"), "ckpt_path": str(ckpt),
+                            "dictionary": None, "mask": None,
+                            "paths": {"output_dir": str(tmp_path / "out")},
+                            "maps": {"_target_": "mrflight.maps.MapOptions", "previews": False,
+                                     "progress": False}})
+    with pytest.raises(ValueError, match=r"trained on complex fingerprints, but .*mag.npy is "
+                                         r"real-valued .*pass the complex series"):
+        eval_entry.maps_from_config(cfg)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    cfg.input = str(tmp_path / "cplx.npy")
+    assert eval_entry.maps_from_config(cfg)["T1map.npy"].is_file()
+    cfg.input, cfg.ckpt_path = str(tmp_path / "mag.npy"), str(
+        _tiny_checkpoint(tmp_path / "magnitude.ckpt", seq))
+    cfg.paths.output_dir = str(tmp_path / "out_mag")
+    assert eval_entry.maps_from_config(cfg)["T1map.npy"].is_file()
 
 
 def test_eval_entry_point_makes_maps(tmp_path, seq, phantoms, dictionary):

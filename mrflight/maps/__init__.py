@@ -18,8 +18,13 @@ The pipeline, for a series of shape ``space + (T,)`` in any axis order (2-D or 3
    voxel the fingerprint norm ``||s||`` and the norm of its temporal differences ``||Δs||``:
    ``"snr"`` (default) keeps voxels whose temporal SNR ratio ``r = 2 ||s||^2 / ||Δs||^2``
    exceeds ``1 + 5 sqrt(3 / T)``. For white noise ``r`` is 1 (the differences of white noise
-   have twice its power) with a relative spread of about ``sqrt(3 / T)``; for a fingerprint
-   ``r`` is about ``1 + SNR^2`` because MRF signals change slowly from one TR to the next. The
+   have twice its power) with a standard deviation of ``sqrt(0.5 / T)`` (complex data; the
+   threshold lies 12 of them above it); for a fingerprint ``r`` is about ``1 + SNR^2``
+   (complex: ``1 + 1 / (2 T rel^2)`` at noise ``rel`` relative to the fingerprint norm, so
+   tissue noisier than ``rel = 0.037`` at ``T = 1750`` cannot pass) because MRF signals change
+   slowly from one TR to the next. Voxels left out although their ``r`` stands more than 3
+   standard deviations above the noise (low-SNR tissue) are counted (``LeftOutAboveNoise`` in
+   the sidecars) and, beyond 5 % of the mask, warned about, naming ``mask=FILE``. The
    threshold is scale-free and does not depend on how much of the image is tissue or on the
    tissue mix (for a magnitude series, whose Rician background noise has a smooth mean, the
    noise ratio is ``2 / (2 - pi / 2) = 4.66`` and the threshold is scaled by it; the magnitude

@@ -118,6 +118,9 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
             raise ValueError(f"the automatic mask (maps.mask_method={mask_method}) selects no "
                              "voxel of the series: try maps.mask_method=otsu or "
                              "maps.mask_method=none, or give mask=FILE")
+        if info.get("LeftOutAboveNoise"):
+            warnings.warn(_left_out_message(info["LeftOutAboveNoise"], info["Threshold"], length,
+                                            src.is_complex), RuntimeWarning, stacklevel=3)
         if b1 is not None:
             named = _given("b1map", b1map)
             covered = mask_arr & np.isfinite(b1)
@@ -139,6 +142,19 @@ def _reconstruct(src, rec, length, time_axis, mask, mask_method, mask_fraction, 
         warnings.warn(f"{n_bad} {which} non-finite fingerprints; their maps are NaN",
                       RuntimeWarning, stacklevel=3)
     return maps.result(mask_arr, plan.time_axis, info)
+
+
+def _left_out_message(n: int, threshold: float, length: int, is_complex: bool) -> str:
+    """The warning of voxels the temporal-SNR mask left out although they stand above the
+    noise (:func:`~mrflight.maps.masks.auto_mask`'s ``LeftOutAboveNoise``)."""
+    # complex data: r = 1 + 1 / (2 T rel^2) for a fingerprint of relative noise rel
+    reach = (f" (a fingerprint whose noise relative to its norm exceeds "
+             f"{1.0 / np.sqrt(2.0 * length * (threshold - 1.0)):.3g} cannot pass it, so "
+             "RelativeNoise does not see them)" if is_complex else "")
+    return (f"the automatic mask (maps.mask_method=snr) left out about {n} voxels whose "
+            f"fingerprints stand above the noise but below its threshold{reach}: low-SNR "
+            "tissue (low proton density, a noisy scan) whose maps are NaN. To map them give "
+            "mask=FILE (a mask of the tissue) or maps.mask_method=none")
 
 
 def _progress(enabled: bool):

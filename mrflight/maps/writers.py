@@ -232,6 +232,6 @@ def _write_map(out: Path, stem: str, suffix: str, arr_ms: np.ndarray, base: dict
         what = base.get("Network") or base.get("Dictionary")
         how = f"{how} ({what})" if how and what else how
         _save_preview(written[f"{suffix}.png"], arr_ms, kind, npy_unit,
-                      f"{stem} {suffix[:2]} ({npy_unit})" + (f"\n{how}" if how else ""),
+                      f"{stem} {suffix[:-3]} ({npy_unit})" + (f"\n{how}" if how else ""),
                       nifti[1] is not None)
     return written
