@@ -110,7 +110,20 @@ def _network_reconstructor(cfg, ckpt, options):
     ckpt = single_checkpoint(ckpt)  # a training run dir: its best checkpoint
     module = mrflight.load_checkpoint(ckpt, map_location=options.device or "cpu")
     seq = checkpoint_sequence(module) or _cfg_sequence(cfg)
-    return NetworkReconstructor(module, seq, compute_m0=options.compute_m0, source=ckpt)
+    return NetworkReconstructor(module, seq, compute_m0=options.compute_m0, source=ckpt,
+                                training_range=_training_range(ckpt))
+
+
+def _training_range(ckpt) -> dict | None:
+    """The T1/T2 range (ms) a checkpoint's run drew its training fingerprints from (its saved
+    ``data.t1_range``, ``data.t2_range``: fresh simulated data), or ``None``."""
+    from mrflight.checkpoints import read_run_config
+
+    try:  # a run config naming code of its own is not read (maps do not need it)
+        data = (read_run_config(ckpt)[1] or {}).get("data") or {}
+        return {k: tuple(float(v) for v in data[f"{k}_range"]) for k in ("t1", "t2")}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def _matching_reconstructor(cfg, dic, options):

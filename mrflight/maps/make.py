@@ -65,10 +65,11 @@ def make_maps(input_path, reconstructor, out_dir, *, options: MapOptions | None 
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         said = [m for m, cat in once if issubclass(cat, RuntimeWarning)]
         meta = dict(reconstructor.describe())
-        warning = getattr(reconstructor, "noise_warning", lambda: None)()
-        if warning:
-            warnings.warn(warning, stacklevel=2)
-            said.append(warning)
+        for check in ("noise_warning", "range_warning"):
+            warning = getattr(reconstructor, check, lambda: None)()
+            if warning:
+                warnings.warn(warning, stacklevel=2)
+                said.append(warning)
         if said:
             meta["Warnings"] = said
         meta.update(_sequence_meta(getattr(reconstructor, "sequence", None),

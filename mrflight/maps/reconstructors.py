@@ -276,12 +276,15 @@ class NetworkReconstructor(_NoiseRecord):
             ``module.hparams["sequence"]`` when present.
         compute_m0: simulate the fingerprint at the predicted T1/T2 to estimate M0 (else M0 NaN).
         source: the checkpoint path (for the sidecar).
+        training_range: ``{"t1": (lo, hi), "t2": (lo, hi)}`` in ms, the T1/T2 range the network
+            was trained on (its run's ``data.t1_range`` and ``t2_range``): estimates beyond it
+            are counted (:meth:`range_warning`); ``None``: not checked.
     """
 
     method = "neural network regression"
 
     def __init__(self, module, sequence: Sequence | None = None, compute_m0: bool = True,
-                 source=None) -> None:
+                 source=None, training_range: dict | None = None) -> None:
         self.module = module
         if sequence is None:
             sequence = checkpoint_sequence(module)
@@ -299,6 +302,41 @@ class NetworkReconstructor(_NoiseRecord):
         #: the training noise range ``(low, high)`` (``None``: not recorded)
         self.training_noise = None if not noise else (float(min(noise)), float(max(noise)))
         self._noise: list[np.ndarray] = []
+        self.training_range = training_range
+        self._beyond = [0, 0, 0]  # voxels estimated, beyond the range in T1, in T2
+
+    def reset_noise(self) -> None:
+        super().reset_noise()
+        self._beyond = [0, 0, 0]
+
+    def range_summary(self) -> dict | None:
+        """The voxels whose T1 or T2 estimate lies above the training range (``None``: no
+        range recorded, or no voxel yet)."""
+        n, t1, t2 = self._beyond
+        if self.training_range is None or not n:
+            return None
+        return {"TrainingRangeMs": {k: list(v) for k, v in self.training_range.items()},
+                "Voxels": n, "FractionT1Above": round(t1 / n, 4),
+                "FractionT2Above": round(t2 / n, 4)}
+
+    def range_warning(self, threshold: float = 0.01) -> str | None:
+        """A message when more than ``threshold`` of the voxels have a T1 or T2 estimate above
+        the training range: tissue the network never saw (CSF's T2 at 3 T is about 1650 ms),
+        where it extrapolates and its estimates are far off (the default GRU gave CSF's T2
+        53 % too low), else ``None``."""
+        s = self.range_summary()
+        if s is None:
+            return None
+        over = [(f"T{i}", s[f"FractionT{i}Above"], self.training_range[f"t{i}"][1])
+                for i in (1, 2) if s[f"FractionT{i}Above"] > threshold]
+        if not over:
+            return None
+        what = " and ".join(f"{100 * f:.1f} % of the voxels have {p} estimates above the "
+                            f"network's training range ({p} <= {hi:g} ms)" for p, f, hi in over)
+        return (f"{what}: tissue the network was not trained on (e.g. CSF, T2 about 1650 ms "
+                "at 3 T), where its estimates are extrapolations, typically far too low; refine "
+                "them by the maximum-likelihood fit (maps.fit_iterations=15), or train with a "
+                "range that covers them (data.t1_range, data.t2_range)")
 
     def noise_warning(self, threshold: float = 0.05) -> str | None:
         """A message when more than ``threshold`` of the voxels are noisier than 1.1x the top
@@ -338,6 +376,11 @@ class NetworkReconstructor(_NoiseRecord):
         pred = torch.as_tensor(pred).detach().float().cpu()[:, :3].clamp_min(0.0)
         pred[~torch.isfinite(pred)] = float("nan")  # an overflowed output is no estimate
         params = pred.numpy()
+        if self.training_range is not None:
+            self._beyond[0] += len(params)
+            for i, key in ((1, "t1"), (2, "t2")):
+                self._beyond[i] += int(np.count_nonzero(params[:, i - 1]
+                                                        > self.training_range[key][1]))
         if not self.compute_m0:
             return params, np.full(len(params), np.nan, np.float32)
         return params, self._m0_and_noise(s, pred).numpy()
@@ -349,7 +392,8 @@ class NetworkReconstructor(_NoiseRecord):
                 "M0Method": ("least-squares scale |<d, s>| / <d, d> between the measured "
                              "fingerprint s and the EPG fingerprint d simulated at the predicted "
                              "T1, T2" if self.compute_m0 else "not computed"),
-                "RelativeNoise": self.noise_summary()}
+                "RelativeNoise": self.noise_summary(),
+                "EstimatesAboveTrainingRange": self.range_summary()}
 
 
 class FittedReconstructor(_NoiseRecord):
