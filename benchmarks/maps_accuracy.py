@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from common import machine_line, markdown_table, publish  # benchmarks/
 
+from mrflight.fileio import atomic_path
 from mrflight.phantoms import brain_phantom
 from mrflight.physics import simulate
 
@@ -110,7 +111,7 @@ def run_maps(scan_path: Path, out: Path, args) -> float:
         cmd.append(f"b1map={scan_path.parent / 'b1_true.nii.gz'}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with open(out / "maps.log", "w") as log:
+    with atomic_path(out / "maps.log") as tmp, open(tmp, "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc:
         raise SystemExit(f"the maps command failed (exit {rc}): see {out / 'maps.log'}\n"
@@ -211,9 +212,10 @@ def main(argv=None) -> None:
     truth["affine"], truth["T"] = _oblique_affine(), len(seq)
     scan = np.abs(truth["scan"]) if args.magnitude else truth["scan"]
     scan_path = folder / "scan.nii.gz"
-    nib.save(nib.Nifti1Image(scan, truth["affine"]), str(scan_path))
-    nib.save(nib.Nifti1Image(truth["b1"].astype(np.float32), truth["affine"]),
-             str(folder / "b1_true.nii.gz"))
+    for path, arr in ((scan_path, scan), (folder / "b1_true.nii.gz",
+                                          truth["b1"].astype(np.float32))):
+        with atomic_path(path, ".nii.gz") as tmp:
+            nib.save(nib.Nifti1Image(arr, truth["affine"]), str(tmp))
     out = folder / "maps"
     truth["command"] = ["python eval.py", "input=scan.nii.gz",
                         f"ckpt_path={args.ckpt}" if args.ckpt else
