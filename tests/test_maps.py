@@ -735,6 +735,23 @@ def test_estimates_above_the_networks_training_range_are_counted_and_warned_abou
     assert not any("training range (T2" in w for w in side.get("Warnings", []))
 
 
+def test_a_reused_fitted_reconstructor_counts_each_series_on_its_own(tmp_path, seq):
+    """make_maps resets a reconstructor's records for every series, the fit's base included:
+    the second series' sidecar counts its own voxels, not both series'."""
+    import mrflight
+
+    module = mrflight.load_checkpoint(_tiny_checkpoint(tmp_path / "tiny.ckpt", seq))
+    rec = maps.FittedReconstructor(maps.NetworkReconstructor(
+        module, training_range={"t1": (50.0, 5000.0), "t2": (5.0, 600.0)}), iterations=1)
+    series = simulate(seq, [800.0, 1200.0, 400.0, 2000.0], [60.0, 90.0, 40.0, 200.0])
+    np.save(tmp_path / "s.npy", series.reshape(2, 2, -1).numpy())
+    for out in ("a", "b"):
+        files = maps.make_maps(tmp_path / "s.npy", rec, tmp_path / out, options=OPTS,
+                               mask=np.ones((2, 2), bool))
+        side = json.loads(files["T1map.json"].read_text())
+        assert side["EstimatesAboveTrainingRange"]["Voxels"] == 4
+
+
 def test_eval_entry_point_makes_maps(tmp_path, seq, phantoms, dictionary):
     """``python eval.py input=... dictionary=...`` composes to maps_from_config (no subprocess)."""
     t1, t2, m0, mask = phantoms["brain"]

@@ -421,6 +421,12 @@ class FittedReconstructor(_NoiseRecord):
         self._b1 = "fitted"
         self._noise = []
 
+    def reset_noise(self) -> None:
+        """A new series: the base's records (its first estimates' range count) too."""
+        super().reset_noise()
+        if hasattr(self.base, "reset_noise"):
+            self.base.reset_noise()
+
     def _dictionary_has_b1(self) -> bool:
         """Whether the base matches against a (T1, T2, B1) dictionary (then a measured B1
         restricts its matching as well)."""
