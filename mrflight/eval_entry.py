@@ -82,7 +82,7 @@ def map_reconstructor(cfg, options):
         inp = _cfg_get(cfg, "input")
         with open_series(inp, dataset=options.dataset, length=rec.length) as src:
             magnitude = not src.is_complex
-        if magnitude and complex_net:  # its maps would be far off (T1 by -95 % in a test)
+        if magnitude and complex_net:  # outside what the network learnt: its maps are far off
             raise ValueError(f"the network {ckpt} was trained on complex fingerprints, but "
                              f"{inp} is real-valued (a magnitude, which has lost the sign "
                              "changes and the noise model the network learnt): pass the "
