@@ -18,9 +18,10 @@ written to ``OUT/gpu_check.md`` and ``OUT/gpu_check.json``; a ``--smoke`` run to
 * SVD (rank 25) matching of a 256 x 256 slice against the paper grid;
 * GRU inference (the default model of ``configs/model/gru.yaml`` on complex fingerprints with
   B1; briefly trained here on fresh simulated batches) in fp32/TF32/bf16/fp16
-  at batches of 1024, 16 384 and 65 536 through the fused path (``mrflight.models.fused_gru``:
-  eval mode, inference_mode, Triton gates) and through cuDNN's GRU for comparison, with the test
-  RMSE of each;
+  at batches of 1024, 16 384 and 65 536 through the Triton paths (``mrflight.models.fused_gru``,
+  eval mode, inference_mode: the one-launch scan kernel of the recurrence, and the per-step path
+  of one GEMM and one gate launch per step) and through cuDNN's GRU for comparison, with the test
+  RMSE of each; the scan kernel alone under a few launch settings;
 * the CUDA tests (``pytest -k cuda``) when pytest is installed.
 
 Every row runs under ``try``: a failure prints its error in its row and the check goes on; a
@@ -59,6 +60,7 @@ from mrflight.dictionary import paper_grid, random_params  # noqa: E402
 from mrflight.fileio import atomic_path  # noqa: E402
 from mrflight.matching import DictionaryMatcher, float32_matmul  # noqa: E402
 from mrflight.models import GRURegressor  # noqa: E402
+from mrflight.models import fused_gru as fg  # noqa: E402
 from mrflight.models.fused_gru import fused_gru_available  # noqa: E402
 from mrflight.physics import Sequence, add_noise, oksuz2019, simulate  # noqa: E402
 from mrflight.physics._triton_glue import _run_gpu_kernel  # noqa: E402
@@ -95,6 +97,10 @@ class Ctx:
         self.train_batch = 32 if s else 1024
         self.sim_launch = 64 if s else 32768
         self.gru_batches = (32,) if s else (16384, 65536)
+        # the GRU scan kernel: (rows per program, warps, input columns per product)
+        self.scan_settings = ([(16, 4, 16)] if s else
+                              [(64, 8, 64), (32, 4, 64), (64, 4, 64), (32, 8, 64), (64, 8, 32),
+                               (16, 4, 64), (128, 8, 32)])
         # (atoms per program, warps, states per step, float64 coefficients)
         self.kernel_settings = ([(32, 4, 16, True), (16, 2, 16, False)] if s else
                                 [(32, 4, 16, True), (32, 4, 16, False), (16, 2, 16, True),
@@ -518,10 +524,15 @@ def main() -> int:
         modes = ("fp32", "tf32", "bf16", "fp16")
 
         def run(x, mode, path):
-            """net(x) in eval mode under inference_mode; path "cudnn" sets MRFLIGHT_NO_TRITON."""
+            """net(x) in eval mode under inference_mode. path "scan": the default (the one-launch
+            scan kernel where it applies); "step": the scan off (one GEMM and one gate launch per
+            step); "cudnn": MRFLIGHT_NO_TRITON (nn.GRU)."""
             prev = os.environ.pop("MRFLIGHT_NO_TRITON", None)
+            scan = fg._SCAN.value
             if path == "cudnn":
                 os.environ["MRFLIGHT_NO_TRITON"] = "1"
+            if path == "step":
+                fg._SCAN.value = None
             try:
                 with torch.inference_mode():
                     if mode in ("bf16", "fp16"):
@@ -531,14 +542,17 @@ def main() -> int:
                     with float32_matmul(dev, "tf32" if mode == "tf32" else "ieee"):
                         return net(x)
             finally:
+                fg._SCAN.value = scan
                 os.environ.pop("MRFLIGHT_NO_TRITON", None)
                 if prev is not None:
                     os.environ["MRFLIGHT_NO_TRITON"] = prev
 
         with torch.inference_mode():
             used = fused_gru_available(net.rnn, xb)  # the input's device, eval, no grad
+            scanned = used and fg.scan_eligible(net.rnn, xb)
         rates, rmse = {}, {}
-        for path, mode in [("fused", m) for m in modes] + [("cudnn", m) for m in modes]:
+        paths = [(p, m) for p in ("scan", "step", "cudnn") for m in modes]
+        for path, mode in paths:
             for bs in sorted({min(1024, big), *ctx.gru_batches}):  # 1024: launch-bound?
                 _, t = bench(lambda bs=bs, m=mode, p=path: run(xb[:bs], m, p), ctx)
                 rates[(path, mode, bs)] = bs / t
@@ -547,16 +561,60 @@ def main() -> int:
             rmse[(path, mode)] = ((est - pt) ** 2).mean(0).sqrt().tolist()
         base = rmse[("cudnn", "fp32")]
         ch = {k: max(abs(v[j] / base[j] - 1) for j in range(2)) for k, v in rmse.items()}
-        best = max((k for k in rates if k[0] == "fused"), key=rates.get)
-        return (f"{rates[best] / 1e6:.1f} M/s ({best[1]}, batch {best[2]})",
+        best = max((k for k in rates if k[0] != "cudnn"), key=rates.get)
+        state["gru"] = (net, xb)
+        return (f"{rates[best] / 1e6:.1f} M/s ({best[0]}, {best[1]}, batch {best[2]})",
                 rates[best] >= 1e7 and ch[best[:2]] <= 0.01,
-                f"fused path {'used' if used else 'NOT used (no CUDA/Triton): both are nn.GRU'}; "
+                f"scan kernel {'used' if scanned else 'NOT used'}, per-step Triton path "
+                f"{'used' if used else 'NOT used (no CUDA/Triton): all are nn.GRU'}; "
                 + "; ".join(f"{p} {m} batch {b}: {r / 1e6:.2f} M/s"
                             for (p, m, b), r in rates.items())
                 + f"; trained {steps} steps ({ctx.train_s:.0f} s); test RMSE T1/T2 "
                 + ", ".join(f"{p} {m} {v[0]:.0f}/{v[1]:.1f} ms ({100 * ch[(p, m)]:.2f} %)"
                             for (p, m), v in rmse.items())
                 + " (change vs cuDNN fp32, target <= 1 %)")
+
+    @row("GRU scan kernel settings (rows per program, warps, input columns per product), "
+         "the default GRU's recurrence alone, batch 65536", "", 30)
+    def _():
+        if "gru" not in state or fg._SCAN.get() is None:
+            return "n/a", None, "no GRU row, or no Triton"
+        net, xb = state["gru"]
+        with torch.inference_mode():
+            coef, _ = net.project(xb * net.input_scale, net.input_scale)
+            fold = fg.folded_weights(net.rnn, net.basis, net.values_per_step)
+        res = {}
+        for mode in ("fp16", "tf32"):
+            for br, nw, bk in ctx.scan_settings:
+                if ctx.left() < 15:
+                    break
+                key = (mode, br, nw, bk)
+
+                def f(br=br, nw=nw, bk=bk, mode=mode):
+                    with torch.inference_mode():
+                        if mode == "fp16":
+                            with torch.autocast(dev.type, dtype=torch.float16):
+                                return fg.scan_gru(net.rnn, coef, fold, {
+                                    "BLOCK_R": br, "num_warps": nw, "BK": bk})
+                        with float32_matmul(dev, "tf32"):
+                            return fg.scan_gru(net.rnn, coef, fold, {
+                                "BLOCK_R": br, "num_warps": nw, "BK": bk})
+                try:
+                    _, res[key] = bench(f, ctx)
+                except Exception as e:  # noqa: BLE001 - a setting the GPU cannot run
+                    res[key] = float("inf")
+                    print(f"  scan {key}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        if not res:
+            return "n/a", None, "no time left"
+        order = sorted(res, key=res.get)
+        n = len(coef)
+        return (f"{n / res[order[0]] / 1e6:.1f} M/s", None,
+                "default " + str(fg._SCAN.get().launch_settings(net.hidden_size,
+                                                                  coef[0].numel()))
+                + "; " + "; ".join(f"{m} {br}/{nw}/{bk}: "
+                                   + (f"{n / res[(m, br, nw, bk)] / 1e6:.1f} M/s"
+                                      if res[(m, br, nw, bk)] < float("inf") else "failed")
+                                   for m, br, nw, bk in order))
 
     if not args.no_tests:
         @row("CUDA tests: pytest -k cuda (test_epg, test_matching, test_triton, "

@@ -403,10 +403,12 @@ def test_fused_gru_under_bf16_autocast_keeps_float32_gates():
 
 
 def _use_fused(monkeypatch, gates=None):
-    """Make RecurrentRegressor take the fused path on the CPU (with ``gates`` as the kernel)."""
+    """Make RecurrentRegressor take the fused per-step path on the CPU (with ``gates`` as the
+    kernel; the one-launch scan off)."""
     from mrflight.models import fused_gru, recurrent
 
     monkeypatch.setattr(fused_gru._KERNEL, "value", gates or fused_gru.gru_gates_torch)
+    monkeypatch.setattr(fused_gru._SCAN, "value", None)
     monkeypatch.setattr(recurrent, "fused_gru_available", lambda rnn, x: type(rnn) is nn.GRU)
 
 
@@ -461,6 +463,48 @@ def test_fused_gru_failure_warns_and_falls_back(monkeypatch):
             got = net(x)
         assert fused_gru._KERNEL.value is None  # disabled for the rest of the process
     assert torch.equal(got, ref)
+
+
+def test_scan_failure_warns_and_falls_back_to_the_per_step_path(monkeypatch):
+    """A scan kernel that fails (a GPU Triton cannot compile it for) warns once, is disabled for
+    the rest of the process, and the per-step kernels give the estimates."""
+    import types
+
+    from mrflight.models import fused_gru
+
+    def broken(*args):
+        raise RuntimeError("out of resources: shared memory")
+
+    torch.manual_seed(6)
+    net = GRURegressor(input_length=20, hidden_size=8, values_per_step=5).eval()
+    x = torch.randn(2, 20)
+    calls = []
+    with torch.no_grad():
+        ref = net(x)
+        _use_fused(monkeypatch, lambda *a: (calls.append(1), fused_gru.gru_gates_torch(*a)))
+        monkeypatch.setattr(fused_gru._SCAN, "value", types.SimpleNamespace(scan=broken))
+        with pytest.warns(RuntimeWarning, match="GRU scan kernel failed.*per-step"):
+            got = net(x)
+        assert fused_gru._SCAN.value is None
+    assert len(calls) == net.n_steps
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_scan_takes_only_one_layer_unidirectional_float32_grus_of_at_most_128_units(
+        monkeypatch):
+    import types
+
+    from mrflight.models import fused_gru
+
+    monkeypatch.setattr(fused_gru._SCAN, "value", types.SimpleNamespace(scan=None))
+    x = torch.zeros(2, 3, 4)
+    assert fused_gru.scan_eligible(nn.GRU(4, 128, batch_first=True), x)
+    for rnn in (nn.GRU(4, 129, batch_first=True), nn.GRU(4, 8, 2, batch_first=True),
+                nn.GRU(4, 8, batch_first=True, bidirectional=True), nn.LSTM(4, 8),
+                nn.GRU(4, 8, batch_first=True).double()):
+        assert not fused_gru.scan_eligible(rnn, x.to(next(rnn.parameters()).dtype)), rnn
+    monkeypatch.setattr(fused_gru._SCAN, "value", None)  # no Triton, or disabled
+    assert not fused_gru.scan_eligible(nn.GRU(4, 8, batch_first=True), x)
 
 
 def test_fused_gru_is_off_where_it_does_not_apply(monkeypatch):

@@ -122,6 +122,26 @@ def test_interpreted_fused_gru_matches_nn_gru(gru_interp):
     assert gru_interp["regressor_padded_f64"] < GATES_F64_TOL
 
 
+#: the scan kernel against the float64 nn.GRU. Float32 operands: the products' float32 rounding
+#: over up to 200 terms of order 1 and the kernel's tanh, compounded over the steps (measured
+#: 9e-7 at 100 units). Float16 operands round x, h and the weights to 11 bits (2.4e-4 relative),
+#: so the gates move by about 1e-3 (measured 1.7e-3); a wrong gate or weight is off by 0.1 to 1
+SCAN_F32_TOL = 3e-6
+SCAN_F16_TOL = 5e-3
+
+
+@needs_triton
+def test_interpreted_gru_scan_matches_nn_gru(gru_interp):
+    """The one-launch scan of the default GRU's recurrence: plain step inputs (batches over one
+    program's rows, input widths over one product's columns) and the folded subspace input of a
+    complex regressor with padded steps; a 2-layer GRU is left to the per-step path."""
+    assert gru_interp["scan_eligible"] and gru_interp["scan_shape_ok"]
+    assert gru_interp["scan_f32"] < SCAN_F32_TOL
+    assert gru_interp["scan_f16"] < SCAN_F16_TOL
+    assert gru_interp["scan_folded_f32"] < SCAN_F32_TOL
+    assert gru_interp["scan_not_for_2_layers"]
+
+
 def test_no_triton_env_forces_the_torch_path(monkeypatch):
     from mrflight.physics import _triton_glue
 
@@ -186,13 +206,16 @@ def test_cuda_jacobian_matches_forward_ad():
 
 
 @needs_cuda
+@pytest.mark.parametrize("path", ["scan", "per_step"])
 @pytest.mark.parametrize("mode", ["fp32", "tf32", "bf16"])
-def test_cuda_fused_gru_matches_nn_gru(mode, monkeypatch):
-    """The regressor in eval mode under inference_mode runs the Triton path on CUDA (one gate
-    launch per step). Against the float64 nn.GRU on the CPU it is as close as cuDNN's GRU in the
-    same precision (TF32 and bf16 round the GEMM operands), and within float32 rounding in
-    fp32."""
+def test_cuda_fused_gru_matches_nn_gru(mode, path, monkeypatch):
+    """The regressor in eval mode under inference_mode runs a Triton path on CUDA: the one-launch
+    scan (one layer of at most 128 units), or, with the scan off, one gate launch per step
+    (the path of deeper or bidirectional GRUs). Against the float64 nn.GRU on the CPU it is as
+    close as cuDNN's GRU in the same precision (TF32 and bf16 round the GEMM operands), and
+    within float32 rounding in fp32."""
     import copy
+    import types
     import warnings
 
     from mrflight.matching import float32_matmul
@@ -202,8 +225,8 @@ def test_cuda_fused_gru_matches_nn_gru(mode, monkeypatch):
     torch.manual_seed(0)
     net = GRURegressor(input_length=1750, hidden_size=100, values_per_step=50).cuda().eval()
     x = torch.nn.functional.normalize(torch.rand(4099, 1750, device="cuda"), dim=1)
-    gates, calls = fg.triton_gates(), []
-    assert gates is not None
+    gates, scan, calls = fg.triton_gates(), fg._SCAN.get(), []
+    assert gates is not None and scan is not None
     precision = (torch.autocast("cuda", dtype=torch.bfloat16) if mode == "bf16"
                  else float32_matmul("cuda", "tf32" if mode == "tf32" else "ieee"))
     net64 = copy.deepcopy(net).double().cpu()
@@ -215,11 +238,57 @@ def test_cuda_fused_gru_matches_nn_gru(mode, monkeypatch):
             cudnn = net(x)
             monkeypatch.delenv("MRFLIGHT_NO_TRITON")
             monkeypatch.setattr(fg._KERNEL, "value",
-                                lambda *a: (calls.append(1), gates(*a)))
+                                lambda *a: (calls.append("step"), gates(*a)))
+            monkeypatch.setattr(fg._SCAN, "value", None if path == "per_step" else
+                                types.SimpleNamespace(scan=lambda *a: (calls.append("scan"),
+                                                                       scan.scan(*a))))
             got = net(x)
-    assert len(calls) == 35 and got.dtype == cudnn.dtype
+    assert calls == (["step"] * 35 if path == "per_step" else ["scan"])
+    assert got.dtype == cudnn.dtype
     err, err_cudnn = ((y.double().cpu() - ref).abs().max() for y in (got, cudnn))
     tol = {"fp32": 1e-5, "tf32": 5e-3, "bf16": 3e-2}[mode]
+    assert err < max(tol, 2 * err_cudnn), (err, err_cudnn)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_cuda_default_gru_scan_matches_nn_gru(mode, monkeypatch):
+    """The default GRU (gru.yaml: complex input on a rank-48 basis, 100 values per step, the
+    read-out on the coordinates too) runs one scan launch on the folded coordinates, with the
+    estimates of nn.GRU in float64 to float32 rounding (fp32) or within cuDNN's bf16 error."""
+    import copy
+    import types
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    from mrflight.models import GRURegressor
+    from mrflight.models import fused_gru as fg
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "mrflight/configs/model/gru.yaml"))
+    cfg.pop("_target_")
+    torch.manual_seed(0)
+    net = GRURegressor(input_length=1750, in_channels=2, **cfg)
+    net.set_basis(torch.linalg.qr(torch.randn(1750, cfg["rank"], dtype=torch.float64))[0].float())
+    net = net.cuda().eval()
+    x = torch.nn.functional.normalize(torch.randn(3001, 2, 1750, device="cuda"), dim=(1, 2))
+    scan, calls = fg._SCAN.get(), []
+    net64 = copy.deepcopy(net).double().cpu()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ref = net64(x.double().cpu())
+        precision = (torch.autocast("cuda", dtype=torch.bfloat16) if mode == "bf16"
+                     else torch.autocast("cuda", enabled=False))
+        with precision:
+            monkeypatch.setenv("MRFLIGHT_NO_TRITON", "1")
+            cudnn = net(x)
+            monkeypatch.delenv("MRFLIGHT_NO_TRITON")
+            monkeypatch.setattr(fg._SCAN, "value", types.SimpleNamespace(
+                scan=lambda *a: (calls.append("scan"), scan.scan(*a))))
+            got = net(x)
+    assert calls == ["scan"]
+    err, err_cudnn = ((y.float().double().cpu() - ref).abs().max() for y in (got, cudnn))
+    tol = {"fp32": 1e-4, "bf16": 3e-2}[mode]
     assert err < max(tol, 2 * err_cudnn), (err, err_cudnn)
 
 

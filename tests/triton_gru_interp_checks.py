@@ -1,5 +1,6 @@
-"""Run the fused GRU gate kernel through Triton's interpreter on CPU tensors and compare it with
-the pure-torch gates and with ``nn.GRU``; print the measured errors as one JSON line.
+"""Run the fused GRU kernels (the per-step gates, the one-launch scan) through Triton's
+interpreter on CPU tensors and compare them with the pure-torch gates and with ``nn.GRU``; print
+the measured errors as one JSON line.
 
 Used by ``tests/test_triton.py`` in a subprocess (``TRITON_INTERPRET=1`` must be set before the
 kernel module is imported, and must not leak into the rest of the test session). Run by hand
@@ -7,7 +8,10 @@ with ``python tests/triton_gru_interp_checks.py``.
 
 Cases (small, the interpreter is slow): hidden sizes 13 and 100 (not powers of two), batches 1
 and 37 (not a multiple of a program's rows), strided step views, the state updated in place,
-bfloat16 projections, 2 bidirectional layers, a regressor with padded steps.
+bfloat16 projections, 2 bidirectional layers, a regressor with padded steps. The scan: hidden
+sizes 13 and 100, batches 1, 37 and 70 (more than one program's 64 rows), input widths 7, 50 and
+100 (more than one product's 64 columns), float32 and float16 operands, and a complex regressor
+with a rank-6 subspace basis over padded steps (the folded input of the default GRU).
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ from torch import nn  # noqa: E402
 
 from mrflight.models import GRURegressor  # noqa: E402
 from mrflight.models._gru_triton import gates  # noqa: E402
-from mrflight.models.fused_gru import fused_gru, gru_gates_torch  # noqa: E402
+from mrflight.models.fused_gru import (  # noqa: E402
+    folded_weights,
+    fused_gru,
+    gru_gates_torch,
+    scan_eligible,
+    scan_gru,
+)
 
 F64 = torch.float64
 
@@ -88,6 +98,40 @@ def regressor_error() -> float:
     return float((got - ref).abs().max())
 
 
+def scan_errors() -> dict:
+    """The scan kernel against the float64 nn.GRU: float32 operands (IEEE) and float16 ones
+    (autocast), for plain step inputs; and the folded subspace input of a regressor."""
+    torch.manual_seed(3)
+    res = {"scan_f32": 0.0, "scan_f16": 0.0}
+    for i, h, b, s in ((7, 13, 37, 6), (100, 100, 70, 3), (50, 100, 1, 2)):
+        rnn = nn.GRU(i, h, batch_first=True).double().eval()
+        x = 3 * torch.randn(b, s, i, dtype=F64)
+        with torch.no_grad():
+            ref = rnn(x)[1]
+            r32 = rnn.float()
+            res["scan_eligible"] = scan_eligible(r32, x.float())
+            got = scan_gru(r32, x.float())
+            res["scan_shape_ok"] = got.shape == ref.shape and got.dtype == torch.float32
+            res["scan_f32"] = max(res["scan_f32"], float((got.double() - ref).abs().max()))
+            with torch.autocast("cpu", dtype=torch.float16):
+                got = scan_gru(r32, x.float())
+            res["scan_f16"] = max(res["scan_f16"], float((got.double() - ref).abs().max()))
+    net = GRURegressor(input_length=30, in_channels=2, hidden_size=12, values_per_step=7,
+                       rank=6).double().eval()
+    q = torch.linalg.qr(torch.randn(30, 6, dtype=F64))[0]
+    net.set_basis(q)
+    x = torch.randn(5, 2, 30, dtype=F64) / 30 ** 0.5
+    with torch.no_grad():
+        coef, _ = net.project(x * net.input_scale, net.input_scale)
+        ref = net._recurrence(coef @ net.basis.T)
+        got = scan_gru(net.rnn.float(), coef.float(), fold=folded_weights(
+            net.rnn.float(), net.basis.float(), net.values_per_step))
+    res["scan_folded_f32"] = float((got.double() - ref).abs().max())
+    res["scan_not_for_2_layers"] = not scan_eligible(nn.GRU(4, 3, 2, batch_first=True),
+                                                     torch.zeros(1, 2, 4))
+    return res
+
+
 def main() -> dict:
     t0 = time.perf_counter()
     res = {"gates_f64": gate_errors(F64, F64), "gates_f32": gate_errors(torch.float32,
@@ -95,6 +139,7 @@ def main() -> dict:
            "gates_bf16_inputs": gate_errors(torch.bfloat16, torch.float32)}
     res.update(forward_errors())
     res["regressor_padded_f64"] = regressor_error()
+    res.update(scan_errors())
     res["time_s"] = time.perf_counter() - t0
     return res
 

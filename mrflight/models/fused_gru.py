@@ -1,8 +1,14 @@
-"""Inference-only GRU forward: one GEMM for every step's input projection, then per step one GEMM
-and one fused gate kernel; numerically the function of ``nn.GRU`` (up to rounding).
+"""Inference-only GRU forward on the GPU, numerically the function of ``nn.GRU`` (up to rounding).
 
-cuDNN's GRU reaches about 3.2 M fingerprints/s on an H200 for the default regressor (35 steps of
-50 values, 100 units). This path organises the work as large GEMMs instead:
+A one-layer unidirectional GRU of at most 128 units in float32 (the default regressor's) runs in
+one launch of the scan kernel (:func:`scan_gru`, :mod:`mrflight.models._gru_scan_triton`): each
+program keeps its samples' state in registers for all steps and computes both projections of a
+step as tensor-core products, so neither is written to memory; with a subspace basis it reads
+the coordinates and the folded weights (:func:`folded_weights`), never the fingerprint.
+
+Other GRUs (stacked, bidirectional, wider, float64) take the per-step path, which organises the
+work as large GEMMs (cuDNN's GRU reached about 3.2 M fingerprints/s on an H200 for a regressor
+of 35 steps of 50 values and 100 units):
 
 1. the input projections of all steps of a layer, ``(B*S, I) @ W_ih^T``, in one GEMM (both
    directions at once: their weights are stacked); for a regressor with a subspace basis, the
@@ -30,8 +36,8 @@ from torch import nn
 
 from mrflight.physics._triton_glue import LazyKernel, guarded_kernel
 
-__all__ = ["fused_gru", "folded_projection", "gru_gates_torch", "triton_gates",
-           "fused_gru_available"]
+__all__ = ["fused_gru", "folded_projection", "folded_weights", "gru_gates_torch", "triton_gates",
+           "fused_gru_available", "scan_gru", "scan_eligible", "run_fused_gru"]
 
 
 def gru_gates_torch(gi: torch.Tensor, gh: torch.Tensor | None, h: torch.Tensor | None,
@@ -117,29 +123,38 @@ def fused_gru(rnn: nn.GRU, x: torch.Tensor, gates=gru_gates_torch,
     return torch.stack(finals)
 
 
-def folded_projection(rnn: nn.GRU, coef: torch.Tensor, basis: torch.Tensor,
-                      values_per_step: int) -> torch.Tensor:
-    """The first layer's input projections ``(B, S, D*3H)`` of a fingerprint given by its
-    subspace coordinates, without rebuilding it.
+def folded_weights(rnn: nn.GRU, basis: torch.Tensor, values_per_step: int) -> torch.Tensor:
+    """``W_ih`` and the subspace basis folded into one ``(C*R, S*D*3H)`` float32 matrix: the
+    first layer's input projections of all steps are ``coef.reshape(B, C*R)`` times it.
 
     The recurrent regressors feed ``rnn`` the fingerprint ``coef @ basis^T`` (``coef`` ``(B, C,
     R)``, ``basis`` ``(T, R)``), zero-padded to ``S * V`` time points and cut into ``S`` steps of
     ``V = values_per_step`` points, channels fastest. Each step's projection is linear in
-    ``coef``, so ``W_ih`` and the basis fold into one ``(C*R, S*D*3H)`` matrix and the
-    projections of all steps are one GEMM on the ``C*R`` coordinates: the ``(B, C, S*V)``
-    fingerprint, its padded and permuted copies are never written.
+    ``coef``, so the ``(B, C, S*V)`` fingerprint, its padded and permuted copies are never
+    written. Row ``c*R + r``, column ``s*D*3H + j``.
     """
-    b, c, r = coef.shape
+    r = basis.shape[1]
     w_ih = _weights(rnn, 0, torch.float32)[0]
     j = w_ih.shape[0]
+    c = w_ih.shape[1] // values_per_step
     t = basis.shape[0]
     steps = -(-t // values_per_step)
     padded = nn.functional.pad(basis.to(w_ih.dtype), (0, 0, 0, steps * values_per_step - t))
-    with torch.autocast(coef.device.type, enabled=False):  # the fold in the weights' precision
+    with torch.autocast(basis.device.type, enabled=False):  # the fold in the weights' precision
         m = torch.einsum("jvc,svr->crsj", w_ih.view(j, values_per_step, c),
                          padded.view(steps, values_per_step, r))
-    return torch.mm(coef.reshape(b, c * r), m.reshape(c * r, steps * j).to(coef.dtype)
-                    ).view(b, steps, j)
+    return m.reshape(c * r, steps * j)
+
+
+def folded_projection(rnn: nn.GRU, coef: torch.Tensor, basis: torch.Tensor,
+                      values_per_step: int) -> torch.Tensor:
+    """The first layer's input projections ``(B, S, D*3H)`` of a fingerprint given by its
+    subspace coordinates ``coef`` ``(B, C, R)``, without rebuilding it (:func:`folded_weights`).
+    """
+    steps = -(-basis.shape[0] // values_per_step)
+    m = folded_weights(rnn, basis, values_per_step)
+    return torch.mm(coef.reshape(coef.shape[0], -1), m.to(coef.dtype)).view(coef.shape[0], steps,
+                                                                          -1)
 
 
 _KERNEL = LazyKernel("mrflight.models._gru_triton", "gates")
@@ -159,10 +174,81 @@ def fused_gru_available(rnn: nn.Module, x: torch.Tensor) -> bool:
             and triton_gates() is not None)
 
 
-def run_fused_gru(rnn: nn.GRU, x: torch.Tensor, projected: bool = False) -> torch.Tensor | None:
-    """:func:`fused_gru` with the Triton gates, or ``None`` (the caller runs ``nn.GRU``) after a
-    kernel failure (e.g. a GPU Triton cannot compile for), which warns once and disables it."""
-    out = guarded_kernel(lambda: fused_gru(rnn, x, triton_gates(), projected),
+_SCAN = LazyKernel("mrflight.models._gru_scan_triton")
+
+
+def _tf32_matmul() -> bool:
+    """Whether torch's float32 matrix products on CUDA use TF32 (``fp32_precision = "tf32"``,
+    or ``torch.set_float32_matmul_precision("high")``/``"medium"``)."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision") and m.fp32_precision in ("tf32", "ieee"):
+        return m.fp32_precision == "tf32"
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:  # torch refuses to mix its two APIs
+        return False
+
+
+def _operands(device: torch.device) -> tuple[torch.dtype, str]:
+    """The scan kernel's product operands, as torch's own products would take them here:
+    bfloat16/float16 under autocast, else float32 (``"tf32"`` or ``"ieee"``)."""
+    if torch.is_autocast_enabled(device.type):
+        dt = torch.get_autocast_dtype(device.type)
+        if dt in (torch.float16, torch.bfloat16):
+            return dt, "ieee"
+    return torch.float32, "tf32" if _tf32_matmul() else "ieee"
+
+
+def scan_eligible(rnn: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the one-launch scan kernel takes ``rnn`` on ``x``: a float32 one-layer
+    unidirectional ``nn.GRU`` of at most 128 units (the default GRU regressor), Triton usable."""
+    from mrflight.models._gru_scan_triton import MAX_HIDDEN
+
+    return (type(rnn) is nn.GRU and rnn.num_layers == 1 and not rnn.bidirectional
+            and rnn.hidden_size <= MAX_HIDDEN and x.dtype != torch.float64
+            and rnn.weight_hh_l0.dtype == torch.float32 and _SCAN.get() is not None)
+
+
+def scan_gru(rnn: nn.GRU, x: torch.Tensor, fold: torch.Tensor | None = None,
+             settings: dict | None = None) -> torch.Tensor:
+    """The final state ``(1, B, H)`` of a one-layer unidirectional GRU from one launch of the scan
+    kernel (:mod:`mrflight.models._gru_scan_triton`): ``x`` ``(B, S, I)`` the steps' inputs, or,
+    with ``fold`` (:func:`folded_weights`), ``x`` the subspace coordinates ``(B, C, R)``.
+    ``settings`` overrides the kernel's launch settings (benchmarks)."""
+    kernel = _SCAN.get()
+    hid = rnn.hidden_size
+    w_ih, ((w_hh, bias),) = _weights(rnn, 0, torch.float32)
+    dt, precision = _operands(x.device)
+    b = x.shape[0]
+    a = x.reshape(b, -1).contiguous()
+    if fold is None:
+        steps, a_step, m_step = x.shape[1], x.shape[2], 0
+        m = w_ih.t().to(dt).contiguous()          # (I, 3H), the same for every step
+    else:
+        steps, a_step, m_step = fold.shape[1] // (3 * hid), 0, 3 * hid
+        m = fold.to(dt).contiguous()              # (C*R, S*3H), 3H columns per step
+    out = torch.empty(b, hid, dtype=torch.float32, device=x.device)
+    kernel.scan(a, m, w_hh.t().to(dt).contiguous(), bias, out, steps, a_step, m_step,
+                precision, settings)
+    return out[None]
+
+
+def run_fused_gru(rnn: nn.GRU, x: torch.Tensor, fold: torch.Tensor | None = None
+                  ) -> torch.Tensor | None:
+    """The final states of ``rnn`` on ``x`` (with ``fold``, ``x`` holds the subspace coordinates,
+    see :func:`scan_gru`) from the Triton kernels: the one-launch scan where it applies, else
+    :func:`fused_gru` with the Triton gates; ``None`` (the caller runs ``nn.GRU``) after a kernel
+    failure (e.g. a GPU Triton cannot compile for), which warns once and disables that kernel."""
+    if scan_eligible(rnn, x):
+        out = guarded_kernel(lambda: scan_gru(rnn, x, fold), "the GRU scan kernel",
+                             "using the per-step GRU kernels")
+        if out is not None:
+            return out
+        _SCAN.disable()
+    if fold is not None:  # the first layer's projections of all steps, materialised
+        steps = fold.shape[1] // (3 * rnn.hidden_size * (2 if rnn.bidirectional else 1))
+        x = torch.mm(x.reshape(x.shape[0], -1), fold.to(x.dtype)).view(x.shape[0], steps, -1)
+    out = guarded_kernel(lambda: fused_gru(rnn, x, triton_gates(), fold is not None),
                          "the fused GRU kernel", "using nn.GRU (cuDNN)")
     if out is None:
         _KERNEL.disable()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import Regressor, hidden_layers
-from .fused_gru import folded_projection, fused_gru_available, run_fused_gru
+from .fused_gru import folded_weights, fused_gru_available, run_fused_gru
 from .subspace import SubspaceBasis
 
 __all__ = ["RecurrentRegressor", "LSTMRegressor", "GRURegressor"]
@@ -101,8 +101,8 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
         if self.rank:
             coef, noise = self.project(x, self.input_scale)
             if fused_gru_available(self.rnn, x):  # first projections from the coordinates
-                h = run_fused_gru(self.rnn, folded_projection(
-                    self.rnn, coef, self.basis, self.values_per_step), projected=True)
+                h = run_fused_gru(self.rnn, coef, fold=folded_weights(
+                    self.rnn, self.basis, self.values_per_step))
             if h is None:
                 x = coef @ self.basis.T.to(x.dtype)
         if h is None:
