@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mrflight.models._gru_triton import _tanh
+
 __all__ = ["scan", "MAX_HIDDEN", "launch_settings"]
 
 #: the largest hidden size the kernel takes (padded to a power of two)
@@ -42,14 +44,6 @@ MAX_HIDDEN = 128
 @triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    """tanh from one exp, absolute error of a few ulp (no overflow: the exponent is <= 0)."""
-    t = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
 
 
 @triton.jit
