@@ -96,6 +96,19 @@ def test_interpreted_jacobian_matches_forward_ad(interp):
     assert interp["jac_t2_vs_c_kernel"] < F64_TOL
 
 
+@needs_triton
+def test_interpreted_kernel_with_z_in_registers_matches_the_scratch_kernel(interp):
+    """``z_registers=True`` (Z kept in registers, p and q through the scratch; one launch per
+    power-of-two bucket of state counts) does the scratch kernel's arithmetic in the same order:
+    the same fingerprints to the last bit in the interpreter, float32 and float64, over three
+    buckets and launches of 8 atoms."""
+    for name, tol in (("f32", F32_TOL), ("f64", F64_TOL)):
+        assert interp[f"zreg_{name}_vs_kernel"] == 0.0, name
+        assert interp[f"zreg_{name}_vs_c"] < tol, name
+    assert interp["zreg_buckets"] == [64, 32, 16]
+    assert interp["zreg_buckets_vs_kernel"] == 0.0
+
+
 #: the GRU gate kernel against the pure-torch gates: float64 rounding only (measured 3e-16);
 #: float32 and bfloat16 inputs (gates in float32): the kernel's tanh from one exp against
 #: torch.tanh, a few float32 ulps of |h| < 1 (measured 4e-7)
@@ -176,6 +189,29 @@ def test_cuda_kernel_is_used_and_matches_c_kernel():
             assert gpu.device.type == "cuda" and gpu.dtype == cpu.dtype
             assert _rel(gpu, cpu) < (F32_TOL if dt == torch.float32 else F64_GPU_TOL)
     assert _triton_glue._TRITON.value not in (None, False)  # imported, never disabled
+
+
+@needs_cuda
+def test_cuda_kernel_with_z_in_registers_matches_the_scratch_kernel():
+    """The Z-in-registers variant on CUDA gives the scratch kernel's fingerprints (which the test
+    above holds to the C kernel) at the same state counts, float32 and float64, over the five
+    power-of-two buckets of counts of a 400-pulse oksuz2019 train (9 to 169 states)."""
+    from mrflight.dictionary import random_params
+    from mrflight.physics import _triton, oksuz2019
+    from mrflight.physics.truncation import DEFAULT_TOL, states_needed, truncation_rate
+
+    seq = oksuz2019(n_pulses=400)
+    p = torch.tensor(random_params(3000, seed=2))
+    b1 = torch.linspace(0.7, 1.3, 3000, dtype=torch.float64)
+    rate = truncation_rate(seq, DEFAULT_TOL, float(p[:, 1].max()), float(p[:, 0].max()),
+                           (0.7, 1.3))
+    k = states_needed(p[:, 1].numpy(), float(seq.tr_ms.min()), len(seq), DEFAULT_TOL, rate)
+    assert len(_triton._buckets(np.sort(k))) == 5
+    for dt, lanes, tol in ((torch.float32, 16, F32_TOL), (torch.float64, 8, F64_GPU_TOL)):
+        a = (p[:, 0].to(dt).cuda(), p[:, 1].to(dt).cuda(), b1.to(dt).cuda())
+        ref, _ = _triton.run(seq, *a, k, lanes=lanes)
+        x, _ = _triton.run(seq, *a, k, lanes=lanes, z_registers=True)
+        assert _rel(x, ref) < tol, dt
 
 
 @needs_cuda

@@ -7,7 +7,7 @@ rest of the test session. Run by hand with ``python tests/triton_interp_checks.p
 
 Cases (small, the interpreter is slow): 40 atoms with T1 = 0, T2 = 0, T2 of 0.5-3 ms, T2 = T1,
 B1 in [0.6, 1.3], on an 80-pulse (derivatives: 60) train with inversion, varying TR and
-180-degree phases on some pulses.
+180-degree phases on some pulses; the kernel with Z in registers against the scratch kernel.
 """
 
 from __future__ import annotations
@@ -90,6 +90,21 @@ def main() -> dict:
     x, _ = _triton.run(seq, t1.float(), t2.float(), b1.float(), k, lanes=16, accurate=False,
                        **ONE_PROGRAM)
     res["fwd_f32_fast_coefficients_vs_c"] = rel_l2(x, simulate(seq, t1, t2, b1))
+    # Z in registers (z_registers=True): the same arithmetic as the scratch kernel, in float32
+    # and float64, and over several power-of-two buckets of counts (one count per atom, 1-44),
+    # in launches of at most 8 atoms
+    for dt, lanes, name in ((torch.float32, 16, "f32"), (F64, 8, "f64")):
+        a = (t1.to(dt), t2.to(dt), b1.to(dt))
+        ref, _ = _triton.run(seq, *a, k, lanes=lanes)
+        x, _ = _triton.run(seq, *a, k, lanes=lanes, z_registers=True)
+        res[f"zreg_{name}_vs_kernel"] = rel_l2(x, ref)
+        res[f"zreg_{name}_vs_c"] = rel_l2(x, simulate(seq, t1, t2, b1, dtype=dt))
+    kk = np.arange(40) + 5
+    kk[0] = 1
+    ref, _ = _triton.run(seq, t1, t2, b1, kk, lanes=1, block_a=8, k_chunk=8)
+    x, _ = _triton.run(seq, t1, t2, b1, kk, lanes=1, z_registers=True, chunk_size=8)
+    res["zreg_buckets"] = [kp for _, _, kp in _triton._buckets(np.sort(kk))]
+    res["zreg_buckets_vs_kernel"] = rel_l2(x, ref)
     # derivatives w.r.t. (b1, t1, t2) in that order against forward-mode autograd through the
     # general (complex) path, float64, one uniform state count (as the general path uses)
     seqj = train(60)

@@ -17,6 +17,12 @@ conjugate of ``F+_0``), so ``p_0`` is never stored; ``q_{K-1}`` is zero when loa
 from ``q_K``, beyond the truncation). A per-atom state count ``k_a <= K`` is honoured by storing
 zeros for ``k >= k_a`` (identical to truncating that atom alone at ``k_a``).
 
+Variant (``run(..., z_registers=True)``, fingerprints only): ``Z`` is never shifted, so
+:func:`_epg_fisp_zreg_kernel` keeps it in registers for the whole train (all of a program's
+states in one block of ``KP``, a power of two, one launch per bucket of counts) and moves only
+``p`` and ``q`` through the scratch: 16 instead of 24 bytes of scratch traffic per state update,
+which is what bounds the scratch kernel on a GPU. Same arithmetic in the same order.
+
 Forward-mode derivatives (the tangent recursion of ``epg_jac_kernel.c``, extended to B1): for a
 parameter ``theta`` every folded coefficient ``c`` of ``p' = E2 p - S2 t + SA z``,
 ``z' = ZC z - ZS t + REC [k = 0]`` (``t = p + q``) contributes ``dc/dtheta`` times the state, so the
@@ -50,6 +56,7 @@ PARAMS = ("t1", "t2", "b1")
 BLOCK_A = 32
 #: bound on the scratch bytes of one launch (more atoms are split into several launches)
 _SCRATCH_BYTES = 2 * 2**30
+
 
 
 @triton.jit
@@ -93,6 +100,30 @@ def _readout(ptr, qoff, zoff, qm, am, ca, sa):
     q0 = tl.load(ptr + qoff, mask=qm, other=0.0)
     z0 = tl.load(ptr + zoff, mask=am, other=0.0)
     return ca * q0 + sa * z0, q0, z0
+
+
+@triton.jit
+def _pulse(alpha, sgn, tr, r1c, r2c, b1c):
+    """One pulse's coefficients per atom: sin^2(a/2), sin a, cos a, sin(a) sgn (a = b1 alpha),
+    TR/T1, TR/T2, E1, E2 and 1 - E1."""
+    ang = alpha * b1c
+    # half-angle forms: no cancellation in sin^2(a/2) for small flips
+    sh = tl.sin(0.5 * ang)
+    ch = tl.cos(0.5 * ang)
+    c2 = ch * ch
+    s2 = sh * sh
+    sn = 2.0 * sh * ch
+    ca = c2 - s2
+    sa = sn * sgn
+    x1 = tr * r1c
+    x2 = tr * r2c
+    e1 = tl.exp(-x1)
+    e2 = tl.exp(-x2)
+    # 1 - E1 without cancellation for TR << T1 (the series of -expm1(-x), error < 1e-10)
+    rec = tl.where(x1 < 0.125,
+                   x1 * (1.0 - x1 * (0.5 - x1 * (1.0 / 6 - x1 * (1.0 / 24 - x1 * (
+                       1.0 / 120 - x1 / 720))))), 1.0 - e1)
+    return s2, sn, ca, sa, x1, x2, e1, e2, rec
 
 
 @triton.jit
@@ -147,24 +178,8 @@ def _epg_fisp_kernel(
     for i in range(T):
         alpha = tl.load(alpha_ptr + i).to(CDT)
         sgn = tl.load(sgn_ptr + i).to(CDT)
-        tr = tl.load(tr_ptr + i).to(CDT)
-        ang = alpha * b1c
-        # half-angle forms: no cancellation in sin^2(a/2) for small flips
-        sh = tl.sin(0.5 * ang)
-        ch = tl.cos(0.5 * ang)
-        c2 = ch * ch
-        s2 = sh * sh
-        sn = 2.0 * sh * ch
-        ca = c2 - s2
-        sa = sn * sgn
-        x1 = tr * r1c
-        x2 = tr * r2c
-        e1 = tl.exp(-x1)
-        e2 = tl.exp(-x2)
-        # 1 - E1 without cancellation for TR << T1 (the series of -expm1(-x), error < 1e-10)
-        rec = tl.where(x1 < 0.125,
-                       x1 * (1.0 - x1 * (0.5 - x1 * (1.0 / 6 - x1 * (1.0 / 24 - x1 * (
-                           1.0 / 120 - x1 / 720))))), 1.0 - e1)
+        s2, sn, ca, sa, x1, x2, e1, e2, rec = _pulse(alpha, sgn, tl.load(tr_ptr + i).to(CDT),
+                                                     r1c, r2c, b1c)
         # derivative coefficients (T = 0 limits: e = 0 and de/dT = 0)
         de1 = tl.where(e1 > 0, e1 * x1 * r1c, 0.0)
         de2 = tl.where(e2 > 0, e2 * x2 * r2c, 0.0)
@@ -246,6 +261,84 @@ def _epg_fisp_kernel(
         qs = tl.where(qs == kg - 1, 0, qs + 1)
 
 
+@triton.jit
+def _epg_fisp_zreg_kernel(
+    alpha_ptr, sgn_ptr, tr_ptr, r1_ptr, r2_ptr, b1_ptr, z0_ptr,
+    kst_ptr, idx_ptr, kg_ptr, soff_ptr, scratch_ptr, out_ptr,
+    n, T, te, so_a, so_t,
+    ACC: tl.constexpr, BLOCK_A: tl.constexpr, KP: tl.constexpr,
+):
+    """The value recursion of :func:`_epg_fisp_kernel` with all ``K <= KP`` states of a
+    program in one block: ``Z`` (which the gradient does not shift) stays in registers for the
+    whole train, only ``p`` and ``q`` go through the scratch (circular buffers, as there): 16
+    instead of 24 bytes of scratch traffic per state update. ``Z_0`` is also tracked as a vector
+    for the readout."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    cols = tl.arange(0, BLOCK_A)
+    offs = pid * BLOCK_A + cols
+    am = offs < n
+    r1 = tl.load(r1_ptr + offs, mask=am, other=1.0)
+    r2 = tl.load(r2_ptr + offs, mask=am, other=1.0)
+    b1 = tl.load(b1_ptr + offs, mask=am, other=1.0)
+    kst = tl.load(kst_ptr + offs, mask=am, other=0)
+    row = tl.load(idx_ptr + offs, mask=am, other=0)
+    kg = tl.load(kg_ptr + pid)          # the program's state count K <= KP
+    base = tl.load(soff_ptr + pid)      # its scratch: [p: K][q: K] x BLOCK_A
+    WDT: tl.constexpr = r1_ptr.dtype.element_ty
+    CDT: tl.constexpr = tl.float64 if ACC else WDT
+    r1c = r1.to(CDT)
+    r2c = r2.to(CDT)
+    b1c = b1.to(CDT)
+    e2te = tl.where(te > 0, tl.exp(-te * r2c), 1.0).to(WDT)
+    z0 = tl.load(z0_ptr + offs, mask=am, other=0.0)
+    k = tl.arange(0, KP)[:, None]
+    ing = (k < kg) & am[None, :]
+    live = ing & (k < kst[None, :])     # per-atom truncation: states beyond stay zero
+    z = tl.where((k == 0) & am[None, :], z0[None, :], 0.0)
+    q0m = am & (cols * 0 + kg > 1)
+    qm = (k < kg - 1) & am[None, :]
+    pm = ing & (k > 0)
+    ps = kg * 0
+    qs = kg * 0
+    for i in range(T):
+        s2, sn, ca, sa, x1, x2, e1, e2, rec = _pulse(
+            tl.load(alpha_ptr + i).to(CDT), tl.load(sgn_ptr + i).to(CDT),
+            tl.load(tr_ptr + i).to(CDT), r1c, r2c, b1c)
+        e2w = e2.to(WDT)
+        s2c = (e2 * s2).to(WDT)
+        sac = (e2 * sa).to(WDT)
+        zcw = (e1 * ca).to(WDT)
+        zsw = (0.5 * e1 * sa).to(WDT)
+        recw = rec.to(WDT)
+        # readout of F+_0 right after the pulse (p_0 = q_0): cos(a) q0 + sin(a) z0
+        q0 = tl.load(scratch_ptr + base + kg * BLOCK_A + qs * BLOCK_A + cols, mask=q0m,
+                     other=0.0)
+        tl.store(out_ptr + row * so_a + i * so_t, (ca.to(WDT) * q0 + sa.to(WDT) * z0) * e2te,
+                 mask=am)
+        pi = ps + k
+        pi = tl.where(pi >= kg, pi - kg, pi)
+        qi = qs + k
+        qi = tl.where(qi >= kg, qi - kg, qi)
+        poff = base + pi * BLOCK_A + cols[None, :]
+        qoff = base + kg * BLOCK_A + qi * BLOCK_A + cols[None, :]
+        q = tl.load(scratch_ptr + qoff, mask=qm, other=0.0)
+        p = tl.where(k == 0, q, tl.load(scratch_ptr + poff, mask=pm, other=0.0))
+        t = p + q
+        u = sac[None, :] * z
+        np_ = e2w[None, :] * p - s2c[None, :] * t + u
+        nq = e2w[None, :] * q - s2c[None, :] * t + u
+        z = tl.where(live, zcw[None, :] * z - zsw[None, :] * t
+                     + tl.where(k == 0, recw[None, :], 0.0), 0.0)
+        # Z_0 as the k = 0 row above (t_0 = 2 q_0)
+        z0 = zcw * z0 - zsw * (q0 + q0) + recw
+        tl.store(scratch_ptr + poff, tl.where(live, np_, 0.0), mask=ing)
+        tl.store(scratch_ptr + qoff, tl.where(live, nq, 0.0), mask=ing & (k > 0))
+        # gradient: p_k <- p_{k-1} (start moves down), q_k <- q_{k+1} (start moves up)
+        tl.debug_barrier()
+        ps = tl.where(ps == 0, kg - 1, ps - 1)
+        qs = tl.where(qs == kg - 1, 0, qs + 1)
+
+
 def _group_max(k_sorted: np.ndarray, lanes: int) -> np.ndarray:
     """Each run of ``lanes`` consecutive (sorted) atoms takes the largest count of the run."""
     n = k_sorted.size
@@ -257,7 +350,7 @@ def _group_max(k_sorted: np.ndarray, lanes: int) -> np.ndarray:
 def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.ndarray, *,
         wrt: tuple[str, ...] = (), lanes: int = 1, block_a: int = BLOCK_A, k_chunk: int = 16,
         chunk_size: int | None = None, accurate: bool = True, num_warps: int | None = None,
-        progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z_registers: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Simulate fingerprints (and optionally their derivatives) with the fused kernel.
 
     Args:
@@ -276,6 +369,9 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
         block_a: atoms per program (a power of two).
         k_chunk: states updated per step of a program's inner loop (a power of two).
         num_warps: warps per program (``None``: Triton's default).
+        z_registers: without ``wrt``, run :func:`_epg_fisp_zreg_kernel` (``Z`` in registers; one
+            launch per power-of-two bucket of state counts, its own atoms per program and warps;
+            ``block_a``, ``k_chunk`` and ``num_warps`` are not used).
         chunk_size: atoms per launch (default: all, up to a scratch budget of 2 GiB).
         progress: optional ``progress(n_done_atoms)`` called after every launch.
 
@@ -317,32 +413,65 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
     cols = [wrt.index(w) if w in wrt else 0 for w in PARAMS]
     n_sets = 1 + sum(flags)
     # programs of BLOCK_A sorted atoms; the count of a program is that of its last atom
-    n_prog = -(-n // block_a)
-    kg_all = ks[np.minimum(np.arange(1, n_prog + 1) * block_a, n) - 1].astype(np.int64)
-    item = torch.empty((), dtype=dt).element_size()
-    per_prog = 4 * kg_all * block_a * n_sets
-    step = max(1, (chunk_size or n) // block_a)
+    if z_registers and not wrt:
+        for a0, a1, kp in _buckets(ks):  # the largest counts first (the longest programs)
+            ba = max(8, min(32, 4096 // kp))
+            for b0, b1_, kg, so, scratch in _program_launches(ks[a0:a1], ba, 2, dt, dev,
+                                                              chunk_size):
+                b0, b1_ = a0 + b0, a0 + b1_
+                _epg_fisp_zreg_kernel[(len(kg),)](
+                    alpha, sgn, tr, r1[b0:b1_], r2[b0:b1_], b1s[b0:b1_], z0[b0:b1_],
+                    kst[b0:b1_], idx[b0:b1_], kg, so, scratch, xr, b1_ - b0, T,
+                    float(seq.te_ms), xr.stride(0), xr.stride(1), ACC=accurate, BLOCK_A=ba,
+                    KP=kp, num_warps=8 if kp * ba >= 4096 else 4)
+                if progress is not None:
+                    progress(b1_)
+        return x, None
     kc = min(int(k_chunk), triton.next_power_of_2(int(ks.max())))
     launch = {} if num_warps is None else {"num_warps": int(num_warps)}
-    p0 = 0
-    while p0 < n_prog:
-        p1 = min(n_prog, p0 + step)
-        while p1 > p0 + 1 and per_prog[p0:p1].sum() * item > _SCRATCH_BYTES:
-            p1 = p0 + (p1 - p0) // 2
-        a0, a1 = p0 * block_a, min(n, p1 * block_a)
-        soff = np.concatenate([[0], np.cumsum(per_prog[p0:p1])[:-1]])
-        scratch = torch.zeros(int(per_prog[p0:p1].sum()), dtype=dt, device=dev)
-        kg = torch.as_tensor(kg_all[p0:p1].astype(np.int32), device=dev)
-        so = torch.as_tensor(soff.astype(np.int64), device=dev)
-        _epg_fisp_kernel[(p1 - p0,)](
+    for a0, a1, kg, so, scratch in _program_launches(ks, block_a, 4 * n_sets, dt, dev,
+                                                     chunk_size):
+        _epg_fisp_kernel[(len(kg),)](
             alpha, sgn, tr, r1[a0:a1], r2[a0:a1], b1s[a0:a1], z0[a0:a1], dz0[a0:a1],
             kst[a0:a1], idx[a0:a1], kg, so, scratch, xr, jr,
             a1 - a0, T, float(seq.te_ms),
             xr.stride(0), xr.stride(1), jr.stride(0), jr.stride(1), jr.stride(2),
             *cols, *flags, ACC=accurate, BLOCK_A=block_a, KC=kc, **launch,
         )
-        del scratch
-        p0 = p1
         if progress is not None:
             progress(a1)
     return x, (jac if wrt else None)
+
+
+def _buckets(ks: np.ndarray):
+    """``(a0, a1, KP)`` runs of the sorted atoms whose state count rounds up to the same power of
+    two ``KP`` (at least 16), the largest first."""
+    kp = np.maximum(16, 2 ** np.ceil(np.log2(np.maximum(ks, 1))).astype(np.int64))
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(kp)) + 1])
+    ends = np.append(starts[1:], len(ks))
+    return [(int(a), int(b), int(kp[a])) for a, b in zip(starts, ends)][::-1]
+
+
+def _program_launches(ks: np.ndarray, block_a: int, sets: int, dt: torch.dtype, dev,
+                      chunk_size: int | None):
+    """Launches over sorted atoms with counts ``ks``, programs of ``block_a`` atoms each owning
+    ``sets x K x block_a`` scratch values (``K`` the count of its last atom): yields ``(a0, a1,
+    kg, soff, scratch)``, the atoms of the launch, its programs' counts and scratch offsets, and
+    its zeroed scratch, at most ``chunk_size`` atoms (default all) and 2 GiB of scratch each."""
+    n, item = len(ks), torch.empty((), dtype=dt).element_size()
+    n_prog = -(-n // block_a)
+    kg_all = ks[np.minimum(np.arange(1, n_prog + 1) * block_a, n) - 1].astype(np.int64)
+    per_prog = sets * kg_all * block_a
+    step = max(1, (chunk_size or n) // block_a)
+    p0 = 0
+    while p0 < n_prog:
+        p1 = min(n_prog, p0 + step)
+        while p1 > p0 + 1 and per_prog[p0:p1].sum() * item > _SCRATCH_BYTES:
+            p1 = p0 + (p1 - p0) // 2
+        soff = np.concatenate([[0], np.cumsum(per_prog[p0:p1])[:-1]])
+        scratch = torch.zeros(int(per_prog[p0:p1].sum()), dtype=dt, device=dev)
+        yield (p0 * block_a, min(n, p1 * block_a),
+               torch.as_tensor(kg_all[p0:p1].astype(np.int32), device=dev),
+               torch.as_tensor(soff.astype(np.int64), device=dev), scratch)
+        del scratch
+        p0 = p1
