@@ -111,14 +111,20 @@ def _network_reconstructor(cfg, ckpt, options):
     module = mrflight.load_checkpoint(ckpt, map_location=options.device or "cpu")
     seq = checkpoint_sequence(module) or _cfg_sequence(cfg)
     return NetworkReconstructor(module, seq, compute_m0=options.compute_m0, source=ckpt,
-                                training_range=_training_range(ckpt))
+                                training_range=_training_range(ckpt, module))
 
 
-def _training_range(ckpt) -> dict | None:
-    """The T1/T2 range (ms) a checkpoint's run drew its training fingerprints from (its saved
-    ``data.t1_range``, ``data.t2_range``: fresh simulated data), or ``None``."""
+def _training_range(ckpt, module) -> dict | None:
+    """The T1/T2 range (ms) the maps flag estimates above: the one the checkpoint records
+    (``hparams["training_range"]``, its training data's: also for a checkpoint copied out of
+    its run folder and for a run on a stored dictionary), else, for a checkpoint written
+    before it was recorded, its run's saved ``data.t1_range`` and ``data.t2_range`` (fresh
+    simulated data; the checkpoint still in its run folder), else ``None`` (not checked)."""
     from mrflight.checkpoints import read_run_config
 
+    recorded = (getattr(module, "hparams", None) or {}).get("training_range")
+    if recorded is not None:
+        return recorded
     try:  # a run config naming code of its own is not read (maps do not need it)
         data = (read_run_config(ckpt)[1] or {}).get("data") or {}
         return {k: tuple(float(v) for v in data[f"{k}_range"]) for k in ("t1", "t2")}

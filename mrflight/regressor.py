@@ -50,6 +50,26 @@ _PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _ALL_FINITE = torch.iinfo(torch.int64).max
 
 
+def _checked_training_range(value) -> dict | None:
+    """``value`` as ``{"t1": [low, high], "t2": [low, high]}`` of floats (ms), or ``None``.
+
+    Raises:
+        ValueError: not such a dict of finite ranges with ``0 <= low <= high``.
+    """
+    value = to_plain(value)
+    if value is None:
+        return None
+    try:
+        out = {k: [float(v) for v in value[k]] for k in ("t1", "t2")}
+    except (TypeError, KeyError, ValueError, IndexError):
+        out = None
+    if out is None or not all(len(v) == 2 and all(np.isfinite(v)) and 0 <= v[0] <= v[1]
+                              for v in out.values()):
+        raise ValueError(f"module.training_range must be {{t1: [low, high], t2: [low, high]}} "
+                         f"in ms with 0 <= low <= high (or null: not recorded), got {value!r}")
+    return out
+
+
 def outputs_to_params(raw: torch.Tensor, target_scale: torch.Tensor,
                       log_output: bool) -> torch.Tensor:
     """A net's outputs as parameters: ``raw * target_scale``, or ``exp(raw) * target_scale``
@@ -131,6 +151,13 @@ class MRFRegressor(L.LightningModule):
             ``bias_weight * (mean_k e_k)^2`` to the mean of ``e_k^2`` (variance + bias^2), which
             pushes the estimator towards unbiasedness across noise levels (after Mao et al.
             2023). Ignored with one realisation.
+        training_range: ``{"t1": [low, high], "t2": [low, high]}`` in ms, the T1 and T2 the
+            network was trained on, kept in the checkpoint so that maps flag the estimates
+            above it wherever the checkpoint goes
+            (:class:`~mrflight.maps.NetworkReconstructor`). Training records its data module's
+            (``training_range``: a simulated prior's ranges, a stored dictionary's train split)
+            when the fit starts (:meth:`on_fit_start`); ``None``: not recorded (checkpoints
+            written before this existed).
 
     References:
         Zhang et al., Cramér-Rao bound-informed training of neural networks for quantitative
@@ -142,7 +169,8 @@ class MRFRegressor(L.LightningModule):
                  scheduler: dict | None = None,
                  target_scale_ms=DEFAULT_TARGET_SCALE_MS, sequence: dict | None = None,
                  input_mode: str = "magnitude", noise_std=None, targets=("t1", "t2"),
-                 loss: str = "mse", bias_weight: float = 0.0) -> None:
+                 loss: str = "mse", bias_weight: float = 0.0,
+                 training_range: dict | None = None) -> None:
         super().__init__()
         if isinstance(net, nn.Module):
             net_module, net = net, net_config(net)
@@ -181,11 +209,12 @@ class MRFRegressor(L.LightningModule):
                              f"bound, which is 0 without noise (data.noise_std={noise_std!r}, "
                              "also set by debug=overfit): give data.noise_std > 0 or choose "
                              "another module.loss (l1, mse, relative, log)")
+        training_range = _checked_training_range(training_range)
         self.save_hyperparameters({
             "net": net, "lr": float(lr), "weight_decay": float(weight_decay),
             "scheduler": scheduler, "target_scale_ms": target_scale_ms, "sequence": sequence,
             "input_mode": input_mode, "noise_std": noise_std, "targets": targets,
-            "loss": loss, "bias_weight": float(bias_weight),
+            "loss": loss, "bias_weight": float(bias_weight), "training_range": training_range,
         }, logger=False)  # loggers get a flat config from the pipeline, not the pulse arrays
         self.net = net_module
         if noise_std is not None and getattr(net_module, "rank", 0):
@@ -245,7 +274,20 @@ class MRFRegressor(L.LightningModule):
                     self.metrics[_key(split + name)] = self._metric_set().to(self.device)
 
     def on_fit_start(self) -> None:
+        self._record_training_range()
         self._fit_basis()
+
+    def _record_training_range(self) -> None:
+        """Record the data module's ``training_range`` (T1/T2 in ms) as the
+        ``training_range`` hyper-parameter, which Lightning writes into every checkpoint of
+        the fit. A resumed run records it again from its data (a resume may not change the
+        data: the same range); a data module without one leaves the recorded range as it is
+        (the constructor's, else the resumed checkpoint's, see :meth:`on_load_checkpoint`).
+        Every DDP rank holds the whole training range: nothing to gather."""
+        dm = getattr(self.trainer, "datamodule", None)
+        found = getattr(dm, "training_range", None)
+        if found is not None:
+            self.hparams["training_range"] = _checked_training_range(found)
 
     def on_test_start(self) -> None:
         self._fit_basis()  # a test of the initial weights (train=false)
@@ -310,6 +352,10 @@ class MRFRegressor(L.LightningModule):
         hp = checkpoint.get("hyper_parameters") or {}
         if is_number(hp.get("lr")) and is_number(hp.get("weight_decay")):
             self._resumed_optimizer = (float(hp["lr"]), float(hp["weight_decay"]))
+        if self.hparams.get("training_range") is None and hp.get("training_range") is not None:
+            # a resumed fit's module is built from the config, without the range its checkpoint
+            # recorded: kept unless the data module gives one (on_fit_start)
+            self.hparams["training_range"] = _checked_training_range(hp["training_range"])
 
     def _warn_of_a_cut_schedule(self) -> None:
         """A schedule over ``T_max`` epochs (the cosine's follows ``trainer.max_epochs``) that

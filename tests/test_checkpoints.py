@@ -433,6 +433,29 @@ def real_ckpt(tmp_path_factory):
     return out / "checkpoints" / "last.ckpt"
 
 
+def test_a_stored_dictionary_runs_checkpoints_record_its_train_splits_range(real_ckpt):
+    """A run on a stored dictionary (debug=tiny: random atoms, a FingerprintDataModule whose
+    config has no t1_range) records the smallest and largest T1 and T2 of its train split, not
+    of its validation or test split, in its checkpoints: maps flag the estimates above it."""
+    from omegaconf import OmegaConf
+
+    from mrflight.config import instantiate
+
+    cfg = OmegaConf.load(real_ckpt.parent / "config.yaml")
+    assert "t1_range" not in cfg.data
+    dm = instantiate(cfg.data, sequence=instantiate(cfg.sequence), progress=False)
+    _, params, _, splits = dm.load_splits()
+    train = params[splits["train"]]
+    want = {"t1": [train[:, 0].min(), train[:, 0].max()],
+            "t2": [train[:, 1].min(), train[:, 1].max()]}
+    for ckpt in sorted(real_ckpt.parent.glob("*.ckpt")):
+        got = read_checkpoint(ckpt)["hyper_parameters"]["training_range"]
+        assert got.keys() == want.keys(), ckpt
+        for k in want:
+            np.testing.assert_allclose(got[k], [float(v) for v in want[k]], rtol=1e-6)
+    assert mrflight.load_checkpoint(real_ckpt).hparams["training_range"] == got
+
+
 def test_a_checkpoint_naming_another_callable_is_refused(real_ckpt, tmp_path):
     marker = tmp_path / "pwned"
     ck = torch.load(real_ckpt, weights_only=True)

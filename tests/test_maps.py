@@ -599,7 +599,7 @@ def test_maps_warn_where_the_data_is_noisier_than_the_network_was_trained(tmp_pa
     assert side["RelativeNoise"]["FractionAboveTrainingRange"] == 0
 
 
-def _tiny_checkpoint(path, seq, input_mode="magnitude"):
+def _tiny_checkpoint(path, seq, input_mode="magnitude", **module_kw):
     import lightning as L
 
     from mrflight.regressor import MRFRegressor
@@ -608,7 +608,7 @@ def _tiny_checkpoint(path, seq, input_mode="magnitude"):
     module = MRFRegressor({"_target_": "mrflight.models.GRURegressor",
                            "input_length": len(seq), "hidden_size": 8,
                            "in_channels": 2 if input_mode == "complex" else 1},
-                          sequence=seq.to_dict(), input_mode=input_mode)
+                          sequence=seq.to_dict(), input_mode=input_mode, **module_kw)
     # an untrained net predicts about 0 (or negative) ms; steer its output layer to about
     # (1000, 100) ms so that the simulated fingerprint, hence M0, is defined
     last = [m for m in module.net.modules() if isinstance(m, torch.nn.Linear)][-1]
@@ -733,6 +733,87 @@ def test_estimates_above_the_networks_training_range_are_counted_and_warned_abou
     side = json.loads(eval_entry.maps_from_config(cfg)["T2map.json"].read_text())
     assert side["EstimatesAboveTrainingRange"] is None
     assert not any("training range (T2" in w for w in side.get("Warnings", []))
+
+
+def _range_maps(tmp_path, seq, phantoms, ckpt, out) -> dict:
+    """The T2 sidecar of maps of the brain phantom (tissue at about (1000, 100) ms for the
+    steered tiny checkpoint) made by ``eval.py input=... ckpt_path=ckpt``."""
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    t1, t2, m0, mask = phantoms["brain"]
+    if not (tmp_path / "scan.npy").is_file():
+        np.save(tmp_path / "scan.npy", _series(t1, t2, m0, mask, seq))
+    cfg = OmegaConf.create({"input": str(tmp_path / "scan.npy"), "ckpt_path": str(ckpt),
+                            "dictionary": None, "mask": None,
+                            "paths": {"output_dir": str(tmp_path / out)},
+                            "maps": {"_target_": "mrflight.maps.MapOptions", "previews": False,
+                                     "progress": False}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said in the sidecar's Warnings
+        return json.loads(eval_entry.maps_from_config(cfg)["T2map.json"].read_text())
+
+
+_WIDE_CONFIG = ("data:\n  _target_: mrflight.data.SimulatedDataModule\n"
+                "  t1_range: [50.0, 5000.0]\n  t2_range: [5.0, 600.0]\n")
+
+
+def test_the_checkpoints_recorded_training_range_flags_estimates_wherever_it_is_copied(
+        tmp_path, seq, phantoms):
+    """A checkpoint records its training range (``hparams["training_range"]``): maps flag the
+    estimates above it from the checkpoint alone (copied out of its run folder, where no run
+    config is found), and the recorded range wins over its run's saved config."""
+    import shutil
+
+    import mrflight
+
+    recorded = {"t1": [50.0, 5000.0], "t2": [5.0, 60.0]}
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = _tiny_checkpoint(run / "checkpoints" / "epoch_000.ckpt", seq,
+                            training_range=recorded)  # estimates ~(1000, 100) ms
+    assert mrflight.load_checkpoint(ckpt).hparams["training_range"] == recorded
+    (run / "checkpoints" / "config.yaml").write_text(_WIDE_CONFIG)  # T2 up to 600: not flagged
+    copied = tmp_path / "elsewhere" / "copied.ckpt"
+    copied.parent.mkdir()
+    shutil.copy(ckpt, copied)
+    for i, path in enumerate((ckpt, copied)):
+        side = _range_maps(tmp_path, seq, phantoms, path, f"out{i}")
+        above = side["EstimatesAboveTrainingRange"]
+        assert above["TrainingRangeMs"] == recorded, path
+        assert above["FractionT2Above"] == 1.0 and above["FractionT1Above"] == 0.0
+        assert any("training range (T2 <= 60 ms)" in w for w in side["Warnings"])
+    # the library's reconstructor reads it from the module too
+    rec = maps.NetworkReconstructor(mrflight.load_checkpoint(copied))
+    assert rec.training_range == {"t1": (50.0, 5000.0), "t2": (5.0, 60.0)}
+
+
+def test_an_old_checkpoint_without_a_recorded_range_loads_and_uses_its_runs_config(
+        tmp_path, seq, phantoms):
+    """A checkpoint written before the training range was recorded (no ``training_range``
+    hyper-parameter) loads with the range ``None``; its maps take the range from its run's
+    saved config as before, and copied out of the run folder nothing is checked."""
+    import shutil
+
+    import mrflight
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = _tiny_checkpoint(run / "checkpoints" / "epoch_000.ckpt", seq)
+    ck = torch.load(ckpt, weights_only=True)
+    ck["hyper_parameters"].pop("training_range", None)  # as written before it existed
+    torch.save(ck, ckpt)
+    (run / "checkpoints" / "config.yaml").write_text(_WIDE_CONFIG.replace("600.0", "60.0"))
+    module = mrflight.load_checkpoint(ckpt)
+    assert module.hparams["training_range"] is None
+    assert maps.NetworkReconstructor(module).training_range is None
+    above = _range_maps(tmp_path, seq, phantoms, ckpt, "in_run")["EstimatesAboveTrainingRange"]
+    assert above["TrainingRangeMs"] == {"t1": [50.0, 5000.0], "t2": [5.0, 60.0]}
+    assert above["FractionT2Above"] == 1.0
+    shutil.move(str(ckpt), tmp_path / "alone.ckpt")
+    side = _range_maps(tmp_path, seq, phantoms, tmp_path / "alone.ckpt", "alone")
+    assert side["EstimatesAboveTrainingRange"] is None
 
 
 def test_a_reused_fitted_reconstructor_counts_each_series_on_its_own(tmp_path, seq):

@@ -528,6 +528,29 @@ def test_a_run_finished_by_max_steps_is_not_resumed_into_its_own_results(tmp_pat
     assert ck["global_step"] == 6 and "val/loss" in metrics
 
 
+def test_checkpoints_record_the_priors_training_range_and_a_resume_keeps_it(tmp_path,
+                                                                            monkeypatch):
+    """Every checkpoint of a data=simulated run records the T1/T2 range of its training draws
+    (``hparams["training_range"]``: the prior's ranges, T2's top capped at T1's), which maps
+    read wherever the checkpoint goes; a resumed run records it again, and keeps its
+    checkpoint's where the data module gives none."""
+    import mrflight
+
+    monkeypatch.setenv("MRFLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    data = ["data.num_workers=0", "data.t1_range=[100.0,3000.0]", "data.t2_range=[10.0,5000.0]"]
+    want = {"t1": [100.0, 3000.0], "t2": [10.0, 3000.0]}
+    out = tmp_path / "run"
+    ck, _ = _short_run(out, *data, "+trainer.max_steps=3")
+    assert ck["hyper_parameters"]["training_range"] == want
+    best = sorted((out / "checkpoints").glob("epoch_*.ckpt"))
+    assert best and all(torch.load(b, weights_only=True)["hyper_parameters"]["training_range"]
+                        == want for b in best)
+    assert mrflight.load_checkpoint(best[0]).hparams["training_range"] == want
+    monkeypatch.setattr(SimulatedDataModule, "training_range", property(lambda self: None))
+    ck, _ = _short_run(out, *data, "+trainer.max_steps=6", "ckpt_path=last")
+    assert ck["global_step"] == 6 and ck["hyper_parameters"]["training_range"] == want
+
+
 def test_max_steps_ending_the_schedule_early_is_warned_about(tmp_path, monkeypatch, caplog):
     """The cosine schedule runs over trainer.max_epochs: a trainer.max_steps that ends training
     in an earlier epoch left the learning rate undecayed without a word."""

@@ -519,6 +519,16 @@ class SimulatedDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
         return lo if lo == hi else [lo, hi]
 
     @property
+    def training_range(self) -> dict:
+        """``{"t1": [low, high], "t2": [low, high]}`` in ms: the T1 and T2 of the training
+        draws, the prior's ranges with T2's top capped at T1's top (T2 <= T1). The module
+        records it in its checkpoints (``MRFRegressor``'s ``training_range``): maps flag the
+        estimates above it."""
+        p = self.prior
+        t2_top = min(p.t2_range[1], p.t1_range[1]) if p.t2_le_t1 else p.t2_range[1]
+        return {"t1": list(p.t1_range), "t2": [p.t2_range[0], t2_top]}
+
+    @property
     def eval_set_names(self) -> list[str]:
         """Names of the validation/test sets, in dataloader order (``""``: the prior's noise)."""
         return [""] + [f"@{s:g}" for s in self.eval_noise_levels]

@@ -232,6 +232,18 @@ class FingerprintDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
     targets = ("t1", "t2")
     eval_set_names = [""]
 
+    @property
+    def training_range(self) -> dict | None:
+        """``{"t1": [low, high], "t2": [low, high]}`` in ms: the smallest and largest T1 and T2
+        of the train split (not of the validation or test split), which the module records in
+        its checkpoints (``MRFRegressor``'s ``training_range``): maps flag the estimates above
+        it. ``None`` before :meth:`setup`."""
+        if self.train_set is None or not len(self.train_set):
+            return None
+        p = self.train_set.params_ms[:, :2]
+        lo, hi = p.amin(0).tolist(), p.amax(0).tolist()
+        return {"t1": [lo[0], hi[0]], "t2": [lo[1], hi[1]]}
+
     def _split_sizes(self, m: int) -> tuple[int, int, int]:
         if self.n_test >= m - 1:
             raise ValueError(

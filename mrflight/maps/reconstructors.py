@@ -277,8 +277,9 @@ class NetworkReconstructor(_NoiseRecord):
         compute_m0: simulate the fingerprint at the predicted T1/T2 to estimate M0 (else M0 NaN).
         source: the checkpoint path (for the sidecar).
         training_range: ``{"t1": (lo, hi), "t2": (lo, hi)}`` in ms, the T1/T2 range the network
-            was trained on (its run's ``data.t1_range`` and ``t2_range``): estimates beyond it
-            are counted (:meth:`range_warning`); ``None``: not checked.
+            was trained on: estimates above it are counted (:meth:`range_warning`). ``None``:
+            the range the module records (``hparams["training_range"]``, written by training
+            into its checkpoints), else not checked.
     """
 
     method = "neural network regression"
@@ -302,7 +303,11 @@ class NetworkReconstructor(_NoiseRecord):
         #: the training noise range ``(low, high)`` (``None``: not recorded)
         self.training_noise = None if not noise else (float(min(noise)), float(max(noise)))
         self._noise: list[np.ndarray] = []
-        self.training_range = training_range
+        if training_range is None:
+            training_range = (getattr(module, "hparams", None) or {}).get("training_range")
+        #: the T1/T2 range ``{"t1": (lo, hi), "t2": (lo, hi)}`` in ms (``None``: not checked)
+        self.training_range = None if training_range is None else {
+            k: (float(training_range[k][0]), float(training_range[k][1])) for k in ("t1", "t2")}
         self._beyond = [0, 0, 0]  # voxels estimated, beyond the range in T1, in T2
 
     def reset_noise(self) -> None:
@@ -335,8 +340,9 @@ class NetworkReconstructor(_NoiseRecord):
                             f"network's training range ({p} <= {hi:g} ms)" for p, f, hi in over)
         return (f"{what}: tissue the network was not trained on (e.g. CSF, T2 about 1650 ms "
                 "at 3 T), where its estimates are extrapolations, typically far too low; refine "
-                "them by the maximum-likelihood fit (maps.fit_iterations=15), or train with a "
-                "range that covers them (data.t1_range, data.t2_range)")
+                "them by the maximum-likelihood fit (maps.fit_iterations=15), or train on data "
+                "that covers them (data.t1_range, data.t2_range of data=simulated, or a "
+                "dictionary that does)")
 
     def noise_warning(self, threshold: float = 0.05) -> str | None:
         """A message when more than ``threshold`` of the voxels are noisier than 1.1x the top
