@@ -96,8 +96,8 @@ def read_checkpoint(path, map_location="cpu") -> dict:
                          "mrflight wrote") from None
     except Exception as e:  # noqa: BLE001 - zip/EOF/key errors of a damaged or foreign file
         raise ValueError(f"checkpoint {str(path)!r} is not a readable mrflight checkpoint "
-                         f"({type(e).__name__}: {_first_line(e)}); is it truncated (a full disk "
-                         "or a killed copy), or from another program?") from None
+                         f"({type(e).__name__}: {_first_sentence(e)}); is it truncated (a full "
+                         "disk or a killed copy), or from another program?") from None
     if not isinstance(ck, dict) or not isinstance(ck.get("state_dict"), dict):
         raise ValueError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (no "
                          "state_dict): give a .ckpt written by train.py")
@@ -138,6 +138,13 @@ def _refused_reason(e: BaseException) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _first_sentence(e: BaseException) -> str:
+    """The first sentence of the error's first line: not the advice torch adds to a damaged
+    zip archive's error ("This is an internal miniz error. If you are seeing ...")."""
+    first, *rest = re.split(r"(?<=\.)\s+(?=[A-Z])", _first_line(e), maxsplit=1)
+    return first.rstrip(".") if rest else first
 
 
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape "
@@ -368,13 +375,14 @@ def checkpoint_score(ck: dict, name: str = "") -> tuple[str, str, float] | None:
     return None
 
 
-def best_checkpoint(path, warn: bool = True) -> Path:
+def best_checkpoint(path, warn: bool = True, unloadable: dict | None = None) -> Path:
     """The best loadable checkpoint of one run (a run dir or its ``checkpoints/`` folder).
 
     Chooses by the recorded score (:func:`checkpoint_score`) in the callback's mode; checkpoints
     without a score rank below those with one, by epoch and step. ``last*.ckpt`` is chosen only
     when no other checkpoint loads (its recorded score is not its own). Files that do not load
-    are skipped, with a warning.
+    are skipped, with a warning (``warn``), and added to ``unloadable`` (``{file: error}``)
+    where it is given.
 
     Raises:
         ValueError: no checkpoint of the run loads.
@@ -389,6 +397,8 @@ def best_checkpoint(path, warn: bool = True) -> Path:
             ck = read_checkpoint(f)
         except ValueError as e:
             bad.append(f"{f.name} ({e})")
+            if unloadable is not None:
+                unloadable[f] = str(e)
             continue
         order = (int(ck.get("epoch", -1) or -1), int(ck.get("global_step", -1) or -1))
         if f.stem.startswith("last"):
@@ -412,16 +422,19 @@ def best_checkpoint(path, warn: bool = True) -> Path:
     raise ValueError(f"ckpt_path={path}: no checkpoint in {folder} loads ({'; '.join(bad)})")
 
 
-def find_checkpoints(path) -> list[Path]:
+def find_checkpoints(path, unloadable: dict | None = None) -> list[Path]:
     """The checkpoints to evaluate under ``path``: one per run, its best.
 
     Args:
         path: a ``.ckpt`` file (returned as is), a run directory or its ``checkpoints/`` folder
             (its best checkpoint, even without a saved config), or a directory of runs (a
             multirun): the best checkpoint of every run found by :func:`find_runs`.
+        unloadable: where given, the checkpoints found that do not load are added to it
+            (``{file: error}``, for :func:`run_notes`) instead of being warned about.
 
     Raises:
-        ValueError: ``path`` does not exist or holds no run with a loadable checkpoint.
+        ValueError: ``path`` does not exist or holds no run with a loadable checkpoint (naming
+            each run and why its checkpoints do not load).
     """
     p = Path(str(path)).expanduser()
     if p.is_file():
@@ -430,7 +443,7 @@ def find_checkpoints(path) -> list[Path]:
         raise ValueError(f"ckpt_path={path}: no such file or directory; give a .ckpt file, "
                          "a run folder (outputs/DATE/TIME) or a multirun folder")
     if _checkpoint_files(_ckpt_folder(p)):
-        return [best_checkpoint(p)]
+        return [best_checkpoint(p, warn=unloadable is None, unloadable=unloadable)]
     runs = find_runs(p)
     if not runs:
         notes = run_notes(p)  # a sweep whose jobs all failed: say so, not just "no run"
@@ -440,22 +453,36 @@ def find_checkpoints(path) -> list[Path]:
         raise ValueError(f"ckpt_path={path}: no training run under {p} (a run is a folder with "
                          f"{CHECKPOINT_DIR}/*.ckpt beside a config.yaml, searched "
                          f"{MAX_SEARCH_DEPTH} levels deep)")
-    out = []
+    out, bad = [], {}
     for r in runs:
         try:
-            out.append(best_checkpoint(r))
+            out.append(best_checkpoint(r, warn=unloadable is None, unloadable=bad))
         except ValueError as e:
-            warnings.warn(f"run {r} skipped: {e}", RuntimeWarning, stacklevel=2)
+            if unloadable is None:
+                warnings.warn(f"run {r} skipped: {e}", RuntimeWarning, stacklevel=2)
     if not out:
-        raise ValueError(f"ckpt_path={path}: no run under {p} has a checkpoint that loads")
+        raise ValueError(f"ckpt_path={path}: no run under {p} has a checkpoint that loads: "
+                         + "; ".join(run_notes(p, [], bad)))
+    if unloadable is not None:
+        unloadable.update(bad)
     return out
 
 
-def run_notes(path) -> list[str]:
+def run_notes(path, evaluated: list | None = None,
+              unloadable: dict | None = None) -> list[str]:
     """What an evaluation of ``path`` (as :func:`find_checkpoints` takes it) must say about
-    the training jobs under it that did not finish: one line per job without a checkpoint
-    (not evaluated: its ``FAILED.txt`` error, or none yet) and per run whose best checkpoint is
-    evaluated although it failed or has no ``metrics.json`` (still training, or stopped)."""
+    the training jobs under it that did not finish and the checkpoints that do not load: one
+    line per job without a checkpoint (not evaluated: its ``FAILED.txt`` error, or none yet),
+    per run whose best checkpoint is evaluated although it failed or has no ``metrics.json``
+    (still training, or stopped), per run left out because its checkpoint does not load, and
+    per run evaluated from another checkpoint than its best because that one does not load.
+
+    Args:
+        evaluated: the checkpoints evaluated (``None``: the best of every run whose
+            checkpoints load).
+        unloadable: ``{checkpoint: error}`` of the checkpoints found that do not load
+            (:func:`find_checkpoints`, :func:`mrflight.evaluation.checkpoint_groups`).
+    """
     p = Path(str(path)).expanduser()
     if p.is_file():
         dirs = [run_dir_of(p)]
@@ -465,24 +492,53 @@ def run_notes(path) -> list[str]:
         dirs = find_runs(p, jobs=True)
     else:
         dirs = []
+    unloadable = {Path(f): " ".join(str(e).split()) for f, e in (unloadable or {}).items()}
+    dirs = sorted(set(dirs) | {run_dir_of(f) for f in unloadable})
     notes = []
     for d in dirs:
-        if not _is_job(d) or (d / FINISHED).is_file():
-            continue  # a loose checkpoint's folder, or a finished run
         rel = d.relative_to(p) if d.is_relative_to(p) else d
         name = d if str(rel) == "." else rel
         error = (read_failure(d) or {}).get("error")
-        if not _checkpoint_files(d / CHECKPOINT_DIR):
-            why = (f"the job failed ({error})" if error else f"no checkpoint (still in its "
-                   f"first epoch, or it stopped or failed before that ended: see its {TRAIN_LOG})")
-            notes.append(f"run {name}: not evaluated, {why}")
-        elif error:
-            notes.append(f"run {name}: failed ({error}); its best checkpoint before the failure "
-                         "is evaluated")
-        else:
-            notes.append(f"run {name}: not finished (no {FINISHED}: still training, or stopped); "
-                         "its best checkpoint so far is evaluated")
+        bad = {f: e for f, e in unloadable.items() if run_dir_of(f) == d}
+        used = [c for c in evaluated or [] if run_dir_of(Path(c)) == d]
+        if bad and not used:
+            others = [c.name for c in _checkpoint_files(_ckpt_folder(d)) if c not in bad]
+            notes.append(f"run {name}: not evaluated, {_not_loading(bad, d)}"
+                         + (f" (the job failed: {error})" if error else "")
+                         + "; fix that and evaluate the run again"
+                         + (f", or evaluate another of its checkpoints ({', '.join(others)}) "
+                            "with ckpt_path=FILE" if others else ""))
+            continue
+        if _is_job(d) and not (d / FINISHED).is_file():  # not a loose checkpoint's folder
+            if not _checkpoint_files(d / CHECKPOINT_DIR):
+                why = (f"the job failed ({error})" if error else f"no checkpoint (still in "
+                       f"its first epoch, or it stopped or failed before that ended: see its "
+                       f"{TRAIN_LOG})")
+                notes.append(f"run {name}: not evaluated, {why}")
+            elif error:
+                notes.append(f"run {name}: failed ({error}); its best checkpoint before the "
+                             "failure is evaluated")
+            else:
+                notes.append(f"run {name}: not finished (no {FINISHED}: still training, or "
+                             "stopped); its best checkpoint so far is evaluated")
+        if bad:
+            notes.append(f"run {name}: {_not_loading(bad, d)}; "
+                         f"{_relative(Path(used[0]), d)}, its best checkpoint that loads, is "
+                         "evaluated instead")
     return notes
+
+
+def _not_loading(bad: dict, run_dir: Path) -> str:
+    """``FILE does not load (ERROR)``, or ``N checkpoints do not load: FILE (ERROR); ...``."""
+    files = [f"{_relative(f, run_dir)} ({e})" for f, e in sorted(bad.items())]
+    if len(files) == 1:
+        ((f, e),) = bad.items()
+        return f"{_relative(f, run_dir)} does not load ({e})"
+    return f"{len(files)} checkpoints do not load: {'; '.join(files)}"
+
+
+def _relative(f: Path, folder: Path) -> Path:
+    return f.relative_to(folder) if f.is_relative_to(folder) else f
 
 
 def single_checkpoint(path) -> str:

@@ -260,9 +260,16 @@ def evaluation_from_config(cfg) -> list[dict]:
     notes = []
     if ckpt_path:
         root = Path(str(ckpt_path)).expanduser()
-        groups = evaluation.checkpoint_groups(find_checkpoints(root), root, settings,
-                                              cfg_sequence, cache_dir)
-        notes = run_notes(root)  # failed or unfinished jobs: said in the log and table.md
+        unloadable = {}  # {checkpoint: why it does not load}: a row missing from the table
+        groups = evaluation.checkpoint_groups(find_checkpoints(root, unloadable), root,
+                                              settings, cfg_sequence, cache_dir,
+                                              None if root.is_file() else unloadable)
+        evaluated = [r.ckpt for g in groups for r in g.runs]
+        # failed or unfinished jobs, checkpoints that do not load: in the log and table.md
+        notes = run_notes(root, evaluated, unloadable)
+        if not evaluated:  # every checkpoint failed to load: nothing is written
+            raise ValueError(f"ckpt_path={ckpt_path}: no checkpoint under {root} loads: "
+                             + "; ".join(notes))
         for note in notes:
             log.warning("%s", note)
     else:

@@ -271,6 +271,45 @@ def test_a_sweep_whose_jobs_all_failed_is_named_as_such(tmp_path):
         find_checkpoints(sweep)
 
 
+def test_checkpoints_that_do_not_load_are_collected_for_the_run_notes(tmp_path):
+    """eval.py collects the checkpoints that do not load (instead of warnings on stderr only)
+    and names each in its run notes: a run left out, and a run evaluated from the best of its
+    checkpoints that does load."""
+    import warnings
+
+    from mrflight.checkpoints import run_notes
+
+    root = tmp_path / "sweep"
+    for job in ("0", "1", "2"):
+        (root / job / ".hydra").mkdir(parents=True)
+        (root / job / ".hydra" / "config.yaml").write_text("model: {}\n")
+        _fake(root / job / "checkpoints" / "epoch_000.ckpt", 0, 0.3)
+        _fake(root / job / "checkpoints" / "epoch_001.ckpt", 1, 0.1)
+    for f in [*(root / "1" / "checkpoints").glob("*.ckpt"), root / "2/checkpoints/epoch_001.ckpt"]:
+        f.write_bytes(f.read_bytes()[:300])
+    unloadable = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # collected, not warned about
+        found = find_checkpoints(root, unloadable)
+    assert found == [root / "0/checkpoints/epoch_001.ckpt", root / "2/checkpoints/epoch_000.ckpt"]
+    assert sorted(unloadable) == [root / "1/checkpoints/epoch_000.ckpt",
+                                  root / "1/checkpoints/epoch_001.ckpt",
+                                  root / "2/checkpoints/epoch_001.ckpt"]
+    why = "is not a readable mrflight checkpoint (RuntimeError: PytorchStreamReader failed"
+    assert all(why in e and "miniz" not in e for e in unloadable.values()), unloadable
+    notes = run_notes(root, found, unloadable)
+    assert len(notes) == 2, notes
+    assert re.fullmatch(r"run 1: not evaluated, 2 checkpoints do not load: "
+                        r"checkpoints/epoch_000\.ckpt \(checkpoint '.*/1/checkpoints/"
+                        r"epoch_000\.ckpt' .*\); checkpoints/epoch_001\.ckpt \(.*\); fix that "
+                        r"and evaluate the run again", notes[0]), notes[0]
+    assert notes[1] == (f"run 2: checkpoints/epoch_001.ckpt does not load "
+                        f"({unloadable[root / '2/checkpoints/epoch_001.ckpt']}); "
+                        "checkpoints/epoch_000.ckpt, its best checkpoint that loads, is "
+                        "evaluated instead")
+    assert run_notes(root) == []  # without them: only the jobs that did not finish
+
+
 def test_load_checkpoint_of_a_directory_says_which_file_to_give(tmp_path):
     _fake(tmp_path / "run" / "checkpoints" / "epoch_001.ckpt", 1, 0.2)
     best = _fake(tmp_path / "run" / "checkpoints" / "epoch_002.ckpt", 2, 0.1)

@@ -610,6 +610,110 @@ def test_jobs_of_a_sweep_that_did_not_finish_are_named(tiny_run, tmp_path, caplo
     assert run_notes(sweep / "0") == [] and run_notes(find_checkpoints(sweep / "0")[0]) == []
 
 
+_SMALL = [*FAST, "evaluation.phantoms=[]", "evaluation.plots=false",
+          "evaluation.test_sets=[paper]", "evaluation.bound=false",
+          "evaluation.noise_levels=[0.01]", "evaluation.efficiency=false",
+          "evaluation.offgrid_b1=false", "evaluation.robustness=false"]
+
+
+def _damaged_sweep(run, sweep, kinds):
+    """Copies of ``run`` as jobs 0, 1 ... of ``sweep``, each checkpoint damaged as ``kinds``
+    says: ``ok``, ``truncated`` (every file), ``nan`` (a NaN weight), ``foreign`` (a network
+    that is not mrflight's), ``best_truncated`` (only epoch_000.ckpt; last.ckpt loads)."""
+    for job, kind in enumerate(kinds):
+        d = shutil.copytree(run, sweep / str(job))
+        for f in sorted((d / "checkpoints").glob("*.ckpt")):
+            if kind == "truncated" or (kind == "best_truncated" and f.name == "epoch_000.ckpt"):
+                f.write_bytes(f.read_bytes()[:300])
+            elif kind in ("nan", "foreign"):
+                ck = torch.load(f, weights_only=True)
+                if kind == "nan":
+                    next(v for v in ck["state_dict"].values() if v.is_floating_point())[0] = \
+                        float("nan")
+                else:
+                    ck["hyper_parameters"]["net"] = {"_target_": "mypkg.Net"}
+                torch.save(ck, f)
+
+
+def test_a_checkpoint_of_a_sweep_that_does_not_load_is_named_not_dropped(tiny_run, tmp_path,
+                                                                         caplog):
+    """A run whose checkpoint is found but does not load (truncated, NaN weights, a network
+    that is not mrflight's) is named with the file and why, like a job that did not finish:
+    in the log, at the top of table.md and in metrics.json; the other runs are evaluated (a
+    truncated file was only a warning on stderr and its row silently missing; a NaN or a
+    foreign network stopped the whole evaluation). A run whose best checkpoint does not load
+    is evaluated from the best that does, and says so."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="mrflight")
+    sweep = tmp_path / "sweep"
+    run = find_checkpoints(tiny_run)[0].parent.parent
+    _damaged_sweep(run, sweep, ["ok", "truncated", "nan", "foreign", "best_truncated"])
+    out = tmp_path / "eval"
+    rows = evaluate(_cfg([f"ckpt_path={sweep}", *_SMALL], out, "eval"))
+    assert sorted(r["run"] for r in rows if r["method"] == "ann") == ["0", "4"]
+    info = json.loads((out / "metrics.json").read_text())["info"]
+    assert [r["checkpoint"] for r in info["runs"]] == [
+        str(sweep / "0" / "checkpoints" / "epoch_000.ckpt"),
+        str(sweep / "4" / "checkpoints" / "last.ckpt")]
+    notes = info["run_notes"]
+    assert len(notes) == 4 and all("\n" not in n for n in notes), notes
+    truncated = ("is not a readable mrflight checkpoint (RuntimeError: PytorchStreamReader "
+                 "failed reading zip archive: failed finding central directory); is it "
+                 "truncated (a full disk or a killed copy), or from another program?")
+    assert notes[0] == (
+        f"run 1: not evaluated, 2 checkpoints do not load: checkpoints/epoch_000.ckpt "
+        f"(checkpoint '{sweep}/1/checkpoints/epoch_000.ckpt' {truncated}); "
+        f"checkpoints/last.ckpt (checkpoint '{sweep}/1/checkpoints/last.ckpt' {truncated}); "
+        "fix that and evaluate the run again")
+    assert notes[1].startswith(
+        f"run 2: not evaluated, checkpoints/epoch_000.ckpt does not load (checkpoint "
+        f"'{sweep}/2/checkpoints/epoch_000.ckpt' has NaN or infinite weights (")
+    assert notes[1].endswith("its training diverged; use a checkpoint of an earlier epoch, or "
+                             "train again with a lower module.lr); fix that and evaluate the "
+                             "run again, or evaluate another of its checkpoints (last.ckpt) "
+                             "with ckpt_path=FILE")
+    assert notes[2].startswith("run 3: not evaluated, checkpoints/epoch_000.ckpt does not load "
+                               "(network 'mypkg.Net' is not an mrflight regressor: ")
+    assert "eval.py trust=[mypkg.Net]" in notes[2]
+    assert notes[3] == (
+        f"run 4: checkpoints/epoch_000.ckpt does not load (checkpoint "
+        f"'{sweep}/4/checkpoints/epoch_000.ckpt' {truncated}); checkpoints/last.ckpt, its best "
+        "checkpoint that loads, is evaluated instead")
+    md = (out / "table.md").read_text()
+    assert all(f"  - {n}\n" in md for n in notes)
+    assert md.index("  - run 1: not evaluated") < md.index("## Test set")
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("run ")] == notes
+
+
+def test_an_evaluation_none_of_whose_checkpoints_loads_names_each_and_writes_nothing(
+        tiny_run, tmp_path):
+    """Every checkpoint of a sweep fails to load: one error naming each run, its files and why;
+    the output folder keeps what it held (an earlier table.md) and gets no metrics.json."""
+    sweep = tmp_path / "sweep"
+    run = find_checkpoints(tiny_run)[0].parent.parent
+    _damaged_sweep(run, sweep, ["truncated", "nan"])
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "table.md").write_text("an earlier table\n")
+    with pytest.raises(ValueError) as err:
+        evaluate(_cfg([f"ckpt_path={sweep}", *_SMALL], out, "eval"))
+    msg = str(err.value)
+    assert msg.startswith(f"ckpt_path={sweep}: no checkpoint under {sweep} loads: run 0: not "
+                          "evaluated, 2 checkpoints do not load: checkpoints/epoch_000.ckpt ("), msg
+    assert (f"; run 1: not evaluated, checkpoints/epoch_000.ckpt does not load (checkpoint "
+            f"'{sweep}/1/checkpoints/epoch_000.ckpt' has NaN or infinite weights") in msg, msg
+    assert (out / "table.md").read_text() == "an earlier table\n"
+    assert sorted(f.name for f in out.iterdir()) == ["table.md"]
+    # the files of every run fail to be read: find_checkpoints names each (it did not)
+    _damaged_sweep(run, tmp_path / "again", ["truncated", "truncated"])
+    with pytest.warns(RuntimeWarning), pytest.raises(
+            ValueError, match=r"no run under .* has a checkpoint that loads: run 0: "
+            r"not evaluated, .*; run 1: not evaluated, 2 checkpoints do not load: "
+            r"checkpoints/epoch_000.ckpt"):
+        find_checkpoints(tmp_path / "again")
+
+
 def test_table_says_which_bound_its_ratios_are_against(tmp_path):
     """Table 1's RMSE/CRB holds every method of a block to one bound, with B1 known (B1 = 1):
     its bound row says so, and a network that estimates B1 (which cannot reach it) is named."""

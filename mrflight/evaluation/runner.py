@@ -33,9 +33,9 @@ def evaluate(groups: list, settings: EvalSettings, out_dir: Path, cache_dir=None
         cache_dir: the dictionary cache of the eval grid.
         make_loggers: ``(groups, settings dict) -> loggers`` that receive the table, figures
             and metrics (``None``: no loggers).
-        notes: the training jobs left out or not finished
-            (:func:`mrflight.checkpoints.run_notes`): ``metrics.json``'s ``info.run_notes`` and
-            a list at the top of ``table.md``.
+        notes: the training jobs left out or not finished and the checkpoints that do not
+            load (:func:`mrflight.checkpoints.run_notes`): ``metrics.json``'s
+            ``info.run_notes`` and a list at the top of ``table.md``.
 
     Returns:
         The metric rows written to ``metrics.json``.

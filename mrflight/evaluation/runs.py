@@ -126,7 +126,7 @@ def _run_sequence(module, rcfg: dict | None, default_sequence):
 
 
 def checkpoint_groups(ckpts: list[Path], root: Path, settings: EvalSettings, default_sequence,
-                      cache_dir=None) -> list[Group]:
+                      cache_dir=None, unloadable: dict | None = None) -> list[Group]:
     """The checkpoints ``ckpts`` found under ``root``, loaded (on ``settings.device``) and
     grouped by sequence (:func:`_run_sequence`; one warning per saved sequence setting that
     differs from the checkpoints'), data config and split.
@@ -134,12 +134,24 @@ def checkpoint_groups(ckpts: list[Path], root: Path, settings: EvalSettings, def
     Args:
         default_sequence: a callable giving the sequence of a run that records none.
         cache_dir: the dictionary cache of a run whose saved ``cache_dir`` is unresolved.
+        unloadable: where given, a checkpoint that does not load (a ``ValueError`` of
+            :func:`mrflight.load_checkpoint` or of its run's saved config, or an unreadable
+            config) is left out and added to it, ``{file: error}``
+            (:func:`mrflight.checkpoints.run_notes`), instead of raising.
     """
+    import yaml
+
     groups: dict[str, Group] = {}
     notes: dict[str, list[Path]] = {}
     for ck in ckpts:
-        run, seq, data_cfg, note = _load_run(ck, root, settings.device, default_sequence,
-                                             cache_dir)
+        try:
+            run, seq, data_cfg, note = _load_run(ck, root, settings.device, default_sequence,
+                                                 cache_dir)
+        except (ValueError, OSError, yaml.YAMLError) as e:
+            if unloadable is None:
+                raise
+            unloadable[ck] = str(e) or type(e).__name__
+            continue
         if note:
             notes.setdefault(note, []).append(ck)
         key = data_key(seq, data_cfg, settings.split_seed)

@@ -112,7 +112,7 @@ def _preamble(info: dict) -> list[str]:
                          f"{group_label(r, len(groups) > 1)}: training noise "
                          f"{_noise(r['training_noise_std'])}" + (f"; `{own}`" if own else ""))
     if info.get("run_notes"):
-        lines.append("- training jobs that did not finish:")
+        lines.append("- training runs that did not finish or whose checkpoint does not load:")
         lines += [f"  - {n}" for n in info["run_notes"]]
     lines += [
         "- time/signal: batched wall time of the whole test set divided by its size; latency: "
