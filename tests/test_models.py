@@ -403,13 +403,15 @@ def test_fused_gru_under_bf16_autocast_keeps_float32_gates():
 
 
 def _use_fused(monkeypatch, gates=None):
-    """Make RecurrentRegressor take the fused per-step path on the CPU (with ``gates`` as the
-    kernel; the one-launch scan off)."""
+    """Make RecurrentRegressor take the GPU's fused per-step path on the CPU (with ``gates`` as
+    the kernel; the one-launch scan off)."""
     from mrflight.models import fused_gru, recurrent
 
     monkeypatch.setattr(fused_gru._KERNEL, "value", gates or fused_gru.gru_gates_torch)
     monkeypatch.setattr(fused_gru._SCAN, "value", None)
-    monkeypatch.setattr(recurrent, "fused_gru_available", lambda rnn, x: type(rnn) is nn.GRU)
+    monkeypatch.setattr(fused_gru, "_triton_device", lambda x: True)
+    monkeypatch.setattr(recurrent, "fused_gru_available",
+                        lambda rnn, x, folded=False: type(rnn) is nn.GRU)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -445,6 +447,32 @@ def test_regressor_runs_the_fused_gru_as_nn_gru(monkeypatch, kwargs):
     n = net.n_steps * net.num_layers * (2 if net.bidirectional else 1)
     assert len(calls) == n and net.pad > 0
     assert (got - ref).abs().max() < FUSED_F64_TOL
+
+
+@pytest.mark.parametrize("rank", [0, 6])
+def test_a_subspace_gru_runs_the_folded_projections_on_the_cpu_in_inference(monkeypatch, rank):
+    """On the CPU, in eval mode without autograd, a GRU with a subspace basis runs the torch
+    gates on the projections folded from its coordinates (the outputs of nn.GRU on the rebuilt
+    fingerprint to float32 rounding); with autograd, or without a basis, nn.GRU runs."""
+    from mrflight.models import fused_gru
+
+    calls = []
+    gates = fused_gru.gru_gates_torch
+    monkeypatch.setattr(fused_gru, "gru_gates_torch",
+                        lambda *a: (calls.append(1), gates(*a)))
+    torch.manual_seed(7)
+    net = GRURegressor(input_length=30, in_channels=2, hidden_size=12, values_per_step=7,
+                       rank=rank, head_coordinates=True).eval()
+    if rank:
+        net.set_basis(torch.linalg.qr(torch.randn(30, rank, dtype=torch.float64))[0])
+    x = torch.randn(33, 2, 30)
+    with torch.no_grad():
+        got = net(x)
+    assert len(calls) == (net.n_steps if rank else 0)
+    calls.clear()
+    ref = net(x)  # autograd on: nn.GRU
+    assert not calls
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_fused_gru_failure_warns_and_falls_back(monkeypatch):

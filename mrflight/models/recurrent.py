@@ -25,11 +25,13 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
     directions when bidirectional) feeds a linear layer to ``n_outputs`` outputs, through the
     hidden layers ``head_sizes`` when given.
 
-    A GRU in eval mode on CUDA input without autograd (``torch.inference_mode()``, as
-    ``predict_parameters`` runs it) runs :func:`mrflight.models.fused_gru.fused_gru` with its
-    Triton gate kernel instead of cuDNN (the same function organised as large GEMMs; its throughput
-    is measured by ``benchmarks/gpu_check.py``); ``MRFLIGHT_NO_TRITON=1``, a missing Triton,
-    training, autograd, the CPU and the LSTM run ``nn.GRU``/``nn.LSTM``.
+    A GRU in eval mode without autograd (``torch.inference_mode()``, as ``predict_parameters``
+    runs it) runs :func:`mrflight.models.fused_gru.run_fused_gru` instead of ``nn.GRU``: on CUDA
+    the Triton kernels (the one-launch scan of a one-layer GRU, else the per-step gates; measured
+    by ``benchmarks/gpu_check.py``), and with a subspace basis on the CPU the torch gates on the
+    projections folded from the coordinates (the fingerprint is never rebuilt).
+    ``MRFLIGHT_NO_TRITON=1`` or a missing Triton on CUDA, training, autograd, a GRU without a
+    basis on the CPU and the LSTM run ``nn.GRU``/``nn.LSTM``.
 
     Args:
         input_length: ``T``.
@@ -100,7 +102,7 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
         noise = h = coef = None
         if self.rank:
             coef, noise = self.project(x, self.input_scale)
-            if fused_gru_available(self.rnn, x):  # first projections from the coordinates
+            if fused_gru_available(self.rnn, x, folded=True):  # projections from the coordinates
                 h = run_fused_gru(self.rnn, coef, fold=folded_weights(
                     self.rnn, self.basis, self.values_per_step))
             if h is None:
