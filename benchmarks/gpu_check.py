@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 import warnings
 from pathlib import Path
 
@@ -261,10 +262,12 @@ def main() -> int:
         k = states_needed(t2.cpu().numpy(), float(seq.tr_ms.min()), len(seq), DEFAULT_TOL,
                           rate)
         res, ref = {}, None
-        for acc in (True, False):  # the Z-in-registers variant first: the measurement to make
-            label = f"zreg/{'fp64' if acc else 'fp32'}"
-            _, res[label] = bench(lambda acc=acc: gk.run(seq, t1, t2, b1, k, lanes=16,
-                                                         z_registers=True, accurate=acc), ctx)
+        # the Z-in-registers variant first (the measurement to make): its launch settings, 4
+        # and 16 warps, and float32 coefficients
+        for acc, nw in ((True, None), (False, None), (True, 4), (True, 16)):
+            label = f"zreg/{'fp64' if acc else 'fp32'}/{nw or 'default'} warps"
+            _, res[label] = bench(lambda acc=acc, nw=nw: gk.run(
+                seq, t1, t2, b1, k, lanes=16, z_registers=True, accurate=acc, num_warps=nw), ctx)
         for ba, nw, kc, acc in ctx.kernel_settings:
             if ctx.left() < 40:
                 break
@@ -531,9 +534,10 @@ def main() -> int:
         modes = ("fp32", "tf32", "bf16", "fp16")
 
         def run(x, mode, path):
-            """net(x) in eval mode under inference_mode. path "scan": the default (the one-launch
-            scan kernel where it applies); "step": the scan off (one GEMM and one gate launch per
-            step); "cudnn": MRFLIGHT_NO_TRITON (nn.GRU)."""
+            """net(x) in eval mode under inference_mode. path "default": the package's choice
+            (the one-launch scan kernel for TF32/bf16/fp16, the per-step path for IEEE fp32);
+            "step": the scan off (one GEMM and one gate launch per step); "cudnn":
+            MRFLIGHT_NO_TRITON (nn.GRU)."""
             prev = os.environ.pop("MRFLIGHT_NO_TRITON", None)
             scan = fg._SCAN.value
             if path == "cudnn":
@@ -556,9 +560,23 @@ def main() -> int:
 
         with torch.inference_mode():
             used = fused_gru_available(net.rnn, xb)  # the input's device, eval, no grad
-            scanned = used and fg.scan_eligible(net.rnn, xb)
+        # which path the default takes per precision: the scan kernel counted by a spy; a scan
+        # that fails warns, is disabled, and is reported (not timed as if it ran)
+        ran, real = {}, fg._SCAN.get()
+        for mode in modes:
+            calls = []
+            fg._SCAN.value = None if real is None else types.SimpleNamespace(
+                scan=lambda *a, calls=calls: (calls.append(1), real.scan(*a)))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run(xb[:4096], mode, "default")
+            failed = [str(w.message)[:160] for w in caught if "scan kernel failed" in
+                      str(w.message)]
+            ran[mode] = (f"scan FAILED ({failed[0]})" if failed else
+                         "scan" if calls else "per-step")
+            fg._SCAN.value = real
         rates, rmse = {}, {}
-        paths = [(p, m) for p in ("scan", "step", "cudnn") for m in modes]
+        paths = [(p, m) for p in ("default", "step", "cudnn") for m in modes]
         for path, mode in paths:
             for bs in sorted({min(1024, big), *ctx.gru_batches}):  # 1024: launch-bound?
                 _, t = bench(lambda bs=bs, m=mode, p=path: run(xb[:bs], m, p), ctx)
@@ -572,8 +590,9 @@ def main() -> int:
         state["gru"] = (net, xb)
         return (f"{rates[best] / 1e6:.1f} M/s ({best[0]}, {best[1]}, batch {best[2]})",
                 rates[best] >= 1e7 and ch[best[:2]] <= 0.01,
-                f"scan kernel {'used' if scanned else 'NOT used'}, per-step Triton path "
-                f"{'used' if used else 'NOT used (no CUDA/Triton): all are nn.GRU'}; "
+                "the default path per precision: "
+                + ", ".join(f"{m} {ran[m]}" for m in modes)
+                + f"; Triton paths {'used' if used else 'NOT used (no CUDA/Triton)'}; "
                 + "; ".join(f"{p} {m} batch {b}: {r / 1e6:.2f} M/s"
                             for (p, m, b), r in rates.items())
                 + f"; trained {steps} steps ({ctx.train_s:.0f} s); test RMSE T1/T2 "

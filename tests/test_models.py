@@ -511,11 +511,36 @@ def test_scan_failure_warns_and_falls_back_to_the_per_step_path(monkeypatch):
         ref = net(x)
         _use_fused(monkeypatch, lambda *a: (calls.append(1), fused_gru.gru_gates_torch(*a)))
         monkeypatch.setattr(fused_gru._SCAN, "value", types.SimpleNamespace(scan=broken))
+        # TF32 products (IEEE float32 ones skip the scan)
+        monkeypatch.setattr(fused_gru, "_operands", lambda device: (torch.float32, "tf32"))
         with pytest.warns(RuntimeWarning, match="GRU scan kernel failed.*per-step"):
             got = net(x)
         assert fused_gru._SCAN.value is None
     assert len(calls) == net.n_steps
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_ieee_float32_products_take_the_per_step_path_not_the_scan(monkeypatch):
+    """The scan spills on an H100 with IEEE float32 products (on the FMA units): with those the
+    per-step kernels run; with TF32 or half-precision products the scan does."""
+    import types
+
+    from mrflight.models import fused_gru
+
+    torch.manual_seed(6)
+    net = GRURegressor(input_length=20, hidden_size=8, values_per_step=5).eval()
+    x = torch.randn(2, 20)
+    calls = []
+    _use_fused(monkeypatch, lambda *a: (calls.append("step"), fused_gru.gru_gates_torch(*a)))
+    monkeypatch.setattr(fused_gru._SCAN, "value", types.SimpleNamespace(
+        scan=lambda *a: calls.append("scan")))
+    for operands, path in (((torch.float32, "ieee"), "step"), ((torch.float32, "tf32"), "scan"),
+                           ((torch.bfloat16, "ieee"), "scan")):
+        calls.clear()
+        monkeypatch.setattr(fused_gru, "_operands", lambda device, o=operands: o)
+        with torch.no_grad():
+            net(x)
+        assert set(calls) == {path}, operands
 
 
 def test_scan_takes_only_one_layer_unidirectional_float32_grus_of_at_most_128_units(

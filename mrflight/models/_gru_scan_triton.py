@@ -47,64 +47,84 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _input_part(acc, a_ptr, m_ptr, rows, rmask, ks, cols, t, N_IN, sa_r, sa_t, sm_i, sm_t, gate,
+                BK: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+    """``acc`` plus one gate's input projection of step ``t``: ``a_t M_t[:, gate]`` (``M``
+    zero-padded to whole blocks: no mask)."""
+    wdt = m_ptr.dtype.element_ty
+    for i0 in range(0, N_IN, BK):
+        ii = i0 + ks
+        a = tl.load(a_ptr + rows[:, None] * sa_r + t * sa_t + ii[None, :],
+                    mask=rmask[:, None] & (ii < N_IN)[None, :], other=0.0).to(wdt)
+        m = tl.load(m_ptr + t * sm_t + ii[:, None] * sm_i + gate * BH + cols[None, :])
+        acc = tl.dot(a, m, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _w_tile(w_ptr, cols, gate, step, BH: tl.constexpr):
+    """One gate's ``W_hh^T`` tile (zero-padded ``(BH, 3 BH)``); ``step`` is 0 at run time but
+    unknown to the compiler, so that the tile is reloaded every step instead of hoisted."""
+    k = cols + step
+    return tl.load(w_ptr + k[:, None] * (3 * BH) + gate * BH + cols[None, :])
+
+
+@triton.jit
 def _gru_scan(a_ptr, m_ptr, w_ptr, b_ptr, out_ptr, n_rows, S, N_IN, H,
-              sa_r, sa_t, sm_i, sm_t, sw_k, so_r,
+              sa_r, sa_t, sm_i, sm_t, w_step, so_r,
               BLOCK_R: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, W_RELOAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
     rows = rows.to(tl.int64)
     ks = tl.arange(0, BK)
     cols = tl.arange(0, BH)
-    cmask = cols < H
     wdt = m_ptr.dtype.element_ty
-    # bias: (b_ir + b_hr, b_iz + b_hz, b_in, b_hn), float32
-    b_r = tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
-    b_z = tl.load(b_ptr + H + cols, mask=cmask, other=0.0)[None, :]
-    b_n = tl.load(b_ptr + 2 * H + cols, mask=cmask, other=0.0)[None, :]
-    b_hn = tl.load(b_ptr + 3 * H + cols, mask=cmask, other=0.0)[None, :]
-    # W_hh^T (H, 3H): rows of padded units load as zeros, so padded h never contributes
-    wptr = w_ptr + cols[:, None] * sw_k + cols[None, :]
-    wmask = cmask[:, None] & cmask[None, :]
-    h = tl.zeros((BLOCK_R, BH), dtype=tl.float32)
+    # bias (b_ir + b_hr, b_iz + b_hz, b_in, b_hn), W_hh^T and M are zero-padded to BH units per
+    # gate by the host, so padded units stay 0 and no load needs a mask but the input's. The
+    # biases are loaded where used, at a step offset of 0 the compiler cannot see through:
+    # hoisted, their four tiles broadcast to the products' layout would hold registers for
+    # the whole loop
+    zero = tl.zeros((BLOCK_R, BH), dtype=tl.float32)
+    h = zero
     for t in range(S):
-        acc_r = tl.zeros((BLOCK_R, BH), dtype=tl.float32)
-        acc_z = tl.zeros((BLOCK_R, BH), dtype=tl.float32)
-        acc_n = tl.zeros((BLOCK_R, BH), dtype=tl.float32)
-        for i0 in range(0, N_IN, BK):
-            ii = i0 + ks
-            imask = ii < N_IN
-            a = tl.load(a_ptr + rows[:, None] * sa_r + t * sa_t + ii[None, :],
-                        mask=rmask[:, None] & imask[None, :], other=0.0).to(wdt)
-            mp = m_ptr + t * sm_t + ii[:, None] * sm_i + cols[None, :]
-            mm = imask[:, None] & cmask[None, :]
-            acc_r = tl.dot(a, tl.load(mp, mask=mm, other=0.0), acc_r, input_precision=PREC)
-            acc_z = tl.dot(a, tl.load(mp + H, mask=mm, other=0.0), acc_z, input_precision=PREC)
-            acc_n = tl.dot(a, tl.load(mp + 2 * H, mask=mm, other=0.0), acc_n,
-                           input_precision=PREC)
+        # W_hh^T's tiles do not depend on the step: the compiler hoists them into shared memory
+        # for the whole launch (3 BH^2 values: 96 kB in half precision, which fits; 192 kB in
+        # float32, which with the step's operands exceeds an H100's 227 kB and fails the
+        # launch), so float32 (W_RELOAD) adds a step offset of 0 it cannot see through
+        ws = t * w_step if W_RELOAD else 0
+        bp = b_ptr + t * w_step + cols
         hw = h.to(wdt)
-        acc_r = tl.dot(hw, tl.load(wptr, mask=wmask, other=0.0), acc_r, input_precision=PREC)
-        acc_z = tl.dot(hw, tl.load(wptr + H, mask=wmask, other=0.0), acc_z,
-                       input_precision=PREC)
-        g_n = tl.dot(hw, tl.load(wptr + 2 * H, mask=wmask, other=0.0),
-                     tl.zeros((BLOCK_R, BH), dtype=tl.float32), input_precision=PREC)
-        r = _sigmoid(acc_r + b_r)
-        z = _sigmoid(acc_z + b_z)
-        n = _tanh(acc_n + b_n + r * (g_n + b_hn))
+        # one gate at a time, so that at most h, its operand copy, one accumulator and one
+        # finished gate are live (register pressure): r, then n (which needs r), then z
+        acc = _input_part(tl.dot(hw, _w_tile(w_ptr, cols, 0, ws, BH), zero, input_precision=PREC),
+                          a_ptr, m_ptr, rows, rmask, ks, cols, t, N_IN, sa_r, sa_t, sm_i, sm_t,
+                          0, BK, BH, PREC)
+        r = _sigmoid(acc + tl.load(bp)[None, :])
+        acc = r * (tl.dot(hw, _w_tile(w_ptr, cols, 2, ws, BH), zero, input_precision=PREC)
+                   + tl.load(bp + 3 * BH)[None, :]) + tl.load(bp + 2 * BH)[None, :]
+        n = _tanh(_input_part(acc, a_ptr, m_ptr, rows, rmask, ks, cols, t, N_IN, sa_r, sa_t,
+                              sm_i, sm_t, 2, BK, BH, PREC))
+        acc = _input_part(tl.dot(hw, _w_tile(w_ptr, cols, 1, ws, BH), zero, input_precision=PREC),
+                          a_ptr, m_ptr, rows, rmask, ks, cols, t, N_IN, sa_r, sa_t, sm_i, sm_t,
+                          1, BK, BH, PREC)
+        z = _sigmoid(acc + tl.load(bp + BH)[None, :])
         h = (1.0 - z) * n + z * h
     tl.store(out_ptr + rows[:, None] * so_r + cols[None, :], h,
-             mask=rmask[:, None] & cmask[None, :])
+             mask=rmask[:, None] & (cols < H)[None, :])
 
 
 def launch_settings(hidden: int, inputs: int) -> dict:
     """Block sizes and warps of a launch: ``BH`` (padded hidden size), ``BK`` (input columns per
-    product), ``BLOCK_R`` (rows per program: five ``BLOCK_R x BH`` float32 tiles live in
-    registers) and ``num_warps``."""
+    product), ``BLOCK_R`` (rows per program) and ``num_warps``. At ``BH = 128`` 32 rows and 8
+    warps compile for an H100 (sm_90a) without spills in float16/bfloat16 (255 registers, no
+    stack; 64 rows spill about 100 bytes per thread), as the compiled kernel's resource usage
+    shows (``tests/test_triton.py::test_gru_scan_compiles_for_hopper_within_its_limits``)."""
     bh = max(16, triton.next_power_of_2(hidden))
     bk = min(64, max(16, triton.next_power_of_2(inputs)))
-    block_r = max(16, min(64, 8192 // bh))
+    block_r = max(16, min(32, 4096 // bh))
     return {"BLOCK_R": block_r, "BK": bk, "BH": bh,
-            "num_warps": 8 if block_r * bh >= 8192 else 4}
+            "num_warps": 8 if block_r * bh >= 4096 else 4}
 
 
 def scan(a: torch.Tensor, m: torch.Tensor, w_hh_t: torch.Tensor, bias: torch.Tensor,
@@ -135,8 +155,18 @@ def scan(a: torch.Tensor, m: torch.Tensor, w_hh_t: torch.Tensor, bias: torch.Ten
         if x.shape[0] and x.stride(-1) != 1:
             raise ValueError("the GRU scan kernel needs contiguous rows (column stride 1)")
     s = dict(launch_settings(hidden, inputs), **(settings or {}))
+    bh, bk = s["BH"], s["BK"]
+    steps_m = 1 if m_step_stride == 0 else steps
+    # zero-padded copies: BH units per gate, the inputs to whole BK blocks
+    mp = torch.zeros(triton.cdiv(inputs, bk) * bk, steps_m, 3, bh, dtype=m.dtype, device=m.device)
+    mp[:inputs, :, :, :hidden] = torch.as_strided(
+        m, (inputs, steps_m, 3, hidden), (m.stride(0), m_step_stride, hidden, 1))
+    wp = torch.zeros(bh, 3, bh, dtype=m.dtype, device=m.device)
+    wp[:hidden, :, :hidden] = w_hh_t.view(hidden, 3, hidden)
+    bp = torch.zeros(4, bh, dtype=torch.float32, device=m.device)
+    bp[:, :hidden] = bias.view(4, hidden)
     grid = (triton.cdiv(n_rows, s["BLOCK_R"]),)
-    _gru_scan[grid](a, m, w_hh_t, bias, out, n_rows, steps, inputs, hidden,
-                    a.stride(0), a_step_stride, m.stride(0), m_step_stride, w_hh_t.stride(0),
-                    out.stride(0), BLOCK_R=s["BLOCK_R"], BK=s["BK"], BH=s["BH"],
-                    PREC=precision, num_warps=s["num_warps"], num_stages=1)
+    _gru_scan[grid](a, mp, wp, bp, out, n_rows, steps, inputs, hidden,
+                    a.stride(0), a_step_stride, mp.stride(0), 0 if steps_m == 1 else mp.stride(1),
+                    0, out.stride(0), BLOCK_R=s["BLOCK_R"], BK=bk, BH=bh, PREC=precision,
+                    W_RELOAD=m.element_size() > 2, num_warps=s["num_warps"], num_stages=1)

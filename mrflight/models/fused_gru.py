@@ -1,13 +1,16 @@
 """Inference-only GRU forward on the GPU, numerically the function of ``nn.GRU`` (up to rounding).
 
-A one-layer unidirectional GRU of at most 128 units in float32 (the default regressor's) runs in
-one launch of the scan kernel (:func:`scan_gru`, :mod:`mrflight.models._gru_scan_triton`): each
-program keeps its samples' state in registers for all steps and computes both projections of a
-step as tensor-core products, so neither is written to memory; with a subspace basis it reads
-the coordinates and the folded weights (:func:`folded_weights`), never the fingerprint.
+A one-layer unidirectional GRU of at most 128 units in float32 (the default regressor's), with
+TF32 or half-precision products (``predict_parameters(..., precision="tf32"/"bf16"/"fp16")``),
+runs in one launch of the scan kernel (:func:`scan_gru`,
+:mod:`mrflight.models._gru_scan_triton`): each program keeps its samples' state in registers for
+all steps and computes both projections of a step as tensor-core products, so neither is written
+to memory; with a subspace basis it reads the coordinates and the folded weights
+(:func:`folded_weights`), never the fingerprint.
 
-Other GRUs (stacked, bidirectional, wider, float64) take the per-step path, which organises the
-work as large GEMMs (cuDNN's GRU reached about 3.2 M fingerprints/s on an H200 for a regressor
+Other GRUs (stacked, bidirectional, wider, float64) and IEEE float32 products take the per-step
+path, which organises the work as large GEMMs (cuDNN's GRU reached about 3.2 M fingerprints/s on an
+H200 for a regressor
 of 35 steps of 50 values and 100 units):
 
 1. the input projections of all steps of a layer, ``(B*S, I) @ W_ih^T``, in one GEMM (both
@@ -248,7 +251,10 @@ def run_fused_gru(rnn: nn.GRU, x: torch.Tensor, fold: torch.Tensor | None = None
     else :func:`fused_gru` with the Triton gates; ``None`` (the caller runs ``nn.GRU``) after a
     kernel failure (e.g. a GPU Triton cannot compile for), which warns once and disables that
     kernel. Elsewhere :func:`fused_gru` with the torch gates."""
-    if _triton_device(x) and scan_eligible(rnn, x):
+    # IEEE float32 products run on the FMA units, where the scan kernel spills (its compiled
+    # stack is 6.6 kB per thread on an H100): cuBLAS's per-step GEMMs serve them better
+    if (_triton_device(x) and scan_eligible(rnn, x)
+            and _operands(x.device) != (torch.float32, "ieee")):
         out = guarded_kernel(lambda: scan_gru(rnn, x, fold), "the GRU scan kernel",
                              "using the per-step GRU kernels")
         if out is not None:

@@ -370,8 +370,8 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
         k_chunk: states updated per step of a program's inner loop (a power of two).
         num_warps: warps per program (``None``: Triton's default).
         z_registers: without ``wrt``, run :func:`_epg_fisp_zreg_kernel` (``Z`` in registers; one
-            launch per power-of-two bucket of state counts, its own atoms per program and warps;
-            ``block_a``, ``k_chunk`` and ``num_warps`` are not used).
+            launch per power-of-two bucket of state counts, its own atoms per program,
+            :func:`_zreg_launch`; ``block_a`` and ``k_chunk`` are not used, ``num_warps`` is).
         chunk_size: atoms per launch (default: all, up to a scratch budget of 2 GiB).
         progress: optional ``progress(n_done_atoms)`` called after every launch.
 
@@ -414,8 +414,9 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
     n_sets = 1 + sum(flags)
     # programs of BLOCK_A sorted atoms; the count of a program is that of its last atom
     if z_registers and not wrt:
+        done = 0  # the buckets run largest counts first: count the atoms, not the end index
         for a0, a1, kp in _buckets(ks):  # the largest counts first (the longest programs)
-            ba = max(8, min(32, 4096 // kp))
+            ba, nw = _zreg_launch(kp, num_warps)
             for b0, b1_, kg, so, scratch in _program_launches(ks[a0:a1], ba, 2, dt, dev,
                                                               chunk_size):
                 b0, b1_ = a0 + b0, a0 + b1_
@@ -423,9 +424,10 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
                     alpha, sgn, tr, r1[b0:b1_], r2[b0:b1_], b1s[b0:b1_], z0[b0:b1_],
                     kst[b0:b1_], idx[b0:b1_], kg, so, scratch, xr, b1_ - b0, T,
                     float(seq.te_ms), xr.stride(0), xr.stride(1), ACC=accurate, BLOCK_A=ba,
-                    KP=kp, num_warps=8 if kp * ba >= 4096 else 4)
+                    KP=kp, num_warps=nw)
+                done += b1_ - b0
                 if progress is not None:
-                    progress(b1_)
+                    progress(done)
         return x, None
     kc = min(int(k_chunk), triton.next_power_of_2(int(ks.max())))
     launch = {} if num_warps is None else {"num_warps": int(num_warps)}
@@ -441,6 +443,15 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
         if progress is not None:
             progress(a1)
     return x, (jac if wrt else None)
+
+
+def _zreg_launch(kp: int, num_warps: int | None = None) -> tuple[int, int]:
+    """Atoms per program and warps of :func:`_epg_fisp_zreg_kernel` for a bucket of ``kp``
+    states: blocks of at most 4096 states x atoms (8 to 32 atoms), 8 warps for the full ones
+    (no spills on an H100 up to ``kp = 512``, ``tests/test_triton.py``); ``num_warps``
+    overrides the warps."""
+    ba = max(8, min(32, 4096 // kp))
+    return ba, int(num_warps) if num_warps else (8 if kp * ba >= 4096 else 4)
 
 
 def _buckets(ks: np.ndarray):
