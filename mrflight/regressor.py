@@ -411,12 +411,13 @@ class MRFRegressor(L.LightningModule):
             signals: ``(N, T)`` or ``(T,)``, complex or magnitude, numpy or torch, at any scale;
                 preprocessed exactly as in training (magnitude, L2-normalised; or the two
                 channels of the normalised complex signal for ``input_mode="complex"``).
-            batch_size: inference chunk size; default 256 on a CPU (the fastest or close to it
-                for every default model: larger chunks fall out of cache, see
-                ``benchmarks/inference_speed.py``) and 65536 on a GPU (which needs large batches
-                to fill it). Signals given as a tensor on the model's GPU are preprocessed there
-                with no host round trip: the way to the GPU's full speed (a CPU tensor is copied
-                chunk by chunk, and the GRU reads faster than PCIe delivers).
+            batch_size: inference chunk size; default on a CPU the network's
+                ``cpu_batch_size`` (256, the fastest or close to it for the default models, see
+                ``benchmarks/inference_speed.py``; 1024 for a GRU with a subspace basis) and
+                65536 on a GPU (which needs large batches to fill it). Signals given as a
+                tensor on the model's GPU are preprocessed there with no host round trip: the
+                way to the GPU's full speed (a CPU tensor is copied chunk by chunk, and the GRU
+                reads faster than PCIe delivers).
             precision: ``"fp32"`` (default), ``"tf32"`` (float32 matrix products on TF32 tensor
                 cores, CUDA), ``"bf16"`` (bfloat16 autocast, CUDA or CPU) or ``"fp16"``
                 (float16 autocast, CUDA: the fastest GRU on an H100 with the smallest change of
@@ -439,7 +440,8 @@ class MRFRegressor(L.LightningModule):
             raise ValueError("precision='fp16' (float16 autocast) needs the model on a CUDA GPU; "
                              "on a CPU use precision='bf16'")
         if batch_size is None:
-            batch_size = 65536 if self.device.type == "cuda" else 256
+            batch_size = (65536 if self.device.type == "cuda"
+                          else int(getattr(self.net, "cpu_batch_size", 256)))
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batch_size = int(batch_size)

@@ -453,7 +453,8 @@ def test_regressor_runs_the_fused_gru_as_nn_gru(monkeypatch, kwargs):
 def test_a_subspace_gru_runs_the_folded_projections_on_the_cpu_in_inference(monkeypatch, rank):
     """On the CPU, in eval mode without autograd, a GRU with a subspace basis runs the torch
     gates on the projections folded from its coordinates (the outputs of nn.GRU on the rebuilt
-    fingerprint to float32 rounding); with autograd, or without a basis, nn.GRU runs."""
+    fingerprint to float32 rounding) for batches of CPU_MIN_BATCH and more; with autograd,
+    below that batch, or without a basis, nn.GRU runs."""
     from mrflight.models import fused_gru
 
     calls = []
@@ -465,14 +466,40 @@ def test_a_subspace_gru_runs_the_folded_projections_on_the_cpu_in_inference(monk
                        rank=rank, head_coordinates=True).eval()
     if rank:
         net.set_basis(torch.linalg.qr(torch.randn(30, rank, dtype=torch.float64))[0])
-    x = torch.randn(33, 2, 30)
+    x = torch.randn(fused_gru.CPU_MIN_BATCH, 2, 30)
     with torch.no_grad():
         got = net(x)
-    assert len(calls) == (net.n_steps if rank else 0)
-    calls.clear()
+        assert len(calls) == (net.n_steps if rank else 0)
+        calls.clear()
+        small = net(x[:33])  # a small batch: nn.GRU
+        assert not calls
     ref = net(x)  # autograd on: nn.GRU
     assert not calls
     torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(small, ref[:33].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_parameters_gives_a_subspace_gru_chunks_of_1024_on_the_cpu():
+    """The folded projections run from CPU_MIN_BATCH signals on: predict_parameters' CPU chunk
+    is 1024 for a GRU with a basis, 256 for the others (a GRU without one, the LSTM)."""
+    from mrflight.models import LSTMRegressor
+    from mrflight.models.fused_gru import CPU_MIN_BATCH
+    from mrflight.regressor import MRFRegressor
+
+    def net(cls, rank):
+        n = cls(input_length=30, hidden_size=4, values_per_step=10, rank=rank)
+        if rank:
+            n.set_basis(torch.linalg.qr(torch.randn(30, rank, dtype=torch.float64))[0])
+        return n
+
+    gru = net(GRURegressor, 3)
+    assert gru.cpu_batch_size == 2 * CPU_MIN_BATCH == 1024
+    assert net(GRURegressor, 0).cpu_batch_size == net(LSTMRegressor, 3).cpu_batch_size == 256
+    module = MRFRegressor(gru, input_mode="magnitude")
+    seen = []
+    gru.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    module.predict_parameters(torch.rand(2500, 30))
+    assert seen == [1024, 1024, 452]
 
 
 def test_fused_gru_failure_warns_and_falls_back(monkeypatch):

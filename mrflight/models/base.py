@@ -25,6 +25,10 @@ class Regressor(nn.Module):
     :meth:`_forward` on ``(B, C, T)`` inputs already scaled by ``sqrt(T)``.
     """
 
+    #: inference chunk of ``predict_parameters`` on a CPU: 256 is the fastest or close to it for
+    #: every default model (larger chunks fall out of cache; ``benchmarks/inference_speed.py``)
+    cpu_batch_size = 256
+
     def __init__(self, input_length: int, in_channels: int = 1, n_outputs: int = 2) -> None:
         super().__init__()
         if int(input_length) < 1:

@@ -40,7 +40,7 @@ from torch import nn
 from mrflight.physics._triton_glue import LazyKernel, guarded_kernel
 
 __all__ = ["fused_gru", "folded_projection", "folded_weights", "gru_gates_torch", "triton_gates",
-           "fused_gru_available", "scan_gru", "scan_eligible", "run_fused_gru"]
+           "fused_gru_available", "scan_gru", "scan_eligible", "run_fused_gru", "CPU_MIN_BATCH"]
 
 
 def gru_gates_torch(gi: torch.Tensor, gh: torch.Tensor | None, h: torch.Tensor | None,
@@ -169,15 +169,22 @@ def triton_gates():
     return _KERNEL.get()
 
 
+#: the smallest batch for which the CPU runs the folded projections (below, nn.GRU)
+CPU_MIN_BATCH = 512
+
+
 def fused_gru_available(rnn: nn.Module, x: torch.Tensor, folded: bool = False) -> bool:
     """Whether ``RecurrentRegressor`` runs :func:`run_fused_gru` instead of ``nn.GRU``: a GRU in
     eval mode, no autograd, not being traced for export, and either CUDA input with Triton
-    usable, or (``folded``) the subspace coordinates on another device, where the torch gates
-    on the folded projections beat ``nn.GRU`` on the rebuilt fingerprint (the CPU: 1.8x at
-    batches of 1024, the same at 256; README, Performance)."""
+    usable, or (``folded``) a batch of at least :data:`CPU_MIN_BATCH` subspace coordinates on
+    another device: there the torch gates on the folded projections beat ``nn.GRU`` on the
+    rebuilt fingerprint (the CPU: 1.3-1.9x at batches of 1024), while at small batches their
+    per-step calls cost more than they save (a batch of 1: 1.6-2.2 ms against 0.5 ms; README,
+    Performance)."""
     return (type(rnn) is nn.GRU and not rnn.training and not torch.is_grad_enabled()
             and not torch.jit.is_tracing()
-            and ((x.is_cuda and triton_gates() is not None) or (folded and not x.is_cuda)))
+            and ((x.is_cuda and triton_gates() is not None)
+                 or (folded and not x.is_cuda and x.shape[0] >= CPU_MIN_BATCH)))
 
 
 _SCAN = LazyKernel("mrflight.models._gru_scan_triton")

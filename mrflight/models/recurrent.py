@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import Regressor, hidden_layers
-from .fused_gru import folded_weights, fused_gru_available, run_fused_gru
+from .fused_gru import CPU_MIN_BATCH, folded_weights, fused_gru_available, run_fused_gru
 from .subspace import SubspaceBasis
 
 __all__ = ["RecurrentRegressor", "LSTMRegressor", "GRURegressor"]
@@ -96,6 +96,13 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
             + (self.in_channels * self.rank if self.head_coordinates else 0), self.head_sizes)
         self.head = nn.Sequential(*layers)  # empty: no parameters, the paper's read-out
         self.fc = nn.Linear(width, self.n_outputs)
+
+    @property
+    def cpu_batch_size(self) -> int:
+        """``predict_parameters``' CPU chunk: 1024 for a GRU with a subspace basis, which runs
+        the folded projections from :data:`~mrflight.models.fused_gru.CPU_MIN_BATCH` signals on
+        (1.4x nn.GRU's best batch, 1.6x at 1024, in ``benchmarks/inference_speed.py``), else 256."""
+        return 2 * CPU_MIN_BATCH if self.rank and self.rnn_class is nn.GRU else 256
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
