@@ -127,6 +127,37 @@ def _pulse(alpha, sgn, tr, r1c, r2c, b1c):
 
 
 @triton.jit
+def _pq_offsets(ps, qs, k, kg, base, cols, BLOCK_A: tl.constexpr):
+    """Scratch offsets of states ``k`` of ``p`` and ``q``: circular buffers of ``K = kg`` rows
+    of ``BLOCK_A`` atoms whose state 0 sits at row ``ps`` (``qs``)."""
+    pi = ps + k
+    pi = tl.where(pi >= kg, pi - kg, pi)
+    qi = qs + k
+    qi = tl.where(qi >= kg, qi - kg, qi)
+    return (base + pi * BLOCK_A + cols[None, :],
+            base + kg * BLOCK_A + qi * BLOCK_A + cols[None, :])
+
+
+@triton.jit
+def _program(r1_ptr, r2_ptr, b1_ptr, kst_ptr, idx_ptr, kg_ptr, soff_ptr, n,
+             BLOCK_A: tl.constexpr):
+    """This program's atoms: ``(pid, cols, mask, offsets, 1/T1, 1/T2, B1, state counts, output
+    rows, K, scratch offset)``; ``K`` is the largest count of its atoms. The last programs hold
+    the atoms with the most states: they start first (a shorter tail)."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    cols = tl.arange(0, BLOCK_A)
+    offs = pid * BLOCK_A + cols
+    am = offs < n
+    r1 = tl.load(r1_ptr + offs, mask=am, other=1.0)
+    r2 = tl.load(r2_ptr + offs, mask=am, other=1.0)
+    b1 = tl.load(b1_ptr + offs, mask=am, other=1.0)
+    kst = tl.load(kst_ptr + offs, mask=am, other=0)
+    row = tl.load(idx_ptr + offs, mask=am, other=0)
+    return (pid, cols, am, offs, r1, r2, b1, kst, row, tl.load(kg_ptr + pid),
+            tl.load(soff_ptr + pid))
+
+
+@triton.jit
 def _epg_fisp_kernel(
     alpha_ptr, sgn_ptr, tr_ptr,                    # (T,) nominal flip (rad), cos(phase), TR (ms)
     r1_ptr, r2_ptr, b1_ptr, z0_ptr, dz0_ptr,       # (n,) per atom, sorted by state count
@@ -141,18 +172,9 @@ def _epg_fisp_kernel(
     J1: tl.constexpr = 1                           # state set of each tangent (0: the value)
     J2: tl.constexpr = 1 + D_T1
     JB: tl.constexpr = 1 + D_T1 + D_T2
-    # the last programs hold the atoms with the most states: start them first (shorter tail)
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    cols = tl.arange(0, BLOCK_A)
-    offs = pid * BLOCK_A + cols
-    am = offs < n
-    r1 = tl.load(r1_ptr + offs, mask=am, other=1.0)
-    r2 = tl.load(r2_ptr + offs, mask=am, other=1.0)
-    b1 = tl.load(b1_ptr + offs, mask=am, other=1.0)
-    kst = tl.load(kst_ptr + offs, mask=am, other=0)
-    row = tl.load(idx_ptr + offs, mask=am, other=0)
-    kg = tl.load(kg_ptr + pid)          # the program's state count K (max over its atoms)
-    base = tl.load(soff_ptr + pid)      # its scratch: per state set [p: K][q: K][z: 2K] x BLOCK_A
+    # its scratch: per state set [p: K][q: K][z: 2K] x BLOCK_A
+    pid, cols, am, offs, r1, r2, b1, kst, row, kg, base = _program(
+        r1_ptr, r2_ptr, b1_ptr, kst_ptr, idx_ptr, kg_ptr, soff_ptr, n, BLOCK_A)
     sset = 4 * kg * BLOCK_A
     # coefficients are computed in CDT (float64 with ACC, as the CPU kernel does), the states
     # and their updates in the working precision WDT of the inputs
@@ -216,12 +238,7 @@ def _epg_fisp_kernel(
             k = kc + rows
             ing = (k < kg) & am[None, :]
             keep = k < kst[None, :]   # per-atom truncation
-            pi = ps + k
-            pi = tl.where(pi >= kg, pi - kg, pi)
-            qi = qs + k
-            qi = tl.where(qi >= kg, qi - kg, qi)
-            poff = base + pi * BLOCK_A + cols[None, :]
-            qoff = base + kg * BLOCK_A + qi * BLOCK_A + cols[None, :]
+            poff, qoff = _pq_offsets(ps, qs, k, kg, base, cols, BLOCK_A)
             zoff = k * BLOCK_A + cols[None, :]
             qm = (k < kg - 1) & am[None, :]
             pm = ing & (k > 0)
@@ -273,17 +290,9 @@ def _epg_fisp_zreg_kernel(
     whole train, only ``p`` and ``q`` go through the scratch (circular buffers, as there): 16
     instead of 24 bytes of scratch traffic per state update. ``Z_0`` is also tracked as a vector
     for the readout."""
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    cols = tl.arange(0, BLOCK_A)
-    offs = pid * BLOCK_A + cols
-    am = offs < n
-    r1 = tl.load(r1_ptr + offs, mask=am, other=1.0)
-    r2 = tl.load(r2_ptr + offs, mask=am, other=1.0)
-    b1 = tl.load(b1_ptr + offs, mask=am, other=1.0)
-    kst = tl.load(kst_ptr + offs, mask=am, other=0)
-    row = tl.load(idx_ptr + offs, mask=am, other=0)
-    kg = tl.load(kg_ptr + pid)          # the program's state count K <= KP
-    base = tl.load(soff_ptr + pid)      # its scratch: [p: K][q: K] x BLOCK_A
+    # its state count K <= KP; its scratch: [p: K][q: K] x BLOCK_A
+    pid, cols, am, offs, r1, r2, b1, kst, row, kg, base = _program(
+        r1_ptr, r2_ptr, b1_ptr, kst_ptr, idx_ptr, kg_ptr, soff_ptr, n, BLOCK_A)
     WDT: tl.constexpr = r1_ptr.dtype.element_ty
     CDT: tl.constexpr = tl.float64 if ACC else WDT
     r1c = r1.to(CDT)
@@ -315,12 +324,7 @@ def _epg_fisp_zreg_kernel(
                      other=0.0)
         tl.store(out_ptr + row * so_a + i * so_t, (ca.to(WDT) * q0 + sa.to(WDT) * z0) * e2te,
                  mask=am)
-        pi = ps + k
-        pi = tl.where(pi >= kg, pi - kg, pi)
-        qi = qs + k
-        qi = tl.where(qi >= kg, qi - kg, qi)
-        poff = base + pi * BLOCK_A + cols[None, :]
-        qoff = base + kg * BLOCK_A + qi * BLOCK_A + cols[None, :]
+        poff, qoff = _pq_offsets(ps, qs, k, kg, base, cols, BLOCK_A)
         q = tl.load(scratch_ptr + qoff, mask=qm, other=0.0)
         p = tl.where(k == 0, q, tl.load(scratch_ptr + poff, mask=pm, other=0.0))
         t = p + q
