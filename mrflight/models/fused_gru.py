@@ -1,4 +1,5 @@
-"""Inference-only GRU forward on the GPU, numerically the function of ``nn.GRU`` (up to rounding).
+"""Inference-only GRU forward, numerically the function of ``nn.GRU`` (up to rounding): Triton
+kernels on the GPU, and on the CPU the per-step path below with the torch gates.
 
 A one-layer unidirectional GRU of at most 128 units in float32 (the default regressor's), with
 TF32 or half-precision products (``predict_parameters(..., precision="tf32"/"bf16"/"fp16")``),
@@ -9,9 +10,8 @@ to memory; with a subspace basis it reads the coordinates and the folded weights
 (:func:`folded_weights`), never the fingerprint.
 
 Other GRUs (stacked, bidirectional, wider, float64) and IEEE float32 products take the per-step
-path, which organises the work as large GEMMs (cuDNN's GRU reached about 3.2 M fingerprints/s on an
-H200 for a regressor
-of 35 steps of 50 values and 100 units):
+path, which organises the work as large GEMMs (cuDNN's GRU reached about 3.2 M fingerprints/s on
+an H200 for a regressor of 35 steps of 50 values and 100 units):
 
 1. the input projections of all steps of a layer, ``(B*S, I) @ W_ih^T``, in one GEMM (both
    directions at once: their weights are stacked); for a regressor with a subspace basis, the
@@ -149,15 +149,13 @@ def folded_weights(rnn: nn.GRU, basis: torch.Tensor, values_per_step: int) -> to
     return m.reshape(c * r, steps * j)
 
 
-def folded_projection(rnn: nn.GRU, coef: torch.Tensor, basis: torch.Tensor,
-                      values_per_step: int) -> torch.Tensor:
+def folded_projection(rnn: nn.GRU, coef: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:
     """The first layer's input projections ``(B, S, D*3H)`` of a fingerprint given by its
-    subspace coordinates ``coef`` ``(B, C, R)``, without rebuilding it (:func:`folded_weights`).
-    """
-    steps = -(-basis.shape[0] // values_per_step)
-    m = folded_weights(rnn, basis, values_per_step)
-    return torch.mm(coef.reshape(coef.shape[0], -1), m.to(coef.dtype)).view(coef.shape[0], steps,
-                                                                          -1)
+    subspace coordinates ``coef`` ``(B, C, R)``, one GEMM with the folded weights ``fold``
+    (:func:`folded_weights`), without rebuilding the fingerprint."""
+    per_step = 3 * rnn.hidden_size * (2 if rnn.bidirectional else 1)
+    b = coef.shape[0]
+    return torch.mm(coef.reshape(b, -1), fold.to(coef.dtype)).view(b, -1, per_step)
 
 
 _KERNEL = LazyKernel("mrflight.models._gru_triton", "gates")
@@ -268,8 +266,7 @@ def run_fused_gru(rnn: nn.GRU, x: torch.Tensor, fold: torch.Tensor | None = None
             return out
         _SCAN.disable()
     if fold is not None:  # the first layer's projections of all steps, materialised
-        steps = fold.shape[1] // (3 * rnn.hidden_size * (2 if rnn.bidirectional else 1))
-        x = torch.mm(x.reshape(x.shape[0], -1), fold.to(x.dtype)).view(x.shape[0], steps, -1)
+        x = folded_projection(rnn, x, fold)
     if not _triton_device(x):
         return fused_gru(rnn, x, gru_gates_torch, fold is not None)
     out = guarded_kernel(lambda: fused_gru(rnn, x, triton_gates(), fold is not None),
