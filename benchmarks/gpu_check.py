@@ -31,7 +31,7 @@ timings after a warm-up; the first call (Triton JIT compilation included) is rep
 
 Usage (from the repository root; needs torch, triton, numpy and, for the GRU row, omegaconf)::
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py            # 2.5 min on an H100 (--no-tests)
+    PYTHONPATH=. python3 benchmarks/gpu_check.py            # within --budget (270 s) + tests
     PYTHONPATH=. python3 benchmarks/gpu_check.py --smoke    # every row on the CPU, tiny sizes,
                                                             # kernels through TRITON_INTERPRET=1
 """
