@@ -176,7 +176,7 @@ def fused_gru_available(rnn: nn.Module, x: torch.Tensor, folded: bool = False) -
     eval mode, no autograd, not being traced for export, and either CUDA input with Triton
     usable, or (``folded``) a batch of at least :data:`CPU_MIN_BATCH` subspace coordinates on
     another device: there the torch gates on the folded projections beat ``nn.GRU`` on the
-    rebuilt fingerprint (the CPU: 1.3-1.9x at batches of 1024), while at small batches their
+    rebuilt fingerprint (the CPU: 1.35-1.47x at batches of 1024), while at small batches their
     per-step calls cost more than they save (a batch of 1: 1.6-2.2 ms against 0.5 ms; README,
     Performance)."""
     return (type(rnn) is nn.GRU and not rnn.training and not torch.is_grad_enabled()

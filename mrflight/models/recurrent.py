@@ -101,7 +101,8 @@ class RecurrentRegressor(SubspaceBasis, Regressor):
     def cpu_batch_size(self) -> int:
         """``predict_parameters``' CPU chunk: 1024 for a GRU with a subspace basis, which runs
         the folded projections from :data:`~mrflight.models.fused_gru.CPU_MIN_BATCH` signals on
-        (1.4x nn.GRU's best batch, 1.6x at 1024, in ``benchmarks/inference_speed.py``), else 256."""
+        (1.2-1.4x nn.GRU's best batch, 1.35-1.47x at 1024, in
+        ``benchmarks/inference_speed.py``), else 256."""
         return 2 * CPU_MIN_BATCH if self.rank and self.rnn_class is nn.GRU else 256
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

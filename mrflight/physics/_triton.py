@@ -416,7 +416,6 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
     flags = [int(w in wrt) for w in PARAMS]
     cols = [wrt.index(w) if w in wrt else 0 for w in PARAMS]
     n_sets = 1 + sum(flags)
-    # programs of BLOCK_A sorted atoms; the count of a program is that of its last atom
     if z_registers and not wrt:
         done = 0  # the buckets run largest counts first: count the atoms, not the end index
         for a0, a1, kp in _buckets(ks):  # the largest counts first (the longest programs)
@@ -429,10 +428,12 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
                     kst[b0:b1_], idx[b0:b1_], kg, so, scratch, xr, b1_ - b0, T,
                     float(seq.te_ms), xr.stride(0), xr.stride(1), ACC=accurate, BLOCK_A=ba,
                     KP=kp, num_warps=nw)
+                del scratch  # freed before the next launch allocates its own
                 done += b1_ - b0
                 if progress is not None:
                     progress(done)
         return x, None
+    # programs of BLOCK_A sorted atoms; the count of a program is that of its last atom
     kc = min(int(k_chunk), triton.next_power_of_2(int(ks.max())))
     launch = {} if num_warps is None else {"num_warps": int(num_warps)}
     for a0, a1, kg, so, scratch in _program_launches(ks, block_a, 4 * n_sets, dt, dev,
@@ -444,6 +445,7 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
             xr.stride(0), xr.stride(1), jr.stride(0), jr.stride(1), jr.stride(2),
             *cols, *flags, ACC=accurate, BLOCK_A=block_a, KC=kc, **launch,
         )
+        del scratch  # freed before the next launch allocates its own
         if progress is not None:
             progress(a1)
     return x, (jac if wrt else None)
@@ -488,5 +490,5 @@ def _program_launches(ks: np.ndarray, block_a: int, sets: int, dt: torch.dtype, 
         yield (p0 * block_a, min(n, p1 * block_a),
                torch.as_tensor(kg_all[p0:p1].astype(np.int32), device=dev),
                torch.as_tensor(soff.astype(np.int64), device=dev), scratch)
-        del scratch
+        del scratch  # (the caller drops its reference too: one scratch alive at a time)
         p0 = p1
