@@ -14,8 +14,9 @@ written to ``OUT/gpu_check.md`` and ``OUT/gpu_check.json``; a ``--smoke`` run to
 * the blochsim benchmark case (100 000 atoms, inversion + 500 pulses, TR 10 ms, 32 states);
 * the Jacobian (T1, T2, B1) of 100 000 atoms (blochsim train; oksuz2019 train) in float64
   and float32, and its accuracy;
-* exhaustive matching: exact noise-free atoms and time against a plain float32 GEMM, and the
-  atoms re-scored in float64 per signal (mean and max);
+* exhaustive matching: exact noise-free atoms and time against a plain float32 GEMM, where the
+  time goes (one call under torch's profiler: its top kernels and host synchronisations; and
+  the time with 4x larger blocks), and the atoms re-scored in float64 per signal (mean, max);
 * SVD (rank 25) matching of a 256 x 256 slice against the paper grid;
 * GRU inference (the default model of ``configs/model/gru.yaml`` on complex fingerprints with
   B1; briefly trained here on fresh simulated batches) in fp32/TF32/bf16/fp16
@@ -192,6 +193,37 @@ def fused(seq, t1, t2, b1=None, dtype=torch.float32, wrt=(), k_atom=None, lanes=
     if out is None:
         raise RuntimeError("the fused kernel is unavailable (triton missing or disabled)")
     return out
+
+
+def profile_kernels(fn, ctx: Ctx, top: int = 6) -> tuple[str, int, float, float]:
+    """One call of ``fn`` (after a warm-up) under torch's profiler: ``(the ``top`` kernels by
+    device time, as "name xcount time", host synchronisations, wall s, device busy s)``. On the
+    CPU (smoke mode) the operators by their own CPU time, and busy = wall."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(ctx.dev)
+    cuda = ctx.dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync(ctx.dev)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+
+    def own(e):  # microseconds
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    # on CUDA the kernels and copies (device time), not the runtime calls that launch them
+    kept = [e for e in events if own(e) > 0 and not (cuda and e.key.startswith("cuda"))]
+    kept.sort(key=own, reverse=True)
+    busy = sum(own(e) for e in kept) / 1e6 if cuda else wall
+    names = ", ".join(f"{e.key[:48]} x{e.count} {own(e) / 1e3:.1f} ms" for e in kept[:top])
+    syncs = sum(e.count for e in events
+                if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                             "cudaEventSynchronize"))
+    return names.replace("|", "/"), syncs, wall, busy
 
 
 def ms(s: float) -> str:
@@ -446,6 +478,25 @@ def main() -> int:
         state["gemm_s"] = tg
         return (f"{tm / tg:.2f}x", tm / tg <= 1.2,
                 f"match {ms(tm)}, GEMM {ms(tg)} (IEEE float32) for {len(pick)} noisy signals")
+
+    @row("exhaustive matching: where its time goes (one call profiled; 4x larger blocks)", "", 40)
+    def _():
+        import mrflight.matching as matching
+
+        mt, pick = state["matcher"], state["pick"]
+        noisy = add_noise(state["atoms"][pick], 0.01,
+                          generator=torch.Generator(device=dev).manual_seed(0)).to(dev)
+        top, syncs, wall, busy = profile_kernels(lambda: mt.match(noisy), ctx)
+        blocks = matching.DEFAULT_BLOCK_BYTES
+        try:  # fewer, larger signal blocks: is the cost per block?
+            matching.DEFAULT_BLOCK_BYTES = 4 * blocks
+            _, big = bench(lambda: mt.match(noisy), ctx)
+        finally:
+            matching.DEFAULT_BLOCK_BYTES = blocks
+        gemm = state.get("gemm_s")
+        ratio = f", {big / gemm:.2f}x the GEMM" if gemm else ""
+        return (ms(busy), None, f"wall {ms(wall)}, device busy {ms(busy)}, {syncs} host syncs; "
+                f"top kernels: {top}; with 4x larger blocks {ms(big)}{ratio}")
 
     @row("exhaustive matching: atoms re-scored in float64 per signal (mean / max)", "", 40)
     def _():

@@ -90,7 +90,8 @@ def launch_row_max(s, a, out, *, m_pad, per_split, blocks, complex_, precision):
     bm, bn, warps, stages = blocks
     grid = (triton.cdiv(s.shape[0], bm), m_pad // per_split)
     _row_max_kernel[grid](s, a, out, s.shape[0], m_pad, per_split, KP=s.shape[1], BM=bm, BN=bn,
-                          COMPLEX=complex_, PREC=precision, num_warps=warps, num_stages=stages)
+                          COMPLEX=complex_, PREC=precision, num_warps=warps, num_stages=stages,
+                          enable_fp_fusion=True)
 
 
 def launch_candidates(s, a, thr, capacity, *, m, m_pad, per_split, blocks, complex_, precision):
@@ -105,7 +106,8 @@ def launch_candidates(s, a, thr, capacity, *, m, m_pad, per_split, blocks, compl
     grid = (triton.cdiv(s.shape[0], bm), m_pad // per_split)
     _candidates_kernel[grid](s, a, thr, rows, cols, count, s.shape[0], m, m_pad, per_split,
                              capacity, KP=s.shape[1], BM=bm, BN=bn, COMPLEX=complex_,
-                             PREC=precision, num_warps=warps, num_stages=stages)
+                             PREC=precision, num_warps=warps, num_stages=stages,
+                             enable_fp_fusion=True)
     return rows, cols, count[0]
 
 
@@ -148,5 +150,5 @@ def launch_pair_scores(s, a, rows, cols, *, complex_):
         length = s.shape[1]
         _pair_scores_kernel[(triton.cdiv(len(rows), bp),)](
             s, a, rows, cols, out, len(rows), length, s.stride(0), a.stride(0),
-            COMPLEX=complex_, BP=bp, BT=bt, num_warps=4)
+            COMPLEX=complex_, BP=bp, BT=bt, num_warps=4, enable_fp_fusion=True)
     return out

@@ -17,7 +17,8 @@ shows the same errors as the GPU. Triton's interpreter ignores ``input_precision
 Error bound (:func:`error_bound`), with ``u = 2^-24``, ``d = 2^-10`` (TF32 rounding, relative,
 truncation-safe), ``k`` the real products per dot (``K``; complex ``2K``):
 ``|computed - exact| <= beta * ||s|| * ||a||`` where the accumulation of ``k`` products costs
-``gamma_k ~ k u`` with round-to-nearest FMAs (ieee: Triton's FMA loop, BLAS on the CPU) and
+``gamma_k ~ k u`` with round-to-nearest FMAs (ieee: Triton's FMA loop, ``enable_fp_fusion`` pinned
+at every launch as Triton 3.10 turns it off by default; BLAS on the CPU) and
 ``2 k u`` on tensor cores (a factor 2 for their truncating, unspecified-order accumulation), times
 ``sum |s_j a_j| <= ||s|| ||a||`` (Cauchy-Schwarz), and
 

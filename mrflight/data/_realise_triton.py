@@ -106,5 +106,6 @@ def realise_fused(clean: torch.Tensor, noise_std: torch.Tensor, nr: torch.Tensor
                              x if phi is None else phi.to(torch.float32).contiguous(),
                              sigma.contiguous(), out, t, realizations,
                              COMPLEX=input_mode == "complex", PHASE=phi is not None,
-                             BLOCK=block, num_warps=4 if block <= 2048 else 8)
+                             BLOCK=block, num_warps=4 if block <= 2048 else 8,
+                             enable_fp_fusion=True)
     return out

@@ -169,4 +169,5 @@ def scan(a: torch.Tensor, m: torch.Tensor, w_hh_t: torch.Tensor, bias: torch.Ten
     _gru_scan[grid](a, mp, wp, bp, out, n_rows, steps, inputs, hidden,
                     a.stride(0), a_step_stride, mp.stride(0), 0 if steps_m == 1 else mp.stride(1),
                     0, out.stride(0), BLOCK_R=s["BLOCK_R"], BK=bk, BH=bh, PREC=precision,
-                    W_RELOAD=m.element_size() > 2, num_warps=s["num_warps"], num_stages=1)
+                    W_RELOAD=m.element_size() > 2, num_warps=s["num_warps"], num_stages=1,
+                    enable_fp_fusion=True)

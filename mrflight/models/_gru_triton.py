@@ -94,4 +94,4 @@ def gates(gi: torch.Tensor, gh: torch.Tensor | None, h: torch.Tensor | None,
     _gru_gates[grid](gi, gi if first else gh, out if first else h, out, bias, n_rows,
                      gi.stride(0), 0 if first else gh.stride(0), 0 if first else h.stride(0),
                      out.stride(0), H=hidden, HAS_H=not first, BLOCK_R=block_r,
-                     BLOCK_H=block_h)
+                     BLOCK_H=block_h, enable_fp_fusion=True)

@@ -427,7 +427,7 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
                     alpha, sgn, tr, r1[b0:b1_], r2[b0:b1_], b1s[b0:b1_], z0[b0:b1_],
                     kst[b0:b1_], idx[b0:b1_], kg, so, scratch, xr, b1_ - b0, T,
                     float(seq.te_ms), xr.stride(0), xr.stride(1), ACC=accurate, BLOCK_A=ba,
-                    KP=kp, num_warps=nw)
+                    KP=kp, num_warps=nw, enable_fp_fusion=True)
                 del scratch  # freed before the next launch allocates its own
                 done += b1_ - b0
                 if progress is not None:
@@ -443,7 +443,7 @@ def run(seq, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, k_atom: np.nd
             kst[a0:a1], idx[a0:a1], kg, so, scratch, xr, jr,
             a1 - a0, T, float(seq.te_ms),
             xr.stride(0), xr.stride(1), jr.stride(0), jr.stride(1), jr.stride(2),
-            *cols, *flags, ACC=accurate, BLOCK_A=block_a, KC=kc, **launch,
+            *cols, *flags, ACC=accurate, BLOCK_A=block_a, KC=kc, enable_fp_fusion=True, **launch,
         )
         del scratch  # freed before the next launch allocates its own
         if progress is not None:
