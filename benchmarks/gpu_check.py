@@ -17,7 +17,7 @@ written to ``OUT/gpu_check.md`` and ``OUT/gpu_check.json``; a ``--smoke`` run to
 * exhaustive matching: exact noise-free atoms and time against a plain float32 GEMM, where the
   time goes (one call under torch's profiler: its top kernels and host synchronisations; and
   the time with 4x larger blocks), and the atoms re-scored in float64 per signal (mean, max);
-* SVD (rank 25) matching of a 256 x 256 slice against the paper grid;
+* SVD (rank 25) matching of a 256 x 256 slice against the paper grid, and where its time goes;
 * GRU inference (the default model of ``configs/model/gru.yaml`` on complex fingerprints with
   B1; briefly trained here on fresh simulated batches) in fp32/TF32/bf16/fp16
   at batches of 1024, 16 384 and 65 536 through the Triton paths (``mrflight.models.fused_gru``,
@@ -459,13 +459,13 @@ def main() -> int:
             note += f"; same atom as the CPU matcher for {100 * same:.2f} % of {ctx.n_cpu_match}"
             del cm
         state["matcher"], state["pick"] = mt, pick
+        state["noisy"] = add_noise(clean, 0.01,
+                                   generator=torch.Generator(device=dev).manual_seed(0)).to(dev)
         return f"{100 * exact:.2f} %", exact == 1.0, note
 
     @row("exhaustive matching time vs plain float32 GEMM", "<= 1.2x", 30)
     def _():
-        mt, pick = state["matcher"], state["pick"]
-        noisy = add_noise(state["atoms"][pick], 0.01,
-                          generator=torch.Generator(device=dev).manual_seed(0)).to(dev)
+        mt, pick, noisy = state["matcher"], state["pick"], state["noisy"]
         sig = noisy.abs().float()
         sig = sig / sig.norm(dim=1, keepdim=True)
 
@@ -483,9 +483,7 @@ def main() -> int:
     def _():
         import mrflight.matching as matching
 
-        mt, pick = state["matcher"], state["pick"]
-        noisy = add_noise(state["atoms"][pick], 0.01,
-                          generator=torch.Generator(device=dev).manual_seed(0)).to(dev)
+        mt, noisy = state["matcher"], state["noisy"]
         top, syncs, wall, busy = profile_kernels(lambda: mt.match(noisy), ctx)
         blocks = matching.DEFAULT_BLOCK_BYTES
         try:  # fewer, larger signal blocks: is the cost per block?
@@ -500,9 +498,7 @@ def main() -> int:
 
     @row("exhaustive matching: atoms re-scored in float64 per signal (mean / max)", "", 40)
     def _():
-        mt, pick = state["matcher"], state["pick"]
-        noisy = add_noise(state["atoms"][pick], 0.01,
-                          generator=torch.Generator(device=dev).manual_seed(0)).to(dev)
+        mt, pick, noisy = state["matcher"], state["pick"], state["noisy"]
         out = []
         for name, sig in (("noise-free", state["atoms"][pick]), ("noise 0.01", noisy)):
             mt.match(sig)
@@ -528,12 +524,20 @@ def main() -> int:
         same = float((svd.match(sl) == gemm.match(sl)).all(1).double().mean())
         got = svd.match(atoms[state["pick"]])
         exact = float((got == grid.to(dev)[state["pick"]].to(got.dtype)).all(1).double().mean())
-        state.pop("matcher")
+        del state["matcher"], state["noisy"]
+        state["svd"], state["slice"] = svd, sl
         return (ms(t), None, f"{ctx.n_slice} signals, scan: "
                 f"{'fused kernels (3xTF32)' if kernels else 'GEMM blocks'}; the GEMM-block scan "
                 f"{ms(tg)}, same atoms {100 * same:.2f} %; basis built in {build:.2f} s; exact "
                 f"noise-free atoms {100 * exact:.2f} %; atoms re-scored in float64 per signal "
                 f"{float(c.mean()):.1f} mean, {int(c.max())} max")
+
+    @row("SVD matching of the slice: where its time goes (one call profiled)", "", 20)
+    def _():
+        svd, sl = state.pop("svd"), state.pop("slice")
+        top, syncs, wall, busy = profile_kernels(lambda: svd.match(sl), ctx)
+        return (ms(busy), None, f"wall {ms(wall)}, device busy {ms(busy)}, {syncs} host syncs; "
+                f"top kernels: {top}")
 
     @row("GRU inference (the default model: gru.yaml, complex input, T1/T2/B1), fused path vs "
          "cuDNN, fp32 / tf32 / bf16 / fp16", ">= 10 M/s", 60)

@@ -28,7 +28,9 @@ from mrflight.physics.checks import is_number
 from mrflight.run_logging import (
     configure_logging,
     interactive,
+    log_to_file,
     quiet_fresh_checkpoint_dir,
+    test_table,
 )
 
 __all__ = ["train", "evaluate", "check_config", "compose_config"]
@@ -405,7 +407,10 @@ def _fit_and_test(cfg: DictConfig, trainer, module, datamodule, resume_from,
         if trainer.checkpoint_callback is not None and not trainer.fast_dev_run:
             best = trainer.checkpoint_callback.best_model_path or None
         # ckpt_path=None: the module's current weights
-        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        # verbose=False: Lightning's table (one column per test loader, mostly empty cells) is
+        # replaced by test_table's few lines after the run
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True,
+                     verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
@@ -531,7 +536,13 @@ def _train_in(cfg: DictConfig, hc, resume_from, output_dir: Path) -> float | Non
     try:
         _fit_and_test(cfg, trainer, module, datamodule, resume_from, metrics)
         metric = _optimized_metric(cfg, metrics)
-        log.info("metrics: %s", {k: round(v, 3) for k, v in sorted(metrics.items())})
+        table = test_table(metrics)
+        if table:
+            log.info("test of the %s:\n%s", "best checkpoint" if cfg.get("train", True)
+                     else "checkpoint", table)
+        # every metric (also in metrics.json) in the log file; the console gets the table
+        log_to_file(logging.INFO, "metrics: %s",
+                    {k: round(v, 3) for k, v in sorted(metrics.items())})
         if trainer.is_global_zero:
             _write_metrics(output_dir, metrics)
     except BaseException as e:  # the W&B run is marked failed, with the command's status

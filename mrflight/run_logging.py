@@ -8,16 +8,17 @@ and silences warnings that a user cannot act on (listed in :data:`QUIET_WARNINGS
 
 :func:`log_to_file` writes a record to the log file(s) only (used for the error that ends a run
 and for the epoch summaries while a progress bar owns the terminal); :func:`interactive` says
-whether stdout is a terminal.
+whether stdout is a terminal; :func:`test_table` is the few lines that end a training run.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 
-__all__ = ["configure_logging", "log_to_file", "interactive", "QUIET_WARNINGS"]
+__all__ = ["configure_logging", "log_to_file", "interactive", "test_table", "QUIET_WARNINGS"]
 
 log = logging.getLogger("mrflight")
 
@@ -92,3 +93,38 @@ def quiet_fresh_checkpoint_dir(ckpt_dir) -> None:
 
     warnings.filterwarnings("ignore", message=rf"Checkpoint directory "
                             rf"{re.escape(str(ckpt_dir))} exists and is not empty")
+
+
+_TEST_KEY = re.compile(r"^test(?:@([^/]+))?/([a-z0-9]+)_(mae|rmse)_([a-z]+)$")
+
+
+def test_table(metrics: dict) -> str | None:
+    """The test metrics (``test/t1_mae_ms``, ``test@0.01/b1_rmse_pct`` ...) as a few lines: one
+    row for the test set (at its own noise, e.g. drawn per signal from the training range) and
+    one per fixed noise level it was also tested at, MAE / RMSE of every parameter; ``None``
+    without test metrics."""
+    cells: dict = {}
+    units: dict = {}
+    for key, value in metrics.items():
+        found = _TEST_KEY.match(key)
+        if found:
+            noise, name, stat, unit = found.groups()
+            units.setdefault(name, "%" if unit == "pct" else unit)
+            cells[(noise, name, stat)] = value
+    if not cells:
+        return None
+
+    def num(v) -> str:
+        return "-" if v is None else (f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}")
+
+    noises = sorted({n for n, _, _ in cells}, key=lambda n: -1.0 if n is None else float(n))
+    order = ("t1", "t2", "b1")  # the targets' order, others after them
+    units = dict(sorted(units.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order
+                                                       else len(order), kv[0])))
+    head = ["", *(f"{n.upper()} {u} (MAE / RMSE)" for n, u in units.items())]
+    rows = [head] + [["test set" if n is None else f"at noise {n}",
+                      *(f"{num(cells.get((n, p, 'mae')))} / {num(cells.get((n, p, 'rmse')))}"
+                        for p in units)] for n in noises]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  " + "   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                     for r in rows)

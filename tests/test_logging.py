@@ -27,6 +27,13 @@ def test_plain_run_prints_epoch_lines_once_and_no_noise(tmp_path):
     assert "val loss" in epochs[1] and "val T1/T2 MAE" in epochs[1] and epochs[1].endswith(" s")
     log = (out / "train.log").read_text()
     assert sum(" - epoch " in ln for ln in log.splitlines()) == 2
+    # the test metrics as a few lines, not Lightning's wide table; every metric in train.log
+    assert "Test metric" not in text and "DataLoader 0" not in text
+    table = r.stdout.split("test of the best checkpoint:\n", 1)[1].splitlines()
+    assert table[0].split() == ["T1", "ms", "(MAE", "/", "RMSE)", "T2", "ms", "(MAE", "/",
+                                "RMSE)"], table
+    assert table[1].startswith("  test set ") and table[1].count(" / ") == 2, table
+    assert "metrics: {" in log and "metrics: {" not in r.stdout
     # each Lightning message once (not bare and again in Hydra's format)
     assert "\nINFO: " not in "\n" + text
     messages = Counter(ln.split("] - ", 1)[1] for ln in text.splitlines() if "] - " in ln)
