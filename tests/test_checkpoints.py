@@ -492,6 +492,8 @@ def test_a_stored_dictionary_runs_checkpoints_record_its_train_splits_range(real
         assert got.keys() == want.keys(), ckpt
         for k in want:
             np.testing.assert_allclose(got[k], [float(v) for v in want[k]], rtol=1e-6)
+            # the stored values' shortest decimals, as a user reads them in the sidecars
+            assert [repr(v) for v in got[k]] == [str(np.float32(v)) for v in want[k]], got[k]
     assert mrflight.load_checkpoint(real_ckpt).hparams["training_range"] == got
 
 

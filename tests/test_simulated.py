@@ -36,6 +36,13 @@ def test_prior_ranges_and_distribution():
     fixed = ParameterPrior(noise_std=0.01, b1_range=None)
     p, noise = fixed.sample(100, np.random.default_rng(1))
     assert (noise == 0.01).all() and (p[:, 2] == 1).all()
+    # the extremes the simulation's truncation is verified for cover every draw
+    for t2_le_t1 in (True, False):
+        short = ParameterPrior(t1_range=(100, 400), t2_range=(10, 500), t2_le_t1=t2_le_t1)
+        p, _ = short.sample(5000, np.random.default_rng(3))
+        top = short.bounds()
+        assert top["t2_max"] == (400 if t2_le_t1 else 500) >= p[:, 1].max() > 0.9 * top["t2_max"]
+        assert top["t1_max"] == 400 >= p[:, 0].max()
 
 
 @pytest.mark.parametrize("distribution", ["log-uniform", "uniform"])

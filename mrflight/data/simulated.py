@@ -160,11 +160,15 @@ class ParameterPrior:
         noise = np.full(n, lo) if lo == hi else self._draw(rng, lo, hi, n, True)
         return np.stack([t1, t2, b1], axis=1), noise
 
+    @property
+    def t2_top(self) -> float:
+        """The largest T2 drawn: the top of ``t2_range``, capped at T1's top with ``t2_le_t1``."""
+        return min(self.t2_range[1], self.t1_range[1]) if self.t2_le_t1 else self.t2_range[1]
+
     def bounds(self) -> dict:
         """The prior's extremes, for a simulation truncation verified once for all draws."""
         b1 = self.b1_range or (1.0, 1.0)
-        return {"t1_max": self.t1_range[1], "t2_max": min(self.t2_range[1], self.t1_range[1]),
-                "b1_range": b1}
+        return {"t1_max": self.t1_range[1], "t2_max": self.t2_top, "b1_range": b1}
 
 
 def realise(clean: torch.Tensor, noise_std: torch.Tensor, generator: torch.Generator,
@@ -525,8 +529,7 @@ class SimulatedDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
         records it in its checkpoints (``MRFRegressor``'s ``training_range``): maps flag the
         estimates above it."""
         p = self.prior
-        t2_top = min(p.t2_range[1], p.t1_range[1]) if p.t2_le_t1 else p.t2_range[1]
-        return {"t1": list(p.t1_range), "t2": [p.t2_range[0], t2_top]}
+        return {"t1": list(p.t1_range), "t2": [p.t2_range[0], p.t2_top]}
 
     @property
     def eval_set_names(self) -> list[str]:

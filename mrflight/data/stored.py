@@ -241,7 +241,8 @@ class FingerprintDataModule(ModelInputs, TrainingSeed, L.LightningDataModule):
         if self.train_set is None or not len(self.train_set):
             return None
         p = self.train_set.params_ms[:, :2]
-        lo, hi = p.amin(0).tolist(), p.amax(0).tolist()
+        # the shortest decimal of each stored value (34.645546, not float32's 34.645545959...)
+        lo, hi = ([float(str(v)) for v in x.numpy()] for x in (p.amin(0), p.amax(0)))
         return {"t1": [lo[0], hi[0]], "t2": [lo[1], hi[1]]}
 
     def _split_sizes(self, m: int) -> tuple[int, int, int]:
