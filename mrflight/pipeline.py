@@ -540,9 +540,9 @@ def _train_in(cfg: DictConfig, hc, resume_from, output_dir: Path) -> float | Non
         if table:
             log.info("test of the %s:\n%s", "best checkpoint" if cfg.get("train", True)
                      else "checkpoint", table)
-        # every metric (also in metrics.json) in the log file; the console gets the table
-        log_to_file(logging.INFO, "metrics: %s",
-                    {k: round(v, 3) for k, v in sorted(metrics.items())})
+        # every metric (also in metrics.json): in the log file, on the console without a test
+        (log_to_file if table else log.log)(
+            logging.INFO, "metrics: %s", {k: round(v, 3) for k, v in sorted(metrics.items())})
         if trainer.is_global_zero:
             _write_metrics(output_dir, metrics)
     except BaseException as e:  # the W&B run is marked failed, with the command's status
