@@ -89,8 +89,6 @@ def quiet_fresh_checkpoint_dir(ckpt_dir) -> None:
     user cannot act on: ``checkpoints/`` holds the ``config.yaml`` mrflight wrote there first,
     and on a resume the run's own checkpoints (a run is never started in another run's folder,
     see :func:`mrflight.fileio.output_folder`)."""
-    import re
-
     warnings.filterwarnings("ignore", message=rf"Checkpoint directory "
                             rf"{re.escape(str(ckpt_dir))} exists and is not empty")
 
