@@ -196,9 +196,10 @@ def fused(seq, t1, t2, b1=None, dtype=torch.float32, wrt=(), k_atom=None, lanes=
 
 
 def profile_kernels(fn, ctx: Ctx, top: int = 6) -> tuple[str, int, float, float]:
-    """One call of ``fn`` (after a warm-up) under torch's profiler: ``(the ``top`` kernels by
-    device time, as "name xcount time", host synchronisations, wall s, device busy s)``. On the
-    CPU (smoke mode) the operators by their own CPU time, and busy = wall."""
+    """One call of ``fn`` (after a warm-up) under torch's profiler: ``(kernels, syncs, wall,
+    busy)``, the ``top`` kernels by device time ("name xcount time"), the host
+    synchronisations, the wall time and the device's busy time (s). On the CPU (smoke mode) the
+    operators by their own CPU time, and busy = wall."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -215,8 +216,10 @@ def profile_kernels(fn, ctx: Ctx, top: int = 6) -> tuple[str, int, float, float]
     def own(e):  # microseconds
         return e.self_device_time_total if cuda else e.self_cpu_time_total
 
-    # on CUDA the kernels and copies (device time), not the runtime calls that launch them
-    kept = [e for e in events if own(e) > 0 and not (cuda and e.key.startswith("cuda"))]
+    # on CUDA the kernels and copies themselves: a CPU operator's own device time is that of
+    # the kernels it launched, which would count them twice
+    device = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    kept = [e for e in events if own(e) > 0 and e.device_type == device]
     kept.sort(key=own, reverse=True)
     busy = sum(own(e) for e in kept) / 1e6 if cuda else wall
     names = ", ".join(f"{e.key[:48]} x{e.count} {own(e) / 1e3:.1f} ms" for e in kept[:top])
