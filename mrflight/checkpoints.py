@@ -406,6 +406,8 @@ def best_checkpoint(path, warn: bool = True, unloadable: dict | None = None) -> 
             continue
         ranked.append((checkpoint_score(ck, f.name), order, f))
         del ck
+    if not (ranked or last):  # one error naming each file (no warning saying it first)
+        raise ValueError(f"ckpt_path={path}: no checkpoint in {folder} loads ({'; '.join(bad)})")
     if bad and warn:
         warnings.warn(f"skipped checkpoints of {folder} that do not load: {'; '.join(bad)}",
                       RuntimeWarning, stacklevel=2)
@@ -417,9 +419,7 @@ def best_checkpoint(path, warn: bool = True, unloadable: dict | None = None) -> 
         return min(same, key=lambda r: (sign * r[0][2], tuple(-x for x in r[1])))[2]
     if ranked:
         return max(ranked, key=lambda r: r[1])[2]
-    if last:
-        return max(last)[1]
-    raise ValueError(f"ckpt_path={path}: no checkpoint in {folder} loads ({'; '.join(bad)})")
+    return max(last)[1]
 
 
 def find_checkpoints(path, unloadable: dict | None = None) -> list[Path]:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,12 @@ def test_best_checkpoint_is_chosen_by_the_recorded_score_not_the_newest(tmp_path
     last = _fake(o / "last.ckpt", 3, None)
     with pytest.warns(RuntimeWarning):
         assert best_checkpoint(o) == last
+    # nothing loads: one error naming each file, not a warning saying the same before it
+    (o / "last.ckpt").write_bytes(b"truncated")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="no checkpoint in .* loads .*epoch_001.*last"):
+            best_checkpoint(o)
 
 
 def test_find_checkpoints_takes_the_best_of_each_run_and_nothing_else(tmp_path):
