@@ -11,7 +11,9 @@ of the run); Hydra's ``.hydra/config.yaml`` sits beside it.
 * :func:`best_checkpoint` picks the best checkpoint of one run by the score its
   ``ModelCheckpoint`` recorded in it (``current_score`` of the monitored metric, in that
   callback's mode), else a ``NAME=VALUE`` metric in the file name, else the latest epoch; files
-  that do not load are skipped with a warning, ``last.ckpt`` is used only when nothing else loads.
+  that do not load are skipped with a warning, ``last.ckpt`` is used only when nothing else loads;
+  :func:`ranked_checkpoints` is the whole order (``eval.py`` over a folder falls back along it
+  when the best does not load as a network).
 * :func:`find_checkpoints` gives the best checkpoint of every run under a directory (a run dir,
   a multirun dir, a folder of multiruns): only ``checkpoints/`` folders of runs (beside a
   ``config.yaml``) are considered, hidden and logger folders are skipped and the search is
@@ -35,11 +37,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mrflight.fileio import FAILED_FILE, FINISHED, read_failure
 
-__all__ = ["read_checkpoint", "best_checkpoint", "find_checkpoints", "find_runs",
-           "single_checkpoint", "run_notes", "resume_checkpoint", "unstarted_run", "run_dir_of",
-           "run_config_path", "read_run_config", "run_config_targets", "checkpoint_sequence",
-           "checkpoint_score", "state_dict_mismatch", "AtomicCheckpointIO", "scheduler_class",
-           "CHECKPOINT_DIR", "MAX_SEARCH_DEPTH"]
+__all__ = ["read_checkpoint", "best_checkpoint", "ranked_checkpoints", "find_checkpoints",
+           "find_runs", "single_checkpoint", "run_notes", "resume_checkpoint", "unstarted_run",
+           "run_dir_of", "run_config_path", "read_run_config", "run_config_targets",
+           "checkpoint_sequence", "checkpoint_score", "state_dict_mismatch", "AtomicCheckpointIO",
+           "scheduler_class", "CHECKPOINT_DIR", "MAX_SEARCH_DEPTH"]
 
 log = logging.getLogger("mrflight")
 
@@ -376,16 +378,27 @@ def checkpoint_score(ck: dict, name: str = "") -> tuple[str, str, float] | None:
 
 
 def best_checkpoint(path, warn: bool = True, unloadable: dict | None = None) -> Path:
-    """The best loadable checkpoint of one run (a run dir or its ``checkpoints/`` folder).
-
-    Chooses by the recorded score (:func:`checkpoint_score`) in the callback's mode; checkpoints
-    without a score rank below those with one, by epoch and step. ``last*.ckpt`` is chosen only
-    when no other checkpoint loads (its recorded score is not its own). Files that do not load
-    are skipped, with a warning (``warn``), and added to ``unloadable`` (``{file: error}``)
-    where it is given.
+    """The best loadable checkpoint of one run (a run dir or its ``checkpoints/`` folder): the
+    first of :func:`ranked_checkpoints`.
 
     Raises:
         ValueError: no checkpoint of the run loads.
+    """
+    return ranked_checkpoints(path, warn, unloadable)[0]
+
+
+def ranked_checkpoints(path, warn: bool = True, unloadable: dict | None = None) -> list[Path]:
+    """The readable checkpoints of one run (a run dir or its ``checkpoints/`` folder), best
+    first.
+
+    Ranked by the recorded score (:func:`checkpoint_score`) in the callback's mode (of the
+    monitor the newest scored file records); then the others by epoch and step, newest first;
+    ``last*.ckpt`` at the end (its recorded score is not its own). Files that do not read are
+    left out, with a warning (``warn``), and added to ``unloadable`` (``{file: error}``) where
+    it is given.
+
+    Raises:
+        ValueError: no checkpoint of the run reads (one error naming each file).
     """
     folder = _ckpt_folder(Path(str(path)).expanduser())
     files = _checkpoint_files(folder)
@@ -410,16 +423,17 @@ def best_checkpoint(path, warn: bool = True, unloadable: dict | None = None) -> 
         raise ValueError(f"ckpt_path={path}: no checkpoint in {folder} loads ({'; '.join(bad)})")
     if bad and warn:
         warnings.warn(f"skipped checkpoints of {folder} that do not load: {'; '.join(bad)}",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
     scored = [r for r in ranked if r[0] is not None]
+    best = []
     if scored:
         monitor, mode = max(scored, key=lambda r: r[1])[0][:2]  # as the newest one records
-        same = [r for r in scored if r[0][0] == monitor]
         sign = -1.0 if mode == "max" else 1.0
-        return min(same, key=lambda r: (sign * r[0][2], tuple(-x for x in r[1])))[2]
-    if ranked:
-        return max(ranked, key=lambda r: r[1])[2]
-    return max(last)[1]
+        best = sorted((r for r in scored if r[0][0] == monitor),
+                      key=lambda r: (sign * r[0][2], tuple(-x for x in r[1])))
+    rest = sorted((r for r in ranked if r not in best), key=lambda r: r[1], reverse=True)
+    return ([r[2] for r in best + rest]
+            + [f for _, f in sorted(last, key=lambda r: r[0], reverse=True)])
 
 
 def find_checkpoints(path, unloadable: dict | None = None) -> list[Path]:
@@ -453,16 +467,18 @@ def find_checkpoints(path, unloadable: dict | None = None) -> list[Path]:
         raise ValueError(f"ckpt_path={path}: no training run under {p} (a run is a folder with "
                          f"{CHECKPOINT_DIR}/*.ckpt beside a config.yaml, searched "
                          f"{MAX_SEARCH_DEPTH} levels deep)")
-    out, bad = [], {}
+    out, bad, skipped = [], {}, []
     for r in runs:
         try:
             out.append(best_checkpoint(r, warn=unloadable is None, unloadable=bad))
         except ValueError as e:
-            if unloadable is None:
-                warnings.warn(f"run {r} skipped: {e}", RuntimeWarning, stacklevel=2)
-    if not out:
+            skipped.append(f"run {r} skipped: {e}")
+    if not out:  # one error naming each run (no warnings saying it first)
         raise ValueError(f"ckpt_path={path}: no run under {p} has a checkpoint that loads: "
                          + "; ".join(run_notes(p, [], bad)))
+    if unloadable is None:
+        for msg in skipped:
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
     if unloadable is not None:
         unloadable.update(bad)
     return out

@@ -5,6 +5,7 @@ test split held out of the matching dictionary, no import cycle between evaluati
 import csv
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -619,15 +620,17 @@ _SMALL = [*FAST, "evaluation.phantoms=[]", "evaluation.plots=false",
 def _damaged_sweep(run, sweep, kinds):
     """Copies of ``run`` as jobs 0, 1 ... of ``sweep``, each checkpoint damaged as ``kinds``
     says: ``ok``, ``truncated`` (every file), ``nan`` (a NaN weight), ``foreign`` (a network
-    that is not mrflight's), ``best_truncated`` (only epoch_000.ckpt; last.ckpt loads)."""
+    that is not mrflight's), ``best_truncated`` and ``best_nan`` (only epoch_000.ckpt;
+    last.ckpt loads)."""
     for job, kind in enumerate(kinds):
         d = shutil.copytree(run, sweep / str(job))
         for f in sorted((d / "checkpoints").glob("*.ckpt")):
-            if kind == "truncated" or (kind == "best_truncated" and f.name == "epoch_000.ckpt"):
+            best = f.name == "epoch_000.ckpt"
+            if kind == "truncated" or (kind == "best_truncated" and best):
                 f.write_bytes(f.read_bytes()[:300])
-            elif kind in ("nan", "foreign"):
+            elif kind in ("nan", "foreign") or (kind == "best_nan" and best):
                 ck = torch.load(f, weights_only=True)
-                if kind == "nan":
+                if kind in ("nan", "best_nan"):
                     next(v for v in ck["state_dict"].values() if v.is_floating_point())[0] = \
                         float("nan")
                 else:
@@ -648,16 +651,18 @@ def test_a_checkpoint_of_a_sweep_that_does_not_load_is_named_not_dropped(tiny_ru
     caplog.set_level(logging.WARNING, logger="mrflight")
     sweep = tmp_path / "sweep"
     run = find_checkpoints(tiny_run)[0].parent.parent
-    _damaged_sweep(run, sweep, ["ok", "truncated", "nan", "foreign", "best_truncated"])
+    _damaged_sweep(run, sweep, ["ok", "truncated", "nan", "foreign", "best_truncated",
+                                "best_nan"])
     out = tmp_path / "eval"
     rows = evaluate(_cfg([f"ckpt_path={sweep}", *_SMALL], out, "eval"))
-    assert sorted(r["run"] for r in rows if r["method"] == "ann") == ["0", "4"]
+    assert sorted(r["run"] for r in rows if r["method"] == "ann") == ["0", "4", "5"]
     info = json.loads((out / "metrics.json").read_text())["info"]
     assert [r["checkpoint"] for r in info["runs"]] == [
         str(sweep / "0" / "checkpoints" / "epoch_000.ckpt"),
-        str(sweep / "4" / "checkpoints" / "last.ckpt")]
+        str(sweep / "4" / "checkpoints" / "last.ckpt"),
+        str(sweep / "5" / "checkpoints" / "last.ckpt")]
     notes = info["run_notes"]
-    assert len(notes) == 4 and all("\n" not in n for n in notes), notes
+    assert len(notes) == 5 and all("\n" not in n for n in notes), notes
     truncated = ("is not a readable mrflight checkpoint (RuntimeError: PytorchStreamReader "
                  "failed reading zip archive: failed finding central directory); is it "
                  "truncated (a full disk or a killed copy), or from another program?")
@@ -666,19 +671,25 @@ def test_a_checkpoint_of_a_sweep_that_does_not_load_is_named_not_dropped(tiny_ru
         f"(checkpoint '{sweep}/1/checkpoints/epoch_000.ckpt' {truncated}); "
         f"checkpoints/last.ckpt (checkpoint '{sweep}/1/checkpoints/last.ckpt' {truncated}); "
         "fix that and evaluate the run again")
-    assert notes[1].startswith(
-        f"run 2: not evaluated, checkpoints/epoch_000.ckpt does not load (checkpoint "
-        f"'{sweep}/2/checkpoints/epoch_000.ckpt' has NaN or infinite weights (")
-    assert notes[1].endswith("its training diverged; use a checkpoint of an earlier epoch, or "
-                             "train again with a lower module.lr); fix that and evaluate the "
-                             "run again, or evaluate another of its checkpoints (last.ckpt) "
-                             "with ckpt_path=FILE")
-    assert notes[2].startswith("run 3: not evaluated, checkpoints/epoch_000.ckpt does not load "
-                               "(network 'mypkg.Net' is not an mrflight regressor: ")
+    diverged = ("has NaN or infinite weights (net.net.1.weight): its training diverged; use a "
+                "checkpoint of an earlier epoch, or train again with a lower module.lr")
+    # the best does not load as a network: the next in rank order is tried (here as bad)
+    assert notes[1] == (
+        f"run 2: not evaluated, 2 checkpoints do not load: checkpoints/epoch_000.ckpt "
+        f"(checkpoint '{sweep}/2/checkpoints/epoch_000.ckpt' {diverged}); "
+        f"checkpoints/last.ckpt (checkpoint '{sweep}/2/checkpoints/last.ckpt' {diverged}); "
+        "fix that and evaluate the run again")
+    assert notes[2].startswith("run 3: not evaluated, 2 checkpoints do not load: "
+                               "checkpoints/epoch_000.ckpt (network 'mypkg.Net' is not an "
+                               "mrflight regressor: ")
     assert "eval.py trust=[mypkg.Net]" in notes[2]
     assert notes[3] == (
         f"run 4: checkpoints/epoch_000.ckpt does not load (checkpoint "
         f"'{sweep}/4/checkpoints/epoch_000.ckpt' {truncated}); checkpoints/last.ckpt, its best "
+        "checkpoint that loads, is evaluated instead")
+    assert notes[4] == (
+        f"run 5: checkpoints/epoch_000.ckpt does not load (checkpoint "
+        f"'{sweep}/5/checkpoints/epoch_000.ckpt' {diverged}); checkpoints/last.ckpt, its best "
         "checkpoint that loads, is evaluated instead")
     md = (out / "table.md").read_text()
     assert all(f"  - {n}\n" in md for n in notes)
@@ -701,16 +712,21 @@ def test_an_evaluation_none_of_whose_checkpoints_loads_names_each_and_writes_not
     msg = str(err.value)
     assert msg.startswith(f"ckpt_path={sweep}: no checkpoint under {sweep} loads: run 0: not "
                           "evaluated, 2 checkpoints do not load: checkpoints/epoch_000.ckpt ("), msg
-    assert (f"; run 1: not evaluated, checkpoints/epoch_000.ckpt does not load (checkpoint "
-            f"'{sweep}/1/checkpoints/epoch_000.ckpt' has NaN or infinite weights") in msg, msg
+    # the best has NaN weights, and so has the next one tried (last.ckpt)
+    assert (f"; run 1: not evaluated, 2 checkpoints do not load: checkpoints/epoch_000.ckpt "
+            f"(checkpoint '{sweep}/1/checkpoints/epoch_000.ckpt' has NaN or infinite weights"
+            ) in msg, msg
+    assert f"checkpoints/last.ckpt (checkpoint '{sweep}/1/checkpoints/last.ckpt' has NaN" in msg
     assert (out / "table.md").read_text() == "an earlier table\n"
     assert sorted(f.name for f in out.iterdir()) == ["table.md"]
     # the files of every run fail to be read: find_checkpoints names each (it did not)
+    # (one error, not a warning per run saying the same first)
     _damaged_sweep(run, tmp_path / "again", ["truncated", "truncated"])
-    with pytest.warns(RuntimeWarning), pytest.raises(
+    with warnings.catch_warnings(), pytest.raises(
             ValueError, match=r"no run under .* has a checkpoint that loads: run 0: "
             r"not evaluated, .*; run 1: not evaluated, 2 checkpoints do not load: "
             r"checkpoints/epoch_000.ckpt"):
+        warnings.simplefilter("error")
         find_checkpoints(tmp_path / "again")
 
 

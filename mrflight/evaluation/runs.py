@@ -136,22 +136,28 @@ def checkpoint_groups(ckpts: list[Path], root: Path, settings: EvalSettings, def
         cache_dir: the dictionary cache of a run whose saved ``cache_dir`` is unresolved.
         unloadable: where given, a checkpoint that does not load (a ``ValueError`` of
             :func:`mrflight.load_checkpoint` or of its run's saved config, or an unreadable
-            config) is left out and added to it, ``{file: error}``
-            (:func:`mrflight.checkpoints.run_notes`), instead of raising.
+            config) is added to it, ``{file: error}``
+            (:func:`mrflight.checkpoints.run_notes`), instead of raising, and the run's next
+            checkpoint in rank order that loads is evaluated in its place (none: the run is
+            left out).
     """
     import yaml
 
     groups: dict[str, Group] = {}
     notes: dict[str, list[Path]] = {}
     for ck in ckpts:
-        try:
-            run, seq, data_cfg, note = _load_run(ck, root, settings.device, default_sequence,
-                                                 cache_dir)
-        except (ValueError, OSError, yaml.YAMLError) as e:
-            if unloadable is None:
-                raise
-            unloadable[ck] = str(e) or type(e).__name__
+        loaded = None
+        for cand in [ck] + ([] if unloadable is None else _fallbacks(ck, unloadable)):
+            try:
+                loaded = _load_run(cand, root, settings.device, default_sequence, cache_dir)
+                break
+            except (ValueError, OSError, yaml.YAMLError) as e:
+                if unloadable is None:
+                    raise
+                unloadable[cand] = str(e) or type(e).__name__
+        if loaded is None:
             continue
+        run, seq, data_cfg, note = loaded
         if note:
             notes.setdefault(note, []).append(ck)
         key = data_key(seq, data_cfg, settings.split_seed)
@@ -160,6 +166,19 @@ def checkpoint_groups(ckpts: list[Path], root: Path, settings: EvalSettings, def
         log.warning("%s: evaluating %s with the sequence stored in the checkpoint instead",
                     note, cks[0] if len(cks) == 1 else f"{len(cks)} checkpoints ({cks[0]}, ...)")
     return list(groups.values())
+
+
+def _fallbacks(ck: Path, unloadable: dict) -> list[Path]:
+    """The next checkpoints to try when ``ck``, its run's best, does not load as a network (NaN
+    weights, a state dict that does not fit): the run's others in rank order
+    (:func:`mrflight.checkpoints.ranked_checkpoints`), those known not to load left out."""
+    from mrflight.checkpoints import ranked_checkpoints
+
+    try:
+        ranked = ranked_checkpoints(ck.parent, warn=False)
+    except ValueError:
+        return []
+    return [c for c in ranked if c != ck and c not in unloadable]
 
 
 def matching_group(seq, settings: EvalSettings) -> Group:
