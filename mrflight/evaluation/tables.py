@@ -215,7 +215,12 @@ def reports_md(extra: dict) -> str:
                          f"{_fmt(r.get('b1_rmse_over_crb'))} |")
     rob = extra.get("robustness") or []
     if rob:
-        parts.append("\n## Robustness: conditions outside training\n\n| method | condition | "
+        parts.append("\n## Robustness: conditions outside training\n\nEach network at half "
+                     "its lowest and twice its highest training noise (`noise_low`, "
+                     "`noise_high`) and at B1 0.8 and 1.2 at the geometric mean of its training "
+                     "noise; a method without a training noise (matching) as if trained at "
+                     "0.01: at 0.005 and 0.02, and at B1 0.8 and 1.2 at 0.01. Continuous "
+                     "tissues, proton density 1.\n\n| method | condition | "
                      "noise | B1 | T1 RMSE ms | T1 median bias % | T2 RMSE ms | T2 median bias % "
                      "|\n|---|---|---|---|---|---|---|---|")
         for r in rob:
