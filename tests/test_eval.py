@@ -642,7 +642,7 @@ def _damaged_sweep(run, sweep, kinds):
 
 
 def test_a_checkpoint_of_a_sweep_that_does_not_load_is_named_not_dropped(tiny_run, tmp_path,
-                                                                         caplog):
+                                                                         caplog, monkeypatch):
     """A run whose checkpoint is found but does not load (truncated, NaN weights, a network
     that is not mrflight's) is named with the file and why, like a job that did not finish:
     in the log, at the top of table.md and in metrics.json; the other runs are evaluated (a
@@ -657,7 +657,18 @@ def test_a_checkpoint_of_a_sweep_that_does_not_load_is_named_not_dropped(tiny_ru
     _damaged_sweep(run, sweep, ["ok", "truncated", "nan", "foreign", "best_truncated",
                                 "best_nan"])
     out = tmp_path / "eval"
+    from mrflight.evaluation import runs as eval_runs
+
+    fell_back, fallbacks = [], eval_runs._fallbacks
+
+    def recorded(ck, unloadable):
+        fell_back.append(ck.parent.parent.name)
+        return fallbacks(ck, unloadable)
+
+    monkeypatch.setattr(eval_runs, "_fallbacks", recorded)
     rows = evaluate(_cfg([f"ckpt_path={sweep}", *_SMALL], out, "eval"))
+    # a run's other checkpoints are read only where its best did not load as a network
+    assert fell_back == ["2", "3", "5"]
     assert sorted(r["run"] for r in rows if r["method"] == "ann") == ["0", "4", "5"]
     info = json.loads((out / "metrics.json").read_text())["info"]
     assert [r["checkpoint"] for r in info["runs"]] == [

@@ -145,16 +145,18 @@ def checkpoint_groups(ckpts: list[Path], root: Path, settings: EvalSettings, def
 
     groups: dict[str, Group] = {}
     notes: dict[str, list[Path]] = {}
-    for ck in ckpts:
-        loaded = None
-        for cand in [ck] + ([] if unloadable is None else _fallbacks(ck, unloadable)):
+    for best in ckpts:
+        loaded, queue = None, [best]
+        while queue and loaded is None:
+            ck = queue.pop(0)
             try:
-                loaded = _load_run(cand, root, settings.device, default_sequence, cache_dir)
-                break
+                loaded = _load_run(ck, root, settings.device, default_sequence, cache_dir)
             except (ValueError, OSError, yaml.YAMLError) as e:
                 if unloadable is None:
                     raise
-                unloadable[cand] = str(e) or type(e).__name__
+                unloadable[ck] = str(e) or type(e).__name__
+                if ck == best:  # the run's others are read only once its best has failed
+                    queue = _fallbacks(ck, unloadable)
         if loaded is None:
             continue
         run, seq, data_cfg, note = loaded
