@@ -457,7 +457,8 @@ def test_automatic_mask_warns_about_non_finite_fingerprints(seq, phantoms, match
 @pytest.mark.parametrize("key,value", [("mask_method", "otsu2"), ("mask_fraction", 1.5),
                                        ("chunk_voxels", 0), ("chunk_voxels", "many"),
                                        ("block_mb", -1), ("rank", 0), ("rank", 2.5),
-                                       ("device", "nonsense")])
+                                       ("device", "nonsense"), ("time_axis", "last"),
+                                       ("time_axis", 2.7)])
 def test_map_option_errors_name_the_config_key(key, value):
     with pytest.raises(ValueError, match=rf"^maps\.{key}"):
         maps.MapOptions(**{key: value})

@@ -82,6 +82,11 @@ class MapOptions:
                                           and float(self.rank) >= 1):
             raise ValueError(f"maps.rank must be a positive integer (the SVD rank for matching) "
                              f"or null for exhaustive matching, got {self.rank!r}")
+        if self.time_axis is not None and not is_number(self.time_axis, whole=True):
+            raise ValueError(f"maps.time_axis must be an axis index (an integer; -1: the last "
+                             f"axis) or null to find it from the sequence length, got "
+                             f"{self.time_axis!r}")
+        self.time_axis = None if self.time_axis is None else int(self.time_axis)
         self.chunk_voxels = int(self.chunk_voxels)
         self.rank = None if self.rank is None else int(self.rank)
         if self.device is not None:
