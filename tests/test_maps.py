@@ -1161,6 +1161,21 @@ def test_nifti_spatial_axis_of_the_sequence_length_is_not_taken_for_time(tmp_pat
                                 mask=np.ones((3, 1, 250), bool))
 
 
+def test_nifti_series_with_a_spatial_axis_of_the_sequence_length(tmp_path, seq, phantoms,
+                                                                  matcher_complex):
+    """A NIfTI series whose last axis and a spatial axis both have the sequence length (a
+    matrix as long as the train) is read with time last, as NIfTI keeps it (was: "several
+    axes [0, 3] ... set the time axis explicitly")."""
+    t1, t2, m0, mask = phantoms["brain"]
+    pad = lambda a: np.concatenate([a, np.zeros((N_PULSES - len(a),) + a.shape[1:], a.dtype)])
+    t1, t2, m0, mask = (pad(a) for a in (t1, t2, m0, mask))
+    nib.save(nib.Nifti1Image(_series(t1, t2, m0, mask, seq)[:, :, None], AFFINE),
+             str(tmp_path / "wide.nii"))
+    res = maps.reconstruct_series(tmp_path / "wide.nii", matcher_complex)
+    assert res.time_axis == 3 and res.t1_ms.shape == t1.shape + (1,)
+    _check_maps(res.t1_ms[..., 0], res.t2_ms[..., 0], res.m0[..., 0], t1, t2, m0, mask)
+
+
 @pytest.mark.parametrize("unit", [1e-25, 1e21])
 def test_maps_do_not_depend_on_the_unit_the_series_is_stored_in(seq, phantoms, matcher_complex,
                                                                 unit):

@@ -38,6 +38,8 @@ def plan_series(src: SeriesSource, length: int, time_axis: int | None,
     """The :class:`BlockPlan` of a series for a sequence of ``length`` time points, with blocks
     of at most ``block_mb`` MB (complex64/float32)."""
     shape = src.shape
+    if time_axis is None and src.is_nifti and shape[-1] == length:
+        time_axis = -1  # NIfTI keeps time last: a spatial axis of that length is not time
     t_ax = detect_time_axis(shape, length, time_axis)
     itemsize = 8 if src.is_complex else 4
     spatial, slice_axis, row_axis, rows = plan_blocks(shape, t_ax, src.order, itemsize,
