@@ -135,18 +135,26 @@ def _training_range(ckpt, module) -> dict | None:
 def _matching_reconstructor(cfg, dic, options):
     from mrflight import dictionary as dmod
     from mrflight.maps import MatchingReconstructor
-    from mrflight.series_io import open_series
 
+    inp = _cfg_get(cfg, "input")
     if str(dic) == "paper":
         seq = _cfg_sequence(cfg)
         if seq is None:
             raise ValueError("dictionary=paper needs a sequence config to simulate with")
-        d = dmod.generate(seq, dmod.paper_grid(), cache_dir=True, progress=options.progress)
+        # what would refuse the series is checked before the 114 650 atoms are simulated
+        is_complex = _series_is_complex(inp, options, len(seq))
+        if _cfg_get(cfg, "b1map") and not options.fit_iterations:
+            raise ValueError("b1map=FILE restricts matching to the measured B1, which needs a "
+                             "dictionary with a B1 column (T1, T2, B1); dictionary=paper has "
+                             "none: give dictionary=FILE with one, or add "
+                             "maps.fit_iterations=15 to fit T1 and T2 at the measured B1 "
+                             "(complex series)")
+        paths = _cfg_get(cfg, "paths")
+        cache = _cfg_get(paths, "cache_dir", True) if paths is not None else True
+        d = dmod.generate(seq, dmod.paper_grid(), cache_dir=cache, progress=options.progress)
     else:
         d = dmod.load(str(dic))
-    inp = _cfg_get(cfg, "input")
-    with open_series(inp, dataset=options.dataset, length=d.n_timepoints) as src:
-        is_complex = src.is_complex
+        is_complex = _series_is_complex(inp, options, d.n_timepoints)
     cm = is_complex if options.complex_matching is None else bool(options.complex_matching)
     if cm and not is_complex:
         raise ValueError(f"maps.complex_matching=true needs a complex series, but {inp} is "
@@ -163,6 +171,17 @@ def _matching_reconstructor(cfg, dic, options):
             seq = None
         rec.sequence = seq if seq is not None and len(seq) == rec.length else None
     return rec
+
+
+def _series_is_complex(inp, options, length: int) -> bool:
+    """Whether the series ``input=`` names is complex, once it is known to have a time axis of
+    ``length`` points (else the error of :func:`mrflight.maps.blocks.plan_series`)."""
+    from mrflight.maps.blocks import plan_series
+    from mrflight.series_io import open_series
+
+    with open_series(inp, dataset=options.dataset, length=length) as src:
+        plan_series(src, length, options.time_axis, options.block_mb)
+        return src.is_complex
 
 
 def _output_dir(cfg) -> Path:

@@ -665,6 +665,42 @@ def test_maps_from_config_with_checkpoint_and_dictionary(tmp_path, seq, phantoms
         eval_entry.maps_from_config(cfg)
 
 
+def test_dictionary_paper_checks_the_series_before_simulating(tmp_path, seq, phantoms,
+                                                              dictionary, monkeypatch):
+    """``dictionary=paper`` simulates 114 650 atoms (1.6 GB at 1750 pulses): a series of
+    another length, or a B1 map that needs a B1 column, is refused before that (was after);
+    the dictionary is cached in ``paths.cache_dir`` (was always the default cache)."""
+    from omegaconf import OmegaConf
+
+    cached_in = []
+
+    def generate_stub(seq_, params, *, cache_dir=None, progress=True, **kw):
+        cached_in.append(cache_dir)
+        return dictionary
+
+    monkeypatch.setattr("mrflight.dictionary.generate", generate_stub)
+    t1, t2, m0, mask = phantoms["brain"]
+    np.save(tmp_path / "s.npy", _series(t1, t2, m0, mask, seq))
+    np.save(tmp_path / "tb1.npy", np.ones(t1.shape))
+    cfg = OmegaConf.create({
+        "input": str(tmp_path / "s.npy"), "ckpt_path": None, "dictionary": "paper",
+        "mask": None, "b1map": None,
+        "sequence": {"_target_": "mrflight.physics.sequence.oksuz2019", "n_pulses": 150},
+        "paths": {"output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache")},
+        "maps": {"previews": False, "progress": False}})
+    with pytest.raises(ValueError, match="no axis of the series .* sequence length 150"):
+        eval_entry.maps_from_config(cfg)
+    cfg.sequence.n_pulses, cfg.b1map = N_PULSES, str(tmp_path / "tb1.npy")
+    with pytest.raises(ValueError, match="dictionary=paper has none.*maps.fit_iterations=15"):
+        eval_entry.maps_from_config(cfg)
+    assert cached_in == [] and not (tmp_path / "out").exists()
+    cfg.b1map = None
+    files = eval_entry.maps_from_config(cfg)
+    assert cached_in == [str(tmp_path / "cache")]
+    _check_maps(np.load(files["T1map.npy"]), np.load(files["T2map.npy"]),
+                np.load(files["M0map.npy"]), t1, t2, m0, mask)
+
+
 def test_a_magnitude_series_is_refused_by_a_network_trained_on_complex_data(tmp_path, seq,
                                                                            phantoms):
     """``python eval.py input=MAGNITUDE ckpt_path=COMPLEX_NET`` is refused before any map is
