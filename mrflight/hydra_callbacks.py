@@ -125,10 +125,27 @@ def _report_failures(sweep_dir: Path) -> list[dict]:
     return failures
 
 
+def _maps_already_there(config: DictConfig) -> bool:
+    """Whether ``config`` is ``eval.py input=SERIES`` into a folder that already holds maps of
+    that series, which :func:`mrflight.maps.make_maps` refuses to overwrite."""
+    inp = config.get("input")
+    if not inp:
+        return False
+    from mrflight.maps.writers import check_outputs_free
+    from mrflight.series_io import series_stem
+
+    try:
+        check_outputs_free(str(config.hydra.run.dir), series_stem(str(inp)),
+                           bool((config.get("maps") or {}).get("previews", True)))
+    except ValueError:
+        return True
+    return False
+
+
 class KeepRunConfig(Callback):
     """A single run with ``ckpt_path`` set (a resume), or one in a folder holding another run's
-    results (which it will refuse to overwrite), does not save ``.hydra/*.yaml``: those of the
-    run already there stay as they were."""
+    results or maps (which it will refuse to overwrite), does not save ``.hydra/*.yaml``: those
+    of the run already there stay as they were."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from omegaconf import open_dict, read_write
@@ -136,7 +153,8 @@ class KeepRunConfig(Callback):
         from mrflight.fileio import held_results
 
         resume = config.get("ckpt_path") not in (None, "") and config.get("train", True)
-        if not resume and not held_results(str(config.hydra.run.dir)):
+        if not resume and not held_results(str(config.hydra.run.dir)) \
+                and not _maps_already_there(config):
             return
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.output_subdir = None

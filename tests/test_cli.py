@@ -406,6 +406,30 @@ def test_failures_are_reported_whatever_the_clocks_of_the_jobs_hosts(tmp_path):
     assert saved["n_failed"] == 2 and [r["job"] for r in saved["failed"]] == ["0", "1"]
 
 
+def _hydra_subdir(run_dir, **cfg) -> str | None:
+    """Where Hydra would save ``.hydra/*.yaml`` for a run of ``cfg`` in ``run_dir`` once
+    :class:`~mrflight.hydra_callbacks.KeepRunConfig` has seen it (``None``: not saved)."""
+    from omegaconf import OmegaConf
+
+    from mrflight.hydra_callbacks import KeepRunConfig
+
+    conf = OmegaConf.create({**cfg, "hydra": {"run": {"dir": str(run_dir)},
+                                              "output_subdir": ".hydra"}})
+    KeepRunConfig().on_run_start(conf)
+    return conf.hydra.output_subdir
+
+
+def test_a_refused_maps_run_keeps_the_folders_hydra_config(tmp_path):
+    """``eval.py input=SERIES`` into a folder that already holds that series' maps is refused
+    by the maps; the ``.hydra/*.yaml`` there, how those maps were made, are kept (the refused
+    run wrote its own over them); other series' maps there, or none, do not stop them."""
+    maps_run = {"input": "data/scan.nii.gz", "ckpt_path": None, "maps": {"previews": False}}
+    (tmp_path / "scan_T1map_ms.npy").touch()
+    assert _hydra_subdir(tmp_path, **maps_run) is None
+    assert _hydra_subdir(tmp_path, **{**maps_run, "input": "data/other.npy"}) == ".hydra"
+    assert _hydra_subdir(tmp_path / "fresh", **maps_run) == ".hydra"
+
+
 @pytest.mark.parametrize("experiment", ["bound", "bound_cpu"])
 def test_debug_tiny_does_not_silently_replace_an_experiments_simulated_data(tmp_path, experiment):
     """debug=tiny's data=random wins over the experiment's data=simulated: named, with a short
