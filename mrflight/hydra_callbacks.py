@@ -143,16 +143,17 @@ def _maps_already_there(config: DictConfig) -> bool:
 
 
 class KeepRunConfig(Callback):
-    """A single run with ``ckpt_path`` set (a resume), or one in a folder holding another run's
-    results or maps (which it will refuse to overwrite), does not save ``.hydra/*.yaml``: those
-    of the run already there stay as they were."""
+    """A single ``train.py`` run with ``ckpt_path`` set (a resume), or one in a folder holding
+    another run's results or maps (which it will refuse to overwrite), does not save
+    ``.hydra/*.yaml``: those of the run already there stay as they were."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from omegaconf import open_dict, read_write
 
         from mrflight.fileio import held_results
 
-        resume = config.get("ckpt_path") not in (None, "") and config.get("train", True)
+        # eval.py has no train key: its ckpt_path names what it evaluates, not a run to resume
+        resume = config.get("ckpt_path") not in (None, "") and config.get("train", False)
         if not resume and not held_results(str(config.hydra.run.dir)) \
                 and not _maps_already_there(config):
             return

@@ -430,6 +430,15 @@ def test_a_refused_maps_run_keeps_the_folders_hydra_config(tmp_path):
     assert _hydra_subdir(tmp_path / "fresh", **maps_run) == ".hydra"
 
 
+def test_eval_with_a_checkpoint_saves_its_hydra_config(tmp_path):
+    """``eval.py ckpt_path=RUN`` (an evaluation, or maps of a network) saves its ``.hydra/``
+    like any new run (it was taken for a resume of ``train.py``, which keeps the resumed
+    run's, and saved none); a resume still saves none."""
+    assert _hydra_subdir(tmp_path / "maps", input="scan.nii.gz", ckpt_path="runs/x") == ".hydra"
+    assert _hydra_subdir(tmp_path / "eval", ckpt_path="runs/x") == ".hydra"
+    assert _hydra_subdir(tmp_path / "resume", ckpt_path="last", train=True) is None
+
+
 @pytest.mark.parametrize("experiment", ["bound", "bound_cpu"])
 def test_debug_tiny_does_not_silently_replace_an_experiments_simulated_data(tmp_path, experiment):
     """debug=tiny's data=random wins over the experiment's data=simulated: named, with a short
