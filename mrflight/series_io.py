@@ -292,7 +292,10 @@ def open_series(path: str | os.PathLike, *, dataset: str | None = None,
     if name.endswith(".mat") and path.is_file() and is_mat_v73(path):
         return _open_h5(path, dataset, length, option, matlab=True)
     if name.endswith(".mat"):
-        data = _flatten(load_mat(path, squeeze=False))
+        try:
+            data = _flatten(load_mat(path, squeeze=False))
+        except ValueError as e:  # "<path> is not a readable MATLAB file ...": name the option
+            raise ValueError(f"{option}={e}") from None
         key = _choose({k: v.shape for k, v in data.items()}, dataset, path, length, option)
         return SeriesSource(data[key], path=path, name=key, option=option)
     if name.endswith((".h5", ".hdf5")):

@@ -126,6 +126,16 @@ def test_truncated_files_name_the_file(small, seq, tmp_path, kind):
             dm.load_splits()
 
 
+class _Unused:
+    """A reconstructor of ``length`` time points that fails the test when it is called."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __call__(self, signals, b1=None):
+        raise AssertionError("a damaged file was reconstructed")
+
+
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 def test_truncated_nifti_names_the_file_and_its_option(seq, tmp_path, suffix):
     """A cut-short NIfTI series, mask or B1 map: one ValueError naming the option, the file and
@@ -133,12 +143,6 @@ def test_truncated_nifti_names_the_file_and_its_option(seq, tmp_path, suffix):
     import nibabel as nib
 
     from mrflight import maps
-
-    class Unused:
-        length = len(seq)
-
-        def __call__(self, signals, b1=None):
-            raise AssertionError("a damaged file was reconstructed")
 
     rng = np.random.default_rng(0)
     series = (rng.standard_normal((6, 6, 1, len(seq)))
@@ -151,7 +155,26 @@ def test_truncated_nifti_names_the_file_and_its_option(seq, tmp_path, suffix):
         cut.write_bytes(raw[: len(raw) * 3 // 4])
         files = {"series": cut} if option == "input" else {"series": series, option: cut}
         with pytest.raises(ValueError, match=rf"^{option}=\S*cut_{option}.* truncated or damaged"):
-            maps.reconstruct_series(reconstructor=Unused(), **files)
+            maps.reconstruct_series(reconstructor=_Unused(len(seq)), **files)
+
+
+def test_truncated_matlab_v7_series_mask_or_b1map_names_its_option(seq, tmp_path):
+    """A cut-short MATLAB v7 series, mask or B1 map: one ValueError naming the option as well
+    as the file (it named the file only: "/data/b1.mat is not a readable MATLAB file")."""
+    from mrflight import maps
+
+    rng = np.random.default_rng(0)
+    series = rng.uniform(0.1, 1.0, (6, 6, len(seq))).astype(np.float32)
+    grid_map = rng.uniform(0.8, 1.2, (6, 6)).astype(np.float32)
+    for option, arr in (("input", series), ("mask", grid_map), ("b1map", grid_map)):
+        whole, cut = tmp_path / f"{option}.mat", tmp_path / f"cut_{option}.mat"
+        save_mat(whole, {"x": arr})
+        raw = whole.read_bytes()
+        cut.write_bytes(raw[: len(raw) * 3 // 4])
+        files = {"series": cut} if option == "input" else {"series": series, option: cut}
+        with pytest.raises(ValueError, match=rf"^{option}=\S*cut_{option}.mat is not a "
+                                             "readable MATLAB file"):
+            maps.reconstruct_series(reconstructor=_Unused(len(seq)), **files)
 
 
 def test_mat_checksum_covers_every_variable(tmp_path):
