@@ -7,7 +7,8 @@ the console and the log file once, through Hydra's handlers), drops Lightning's 
 and silences warnings that a user cannot act on (listed in :data:`QUIET_WARNINGS`).
 
 :func:`log_to_file` writes a record to the log file(s) only (used for the error that ends a run
-and for the epoch summaries while a progress bar owns the terminal); :func:`interactive` says
+and for the epoch summaries while a progress bar owns the terminal; every warning shown is also
+written there); :func:`interactive` says
 whether stdout is a terminal; :func:`test_table` is the few lines that end a training run.
 """
 
@@ -62,6 +63,24 @@ def configure_logging() -> None:
             lg.addFilter(_DropAdverts())
     for message, category in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    if not getattr(warnings.showwarning, "_to_log_file", False):
+        warnings.showwarning = _also_to_log_file(warnings.showwarning)
+
+
+def _also_to_log_file(show):
+    """``warnings.showwarning`` that shows a warning as before (stderr) but without the source
+    line it came from (a line of mrflight's or a library's code, nothing to act on), and writes
+    it as one record into the run's log file(s): ``train.log`` and ``eval.log`` keep what the
+    run warned of (a non-finite voxel, a series noisier than training)."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        show(message, category, filename, lineno, file, "" if line is None else line)
+        if file is None:  # a warning printed to a file of the caller's is not the run's
+            log_to_file(logging.WARNING, "%s: %s (%s:%s)", category.__name__, message,
+                        filename, lineno, logger=logging.getLogger("py.warnings"))
+
+    showwarning._to_log_file = True
+    return showwarning
 
 
 def _file_handlers() -> list[logging.FileHandler]:

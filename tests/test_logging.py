@@ -115,3 +115,32 @@ def test_epoch_summary_goes_to_the_log_file_only_under_a_progress_bar(tmp_path, 
     assert summary.lines[0].startswith(line)
     assert summary.lines[1].startswith("epoch 2/3, step 20, ") and "val" not in summary.lines[1]
     assert bool(seen) is not interactive  # the console handler sees it only without a bar
+
+
+def test_warnings_shown_are_also_in_the_runs_log_file_once(tmp_path, monkeypatch):
+    import warnings
+
+    from mrflight.run_logging import configure_logging
+
+    shown = []  # the console's showwarning (stderr), restored afterwards
+    monkeypatch.setattr(warnings, "showwarning",
+                        lambda *a: shown.append(warnings.formatwarning(*a[:4], line=a[5])))
+    root = logging.getLogger()
+    fh = logging.FileHandler(tmp_path / "eval.log")
+    root.addHandler(fh)
+    try:
+        configure_logging()
+        configure_logging()  # idempotent: still one record per warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("10 voxel(s) had non-finite fingerprints", RuntimeWarning,
+                          stacklevel=1)
+    finally:
+        root.removeHandler(fh)
+        fh.close()
+    log = (tmp_path / "eval.log").read_text()
+    assert log.count("RuntimeWarning: 10 voxel(s) had non-finite fingerprints (") == 1, log
+    assert "warnings.warn(" not in log  # the message, not the source line it came from
+    # still shown, once, without the source line it came from
+    assert len(shown) == 1 and shown[0].endswith(
+        "RuntimeWarning: 10 voxel(s) had non-finite fingerprints\n"), shown
