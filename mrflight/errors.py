@@ -97,6 +97,16 @@ def root_cause(e: BaseException) -> BaseException:
     return e
 
 
+def _shipped_options(group: str) -> list[str]:
+    """The options of config group ``group`` in ``mrflight/configs/`` (none for a bad name)."""
+    from mrflight.config import CONFIG_DIR
+
+    folder = CONFIG_DIR / group
+    if not group or ".." in folder.parts or not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
 def one_line(e: BaseException) -> str:
     """The message of ``e`` as one line (config-group errors rephrased with their options)."""
     from hydra.errors import MissingConfigException
@@ -106,12 +116,14 @@ def one_line(e: BaseException) -> str:
         where = f" writing {e.filename}" if e.filename else ""
         what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
         return f"{what}{where}: free space or set paths.output_dir"
-    if isinstance(e, MissingConfigException) and e.options and e.missing_cfg_file:
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:
         group, _, name = str(e.missing_cfg_file).rpartition("/")
-        if group:
+        # an item of a list (callbacks=[default,x]): Hydra names no options, so the shipped ones
+        options = e.options or _shipped_options(group)
+        if group and options:
             label = {"model": "model", "sequence": "sequence"}.get(group, f"{group} option")
             return (f"unknown {label} {name!r}: choose {group}= one of "
-                    f"{', '.join(sorted(e.options))}")
+                    f"{', '.join(sorted(options))}")
     msg = str(e).strip() or type(e).__name__
     if _wandb_unreachable(e):
         mode = os.environ.get("WANDB_MODE", "online")

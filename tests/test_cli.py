@@ -42,6 +42,8 @@ def _one_error_line(r) -> str:
 @pytest.mark.parametrize("override,expect", [
     ("model=transformer", ["unknown model 'transformer'", "model=", "ann, cnn, gru, lstm"]),
     ("sequence=fisp9000", ["unknown sequence 'fisp9000'", "jiang2015", "oksuz2019"]),
+    ("callbacks=[default,earlystopping]",  # an item of a list: Hydra names no options
+     ["unknown callbacks option 'earlystopping'", "callbacks=", "early_stopping, ema"]),
     ("data.noise_std=-0.5", ["data.noise_std", ">= 0", "-0.5"]),
     ("data.batch_size=0", ["data.batch_size", "positive integer", "got 0"]),
     ("data.n_test=5000", ["data.n_test=5000", "only 600", "lower data.n_test"]),
