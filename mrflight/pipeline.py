@@ -145,6 +145,9 @@ def check_config(cfg: DictConfig, choices=None) -> None:
                 "module.scheduler=null for a constant learning rate")
     if not (is_number(lr := cfg.module.get("lr", 1.0)) and lr > 0):
         raise ValueError(f"module.lr must be a positive number, got {cfg.module.get('lr')!r}")
+    if not (is_number(wd := cfg.module.get("weight_decay", 0.0)) and wd >= 0):
+        raise ValueError(f"module.weight_decay must be a number >= 0 (0: none), got "
+                         f"{cfg.module.get('weight_decay')!r}")
 
 
 def check_accelerator(trainer) -> None:
@@ -166,8 +169,10 @@ def check_accelerator(trainer) -> None:
 def check_runtime(cfg: DictConfig) -> None:
     """Settings of ``train.py`` and ``eval.py`` alike: ``seed`` and ``threads``."""
     seed = cfg.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ValueError(f"seed must be an integer (or null: not seeded), got {seed!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                             or not 0 <= seed < 2**32):  # numpy's seeds
+        raise ValueError(f"seed must be an integer from 0 to 2**32 - 1 (or null: not seeded), "
+                         f"got {seed!r}")
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                 or threads < 1):
