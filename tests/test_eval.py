@@ -376,6 +376,9 @@ def test_settings_validation():
     with pytest.raises(ValueError, match="latency_repeats"):
         EvalSettings(latency_repeats=1)
     assert EvalSettings(noise_levels=[0.005, 0.01, 0.02]).plot_noise_std == 0.01
+    # one value, as the command line gives it (evaluation.noise_levels=0.01): a list of one
+    one = EvalSettings(noise_levels=0.01, test_sets="paper", phantoms="brain")
+    assert (one.noise_levels, one.test_sets, one.phantoms) == ([0.01], ["paper"], ["brain"])
 
 
 def test_table_states_threads_and_machine_load(tmp_path):

@@ -109,9 +109,11 @@ class EvalSettings:
             if not (isinstance(self.grid, dict) and "_target_" in self.grid):
                 raise ValueError("evaluation.grid must be null or a config with _target_ "
                                  "(e.g. mrflight.dictionary.regular_grid)")
-        self.noise_levels = [float(x) for x in self.noise_levels]
-        self.test_sets = list(self.test_sets)
-        self.phantoms = list(self.phantoms)
+        # one value on the command line (evaluation.noise_levels=0.01, test_sets=paper) is a
+        # list of one, not a TypeError or a string's letters
+        self.noise_levels = [float(x) for x in _as_list(self.noise_levels)]
+        self.test_sets = _as_list(self.test_sets)
+        self.phantoms = _as_list(self.phantoms)
         if int(self.n_test) < 2:
             raise ValueError(f"evaluation.n_test must be >= 2, got {self.n_test}")
         if not self.noise_levels or any(not (x >= 0 and math.isfinite(x))
@@ -172,6 +174,11 @@ class EvalSettings:
     @property
     def plot_noise_std(self) -> float:
         return min(self.noise_levels, key=lambda x: abs(math.log((x + 1e-12) / 0.01)))
+
+
+def _as_list(v) -> list:
+    """``v`` as a list: a single name or number becomes a list of one."""
+    return [v] if isinstance(v, (str, int, float)) else list(v)
 
 
 def _is_int(v, low: int) -> bool:
