@@ -375,6 +375,8 @@ def test_settings_validation():
         EvalSettings(test_sets=["train"])
     with pytest.raises(ValueError, match="latency_repeats"):
         EvalSettings(latency_repeats=1)
+    with pytest.raises(ValueError, match="evaluation.batch_size must be an integer >= 1"):
+        EvalSettings(batch_size=0)
     assert EvalSettings(noise_levels=[0.005, 0.01, 0.02]).plot_noise_std == 0.01
     # one value, as the command line gives it (evaluation.noise_levels=0.01): a list of one
     one = EvalSettings(noise_levels=0.01, test_sets="paper", phantoms="brain")

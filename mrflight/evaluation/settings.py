@@ -130,6 +130,9 @@ class EvalSettings:
                              f"{self.phantoms}")
         if self.svd_rank is not None and int(self.svd_rank) < 1:
             raise ValueError(f"evaluation.svd_rank must be >= 1 or null, got {self.svd_rank}")
+        if not _is_int(self.batch_size, 1):
+            raise ValueError(f"evaluation.batch_size must be an integer >= 1 (signals per "
+                             f"network call), got {self.batch_size!r}")
         if int(self.latency_repeats) < 2:
             raise ValueError("evaluation.latency_repeats must be >= 2 (a std needs two calls)")
         if self.bound_signals is not None and not _is_int(self.bound_signals, 1):
