@@ -239,7 +239,16 @@ def override_hint(e: BaseException, config_name: str | None, argv=None) -> str |
     # another config-group option than the one chosen)
     # (nor a _target_: data.targets -> data._target_ is a near spelling, never the intent)
     close = [c for c in close if c != key and not c.endswith("_target_")]
-    value = next((a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] == key), "VALUE")
+    given = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in argv if "=" in a}
+    if key not in given:  # not typed: a sweep's parameter (hydra.sweeper.params)
+        sweep = (f"hparams_search={given['hparams_search']}" if "hparams_search" in given
+                 else "the sweep")
+        near = f" (close: {' or '.join(close)})" if close else ""
+        return (f"{sweep} sweeps {key} (hydra.sweeper.params), which this config does not "
+                f"have{near}: choose options that have it (the shipped hparams_search configs "
+                "sweep model.hidden_size: model=gru or model=lstm), or sweep keys of your own "
+                "on the command line (python train.py -m KEY=A,B)")
+    value = given.get(key, "VALUE")
     msg = f"unknown key {key!r}"
     if close:
         msg += f": did you mean {' or '.join(close)}?"

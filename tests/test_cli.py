@@ -217,6 +217,15 @@ def test_mistyped_key_suggests_the_close_name(tmp_path, script, override, expect
     assert "To append to your config" not in line
 
 
+def test_a_swept_key_the_model_lacks_names_the_sweep(tmp_path):
+    """hparams_search=basic sweeps model.hidden_size, which model=ann does not have: the line
+    names the sweep, not a key the user never typed with '+model.hidden_size=VALUE'."""
+    line = _one_error_line(_run("train.py", ["hparams_search=basic", "model=ann", *TINY,
+                                             f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path))
+    assert "hparams_search=basic sweeps model.hidden_size" in line, line
+    assert "model=gru" in line and "+model.hidden_size" not in line, line
+
+
 def _help_groups(text: str) -> dict[str, set]:
     block = text.split("Config groups")[1].split("\n\n")[0].splitlines()[1:]
     out = {}
