@@ -610,6 +610,10 @@ def _no_last_message(ckpt_path, p: Path) -> str:
     if found:  # the disk filled before last.ckpt was written, or save_last was turned off
         return (f"ckpt_path={ckpt_path}: no last.ckpt in {p / CHECKPOINT_DIR}: give one of its "
                 f"checkpoints, e.g. ckpt_path={found[-1]}")
+    if (p / "eval.log").is_file() and not (p / RUN_CONFIGS[0]).is_file():
+        return (f"ckpt_path={ckpt_path}: {p} is an eval.py output folder (eval.log), not a "
+                "training run: set hydra.run.dir to the folder of the run to resume (the one "
+                f"with {CHECKPOINT_DIR}/last.ckpt)")
     if (p / FINISHED).is_file():
         return (f"ckpt_path={ckpt_path}: the run in {p} has finished and its checkpoints are "
                 "gone: there is nothing to resume; start a new run in another hydra.run.dir")

@@ -801,6 +801,17 @@ def test_a_finished_run_is_not_resumed_into_its_own_results(tmp_path, monkeypatc
     assert (out / "metrics.json").read_bytes() == before
 
 
+def test_resuming_an_eval_folder_says_it_is_not_a_training_run(tmp_path):
+    """eval.py writes outputs/DATE/TIME/ as train.py does, with a metrics.json: ckpt_path=last
+    there is not a training run whose checkpoints are gone."""
+    from mrflight.checkpoints import resume_checkpoint
+
+    (tmp_path / "eval.log").write_text("")
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match="is an eval.py output folder .*not a training run"):
+        resume_checkpoint("last", tmp_path)
+
+
 def test_a_run_folder_moved_before_its_resume_tests_its_own_best_checkpoint(tmp_path):
     """Lightning restores the best checkpoint's path as the checkpoint recorded it, in the old
     folder: a run stopped during its test (all epochs done, no metrics.json) and moved failed
