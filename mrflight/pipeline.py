@@ -308,6 +308,12 @@ def _callbacks(cfg: DictConfig, loggers) -> tuple[list, dict]:
                    in ((ProgressBar, "enable_progress_bar"),
                        (ModelCheckpoint, "enable_checkpointing"))):
             callbacks.append(callback)
+    if trainer.get("enable_checkpointing", True) is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in callbacks):  # callbacks=none
+        # Lightning's own checkpoint of the last epoch, but in the run's checkpoints/ (Lightning
+        # puts it into the first logger's folder, csv/ or mrflight/RUN_ID/, where neither
+        # eval.py nor ckpt_path finds it)
+        callbacks.append(ModelCheckpoint(dirpath=Path(cfg.paths.output_dir) / "checkpoints"))
     callbacks.append(RandomState())
     return callbacks, trainer_kw
 

@@ -211,6 +211,21 @@ def test_trainer_options_that_turn_a_callback_off_leave_it_out(tmp_path, monkeyp
     assert any(isinstance(c, other) for c in trainer.callbacks)  # the other one is kept
 
 
+@pytest.mark.parametrize("logger", ["csv", "wandb"])
+def test_without_callbacks_the_checkpoint_is_in_the_runs_checkpoints_folder(tmp_path, logger):
+    """callbacks=none left Lightning's own checkpoint in the first logger's folder (csv/,
+    mrflight/RUN_ID/checkpoints/), where eval.py and ckpt_path found no checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mrflight import pipeline
+
+    cfg = compose_config(["debug=tiny", "callbacks=none", f"logger={logger}"],
+                         output_dir=tmp_path)
+    trainer = pipeline._build_trainer(cfg, pipeline.build_loggers(cfg))
+    saving = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert [str(c.dirpath) for c in saving] == [str(tmp_path / "checkpoints")]
+
+
 def test_weight_ema_refuses_a_decay_outside_0_1():
     from mrflight.callbacks import WeightEMA
 
