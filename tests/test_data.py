@@ -226,6 +226,22 @@ def test_eval_bound_of_a_b1_dictionary_is_at_its_atoms_b1(tmp_path):
     assert g2.test_b1 == {}
 
 
+def test_eval_of_a_run_whose_dictionary_file_moved_names_the_runs_config(tmp_path):
+    """eval.py reads data.path from the run's saved config: 'data.path=... does not exist:
+    point it to ...' named a key eval.py does not have."""
+    from mrflight.evaluation import EvalSettings, Group, build_group_data
+    from mrflight.evaluation.runs import Run
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    g = Group(SEQ, "k", [Run(ckpt, None)])
+    data = {"_target_": "mrflight.data.FingerprintDataModule", "path": str(tmp_path / "d.h5"),
+            "n_test": 10, "progress": False}
+    with pytest.raises(ValueError, match="d.h5' of the run.* does not exist: eval.py tests .*"
+                       "set data.path in .*run/checkpoints/config.yaml"):
+        build_group_data(g, data, EvalSettings(n_test=10, test_sets=["paper"], phantoms=[]),
+                         None)
+
+
 def test_training_bound_of_a_b1_dictionary_is_at_its_atoms_b1(tmp_path):
     """The per-sample bound the data module gives the crb loss and the validation RMSE/CRB is,
     for a dictionary file with a B1 column, the one eval uses: at each atom's B1, unknown."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,6 +96,19 @@ def _grid_split(seq, settings: EvalSettings, cache_dir):
     return atoms, params, keep, test_idx, source, None
 
 
+def _check_data_file(data_cfg: dict, group: Group) -> None:
+    """A run trained on a dictionary file (``data=file``) is tested on its own held-out split of
+    that file: a file moved since is named with the runs' configs that point to it (eval.py
+    has no ``data.path`` of its own to set)."""
+    path = data_cfg.get("path")
+    if path is None or Path(str(path)).expanduser().exists():
+        return
+    configs = ", ".join(sorted({str(r.ckpt.parent / "config.yaml") for r in group.runs}))
+    raise ValueError(f"the training dictionary data.path={str(path)!r} of the run(s) evaluated "
+                     f"does not exist: eval.py tests a run on its own held-out split of that "
+                     f"file; put it back, or set data.path in {configs or 'the run config'}")
+
+
 def build_group_data(group: Group, data_cfg: dict | None, settings: EvalSettings,
                      cache_dir) -> None:
     """Fill the training dictionary and the test sets of a group: the split of ``data_cfg``
@@ -105,6 +119,8 @@ def build_group_data(group: Group, data_cfg: dict | None, settings: EvalSettings
     seq = group.seq
     if data_cfg is not None and "SimulatedDataModule" in str(data_cfg.get("_target_", "")):
         data_cfg = None  # trained on fresh simulated data: no stored grid to hold out from
+    if data_cfg is not None:
+        _check_data_file(data_cfg, group)
     atoms, params, keep, test_idx, source, b1 = (
         _grid_split(seq, settings, cache_dir) if data_cfg is None else _run_split(seq, data_cfg))
     train_mask = keep.copy()
