@@ -145,6 +145,12 @@ def check_config(cfg: DictConfig, choices=None) -> None:
                 "module.scheduler=null for a constant learning rate")
     if not (is_number(lr := cfg.module.get("lr", 1.0)) and lr > 0):
         raise ValueError(f"module.lr must be a positive number, got {cfg.module.get('lr')!r}")
+    bias_weight, k = cfg.module.get("bias_weight", 0.0), data.get("realizations", 1)
+    if is_number(bias_weight) and bias_weight > 0 and not (is_number(k) and k > 1):
+        raise ValueError(f"module.bias_weight={bias_weight} weighs the bias over the "
+                         f"data.realizations noise draws of each fingerprint, but there is one "
+                         f"draw, so it does nothing: add data.realizations=K (K >= 2, "
+                         f"data=simulated), or leave module.bias_weight at 0")
     if not (is_number(wd := cfg.module.get("weight_decay", 0.0)) and wd >= 0):
         raise ValueError(f"module.weight_decay must be a number >= 0 (0: none), got "
                          f"{cfg.module.get('weight_decay')!r}")

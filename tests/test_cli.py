@@ -122,6 +122,8 @@ def test_late_or_raw_errors_are_one_line_before_any_work(tmp_path, args, expect)
     ("train", ["seed=abc"], "seed must be an integer .*got 'abc'"),
     ("train", ["seed=-1"], "seed must be an integer from 0 to 2\\*\\*32 - 1 .*got -1"),
     ("train", ["module.weight_decay=-0.1"], "module.weight_decay must be a number >= 0 .*-0.1"),
+    ("train", ["module.bias_weight=0.5"], "module.bias_weight=0.5 .* one draw, so it does "
+     "nothing: add data.realizations=K"),
     ("train", ["data=file"], "debug=tiny sets data.params .*data=paper or data=random"),
     ("train", ["data=file", "data.path=d.h5"], "debug=tiny sets data.params"),
     ("train", ["trainer.max_epochs=-1"], "T_max must be a positive number .*scheduler=null"),
