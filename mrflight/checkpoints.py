@@ -323,13 +323,19 @@ def find_runs(root, max_depth: int = MAX_SEARCH_DEPTH, jobs: bool = False) -> li
     :data:`MAX_SEARCH_DIRS` folders (a home directory given by mistake).
     """
     root = Path(str(root)).expanduser()
-    runs, visited = [], 0
-    for here, dirs, _ in os.walk(root):
+    runs, visited, seen = [], 0, set()
+    # symbolic links to runs (a folder gathering runs from elsewhere) are followed; a folder
+    # reached twice (a link to a run also under root, a link loop) is searched once
+    for here, dirs, _ in os.walk(root, followlinks=True):
         visited += 1
         if visited > MAX_SEARCH_DIRS:
             raise ValueError(f"ckpt_path={root}: searched {MAX_SEARCH_DIRS} folders without "
                              "finishing; give a run or multirun directory")
         d = Path(here)
+        if d.resolve() in seen:
+            dirs[:] = []
+            continue
+        seen.add(d.resolve())
         depth = len(d.relative_to(root).parts)
         if ((_checkpoint_files(d / CHECKPOINT_DIR) and run_config_path(d) is not None)
                 or (jobs and _is_job(d))):

@@ -260,6 +260,21 @@ def test_find_checkpoints_takes_the_best_of_each_run_and_nothing_else(tmp_path):
         find_checkpoints(tmp_path / "empty")
 
 
+def test_a_folder_of_links_to_runs_finds_each_run_once(tmp_path):
+    """Runs gathered with symbolic links (ln -s outputs/DATE/TIME picked/) were not searched:
+    'no training run under picked'. A run linked twice, or a link loop, is searched once."""
+    run = tmp_path / "outputs" / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("model: {}\n")
+    _fake(run / "checkpoints" / "epoch_000.ckpt", 0, 0.1)
+    picked = tmp_path / "picked"
+    picked.mkdir()
+    (picked / "again").symlink_to(run)
+    (picked / "best").symlink_to(run)
+    (picked / "loop").symlink_to(picked)
+    assert find_checkpoints(picked) == [picked / "again" / "checkpoints" / "epoch_000.ckpt"]
+
+
 def test_a_sweep_whose_jobs_all_failed_is_named_as_such(tmp_path):
     """eval.py on a multirun in which no job got a checkpoint says why, job by job (it said
     only that there was no training run under the folder)."""
