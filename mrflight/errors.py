@@ -345,12 +345,31 @@ def _how_to_go_on(cfg) -> str:
         return f"run the command again (the files in {out} are whole, but some may be missing)"
     from mrflight.checkpoints import CHECKPOINT_DIR, RUN_CONFIGS
 
+    sweep = _sweep_dir()
+    if sweep is not None:  # the jobs after this one have not run either
+        return (f"go on with the sweep: run the same command again with "
+                f"hydra.sweep.dir={sweep} ckpt_path=last (its finished jobs are kept, this "
+                f"one resumes from its last finished epoch or starts again, the rest start)")
     resume = f"with {command('train')} hydra.run.dir={out} ckpt_path=last"
     if (out / CHECKPOINT_DIR / "last.ckpt").is_file():
         return f"resume it from its last finished epoch {resume}"
     if (out / RUN_CONFIGS[0]).is_file():
         return f"no epoch had finished: start it again from the beginning {resume}"
     return "nothing of the run was saved yet: run the same command again"
+
+
+def _sweep_dir() -> str | None:
+    """The sweep dir of the multirun under way (the job folder's parent, as resolved when the
+    job started: a launcher in another process resolves ``${now:...}`` again), else None."""
+    from pathlib import Path
+
+    from mrflight.config import hydra_config
+
+    hc = hydra_config()
+    if hc is None or str(hc.mode) != "RunMode.MULTIRUN":
+        return None
+    out = Path(str(hc.runtime.output_dir))
+    return str(out.parent) if out.name == str(hc.sweep.subdir) else str(hc.sweep.dir)
 
 
 def guard(task: Callable) -> Callable:

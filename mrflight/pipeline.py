@@ -451,9 +451,13 @@ def _optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
 
 def _train(cfg: DictConfig) -> float | None:
     from mrflight.checkpoints import unstarted_run
-    from mrflight.resume import requeued_run
+    from mrflight.resume import requeued_run, sweep_job
 
     hc = hydra_config()
+    if _in_multirun(hc):  # an interrupted sweep run again with ckpt_path=last
+        cfg, finished = sweep_job(cfg, hc.job.num, hc.overrides.task)
+        if finished is not None:
+            return _optimized_metric(cfg, finished)
     cfg = requeued_run(cfg)
     # the run already in this folder: resumed, or started again where it had no checkpoint yet
     own_run = unstarted_run(cfg.get("ckpt_path"), cfg.paths.output_dir) is not None

@@ -37,8 +37,8 @@ from mrflight.config import to_plain
 from mrflight.errors import command
 from mrflight.fileio import FINISHED
 
-__all__ = ["resume_config", "requeued_run", "started_with", "continue_csv_logs", "check_fits",
-           "FIXED_NODES", "RUNTIME_DATA_KEYS"]
+__all__ = ["resume_config", "requeued_run", "sweep_job", "started_with", "continue_csv_logs",
+           "check_fits", "FIXED_NODES", "RUNTIME_DATA_KEYS"]
 
 log = logging.getLogger("mrflight")
 
@@ -128,6 +128,57 @@ def requeued_run(cfg: DictConfig) -> DictConfig:
     with open_dict(cfg):
         cfg.ckpt_path = "last"
     return cfg
+
+
+def sweep_job(cfg: DictConfig, job, overrides=()) -> tuple[DictConfig, dict | None]:
+    """A job of a multirun given ``ckpt_path=last`` (an interrupted sweep run again with its
+    command, ``hydra.sweep.dir=S`` and ``ckpt_path=last``): ``(cfg, None)`` with ``ckpt_path``
+    dropped for a job that has no run in its folder yet (the sweep stopped before it, or before
+    it saved its config): it starts from the beginning; ``(cfg, metrics)`` for a job whose run
+    has finished (its ``metrics.json``) with the settings the job's ``overrides`` give and that
+    the command does not give more epochs: it is kept as it is, not trained again, and
+    ``metrics`` is what it recorded (a finished run with other settings, an Optuna trial drawn
+    anew, is refused). Every other job (a run interrupted in its folder) resumes as a single
+    run does. Returns ``(cfg, None)`` unchanged where ``ckpt_path`` is not ``last``."""
+    import json
+
+    if str(cfg.get("ckpt_path")) != "last" or not cfg.get("train", True):
+        return cfg, None
+    out = Path(str(cfg.paths.output_dir))
+    if (out / FINISHED).is_file() and (out / RUN_CONFIGS[0]).is_file():
+        saved = OmegaConf.load(out / RUN_CONFIGS[0])
+        done = OmegaConf.select(saved, "trainer.max_epochs", default=None)
+        wanted = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+        if isinstance(done, int) and isinstance(wanted, int) and wanted > done:
+            return cfg, None  # trained further, as a single run
+        changed = _changed_settings(saved, cfg, overrides)
+        if changed:
+            raise ValueError(f"job {job}: {out} holds a finished run with other settings "
+                             f"({'; '.join(changed)}): a sweep goes on with ckpt_path=last only "
+                             f"with the command that started it (an Optuna sweep draws its "
+                             f"trials anew): start this one in a new hydra.sweep.dir")
+        log.info("job %s: its run in %s has finished (%s): kept as it is, not trained again",
+                 job, out, FINISHED)
+        return cfg, json.loads((out / FINISHED).read_text())
+    if not (out / RUN_CONFIGS[0]).is_file() and not (out / CHECKPOINT_DIR / "last.ckpt").is_file():
+        log.info("job %s: no run in %s yet: it starts from the beginning", job, out)
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.ckpt_path = None
+    return cfg, None
+
+
+def _changed_settings(saved: DictConfig, cfg: DictConfig, overrides) -> list[str]:
+    """``"key: saved -> new"`` for each key the command-line ``overrides`` set (``hydra.*``,
+    ``paths`` and ``ckpt_path`` left out) whose value in ``cfg`` differs from the saved run's."""
+    changed = []
+    for key, delete in _override_keys(overrides):
+        if delete or key.split(".")[0] in ("hydra", "paths", "ckpt_path"):
+            continue
+        old, new = (to_plain(OmegaConf.select(c, key, default=None)) for c in (saved, cfg))
+        if old != new:
+            changed.append(f"{key}: {old} -> {new}")
+    return changed
 
 
 def started_with(out: Path, given) -> bool:

@@ -374,6 +374,47 @@ def test_a_sweep_folder_used_again_reports_only_its_own_failures(tmp_path):
     assert (sweep / "1" / "metrics.json").is_file()  # the earlier failure's folder ran
 
 
+def test_an_interrupted_sweep_goes_on_with_ckpt_path_last(tmp_path):
+    """The same sweep command with ``ckpt_path=last``: a finished job is kept as it is (its
+    score returned, nothing rewritten), a job that had not started starts; no job fails."""
+    sweep = tmp_path / "sweep"
+    base = ["-m", *TINY, "trainer.max_epochs=1", "model=ann", f"hydra.sweep.dir={sweep}"]
+    assert _run("train.py", [*base, "seed=1"], tmp_path).returncode == 0  # job 1: never ran
+    done = {f: (sweep / "0" / f).read_bytes() for f in ("metrics.json", "checkpoints/last.ckpt",
+                                                         "checkpoints/config.yaml")}
+    r = _run("train.py", [*base, "seed=1,2", "ckpt_path=last"], tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert {f: (sweep / "0" / f).read_bytes() for f in done} == done
+    assert "job 0: its run in" in r.stdout and "kept as it is" in r.stdout
+    assert (sweep / "1" / "metrics.json").is_file()
+    assert not list(sweep.glob("*/FAILED.txt"))
+    # a finished job the command gives other settings (an Optuna trial drawn anew) is refused,
+    # not reported with the score of the run that is there
+    r = _run("train.py", [*base, "seed=5,2", "ckpt_path=last"], tmp_path)
+    assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]
+    report = json.loads((sweep / "failures.json").read_text())
+    assert [f["job"] for f in report["failed"]] == ["0"], report
+    assert "holds a finished run with other settings (seed: 1 -> 5)" in report["failed"][0]["error"]
+    assert {f: (sweep / "0" / f).read_bytes() for f in done} == done
+
+
+def test_a_sweep_stopped_by_a_signal_says_how_to_go_on_with_the_sweep(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from mrflight import config, errors
+
+    sweep = tmp_path / "multirun" / "2026-11-28" / "12-00-00-000001"
+    hc = SimpleNamespace(mode="RunMode.MULTIRUN", runtime=SimpleNamespace(output_dir=sweep / "1"),
+                         sweep=SimpleNamespace(dir="multirun/${now:%H-%M-%S-%f}", subdir="1"))
+    monkeypatch.setattr(config, "hydra_config", lambda: hc)
+    cfg = OmegaConf.create({"paths": {"output_dir": str(sweep / "1")}, "task_name": "train"})
+    msg = errors._how_to_go_on(cfg)  # the jobs after job 1 have not run: the sweep goes on
+    assert msg.startswith(f"go on with the sweep: run the same command again with "
+                          f"hydra.sweep.dir={sweep} ckpt_path=last"), msg
+
+
 def test_only_rank_0_checks_the_run_folder(tmp_path, monkeypatch):
     """Under DDP the other processes start in the folder rank 0 has begun writing (its
     checkpoints/config.yaml): they must not refuse it (the slow two-process DDP test runs it)."""
