@@ -27,6 +27,8 @@ log = logging.getLogger("mrflight")
 QUIET_WARNINGS = (
     # torch deprecates LeafSpec; Lightning's pytree copy still builds one on every batch
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning),
+    # debug=overfit: Lightning turns the training shuffle off itself and says so
+    (r"You requested to overfit but enabled train dataloader shuffling", Warning),
 )
 
 _ADVERTS = ("💡 Tip:",)

@@ -144,3 +144,13 @@ def test_warnings_shown_are_also_in_the_runs_log_file_once(tmp_path, monkeypatch
     # still shown, once, without the source line it came from
     assert len(shown) == 1 and shown[0].endswith(
         "RuntimeWarning: 10 voxel(s) had non-finite fingerprints\n"), shown
+
+
+def test_debug_overfit_shows_no_warning_the_user_cannot_act_on(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="offline", MRFLIGHT_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "debug=overfit", "model=ann",
+                        "trainer.max_epochs=1", "logger=none", f"hydra.run.dir={out}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "shuffling" not in r.stdout + r.stderr  # Lightning turns it off and said so
