@@ -244,9 +244,9 @@ def override_hint(e: BaseException, config_name: str | None, argv=None) -> str |
         sweep = (f"hparams_search={given['hparams_search']}" if "hparams_search" in given
                  else "the sweep")
         near = f" (close: {' or '.join(close)})" if close else ""
+        which = (" (model=gru or model=lstm)" if key == "model.hidden_size" else "")
         return (f"{sweep} sweeps {key} (hydra.sweeper.params), which this config does not "
-                f"have{near}: choose options that have it (the shipped hparams_search configs "
-                "sweep model.hidden_size: model=gru or model=lstm), or sweep keys of your own "
+                f"have{near}: choose options that have it{which}, or sweep keys of your own "
                 "on the command line (python train.py -m KEY=A,B)")
     value = given.get(key, "VALUE")
     msg = f"unknown key {key!r}"
