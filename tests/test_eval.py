@@ -567,7 +567,8 @@ def test_groups_of_one_evaluation_are_told_apart(tmp_path):
         "efficiency_oksuz2019.png", "efficiency_oksuz2019_1.png"]
     assert {(r["method"], r["group"]) for r in metrics["efficiency_summary"]} == {
         ("gru [a]", 0), ("gru [b]", 1)}
-    assert "| gru [a] (group 0) | " in md and "| gru [b] (group 1) | " in md
+    # named as in Table 1 (the keys of metrics.json stay lowercase)
+    assert "| GRU [a] (group 0) | " in md and "| GRU [b] (group 1) | " in md
     # one group: no group labels
     one = run_evaluation(groups[:1], s, tmp_path / "one")
     assert "Group" not in (tmp_path / "one" / "table.md").read_text()

@@ -24,6 +24,7 @@ PAPER_TABLE1 = [
      "t2_mae_ms": 58.91, "t2_rmse_ms": 73.66, "ms_per_signal": 14.0},
 ]
 
+_NETWORKS = ("lstm", "gru", "ann", "cnn")
 _LABELS = {"lstm": "LSTM", "gru": "GRU", "ann": "ANN (DRONE)", "cnn": "1D CNN",
            "matching": "dictionary matching (exhaustive)", "matching_svd": "SVD matching",
            "crb": "Cramér–Rao bound"}
@@ -38,6 +39,13 @@ COLUMNS = ["method", "run", "group", "test_set", "noise_std", "n_signals", "t1_m
 def _row_label(method: str, run: str) -> str:
     """A method's name in Table 1: ``GRU [run]``."""
     return _LABELS.get(method, method) + (f" [{run}]" if run else "")
+
+
+def _key_label(key: str) -> str:
+    """A network's key in the bound reports (``gru [run]``, ``gru + fit``) named as in Table 1
+    (``GRU [run]``, ``GRU + fit``); other keys (``matching (T1, T2, B1)``) as they are."""
+    method = key.split(" [")[0].split(" + ")[0]
+    return _LABELS.get(method, method) + key[len(method):] if method in _NETWORKS else key
 
 
 def _noise(v) -> str:
@@ -193,7 +201,7 @@ def reports_md(extra: dict) -> str:
     several = several_groups([r for v in extra.values() for r in (v or [])])
 
     def who(r):
-        return r["method"] + group_label(r, several)
+        return _key_label(r["method"]) + group_label(r, several)
 
     parts = []
     if extra.get("efficiency_summary"):
