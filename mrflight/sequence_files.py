@@ -38,7 +38,8 @@ def _load_table(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     """Read a schedule file into named columns and a label of every row (for messages).
 
     Raises:
-        ValueError: ragged, non-numeric, undecodable or ambiguous data, or a duplicated column.
+        ValueError: ragged, non-numeric, undecodable or ambiguous data, a duplicated column or
+            a header name that is not understood.
     """
     suffix = path.suffix.lower()
     if suffix in (".csv", ".txt"):
@@ -84,6 +85,12 @@ def _load_table(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
         if len(names) != table.shape[1]:
             raise ValueError(f"flip-angle file {path}: header has {len(names)} names for "
                              f"{table.shape[1]} columns")
+        unknown = [n for n in names if n and n.strip().lower() not in _CANONICAL]
+        if unknown:  # a misnamed phase or TR column would be left out without a word
+            raise ValueError(
+                f"flip-angle file {path}: column(s) {', '.join(map(repr, unknown))} not "
+                f"understood; name the columns {', '.join(_COLUMNS)} (any case; FA, PH, TR, "
+                "TE are understood; times in ms, angles in degrees), or remove the column(s)")
         out: dict[str, np.ndarray] = {}
         where: dict[str, int] = {}
         for i, n in enumerate(names):
@@ -187,7 +194,8 @@ def from_file(
 
     Raises:
         ValueError: a missing, undecodable, ragged or non-numeric file, a headerless file or
-            a ``.npy`` with 2 or 3 columns, a complex ``.npy``, a duplicated column,
+            a ``.npy`` with 2 or 3 columns, a complex ``.npy``, a duplicated column, a header
+            name that is not understood (a misnamed phase column would read as phase 0),
             empty/NaN/infinite entries (the row is named), a varying TE column, or no
             flip-angle column (the columns found are listed).
     """

@@ -234,7 +234,7 @@ def _csv(tmp_path, text, name="s.csv", encoding="utf-8"):
     ("FA,TR,tr\n10,5,6\n", "'tr_ms' appears twice"),
     ("flip_angle_deg,tr_ms,te_ms\n10,5,2\n20,5,3\n", r"te_ms varies \(2\.\.3 ms\)"),
     ("10,5\n20,5\n", "second column the RF phase or the TR"),
-    ("angle,TR\n10,5\n", "columns found: 'angle', 'tr_ms'"),
+    ("angle,TR\n10,5\n", r"column\(s\) 'angle' not understood"),
 ])
 def test_schedule_files_are_never_misread(tmp_path, text, match):
     from mrflight.sequence_files import from_file

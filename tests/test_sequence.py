@@ -207,6 +207,20 @@ def test_bad_files_raise(tmp_path):
         from_file(tmp_path / "x.json")
 
 
+def test_a_header_name_not_understood_is_refused(tmp_path):
+    """A misnamed column (``rf_phase_deg``, ``tr_s``) was left out without a word: the train
+    ran with phase 0 (or the ``tr_ms`` given) instead of the file's values."""
+    p = tmp_path / "s.csv"
+    p.write_text("flip_angle_deg,rf_phase_deg,tr_ms\n10,0,5\n20,180,5\n")
+    with pytest.raises(ValueError, match="'rf_phase_deg' not understood; name the columns"):
+        from_file(p)
+    p.write_text("FA,TR_s\n10,0.005\n20,0.005\n")
+    with pytest.raises(ValueError, match="'TR_s' not understood"):
+        from_file(p, tr_ms=5.0)
+    p.write_text("FA,PH,TR,\n10,0,5,\n20,180,5,\n")  # a trailing comma: an unnamed column
+    assert np.array_equal(from_file(p).phase_deg, [0.0, 180.0])
+
+
 def test_sequence_validation_and_roundtrip():
     with pytest.raises(ValueError, match="tr_ms"):
         Sequence([10.0, 20.0], 0.0, [5.0, -1.0])
