@@ -288,6 +288,34 @@ def test_load_reads_foreign_mat_files(tmp_path, small, v73):
     np.testing.assert_allclose(b.atoms, D, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("fmt", ["mat", "npz", "h5"])
+def test_a_file_with_names_and_no_units_takes_the_units_of_its_names(tmp_path, small, fmt):
+    """Names without units got the default units by position: a B1 column first was given
+    'ms' and t1_s 'ms', and the file was refused for units it never stated."""
+    from mrflight.fileio import save_mat
+
+    b1 = np.linspace(0.8, 1.2, len(small))
+    lut = np.c_[b1, small.params / 1000]  # B1, T1 s, T2 s
+    names = ["B1", "t1_s", "t2_s"]
+    f = tmp_path / f"d.{fmt}"
+    if fmt == "mat":
+        save_mat(f, {"dict": {"D": small.atoms, "lut": lut, "param_names": ",".join(names)}},
+                 v73=False)
+    elif fmt == "npz":
+        np.savez(f, atoms=small.atoms, params=lut, param_names=np.array(names))
+    else:
+        with h5py.File(f, "w") as h:
+            h["atoms"], h["params"] = small.atoms, lut
+            h.attrs["param_names"] = '["B1", "t1_s", "t2_s"]'
+    d = load(f)
+    assert d.param_names == ("t1_ms", "t2_ms", "b1") and d.units == ("ms", "ms", "1")
+    np.testing.assert_allclose(d.params, np.c_[small.params, b1], rtol=1e-12)
+    if fmt == "h5":
+        with md.open_h5(f, verify=False) as (_, params, header):
+            np.testing.assert_allclose(params, d.params, rtol=1e-12)
+            assert header["units"] == ["ms", "ms", "1"]
+
+
 def test_a_dictionary_in_seconds_or_with_swapped_columns_is_warned_about(tmp_path, small):
     """A foreign lut in seconds (no units) or with T2 before T1 (no names) was taken as T1, T2
     in ms: every match 1000x too small, or T1 and T2 swapped, without a word."""

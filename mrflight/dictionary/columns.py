@@ -73,9 +73,10 @@ def names_and_units(names, units, p: int) -> tuple[tuple[str, ...], tuple[str, .
     """The names and units a file gives for its ``p`` columns, defaults filled in.
 
     No names: :func:`default_names` (without the unit in the name when units are given, so
-    that units ``("s", "s")`` alone convert seconds). No units: the default ones when the names
-    count ``p`` columns, else empty units (the :class:`~mrflight.dictionary.Dictionary` then
-    reports the mismatch).
+    that units ``("s", "s")`` alone convert seconds). No units: ``"unknown"`` for every name,
+    so that each column's unit follows its name (``t1_s`` in s, ``T1`` in ms, ``B1`` a ratio, in
+    any column order); a count of names other than ``p`` is reported by the
+    :class:`~mrflight.dictionary.Dictionary`.
     """
     if names:
         names = tuple(names)
@@ -84,7 +85,8 @@ def names_and_units(names, units, p: int) -> tuple[tuple[str, ...], tuple[str, .
             if units else default_names(p)[0]
     if units:
         return names, tuple(units)
-    return names, default_names(p)[1] if len(names) == p else ("",) * len(names)
+    # not the default units by position: those gave B1 first 'ms' and t1_s 'ms' (refused)
+    return names, ("unknown",) * len(names)
 
 
 def split_names(v) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrflight.dictionary.columns import canonical_columns, default_names
+from mrflight.dictionary.columns import canonical_columns, names_and_units
 from mrflight.dictionary.layout import (
     HEADER_KEYS,
     LAYOUT_VERSION,
@@ -103,8 +103,7 @@ def _decoded(params: np.ndarray, header: dict[str, str]) -> tuple[np.ndarray, di
     """The parameters in canonical column order and the decoded header."""
     header = {k: json.loads(v) for k, v in header.items()}
     p = params.shape[1]
-    names = header["param_names"] or default_names(p)[0]
-    units = header["units"] or default_names(p)[1]
+    names, units = names_and_units(header["param_names"], header["units"], p)
     names, units, params = canonical_columns(names, units, np.asarray(params, dtype=np.float64))
     header["param_names"], header["units"] = list(names), list(units)
     return params, header
