@@ -116,6 +116,17 @@ def test_non_finite_starts_give_nan_rows_and_the_rest_is_fitted():
     assert torch.isnan(est0[2]).all() and torch.allclose(est0[0], truth[0], rtol=1e-6)
 
 
+def test_starts_of_zero_or_below_begin_at_the_box_edge_and_are_fitted():
+    """A start T1 or T2 <= 0 (a network's output for a short-T2 voxel) gave a NaN row without
+    a word, while any other start outside the box is clamped to it and fitted."""
+    y, truth, _ = _signals(ATOMS[2:], 0.0, 1, 4)  # T1 400, T2 25 ms
+    for start in ([[400.0, 0.0, 1.0]], [[400.0, -3.0, 1.0]], [[-1.0, 25.0, 1.0]]):
+        start = torch.tensor(start, dtype=F64)
+        est = fit(SEQ, y, start, tol=1e-10, xtol=1e-10, max_iter=60)
+        assert torch.allclose(est, truth, rtol=1e-5), (start, est)
+        assert float(start.min()) <= 0  # the caller's init is not changed
+
+
 def test_starts_in_seconds_are_warned_about():
     """A start in seconds (T1 0.8 'ms') is clamped to the box and fitted from there: warned."""
     y, truth, _ = _signals(ATOMS, 0.0, 1, 7)

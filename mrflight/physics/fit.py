@@ -117,7 +117,8 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
             Triton kernel on CUDA).
         init: ``(N, 2)`` T1, T2 (ms) or ``(N, 3)`` T1, T2, B1 starting estimates, e.g. a
             network's :meth:`~mrflight.regressor.MRFRegressor.predict_parameters`. Rows with a
-            non-finite value are returned as NaN.
+            non-finite value are returned as NaN; a start outside ``bounds`` (a T1 or T2 of 0
+            or below too) starts at the box's edge.
         estimate_b1: fit B1 as well (from ``init``'s third column, else from ``b1`` or 1);
             ``False`` keeps B1 fixed at ``b1`` (default 1), e.g. a measured B1 map (an
             ``init`` with a B1 column then needs ``b1``: its column is not used).
@@ -162,7 +163,7 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
         warnings.warn(f"{int(zero.sum())} all-zero signal(s) cannot be fitted: their parameters "
                       "are NaN", RuntimeWarning, stacklevel=2)
     p0 = torch.as_tensor(np.asarray(init) if not torch.is_tensor(init) else init)
-    p0 = p0.detach().to("cpu", torch.float64)
+    p0 = p0.detach().to("cpu", torch.float64, copy=True)
     if p0.ndim == 1:
         p0 = p0.unsqueeze(0)
     if p0.ndim != 2 or p0.shape[0] != n or p0.shape[1] not in (2, 3):
@@ -192,7 +193,9 @@ def fit(seq: Sequence, signals, init, *, estimate_b1: bool = True, b1=None,
     truncation = {"t1_max": box["t1"][1], "t2_max": box["t2"][1], "b1_range": box["b1"]}
     out = torch.full((n, len(wrt)), float("nan"), dtype=torch.float64)
     scale_out = torch.full((n,), complex("nan"), dtype=torch.complex128)
-    ok = torch.isfinite(p0).all(1) & torch.isfinite(b1_in) & (p0[:, :2] > 0).all(1) & ~zero
+    ok = torch.isfinite(p0).all(1) & torch.isfinite(b1_in) & ~zero
+    # a start of T1 or T2 <= 0 is outside the box like any other: it starts at the box's edge
+    p0[:, :2] = p0[:, :2].clamp_min(torch.finfo(torch.float64).tiny)
     idx = ok.nonzero().flatten()
     dev = y_all.device
     for s in range(0, idx.numel(), int(chunk_size)):
