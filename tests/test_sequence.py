@@ -186,6 +186,18 @@ def test_a_train_in_radians_or_seconds_is_warned_about(change, slip):
         Sequence(**args)
 
 
+def test_a_train_in_radians_is_warned_about_once_not_again_by_the_simulator():
+    """The simulator's check of the train (changed in place?) repeated the constructor's
+    warning, pointing into mrflight's own code."""
+    with pytest.warns(UserWarning, match="radians") as record:
+        seq = Sequence(np.deg2rad(np.linspace(10, 60, 50)), 0.0, 5.0, 2.0)
+        simulate(seq, [800.0, 1200.0], [60.0, 90.0])
+    assert len([w for w in record if "radians" in str(w.message)]) == 1
+    seq.flip_angle_deg[:] = np.deg2rad(np.linspace(10, 70, 50))  # changed in place: checked
+    with pytest.warns(UserWarning, match="radians"):
+        simulate(seq, 800.0, 60.0)
+
+
 def test_bad_files_raise(tmp_path):
     cases = {
         "empty.csv": "",

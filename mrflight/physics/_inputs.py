@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -110,7 +111,10 @@ def _seq_arrays(seq: Sequence) -> _SeqArrays:
             np.array_equal(a, b) for a, b in zip(hit.raw, raw)):
         return hit
     try:  # a train changed in place is checked again, as its constructor checks it
-        type(seq)(*raw, seq.te_ms, seq.inversion, seq.ti_ms, seq.inversion_efficiency)
+        with warnings.catch_warnings():
+            if hit is None:  # its constructor warned of radians or seconds: not a second time
+                warnings.simplefilter("ignore", UserWarning)
+            type(seq)(*raw, seq.te_ms, seq.inversion, seq.ti_ms, seq.inversion_efficiency)
     except ValueError as e:
         raise ValueError(f"the sequence {seq.name!r} (changed since it was made): {e}") from None
     hit = _SeqArrays(
