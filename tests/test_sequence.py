@@ -186,6 +186,17 @@ def test_a_train_in_radians_or_seconds_is_warned_about(change, slip):
         Sequence(**args)
 
 
+def test_a_tr_in_seconds_under_the_default_te_is_named_in_the_error(tmp_path):
+    """TR in seconds with the default TE of 2 ms failed as 'te_ms=2.0 is longer than the
+    shortest TR 0.005' before the seconds warning was reached: the error names the slip."""
+    p = tmp_path / "s.csv"
+    p.write_text("FA,TR\n10,0.005\n20,0.005\n")
+    with pytest.raises(ValueError, match=r"shortest TR 0.005 \(TR in seconds\? TR and TE"):
+        from_file(p)
+    with pytest.raises(ValueError, match=r"shortest TR 1.0$"):
+        Sequence([10.0, 20.0], 0.0, 1.0, 2.0)
+
+
 def test_a_train_in_radians_is_warned_about_once_not_again_by_the_simulator():
     """The simulator's check of the train (changed in place?) repeated the constructor's
     warning, pointing into mrflight's own code."""

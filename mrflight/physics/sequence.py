@@ -89,9 +89,10 @@ class Sequence:
         if not math.isfinite(self.te_ms) or self.te_ms < 0:
             raise ValueError(f"te_ms must be a finite non-negative number, got {te_ms}")
         if np.any(self.te_ms > self.tr_ms):
+            seconds = self.tr_ms.max() < _SECONDS_MS  # the warning below would not be reached
             raise ValueError(
                 f"te_ms={self.te_ms} is longer than the shortest TR {self.tr_ms.min()}"
-            )
+                + (" (TR in seconds? TR and TE are in ms)" if seconds else ""))
         self.inversion = bool(inversion)
         self.ti_ms = float(ti_ms)
         if not math.isfinite(self.ti_ms) or self.ti_ms < 0:
