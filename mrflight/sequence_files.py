@@ -53,7 +53,7 @@ def _load_table(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
         try:
             [float(x) for x in first]
         except ValueError:
-            header = [h.strip() for h in first]
+            header = [h.strip().strip("\"'").strip() for h in first]  # "FA","TR" as FA,TR
             numbered = numbered[1:]
         rows, labels = [], []
         for line, ln in numbered:

@@ -244,6 +244,14 @@ def test_a_header_name_not_understood_is_refused(tmp_path):
     assert np.array_equal(from_file(p).phase_deg, [0.0, 180.0])
 
 
+def test_quoted_header_names_are_read_as_the_names(tmp_path):
+    """A header written with quotes (a spreadsheet's or pandas' CSV export) is understood."""
+    p = tmp_path / "s.csv"
+    p.write_text('"FA","PH",\'TR\'\n10,0,5\n20,180,5\n')
+    s = from_file(p)
+    assert np.array_equal(s.phase_deg, [0.0, 180.0]) and np.array_equal(s.tr_ms, [5.0, 5.0])
+
+
 def test_sequence_validation_and_roundtrip():
     with pytest.raises(ValueError, match="tr_ms"):
         Sequence([10.0, 20.0], 0.0, [5.0, -1.0])
