@@ -360,10 +360,12 @@ class MRFRegressor(L.LightningModule):
     def _warn_of_a_cut_schedule(self) -> None:
         """A schedule over ``T_max`` epochs (the cosine's follows ``trainer.max_epochs``) that
         ``trainer.max_steps`` ends in an earlier epoch: its learning rate never decays to the
-        end, and nothing else would say so."""
+        end, and nothing else would say so. Not for ``trainer.fast_dev_run`` (``debug=
+        fast_dev_run``): Lightning sets ``max_steps`` for that one-batch check itself."""
         trainer = self.trainer
         batches = trainer.num_training_batches
-        if trainer.max_steps < 0 or not 0 < batches < float("inf"):
+        if (trainer.fast_dev_run or trainer.max_steps < 0
+                or not 0 < batches < float("inf")):
             return
         epochs = -(-trainer.max_steps // -(-int(batches) // trainer.accumulate_grad_batches))
         for sc in trainer.lr_scheduler_configs:

@@ -41,6 +41,16 @@ def test_every_model_fast_dev_run(tmp_path, model):
     assert (out / "checkpoints" / "config.yaml").is_file()
 
 
+def test_fast_dev_run_is_not_warned_of_a_cut_schedule(tmp_path, caplog):
+    """debug=fast_dev_run: Lightning sets trainer.max_steps=1 itself, so the warning that
+    max_steps cuts the learning-rate schedule named a setting the user never gave."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="mrflight")
+    run(tmp_path, "model=ann", "++trainer.fast_dev_run=true")
+    assert not [r for r in caplog.records if "max_steps" in r.getMessage()]
+
+
 def test_tiny_model_overfits_a_small_set(tmp_path):
     torch.manual_seed(0)
     from mrflight.data import FingerprintDataModule
