@@ -90,6 +90,13 @@ def test_callbacks_and_loggers_instantiate(tmp_path, logger):
                                                "RichProgressBar"}
 
 
+def test_debug_overfit_logs_within_its_one_batch_epochs(tmp_path):
+    """debug=overfit trains one batch per epoch: with Lightning's log_every_n_steps of 50 every
+    run of it warned that the epoch is shorter than the logging interval."""
+    cfg = compose_config(["debug=overfit"], output_dir=tmp_path)
+    assert cfg.trainer.log_every_n_steps <= cfg.trainer.overfit_batches
+
+
 def test_experiment_oksuz2019_is_the_paper_protocol(tmp_path):
     cfg = compose_config(["experiment=oksuz2019"], output_dir=tmp_path)
     assert (cfg.data.n_train, cfg.data.n_test, cfg.data.batch_size) == (100000, 5000, 50)
