@@ -19,7 +19,8 @@ Usage::
     python benchmarks/maps_accuracy.py --dictionary dict.h5 [--b1map] [--magnitude]
 
 CSF (T2 about 1650 ms) lies outside the default training prior (T2 <= 600 ms): its row shows
-what a network does outside its range, which the maps do not flag.
+what a network does outside its range; the maps count (sidecars'
+``EstimatesAboveTrainingRange``) and warn about voxels whose estimates exceed that range.
 """
 
 from __future__ import annotations
