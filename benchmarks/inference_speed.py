@@ -28,6 +28,7 @@ Prints a markdown table and writes ``benchmarks/results/inference_speed.md``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -229,7 +230,11 @@ def sweep_table(r: dict) -> str:
     return markdown_table(headers, rows)
 
 
-def report(r: dict, quick: bool = False) -> str:
+def report(r: dict, quick: bool = False, cmd: str | None = None) -> str:
+    """The markdown report of :func:`measure`; ``cmd``: the command line that made it (default
+    ``python benchmarks/inference_speed.py [--quick]``, run_all's call)."""
+    if cmd is None:
+        cmd = f"python benchmarks/inference_speed.py{' --quick' if quick else ''}"
     gemm = ", ".join(f"{g:.0f} GFLOP/s with {th} thread(s)" for th, g in r["gemm"].items())
     lines = [
         f"# Inference speed{' (quick)' if quick else ''}",
@@ -249,8 +254,7 @@ def report(r: dict, quick: bool = False) -> str:
         sweep_table(r),
         "",
         "Floor = measured GEMM rate (same threads) / flops per signal. Paper: time per signal of "
-        "Oksuz et al. 2019, Table 1. Command: "
-        f"`python benchmarks/inference_speed.py{' --quick' if quick else ''}`",
+        f"Oksuz et al. 2019, Table 1. Command: `{cmd}`",
     ]
     return "\n".join(lines) + "\n"
 
@@ -270,7 +274,8 @@ def main(argv=None) -> str:
     args = ap.parse_args(argv)
     r = measure(args.quick, args.models, args.batch_sizes, args.threads, args.latency_calls,
                 args.repeats, args.input_length, args.compile)
-    text = report(r, args.quick)
+    argv = sys.argv[1:] if argv is None else argv
+    text = report(r, args.quick, cmd=" ".join(["python benchmarks/inference_speed.py", *argv]))
     print(text)
     write_result(args.out, text)
     return text

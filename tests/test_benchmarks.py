@@ -125,6 +125,15 @@ def test_inference_and_training_scripts_run_on_tiny_sizes(tmp_path):
     assert "`python benchmarks/training_speed.py --models ann`" in training_speed.report(tr)
 
 
+def test_inference_speed_report_names_the_command_that_made_it(tmp_path):
+    """The README's `inference_speed.py --models gru --batch-sizes ... --threads 2` runs wrote
+    'Command: `python benchmarks/inference_speed.py`', without the options they were run with."""
+    argv = ["--models", "ann", "--batch-sizes", "8", "--threads", "1", "--latency-calls", "2",
+            "--repeats", "1", "--input-length", "100", "--out", str(tmp_path / "inf.md")]
+    text = inference_speed.main(argv)
+    assert f"Command: `python benchmarks/inference_speed.py {' '.join(argv)}`" in text
+
+
 def test_summary_rows_apply_the_targets():
     import run_all
 
