@@ -431,10 +431,12 @@ def _fit_and_test(cfg: DictConfig, trainer, module, datamodule, resume_from,
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def _optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
+def _optimized_metric(cfg: DictConfig, metrics: dict, sweep: bool = False) -> float | None:
     """``metrics[cfg.optimized_metric]`` (None when no metric is optimised): the best
     checkpoint's score where the metric is the one checkpoints are chosen by (the sweep then
-    ranks the model that is tested and evaluated, not the last epoch's)."""
+    ranks the model that is tested and evaluated, not the last epoch's). A single run that
+    ``trainer.max_steps`` or ``trainer.max_time`` stopped before its first validation has no
+    validation metric to report: warned, None (a sweep's job fails: it has no score)."""
     name = cfg.get("optimized_metric")
     if not name:
         return None
@@ -442,6 +444,16 @@ def _optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
         return metrics[f"best/{name}"]
     if name not in metrics and not cfg.get("train", True):
         log.info("train=false: no %s to report (optimized_metric)", name)
+        return None
+    if (name not in metrics and name.startswith("val")
+            and not any(k.startswith("val") for k in metrics)):
+        why = (f"training stopped before its first validation (trainer.max_steps or "
+               f"trainer.max_time within the first epoch), so there is no {name}")
+        if sweep:
+            raise ValueError(f"{why} to score this sweep job by (optimized_metric): let every "
+                             "job train at least one epoch")
+        log.warning("%s (optimized_metric) and no best checkpoint: the test used the last "
+                    "weights", why)
         return None
     if name not in metrics:
         raise ValueError(f"optimized_metric={name!r} was not logged; available: "
@@ -556,7 +568,7 @@ def _train_in(cfg: DictConfig, hc, resume_from, output_dir: Path) -> float | Non
     status = 0
     try:
         _fit_and_test(cfg, trainer, module, datamodule, resume_from, metrics)
-        metric = _optimized_metric(cfg, metrics)
+        metric = _optimized_metric(cfg, metrics, sweep=_in_multirun(hc))
         table = test_table(metrics)
         if table:
             log.info("test of the %s:\n%s", "best checkpoint" if cfg.get("train", True)

@@ -51,6 +51,19 @@ def test_fast_dev_run_is_not_warned_of_a_cut_schedule(tmp_path, caplog):
     assert not [r for r in caplog.records if "max_steps" in r.getMessage()]
 
 
+def test_a_run_stopped_before_its_first_validation_ends_without_an_error(tmp_path, caplog):
+    """+trainer.max_steps (or trainer.max_time) within the first epoch: no validation ran, and
+    the run ended with 'error: optimized_metric='val/loss' was not logged' and no
+    metrics.json, though it trained and tested as asked."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="mrflight")
+    metric, out, _ = run(tmp_path, "model=ann", "+trainer.max_steps=2")
+    assert metric is None
+    assert "test/t1_mae_ms" in json.loads((out / "metrics.json").read_text())
+    assert any("before its first validation" in r.getMessage() for r in caplog.records)
+
+
 def test_tiny_model_overfits_a_small_set(tmp_path):
     torch.manual_seed(0)
     from mrflight.data import FingerprintDataModule
