@@ -431,6 +431,15 @@ def _fit_and_test(cfg: DictConfig, trainer, module, datamodule, resume_from,
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
+def _stopped_before_validation(cfg: DictConfig, metrics: dict) -> bool:
+    """Whether training (``trainer.max_steps``, ``trainer.max_time``) stopped before its first
+    validation: the validation metric ``optimized_metric`` names was never logged, nor any
+    other validation metric."""
+    name = cfg.get("optimized_metric")
+    return bool(cfg.get("train", True) and name and str(name).startswith("val")
+                and name not in metrics and not any(k.startswith("val") for k in metrics))
+
+
 def _optimized_metric(cfg: DictConfig, metrics: dict, sweep: bool = False) -> float | None:
     """``metrics[cfg.optimized_metric]`` (None when no metric is optimised): the best
     checkpoint's score where the metric is the one checkpoints are chosen by (the sweep then
@@ -445,15 +454,15 @@ def _optimized_metric(cfg: DictConfig, metrics: dict, sweep: bool = False) -> fl
     if name not in metrics and not cfg.get("train", True):
         log.info("train=false: no %s to report (optimized_metric)", name)
         return None
-    if (name not in metrics and name.startswith("val")
-            and not any(k.startswith("val") for k in metrics)):
+    if _stopped_before_validation(cfg, metrics):
         why = (f"training stopped before its first validation (trainer.max_steps or "
                f"trainer.max_time within the first epoch), so there is no {name}")
         if sweep:
             raise ValueError(f"{why} to score this sweep job by (optimized_metric): let every "
                              "job train at least one epoch")
-        log.warning("%s (optimized_metric) and no best checkpoint: the test used the last "
-                    "weights", why)
+        log.warning("%s (optimized_metric) and no checkpoint: the test used the last weights, "
+                    "no metrics.json is written, and ckpt_path=last in this folder starts the "
+                    "run again", why)
         return None
     if name not in metrics:
         raise ValueError(f"optimized_metric={name!r} was not logged; available: "
@@ -576,7 +585,9 @@ def _train_in(cfg: DictConfig, hc, resume_from, output_dir: Path) -> float | Non
         # every metric (also in metrics.json): in the log file, on the console without a test
         (log_to_file if table else log.log)(
             logging.INFO, "metrics: %s", {k: round(v, 3) for k, v in sorted(metrics.items())})
-        if trainer.is_global_zero:
+        # a run stopped before its first validation (no checkpoint) stays unfinished: without
+        # a metrics.json, ckpt_path=last starts it again instead of refusing a finished run
+        if trainer.is_global_zero and not _stopped_before_validation(cfg, metrics):
             _write_metrics(output_dir, metrics)
     except BaseException as e:  # the W&B run is marked failed, with the command's status
         status = exit_status(e)
