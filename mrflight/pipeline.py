@@ -434,10 +434,12 @@ def _fit_and_test(cfg: DictConfig, trainer, module, datamodule, resume_from,
 def _stopped_before_validation(cfg: DictConfig, metrics: dict) -> bool:
     """Whether training (``trainer.max_steps``, ``trainer.max_time``) stopped before its first
     validation: the validation metric ``optimized_metric`` names was never logged, nor any
-    other validation metric."""
+    other validation metric, and no checkpoint holds a score (a resumed run whose epochs were
+    all done, stopped during its test, validates no more but has its best checkpoint's)."""
     name = cfg.get("optimized_metric")
     return bool(cfg.get("train", True) and name and str(name).startswith("val")
-                and name not in metrics and not any(k.startswith("val") for k in metrics))
+                and name not in metrics and f"best/{name}" not in metrics
+                and not any(k.startswith("val") for k in metrics))
 
 
 def _optimized_metric(cfg: DictConfig, metrics: dict, sweep: bool = False) -> float | None:

@@ -97,7 +97,7 @@ def test_eval_writes_every_output_with_finite_values(tiny_run, tmp_path):
     assert "GRU (reference) | 101.81 | 103.25 | 58.91 | 73.66 | 14" in md
     mine = [r for r in tissue if r["method"] == "ann [0]"]
     w1, w2 = (max(abs(r[f"{q}_median_error_pct"]) for r in mine) for q in ("t1", "t2"))
-    assert f"| ann [0] | {w1:.2f} | {w2:.2f} |" in md  # the largest tissue median errors
+    assert f"| ANN (DRONE) [0] | {w1:.2f} | {w2:.2f} |" in md  # the largest tissue median errors
     # the robustness table says at which noise each kind of method is tested
     assert ("a method without a training noise (matching) as if trained at 0.01: at 0.005 and "
             "0.02") in md
