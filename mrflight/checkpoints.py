@@ -331,11 +331,11 @@ def find_runs(root, max_depth: int = MAX_SEARCH_DEPTH, jobs: bool = False) -> li
         if visited > MAX_SEARCH_DIRS:
             raise ValueError(f"ckpt_path={root}: searched {MAX_SEARCH_DIRS} folders without "
                              "finishing; give a run or multirun directory")
-        d = Path(here)
-        if d.resolve() in seen:
+        d, real = Path(here), Path(here).resolve()
+        if real in seen:
             dirs[:] = []
             continue
-        seen.add(d.resolve())
+        seen.add(real)
         depth = len(d.relative_to(root).parts)
         if ((_checkpoint_files(d / CHECKPOINT_DIR) and run_config_path(d) is not None)
                 or (jobs and _is_job(d))):

@@ -24,7 +24,6 @@ PAPER_TABLE1 = [
      "t2_mae_ms": 58.91, "t2_rmse_ms": 73.66, "ms_per_signal": 14.0},
 ]
 
-_NETWORKS = ("lstm", "gru", "ann", "cnn")
 _LABELS = {"lstm": "LSTM", "gru": "GRU", "ann": "ANN (DRONE)", "cnn": "1D CNN",
            "matching": "dictionary matching (exhaustive)", "matching_svd": "SVD matching",
            "crb": "Cramér–Rao bound"}
@@ -42,10 +41,11 @@ def _row_label(method: str, run: str) -> str:
 
 
 def _key_label(key: str) -> str:
-    """A network's key in the bound reports (``gru [run]``, ``gru + fit``) named as in Table 1
-    (``GRU [run]``, ``GRU + fit``); other keys (``matching (T1, T2, B1)``) as they are."""
+    """A key of the bound reports (``gru [run]``, ``gru + fit``, ``crb``) named as in Table 1
+    (``GRU [run]``, ``GRU + fit``, ``Cramér–Rao bound``); keys Table 1 does not have
+    (``matching (T1, T2, B1)``) as they are."""
     method = key.split(" [")[0].split(" + ")[0]
-    return _LABELS.get(method, method) + key[len(method):] if method in _NETWORKS else key
+    return _LABELS.get(method, method) + key[len(method):]
 
 
 def _noise(v) -> str:
